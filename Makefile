@@ -1,0 +1,46 @@
+# The two commands: `make run` and `make test`. Everything they need is installed from here.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/appliance.yaml
+# Debian packages the project needs, as "command-to-check:package".
+HOST_TOOLS := wasm-validate:wabt gcc:gcc
+
+.PHONY: run test bench modules host-deps venv clean
+
+host-deps:
+	@missing=""; \
+	for pair in $(HOST_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	  || missing="$$missing python3-dev"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(MAKE) host-deps
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+modules: host-deps $(STAMP)
+	$(PY) -m appliance module build
+
+run: modules
+	$(VENV)/bin/appliance run --config $(CONFIG)
+
+test: modules
+	$(PY) -m pytest -q tests
+
+bench: modules
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf modules/build var .pytest_cache

@@ -1,0 +1,166 @@
+"""The `appliance` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from appliance import __version__
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+def _load(path: str):
+    from appliance.config import ConfigError, load_config
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{len(exc.issues)} error{'s' if len(exc.issues) != 1 else ''} in {path}:", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return None
+
+
+def cmd_validate(args) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    print(f"{args.config}: ok ({len(cfg.sources)} sources, {len(cfg.modules)} modules)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    _setup_logging(args.log_level)
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    from appliance.supervisor import Supervisor
+    sup = Supervisor(cfg)
+    log = logging.getLogger("appliance")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sup.request_stop())
+    try:
+        sup.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        sup.stop()
+        return 1
+    log.info("appliance %s running gateway %s (config %s); Ctrl-C stops", __version__, cfg.gateway.name,
+             args.config)
+    started = time.monotonic()
+    try:
+        if args.until_end:
+            sup.wait_until_done()
+        else:
+            while not sup.stopping:
+                if args.duration and time.monotonic() - started > args.duration:
+                    break
+                time.sleep(0.2)
+    finally:
+        status = sup.status()
+        sup.stop()
+    log.info("stopped; %d events emitted", status["events_emitted"])
+    if args.status_json:
+        Path(args.status_json).write_text(json.dumps(status, indent=2))
+    return 0
+
+
+def cmd_module_build(args) -> int:
+    from appliance.modbuild import BuildError, build_all, build_module
+    try:
+        if args.src:
+            if args.output and len(args.src) != 1:
+                print("-o works with one module only", file=sys.stderr)
+                return 2
+            results = []
+            for src in args.src:
+                src = Path(src)
+                out = Path(args.output) if args.output else REPO / "modules" / "build" / f"{src.stem}.wasm"
+                results.append(build_module(src, out))
+        else:
+            results = build_all()
+    except BuildError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    bad = 0
+    for r in results:
+        status = "ok" if not r.problems else "PROBLEMS: " + "; ".join(r.problems)
+        print(f"{r.out}  {r.size} bytes  sha256 {r.sha256[:16]}  {status}")
+        bad += bool(r.problems)
+    return 1 if bad else 0
+
+
+def cmd_module_inspect(args) -> int:
+    from appliance.modbuild import inspect_text
+    try:
+        print(inspect_text(Path(args.wasm)))
+    except OSError as exc:
+        print(f"{args.wasm}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_events(args) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    from appliance.events import Spool
+    spool = Spool(cfg.gateway.data_dir / "spool.db", cfg.events.spool_max_mb << 20)
+    for event in spool.tail(args.tail):
+        print(json.dumps(event, indent=2) if args.full else
+              f"{event['time']} {event['severity']:<8} {event['source']}/{event['module']}: {event['message']}"
+              f" [{event['id']}]")
+    spool.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from appliance.config import DEFAULT_CONFIG
+    p = argparse.ArgumentParser(prog="appliance", description="Factory gateway: sensors -> wasm analytics -> events")
+    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the appliance")
+    run.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--until-end", action="store_true", help="exit when every (replay) source has ended "
+                     "and every module has processed its windows")
+    run.add_argument("--duration", type=float, default=0, help="stop after this many seconds")
+    run.add_argument("--status-json", help="write the final status to this file")
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", help="check a config file; starts nothing")
+    val.add_argument("config")
+    val.set_defaults(func=cmd_validate)
+
+    mod = sub.add_parser("module", help="build and inspect wasm modules")
+    msub = mod.add_subparsers(dest="module_command", required=True)
+    b = msub.add_parser("build", help="build modules from C (default: every module in modules/src)")
+    b.add_argument("src", nargs="*", help="module directory (with module.yaml) or .c file")
+    b.add_argument("-o", "--output", help="output .wasm (one module only)")
+    b.set_defaults(func=cmd_module_build)
+    i = msub.add_parser("inspect", help="show a module's ABI, memory, imports and exports")
+    i.add_argument("wasm")
+    i.set_defaults(func=cmd_module_inspect)
+
+    ev = sub.add_parser("events", help="show events in the local spool")
+    ev.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ev.add_argument("--tail", type=int, default=20)
+    ev.add_argument("--full", action="store_true", help="whole JSON records")
+    ev.set_defaults(func=cmd_events)
+
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

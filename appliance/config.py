@@ -1,0 +1,377 @@
+"""The appliance's configuration: typed models, loaded from YAML with errors that say file:line.
+
+Each source type owns its schema (in hal/); this module composes them, adds the appliance's own
+sections, and turns every validation problem into one line a plant engineer can act on:
+
+    configs/line3.yaml:14:5: sources.spindle.sample_rat: 'sample_rat' is not a valid option
+    for sources.spindle (sim_vibration). Did you mean 'sample_rate'?
+"""
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic.functional_validators import AfterValidator, WrapValidator
+from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator, model_validator
+
+from appliance.yamlsource import Mark, YamlDocument, YamlError, load_yaml
+from hal.registry import SOURCE_TYPES, load_builtin_sources
+from hal.schema import ConfigPath, StrictModel, resolve_config_path
+
+load_builtin_sources()
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "appliance.yaml"
+
+# Names become metric labels, topic segments and file names: keep them plain.
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
+
+SourceSection = Annotated[
+    Union[tuple(model for _, model in SOURCE_TYPES.values())],  # type: ignore[valid-type]
+    Field(discriminator="type"),
+]
+
+
+class GatewaySection(StrictModel):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")] = "gateway"
+    data_dir: ConfigPath = Path("/var/lib/appliance")
+
+
+class MetricsSection(StrictModel):
+    enabled: bool = True
+    listen: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535, description="0 picks a free port (tests)")
+
+
+class RestartPolicy(StrictModel):
+    backoff_s: float = Field(0.5, gt=0, le=3600)
+    backoff_max_s: float = Field(30.0, gt=0, le=86400)
+    max_faults: int = Field(5, ge=1, le=1000)
+    fault_window_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.backoff_max_s < self.backoff_s:
+            raise ValueError(f"backoff_max_s ({self.backoff_max_s}) is less than backoff_s ({self.backoff_s})")
+        return self
+
+
+class RuntimeSection(StrictModel):
+    backend: Literal["wasm3"] = "wasm3"
+    max_memory_mb: int = Field(64, ge=1, le=1024, description="largest linear memory a module may declare")
+    stack_kb: int = Field(128, ge=16, le=512, description="wasm3 stack per module (about 1 MB crashes wasm3)")
+    worker_memory_mb: int = Field(256, ge=64, le=4096,
+                                  description="address-space cap (RLIMIT_AS) of each worker, on top of the module")
+    restart: RestartPolicy = RestartPolicy()
+
+
+class WindowSection(StrictModel):
+    size: int = Field(ge=16, le=1 << 20, description="frames per window")
+    hop: int | None = Field(None, ge=1, le=1 << 22, description="frames between window starts (default: size)")
+    overlap: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of overlap, instead of hop")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.hop is not None and self.overlap is not None:
+            raise ValueError("give either hop or overlap, not both")
+        return self
+
+    @property
+    def hop_frames(self) -> int:
+        if self.hop is not None:
+            return self.hop
+        if self.overlap is not None:
+            return max(1, round(self.size * (1.0 - self.overlap)))
+        return self.size
+
+
+ParamScalar = Union[bool, int, float, str]
+
+
+def _module_file(path: Path) -> Path:
+    if not path.exists():
+        hint = " (run `make modules` to build the bundled modules)" if "modules/build" in path.as_posix() else ""
+        raise ValueError(f"module file not found: {path}{hint}")
+    if path.suffix != ".wasm":
+        raise ValueError(f"{path} is not a .wasm file")
+    return path
+
+
+ModuleFile = Annotated[Path, WrapValidator(resolve_config_path), AfterValidator(_module_file)]
+
+
+class ModuleSection(StrictModel):
+    wasm: ModuleFile
+    source: Name
+    channels: list[str] | None = Field(None, min_length=1, description="subset of the source's channels")
+    window: WindowSection
+    deadline_ms: float = Field(250.0, gt=0, le=60000)
+    queue: int = Field(4, ge=1, le=1024, description="windows that may wait; beyond that the oldest is dropped")
+    overflow: Literal["drop_oldest", "block"] = "drop_oldest"
+    params: dict[str, Any] = {}
+    enabled: bool = True
+    restart: RestartPolicy | None = None
+
+    @field_validator("params")
+    @classmethod
+    def _params_are_plain(cls, value: dict[str, Any]) -> dict[str, Any]:
+        flatten_params(value)  # raises with the offending key
+        return value
+
+
+class EventsSection(StrictModel):
+    log: bool = True
+    spool_max_mb: int = Field(64, ge=1, le=100_000)
+
+
+class AppConfig(StrictModel):
+    gateway: GatewaySection = GatewaySection()
+    metrics: MetricsSection = MetricsSection()
+    runtime: RuntimeSection = RuntimeSection()
+    events: EventsSection = EventsSection()
+    sources: dict[Name, SourceSection] = Field(min_length=1)
+    modules: dict[Name, ModuleSection] = {}
+
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """YAML params -> sorted (key, text) pairs, the form modules receive (ABI.md, Params)."""
+    out: list[tuple[str, str]] = []
+    for key, value in params.items():
+        if not isinstance(key, str) or not key or any(c in key for c in "=\n"):
+            raise ValueError(f"param name {key!r} must be a non-empty string without '=' or newlines")
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.extend(flatten_params(value, name + "."))
+        elif isinstance(value, list):
+            if not all(isinstance(v, (bool, int, float, str)) for v in value):
+                raise ValueError(f"param {name}: lists may hold only numbers, strings and booleans")
+            out.append((name, ",".join(_param_text(v) for v in value)))
+        elif isinstance(value, (bool, int, float, str)):
+            out.append((name, _param_text(value)))
+        else:
+            raise ValueError(f"param {name}: {value!r} is not a number, string, boolean, list or mapping")
+    for name, text in out:
+        if "\n" in text:
+            raise ValueError(f"param {name}: values may not contain newlines")
+    return sorted(out)
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def params_text(params: dict[str, Any]) -> str:
+    return "".join(f"{k}={v}\n" for k, v in flatten_params(params))
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: Path
+    mark: Mark
+    path: tuple
+    message: str
+
+    def __str__(self) -> str:
+        where = ".".join(str(p) for p in self.path)
+        return f"{self.file}:{self.mark.line}:{self.mark.column}: {where + ': ' if where else ''}{self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = sorted(issues, key=lambda i: (i.mark.line, i.mark.column))
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+def _section_name(path: tuple, data: Any) -> str:
+    where = ".".join(str(p) for p in path) or "the top level"
+    if isinstance(data, dict) and isinstance(data.get("type"), str):
+        return f"{where} ({data['type']})"
+    return where
+
+
+def _model_at(path: tuple, root_data: Any) -> type[BaseModel] | None:
+    """The model class that validates the mapping at `path`, following the data through
+    dicts, lists, optionals and the `type:`-tagged source union."""
+    tp: Any = AppConfig
+    data = root_data
+    for step in path:
+        tp = _unwrap(tp, data)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(step) if isinstance(step, str) else None
+            if field is None:
+                return None
+            tp = field.annotation
+        elif typing.get_origin(tp) in (dict, list):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return None
+        data = data[step] if isinstance(data, (dict, list)) and _has(data, step) else None
+    tp = _unwrap(tp, data)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _has(container: Any, step: Any) -> bool:
+    if isinstance(container, dict):
+        return step in container
+    return isinstance(step, int) and 0 <= step < len(container)
+
+
+def _unwrap(tp: Any, data: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            tag = data.get("type") if isinstance(data, dict) else None
+            chosen = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)
+                      and "type" in m.model_fields and tag in typing.get_args(m.model_fields["type"].annotation)]
+            tp = chosen[0] if chosen else members[0]
+        else:
+            return tp
+
+
+def _data_path(loc: tuple, data: Any) -> tuple[tuple, bool]:
+    """Pydantic's loc -> a path in the YAML data. Pydantic inserts the union tag and markers
+    such as '[key]' that are not in the document; skip them. Returns (path, is_dict_key)."""
+    path: list = []
+    node = data
+    is_key = False
+    for step in loc:
+        if step == "[key]":
+            is_key = True
+            continue
+        if isinstance(node, dict) and step in node:
+            path.append(step)
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            path.append(step)
+            node = node[step]
+        elif isinstance(node, dict) and node.get("type") == step:
+            continue  # the discriminator tag pydantic adds to loc
+        elif isinstance(step, str) and step.startswith("function-"):
+            continue
+        else:
+            path.append(step)
+            node = None
+    return tuple(path), is_key
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def issue_from_pydantic(doc: YamlDocument, err: dict) -> ConfigIssue:
+    path, is_key = _data_path(err["loc"], doc.data)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent, key = path[:-1], path[-1]
+        parent_data = _get(doc.data, parent)
+        model = _model_at(parent, doc.data)
+        message = f"{key!r} is not a valid option for {_section_name(parent, parent_data)}"
+        if model is not None:
+            options = sorted(model.model_fields)
+            near = difflib.get_close_matches(str(key), options, n=1, cutoff=0.6)
+            message += f". Did you mean {near[0]!r}?" if near else f". Valid options: {', '.join(options)}"
+        return ConfigIssue(doc.path, doc.mark_for(path, key=True), path, message)
+    if kind == "missing":
+        parent_data = _get(doc.data, path[:-1])
+        return ConfigIssue(doc.path, doc.mark_for(path[:-1], key=True) if path[:-1] else Mark(1, 1), path,
+                           f"required option {path[-1]!r} is missing from {_section_name(path[:-1], parent_data)}")
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        tag = ctx.get("tag")
+        expected = sorted(SOURCE_TYPES)
+        near = difflib.get_close_matches(str(tag), expected, n=1, cutoff=0.5)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        return ConfigIssue(doc.path, doc.mark_for(path + ("type",)), path + ("type",),
+                           f"{tag!r} is not a known source type (known: {', '.join(expected)}).{hint}")
+    if kind == "union_tag_not_found":
+        return ConfigIssue(doc.path, doc.mark_for(path, key=True), path,
+                           f"a source needs 'type:' (one of: {', '.join(sorted(SOURCE_TYPES))})")
+    if is_key:
+        return ConfigIssue(doc.path, doc.mark_for(path, key=True), path,
+                           f"the name {path[-1]!r} is invalid: names are lower-case letters, digits and '_', "
+                           f"starting with a letter, at most 48 characters")
+    message = err["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    value = err.get("input")
+    if kind not in ("model_type", "dict_type") and not isinstance(value, (dict, list)):
+        message = f"{_describe(value)} is invalid: {message}"
+    return ConfigIssue(doc.path, doc.mark_for(path), path, message)
+
+
+def _get(data: Any, path: tuple) -> Any:
+    for step in path:
+        if isinstance(data, (dict, list)) and _has(data, step):
+            data = data[step]
+        else:
+            return None
+    return data
+
+
+def _cross_checks(doc: YamlDocument, cfg: AppConfig) -> list[ConfigIssue]:
+    """Rules that span sections; each issue points at the line that has to change."""
+    issues = []
+    for name, mod in cfg.modules.items():
+        here = ("modules", name)
+        if mod.source not in cfg.sources:
+            near = difflib.get_close_matches(mod.source, list(cfg.sources), n=1, cutoff=0.5)
+            hint = f" Did you mean {near[0]!r}?" if near else f" Defined sources: {', '.join(cfg.sources)}"
+            issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("source",)), here + ("source",),
+                                      f"{mod.source!r} is not a source defined in this file.{hint}"))
+            continue
+        source = cfg.sources[mod.source]
+        known = _channels_of(source)
+        if mod.channels and known is not None:
+            for i, ch in enumerate(mod.channels):
+                if ch not in known:
+                    issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("channels", i)), here + ("channels", i),
+                                              f"{ch!r} is not a channel of source {mod.source!r} "
+                                              f"(channels: {', '.join(known)})"))
+        if mod.overflow == "block" and getattr(source, "realtime", True):
+            issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("overflow",)), here + ("overflow",),
+                                      f"'block' would stall live source {mod.source!r}; it is only for "
+                                      f"replay sources with realtime: false"))
+    return issues
+
+
+def _channels_of(source: Any) -> list[str] | None:
+    for attr in ("axes", "channels"):
+        value = getattr(source, attr, None)
+        if value:
+            return list(value)
+    return None
+
+
+def parse_config(doc: YamlDocument) -> AppConfig:
+    if not isinstance(doc.data, dict):
+        raise ConfigError([ConfigIssue(doc.path, Mark(1, 1), (), "the config must be a mapping of sections "
+                                       "(gateway, metrics, runtime, events, sources, modules)")])
+    try:
+        cfg = AppConfig.model_validate(doc.data, context={"base_dir": doc.path.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError([issue_from_pydantic(doc, e) for e in exc.errors()]) from None
+    issues = _cross_checks(doc, cfg)
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> AppConfig:
+    """Load and validate; raises ConfigError (issues with file:line) and nothing else."""
+    try:
+        doc = load_yaml(path)
+    except YamlError as exc:
+        raise ConfigError([ConfigIssue(exc.path, exc.mark, (), exc.message)]) from None
+    return parse_config(doc)

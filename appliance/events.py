@@ -1,0 +1,118 @@
+"""Event records and the durable local spool (schema: docs/event.schema.json).
+
+An event counts as emitted only once its row is committed: SQLite in WAL mode with
+synchronous=FULL, so a power cut loses nothing that was reported as emitted.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+SEVERITIES = ("info", "warning", "alarm", "critical")
+log = logging.getLogger("appliance.events")
+
+
+def new_event_id() -> str:
+    """UUIDv7 (RFC 9562): time-ordered, so ids sort in emission order across restarts."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = (value & ~(0xF << 76)) | (0x7 << 76)     # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)     # RFC variant
+    return str(uuid.UUID(int=value))
+
+
+def iso_time(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def make_event(*, gateway: str, source: str, module: str, severity: int, score: float, message: str,
+               window: dict[str, Any], features: dict[str, float], kind: str = "anomaly") -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "id": new_event_id(),
+        "kind": kind,
+        "time": iso_time(time.time_ns()),
+        "gateway": gateway,
+        "source": source,
+        "module": module,
+        "severity": SEVERITIES[severity],
+        "score": _finite(score),
+        "message": message,
+        "window": window,
+        "features": {k: _finite(v) for k, v in features.items()},
+    }
+
+
+def _finite(x: float) -> float | None:
+    # JSON has no NaN/Infinity; a module may still produce them.
+    return x if x == x and x not in (float("inf"), float("-inf")) else None
+
+
+class Spool:
+    """Committed events, oldest first; bounded by size (oldest lowest-severity goes first)."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.evicted = 0
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("""CREATE TABLE IF NOT EXISTS events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            priority INTEGER NOT NULL,
+            created_ns INTEGER NOT NULL,
+            body TEXT NOT NULL)""")
+        self._bytes = self._db.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events").fetchone()[0]
+
+    def append(self, event: dict[str, Any]) -> None:
+        body = json.dumps(event, separators=(",", ":"), sort_keys=True)
+        priority = SEVERITIES.index(event["severity"])
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO events (id, priority, created_ns, body) VALUES (?, ?, ?, ?)",
+                                 (event["id"], priority, time.time_ns(), body))
+                self._bytes += len(body)
+                self._evict_locked()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _evict_locked(self) -> None:
+        while self._bytes > self.max_bytes:
+            row = self._db.execute("SELECT seq, id, LENGTH(body) FROM events "
+                                   "ORDER BY priority ASC, seq ASC LIMIT 1").fetchone()
+            if row is None:
+                return
+            self._db.execute("DELETE FROM events WHERE seq = ?", (row[0],))
+            self._bytes -= row[2]
+            self.evicted += 1
+            log.warning("spool over %d bytes: evicted event %s (oldest of the lowest severity)",
+                        self.max_bytes, row[1])
+
+    def depth(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    def tail(self, n: int = 20) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM events ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
+        return [json.loads(r[0]) for r in reversed(rows)]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

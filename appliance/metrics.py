@@ -1,0 +1,71 @@
+"""Prometheus metrics of the appliance (catalog in docs/metrics.md).
+
+One Metrics object per supervisor, with its own registry: tests run several supervisors in one
+process, and the default global registry would make them collide. Label sets are bounded: the
+names come from the config file, the reasons and kinds from fixed lists in this code.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from appliance import __version__
+
+# Round trip of one window through a worker; wasm3 calls range from ~20 µs to the deadline.
+CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+FAULT_KINDS = ("trap", "deadline", "crash", "load", "abi", "params", "memory", "engine", "protocol")
+DROP_REASONS = ("overflow", "unavailable", "fault")
+SEVERITIES = ("info", "warning", "alarm", "critical")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.build = Info("appliance_build", "Version of the appliance software", registry=r)
+        self.build.info({"version": __version__})
+        self.source_samples = Counter("appliance_source_samples", "Samples read from a source (frames x channels)",
+                                      ["source"], registry=r)
+        self.source_bytes = Counter("appliance_source_bytes", "Bytes of sample data read from a source",
+                                    ["source"], registry=r)
+        self.source_errors = Counter("appliance_source_errors", "Source open/read errors", ["source"], registry=r)
+        self.source_up = Gauge("appliance_source_up", "1 while the source delivers data, else 0",
+                               ["source"], registry=r)
+        self.windows = Counter("appliance_module_windows", "Windows a module processed", ["module"], registry=r)
+        self.windows_dropped = Counter("appliance_module_windows_dropped",
+                                       "Windows cut for a module but never processed, by reason",
+                                       ["module", "reason"], registry=r)
+        self.windows_rejected = Counter("appliance_module_windows_rejected",
+                                        "Windows the module returned an error for", ["module"], registry=r)
+        self.call_seconds = Histogram("appliance_module_call_seconds",
+                                      "Round trip of one window through the module's worker",
+                                      ["module"], buckets=CALL_BUCKETS, registry=r)
+        self.faults = Counter("appliance_module_faults", "Module faults by kind", ["module", "kind"], registry=r)
+        self.restarts = Counter("appliance_module_restarts", "Worker restarts after a fault or by an operator",
+                                ["module"], registry=r)
+        self.quarantined = Gauge("appliance_module_quarantined", "1 while the module is quarantined",
+                                 ["module"], registry=r)
+        self.module_up = Gauge("appliance_module_up", "1 while the module's worker is running", ["module"],
+                               registry=r)
+        self.events = Counter("appliance_events", "Events committed to the spool", ["module", "severity"],
+                              registry=r)
+        self.spool_depth = Gauge("appliance_spool_events", "Events held in the local spool", registry=r)
+
+    def declare_module(self, name: str) -> None:
+        """Create every labelled child up front, so dashboards see zeros rather than gaps."""
+        self.windows.labels(name)
+        self.windows_rejected.labels(name)
+        self.restarts.labels(name)
+        self.quarantined.labels(name).set(0)
+        self.module_up.labels(name).set(0)
+        for reason in DROP_REASONS:
+            self.windows_dropped.labels(name, reason)
+        for kind in FAULT_KINDS:
+            self.faults.labels(name, kind)
+        for sev in SEVERITIES:
+            self.events.labels(name, sev)
+
+    def declare_source(self, name: str) -> None:
+        self.source_samples.labels(name)
+        self.source_bytes.labels(name)
+        self.source_errors.labels(name)
+        self.source_up.labels(name).set(0)

@@ -1,0 +1,70 @@
+"""Wasm engines behind one small interface, so wasm3 can be swapped (it is in minimal maintenance).
+
+An engine loads validated bytes, links the host imports of ABI v1 and calls exports. It runs
+only inside a worker process: a crash, a hang or a leak in it takes down that worker, no more.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+# (module, name) -> pywasm3-style signature string; ABI.md is the source of truth.
+IMPORT_SIGNATURES = {
+    ("ap", "log"): "v(iii)",
+    ("ap", "feature"): "v(iiF)",
+    ("ap", "event"): "v(iFii)",
+}
+
+
+class Instance(ABC):
+    @abstractmethod
+    def call(self, export: str, *args): ...
+
+    @abstractmethod
+    def memory(self) -> memoryview:
+        """A fresh view of linear memory (views may go stale; never cache one across calls)."""
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def instantiate(self, wasm: bytes, stack_bytes: int,
+                    imports: dict[tuple[str, str], Callable]) -> Instance: ...
+
+
+class Wasm3Instance(Instance):
+    def __init__(self, runtime, module) -> None:
+        self._rt = runtime
+        self._module = module   # keep alive: wasm3 functions point into it
+        self._functions: dict = {}
+
+    def call(self, export: str, *args):
+        fn = self._functions.get(export)
+        if fn is None:
+            fn = self._functions[export] = self._rt.find_function(export)
+        return fn(*args)
+
+    def memory(self) -> memoryview:
+        return self._rt.get_memory(0)
+
+
+class Wasm3Backend(Backend):
+    name = "wasm3"
+
+    def instantiate(self, wasm: bytes, stack_bytes: int, imports) -> Instance:
+        import wasm3  # only workers import the engine
+
+        env = wasm3.Environment()
+        rt = env.new_runtime(stack_bytes)
+        module = env.parse_module(bytes(wasm))
+        rt.load(module)
+        for (mod_name, name), fn in imports.items():
+            # link_function must follow load; linking an import the module lacks is a no-op.
+            module.link_function(mod_name, name, IMPORT_SIGNATURES[(mod_name, name)], fn)
+        inst = Wasm3Instance(rt, module)
+        inst._env = env
+        return inst
+
+
+BACKENDS: dict[str, type[Backend]] = {"wasm3": Wasm3Backend}

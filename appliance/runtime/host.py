@@ -1,0 +1,403 @@
+"""Supervisor side of one module: its worker process, window queue, deadline, restarts, quarantine.
+
+One ModuleHost owns one module's runtime state; one dispatcher thread per host talks to the
+worker, so a slow or hung module never stalls a source or another module.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from appliance.config import ModuleSection, RestartPolicy, RuntimeSection, params_text
+from appliance.metrics import Metrics
+from appliance.runtime.validate import ModuleRejected, validate_module
+from appliance.windowing import Window
+
+log = logging.getLogger("appliance.module")
+
+HEADER = struct.Struct("<IHHIIdQqII16x")
+WINDOW_MAGIC = 0x31575041
+LOAD_TIMEOUT_S = 10.0
+
+
+class ModuleState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"          # faulted; restarts after a delay
+    QUARANTINED = "quarantined"  # too many faults; waits for an operator
+    DISABLED = "disabled"
+    STOPPED = "stopped"
+
+
+class ModuleFault(Exception):
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+@dataclass(frozen=True)
+class ModuleResult:
+    rc: int
+    features: dict[str, float]
+    events: list[tuple[int, float, str]]
+    call_seconds: float
+
+
+def _signal_name(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+class WorkerProcess:
+    """One running worker: spawn, load, process windows, kill."""
+
+    def __init__(self, name: str, wasm: bytes, shm_bytes: int, load: dict) -> None:
+        self.name = name
+        self.shm_bytes = shm_bytes
+        self._sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        shm_fd = os.memfd_create(f"ap-window-{name}")
+        wasm_fd = os.memfd_create(f"ap-wasm-{name}")
+        try:
+            os.ftruncate(shm_fd, shm_bytes)
+            import mmap
+            self._shm = mmap.mmap(shm_fd, shm_bytes)
+            os.write(wasm_fd, wasm)
+            os.lseek(wasm_fd, 0, os.SEEK_SET)
+            env = dict(os.environ, AP_WORKER_FDS=f"{child_sock.fileno()},{shm_fd},{wasm_fd}",
+                       AP_WORKER_PARENT=str(os.getpid()), AP_WORKER_MODULE=name)
+            # exec a fresh interpreter rather than fork a threaded supervisor.
+            self.proc = subprocess.Popen([sys.executable, "-m", "appliance.runtime.worker"],
+                                         pass_fds=(child_sock.fileno(), shm_fd, wasm_fd), env=env,
+                                         stdin=subprocess.DEVNULL, close_fds=True)
+        finally:
+            child_sock.close()
+            os.close(shm_fd)
+            os.close(wasm_fd)
+        self._sock.send(json.dumps(load).encode())
+        reply = self._receive(LOAD_TIMEOUT_S, "load")
+        self.load_logs = reply.get("l", [])
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _receive(self, timeout_s: float, what: str) -> dict:
+        ready, _, _ = select.select([self._sock], [], [], timeout_s)
+        if not ready:
+            self.kill()
+            kind = "deadline" if what == "window" else "load"
+            raise ModuleFault(kind, f"no answer to {what} within {timeout_s * 1000:.0f} ms; worker killed")
+        try:
+            data = self._sock.recv(1 << 20)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            rc = self._reap()
+            raise ModuleFault("crash", f"worker died during {what} ({_signal_name(rc)})")
+        reply = json.loads(data)
+        if "fault" in reply:
+            for level, text in reply.get("l", []):
+                log.log(_LEVELS.get(level, logging.INFO), "module %s: %s", self.name, text)
+            self._reap()
+            raise ModuleFault(reply["fault"], reply["error"])
+        return reply
+
+    def process(self, header: bytes, data: np.ndarray, deadline_s: float) -> dict:
+        nbytes = len(header) + data.nbytes
+        if nbytes > self.shm_bytes:
+            raise ModuleFault("protocol", f"window of {nbytes} bytes exceeds the shared buffer")
+        self._shm[:len(header)] = header
+        np.frombuffer(self._shm, dtype=np.float32, count=data.size, offset=len(header))[:] = data.reshape(-1)
+        self._sock.send(b"W" + struct.pack("<I", nbytes))
+        return self._receive(deadline_s, "window")
+
+    def _reap(self) -> int | None:
+        try:
+            return self.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                log.error("module %s: worker %d did not die after SIGKILL", self.name, self.proc.pid)
+        self.close()
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Ask politely, then kill: a bounded stop."""
+        if self.proc.poll() is None:
+            try:
+                self._sock.send(b"Q")
+                self.proc.wait(timeout=timeout_s)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        try:
+            self._shm.close()
+        except (BufferError, ValueError):
+            pass
+
+
+_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
+_SEVERITY_NAMES = ("info", "warning", "alarm", "critical")
+
+
+class ModuleHost:
+    """Runs one configured module. submit() never blocks a live source: when the queue is full
+    the oldest window is dropped and counted (or, for offline replay with overflow: block,
+    the source waits)."""
+
+    def __init__(self, name: str, cfg: ModuleSection, runtime: RuntimeSection, channels: int,
+                 metrics: Metrics, on_result: Callable[["ModuleHost", Window, ModuleResult], None],
+                 on_state: Callable[["ModuleHost", ModuleState, str], None] | None = None) -> None:
+        self.name, self.cfg, self.runtime = name, cfg, runtime
+        self.policy: RestartPolicy = cfg.restart or runtime.restart
+        self.metrics = metrics
+        self._on_result, self._on_state = on_result, on_state
+        self._shm_bytes = HEADER.size + 4 * channels * cfg.window.size
+        self._queue: collections.deque[Window] = collections.deque()
+        self._cond = threading.Condition()
+        self._state = ModuleState.DISABLED if not cfg.enabled else ModuleState.STARTING
+        self._reason = "disabled in config" if not cfg.enabled else ""
+        self._worker: WorkerProcess | None = None
+        self._known_good: str | None = None
+        self._faults: collections.deque[float] = collections.deque()
+        self._consecutive = 0
+        self._next_start = 0.0
+        self._last_seq = -1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"module-{name}", daemon=True)
+        self._starts = 0
+        self.processed = 0
+        self.last_features: dict[str, float] = {}
+        self.last_fault = ""
+        metrics.declare_module(name)
+
+    # ---- public, any thread ----------------------------------------------------------------
+
+    @property
+    def state(self) -> ModuleState:
+        return self._state
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, window: Window) -> None:
+        with self._cond:
+            if self._state not in (ModuleState.STARTING, ModuleState.RUNNING) and not (
+                    self.cfg.overflow == "block" and self._state == ModuleState.BACKOFF):
+                self.metrics.windows_dropped.labels(self.name, "unavailable").inc()
+                return
+            if self.cfg.overflow == "block":
+                while len(self._queue) >= self.cfg.queue and not self._stop.is_set() \
+                        and self._state in (ModuleState.STARTING, ModuleState.RUNNING, ModuleState.BACKOFF):
+                    self._cond.wait(0.5)
+            elif len(self._queue) >= self.cfg.queue:
+                self._queue.popleft()
+                self.metrics.windows_dropped.labels(self.name, "overflow").inc()
+            self._queue.append(window)
+            self._cond.notify_all()
+
+    def restart(self, reason: str = "operator request") -> None:
+        """Start afresh now, clearing backoff and quarantine (the console's `modules restart`)."""
+        with self._cond:
+            self._faults.clear()
+            self._consecutive = 0
+            self._next_start = 0.0
+            self._set_state(ModuleState.STARTING, reason)
+            worker, self._worker = self._worker, None
+            self._cond.notify_all()
+        if worker:
+            worker.stop()
+        self.metrics.quarantined.labels(self.name).set(0)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        worker, self._worker = self._worker, None
+        if worker:
+            worker.stop()
+        self._set_state(ModuleState.STOPPED, "stopped")
+        self.metrics.module_up.labels(self.name).set(0)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once the queue is empty and nothing is in flight (for replay and tests)."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._busy:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    _busy = False
+
+    # ---- dispatcher thread -------------------------------------------------------------------
+
+    def _set_state(self, state: ModuleState, reason: str) -> None:
+        changed = state != self._state
+        self._state, self._reason = state, reason
+        if changed and self._on_state:
+            self._on_state(self, state, reason)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                if self._state in (ModuleState.QUARANTINED, ModuleState.DISABLED):
+                    self._cond.wait(0.5)
+                    continue
+                if self._worker is None:
+                    delay = self._next_start - time.monotonic()
+                    if delay > 0:
+                        self._cond.wait(min(delay, 0.5))
+                        continue
+            if self._worker is None:
+                self._start_worker()
+                continue
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(0.5)
+                    continue
+                window = self._queue.popleft()
+                self._busy = True
+                self._cond.notify_all()
+            try:
+                self._process(window)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _start_worker(self) -> None:
+        try:
+            module = validate_module(self.cfg.wasm, self.runtime.max_memory_mb << 20, self._known_good)
+            self._known_good = module.sha256
+            load = {
+                "op": "load",
+                "backend": self.runtime.backend,
+                "stack_bytes": self.runtime.stack_kb * 1024,
+                "params": params_text(self.cfg.params),
+                "address_space_bytes": (self.runtime.worker_memory_mb + self.runtime.max_memory_mb) << 20,
+            }
+            worker = WorkerProcess(self.name, module.wasm, self._shm_bytes, load)
+        except ModuleRejected as exc:
+            self._known_good = None
+            self._fault(ModuleFault("load", str(exc)))
+            return
+        except ModuleFault as exc:
+            self._fault(exc)
+            return
+        for level, text in worker.load_logs:
+            log.log(_LEVELS.get(level, logging.INFO), "module %s: %s", self.name, text)
+        with self._cond:
+            if self._stop.is_set() or self._state in (ModuleState.QUARANTINED, ModuleState.DISABLED):
+                worker.stop()
+                return
+            self._worker = worker
+            if self._starts:
+                self.metrics.restarts.labels(self.name).inc()
+            self._starts += 1
+            self.metrics.module_up.labels(self.name).set(1)
+            self._set_state(ModuleState.RUNNING, f"worker pid {worker.pid}")
+        log.info("module %s: running in worker pid %d (sha256 %s)", self.name, worker.pid, module.sha256[:12])
+
+    def _process(self, window: Window) -> None:
+        dropped = max(0, window.seq - self._last_seq - 1) if self._last_seq >= 0 else window.seq
+        header = HEADER.pack(WINDOW_MAGIC, HEADER.size, 1, window.data.shape[0], window.data.shape[1],
+                             window.sample_rate, window.seq, window.start_ns, 0, min(dropped, 0xFFFFFFFF))
+        t0 = time.perf_counter()
+        try:
+            reply = self._worker.process(header, window.data, self.cfg.deadline_ms / 1000.0)
+        except ModuleFault as fault:
+            self.metrics.windows_dropped.labels(self.name, "fault").inc()
+            self._fault(fault)
+            return
+        elapsed = time.perf_counter() - t0
+        self._last_seq = window.seq
+        self._consecutive = 0
+        self.processed += 1
+        self.metrics.windows.labels(self.name).inc()
+        self.metrics.call_seconds.labels(self.name).observe(elapsed)
+        for level, text in reply.get("l", []):
+            log.log(_LEVELS.get(level, logging.INFO), "module %s: %s", self.name, text)
+        if reply.get("ld"):
+            log.warning("module %s: %d log lines dropped in one window", self.name, reply["ld"])
+        if reply["rc"] != 0:
+            self.metrics.windows_rejected.labels(self.name).inc()
+        self.last_features = reply["f"]
+        result = ModuleResult(reply["rc"], reply["f"], [tuple(e) for e in reply["e"]], elapsed)
+        self._on_result(self, window, result)
+
+    def _fault(self, fault: ModuleFault) -> None:
+        now = time.monotonic()
+        worker, self._worker = self._worker, None
+        if worker:
+            worker.kill()
+        self.metrics.module_up.labels(self.name).set(0)
+        self.metrics.faults.labels(self.name, fault.kind).inc()
+        self.last_fault = f"{fault.kind}: {fault.reason}"
+        self._faults.append(now)
+        while self._faults and now - self._faults[0] > self.policy.fault_window_s:
+            self._faults.popleft()
+        self._consecutive += 1
+        with self._cond:
+            if len(self._faults) >= self.policy.max_faults:
+                dropped = len(self._queue)
+                self._queue.clear()
+                if dropped:
+                    self.metrics.windows_dropped.labels(self.name, "unavailable").inc(dropped)
+                self.metrics.quarantined.labels(self.name).set(1)
+                log.error("module %s: %s fault: %s; quarantined after %d faults in %.0f s "
+                          "(restart it from the console to try again)", self.name, fault.kind, fault.reason,
+                          len(self._faults), self.policy.fault_window_s)
+                self._set_state(ModuleState.QUARANTINED, self.last_fault)
+            else:
+                delay = min(self.policy.backoff_s * 2 ** (self._consecutive - 1), self.policy.backoff_max_s)
+                self._next_start = now + delay
+                log.error("module %s: %s fault: %s; restarting in %.1f s (%d of %d faults allowed in %.0f s)",
+                          self.name, fault.kind, fault.reason, delay, len(self._faults), self.policy.max_faults,
+                          self.policy.fault_window_s)
+                self._set_state(ModuleState.BACKOFF, self.last_fault)
+            self._cond.notify_all()
+
+
+def severity_name(level: int) -> str:
+    return _SEVERITY_NAMES[level]

@@ -1,0 +1,179 @@
+"""The worker process: hosts exactly one wasm module instance.
+
+Started by WorkerProcess (host.py) as `python -m appliance.runtime.worker` with three inherited
+file descriptors: a SOCK_SEQPACKET socket to the supervisor, a memfd holding the window
+buffer (shared memory), and a memfd holding the validated module bytes.
+
+Protocol (one datagram per message):
+  supervisor -> worker  JSON {"op": "load", ...}          -> JSON {"ok": true, "logs": [...]}
+                        b"W" + u32 window_bytes            -> JSON {"rc", "f", "e", "l", "ns"}
+                        b"Q"                                -> exit 0
+  On a fault the worker answers {"fault": kind, "error": text} and exits: after a trap or an
+  ABI violation the instance's state is not to be trusted, so the supervisor starts afresh.
+
+Only the standard library and the engine are imported here: start-up stays in milliseconds and
+no lock inherited from a threaded parent exists (we exec, never fork).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import re
+import resource
+import signal
+import socket
+import struct
+import sys
+import time
+
+from appliance.runtime.backend import BACKENDS
+
+MAX_LOG_BYTES = 512
+MAX_LOGS_PER_CALL = 64
+MAX_FEATURES = 256
+MAX_EVENTS = 16
+FEATURE_NAME = re.compile(rb"^[A-Za-z0-9_.:\-]{1,64}$")
+PR_SET_PDEATHSIG = 1
+
+
+class AbiViolation(Exception):
+    """The module broke the ABI in a host call (bad pointer, name, count)."""
+
+
+class Calls:
+    """What the module reported during the current export call."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.features: dict[str, float] = {}
+        self.events: list[list] = []
+        self.logs: list[list] = []
+        self.logs_dropped = 0
+
+
+def _die_with_parent(expected_parent: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != expected_parent:   # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main() -> int:
+    sock_fd, shm_fd, wasm_fd = (int(x) for x in os.environ["AP_WORKER_FDS"].split(","))
+    _die_with_parent(int(os.environ["AP_WORKER_PARENT"]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the supervisor's to handle
+    sock = socket.socket(fileno=sock_fd)
+    shm = mmap.mmap(shm_fd, 0)
+    with os.fdopen(wasm_fd, "rb") as f:
+        wasm = f.read()
+
+    load = json.loads(sock.recv(65536))
+    # Cap the whole process before the engine allocates anything: wasm3 has no memory limit.
+    cap = int(load["address_space_bytes"])
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    calls = Calls()
+    inst = None
+
+    def read_guest(ptr: int, length: int, what: str) -> bytes:
+        mem = inst.memory()
+        if length < 0 or ptr < 0 or ptr + length > len(mem):
+            raise AbiViolation(f"{what}: pointer {ptr}+{length} is outside linear memory ({len(mem)} bytes)")
+        return bytes(mem[ptr:ptr + length])
+
+    def host_log(level: int, ptr: int, length: int) -> None:
+        text = read_guest(ptr, min(length, MAX_LOG_BYTES), "ap.log")
+        if len(calls.logs) >= MAX_LOGS_PER_CALL:
+            calls.logs_dropped += 1
+            return
+        calls.logs.append([int(level), text.decode("utf-8", "replace")])
+
+    def host_feature(ptr: int, length: int, value: float) -> None:
+        if length > 64:
+            raise AbiViolation(f"ap.feature: name of {length} bytes (max 64)")
+        name = read_guest(ptr, length, "ap.feature")
+        if not FEATURE_NAME.match(name):
+            raise AbiViolation(f"ap.feature: invalid name {name[:64]!r}")
+        if len(calls.features) >= MAX_FEATURES and name.decode() not in calls.features:
+            raise AbiViolation(f"ap.feature: more than {MAX_FEATURES} features in one window")
+        calls.features[name.decode()] = float(value)
+
+    def host_event(severity: int, score: float, ptr: int, length: int) -> None:
+        if not 0 <= severity <= 3:
+            raise AbiViolation(f"ap.event: severity {severity} (must be 0..3)")
+        if len(calls.events) >= MAX_EVENTS:
+            raise AbiViolation(f"ap.event: more than {MAX_EVENTS} events in one window")
+        msg = read_guest(ptr, min(length, MAX_LOG_BYTES), "ap.event").decode("utf-8", "replace")
+        calls.events.append([int(severity), float(score), msg])
+
+    def fault(kind: str, error: str) -> int:
+        sock.send(json.dumps({"fault": kind, "error": error[:2000], "l": calls.logs}).encode())
+        return 3
+
+    def guest_buffer(kind: int, size: int) -> int:
+        ptr = inst.call("ap_buffer", kind, size)
+        if ptr == 0:
+            raise AbiViolation(f"ap_buffer({kind}, {size}) returned 0: the module has no buffer that large")
+        if ptr < 0 or ptr + size > len(inst.memory()):
+            raise AbiViolation(f"ap_buffer({kind}, {size}) returned {ptr}, outside linear memory")
+        return ptr
+
+    try:
+        backend = BACKENDS[load["backend"]]()
+        inst = backend.instantiate(wasm, int(load["stack_bytes"]), {
+            ("ap", "log"): host_log, ("ap", "feature"): host_feature, ("ap", "event"): host_event})
+        version = inst.call("ap_abi_version")
+        if version != 1:
+            return fault("load", f"module speaks ABI version {version}; this host implements version 1")
+        params = load["params"].encode()
+        ptr = guest_buffer(0, max(len(params), 1))
+        inst.memory()[ptr:ptr + len(params)] = params
+        rc = inst.call("ap_init", ptr, len(params))
+        if rc != 0:
+            errors = [m for lvl, m in calls.logs if lvl >= 3]
+            reason = errors[-1] if errors else f"ap_init returned {rc}"
+            return fault("params", f"module rejected its params: {reason}")
+    except AbiViolation as exc:
+        return fault("abi", str(exc))
+    except MemoryError:
+        return fault("memory", f"out of memory while loading (worker capped at {cap >> 20} MiB)")
+    except RuntimeError as exc:
+        return fault("trap" if "[trap]" in str(exc) else "load", str(exc))
+    sock.send(json.dumps({"ok": True, "l": calls.logs}).encode())
+
+    window_ptrs: dict[int, int] = {}
+    while True:
+        msg = sock.recv(65536)
+        if not msg or msg[:1] == b"Q":
+            return 0
+        if msg[:1] != b"W":
+            return fault("protocol", f"unexpected message {msg[:16]!r}")
+        (nbytes,) = struct.unpack_from("<I", msg, 1)
+        calls.reset()
+        try:
+            ptr = window_ptrs.get(nbytes)
+            if ptr is None:
+                ptr = window_ptrs[nbytes] = guest_buffer(1, nbytes)
+            inst.memory()[ptr:ptr + nbytes] = shm[:nbytes]
+            t0 = time.perf_counter_ns()
+            rc = inst.call("ap_process", ptr, nbytes)
+            elapsed = time.perf_counter_ns() - t0
+        except AbiViolation as exc:
+            return fault("abi", str(exc))
+        except MemoryError:
+            return fault("memory", f"out of memory (worker capped at {cap >> 20} MiB)")
+        except RuntimeError as exc:
+            return fault("trap" if "[trap]" in str(exc) else "engine", str(exc))
+        sock.send(json.dumps({"rc": rc, "f": calls.features, "e": calls.events, "l": calls.logs,
+                              "ld": calls.logs_dropped, "ns": elapsed}).encode())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

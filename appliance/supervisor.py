@@ -1,0 +1,209 @@
+"""The supervisor: the one place that owns the running appliance's state.
+
+It opens the sources, cuts their streams into windows for each module, hosts every module in
+its own worker (runtime/host.py), commits the events they raise to the spool and serves
+metrics. Threads: one reader per source, one dispatcher per module; nothing else writes state.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.config import AppConfig
+from appliance.events import Spool, iso_time, make_event
+from appliance.metrics import Metrics
+from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState
+from appliance.windowing import Window, Windower
+from hal.registry import open_source
+from hal.source import Health, Source
+
+log = logging.getLogger("appliance.supervisor")
+event_log = logging.getLogger("appliance.events")
+
+SOURCE_BACKOFF_S = (0.5, 30.0)
+
+
+@dataclass
+class Pipeline:
+    module: ModuleHost
+    windower: Windower
+    source: str
+    channel_names: tuple[str, ...]
+
+
+class Supervisor:
+    def __init__(self, cfg: AppConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.spool = Spool(cfg.gateway.data_dir / "spool.db", cfg.events.spool_max_mb << 20)
+        self.metrics.spool_depth.set_function(self.spool.depth)
+        self.sources: dict[str, Source] = {}
+        self.pipelines: dict[str, list[Pipeline]] = {}
+        self.modules: dict[str, ModuleHost] = {}
+        self.events_emitted = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._ended: set[str] = set()
+        self._metrics_server = None
+        self.metrics_port: int | None = None
+
+        for name, scfg in cfg.sources.items():
+            self.sources[name] = open_source(name, scfg)
+            self.pipelines[name] = []
+            self.metrics.declare_source(name)
+        for name, mcfg in cfg.modules.items():
+            source = self.sources[mcfg.source]
+            info = source.info
+            picked = [info.channels.index(c) for c in mcfg.channels] if mcfg.channels else None
+            names = tuple(mcfg.channels) if mcfg.channels else info.channels
+            host = ModuleHost(name, mcfg, cfg.runtime, len(names), self.metrics,
+                              on_result=self._on_result, on_state=self._on_module_state)
+            self.modules[name] = host
+            windower = Windower(mcfg.window.size, mcfg.window.hop_frames, info.sample_rate, picked)
+            self.pipelines[mcfg.source].append(Pipeline(host, windower, mcfg.source, names))
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.cfg.metrics.enabled:
+            from prometheus_client import start_http_server
+            server, _ = start_http_server(self.cfg.metrics.port, self.cfg.metrics.listen,
+                                          registry=self.metrics.registry)
+            self._metrics_server = server
+            self.metrics_port = server.server_port
+            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.listen, self.metrics_port)
+        for host in self.modules.values():
+            host.start()
+        for name, source in self.sources.items():
+            t = threading.Thread(target=self._read_source, args=(name, source), name=f"source-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(2.0)
+        for host in self.modules.values():
+            host.stop()
+        for source in self.sources.values():
+            try:
+                source.close()
+            except Exception:  # closing is best effort; the process is going away
+                log.exception("closing source %s", source.name)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self.spool.close()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def all_sources_ended(self) -> bool:
+        return len(self._ended) == len(self.sources)
+
+    def wait_until_done(self, timeout_s: float | None = None) -> bool:
+        """For finite (replay) sources: wait until they ended and every module is idle."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.all_sources_ended():
+            if self._stop.wait(0.05) or (end is not None and time.monotonic() > end):
+                return False
+        for host in self.modules.values():
+            left = 3600.0 if end is None else max(0.0, end - time.monotonic())
+            if host.state in (ModuleState.RUNNING, ModuleState.STARTING) and not host.wait_idle(left):
+                return False
+        return True
+
+    # ---- sources -----------------------------------------------------------------------------
+
+    def _read_source(self, name: str, source: Source) -> None:
+        pipes = self.pipelines[name]
+        samples = self.metrics.source_samples.labels(name)
+        nbytes = self.metrics.source_bytes.labels(name)
+        up = self.metrics.source_up.labels(name)
+        delay = SOURCE_BACKOFF_S[0]
+        while not self._stop.is_set():
+            try:
+                source.open()
+                source.set_health(Health.OK)
+                up.set(1)
+                for p in pipes:
+                    p.windower.reset()
+                while not self._stop.is_set():
+                    block = source.read()
+                    if block is None:
+                        source.set_health(Health.ENDED, "end of recording")
+                        up.set(0)
+                        log.info("source %s: ended", name)
+                        self._ended.add(name)
+                        return
+                    samples.inc(block.data.size)
+                    nbytes.inc(block.data.nbytes)
+                    delay = SOURCE_BACKOFF_S[0]
+                    for p in pipes:
+                        for window in p.windower.push(block):
+                            p.module.submit(window)
+            except Exception as exc:  # any driver failure: count, report, back off, reopen
+                self.metrics.source_errors.labels(name).inc()
+                up.set(0)
+                source.set_health(Health.FAILED, f"{type(exc).__name__}: {exc}")
+                log.error("source %s: %s: %s; reopening in %.1f s", name, type(exc).__name__, exc, delay)
+                try:
+                    source.close()
+                except Exception:
+                    log.exception("source %s: close after failure", name)
+                self._stop.wait(delay)
+                delay = min(delay * 2, SOURCE_BACKOFF_S[1])
+
+    # ---- results -----------------------------------------------------------------------------
+
+    def _pipeline_of(self, host: ModuleHost) -> Pipeline:
+        return next(p for p in self.pipelines[host.cfg.source] if p.module is host)
+
+    def _on_result(self, host: ModuleHost, window: Window, result: ModuleResult) -> None:
+        if not result.events:
+            return
+        pipe = self._pipeline_of(host)
+        info = {"seq": window.seq, "start": iso_time(window.start_ns), "frames": int(window.data.shape[1]),
+                "sample_rate": window.sample_rate, "channels": list(pipe.channel_names)}
+        for severity, score, message in result.events:
+            self._emit(make_event(gateway=self.cfg.gateway.name, source=pipe.source, module=host.name,
+                                  severity=severity, score=score, message=message, window=info,
+                                  features=result.features))
+
+    def _on_module_state(self, host: ModuleHost, state: ModuleState, reason: str) -> None:
+        if state is ModuleState.QUARANTINED:
+            # Operators must hear about a module that stopped watching its machine.
+            self._emit(make_event(gateway=self.cfg.gateway.name, source=host.cfg.source, module=host.name,
+                                  severity=2, score=0.0, kind="module_quarantined",
+                                  message=f"module {host.name} quarantined: {reason}", window={}, features={}))
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        self.spool.append(event)   # committed before it counts as emitted
+        self.events_emitted += 1
+        self.metrics.events.labels(event["module"], event["severity"]).inc()
+        if self.cfg.events.log:
+            event_log.warning("EVENT %s %s/%s score=%s: %s [id %s]", event["severity"].upper(), event["source"],
+                              event["module"], _fmt(event["score"]), event["message"], event["id"])
+
+    # ---- status (CLI, console) ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "gateway": self.cfg.gateway.name,
+            "sources": {n: {"health": s.health[0].value, "reason": s.health[1]} for n, s in self.sources.items()},
+            "modules": {n: {"state": h.state.value, "reason": h.reason, "processed": h.processed,
+                            "last_fault": h.last_fault} for n, h in self.modules.items()},
+            "events_emitted": self.events_emitted,
+            "spool_depth": self.spool.depth(),
+        }
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"

@@ -1,0 +1,76 @@
+"""Cut a source's block stream into fixed windows for one module (size, hop, channel subset)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hal.source import Block
+
+
+@dataclass(frozen=True)
+class Window:
+    seq: int               # counts every window cut for this module, delivered or not
+    start_ns: int          # Unix time of the first sample
+    sample_rate: float
+    data: np.ndarray       # float32, planar: (channels, frames), C-contiguous
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+class Windower:
+    def __init__(self, size: int, hop: int, sample_rate: float, channels: list[int] | None = None) -> None:
+        self.size, self.hop, self.sample_rate = size, hop, sample_rate
+        self.channels = channels           # indices into the source's channels; None = all
+        self._buf: np.ndarray | None = None
+        self._fill = 0                     # frames held in _buf
+        self._buf_index = 0                # absolute index of _buf[:, 0]
+        self._skip = 0                     # frames still to discard when hop > size
+        self._ref = (0, 0)                 # (index, ns) of the latest block, for timestamps
+        self._next_seq = 0
+
+    def push(self, block: Block) -> list[Window]:
+        data = block.data if self.channels is None else block.data[self.channels]
+        self._ref = (block.index, block.start_ns)
+        if self._buf is None:
+            self._buf = np.empty((data.shape[0], self.size + max(self.hop, block.frames)), dtype=np.float32)
+            self._buf_index = block.index
+        start = 0
+        if self._skip:
+            start = min(self._skip, data.shape[1])
+            self._skip -= start
+            self._buf_index += start
+        incoming = data.shape[1] - start
+        if self._fill + incoming > self._buf.shape[1]:
+            grown = np.empty((self._buf.shape[0], self._fill + incoming + self.size), dtype=np.float32)
+            grown[:, :self._fill] = self._buf[:, :self._fill]
+            self._buf = grown
+        self._buf[:, self._fill:self._fill + incoming] = data[:, start:]
+        self._fill += incoming
+
+        windows = []
+        offset = 0
+        while self._fill - offset >= self.size:
+            frames = self._buf[:, offset:offset + self.size].copy()
+            index = self._buf_index + offset
+            ns = self._ref[1] + round((index - self._ref[0]) * 1e9 / self.sample_rate)
+            windows.append(Window(self._next_seq, ns, self.sample_rate, frames))
+            self._next_seq += 1
+            offset += self.hop
+        if offset:
+            consumed = min(offset, self._fill)
+            self._skip += offset - consumed
+            remaining = self._fill - consumed
+            self._buf[:, :remaining] = self._buf[:, consumed:self._fill]
+            self._fill = remaining
+            self._buf_index += consumed
+        return windows
+
+    def reset(self) -> None:
+        """Forget buffered frames (the source reopened: its sample index starts again).
+        Sequence numbers continue, so modules still see one increasing sequence."""
+        self._buf = None
+        self._fill = 0
+        self._skip = 0

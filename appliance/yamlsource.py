@@ -1,0 +1,99 @@
+"""YAML loading that remembers where every key and value came from (file:line:column)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Path_ = tuple  # a key path into the document: ("modules", "stats", "window", "size")
+
+
+@dataclass(frozen=True)
+class Mark:
+    line: int      # 1-based
+    column: int    # 1-based
+
+
+@dataclass
+class YamlDocument:
+    path: Path
+    data: Any
+    value_marks: dict[tuple, Mark] = field(default_factory=dict)
+    key_marks: dict[tuple, Mark] = field(default_factory=dict)
+
+    def mark_for(self, path: tuple, *, key: bool = False) -> Mark:
+        """Where path's key (key=True) or value sits; falls back to the nearest ancestor."""
+        marks = self.key_marks if key else self.value_marks
+        p = tuple(path)
+        while p:
+            if p in marks:
+                return marks[p]
+            if not key and p in self.key_marks:
+                return self.key_marks[p]
+            p = p[:-1]
+        return self.value_marks.get((), Mark(1, 1))
+
+
+class YamlError(Exception):
+    """A syntax or structure error, already phrased as file:line:col: message."""
+
+    def __init__(self, path: Path, mark: Mark, message: str) -> None:
+        self.path, self.mark, self.message = path, mark, message
+        super().__init__(f"{path}:{mark.line}:{mark.column}: {message}")
+
+
+def _mark(node: yaml.Node) -> Mark:
+    return Mark(node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _walk(doc: YamlDocument, node: yaml.Node, path: tuple) -> None:
+    doc.value_marks[path] = _mark(node)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, Mark] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = yaml.SafeLoader().construct_object(key_node) if not isinstance(key_node, yaml.ScalarNode) \
+                else _scalar(key_node)
+            if key in seen:
+                # PyYAML silently keeps the last one; a plant engineer's copy-paste deserves better.
+                first = seen[key]
+                raise YamlError(doc.path, _mark(key_node),
+                                f"duplicate key {key!r} in {'.'.join(map(str, path)) or 'the top level'} "
+                                f"(first defined at line {first.line})")
+            seen[key] = _mark(key_node)
+            doc.key_marks[path + (key,)] = _mark(key_node)
+            _walk(doc, value_node, path + (key,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(doc, item, path + (i,))
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    loader = yaml.SafeLoader("")
+    return loader.construct_object(node)
+
+
+def load_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
+    path = Path(path)
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise YamlError(path, Mark(1, 1), "config file not found") from None
+        except UnicodeDecodeError as exc:
+            raise YamlError(path, Mark(1, 1), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Mark(mark.line + 1, mark.column + 1) if mark else Mark(1, 1)
+        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise YamlError(path, where, f"YAML syntax error: {what}") from None
+    doc = YamlDocument(path=path, data=data if data is not None else {})
+    if node is not None:
+        _walk(doc, node, ())
+    return doc

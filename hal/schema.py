@@ -1,0 +1,35 @@
+"""Strict config models shared by every component (ESPHome-style: each driver owns its schema)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic.functional_validators import AfterValidator, WrapValidator
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors; values are checked, never coerced from the wrong type."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, validate_default=True)
+
+
+def resolve_config_path(value: Any, handler, info: ValidationInfo) -> Path:
+    # Relative paths mean "relative to the YAML file that says them", as in Prometheus configs.
+    path = Path(handler(value)).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(os.path.normpath(Path(base) / path))
+    return path
+
+
+def _must_exist(path: Path) -> Path:
+    if not path.exists():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
+# A path relative to the config file; ExistingFile also requires it to exist.
+ConfigPath = Annotated[Path, WrapValidator(resolve_config_path)]
+ExistingFile = Annotated[Path, WrapValidator(resolve_config_path), AfterValidator(_must_exist)]

@@ -1,0 +1,1 @@
+"""Built-in source plugins; hal.registry imports them so that their decorators register them."""

@@ -1,0 +1,236 @@
+/*
+ * ap_module.h: C SDK for appliance analytics modules, ABI v1 (see modules/ABI.md).
+ *
+ * Single header. In exactly one .c file of a module:
+ *
+ *     #define AP_WINDOW_BYTES (64 + 4 * 3 * 8192)   // largest window you accept
+ *     #define AP_PARAMS_BYTES 4096                  // optional, default 4096
+ *     #include "ap_module.h"
+ *
+ * and define ap_init() and ap_process(). The header supplies ap_abi_version(), ap_buffer()
+ * with static buffers of those sizes, the host imports, the window header view, a params
+ * parser and the few libc routines the compiler may call (memcpy, memset, memmove).
+ *
+ * The same source also compiles natively (gcc/clang without --target=wasm32): the host
+ * imports are then ordinary extern functions a test or benchmark harness provides.
+ */
+#ifndef AP_MODULE_H
+#define AP_MODULE_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#define AP_ABI_VERSION 1
+
+#if defined(__wasm__)
+#define AP_EXPORT(name) __attribute__((export_name(#name), visibility("default")))
+#define AP_IMPORT(name) __attribute__((import_module("ap"), import_name(#name)))
+#else
+#define AP_EXPORT(name)
+#define AP_IMPORT(name)
+#endif
+
+/* ---- host imports ---------------------------------------------------------------------- */
+
+enum { AP_LOG_DEBUG = 0, AP_LOG_INFO = 1, AP_LOG_WARNING = 2, AP_LOG_ERROR = 3 };
+enum { AP_SEV_INFO = 0, AP_SEV_WARNING = 1, AP_SEV_ALARM = 2, AP_SEV_CRITICAL = 3 };
+
+AP_IMPORT(log) void ap_host_log(int32_t level, const char *msg, int32_t len);
+AP_IMPORT(feature) void ap_host_feature(const char *name, int32_t name_len, double value);
+AP_IMPORT(event) void ap_host_event(int32_t severity, double score, const char *msg, int32_t len);
+
+/* ---- freestanding helpers ---------------------------------------------------------------- */
+
+static inline int32_t ap_strlen(const char *s) {
+    int32_t n = 0;
+    while (s[n]) n++;
+    return n;
+}
+
+static inline void ap_log(int32_t level, const char *msg) { ap_host_log(level, msg, ap_strlen(msg)); }
+static inline void ap_feature(const char *name, double value) { ap_host_feature(name, ap_strlen(name), value); }
+static inline void ap_event(int32_t severity, double score, const char *msg) {
+    ap_host_event(severity, score, msg, ap_strlen(msg));
+}
+
+/* Small text builder for event messages, no printf in a freestanding module. */
+typedef struct { char *buf; int32_t cap, len; } ap_text;
+
+static inline void ap_text_str(ap_text *t, const char *s) {
+    while (*s && t->len < t->cap - 1) t->buf[t->len++] = *s++;
+    t->buf[t->len] = 0;
+}
+
+static inline void ap_text_int(ap_text *t, int64_t v) {
+    char tmp[24];
+    int n = 0;
+    uint64_t u = v < 0 ? (uint64_t)(-v) : (uint64_t)v;
+    do { tmp[n++] = (char)('0' + u % 10); u /= 10; } while (u && n < 23);
+    if (v < 0) tmp[n++] = '-';
+    while (n && t->len < t->cap - 1) t->buf[t->len++] = tmp[--n];
+    t->buf[t->len] = 0;
+}
+
+/* Fixed-point with `decimals` places; enough for messages, not for data. */
+static inline void ap_text_num(ap_text *t, double v, int decimals) {
+    if (v != v) { ap_text_str(t, "nan"); return; }
+    if (v < 0) { ap_text_str(t, "-"); v = -v; }
+    if (v > 9.0e15) { ap_text_str(t, "inf"); return; }
+    int64_t scale = 1;
+    for (int i = 0; i < decimals; i++) scale *= 10;
+    int64_t fixed = (int64_t)(v * (double)scale + 0.5);
+    ap_text_int(t, fixed / scale);
+    if (decimals > 0) {
+        ap_text_str(t, ".");
+        int64_t frac = fixed % scale;
+        for (int64_t d = scale / 10; d > 0; d /= 10) {
+            char c[2] = {(char)('0' + (frac / d) % 10), 0};
+            ap_text_str(t, c);
+        }
+    }
+}
+
+/* ---- the window ------------------------------------------------------------------------- */
+
+#define AP_WINDOW_MAGIC 0x31575041u /* "APW1" little-endian */
+#define AP_WINDOW_HEADER_BYTES 64
+enum { AP_FORMAT_F32 = 1 };
+enum { AP_LAYOUT_PLANAR = 0 };
+
+typedef struct {
+    uint32_t magic;
+    uint16_t header_size;
+    uint16_t sample_format;
+    uint32_t channels;
+    uint32_t frames;
+    double sample_rate;
+    uint64_t sequence;
+    int64_t start_time_ns;
+    uint32_t layout;
+    uint32_t dropped;
+    uint8_t reserved[16];
+} ap_window_header;
+
+_Static_assert(sizeof(ap_window_header) == AP_WINDOW_HEADER_BYTES, "window header is 64 bytes");
+
+/* Checks the header against the bytes the host said it wrote; returns the header or 0. */
+static inline const ap_window_header *ap_window_open(const uint8_t *ptr, int32_t len) {
+    if (len < AP_WINDOW_HEADER_BYTES) return 0;
+    const ap_window_header *h = (const ap_window_header *)ptr;
+    if (h->magic != AP_WINDOW_MAGIC || h->header_size != AP_WINDOW_HEADER_BYTES) return 0;
+    if (h->sample_format != AP_FORMAT_F32 || h->layout != AP_LAYOUT_PLANAR) return 0;
+    uint64_t need = (uint64_t)AP_WINDOW_HEADER_BYTES + 4ull * h->channels * h->frames;
+    if (h->channels == 0 || h->frames == 0 || need > (uint64_t)len) return 0;
+    return h;
+}
+
+static inline const float *ap_window_channel(const ap_window_header *h, uint32_t channel) {
+    return (const float *)((const uint8_t *)h + AP_WINDOW_HEADER_BYTES) + (size_t)channel * h->frames;
+}
+
+/* ---- params ("key=value" lines, see ABI.md) ---------------------------------------------- */
+
+/* Finds key; returns a pointer to its value and sets *vlen, or returns 0. */
+static inline const char *ap_param_find(const char *p, int32_t len, const char *key, int32_t *vlen) {
+    int32_t klen = ap_strlen(key), i = 0;
+    while (i < len) {
+        int32_t line_end = i;
+        while (line_end < len && p[line_end] != '\n') line_end++;
+        int32_t k = 0;
+        while (k < klen && i + k < line_end && p[i + k] == key[k]) k++;
+        if (k == klen && i + k < line_end && p[i + k] == '=') {
+            *vlen = line_end - (i + k + 1);
+            return p + i + k + 1;
+        }
+        i = line_end + 1;
+    }
+    return 0;
+}
+
+/* Parses a decimal number (optional sign, fraction, exponent); *ok = 0 if it is not one. */
+static inline double ap_parse_f64(const char *s, int32_t n, int *ok) {
+    int32_t i = 0;
+    double sign = 1.0, v = 0.0;
+    int digits = 0;
+    if (i < n && (s[i] == '-' || s[i] == '+')) { if (s[i] == '-') sign = -1.0; i++; }
+    while (i < n && s[i] >= '0' && s[i] <= '9') { v = v * 10.0 + (s[i] - '0'); i++; digits++; }
+    if (i < n && s[i] == '.') {
+        double scale = 0.1;
+        i++;
+        while (i < n && s[i] >= '0' && s[i] <= '9') { v += (s[i] - '0') * scale; scale *= 0.1; i++; digits++; }
+    }
+    if (digits && i < n && (s[i] == 'e' || s[i] == 'E')) {
+        int esign = 1, e = 0, edigits = 0;
+        i++;
+        if (i < n && (s[i] == '-' || s[i] == '+')) { if (s[i] == '-') esign = -1; i++; }
+        while (i < n && s[i] >= '0' && s[i] <= '9') { e = e * 10 + (s[i] - '0'); i++; edigits++; }
+        if (!edigits) digits = 0;
+        double f = 1.0;
+        while (e-- > 0) f *= 10.0;
+        v = esign > 0 ? v * f : v / f;
+    }
+    *ok = digits > 0 && i == n;
+    return sign * v;
+}
+
+/* The number at key, or dflt if absent. *bad (if given) is set when present but not a number. */
+static inline double ap_param_f64(const char *p, int32_t len, const char *key, double dflt, int *bad) {
+    int32_t vlen;
+    const char *v = ap_param_find(p, len, key, &vlen);
+    if (!v) return dflt;
+    int ok;
+    double x = ap_parse_f64(v, vlen, &ok);
+    if (!ok) { if (bad) *bad = 1; return dflt; }
+    return x;
+}
+
+/* ---- default buffers and exports ----------------------------------------------------------- */
+
+#ifndef AP_PARAMS_BYTES
+#define AP_PARAMS_BYTES 4096
+#endif
+#ifndef AP_WINDOW_BYTES
+#error "define AP_WINDOW_BYTES (largest window in bytes, header included) before including ap_module.h"
+#endif
+
+static uint8_t ap_params_buffer[AP_PARAMS_BYTES];
+static uint8_t ap_window_buffer[AP_WINDOW_BYTES] __attribute__((aligned(16)));
+
+AP_EXPORT(ap_abi_version) int32_t ap_abi_version(void) { return AP_ABI_VERSION; }
+
+AP_EXPORT(ap_buffer) uint8_t *ap_buffer(int32_t kind, int32_t size) {
+    if (size < 0) return 0;
+    if (kind == 0 && size <= AP_PARAMS_BYTES) return ap_params_buffer;
+    if (kind == 1 && size <= AP_WINDOW_BYTES) return ap_window_buffer;
+    return 0;
+}
+
+AP_EXPORT(ap_init) int32_t ap_init(const char *params, int32_t len);
+AP_EXPORT(ap_process) int32_t ap_process(const uint8_t *window, int32_t len);
+
+#if defined(__wasm__)
+/* clang lowers struct copies and zeroing to these; -nostdlib means we provide them. */
+__attribute__((weak)) void *memcpy(void *dst, const void *src, size_t n) {
+    uint8_t *d = (uint8_t *)dst;
+    const uint8_t *s = (const uint8_t *)src;
+    while (n--) *d++ = *s++;
+    return dst;
+}
+__attribute__((weak)) void *memmove(void *dst, const void *src, size_t n) {
+    uint8_t *d = (uint8_t *)dst;
+    const uint8_t *s = (const uint8_t *)src;
+    if (d < s) { while (n--) *d++ = *s++; }
+    else { d += n; s += n; while (n--) *--d = *--s; }
+    return dst;
+}
+__attribute__((weak)) void *memset(void *dst, int c, size_t n) {
+    uint8_t *d = (uint8_t *)dst;
+    while (n--) *d++ = (uint8_t)c;
+    return dst;
+}
+#endif
+
+static inline double ap_sqrt(double x) { return __builtin_sqrt(x); }
+static inline double ap_fabs(double x) { return __builtin_fabs(x); }
+
+#endif /* AP_MODULE_H */
