@@ -308,7 +308,9 @@ def issue_from_pydantic(doc: YamlDocument, err: dict) -> ConfigIssue:
     value = err.get("input")
     if kind not in ("model_type", "dict_type") and not isinstance(value, (dict, list)):
         message = f"{_describe(value)} is invalid: {message}"
-    return ConfigIssue(doc.path, doc.mark_for(path), path, message)
+    # A rule about a whole section points at the section's key line, not its first entry.
+    section = isinstance(_get(doc.data, path), (dict, list)) and bool(path)
+    return ConfigIssue(doc.path, doc.mark_for(path, key=section), path, message)
 
 
 def _get(data: Any, path: tuple) -> Any:

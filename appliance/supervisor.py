@@ -82,10 +82,15 @@ class Supervisor:
             self._threads.append(t)
             t.start()
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = 1.0) -> None:
+        """Stop reading, give the modules a bounded time to finish queued windows, stop them."""
         self._stop.set()
         for t in self._threads:
             t.join(2.0)
+        end = time.monotonic() + drain_s
+        for host in self.modules.values():
+            if host.state is ModuleState.RUNNING:
+                host.wait_idle(max(0.0, end - time.monotonic()))
         for host in self.modules.values():
             host.stop()
         for source in self.sources.values():

@@ -31,6 +31,10 @@ class Windower:
         self._ref = (0, 0)                 # (index, ns) of the latest block, for timestamps
         self._next_seq = 0
 
+    @property
+    def windows_cut(self) -> int:
+        return self._next_seq
+
     def push(self, block: Block) -> list[Window]:
         data = block.data if self.channels is None else block.data[self.channels]
         self._ref = (block.index, block.start_ns)

@@ -307,6 +307,9 @@ class ModuleHost:
                     self._cond.notify_all()
 
     def _start_worker(self) -> None:
+        if self._starts:
+            self.metrics.restarts.labels(self.name).inc()
+        self._starts += 1
         try:
             module = validate_module(self.cfg.wasm, self.runtime.max_memory_mb << 20, self._known_good)
             self._known_good = module.sha256
@@ -332,9 +335,6 @@ class ModuleHost:
                 worker.stop()
                 return
             self._worker = worker
-            if self._starts:
-                self.metrics.restarts.labels(self.name).inc()
-            self._starts += 1
             self.metrics.module_up.labels(self.name).set(1)
             self._set_state(ModuleState.RUNNING, f"worker pid {worker.pid}")
         log.info("module %s: running in worker pid %d (sha256 %s)", self.name, worker.pid, module.sha256[:12])

@@ -1,0 +1,194 @@
+"""Config errors name file:line, the key path, the bad value and the reason; nothing starts."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from appliance.config import DEFAULT_CONFIG, ConfigError, load_config, params_text
+
+from conftest import REPO
+
+
+def write(tmp_path: Path, text: str, wasm: Path) -> Path:
+    path = tmp_path / "gw.yaml"
+    path.write_text(textwrap.dedent(text).replace("@WASM@", str(wasm)))
+    return path
+
+
+GOOD = """\
+gateway:
+  name: test-gw
+  data_dir: var
+metrics:
+  port: 0
+sources:
+  spindle:
+    type: sim_vibration
+    sample_rate: 12800
+    axes: [x, y, z]
+modules:
+  stats:
+    wasm: @WASM@
+    source: spindle
+    window:
+      size: 4096
+      hop: 2048
+    params:
+      threshold: 6
+      baseline:
+        windows: 40
+"""
+
+
+def issues_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return [str(i) for i in info.value.issues]
+
+
+def test_default_config_is_valid_and_simulated(vibstats_wasm):
+    cfg = load_config(DEFAULT_CONFIG)
+    assert {s.type for s in cfg.sources.values()} == {"sim_vibration"}
+    assert cfg.modules and all(m.source in cfg.sources for m in cfg.modules.values())
+
+
+def test_good_config_resolves_relative_paths(tmp_path, vibstats_wasm):
+    cfg = load_config(write(tmp_path, GOOD, vibstats_wasm))
+    assert cfg.gateway.data_dir == tmp_path / "var"
+    assert cfg.modules["stats"].window.hop_frames == 2048
+    assert params_text(cfg.modules["stats"].params) == "baseline.windows=40\nthreshold=6\n"
+
+
+def test_unknown_key_says_line_and_did_you_mean(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("    sample_rate: 12800", "    sample_rat: 12800"), vibstats_wasm)
+    [issue] = issues_of(path)
+    assert issue == (f"{path}:9:5: sources.spindle.sample_rat: 'sample_rat' is not a valid option for "
+                     f"sources.spindle (sim_vibration). Did you mean 'sample_rate'?")
+
+
+def test_unknown_top_level_key_lists_options_when_nothing_is_close(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD + "zzz: 1\n", vibstats_wasm)
+    [issue] = issues_of(path)
+    assert issue.startswith(f"{path}:22:1: zzz: 'zzz' is not a valid option for the top level. Valid options: ")
+    assert "modules" in issue
+
+
+def test_wrong_type_names_value_and_reason(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("size: 4096", "size: big"), vibstats_wasm)
+    [issue] = issues_of(path)
+    assert issue.startswith(f"{path}:16:13: modules.stats.window.size: 'big' is invalid: ")
+    assert "integer" in issue
+
+
+def test_out_of_range_value(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("  port: 0", "  port: 70000"), vibstats_wasm)
+    [issue] = issues_of(path)
+    assert issue.startswith(f"{path}:5:9: metrics.port: 70000 is invalid: ")
+    assert "65535" in issue
+
+
+def test_missing_module_file(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD, tmp_path / "nope.wasm")
+    [issue] = issues_of(path)
+    assert issue.startswith(f"{path}:13:11: modules.stats.wasm: ")
+    assert f"module file not found: {tmp_path / 'nope.wasm'}" in issue
+
+
+def test_missing_required_key_points_at_its_section(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("    source: spindle\n", ""), vibstats_wasm)
+    [issue] = issues_of(path)
+    assert issue == f"{path}:12:3: modules.stats.source: required option 'source' is missing from modules.stats"
+
+
+def test_unknown_source_reference_suggests(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("source: spindle", "source: spindel"), vibstats_wasm)
+    [issue] = issues_of(path)
+    assert issue == (f"{path}:14:13: modules.stats.source: 'spindel' is not a source defined in this file. "
+                     f"Did you mean 'spindle'?")
+
+
+def test_unknown_source_type(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("type: sim_vibration", "type: sim_vibraton"), vibstats_wasm)
+    [issue] = issues_of(path)
+    assert issue.startswith(f"{path}:8:11: sources.spindle.type: 'sim_vibraton' is not a known source type")
+    assert "Did you mean 'sim_vibration'?" in issue
+
+
+def test_unknown_channel(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("    source: spindle\n", "    source: spindle\n    channels: [x, w]\n"),
+                 vibstats_wasm)
+    [issue] = issues_of(path)
+    assert issue.startswith(f"{path}:15:19: modules.stats.channels.1: 'w' is not a channel of source 'spindle'")
+
+
+def test_duplicate_key_is_an_error(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("    axes: [x, y, z]", "    axes: [x, y, z]\n    sample_rate: 100"),
+                 vibstats_wasm)
+    [issue] = issues_of(path)
+    assert issue.startswith(f"{path}:11:5: duplicate key 'sample_rate' in sources.spindle (first defined at line 9)")
+
+
+def test_yaml_syntax_error(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("  port: 0", "  port: [0"), vibstats_wasm)
+    [issue] = issues_of(path)
+    assert issue.startswith(f"{path}:") and "YAML syntax error" in issue
+
+
+def test_several_errors_reported_at_once_in_line_order(tmp_path, vibstats_wasm):
+    text = GOOD.replace("  port: 0", "  port: -1").replace("size: 4096", "size: 4").replace("noise", "x")
+    issues = issues_of(write(tmp_path, text, vibstats_wasm))
+    assert [i.split(":")[1] for i in issues] == ["5", "16"]
+
+
+def test_hop_and_overlap_together_rejected(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("hop: 2048", "hop: 2048\n      overlap: 0.5"), vibstats_wasm)
+    [issue] = issues_of(path)
+    assert "give either hop or overlap, not both" in issue and f"{path}:15:" in issue
+
+
+def test_block_overflow_refused_for_live_source(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("    source: spindle\n", "    source: spindle\n    overflow: block\n"),
+                 vibstats_wasm)
+    [issue] = issues_of(path)
+    assert "would stall live source 'spindle'" in issue
+
+
+def test_bad_params_value(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("threshold: 6", "threshold: {a: [1, {b: 2}]}"), vibstats_wasm)
+    [issue] = issues_of(path)
+    assert f"{path}:18:5: modules.stats.params: param threshold.a:" in issue and "lists may hold only" in issue
+
+
+def test_validate_cli_fails_and_starts_nothing(tmp_path, vibstats_wasm):
+    # A port that is free now: if validate started the metrics server, it would bind it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write(tmp_path, GOOD.replace("  port: 0", f"  port: {port}").replace("size: 4096", "size: -5"),
+                 vibstats_wasm)
+    proc = subprocess.run([sys.executable, "-m", "appliance", "validate", str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert f"{path}:16:13: modules.stats.window.size: -5 is invalid" in proc.stderr
+    assert not (tmp_path / "var").exists()   # no spool, no data dir: nothing started
+
+
+def test_validate_cli_ok(tmp_path, vibstats_wasm):
+    proc = subprocess.run([sys.executable, "-m", "appliance", "validate", str(write(tmp_path, GOOD, vibstats_wasm))],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok (1 sources, 1 modules)" in proc.stdout
+
+
+def test_run_with_bad_config_exits_nonzero(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("sample_rate: 12800", "sample_rate: fast"), vibstats_wasm)
+    proc = subprocess.run([sys.executable, "-m", "appliance", "run", "--config", str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert f"{path}:9:18: sources.spindle.sample_rate: 'fast' is invalid" in proc.stderr
+    assert not (tmp_path / "var").exists()

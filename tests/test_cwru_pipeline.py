@@ -1,0 +1,53 @@
+"""Real recorded bearing data through the real pipeline: replay source -> windows -> vibstats
+in its wasm3 worker -> events in the spool."""
+from __future__ import annotations
+
+from appliance.events import Spool
+from appliance.supervisor import Supervisor
+
+from conftest import shared_file
+from support import metric, write_config
+
+FS = 12000
+WINDOW, HOP = 2048, 1024
+
+
+def test_inner_race_fault_raises_events_and_healthy_second_half_none(tmp_path, vibstats_wasm):
+    normal = shared_file("bearing", "cwru", "normal_0hp_48k.mat")
+    inner = shared_file("bearing", "cwru", "inner_race_007_0hp_12k.mat")
+    half_s = 60985 / 2 / FS   # the normal recording decimated to 12 kHz holds 60985 frames
+    cfg = write_config(tmp_path, {"cwru": {
+        "type": "replay", "realtime": False, "block_frames": 1024,
+        "segments": [
+            {"path": str(normal), "decimate": 4, "sample_rate": 48000, "duration_s": half_s},   # learn
+            {"path": str(normal), "decimate": 4, "sample_rate": 48000, "start_s": half_s},      # must stay quiet
+            {"path": str(inner), "sample_rate": FS},                                            # must alarm
+        ]}}, {
+        "vib": {"wasm": str(vibstats_wasm), "source": "cwru", "window": {"size": WINDOW, "hop": HOP},
+                "overflow": "block", "queue": 8, "params": {"baseline": {"windows": 25}, "threshold": 6}},
+    })
+    sup = Supervisor(cfg)
+    sup.start()
+    try:
+        assert sup.wait_until_done(timeout_s=120), "replay did not finish"
+    finally:
+        sup.stop()
+    source = sup.sources["cwru"]
+    second_half_start, fault_start = source.segment_starts[1], source.segment_starts[2]
+
+    cut = sup.pipelines["cwru"][0].windower.windows_cut
+    assert sup.modules["vib"].processed == cut > 100
+    assert metric(sup, "appliance_module_windows_dropped_total", module="vib", reason="overflow") == 0
+
+    spool = Spool(cfg.gateway.data_dir / "spool.db", 1 << 24)
+    events = spool.tail(1000)
+    spool.close()
+    starts = [e["window"]["seq"] * HOP for e in events]
+    healthy = [e for e, s in zip(events, starts) if s + WINDOW <= fault_start]
+    faulty = [e for e, s in zip(events, starts) if s + WINDOW > fault_start]   # holds fault data
+    assert healthy == [], f"healthy data raised: {[e['message'] for e in healthy]}"
+    assert faulty and faulty[0]["severity"] in ("alarm", "critical"), events
+    # The first alarm comes within a few windows of the fault recording's start.
+    assert abs(faulty[0]["window"]["seq"] * HOP - fault_start) <= 4 * HOP
+    assert faulty[0]["features"]["ch0.kurtosis"] > 3.5
+    assert second_half_start > 25 * HOP   # the baseline was learned inside the first half
