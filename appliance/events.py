@@ -21,11 +21,24 @@ SEVERITIES = ("info", "warning", "alarm", "critical")
 log = logging.getLogger("appliance.events")
 
 
+_id_lock = threading.Lock()
+_id_last = [0, 0]   # [unix ms, 12-bit counter] of the last id
+
+
 def new_event_id() -> str:
-    """UUIDv7 (RFC 9562): time-ordered, so ids sort in emission order across restarts."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    value = (value & ~(0xF << 76)) | (0x7 << 76)     # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)     # RFC variant
+    """UUIDv7 (RFC 9562) with a counter in rand_a (its method 1), so ids sort in creation
+    order even within one millisecond, and across restarts."""
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _id_last[0]:
+            ms, counter = _id_last[0], _id_last[1] + 1
+            if counter > 0xFFF:            # counter exhausted: borrow the next millisecond
+                ms, counter = ms + 1, 0
+        else:
+            counter = int.from_bytes(os.urandom(2), "big") & 0x3FF   # random start, room to count
+        _id_last[:] = [ms, counter]
+    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
     return str(uuid.UUID(int=value))
 
 

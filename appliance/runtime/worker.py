@@ -145,6 +145,8 @@ def main() -> int:
     except MemoryError:
         return fault("memory", f"out of memory while loading (worker capped at {cap >> 20} MiB)")
     except RuntimeError as exc:
+        if "allocation failed" in str(exc):
+            return fault("memory", f"{exc} (worker capped at {cap >> 20} MiB)")
         return fault("trap" if "[trap]" in str(exc) else "load", str(exc))
     sock.send(json.dumps({"ok": True, "l": calls.logs}).encode())
 

@@ -1,0 +1,63 @@
+"""Events: the documented schema, durable commit, order, size bound."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jsonschema
+
+from appliance.events import Spool, make_event
+
+from conftest import REPO
+
+SCHEMA = json.loads((REPO / "docs" / "event.schema.json").read_text())
+WINDOW = {"seq": 7, "start": "2026-11-21T10:00:00.000Z", "frames": 4096, "sample_rate": 12800.0,
+          "channels": ["x", "y", "z"]}
+
+
+def event(i: int, severity: int = 1, message: str = "m") -> dict:
+    return make_event(gateway="gw", source="s", module="m", severity=severity, score=float(i),
+                      message=f"{message} {i}", window=WINDOW, features={"ch0.rms": 0.1 * i, "bad": float("nan")})
+
+
+def test_event_matches_documented_schema():
+    e = event(1)
+    jsonschema.Draft202012Validator(SCHEMA).validate(e)
+    assert e["features"]["bad"] is None   # NaN is not JSON: stored as null
+    ids = [event(i)["id"] for i in range(50)]
+    assert len(set(ids)) == 50 and ids == sorted(ids)   # UUIDv7 sorts by time
+
+
+def test_committed_events_survive_a_killed_writer(tmp_path):
+    # A separate process commits and dies with SIGKILL-like abruptness (os._exit, no close).
+    code = f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+from appliance.events import Spool, make_event
+s = Spool({str(tmp_path / 'spool.db')!r}, 1 << 20)
+for i in range(25):
+    s.append(make_event(gateway='gw', source='s', module='m', severity=1, score=i, message=str(i),
+                        window={{}}, features={{}}))
+os._exit(0)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    spool = Spool(tmp_path / "spool.db", 1 << 20)
+    assert [e["message"] for e in spool.tail(100)] == [str(i) for i in range(25)]
+    assert spool.depth() == 25
+    spool.close()
+
+
+def test_size_bound_evicts_oldest_lowest_severity_first(tmp_path):
+    spool = Spool(tmp_path / "spool.db", 6_000)
+    for i in range(10):
+        spool.append(event(i, severity=3, message="critical"))
+    for i in range(40):
+        spool.append(event(i, severity=0, message="info"))
+    kept = spool.tail(1000)
+    spool.close()
+    assert spool.evicted > 0
+    assert [e["message"] for e in kept if e["severity"] == "critical"] == [f"critical {i}" for i in range(10)]
+    infos = [e["message"] for e in kept if e["severity"] == "info"]
+    assert infos and infos == [f"info {i}" for i in range(40 - len(infos), 40)]   # the newest infos stay
+    assert sum(len(json.dumps(e, separators=(",", ":"))) for e in kept) <= 6_000
