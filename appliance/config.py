@@ -36,21 +36,22 @@ SourceSection = Annotated[
 
 
 class GatewaySection(StrictModel):
-    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")] = "gateway"
-    data_dir: ConfigPath = Path("/var/lib/appliance")
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")] = Field(
+        "gateway", description="this gateway's name in events and upstream topics")
+    data_dir: ConfigPath = Field(Path("/var/lib/appliance"), description="spool and state (the data partition)")
 
 
 class MetricsSection(StrictModel):
-    enabled: bool = True
-    listen: str = "127.0.0.1"
+    enabled: bool = Field(True, description="serve /metrics")
+    listen: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 for every interface")
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port (tests)")
 
 
 class RestartPolicy(StrictModel):
-    backoff_s: float = Field(0.5, gt=0, le=3600)
-    backoff_max_s: float = Field(30.0, gt=0, le=86400)
-    max_faults: int = Field(5, ge=1, le=1000)
-    fault_window_s: float = Field(300.0, gt=0)
+    backoff_s: float = Field(0.5, gt=0, le=3600, description="delay before the first restart; doubles per fault")
+    backoff_max_s: float = Field(30.0, gt=0, le=86400, description="longest restart delay")
+    max_faults: int = Field(5, ge=1, le=1000, description="faults within fault_window_s that quarantine a module")
+    fault_window_s: float = Field(300.0, gt=0, description="window over which faults are counted")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -60,12 +61,12 @@ class RestartPolicy(StrictModel):
 
 
 class RuntimeSection(StrictModel):
-    backend: Literal["wasm3"] = "wasm3"
+    backend: Literal["wasm3"] = Field("wasm3", description="wasm engine in the workers")
     max_memory_mb: int = Field(64, ge=1, le=1024, description="largest linear memory a module may declare")
     stack_kb: int = Field(128, ge=16, le=512, description="wasm3 stack per module (about 1 MB crashes wasm3)")
     worker_memory_mb: int = Field(256, ge=64, le=4096,
                                   description="address-space cap (RLIMIT_AS) of each worker, on top of the module")
-    restart: RestartPolicy = RestartPolicy()
+    restart: RestartPolicy = Field(RestartPolicy(), description="restart and quarantine policy for every module")
 
 
 class WindowSection(StrictModel):
@@ -104,16 +105,17 @@ ModuleFile = Annotated[Path, WrapValidator(resolve_config_path), AfterValidator(
 
 
 class ModuleSection(StrictModel):
-    wasm: ModuleFile
-    source: Name
+    wasm: ModuleFile = Field(description="the module binary (.wasm, ABI v1)")
+    source: Name = Field(description="name of the source whose windows it gets")
     channels: list[str] | None = Field(None, min_length=1, description="subset of the source's channels")
-    window: WindowSection
-    deadline_ms: float = Field(250.0, gt=0, le=60000)
+    window: WindowSection = Field(description="how the stream is cut into windows")
+    deadline_ms: float = Field(250.0, gt=0, le=60000, description="longest a window may take; then the worker is killed")
     queue: int = Field(4, ge=1, le=1024, description="windows that may wait; beyond that the oldest is dropped")
-    overflow: Literal["drop_oldest", "block"] = "drop_oldest"
-    params: dict[str, Any] = {}
-    enabled: bool = True
-    restart: RestartPolicy | None = None
+    overflow: Literal["drop_oldest", "block"] = Field(
+        "drop_oldest", description="full queue: drop the oldest window, or (replay with realtime: false only) wait")
+    params: dict[str, Any] = Field({}, description="passed to the module's ap_init (modules/ABI.md, Params)")
+    enabled: bool = Field(True, description="false: configured but not run")
+    restart: RestartPolicy | None = Field(None, description="overrides runtime.restart for this module")
 
     @field_validator("params")
     @classmethod
@@ -123,8 +125,8 @@ class ModuleSection(StrictModel):
 
 
 class EventsSection(StrictModel):
-    log: bool = True
-    spool_max_mb: int = Field(64, ge=1, le=100_000)
+    log: bool = Field(True, description="log each event as it is committed")
+    spool_max_mb: int = Field(64, ge=1, le=100_000, description="spool bound; then the oldest lowest-severity event goes")
 
 
 class AppConfig(StrictModel):

@@ -192,3 +192,9 @@ def test_run_with_bad_config_exits_nonzero(tmp_path, vibstats_wasm):
     assert proc.returncode == 2
     assert f"{path}:9:18: sources.spindle.sample_rate: 'fast' is invalid" in proc.stderr
     assert not (tmp_path / "var").exists()
+
+
+def test_configuration_reference_is_current():
+    from appliance.configdoc import render
+    assert (REPO / "docs" / "configuration.md").read_text() == render(), \
+        "docs/configuration.md is stale: python -m appliance.configdoc > docs/configuration.md"
