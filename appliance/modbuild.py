@@ -33,6 +33,7 @@ DEFAULT_MAX_MEMORY_BYTES = 64 * 1024 * 1024
 DEFAULT_MEMORY_KB = 1024
 DEFAULT_STACK_KB = 64
 COMPILE_TIMEOUT_S = 300
+MAX_ERROR_CHARS = 8000
 
 # Features wasm3 does not implement; wasm-validate must reject a module that uses them.
 VALIDATE_FLAGS = ["--disable-reference-types", "--disable-simd"]
@@ -183,24 +184,34 @@ def validate(path: Path) -> tuple[bool, str]:
     except subprocess.TimeoutExpired:
         return False, "wasm-validate timed out"
     msg = (p.stdout + p.stderr).strip()
+    if p.returncode < 0:
+        # wabt recurses per nested block; absurd nesting kills it, which is a rejection too.
+        msg = (msg + "\n" if msg else "") + f"wasm-validate died with signal {-p.returncode}"
     return p.returncode == 0, msg
 
 
 def check_file(data: bytes, path: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
                ) -> tuple[WasmInfo | None, bool, str, list[str]]:
-    """(info, validate_ok, validate_message, problems) for a built or shipped binary."""
-    problems: list[str] = []
+    """(info, validate_ok, validate_message, abi_problems) for a built or shipped binary."""
     ok, msg = validate(path)
-    if not ok:
-        problems.append(f"wasm-validate rejects it: {msg}" if msg else "wasm-validate rejects it")
-    info = None
     try:
         info = parse(data)
     except WasmFormatError as e:
-        problems.append(f"malformed wasm binary: {e}")
-    else:
-        problems.extend(check_abi_v1(info, max_memory_bytes))
-    return info, ok, msg, problems
+        return None, ok, msg, [f"malformed wasm binary: {e}"]
+    return info, ok, msg, check_abi_v1(info, max_memory_bytes)
+
+
+def check_module_file(path: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -> list[str]:
+    """Every reason to refuse the binary at `path` (wasm-validate, format, ABI v1); [] = ok."""
+    path = Path(path)
+    _, ok, msg, abi_problems = check_file(path.read_bytes(), path, max_memory_bytes)
+    return _all_problems(ok, msg, abi_problems)
+
+
+def _all_problems(ok: bool, msg: str, abi_problems: list[str]) -> list[str]:
+    if ok:
+        return list(abi_problems)
+    return [f"wasm-validate rejects it: {msg}" if msg else "wasm-validate rejects it", *abi_problems]
 
 
 def build_module(src: Path, out: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -> BuildResult:
@@ -219,11 +230,17 @@ def build_module(src: Path, out: Path, max_memory_bytes: int = DEFAULT_MAX_MEMOR
         except subprocess.TimeoutExpired:
             raise BuildError(f"module {m.name}: compiler timed out after {COMPILE_TIMEOUT_S} s") from None
         if p.returncode != 0:
-            raise BuildError(f"module {m.name}: compilation failed:\n{(p.stderr + p.stdout).strip()}")
+            output = (p.stderr + p.stdout).strip()
+            if len(output) > MAX_ERROR_CHARS:
+                output = output[:MAX_ERROR_CHARS] + f"\n... ({len(output) - MAX_ERROR_CHARS} more characters)"
+            status = f"signal {-p.returncode}" if p.returncode < 0 else f"exit status {p.returncode}"
+            raise BuildError(f"module {m.name}: compilation failed ({status})"
+                             + (f":\n{output}" if output else ", and the compiler printed nothing"))
         data = tmp.read_bytes()
         if not data:
             raise BuildError(f"module {m.name}: compiler produced an empty file")
-        info, ok, msg, problems = check_file(data, tmp, max_memory_bytes)
+        info, ok, msg, abi_problems = check_file(data, tmp, max_memory_bytes)
+        problems = _all_problems(ok, msg, abi_problems)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
