@@ -11,7 +11,6 @@ import hashlib
 import importlib.metadata
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from appliance.runtime.validate import ModuleRejected, wasm_validate
 from appliance.wasm_binary import (
     PAGE_BYTES, WasmFormatError, WasmInfo, check_abi_v1, parse, signature_str,
 )
@@ -34,9 +34,6 @@ DEFAULT_MEMORY_KB = 1024
 DEFAULT_STACK_KB = 64
 COMPILE_TIMEOUT_S = 300
 MAX_ERROR_CHARS = 8000
-
-# Features wasm3 does not implement; wasm-validate must reject a module that uses them.
-VALIDATE_FLAGS = ["--disable-reference-types", "--disable-simd"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")
 
@@ -161,6 +158,10 @@ def compile_command(m: Manifest, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "ziglang", "cc",
         "--target=wasm32-freestanding", "-Os", "-nostdlib",
+        # The MVP feature set: every wasm3 build runs it, and the bytes do not depend on
+        # which CPU features a future zig enables by default (it enables bulk memory,
+        # extended-const, ... today).
+        "-mcpu=mvp",
         "-fvisibility=default", "-s",
         f"-I{SDK_DIR}",
         # Absolute paths (e.g. in __FILE__) must not make bytes depend on the checkout location.
@@ -175,19 +176,12 @@ def compile_command(m: Manifest, out: Path) -> list[str]:
 
 
 def validate(path: Path) -> tuple[bool, str]:
-    """Runs wabt's wasm-validate with the features wasm3 lacks disabled."""
-    exe = shutil.which("wasm-validate")
-    if exe is None:
-        return False, "wasm-validate (wabt) is not installed"
+    """(accepted, message) from wasm-validate, with the runtime's flags (one place owns them)."""
     try:
-        p = subprocess.run([exe, *VALIDATE_FLAGS, str(path)], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return False, "wasm-validate timed out"
-    msg = (p.stdout + p.stderr).strip()
-    if p.returncode < 0:
-        # wabt recurses per nested block; absurd nesting kills it, which is a rejection too.
-        msg = (msg + "\n" if msg else "") + f"wasm-validate died with signal {-p.returncode}"
-    return p.returncode == 0, msg
+        complaint = wasm_validate(Path(path).read_bytes(), Path(path).name)
+    except ModuleRejected as exc:
+        return False, str(exc)
+    return complaint is None, complaint or ""
 
 
 def check_file(data: bytes, path: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES

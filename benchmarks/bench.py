@@ -16,7 +16,6 @@ import json
 import os
 import resource
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -160,7 +159,7 @@ def bench_numpy(wins: list[np.ndarray]) -> dict:
 def bench_cold_start(path: Path, repeats: int = 10) -> dict:
     w = windows(1)[0]
     totals, loads = [], []
-    for i in range(repeats):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         module = validate_module(path, 64 << 20)
         worker = WorkerProcess("cold", module.wasm, HEADER.size + w.nbytes, {

@@ -68,7 +68,7 @@ class Source(ABC):
     @abstractmethod
     def read(self) -> Block | None: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: sources without resources need not override)
         pass
 
     # Health is written by the source's reader thread and read by metrics and the console.

@@ -196,6 +196,7 @@ class ModuleHost:
         self._consecutive = 0
         self._next_start = 0.0
         self._last_seq = -1
+        self._busy = False                 # a window is in the worker right now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"module-{name}", daemon=True)
         self._starts = 0
@@ -267,8 +268,6 @@ class ModuleHost:
                     return False
                 self._cond.wait(min(left, 0.1))
         return True
-
-    _busy = False
 
     # ---- dispatcher thread -------------------------------------------------------------------
 

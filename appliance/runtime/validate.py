@@ -25,16 +25,24 @@ class ValidatedModule:
 
 
 def wasm_validate(wasm: bytes, label: str) -> str | None:
-    """wasm-validate's complaint, or None when the binary is valid."""
+    """wasm-validate's complaint, or None when the binary is valid. The features wasm3 lacks
+    are disabled, so a module that uses them is rejected here, not crashed on later."""
     tool = shutil.which("wasm-validate")
     if tool is None:
         raise ModuleRejected("wasm-validate (Debian package 'wabt') is not installed; modules cannot be "
                              "checked, so none is loaded")
-    proc = subprocess.run([tool, *WASM_VALIDATE_FLAGS, "-"], input=wasm, capture_output=True, timeout=30)
+    try:
+        proc = subprocess.run([tool, *WASM_VALIDATE_FLAGS, "-"], input=wasm, capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "wasm-validate timed out"
     if proc.returncode == 0:
         return None
     text = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip().replace("-:", f"{label}:", 1)
-    return text.splitlines()[0] if text else f"exit status {proc.returncode}"
+    first = text.splitlines()[0] if text else ""
+    if proc.returncode < 0:
+        # wabt recurses per nested block; absurd nesting kills it, which is a rejection too.
+        return f"{first} (wasm-validate died with signal {-proc.returncode})".strip()
+    return first or f"exit status {proc.returncode}"
 
 
 def validate_module(path: Path, max_memory_bytes: int, known_good: str | None = None) -> ValidatedModule:
