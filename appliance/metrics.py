@@ -48,6 +48,8 @@ class Metrics:
                                registry=r)
         self.events = Counter("appliance_events", "Events committed to the spool", ["module", "severity"],
                               registry=r)
+        self.spool_errors = Counter("appliance_spool_errors", "Failed commits to the event spool (events are held "
+                                    "in memory and retried)", registry=r)
         self.spool_depth = Gauge("appliance_spool_events", "Events held in the local spool", registry=r)
 
     def declare_module(self, name: str) -> None:

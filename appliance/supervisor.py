@@ -6,7 +6,10 @@ metrics. Threads: one reader per source, one dispatcher per module; nothing else
 """
 from __future__ import annotations
 
+import collections
+import json
 import logging
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ log = logging.getLogger("appliance.supervisor")
 event_log = logging.getLogger("appliance.events")
 
 SOURCE_BACKOFF_S = (0.5, 30.0)
+UNSPOOLED_MAX = 10_000   # events held in memory while the spool cannot be written
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Supervisor:
         self.pipelines: dict[str, list[Pipeline]] = {}
         self.modules: dict[str, ModuleHost] = {}
         self.events_emitted = 0
+        self._unspooled: collections.deque[dict[str, Any]] = collections.deque(maxlen=UNSPOOLED_MAX)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ended: set[str] = set()
@@ -101,6 +106,9 @@ class Supervisor:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        for event in self._unspooled:
+            # Last resort before exit: the log keeps what the spool could not.
+            log.error("spool: event never committed, logged here instead: %s", json.dumps(event))
         self.spool.close()
 
     def request_stop(self) -> None:
@@ -190,7 +198,17 @@ class Supervisor:
                                   message=f"module {host.name} quarantined: {reason}", window={}, features={}))
 
     def _emit(self, event: dict[str, Any]) -> None:
-        self.spool.append(event)   # committed before it counts as emitted
+        # Committed before it counts as emitted. If the spool cannot take it (disk full, I/O
+        # error) the event waits in memory and goes in first at the next successful commit.
+        self._unspooled.append(event)
+        try:
+            while self._unspooled:
+                self.spool.append(self._unspooled[0])
+                self._unspooled.popleft()
+        except (sqlite3.Error, OSError) as exc:
+            self.metrics.spool_errors.inc()
+            log.error("spool: cannot commit event %s (%s); %d event(s) held in memory until it can",
+                      event["id"], exc, len(self._unspooled))
         self.events_emitted += 1
         self.metrics.events.labels(event["module"], event["severity"]).inc()
         if self.cfg.events.log:

@@ -61,3 +61,29 @@ def test_size_bound_evicts_oldest_lowest_severity_first(tmp_path):
     infos = [e["message"] for e in kept if e["severity"] == "info"]
     assert infos and infos == [f"info {i}" for i in range(40 - len(infos), 40)]   # the newest infos stay
     assert sum(len(json.dumps(e, separators=(",", ":"))) for e in kept) <= 6_000
+
+
+def test_events_wait_in_memory_while_the_spool_fails(tmp_path, vibstats_wasm):
+    import sqlite3
+
+    from appliance.supervisor import Supervisor
+    from support import metric, sim_source, write_config
+
+    cfg = write_config(tmp_path, {"s": sim_source()}, {})
+    sup = Supervisor(cfg)
+    real_append = sup.spool.append
+    failing = {"on": True}
+
+    def append(e):
+        if failing["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        real_append(e)
+
+    sup.spool.append = append
+    for i in range(3):
+        sup._emit(event(i))
+    assert sup.spool.depth() == 0 and metric(sup, "appliance_spool_errors_total") == 3
+    failing["on"] = False
+    sup._emit(event(3))
+    assert [e["message"] for e in sup.spool.tail(10)] == ["m 0", "m 1", "m 2", "m 3"]
+    sup.stop()

@@ -279,31 +279,39 @@ class ModuleHost:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            with self._cond:
-                if self._state in (ModuleState.QUARANTINED, ModuleState.DISABLED):
-                    self._cond.wait(0.5)
-                    continue
-                if self._worker is None:
-                    delay = self._next_start - time.monotonic()
-                    if delay > 0:
-                        self._cond.wait(min(delay, 0.5))
-                        continue
-            if self._worker is None:
-                self._start_worker()
-                continue
-            with self._cond:
-                if not self._queue:
-                    self._cond.wait(0.5)
-                    continue
-                window = self._queue.popleft()
-                self._busy = True
-                self._cond.notify_all()
             try:
-                self._process(window)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                self._step()
+            except Exception as exc:  # a bug here must not silently end this module's thread
+                log.exception("module %s: internal error in the host", self.name)
+                self._fault(ModuleFault("protocol", f"host error: {type(exc).__name__}: {exc}"))
+
+    def _step(self) -> None:
+        """One turn: wait, (re)start the worker, or process one window."""
+        with self._cond:
+            if self._state in (ModuleState.QUARANTINED, ModuleState.DISABLED):
+                self._cond.wait(0.5)
+                return
+            if self._worker is None:
+                delay = self._next_start - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(min(delay, 0.5))
+                    return
+        if self._worker is None:
+            self._start_worker()
+            return
+        with self._cond:
+            if not self._queue:
+                self._cond.wait(0.5)
+                return
+            window = self._queue.popleft()
+            self._busy = True
+            self._cond.notify_all()
+        try:
+            self._process(window)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
     def _start_worker(self) -> None:
         if self._starts:
