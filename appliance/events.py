@@ -91,6 +91,7 @@ class Spool:
         self._bytes = self._db.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events").fetchone()[0]
 
     def append(self, event: dict[str, Any]) -> None:
+        """Commit one event (raises sqlite3.Error/OSError when it cannot; nothing changes then)."""
         body = json.dumps(event, separators=(",", ":"), sort_keys=True)
         priority = SEVERITIES.index(event["severity"])
         with self._lock:
@@ -98,24 +99,29 @@ class Spool:
             try:
                 self._db.execute("INSERT INTO events (id, priority, created_ns, body) VALUES (?, ?, ?, ?)",
                                  (event["id"], priority, time.time_ns(), body))
-                self._bytes += len(body)
-                self._evict_locked()
+                evicted = self._evict_locked(self._bytes + len(body))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            # Counters move only once the transaction is durable.
+            self._bytes += len(body) - sum(size for _, size in evicted)
+            self.evicted += len(evicted)
+        for event_id, _ in evicted:
+            log.warning("spool over %d bytes: evicted event %s (oldest of the lowest severity)",
+                        self.max_bytes, event_id)
 
-    def _evict_locked(self) -> None:
-        while self._bytes > self.max_bytes:
+    def _evict_locked(self, total: int) -> list[tuple[str, int]]:
+        evicted: list[tuple[str, int]] = []
+        while total > self.max_bytes:
             row = self._db.execute("SELECT seq, id, LENGTH(body) FROM events "
                                    "ORDER BY priority ASC, seq ASC LIMIT 1").fetchone()
             if row is None:
-                return
+                break
             self._db.execute("DELETE FROM events WHERE seq = ?", (row[0],))
-            self._bytes -= row[2]
-            self.evicted += 1
-            log.warning("spool over %d bytes: evicted event %s (oldest of the lowest severity)",
-                        self.max_bytes, row[1])
+            total -= row[2]
+            evicted.append((row[1], row[2]))
+        return evicted
 
     def depth(self) -> int:
         with self._lock:

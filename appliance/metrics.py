@@ -50,6 +50,8 @@ class Metrics:
                               registry=r)
         self.spool_errors = Counter("appliance_spool_errors", "Failed commits to the event spool (events are held "
                                     "in memory and retried)", registry=r)
+        self.events_lost = Counter("appliance_events_lost", "Events that never reached the spool (written to "
+                                   "the log instead)", registry=r)
         self.spool_depth = Gauge("appliance_spool_events", "Events held in the local spool", registry=r)
 
     def declare_module(self, name: str) -> None:

@@ -48,7 +48,8 @@ class Supervisor:
         self.pipelines: dict[str, list[Pipeline]] = {}
         self.modules: dict[str, ModuleHost] = {}
         self.events_emitted = 0
-        self._unspooled: collections.deque[dict[str, Any]] = collections.deque(maxlen=UNSPOOLED_MAX)
+        self._unspooled: collections.deque[dict[str, Any]] = collections.deque()
+        self._emit_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ended: set[str] = set()
@@ -106,9 +107,12 @@ class Supervisor:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        for event in self._unspooled:
-            # Last resort before exit: the log keeps what the spool could not.
-            log.error("spool: event never committed, logged here instead: %s", json.dumps(event))
+        with self._emit_lock:
+            self._flush_unspooled()
+            for event in self._unspooled:
+                # Last resort before exit: the log keeps what the spool could not.
+                self.metrics.events_lost.inc()
+                log.error("spool: event never committed, logged here instead: %s", json.dumps(event))
         self.spool.close()
 
     def request_stop(self) -> None:
@@ -198,22 +202,34 @@ class Supervisor:
                                   message=f"module {host.name} quarantined: {reason}", window={}, features={}))
 
     def _emit(self, event: dict[str, Any]) -> None:
-        # Committed before it counts as emitted. If the spool cannot take it (disk full, I/O
-        # error) the event waits in memory and goes in first at the next successful commit.
-        self._unspooled.append(event)
-        try:
-            while self._unspooled:
-                self.spool.append(self._unspooled[0])
-                self._unspooled.popleft()
-        except (sqlite3.Error, OSError) as exc:
-            self.metrics.spool_errors.inc()
-            log.error("spool: cannot commit event %s (%s); %d event(s) held in memory until it can",
-                      event["id"], exc, len(self._unspooled))
-        self.events_emitted += 1
-        self.metrics.events.labels(event["module"], event["severity"]).inc()
-        if self.cfg.events.log:
-            event_log.warning("EVENT %s %s/%s score=%s: %s [id %s]", event["severity"].upper(), event["source"],
-                              event["module"], _fmt(event["score"]), event["message"], event["id"])
+        """Commit, then count and log. If the spool cannot take it (disk full, I/O error) the
+        event waits in memory, in order, and goes in at the next successful commit."""
+        with self._emit_lock:   # module dispatcher threads emit concurrently
+            if len(self._unspooled) >= UNSPOOLED_MAX:
+                lost = self._unspooled.popleft()
+                self.metrics.events_lost.inc()
+                log.error("spool: %d events waiting in memory; this one is only in the log: %s",
+                          UNSPOOLED_MAX, json.dumps(lost))
+            self._unspooled.append(event)
+            self._flush_unspooled()
+
+    def _flush_unspooled(self) -> None:
+        while self._unspooled:
+            event = self._unspooled[0]
+            try:
+                self.spool.append(event)
+            except (sqlite3.Error, OSError) as exc:
+                self.metrics.spool_errors.inc()
+                log.error("spool: cannot commit event %s (%s); %d event(s) wait in memory", event["id"], exc,
+                          len(self._unspooled))
+                return
+            self._unspooled.popleft()
+            self.events_emitted += 1
+            self.metrics.events.labels(event["module"], event["severity"]).inc()
+            if self.cfg.events.log:
+                event_log.warning("EVENT %s %s/%s score=%s: %s [id %s]", event["severity"].upper(),
+                                  event["source"], event["module"], _fmt(event["score"]), event["message"],
+                                  event["id"])
 
     # ---- status (CLI, console) ---------------------------------------------------------------
 

@@ -86,6 +86,10 @@ class Section:
     size: int
 
 
+MAX_VECTOR_ITEMS = 100_000
+MAX_PROBLEMS = 10
+
+
 @dataclass
 class WasmInfo:
     version: int
@@ -115,9 +119,10 @@ class WasmInfo:
                 return e
         return None
 
-    def function_signature(self, index: int) -> FuncType | None:
+    def function_signature(self, index: int, imported: list[Import] | None = None) -> FuncType | None:
         """Signature of function `index` in the function index space (imports first)."""
-        imported = self.imported_functions
+        if imported is None:
+            imported = self.imported_functions
         if index < len(imported):
             return imported[index].signature
         local = index - len(imported)
@@ -188,6 +193,9 @@ class _Reader:
     def count(self, what: str, min_item_bytes: int = 1) -> int:
         at = self.pos
         n = self.uleb(what)
+        if n > MAX_VECTOR_ITEMS:
+            # Far beyond any analytics module; refusing early keeps the checker's cost bounded.
+            raise self.fail(f"{what} is {n}, above the limit of {MAX_VECTOR_ITEMS}", at)
         # A vector cannot hold more items than bytes are left: catches absurd counts early.
         if n * min_item_bytes > self.end - self.pos:
             raise self.fail(f"{what} is {n}, more than the {self.end - self.pos} bytes left allow", at)
@@ -338,6 +346,7 @@ def parse(data: bytes) -> WasmInfo:
                 info.memories.append(s.limits("memory", allow_memory_flags=True))
         elif sid == 7:
             names: set[str] = set()
+            imported_funcs = info.imported_functions
             for _ in range(s.count("export count", 3)):
                 name_at = s.pos
                 name = s.name("export name")
@@ -352,11 +361,11 @@ def parse(data: bytes) -> WasmInfo:
                 index = s.uleb("export index")
                 exp = Export(name, EXTERNAL_KINDS[kind_b], index)
                 if kind_b == 0:
-                    n_funcs = len(info.imported_functions) + len(info.functions)
+                    n_funcs = len(imported_funcs) + len(info.functions)
                     if index >= n_funcs:
                         raise s.fail(f"export {name!r} names function {index}, "
                                      f"but there are {n_funcs}", at)
-                    exp.signature = info.function_signature(index)
+                    exp.signature = info.function_signature(index, imported_funcs)
                 elif kind_b == 2:
                     n_mems = len(info.imported_memories) + len(info.memories)
                     if index >= n_mems:
@@ -458,4 +467,6 @@ def check_abi_v1(info: WasmInfo, max_memory_bytes: int) -> list[str]:
         elif signature_str(exp.signature) != wanted:
             problems.append(f"exports {name} as {signature_str(exp.signature)}, "
                             f"ABI v1 requires {wanted}")
+    if len(problems) > MAX_PROBLEMS:
+        problems = problems[:MAX_PROBLEMS] + [f"and {len(problems) - MAX_PROBLEMS} more problems"]
     return problems

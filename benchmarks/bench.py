@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from appliance.modbuild import build_module  # noqa: E402
 from appliance.runtime.backend import Wasm3Backend  # noqa: E402
-from appliance.runtime.host import HEADER, WINDOW_MAGIC, WorkerProcess  # noqa: E402
-from appliance.runtime.validate import validate_module  # noqa: E402
+from appliance.runtime.host import HEADER, WINDOW_MAGIC, WorkerProcess, load_message  # noqa: E402
+from appliance.runtime.validate import read_module  # noqa: E402
 
 CHANNELS, FRAMES = 3, 4096
 PARAMS = "baseline.windows=10\nthreshold=6\n"
@@ -93,9 +93,7 @@ def bench_pipeline(wasm: Path, seconds_of_data: float = 300.0) -> dict:
 
 
 def bench_worker(wasm: bytes, wins: list[np.ndarray]) -> dict:
-    worker = WorkerProcess("bench", wasm, HEADER.size + wins[0].nbytes, {
-        "op": "load", "backend": "wasm3", "stack_bytes": 128 << 10, "params": PARAMS,
-        "address_space_bytes": 512 << 20})
+    worker = WorkerProcess("bench", wasm, HEADER.size + wins[0].nbytes, load_message("vibstats.wasm", PARAMS))
     try:
         cpu0, wcpu0, t0 = self_cpu(), cpu_of(worker.pid), time.perf_counter()
         lat = []
@@ -161,10 +159,8 @@ def bench_cold_start(path: Path, repeats: int = 10) -> dict:
     totals, loads = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        module = validate_module(path, 64 << 20)
-        worker = WorkerProcess("cold", module.wasm, HEADER.size + w.nbytes, {
-            "op": "load", "backend": "wasm3", "stack_bytes": 128 << 10, "params": PARAMS,
-            "address_space_bytes": 512 << 20})
+        wasm = read_module(path)   # the worker validates (wasm-validate + ABI) before loading
+        worker = WorkerProcess("cold", wasm, HEADER.size + w.nbytes, load_message("vibstats.wasm", PARAMS))
         t1 = time.perf_counter()
         worker.process(header(0), w, 5.0)
         t2 = time.perf_counter()

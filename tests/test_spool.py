@@ -83,7 +83,38 @@ def test_events_wait_in_memory_while_the_spool_fails(tmp_path, vibstats_wasm):
     for i in range(3):
         sup._emit(event(i))
     assert sup.spool.depth() == 0 and metric(sup, "appliance_spool_errors_total") == 3
+    assert sup.events_emitted == 0   # not committed, so not emitted
     failing["on"] = False
     sup._emit(event(3))
     assert [e["message"] for e in sup.spool.tail(10)] == ["m 0", "m 1", "m 2", "m 3"]
+    assert sup.events_emitted == 4 and metric(sup, "appliance_events_lost_total") == 0
     sup.stop()
+
+
+def test_failed_commits_do_not_skew_the_size_bound(tmp_path):
+    import sqlite3
+    spool = Spool(tmp_path / "spool.db", 20_000)
+    for i in range(10):
+        spool.append(event(i))
+    real_execute = spool._db.execute
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(spool._db_real, name)
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return real_execute(sql, *args)
+
+    spool._db_real, spool._db = spool._db, Failing()
+    for i in range(300):
+        try:
+            spool.append(event(100 + i))
+        except sqlite3.OperationalError:
+            pass
+    spool._db = spool._db_real
+    for i in range(10, 15):
+        spool.append(event(i))
+    assert spool.evicted == 0 and spool.depth() == 15   # nothing evicted for phantom bytes
+    spool.close()

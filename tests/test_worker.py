@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from appliance.modbuild import build_module
-from appliance.runtime.host import HEADER, WINDOW_MAGIC, ModuleFault, WorkerProcess
+from appliance.runtime.host import HEADER, WINDOW_MAGIC, ModuleFault, WorkerProcess, load_message
 
 from conftest import REPO
 
 
-def load_msg(params: str = "", address_space_mb: int = 512) -> dict:
-    return {"op": "load", "backend": "wasm3", "stack_bytes": 128 * 1024, "params": params,
-            "address_space_bytes": address_space_mb << 20}
+def load_msg(params: str = "", address_space_mb: int = 512, max_memory_mb: int = 64) -> dict:
+    return load_message("test.wasm", params, max_memory_bytes=max_memory_mb << 20,
+                        address_space_bytes=address_space_mb << 20)
 
 
 def window(seq: int = 0, channels: int = 3, frames: int = 1024, scale: float = 1.0):
@@ -64,12 +64,15 @@ def test_module_rejecting_params_says_why(vibstats_wasm):
 
 
 def test_address_space_cap_stops_a_memory_hog(tmp_path):
-    # memhog declares 2 GiB; validation would refuse it, so hand it to the worker directly
-    # to prove the second line of defence (RLIMIT_AS) holds on its own.
+    # memhog declares 2 GiB. With the declared-memory limit raised so the check lets it pass,
+    # the second line of defence (RLIMIT_AS) must hold on its own.
     result = build_module(REPO / "tests" / "hostile_modules" / "memhog", tmp_path / "memhog.wasm")
-    assert result.problems   # the validator's verdict
     with pytest.raises(ModuleFault) as info:
-        WorkerProcess("memhog", result.out.read_bytes(), 4096, load_msg(address_space_mb=256))
+        WorkerProcess("memhog", result.out.read_bytes(), 4096, load_msg())
+    assert info.value.kind == "load" and "2048 MiB of memory, above the host limit of 64 MiB" in info.value.reason
+    with pytest.raises(ModuleFault) as info:
+        WorkerProcess("memhog", result.out.read_bytes(), 4096,
+                      load_msg(address_space_mb=256, max_memory_mb=4096))
     assert info.value.kind == "memory"
     assert info.value.reason == "memory allocation failed (worker capped at 256 MiB)"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import numpy as np
 
 from appliance.config import ModuleSection, RestartPolicy, RuntimeSection, params_text
 from appliance.metrics import Metrics
-from appliance.runtime.validate import ModuleRejected, validate_module
+from appliance.runtime.validate import ModuleRejected, read_module
 from appliance.windowing import Window
 
 log = logging.getLogger("appliance.module")
@@ -67,6 +68,13 @@ def _signal_name(returncode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exit status {returncode}"
+
+
+def load_message(label: str, params: str, *, backend: str = "wasm3", stack_bytes: int = 128 << 10,
+                 max_memory_bytes: int = 64 << 20, address_space_bytes: int = 320 << 20) -> dict:
+    """The first message a worker gets: what to check, how to instantiate, its limits."""
+    return {"op": "load", "label": label, "params": params, "backend": backend, "stack_bytes": stack_bytes,
+            "max_memory_bytes": max_memory_bytes, "address_space_bytes": address_space_bytes}
 
 
 class WorkerProcess:
@@ -191,7 +199,6 @@ class ModuleHost:
         self._state = ModuleState.DISABLED if not cfg.enabled else ModuleState.STARTING
         self._reason = "disabled in config" if not cfg.enabled else ""
         self._worker: WorkerProcess | None = None
-        self._known_good: str | None = None
         self._faults: collections.deque[float] = collections.deque()
         self._consecutive = 0
         self._next_start = 0.0
@@ -318,18 +325,15 @@ class ModuleHost:
             self.metrics.restarts.labels(self.name).inc()
         self._starts += 1
         try:
-            module = validate_module(self.cfg.wasm, self.runtime.max_memory_mb << 20, self._known_good)
-            self._known_good = module.sha256
-            load = {
-                "op": "load",
-                "backend": self.runtime.backend,
-                "stack_bytes": self.runtime.stack_kb * 1024,
-                "params": params_text(self.cfg.params),
-                "address_space_bytes": (self.runtime.worker_memory_mb + self.runtime.max_memory_mb) << 20,
-            }
-            worker = WorkerProcess(self.name, module.wasm, self._shm_bytes, load)
+            # Read here, check in the worker: the file is read once, so what was checked is
+            # what runs, and the checking cost falls under the worker's limits.
+            wasm = read_module(self.cfg.wasm)
+            rt = self.runtime
+            load = load_message(self.cfg.wasm.name, params_text(self.cfg.params), backend=rt.backend,
+                                stack_bytes=rt.stack_kb * 1024, max_memory_bytes=rt.max_memory_mb << 20,
+                                address_space_bytes=(rt.worker_memory_mb + rt.max_memory_mb) << 20)
+            worker = WorkerProcess(self.name, wasm, self._shm_bytes, load)
         except ModuleRejected as exc:
-            self._known_good = None
             self._fault(ModuleFault("load", str(exc)))
             return
         except ModuleFault as exc:
@@ -344,7 +348,8 @@ class ModuleHost:
             self._worker = worker
             self.metrics.module_up.labels(self.name).set(1)
             self._set_state(ModuleState.RUNNING, f"worker pid {worker.pid}")
-        log.info("module %s: running in worker pid %d (sha256 %s)", self.name, worker.pid, module.sha256[:12])
+        log.info("module %s: running in worker pid %d (sha256 %s)", self.name, worker.pid,
+                 hashlib.sha256(wasm).hexdigest()[:12])
 
     def _process(self, window: Window) -> None:
         dropped = max(0, window.seq - self._last_seq - 1) if self._last_seq >= 0 else window.seq

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,27 +47,46 @@ def wasm_validate(wasm: bytes, label: str) -> str | None:
     return first or f"exit status {proc.returncode}"
 
 
-def validate_module(path: Path, max_memory_bytes: int, known_good: str | None = None) -> ValidatedModule:
-    """Read and check the file; `known_good` is a sha256 that already passed (restarts skip
-    re-running wasm-validate when the file has not changed)."""
+def read_module(path: Path) -> bytes:
+    """The module file's bytes: a regular file of bounded size, read without blocking (a FIFO
+    or /dev/zero behind a symlink must not hang or exhaust the supervisor)."""
     try:
-        size = path.stat().st_size
-        if size > MAX_MODULE_BYTES:
-            raise ModuleRejected(f"{path} is {size >> 20} MiB; modules are at most {MAX_MODULE_BYTES >> 20} MiB")
-        wasm = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ModuleRejected(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ModuleRejected(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            wasm = f.read(MAX_MODULE_BYTES + 1)
     except OSError as exc:
         raise ModuleRejected(f"cannot read {path}: {exc.strerror}") from None
-    digest = hashlib.sha256(wasm).hexdigest()
-    if digest == known_good:
-        return ValidatedModule(path, wasm, digest)
+    finally:
+        os.close(fd)
+    if len(wasm) > MAX_MODULE_BYTES:
+        raise ModuleRejected(f"{path} is larger than {MAX_MODULE_BYTES >> 20} MiB, the limit for a module")
+    return wasm
+
+
+def check_module(wasm: bytes, label: str, max_memory_bytes: int) -> None:
+    """Raise ModuleRejected unless the bytes are valid wasm following ABI v1. Runs in the
+    worker, under its memory cap and load deadline: parsing untrusted bytes can cost
+    memory and time, and that cost must not land on the supervisor."""
     try:
         info = parse(wasm)
     except WasmFormatError as exc:
-        raise ModuleRejected(f"{path.name} is not a valid wasm binary: {exc}") from None
-    complaint = wasm_validate(wasm, path.name)
+        raise ModuleRejected(f"{label} is not a valid wasm binary: {exc}") from None
+    complaint = wasm_validate(wasm, label)
     if complaint:
-        raise ModuleRejected(f"{path.name} failed wasm-validate: {complaint}")
+        raise ModuleRejected(f"{label} failed wasm-validate: {complaint}")
     problems = check_abi_v1(info, max_memory_bytes)
     if problems:
-        raise ModuleRejected(f"{path.name} does not follow ABI v1: " + "; ".join(problems))
-    return ValidatedModule(path, wasm, digest)
+        raise ModuleRejected(f"{label} does not follow ABI v1: " + "; ".join(problems))
+
+
+def validate_module(path: Path, max_memory_bytes: int) -> ValidatedModule:
+    """Read and check in this process (tools and benchmarks; the supervisor splits the two)."""
+    wasm = read_module(path)
+    check_module(wasm, path.name, max_memory_bytes)
+    return ValidatedModule(path, wasm, hashlib.sha256(wasm).hexdigest())

@@ -29,6 +29,7 @@ import sys
 import time
 
 from appliance.runtime.backend import BACKENDS
+from appliance.runtime.validate import ModuleRejected, check_module
 
 MAX_LOG_BYTES = 512
 MAX_LOGS_PER_CALL = 64
@@ -114,7 +115,7 @@ def main() -> int:
         calls.events.append([int(severity), float(score), msg])
 
     def fault(kind: str, error: str) -> int:
-        sock.send(json.dumps({"fault": kind, "error": error[:2000], "l": calls.logs}).encode())
+        sock.send(json.dumps({"fault": kind, "error": error[:1000], "l": calls.logs}).encode())
         return 3
 
     def guest_buffer(kind: int, size: int) -> int:
@@ -124,6 +125,13 @@ def main() -> int:
         if ptr < 0 or ptr + size > len(inst.memory()):
             raise AbiViolation(f"ap_buffer({kind}, {size}) returned {ptr}, outside linear memory")
         return ptr
+
+    try:
+        check_module(wasm, load["label"], int(load["max_memory_bytes"]))
+    except ModuleRejected as exc:
+        return fault("load", str(exc))
+    except MemoryError:
+        return fault("memory", f"out of memory while checking the module (worker capped at {cap >> 20} MiB)")
 
     try:
         backend = BACKENDS[load["backend"]]()
