@@ -89,7 +89,7 @@ class WindowSection(StrictModel):
         return self.size
 
 
-ParamScalar = Union[bool, int, float, str]
+MAX_PARAMS_BYTES = 4096   # the SDK's default params buffer (AP_PARAMS_BYTES)
 
 
 def _module_file(path: Path) -> Path:
@@ -120,7 +120,9 @@ class ModuleSection(StrictModel):
     @field_validator("params")
     @classmethod
     def _params_are_plain(cls, value: dict[str, Any]) -> dict[str, Any]:
-        flatten_params(value)  # raises with the offending key
+        size = len(params_text(value).encode())   # raises with the offending key
+        if size > MAX_PARAMS_BYTES:
+            raise ValueError(f"params take {size} bytes as text; modules accept at most {MAX_PARAMS_BYTES}")
         return value
 
 

@@ -14,7 +14,7 @@ from appliance import __version__
 CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 FAULT_KINDS = ("trap", "deadline", "crash", "load", "abi", "params", "memory", "engine", "protocol")
-DROP_REASONS = ("overflow", "unavailable", "fault")
+DROP_REASONS = ("overflow", "unavailable", "fault", "stopped")
 SEVERITIES = ("info", "warning", "alarm", "critical")
 
 

@@ -131,9 +131,10 @@ class Supervisor:
         while not self.all_sources_ended():
             if self._stop.wait(0.05) or (end is not None and time.monotonic() > end):
                 return False
+        waiting = (ModuleState.RUNNING, ModuleState.STARTING, ModuleState.BACKOFF)
         for host in self.modules.values():
             left = 3600.0 if end is None else max(0.0, end - time.monotonic())
-            if host.state in (ModuleState.RUNNING, ModuleState.STARTING) and not host.wait_idle(left):
+            if host.state in waiting and not host.wait_idle(left):
                 return False
         return True
 

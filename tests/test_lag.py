@@ -48,3 +48,38 @@ def test_lagging_module_drops_oldest_and_source_keeps_pace(tmp_path):
     assert [int(f["dropped"]) for f in seen] == gaps
     assert sum(gaps) + (cut - 1 - seqs[-1]) == overflow
     assert all(int(f["frames"]) == 128 for f in seen)
+
+
+def test_operator_restart_during_a_slow_window_is_not_a_fault(tmp_path):
+    from appliance.runtime.host import ModuleState
+
+    slow = build_module(REPO / "tests" / "hostile_modules" / "slow.c", tmp_path / "slow.wasm")
+    cfg = write_config(tmp_path, {"spindle": sim_source()}, {
+        "slow": {"wasm": str(slow.out), "source": "spindle", "window": {"size": 1024}, "deadline_ms": 30000,
+                 "params": {"spin": 2_000_000_000}},   # seconds per window
+    })
+    sup = Supervisor(cfg)
+    sup.start()
+    try:
+        host = sup.modules["slow"]
+        wait_for(lambda: host._busy, 10, "a window in flight")
+        first_pid = host._worker.pid
+        for _ in range(3):
+            assert host.restart()
+            wait_for(lambda: host.state is ModuleState.RUNNING and host._worker is not None
+                     and host._worker.pid != first_pid, 10, "the restarted worker")
+            first_pid = host._worker.pid
+            wait_for(lambda: host._busy, 10, "a window in flight")
+        faults = sum(metric(sup, "appliance_module_faults_total", module="slow", kind=k)
+                     for k in ("trap", "deadline", "crash", "load", "abi", "protocol"))
+        assert faults == 0
+        assert metric(sup, "appliance_module_restarts_total", module="slow") == 3
+        assert metric(sup, "appliance_module_windows_dropped_total", module="slow", reason="unavailable") >= 3
+    finally:
+        sup.stop(drain_s=0.1)
+    assert metric(sup, "appliance_module_windows_dropped_total", module="slow", reason="fault") == 0
+    assert metric(sup, "appliance_module_windows_dropped_total", module="slow", reason="stopped") >= 1
+    cut = sup.pipelines["spindle"][0].windower.windows_cut
+    dropped = sum(metric(sup, "appliance_module_windows_dropped_total", module="slow", reason=r)
+                  for r in ("overflow", "unavailable", "fault", "stopped"))
+    assert sup.modules["slow"].processed + dropped == cut   # every window accounted for, even at stop

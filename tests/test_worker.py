@@ -83,3 +83,16 @@ def test_worker_killed_from_outside_is_a_crash(vibstats_wasm):
     with pytest.raises(ModuleFault) as info:
         worker.process(*window(), deadline_s=5)
     assert info.value.kind == "crash" and "SIGSEGV" in info.value.reason
+
+
+def test_a_module_at_every_limit_still_gets_its_reply_through(tmp_path):
+    wasm = build_module(REPO / "tests" / "hostile_modules" / "chatty.c", tmp_path / "chatty.wasm").out
+    worker = WorkerProcess("chatty", wasm.read_bytes(), HEADER.size + 4 * 3 * 1024, load_msg())
+    try:
+        reply = worker.process(*window(), deadline_s=5)
+    finally:
+        worker.stop()
+    assert reply["rc"] == 0
+    assert len(reply["l"]) == 64 and reply["ld"] == 6
+    assert len(reply["e"]) == 16 and len(reply["f"]) == 256
+    assert all(len(m) == 512 and "\x01" not in m for _, _, m in reply["e"])

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -34,6 +35,7 @@ log = logging.getLogger("appliance.module")
 HEADER = struct.Struct("<IHHIIdQqII16x")
 WINDOW_MAGIC = 0x31575041
 LOAD_TIMEOUT_S = 10.0
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # where `appliance` imports from
 
 
 class ModuleState(enum.Enum):
@@ -84,6 +86,7 @@ class WorkerProcess:
         self.name = name
         self.shm_bytes = shm_bytes
         self._sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         shm_fd = os.memfd_create(f"ap-window-{name}")
         wasm_fd = os.memfd_create(f"ap-wasm-{name}")
         try:
@@ -92,8 +95,11 @@ class WorkerProcess:
             self._shm = mmap.mmap(shm_fd, shm_bytes)
             os.write(wasm_fd, wasm)
             os.lseek(wasm_fd, 0, os.SEEK_SET)
-            env = dict(os.environ, AP_WORKER_FDS=f"{child_sock.fileno()},{shm_fd},{wasm_fd}",
-                       AP_WORKER_PARENT=str(os.getpid()), AP_WORKER_MODULE=name)
+            # A minimal environment: nothing of the supervisor's (credentials, tokens) leaks in.
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+                   "PYTHONPATH": PACKAGE_ROOT, "PYTHONDONTWRITEBYTECODE": "1",
+                   "AP_WORKER_FDS": f"{child_sock.fileno()},{shm_fd},{wasm_fd}",
+                   "AP_WORKER_PARENT": str(os.getpid()), "AP_WORKER_MODULE": name}
             # exec a fresh interpreter rather than fork a threaded supervisor.
             self.proc = subprocess.Popen([sys.executable, "-m", "appliance.runtime.worker"],
                                          pass_fds=(child_sock.fileno(), shm_fd, wasm_fd), env=env,
@@ -204,6 +210,8 @@ class ModuleHost:
         self._next_start = 0.0
         self._last_seq = -1
         self._busy = False                 # a window is in the worker right now
+        self._restart_requested: str | None = None
+        self._state_changes: list[tuple[ModuleState, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"module-{name}", daemon=True)
         self._starts = 0
@@ -241,28 +249,41 @@ class ModuleHost:
             self._queue.append(window)
             self._cond.notify_all()
 
-    def restart(self, reason: str = "operator request") -> None:
-        """Start afresh now, clearing backoff and quarantine (the console's `modules restart`)."""
+    def restart(self, reason: str = "operator request") -> bool:
+        """Start afresh now, clearing backoff and quarantine (the console's `modules restart`).
+        The dispatcher owns the worker and does the restart; a window in flight is abandoned
+        (counted as dropped, not as a fault). False if the module is disabled or stopped."""
         with self._cond:
+            if self._state in (ModuleState.DISABLED, ModuleState.STOPPED):
+                return False
             self._faults.clear()
             self._consecutive = 0
             self._next_start = 0.0
+            self._restart_requested = reason
+            self.metrics.quarantined.labels(self.name).set(0)
             self._set_state(ModuleState.STARTING, reason)
-            worker, self._worker = self._worker, None
+            if self._busy and self._worker is not None:
+                self._worker.proc.kill()   # unblocks the dispatcher now rather than at the deadline
             self._cond.notify_all()
-        if worker:
-            worker.stop()
-        self.metrics.quarantined.labels(self.name).set(0)
+        return True
 
     def stop(self, timeout_s: float = 2.0) -> None:
         self._stop.set()
         with self._cond:
+            if self._busy and self._worker is not None:
+                self._worker.proc.kill()   # the window in flight is abandoned, not waited for
             self._cond.notify_all()
         self._thread.join(timeout_s)
-        worker, self._worker = self._worker, None
+        with self._cond:
+            worker, self._worker = self._worker, None
+            left = len(self._queue)
+            self._queue.clear()
+            self._set_state(ModuleState.STOPPED, "stopped")
+        if left:
+            self.metrics.windows_dropped.labels(self.name, "stopped").inc(left)
         if worker:
             worker.stop()
-        self._set_state(ModuleState.STOPPED, "stopped")
+        self._deliver_state()
         self.metrics.module_up.labels(self.name).set(0)
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -279,10 +300,18 @@ class ModuleHost:
     # ---- dispatcher thread -------------------------------------------------------------------
 
     def _set_state(self, state: ModuleState, reason: str) -> None:
-        changed = state != self._state
+        """Call with the lock held; the callback runs later, from _deliver_state, without it
+        (it may commit to the spool, and the source thread must not wait for that)."""
+        if state != self._state:
+            self._state_changes.append((state, reason))
         self._state, self._reason = state, reason
-        if changed and self._on_state:
-            self._on_state(self, state, reason)
+
+    def _deliver_state(self) -> None:
+        with self._cond:
+            changes, self._state_changes = self._state_changes, []
+        if self._on_state:
+            for state, reason in changes:
+                self._on_state(self, state, reason)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -291,9 +320,18 @@ class ModuleHost:
             except Exception as exc:  # a bug here must not silently end this module's thread
                 log.exception("module %s: internal error in the host", self.name)
                 self._fault(ModuleFault("protocol", f"host error: {type(exc).__name__}: {exc}"))
+            self._deliver_state()
 
     def _step(self) -> None:
         """One turn: wait, (re)start the worker, or process one window."""
+        with self._cond:
+            stale = None
+            if self._restart_requested:
+                self._restart_requested = None
+                stale, self._worker = self._worker, None
+        if stale is not None:
+            stale.stop()
+            self.metrics.module_up.labels(self.name).set(0)
         with self._cond:
             if self._state in (ModuleState.QUARANTINED, ModuleState.DISABLED):
                 self._cond.wait(0.5)
@@ -359,6 +397,12 @@ class ModuleHost:
         try:
             reply = self._worker.process(header, window.data, self.cfg.deadline_ms / 1000.0)
         except ModuleFault as fault:
+            if self._stop.is_set():   # stop() killed it
+                self.metrics.windows_dropped.labels(self.name, "stopped").inc()
+                return
+            if self._restart_requested:   # the operator's restart killed it: not the module's fault
+                self.metrics.windows_dropped.labels(self.name, "unavailable").inc()
+                return
             self.metrics.windows_dropped.labels(self.name, "fault").inc()
             self._fault(fault)
             return
@@ -380,17 +424,18 @@ class ModuleHost:
 
     def _fault(self, fault: ModuleFault) -> None:
         now = time.monotonic()
-        worker, self._worker = self._worker, None
+        with self._cond:
+            worker, self._worker = self._worker, None
         if worker:
             worker.kill()
         self.metrics.module_up.labels(self.name).set(0)
         self.metrics.faults.labels(self.name, fault.kind).inc()
-        self.last_fault = f"{fault.kind}: {fault.reason}"
-        self._faults.append(now)
-        while self._faults and now - self._faults[0] > self.policy.fault_window_s:
-            self._faults.popleft()
-        self._consecutive += 1
         with self._cond:
+            self.last_fault = f"{fault.kind}: {fault.reason}"
+            self._faults.append(now)
+            while self._faults and now - self._faults[0] > self.policy.fault_window_s:
+                self._faults.popleft()
+            self._consecutive += 1
             if len(self._faults) >= self.policy.max_faults:
                 dropped = len(self._queue)
                 self._queue.clear()

@@ -35,8 +35,12 @@ MAX_LOG_BYTES = 512
 MAX_LOGS_PER_CALL = 64
 MAX_FEATURES = 256
 MAX_EVENTS = 16
-FEATURE_NAME = re.compile(rb"^[A-Za-z0-9_.:\-]{1,64}$")
+FEATURE_NAME = re.compile(rb"[A-Za-z0-9_.:\-]{1,64}")
 PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+SOCKET_BUFFER = 1 << 20   # > the largest reply the limits above allow (~170 KB)
+# Control characters would be escaped 6 bytes each in JSON: replace them, keep replies small.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class AbiViolation(Exception):
@@ -56,10 +60,16 @@ class Calls:
         self.logs_dropped = 0
 
 
-def _die_with_parent(expected_parent: int) -> None:
+def _text(raw: bytes) -> str:
+    return CONTROL.sub("?", raw.decode("utf-8", "replace"))
+
+
+def _harden(expected_parent: int) -> None:
+    """Die with the supervisor; never gain privileges (setuid binaries) from here on."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
     if os.getppid() != expected_parent:   # the parent died before prctl took effect
@@ -68,14 +78,15 @@ def _die_with_parent(expected_parent: int) -> None:
 
 def main() -> int:
     sock_fd, shm_fd, wasm_fd = (int(x) for x in os.environ["AP_WORKER_FDS"].split(","))
-    _die_with_parent(int(os.environ["AP_WORKER_PARENT"]))
+    _harden(int(os.environ["AP_WORKER_PARENT"]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the supervisor's to handle
     sock = socket.socket(fileno=sock_fd)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
     shm = mmap.mmap(shm_fd, 0)
     with os.fdopen(wasm_fd, "rb") as f:
         wasm = f.read()
 
-    load = json.loads(sock.recv(65536))
+    load = json.loads(sock.recv(SOCKET_BUFFER))
     # Cap the whole process before the engine allocates anything: wasm3 has no memory limit.
     cap = int(load["address_space_bytes"])
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -94,13 +105,13 @@ def main() -> int:
         if len(calls.logs) >= MAX_LOGS_PER_CALL:
             calls.logs_dropped += 1
             return
-        calls.logs.append([int(level), text.decode("utf-8", "replace")])
+        calls.logs.append([int(level), _text(text)])
 
     def host_feature(ptr: int, length: int, value: float) -> None:
         if length > 64:
             raise AbiViolation(f"ap.feature: name of {length} bytes (max 64)")
         name = read_guest(ptr, length, "ap.feature")
-        if not FEATURE_NAME.match(name):
+        if not FEATURE_NAME.fullmatch(name):
             raise AbiViolation(f"ap.feature: invalid name {name[:64]!r}")
         if len(calls.features) >= MAX_FEATURES and name.decode() not in calls.features:
             raise AbiViolation(f"ap.feature: more than {MAX_FEATURES} features in one window")
@@ -111,11 +122,12 @@ def main() -> int:
             raise AbiViolation(f"ap.event: severity {severity} (must be 0..3)")
         if len(calls.events) >= MAX_EVENTS:
             raise AbiViolation(f"ap.event: more than {MAX_EVENTS} events in one window")
-        msg = read_guest(ptr, min(length, MAX_LOG_BYTES), "ap.event").decode("utf-8", "replace")
+        msg = _text(read_guest(ptr, min(length, MAX_LOG_BYTES), "ap.event"))
         calls.events.append([int(severity), float(score), msg])
 
     def fault(kind: str, error: str) -> int:
-        sock.send(json.dumps({"fault": kind, "error": error[:1000], "l": calls.logs}).encode())
+        sock.send(json.dumps({"fault": kind, "error": _text(error.encode())[:1000], "l": calls.logs},
+                             ensure_ascii=False).encode())
         return 3
 
     def guest_buffer(kind: int, size: int) -> int:
@@ -182,7 +194,7 @@ def main() -> int:
         except RuntimeError as exc:
             return fault("trap" if "[trap]" in str(exc) else "engine", str(exc))
         sock.send(json.dumps({"rc": rc, "f": calls.features, "e": calls.events, "l": calls.logs,
-                              "ld": calls.logs_dropped, "ns": elapsed}).encode())
+                              "ld": calls.logs_dropped, "ns": elapsed}, ensure_ascii=False).encode())
 
 
 if __name__ == "__main__":
