@@ -44,8 +44,13 @@ def cmd_run(args) -> int:
     if cfg is None:
         return 2
     from appliance.supervisor import Supervisor
-    sup = Supervisor(cfg)
     log = logging.getLogger("appliance")
+    try:
+        # Problems only opening things reveals (a recording's contents, the data directory).
+        sup = Supervisor(cfg)
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.error("cannot start with %s: %s", args.config, exc)
+        return 1
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sup.request_stop())
     try:

@@ -253,6 +253,9 @@ def _data_path(loc: tuple, data: Any) -> tuple[tuple, bool]:
         if step == "[key]":
             is_key = True
             continue
+        if isinstance(node, dict) and step not in node and isinstance(step, str):
+            # pydantic renders a non-string key (null, 3, true) as text in loc
+            step = next((k for k in node if not isinstance(k, str) and str(k) == step), step)
         if isinstance(node, dict) and step in node:
             path.append(step)
             node = node[step]
@@ -302,15 +305,23 @@ def issue_from_pydantic(doc: YamlDocument, err: dict) -> ConfigIssue:
     if kind == "union_tag_not_found":
         return ConfigIssue(doc.path, doc.mark_for(path, key=True), path,
                            f"a source needs 'type:' (one of: {', '.join(sorted(SOURCE_TYPES))})")
-    if is_key:
+    if kind == "invalid_key":
         return ConfigIssue(doc.path, doc.mark_for(path, key=True), path,
-                           f"the name {path[-1]!r} is invalid: names are lower-case letters, digits and '_', "
-                           f"starting with a letter, at most 48 characters")
+                           f"the key {path[-1]!r} is not text: option names are strings (quote it if you must)")
+    if is_key:
+        if kind == "string_pattern_mismatch":
+            reason = "names are lower-case letters, digits and '_', starting with a letter, at most 48 characters"
+        else:
+            reason = err["msg"]
+        return ConfigIssue(doc.path, doc.mark_for(path, key=True), path,
+                           f"the name {path[-1]!r} is invalid: {reason}")
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     value = err.get("input")
-    if kind not in ("model_type", "dict_type") and not isinstance(value, (dict, list)):
+    if value is None and kind in ("model_type", "dict_type", "list_type"):
+        message = f"is empty, but needs a {'list' if kind == 'list_type' else 'mapping'} of options"
+    elif kind not in ("model_type", "dict_type") and not isinstance(value, (dict, list)):
         message = f"{_describe(value)} is invalid: {message}"
     # A rule about a whole section points at the section's key line, not its first entry.
     section = isinstance(_get(doc.data, path), (dict, list)) and bool(path)

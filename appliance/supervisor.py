@@ -63,6 +63,10 @@ class Supervisor:
         for name, mcfg in cfg.modules.items():
             source = self.sources[mcfg.source]
             info = source.info
+            missing = [c for c in (mcfg.channels or []) if c not in info.channels]
+            if missing:
+                raise ValueError(f"module {name}: {', '.join(map(repr, missing))} not among the channels of source "
+                                 f"{mcfg.source!r} ({', '.join(info.channels)})")
             picked = [info.channels.index(c) for c in mcfg.channels] if mcfg.channels else None
             names = tuple(mcfg.channels) if mcfg.channels else info.channels
             host = ModuleHost(name, mcfg, cfg.runtime, len(names), self.metrics,

@@ -48,7 +48,39 @@ def _mark(node: yaml.Node) -> Mark:
     return Mark(node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _walk(doc: YamlDocument, node: yaml.Node, path: tuple) -> None:
+MAX_VALUES = 100_000   # values after expanding aliases; a config is a few hundred
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """How many values the document has once aliases are expanded (an alias bomb of a few
+    hundred bytes expands to millions), refusing alias cycles."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise YamlError(Path("?"), _mark(node), "an alias refers to itself (recursive structure)")
+    active.add(key)
+    children = []
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    size = 1
+    for child in children:
+        size += _expanded_size(child, memo, active)
+        if size > MAX_VALUES:
+            break
+    active.discard(key)
+    memo[key] = size
+    return size
+
+
+def _walk(doc: YamlDocument, node: yaml.Node, path: tuple, visited: set[int] | None = None) -> None:
+    # Marks for an aliased node are recorded once, at its first path: enough to point at it.
+    visited = set() if visited is None else visited
+    if id(node) in visited:
+        return
+    visited.add(id(node))
     doc.value_marks[path] = _mark(node)
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, Mark] = {}
@@ -65,10 +97,10 @@ def _walk(doc: YamlDocument, node: yaml.Node, path: tuple) -> None:
                                 f"(first defined at line {first.line})")
             seen[key] = _mark(key_node)
             doc.key_marks[path + (key,)] = _mark(key_node)
-            _walk(doc, value_node, path + (key,))
+            _walk(doc, value_node, path + (key,), visited)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(doc, item, path + (i,))
+            _walk(doc, item, path + (i,), visited)
 
 
 def _scalar(node: yaml.ScalarNode) -> Any:
@@ -87,7 +119,17 @@ def load_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
             raise YamlError(path, Mark(1, 1), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            try:
+                size = _expanded_size(node, {}, set())
+            except YamlError as exc:
+                raise YamlError(path, exc.mark, exc.message) from None
+            if size > MAX_VALUES:
+                raise YamlError(path, Mark(1, 1), f"the document expands to more than {MAX_VALUES} values "
+                                "(aliases?); a config is far smaller")
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise YamlError(path, Mark(1, 1), "the document nests too deeply") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Mark(mark.line + 1, mark.column + 1) if mark else Mark(1, 1)

@@ -12,7 +12,8 @@ from pydantic.functional_validators import AfterValidator, WrapValidator
 class StrictModel(BaseModel):
     """Unknown keys are errors; values are checked, never coerced from the wrong type."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, validate_default=True,
+                              allow_inf_nan=False)
 
 
 def resolve_config_path(value: Any, handler, info: ValidationInfo) -> Path:

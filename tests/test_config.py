@@ -198,3 +198,33 @@ def test_configuration_reference_is_current():
     from appliance.configdoc import render
     assert (REPO / "docs" / "configuration.md").read_text() == render(), \
         "docs/configuration.md is stale: python -m appliance.configdoc > docs/configuration.md"
+
+
+def test_alias_bomb_and_recursive_alias_are_refused_quickly(tmp_path, vibstats_wasm):
+    levels = ["a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\n")
+    [issue] = issues_of(bomb)
+    assert issue == f"{bomb}:1:1: the document expands to more than 100000 values (aliases?); a config is far smaller"
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("sources: {}\na: &a [*a]\n")
+    [issue] = issues_of(loop)
+    assert issue.startswith(f"{loop}:2:") and "alias refers to itself" in issue
+
+
+def test_infinite_and_nan_numbers_are_refused(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("sample_rate: 12800", "sample_rate: .inf").replace("  port: 0",
+                                                                                          "  port: .nan"),
+                 vibstats_wasm)
+    issues = issues_of(path)
+    assert any(i.startswith(f"{path}:9:18: sources.spindle.sample_rate: inf is invalid: ") and "finite" in i
+               for i in issues), issues
+    assert any(i.startswith(f"{path}:5:9: metrics.port:") for i in issues), issues
+
+
+def test_empty_section_and_non_text_key(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("metrics:\n  port: 0\n", "metrics:\n") + "null: 3\n", vibstats_wasm)
+    issues = issues_of(path)
+    assert f"{path}:4:9: metrics: is empty, but needs a mapping of options" in issues
+    assert any(i.startswith(f"{path}:21:1: None: the key None is not text") for i in issues), issues

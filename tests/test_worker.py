@@ -96,3 +96,34 @@ def test_a_module_at_every_limit_still_gets_its_reply_through(tmp_path):
     assert len(reply["l"]) == 64 and reply["ld"] == 6
     assert len(reply["e"]) == 16 and len(reply["f"]) == 256
     assert all(len(m) == 512 and "\x01" not in m for _, _, m in reply["e"])
+
+
+def test_non_finite_samples_are_skipped_not_learned(vibstats_wasm):
+    worker = WorkerProcess("t", vibstats_wasm.read_bytes(), HEADER.size + 4 * 3 * 1024,
+                           load_msg("baseline.windows=5\nthreshold=6\n"))
+    try:
+        header, data = window(0)
+        data[1, 17] = np.nan
+        reply = worker.process(header, data, deadline_s=5)
+        assert reply["rc"] == -4 and reply["f"] == {}
+        assert reply["l"] == [[2, "window holds non-finite samples; skipped"]]
+        for seq in range(1, 6):
+            worker.process(*window(seq), deadline_s=5)
+        events = []
+        for seq in range(6, 9):
+            events += worker.process(*window(seq, scale=10.0), deadline_s=5)["e"]
+        assert len(events) == 1 and events[0][0] == 3   # the baseline is intact: a 10x rise is critical
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("params, reason", [
+    ("threshold=1e999999999\n", "a param is not a number"),
+    ("threshold=inf\n", "a param is not a number"),
+    ("threshold=0\n", "threshold must be positive"),
+    ("baseline.windows=1\n", "baseline.windows must be at least 2"),
+])
+def test_params_the_module_refuses(vibstats_wasm, params, reason):
+    with pytest.raises(ModuleFault) as info:
+        WorkerProcess("t", vibstats_wasm.read_bytes(), 4096, load_msg(params))
+    assert info.value.kind == "params" and info.value.reason == f"module rejected its params: {reason}"

@@ -57,6 +57,7 @@ static inline void ap_event(int32_t severity, double score, const char *msg) {
 typedef struct { char *buf; int32_t cap, len; } ap_text;
 
 static inline void ap_text_str(ap_text *t, const char *s) {
+    if (t->cap <= 0) return;
     while (*s && t->len < t->cap - 1) t->buf[t->len++] = *s++;
     t->buf[t->len] = 0;
 }
@@ -67,6 +68,7 @@ static inline void ap_text_int(ap_text *t, int64_t v) {
     uint64_t u = v < 0 ? (uint64_t)(-v) : (uint64_t)v;
     do { tmp[n++] = (char)('0' + u % 10); u /= 10; } while (u && n < 23);
     if (v < 0) tmp[n++] = '-';
+    if (t->cap <= 0) return;
     while (n && t->len < t->cap - 1) t->buf[t->len++] = tmp[--n];
     t->buf[t->len] = 0;
 }
@@ -75,9 +77,12 @@ static inline void ap_text_int(ap_text *t, int64_t v) {
 static inline void ap_text_num(ap_text *t, double v, int decimals) {
     if (v != v) { ap_text_str(t, "nan"); return; }
     if (v < 0) { ap_text_str(t, "-"); v = -v; }
-    if (v > 9.0e15) { ap_text_str(t, "inf"); return; }
     int64_t scale = 1;
-    for (int i = 0; i < decimals; i++) scale *= 10;
+    for (int i = 0; i < decimals && i < 15; i++) scale *= 10;
+    if (v > 9.0e15 / (double)scale) {          /* no room for decimals in an int64 */
+        if (v < 9.0e18) ap_text_int(t, (int64_t)v); else ap_text_str(t, "inf");
+        return;
+    }
     int64_t fixed = (int64_t)(v * (double)scale + 0.5);
     ap_text_int(t, fixed / scale);
     if (decimals > 0) {
@@ -147,6 +152,8 @@ static inline const char *ap_param_find(const char *p, int32_t len, const char *
     return 0;
 }
 
+static inline int ap_isfinite(double x) { return x - x == 0; }   /* false for NaN and +-inf */
+
 /* Parses a decimal number (optional sign, fraction, exponent); *ok = 0 if it is not one. */
 static inline double ap_parse_f64(const char *s, int32_t n, int *ok) {
     int32_t i = 0;
@@ -163,14 +170,15 @@ static inline double ap_parse_f64(const char *s, int32_t n, int *ok) {
         int esign = 1, e = 0, edigits = 0;
         i++;
         if (i < n && (s[i] == '-' || s[i] == '+')) { if (s[i] == '-') esign = -1; i++; }
-        while (i < n && s[i] >= '0' && s[i] <= '9') { e = e * 10 + (s[i] - '0'); i++; edigits++; }
-        if (!edigits) digits = 0;
+        while (i < n && s[i] >= '0' && s[i] <= '9') { if (e < 10000) e = e * 10 + (s[i] - '0'); i++; edigits++; }
+        if (!edigits || e > 400) digits = 0;   /* beyond any double: refused, and no long loop */
         double f = 1.0;
         while (e-- > 0) f *= 10.0;
         v = esign > 0 ? v * f : v / f;
     }
-    *ok = digits > 0 && i == n;
-    return sign * v;
+    v *= sign;
+    *ok = digits > 0 && i == n && ap_isfinite(v);
+    return v;
 }
 
 /* The number at key, or dflt if absent. *bad (if given) is set when present but not a number. */

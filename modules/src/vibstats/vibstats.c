@@ -111,8 +111,16 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     double feat[AP_MAX_CHANNELS][N_FEATURES];
     for (uint32_t c = 0; c < h->channels; c++) {
         channel_features(ap_window_channel(h, c), h->frames, feat[c]);
-        for (int f = 0; f < N_FEATURES; f++) report_feature(c, f, feat[c][f]);
+        for (int f = 0; f < N_FEATURES; f++) {
+            /* A NaN or inf sample (a sensor glitch) must not poison the baseline: skip the window. */
+            if (!ap_isfinite(feat[c][f])) {
+                ap_log(AP_LOG_WARNING, "window holds non-finite samples; skipped");
+                return -4;
+            }
+        }
     }
+    for (uint32_t c = 0; c < h->channels; c++)
+        for (int f = 0; f < N_FEATURES; f++) report_feature(c, f, feat[c][f]);
 
     if (st.learned < cfg.baseline_windows) {
         st.learned++;
