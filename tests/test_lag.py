@@ -66,8 +66,8 @@ def test_operator_restart_during_a_slow_window_is_not_a_fault(tmp_path):
         first_pid = host._worker.pid
         for _ in range(3):
             assert host.restart()
-            wait_for(lambda: host.state is ModuleState.RUNNING and host._worker is not None
-                     and host._worker.pid != first_pid, 10, "the restarted worker")
+            wait_for(lambda old=first_pid: host.state is ModuleState.RUNNING and host._worker is not None
+                     and host._worker.pid != old, 10, "the restarted worker")
             first_pid = host._worker.pid
             wait_for(lambda: host._busy, 10, "a window in flight")
         faults = sum(metric(sup, "appliance_module_faults_total", module="slow", kind=k)
