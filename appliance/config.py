@@ -114,12 +114,16 @@ class ModuleSection(StrictModel):
     overflow: Literal["drop_oldest", "block"] = Field(
         "drop_oldest", description="full queue: drop the oldest window, or (replay with realtime: false only) wait")
     params: dict[str, Any] = Field({}, description="passed to the module's ap_init (modules/ABI.md, Params)")
+    host_dsp: bool = Field(True, description="offer the host's native DSP kernels (ap.dsp_*) to the module; "
+                           "false makes it use its own wasm code")
     enabled: bool = Field(True, description="false: configured but not run")
     restart: RestartPolicy | None = Field(None, description="overrides runtime.restart for this module")
 
     @field_validator("params")
     @classmethod
     def _params_are_plain(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "host" in value:
+            raise ValueError("'host' is reserved: the appliance sets host.* params itself (ABI.md, Params)")
         size = len(params_text(value).encode())   # raises with the offending key
         if size > MAX_PARAMS_BYTES:
             raise ValueError(f"params take {size} bytes as text; modules accept at most {MAX_PARAMS_BYTES}")
@@ -171,6 +175,11 @@ def _param_text(value: Any) -> str:
 
 def params_text(params: dict[str, Any]) -> str:
     return "".join(f"{k}={v}\n" for k, v in flatten_params(params))
+
+
+def module_params_text(module: "ModuleSection") -> str:
+    """What ap_init receives: the YAML params plus the host.* params the appliance sets."""
+    return params_text({**module.params, "host": {"dsp": 1 if module.host_dsp else 0}})
 
 
 # ---- errors -----------------------------------------------------------------------------------

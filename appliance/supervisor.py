@@ -70,7 +70,8 @@ class Supervisor:
             picked = [info.channels.index(c) for c in mcfg.channels] if mcfg.channels else None
             names = tuple(mcfg.channels) if mcfg.channels else info.channels
             host = ModuleHost(name, mcfg, cfg.runtime, len(names), self.metrics,
-                              on_result=self._on_result, on_state=self._on_module_state)
+                              on_result=self._on_result, on_state=self._on_module_state,
+                              state_dir=cfg.gateway.data_dir / "state")
             self.modules[name] = host
             windower = Windower(mcfg.window.size, mcfg.window.hop_frames, info.sample_rate, picked)
             self.pipelines[mcfg.source].append(Pipeline(host, windower, mcfg.source, names))

@@ -29,6 +29,17 @@ HOST_IMPORTS: dict[tuple[str, str], str] = {
     ("ap", "log"): "(i32, i32, i32) -> ()",
     ("ap", "feature"): "(i32, i32, f64) -> ()",
     ("ap", "event"): "(i32, f64, i32, i32) -> ()",
+    # Optional additions within ABI v1 (modules/ABI.md, "Host DSP" and "Persistent state").
+    ("ap", "dsp_rfft"): "(i32, i32, i32) -> i32",
+    ("ap", "dsp_irfft"): "(i32, i32, i32) -> i32",
+    ("ap", "state_changed"): "() -> ()",
+}
+
+# Optional exports: when present they must have these types.
+OPTIONAL_FUNC_EXPORTS: dict[str, str] = {
+    "ap_state_size": "() -> i32",
+    "ap_state_ptr": "() -> i32",
+    "ap_state_loaded": "() -> i32",
 }
 
 REQUIRED_FUNC_EXPORTS: dict[str, str] = {
@@ -467,6 +478,15 @@ def check_abi_v1(info: WasmInfo, max_memory_bytes: int) -> list[str]:
         elif signature_str(exp.signature) != wanted:
             problems.append(f"exports {name} as {signature_str(exp.signature)}, "
                             f"ABI v1 requires {wanted}")
+    for name, wanted in OPTIONAL_FUNC_EXPORTS.items():
+        exp = info.export(name)
+        if exp is not None and (exp.kind != "func" or signature_str(exp.signature) != wanted):
+            problems.append(f"exports {name} as {signature_str(exp.signature) if exp.kind == 'func' else exp.kind}, "
+                            f"ABI v1 requires {wanted}")
+    state = [n for n in OPTIONAL_FUNC_EXPORTS if info.export(n) is not None]
+    if state and len(state) != len(OPTIONAL_FUNC_EXPORTS):
+        problems.append(f"exports {', '.join(state)} but not all of {', '.join(OPTIONAL_FUNC_EXPORTS)}: "
+                        "persistent state needs the three together")
     if len(problems) > MAX_PROBLEMS:
         problems = problems[:MAX_PROBLEMS] + [f"and {len(problems) - MAX_PROBLEMS} more problems"]
     return problems

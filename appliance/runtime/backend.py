@@ -13,6 +13,9 @@ IMPORT_SIGNATURES = {
     ("ap", "log"): "v(iii)",
     ("ap", "feature"): "v(iiF)",
     ("ap", "event"): "v(iFii)",
+    ("ap", "dsp_rfft"): "i(iii)",
+    ("ap", "dsp_irfft"): "i(iii)",
+    ("ap", "state_changed"): "v()",
 }
 
 

@@ -5,6 +5,7 @@ worker, so a slow or hung module never stalls a source or another module.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import enum
 import hashlib
@@ -25,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from appliance.config import ModuleSection, RestartPolicy, RuntimeSection, params_text
+from appliance.config import ModuleSection, RestartPolicy, RuntimeSection, module_params_text
 from appliance.metrics import Metrics
 from appliance.runtime.validate import ModuleRejected, read_module
 from appliance.windowing import Window
@@ -73,10 +74,13 @@ def _signal_name(returncode: int | None) -> str:
 
 
 def load_message(label: str, params: str, *, backend: str = "wasm3", stack_bytes: int = 128 << 10,
-                 max_memory_bytes: int = 64 << 20, address_space_bytes: int = 320 << 20) -> dict:
-    """The first message a worker gets: what to check, how to instantiate, its limits."""
+                 max_memory_bytes: int = 64 << 20, address_space_bytes: int = 320 << 20,
+                 state: bytes | None = None) -> dict:
+    """The first message a worker gets: what to check, how to instantiate, its limits, and
+    the module's saved state (if any)."""
     return {"op": "load", "label": label, "params": params, "backend": backend, "stack_bytes": stack_bytes,
-            "max_memory_bytes": max_memory_bytes, "address_space_bytes": address_space_bytes}
+            "max_memory_bytes": max_memory_bytes, "address_space_bytes": address_space_bytes,
+            "state": base64.b64encode(state).decode() if state else ""}
 
 
 class WorkerProcess:
@@ -111,6 +115,7 @@ class WorkerProcess:
         self._sock.send(json.dumps(load).encode())
         reply = self._receive(LOAD_TIMEOUT_S, "load")
         self.load_logs = reply.get("l", [])
+        self.state_note = reply.get("st", "")
 
     @property
     def pid(self) -> int:
@@ -194,7 +199,8 @@ class ModuleHost:
 
     def __init__(self, name: str, cfg: ModuleSection, runtime: RuntimeSection, channels: int,
                  metrics: Metrics, on_result: Callable[["ModuleHost", Window, ModuleResult], None],
-                 on_state: Callable[["ModuleHost", ModuleState, str], None] | None = None) -> None:
+                 on_state: Callable[["ModuleHost", ModuleState, str], None] | None = None,
+                 state_dir: Path = Path("state")) -> None:
         self.name, self.cfg, self.runtime = name, cfg, runtime
         self.policy: RestartPolicy = cfg.restart or runtime.restart
         self.metrics = metrics
@@ -211,6 +217,8 @@ class ModuleHost:
         self._last_seq = -1
         self._busy = False                 # a window is in the worker right now
         self._restart_requested: str | None = None
+        self._reset_checked = 0.0
+        self.state_dir = state_dir
         self._state_changes: list[tuple[ModuleState, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"module-{name}", daemon=True)
@@ -324,6 +332,8 @@ class ModuleHost:
 
     def _step(self) -> None:
         """One turn: wait, (re)start the worker, or process one window."""
+        if self._worker is not None:
+            self._check_reset_request()
         with self._cond:
             stale = None
             if self._restart_requested:
@@ -367,9 +377,10 @@ class ModuleHost:
             # what runs, and the checking cost falls under the worker's limits.
             wasm = read_module(self.cfg.wasm)
             rt = self.runtime
-            load = load_message(self.cfg.wasm.name, params_text(self.cfg.params), backend=rt.backend,
+            load = load_message(self.cfg.wasm.name, module_params_text(self.cfg), backend=rt.backend,
                                 stack_bytes=rt.stack_kb * 1024, max_memory_bytes=rt.max_memory_mb << 20,
-                                address_space_bytes=(rt.worker_memory_mb + rt.max_memory_mb) << 20)
+                                address_space_bytes=(rt.worker_memory_mb + rt.max_memory_mb) << 20,
+                                state=self._saved_state())
             worker = WorkerProcess(self.name, wasm, self._shm_bytes, load)
         except ModuleRejected as exc:
             self._fault(ModuleFault("load", str(exc)))
@@ -379,6 +390,11 @@ class ModuleHost:
             return
         for level, text in worker.load_logs:
             log.log(_LEVELS.get(level, logging.INFO), "module %s: %s", self.name, text)
+        if worker.state_note == "accepted":
+            log.info("module %s: resumed its saved state (%s)", self.name, self._state_file)
+        elif worker.state_note:
+            log.warning("module %s: saved state %s; it starts afresh", self.name, worker.state_note)
+            self._state_file.unlink(missing_ok=True)
         with self._cond:
             if self._stop.is_set() or self._state in (ModuleState.QUARANTINED, ModuleState.DISABLED):
                 worker.stop()
@@ -419,8 +435,51 @@ class ModuleHost:
         if reply["rc"] != 0:
             self.metrics.windows_rejected.labels(self.name).inc()
         self.last_features = reply["f"]
+        if reply.get("s"):
+            self._save_state(base64.b64decode(reply["s"]))
         result = ModuleResult(reply["rc"], reply["f"], [tuple(e) for e in reply["e"]], elapsed)
         self._on_result(self, window, result)
+
+    # ---- persistent state (ABI.md, "Persistent state") -----------------------------------------
+
+    @property
+    def _state_file(self) -> Path:
+        return self.state_dir / f"{self.name}.state"
+
+    @property
+    def _reset_file(self) -> Path:
+        return self.state_dir / f"{self.name}.reset"
+
+    def _saved_state(self) -> bytes | None:
+        if self._reset_file.exists():
+            # An operator asked for a fresh baseline (appliance baseline reset).
+            self._state_file.unlink(missing_ok=True)
+            self._reset_file.unlink(missing_ok=True)
+            log.warning("module %s: saved state discarded on request; learning afresh", self.name)
+            return None
+        try:
+            return self._state_file.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _save_state(self, blob: bytes) -> None:
+        """Atomic: a power cut leaves the old state or the new one, never half of one."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._state_file)
+        log.info("module %s: state saved (%d bytes)", self.name, len(blob))
+
+    def _check_reset_request(self) -> None:
+        now = time.monotonic()
+        if now - self._reset_checked < 1.0:
+            return
+        self._reset_checked = now
+        if self._reset_file.exists():
+            self.restart("baseline reset requested")
 
     def _fault(self, fault: ModuleFault) -> None:
         now = time.monotonic()

@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.wasm_binary import WasmFormatError, check_abi_v1, parse
+from appliance.wasm_binary import WasmFormatError, WasmInfo, check_abi_v1, parse
 
 MAX_MODULE_BYTES = 16 << 20
 WASM_VALIDATE_FLAGS = ["--disable-reference-types", "--disable-simd"]
@@ -69,7 +69,7 @@ def read_module(path: Path) -> bytes:
     return wasm
 
 
-def check_module(wasm: bytes, label: str, max_memory_bytes: int) -> None:
+def check_module(wasm: bytes, label: str, max_memory_bytes: int) -> WasmInfo:
     """Raise ModuleRejected unless the bytes are valid wasm following ABI v1. Runs in the
     worker, under its memory cap and load deadline: parsing untrusted bytes can cost
     memory and time, and that cost must not land on the supervisor."""
@@ -83,6 +83,7 @@ def check_module(wasm: bytes, label: str, max_memory_bytes: int) -> None:
     problems = check_abi_v1(info, max_memory_bytes)
     if problems:
         raise ModuleRejected(f"{label} does not follow ABI v1: " + "; ".join(problems))
+    return info
 
 
 def validate_module(path: Path, max_memory_bytes: int) -> ValidatedModule:

@@ -16,6 +16,7 @@ no lock inherited from a threaded parent exists (we exec, never fork).
 """
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import mmap
@@ -35,6 +36,8 @@ MAX_LOG_BYTES = 512
 MAX_LOGS_PER_CALL = 64
 MAX_FEATURES = 256
 MAX_EVENTS = 16
+MAX_STATE_BYTES = 256 << 10
+MAX_FFT = 1 << 16
 FEATURE_NAME = re.compile(rb"[A-Za-z0-9_.:\-]{1,64}")
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -58,6 +61,41 @@ class Calls:
         self.events: list[list] = []
         self.logs: list[list] = []
         self.logs_dropped = 0
+        self.state_changed = False
+
+
+class HostDsp:
+    """Native kernels for ap.dsp_*: numpy's FFT, reading and writing the module's memory in
+    place (no copy crosses the boundary but the FFT's own). Layout as ap_dsp.h documents."""
+
+    def __init__(self, memory, violation) -> None:
+        import numpy as np   # imported only by workers whose module uses host DSP
+        self.np, self.memory, self.violation = np, memory, violation
+
+    def _views(self, what: str, in_ptr: int, in_floats: int, out_ptr: int, out_floats: int, n: int):
+        if n < 4 or n > MAX_FFT or n & (n - 1):
+            raise self.violation(f"{what}: n={n} is not a power of two in 4..{MAX_FFT}")
+        mem = self.memory()
+        for ptr, floats in ((in_ptr, in_floats), (out_ptr, out_floats)):
+            if ptr < 0 or ptr + 4 * floats > len(mem):
+                raise self.violation(f"{what}: pointer {ptr}+{4 * floats} is outside linear memory ({len(mem)} bytes)")
+        f32 = self.np.float32
+        return (self.np.frombuffer(mem, f32, in_floats, in_ptr), self.np.frombuffer(mem, f32, out_floats, out_ptr))
+
+    def rfft(self, in_ptr: int, out_ptr: int, n: int) -> int:
+        x, out = self._views("ap.dsp_rfft", in_ptr, n, out_ptr, n + 2, n)
+        spectrum = self.np.fft.rfft(x)
+        out[0::2] = spectrum.real
+        out[1::2] = spectrum.imag
+        return 0
+
+    def irfft(self, in_ptr: int, out_ptr: int, n: int) -> int:
+        spec, out = self._views("ap.dsp_irfft", in_ptr, n + 2, out_ptr, n, n)
+        out[:] = self.np.fft.irfft(spec[0::2] + 1j * spec[1::2], n)
+        return 0
+
+    def imports(self) -> dict:
+        return {("ap", "dsp_rfft"): self.rfft, ("ap", "dsp_irfft"): self.irfft}
 
 
 def _text(raw: bytes) -> str:
@@ -125,6 +163,25 @@ def main() -> int:
         msg = _text(read_guest(ptr, min(length, MAX_LOG_BYTES), "ap.event"))
         calls.events.append([int(severity), float(score), msg])
 
+    def host_state_changed() -> None:
+        calls.state_changed = True
+
+    def state_blob() -> bytes:
+        size = inst.call("ap_state_size")
+        if not 0 < size <= MAX_STATE_BYTES:
+            raise AbiViolation(f"ap_state_size() returned {size} (1..{MAX_STATE_BYTES} bytes allowed)")
+        return read_guest(inst.call("ap_state_ptr"), size, "ap_state_ptr")
+
+    def restore_state(blob: bytes) -> str:
+        size = inst.call("ap_state_size")
+        if size != len(blob):
+            return f"refused: saved state is {len(blob)} bytes, the module's is {size}"
+        ptr = inst.call("ap_state_ptr")
+        read_guest(ptr, size, "ap_state_ptr")   # bounds check
+        inst.memory()[ptr:ptr + size] = blob
+        rc = inst.call("ap_state_loaded")
+        return "accepted" if rc == 0 else f"refused by the module (ap_state_loaded returned {rc})"
+
     def fault(kind: str, error: str) -> int:
         sock.send(json.dumps({"fault": kind, "error": _text(error.encode())[:1000], "l": calls.logs},
                              ensure_ascii=False).encode())
@@ -139,7 +196,7 @@ def main() -> int:
         return ptr
 
     try:
-        check_module(wasm, load["label"], int(load["max_memory_bytes"]))
+        info = check_module(wasm, load["label"], int(load["max_memory_bytes"]))
     except ModuleRejected as exc:
         return fault("load", str(exc))
     except MemoryError:
@@ -147,8 +204,12 @@ def main() -> int:
 
     try:
         backend = BACKENDS[load["backend"]]()
-        inst = backend.instantiate(wasm, int(load["stack_bytes"]), {
-            ("ap", "log"): host_log, ("ap", "feature"): host_feature, ("ap", "event"): host_event})
+        imports = {("ap", "log"): host_log, ("ap", "feature"): host_feature, ("ap", "event"): host_event,
+                   ("ap", "state_changed"): host_state_changed}
+        wanted = {(i.module, i.name) for i in info.imports}
+        if wanted & {("ap", "dsp_rfft"), ("ap", "dsp_irfft")}:
+            imports.update(HostDsp(lambda: inst.memory(), AbiViolation).imports())   # numpy only if used
+        inst = backend.instantiate(wasm, int(load["stack_bytes"]), imports)
         version = inst.call("ap_abi_version")
         if version != 1:
             return fault("load", f"module speaks ABI version {version}; this host implements version 1")
@@ -160,6 +221,8 @@ def main() -> int:
             errors = [m for lvl, m in calls.logs if lvl >= 3]
             reason = errors[-1] if errors else f"ap_init returned {rc}"
             return fault("params", f"module rejected its params: {reason}")
+        has_state = all(info.export(n) is not None for n in ("ap_state_size", "ap_state_ptr", "ap_state_loaded"))
+        state_note = restore_state(base64.b64decode(load["state"])) if load.get("state") and has_state else ""
     except AbiViolation as exc:
         return fault("abi", str(exc))
     except MemoryError:
@@ -168,7 +231,7 @@ def main() -> int:
         if "allocation failed" in str(exc):
             return fault("memory", f"{exc} (worker capped at {cap >> 20} MiB)")
         return fault("trap" if "[trap]" in str(exc) else "load", str(exc))
-    sock.send(json.dumps({"ok": True, "l": calls.logs}).encode())
+    sock.send(json.dumps({"ok": True, "l": calls.logs, "st": state_note}).encode())
 
     window_ptrs: dict[int, int] = {}
     while True:
@@ -193,8 +256,14 @@ def main() -> int:
             return fault("memory", f"out of memory (worker capped at {cap >> 20} MiB)")
         except RuntimeError as exc:
             return fault("trap" if "[trap]" in str(exc) else "engine", str(exc))
-        sock.send(json.dumps({"rc": rc, "f": calls.features, "e": calls.events, "l": calls.logs,
-                              "ld": calls.logs_dropped, "ns": elapsed}, ensure_ascii=False).encode())
+        reply = {"rc": rc, "f": calls.features, "e": calls.events, "l": calls.logs, "ld": calls.logs_dropped,
+                 "ns": elapsed}
+        if calls.state_changed and has_state:
+            try:
+                reply["s"] = base64.b64encode(state_blob()).decode()
+            except AbiViolation as exc:
+                return fault("abi", str(exc))
+        sock.send(json.dumps(reply, ensure_ascii=False).encode())
 
 
 if __name__ == "__main__":

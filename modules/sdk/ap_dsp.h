@@ -182,4 +182,93 @@ static inline int32_t ap_irfft(const float *in, float *out, int32_t n) {
     return ap_irfft_c(in, out, n);
 }
 
+/* ---- scalar helpers without libm ------------------------------------------------------------ */
+
+/* Natural logarithm: x = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh((m-1)/(m+1)) by its
+ * series (|s| <= 0.172, 12 terms: error < 1e-17). -inf at 0, NaN below, +inf stays +inf. */
+static inline double ap_ln(double x) {
+    if (x != x || x < 0) return __builtin_nan("");
+    if (x == 0) return -__builtin_inf();
+    if (!ap_isfinite(x)) return x;
+    union { double d; uint64_t u; } v = {x};
+    int32_t e = (int32_t)((v.u >> 52) & 0x7ff);
+    if (e == 0) {                                   /* subnormal: scale into the normal range */
+        v.d = x * 18014398509481984.0;              /* 2^54 */
+        e = (int32_t)((v.u >> 52) & 0x7ff) - 54;
+    }
+    e -= 1023;
+    v.u = (v.u & 0x000fffffffffffffull) | 0x3ff0000000000000ull;   /* mantissa in [1, 2) */
+    double m = v.d;
+    if (m > 1.41421356237309504880) { m *= 0.5; e++; }
+    double s = (m - 1) / (m + 1), s2 = s * s, term = s, sum = 0;
+    for (int i = 1; i <= 23; i += 2) { sum += term / i; term *= s2; }
+    return 2 * sum + e * 0.69314718055994530942;
+}
+
+/* sin and cos of x radians (moderate |x|: meant for angles, not for phase accumulators). */
+static inline void ap_sincos(double x, double *s, double *c) {
+    double q = x * (2 / AP_PI);
+    int64_t k = (int64_t)(q < 0 ? q - 0.5 : q + 0.5);          /* nearest quadrant */
+    /* Cody-Waite: pi/2 in two parts so r = x - k pi/2 keeps its digits. */
+    double r = (x - (double)k * 1.5707963267341256) - (double)k * 6.077100506506192e-11;
+    double sr = ap_sin_kernel(r), cr = ap_cos_kernel(r);
+    switch (k & 3) {
+        case 0: *s = sr; *c = cr; break;
+        case 1: *s = cr; *c = -sr; break;
+        case 2: *s = -sr; *c = -cr; break;
+        default: *s = -cr; *c = sr; break;
+    }
+}
+
+/* ---- order statistics ------------------------------------------------------------------------ */
+
+/* k-th smallest (0-based) of a[0..n), by quickselect (expected O(n)); reorders a so that
+ * a[i] <= a[k] for i < k and a[i] >= a[k] for i > k. Median-of-three pivot. */
+#define AP_DEFINE_SELECT(NAME, T)                                                              \
+    static T NAME(T *a, int32_t n, int32_t k) {                                                \
+        int32_t lo = 0, hi = n - 1;                                                            \
+        while (hi > lo) {                                                                      \
+            int32_t mid = lo + (hi - lo) / 2;                                                  \
+            T t;                                                                               \
+            if (a[mid] < a[lo]) { t = a[mid]; a[mid] = a[lo]; a[lo] = t; }                     \
+            if (a[hi] < a[lo]) { t = a[hi]; a[hi] = a[lo]; a[lo] = t; }                        \
+            if (a[hi] < a[mid]) { t = a[hi]; a[hi] = a[mid]; a[mid] = t; }                     \
+            T pivot = a[mid];                                                                  \
+            int32_t i = lo, j = hi;                                                            \
+            while (i <= j) {                                                                   \
+                while (a[i] < pivot) i++;                                                      \
+                while (pivot < a[j]) j--;                                                      \
+                if (i <= j) { t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }                     \
+            }                                                                                  \
+            if (k <= j) hi = j;                                                                \
+            else if (k >= i) lo = i;                                                           \
+            else break;                          /* j < k < i: a[k] == pivot, in place */      \
+        }                                                                                      \
+        return a[k];                                                                           \
+    }
+AP_DEFINE_SELECT(ap_select_f32, float)
+AP_DEFINE_SELECT(ap_select_f64, double)
+#undef AP_DEFINE_SELECT
+
+/* Median of a[0..n) as numpy defines it (mean of the two middle values when n is even);
+ * reorders a. O(n): after selecting the upper middle, the lower one is the largest value
+ * left of it. Returns 0 for n <= 0. */
+static inline double ap_median_f32(float *a, int32_t n) {
+    if (n <= 0) return 0;
+    double hi = ap_select_f32(a, n, n / 2);
+    if (n & 1) return hi;
+    float lo = a[0];
+    for (int32_t i = 1; i < n / 2; i++) if (a[i] > lo) lo = a[i];
+    return 0.5 * ((double)lo + hi);
+}
+
+static inline double ap_median_f64(double *a, int32_t n) {
+    if (n <= 0) return 0;
+    double hi = ap_select_f64(a, n, n / 2);
+    if (n & 1) return hi;
+    double lo = a[0];
+    for (int32_t i = 1; i < n / 2; i++) if (a[i] > lo) lo = a[i];
+    return 0.5 * (lo + hi);
+}
+
 #endif /* AP_DSP_H */
