@@ -19,10 +19,18 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
-def _load(path: str):
-    from appliance.config import ConfigError, load_config
+def _load(path: str, check_modules: bool = False):
+    """The validated config, or None after printing every problem with its file:line.
+    check_modules: also let each module judge its params (a throwaway worker per module)."""
+    from appliance.config import ConfigError, load_config_document
     try:
-        return load_config(path)
+        doc, cfg = load_config_document(path)
+        if check_modules:
+            from appliance.modcheck import check_modules as judge
+            issues = judge(doc, cfg)
+            if issues:
+                raise ConfigError(issues)
+        return cfg
     except ConfigError as exc:
         print(f"{len(exc.issues)} error{'s' if len(exc.issues) != 1 else ''} in {path}:", file=sys.stderr)
         for issue in exc.issues:
@@ -31,7 +39,7 @@ def _load(path: str):
 
 
 def cmd_validate(args) -> int:
-    cfg = _load(args.config)
+    cfg = _load(args.config, check_modules=True)
     if cfg is None:
         return 2
     print(f"{args.config}: ok ({len(cfg.sources)} sources, {len(cfg.modules)} modules)")
@@ -40,7 +48,7 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     _setup_logging(args.log_level)
-    cfg = _load(args.config)
+    cfg = _load(args.config, check_modules=True)
     if cfg is None:
         return 2
     from appliance.supervisor import Supervisor
@@ -128,6 +136,25 @@ def cmd_events(args) -> int:
     return 0
 
 
+def cmd_baseline_reset(args) -> int:
+    """Ask for a fresh baseline: a running appliance restarts the module within a second and
+    it learns again; a stopped one does so at its next start."""
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    if args.module not in cfg.modules:
+        print(f"no module {args.module!r} in {args.config} (modules: {', '.join(cfg.modules) or 'none'})",
+              file=sys.stderr)
+        return 2
+    state_dir = cfg.gateway.data_dir / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / f"{args.module}.reset").touch()
+    had = (state_dir / f"{args.module}.state").exists()
+    print(f"baseline reset requested for {args.module}"
+          f"{'' if had else ' (it has no saved baseline yet)'}; it learns afresh")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from appliance.config import DEFAULT_CONFIG
     p = argparse.ArgumentParser(prog="appliance", description="Factory gateway: sensors -> wasm analytics -> events")
@@ -162,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--tail", type=int, default=20)
     ev.add_argument("--full", action="store_true", help="whole JSON records")
     ev.set_defaults(func=cmd_events)
+
+    base = sub.add_parser("baseline", help="learned baselines of modules")
+    bsub = base.add_subparsers(dest="baseline_command", required=True)
+    reset = bsub.add_parser("reset", help="discard a module's learned baseline; it learns afresh")
+    reset.add_argument("module")
+    reset.add_argument("--config", default=str(DEFAULT_CONFIG))
+    reset.set_defaults(func=cmd_baseline_reset)
 
     args = p.parse_args(argv)
     return args.func(args)

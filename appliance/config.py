@@ -394,10 +394,15 @@ def parse_config(doc: YamlDocument) -> AppConfig:
     return cfg
 
 
-def load_config(path: str | Path = DEFAULT_CONFIG) -> AppConfig:
-    """Load and validate; raises ConfigError (issues with file:line) and nothing else."""
+def load_config_document(path: str | Path = DEFAULT_CONFIG) -> tuple[YamlDocument, AppConfig]:
+    """Load and validate, keeping the document for line numbers; raises ConfigError only."""
     try:
         doc = load_yaml(path)
     except YamlError as exc:
         raise ConfigError([ConfigIssue(exc.path, exc.mark, (), exc.message)]) from None
-    return parse_config(doc)
+    return doc, parse_config(doc)
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> AppConfig:
+    """Load and validate; raises ConfigError (issues with file:line) and nothing else."""
+    return load_config_document(path)[1]

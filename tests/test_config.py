@@ -228,3 +228,19 @@ def test_empty_section_and_non_text_key(tmp_path, vibstats_wasm):
     issues = issues_of(path)
     assert f"{path}:4:9: metrics: is empty, but needs a mapping of options" in issues
     assert any(i.startswith(f"{path}:21:1: None: the key None is not text") for i in issues), issues
+
+
+def test_validate_lets_the_module_judge_its_params(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("threshold: 6", "threshold: -1"), vibstats_wasm)
+    proc = subprocess.run([sys.executable, "-m", "appliance", "validate", str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert (f"{path}:18:5: modules.stats.params: module rejected its params: threshold must be positive"
+            in proc.stderr), proc.stderr
+    assert not (tmp_path / "var").exists()
+
+
+def test_reserved_host_params(tmp_path, vibstats_wasm):
+    path = write(tmp_path, GOOD.replace("threshold: 6", "threshold: 6\n      host: {dsp: 1}"), vibstats_wasm)
+    [issue] = issues_of(path)
+    assert f"{path}:18:5: modules.stats.params: 'host' is reserved" in issue

@@ -55,7 +55,7 @@ def estimate_shaft_hz(X: np.ndarray, fs: float, n: int, lo_hz: float, hi_hz: flo
     klo = max(1, math.ceil(lo_hz / bw))
     khi = min(n // 2 - 1, math.floor(hi_hz / bw))
     if klo > khi:                          # the range falls between two bins: take the nearest
-        k = min(max(int(round((lo_hz + hi_hz) / 2 / bw)), 1), n // 2 - 1)
+        k = min(max(math.floor((lo_hz + hi_hz) / 2 / bw + 0.5), 1), n // 2 - 1)
     else:
         k = klo + int(np.argmax(np.abs(X[klo:khi + 1])))
     delta = 0.0

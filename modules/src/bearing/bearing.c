@@ -1,0 +1,679 @@
+/*
+ * bearing: rolling-element bearing monitoring (ABI v1) with the envelope spectrum, the ISO 20816-3
+ * zone, a learned baseline and a diagnosis in every event.
+ *
+ * Per channel and window (up to 4 channels x 16384 frames, frames a power of two):
+ *   rms, peak, crest, kurtosis, skewness of the mean-removed signal (g);
+ *   velocity_rms over [velocity.low_hz, velocity.high_hz] in mm/s, integrated in the spectrum;
+ *   band0..band7: RMS (g) of 8 equal bands over [0, fs/2);
+ *   envelope spectrum: band-pass [envelope.low_hz, envelope.high_hz] in the spectrum, analytic
+ *   signal by two inverse FFTs (the band and its Hilbert transform), |.|, FFT; its amplitude
+ *   near BPFO, BPFI, 2xBSF and FTF (h = 1..3) against the median of the envelope spectrum:
+ *   env.outer/inner/ball/cage (g, h = 1), env.<kind>.ratio (mean over h), env.floor.
+ * Per window: shaft_hz (fixed, or estimated on channel 0 within a range), bpfo_hz, bpfi_hz,
+ * bsf_hz, ftf_hz, iso_zone; baseline.progress while learning, then score, diagnosis,
+ * diagnosis.ratio and diagnosis.peak_hz. modules/src/bearing/reference.py is the same analysis in
+ * numpy; tests/test_bearing_module.py holds the two together.
+ *
+ * Params (flattened keys, see module.yaml):
+ *   bearing.balls, bearing.ball_diameter, bearing.pitch_diameter   geometry (same length unit)
+ *   bearing.contact_angle_deg                                      default 0
+ *   shaft.rpm  or  shaft.rpm_min + shaft.rpm_max                   exactly one of the two
+ *   velocity.low_hz / velocity.high_hz                             default 10 / 1000
+ *   envelope.low_hz / envelope.high_hz                             default fs/8 / 3fs/8
+ *   iso.group (1|2, default 2), iso.foundation (rigid|flexible, default rigid)
+ *   baseline.windows (default 50, 2..1024), threshold (default 4), confirm (2), clear_ratio (0.7),
+ *   clear_windows (5), min_spread (0.05), diagnosis.min_ratio (3), host.dsp (set by the host)
+ *
+ * Score: the RMS of robust z-scores over the baseline vector (see baseline_vector()),
+ * score = sqrt(sum z_i^2 / F), z_i = (v_i - median_i) / spread_i, spread_i = 1.4826 MAD_i floored
+ * at min_spread for ln features (a relative change) and min_spread |median_i| for the others, and
+ * at 1e-9. The RMS (not the sum) keeps the threshold independent of the channel count: healthy
+ * data scores about 1 whatever F is.
+ */
+#define AP_MAX_CHANNELS 4
+#define AP_DSP_MAX_N 16384
+#define AP_WINDOW_BYTES (64 + 4 * AP_MAX_CHANNELS * AP_DSP_MAX_N)
+#include "ap_module.h"
+#include "ap_dsp.h"
+
+/* Optional import: the host saves the state blob when told it changed (baseline learned). */
+AP_IMPORT(state_changed) void ap_host_state_changed(void);
+
+#define N_MAX AP_DSP_MAX_N
+#define G_TO_MM_S2 9806.65             /* standard gravity, mm/s^2 per g */
+#define HARMONICS 3
+#define MAX_BASELINE 1024
+#define MAX_FEATURES 64
+#define PER_CHANNEL_MAX 22
+#define LOG_TINY 1e-12                 /* ln(v + LOG_TINY): envelope amplitudes can be 0 */
+
+enum { K_OUTER, K_INNER, K_BALL, K_CAGE, N_KINDS };
+static const char *const kind_words[N_KINDS] = {"outer race", "inner race", "rolling element", "cage"};
+static const char *const kind_freq[N_KINDS] = {"BPFO", "BPFI", "2xBSF", "FTF"};
+
+/* ISO 20816-3:2022, Annex A, Table A.1 (group 1: large machines, 300 kW .. 50 MW) and Table A.2
+ * (group 2: medium machines, 15 kW .. 300 kW): zone boundaries A/B, B/C, C/D of the broadband
+ * velocity RMS in mm/s, for rigid and flexible foundations. Same values as ISO 10816-3:2009. */
+static const double iso_bounds[2][2][3] = {
+    {{2.3, 4.5, 7.1}, {3.5, 7.1, 11.0}},     /* group 1: rigid, flexible */
+    {{1.4, 2.8, 4.5}, {2.3, 4.5, 7.1}},      /* group 2: rigid, flexible */
+};
+
+static struct {
+    int32_t balls;
+    double ball_d, pitch_d, angle_deg, cos_a;
+    int fixed_rpm;
+    double rpm, rpm_min, rpm_max;
+    double vel_lo, vel_hi;
+    double env_lo, env_hi;              /* < 0: the default, fs/8 and 3fs/8 */
+    int32_t iso_group, iso_flexible;
+    int32_t baseline_windows, confirm, clear_windows;
+    double threshold, clear_ratio, min_spread, min_ratio;
+} cfg;
+
+/* The persistent part of the state, exported as one self-contained blob (ap_state_ptr). */
+#define STATE_MAGIC 0x53425041u         /* "APBS" little-endian */
+#define STATE_VERSION 1u
+typedef struct {
+    uint32_t magic, version;
+    uint32_t params_hash;               /* geometry, shaft, bands, channels, frames, nfeat */
+    uint32_t learned;                   /* 1: median and spread hold a learned baseline */
+    uint32_t channels, frames, nfeat, reserved;
+    double median[MAX_FEATURES], spread[MAX_FEATURES];
+} state_blob;
+
+static state_blob blob;
+
+static struct {
+    int32_t learned;                    /* windows learned so far */
+    uint32_t channels, frames;          /* shape of the windows the baseline is for (0: none yet) */
+    int32_t above, below;
+    int32_t active_severity;            /* -1 when no anomaly is open */
+} st;
+
+static double rows[MAX_BASELINE][MAX_FEATURES];   /* baseline vectors while learning */
+static double column[MAX_BASELINE];
+
+/* Work buffers for one channel: every FFT output needs n + 2 floats. */
+static float xd[N_MAX];                 /* mean-removed signal, later the band-passed one */
+static float spec[N_MAX + 2];           /* X */
+static float band[N_MAX + 2];           /* X masked to the envelope band, then -i times it */
+static float hil[N_MAX];                /* Hilbert transform of the band-passed signal */
+static float envspec[N_MAX + 2];        /* E */
+static float amp[N_MAX / 2 + 1];        /* A_k = 2 |E_k| / n */
+static float scratch[N_MAX / 2 + 1];    /* median selection reorders a copy */
+
+/* ---- params -------------------------------------------------------------------------------- */
+
+static int param_error(const char *what) {
+    ap_log(AP_LOG_ERROR, what);
+    return 1;
+}
+
+static int has_param(const char *p, int32_t len, const char *key) {
+    int32_t vlen;
+    return ap_param_find(p, len, key, &vlen) != 0;
+}
+
+static int param_is(const char *p, int32_t len, const char *key, const char *text) {
+    int32_t vlen;
+    const char *v = ap_param_find(p, len, key, &vlen);
+    if (!v) return 0;
+    int32_t n = ap_strlen(text);
+    if (vlen != n) return 0;
+    for (int32_t i = 0; i < n; i++) if (v[i] != text[i]) return 0;
+    return 1;
+}
+
+/* FNV-1a: a stable fingerprint of what makes a learned baseline comparable. */
+static uint32_t fnv(uint32_t h, const void *data, int32_t n) {
+    const uint8_t *b = (const uint8_t *)data;
+    for (int32_t i = 0; i < n; i++) { h ^= b[i]; h *= 16777619u; }
+    return h;
+}
+
+static uint32_t params_hash(uint32_t channels, uint32_t frames, uint32_t nfeat) {
+    double v[] = {(double)cfg.balls, cfg.ball_d, cfg.pitch_d, cfg.angle_deg, (double)cfg.fixed_rpm,
+                  cfg.rpm, cfg.rpm_min, cfg.rpm_max, cfg.vel_lo, cfg.vel_hi, cfg.env_lo, cfg.env_hi};
+    uint32_t u[] = {STATE_VERSION, channels, frames, nfeat};
+    return fnv(fnv(2166136261u, v, sizeof v), u, sizeof u);
+}
+
+static void reset_learning(void) {
+    st.learned = 0;
+    st.channels = st.frames = 0;
+    st.above = st.below = 0;
+    st.active_severity = -1;
+    memset(&blob, 0, sizeof blob);
+    blob.magic = STATE_MAGIC;
+    blob.version = STATE_VERSION;
+}
+
+int32_t ap_init(const char *params, int32_t len) {
+    int bad = 0;
+    ap_dsp_init(params, len);
+    if (!has_param(params, len, "bearing.balls") || !has_param(params, len, "bearing.ball_diameter") ||
+        !has_param(params, len, "bearing.pitch_diameter"))
+        return param_error("bearing geometry missing: bearing.balls, bearing.ball_diameter and "
+                           "bearing.pitch_diameter are required");
+    double balls = ap_param_f64(params, len, "bearing.balls", 0, &bad);
+    cfg.ball_d = ap_param_f64(params, len, "bearing.ball_diameter", 0, &bad);
+    cfg.pitch_d = ap_param_f64(params, len, "bearing.pitch_diameter", 0, &bad);
+    cfg.angle_deg = ap_param_f64(params, len, "bearing.contact_angle_deg", 0, &bad);
+    cfg.fixed_rpm = has_param(params, len, "shaft.rpm");
+    int ranged = has_param(params, len, "shaft.rpm_min") || has_param(params, len, "shaft.rpm_max");
+    cfg.rpm = ap_param_f64(params, len, "shaft.rpm", 0, &bad);
+    cfg.rpm_min = ap_param_f64(params, len, "shaft.rpm_min", 0, &bad);
+    cfg.rpm_max = ap_param_f64(params, len, "shaft.rpm_max", 0, &bad);
+    cfg.vel_lo = ap_param_f64(params, len, "velocity.low_hz", 10, &bad);
+    cfg.vel_hi = ap_param_f64(params, len, "velocity.high_hz", 1000, &bad);
+    cfg.env_lo = ap_param_f64(params, len, "envelope.low_hz", -1, &bad);
+    cfg.env_hi = ap_param_f64(params, len, "envelope.high_hz", -1, &bad);
+    double group = ap_param_f64(params, len, "iso.group", 2, &bad);
+    cfg.baseline_windows = (int32_t)ap_param_f64(params, len, "baseline.windows", 50, &bad);
+    cfg.threshold = ap_param_f64(params, len, "threshold", 4.0, &bad);
+    cfg.confirm = (int32_t)ap_param_f64(params, len, "confirm", 2, &bad);
+    cfg.clear_ratio = ap_param_f64(params, len, "clear_ratio", 0.7, &bad);
+    cfg.clear_windows = (int32_t)ap_param_f64(params, len, "clear_windows", 5, &bad);
+    cfg.min_spread = ap_param_f64(params, len, "min_spread", 0.05, &bad);
+    cfg.min_ratio = ap_param_f64(params, len, "diagnosis.min_ratio", 3.0, &bad);
+    if (bad) return param_error("a param is not a number");
+
+    if (!(balls >= 1) || balls != (double)(int32_t)balls || balls > 1000)
+        return param_error("bearing.balls must be a whole number of rolling elements, at least 1");
+    cfg.balls = (int32_t)balls;
+    if (!(cfg.ball_d > 0)) return param_error("bearing.ball_diameter must be positive");
+    if (!(cfg.pitch_d > cfg.ball_d))
+        return param_error("bearing.pitch_diameter must exceed bearing.ball_diameter "
+                           "(pitch diameter must exceed ball diameter)");
+    if (!(cfg.angle_deg >= 0 && cfg.angle_deg < 90))
+        return param_error("bearing.contact_angle_deg must be in [0, 90)");
+    if (cfg.fixed_rpm == ranged)
+        return param_error("give exactly one of shaft.rpm or shaft.rpm_min + shaft.rpm_max");
+    if (cfg.fixed_rpm && !(cfg.rpm > 0)) return param_error("shaft.rpm must be positive");
+    if (ranged && !(cfg.rpm_min > 0 && cfg.rpm_min < cfg.rpm_max))
+        return param_error("shaft speed range needs 0 < shaft.rpm_min < shaft.rpm_max");
+    if (!(cfg.vel_lo > 0 && cfg.vel_lo < cfg.vel_hi))
+        return param_error("velocity band needs 0 < velocity.low_hz < velocity.high_hz");
+    if (group != 1 && group != 2) return param_error("iso.group must be 1 or 2");
+    cfg.iso_group = (int32_t)group;
+    if (has_param(params, len, "iso.foundation") && !param_is(params, len, "iso.foundation", "rigid") &&
+        !param_is(params, len, "iso.foundation", "flexible"))
+        return param_error("iso.foundation must be rigid or flexible");
+    cfg.iso_flexible = param_is(params, len, "iso.foundation", "flexible");
+    if (cfg.baseline_windows < 2 || cfg.baseline_windows > MAX_BASELINE)
+        return param_error("baseline.windows must be in 2..1024");
+    if (!(cfg.threshold > 0)) return param_error("threshold must be positive");
+    if (cfg.confirm < 1 || cfg.clear_windows < 1) return param_error("confirm and clear_windows must be at least 1");
+    if (!(cfg.clear_ratio > 0 && cfg.clear_ratio <= 1)) return param_error("clear_ratio must be in (0, 1]");
+    if (!(cfg.min_spread >= 0)) return param_error("min_spread must not be negative");
+    if (!(cfg.min_ratio > 0)) return param_error("diagnosis.min_ratio must be positive");
+
+    double s;
+    ap_sincos(cfg.angle_deg * (AP_PI / 180), &s, &cfg.cos_a);
+    reset_learning();
+    return 0;
+}
+
+/* ---- persistent state ------------------------------------------------------------------------ */
+
+static void layout(uint32_t channels, int32_t *per, int32_t *groups) {
+    int32_t budget = MAX_FEATURES / (int32_t)channels;
+    if (budget > PER_CHANNEL_MAX) budget = PER_CHANNEL_MAX;
+    *groups = budget >= 22 ? 8 : budget >= 18 ? 4 : 2;
+    *per = 14 + *groups;
+}
+
+static int32_t n_features(uint32_t channels) {
+    int32_t per, groups;
+    layout(channels, &per, &groups);
+    return per * (int32_t)channels;
+}
+
+AP_EXPORT(ap_state_size) int32_t ap_state_size(void) { return (int32_t)sizeof blob; }
+AP_EXPORT(ap_state_ptr) uint8_t *ap_state_ptr(void) { return (uint8_t *)&blob; }
+
+/* The host wrote a saved blob at ap_state_ptr(): 0 = accepted (start learned), else refused
+ * (1 not ours, 2 for other params or window shape, 3 damaged) and learning starts over. */
+AP_EXPORT(ap_state_loaded) int32_t ap_state_loaded(void) {
+    int32_t rc = 0;
+    if (blob.magic != STATE_MAGIC || blob.version != STATE_VERSION) rc = 1;
+    else if (blob.learned != 1 || blob.channels < 1 || blob.channels > AP_MAX_CHANNELS ||
+             !ap_is_pow2((int32_t)blob.frames) || blob.nfeat != (uint32_t)n_features(blob.channels)) rc = 3;
+    else if (blob.params_hash != params_hash(blob.channels, blob.frames, blob.nfeat)) rc = 2;
+    for (uint32_t i = 0; rc == 0 && i < blob.nfeat; i++)
+        if (!ap_isfinite(blob.median[i]) || !(blob.spread[i] > 0) || !ap_isfinite(blob.spread[i])) rc = 3;
+    if (rc) {
+        ap_log(AP_LOG_WARNING, rc == 2 ? "saved baseline is for other params or window shape: relearning"
+                                       : "saved baseline not usable: relearning");
+        reset_learning();
+        return rc;
+    }
+    st.learned = cfg.baseline_windows;
+    st.channels = blob.channels;
+    st.frames = blob.frames;
+    st.above = st.below = 0;
+    st.active_severity = -1;
+    ap_log(AP_LOG_INFO, "baseline restored from saved state");
+    return 0;
+}
+
+/* ---- analysis ------------------------------------------------------------------------------- */
+
+typedef struct {
+    double rms, peak, crest, kurtosis, skewness, velocity, bands[8];
+    double env_amp[N_KINDS], env_ratio[N_KINDS], env_floor;
+    double peak_hz[N_KINDS], peak_ratio[N_KINDS];     /* h = 1 evidence */
+} channel_result;
+
+typedef struct { double fr, bpfo, bpfi, bsf, ftf, f[N_KINDS]; } fault_freqs;
+
+static void fault_frequencies(double fr, fault_freqs *ff) {
+    double r = cfg.ball_d / cfg.pitch_d * cfg.cos_a;
+    ff->fr = fr;
+    ff->ftf = fr / 2 * (1 - r);
+    ff->bpfo = cfg.balls * fr / 2 * (1 - r);
+    ff->bpfi = cfg.balls * fr / 2 * (1 + r);
+    ff->bsf = cfg.pitch_d * fr / (2 * cfg.ball_d) * (1 - r * r);
+    ff->f[K_OUTER] = ff->bpfo;
+    ff->f[K_INNER] = ff->bpfi;
+    ff->f[K_BALL] = 2 * ff->bsf;        /* a ball defect strikes both races once per spin */
+    ff->f[K_CAGE] = ff->ftf;
+}
+
+static int64_t floor_i(double v) { int64_t i = (int64_t)v; return (double)i > v ? i - 1 : i; }
+
+/* Shaft frequency: the largest |X_k| in [lo, hi] Hz, refined on the complex spectrum
+ * (Jacobsen: delta = Re[(X_k-1 - X_k+1) / (2 X_k - X_k-1 - X_k+1)]); a parabola through |X|
+ * is off by up to half a bin with the rectangular window, which BPFI x 3 would multiply. */
+static double estimate_shaft(const float *X, int32_t n, double bw, double lo, double hi) {
+    int64_t klo = -floor_i(-lo / bw), khi = floor_i(hi / bw), k;
+    if (klo < 1) klo = 1;
+    if (khi > n / 2 - 1) khi = n / 2 - 1;
+    if (klo > khi) {
+        k = floor_i((lo + hi) / 2 / bw + 0.5);
+        if (k < 1) k = 1;
+        if (k > n / 2 - 1) k = n / 2 - 1;
+    } else {
+        double best = -1;
+        k = klo;
+        for (int64_t j = klo; j <= khi; j++) {
+            double m = (double)X[2 * j] * X[2 * j] + (double)X[2 * j + 1] * X[2 * j + 1];
+            if (m > best) { best = m; k = j; }
+        }
+    }
+    double ar = X[2 * k - 2], ai = X[2 * k - 1], br = X[2 * k], bi = X[2 * k + 1];
+    double cr = X[2 * k + 2], ci = X[2 * k + 3];
+    double nr = ar - cr, ni = ai - ci, dr = 2 * br - ar - cr, di = 2 * bi - ai - ci;
+    double den = dr * dr + di * di, delta = 0;
+    if (den > 0) {
+        delta = (nr * dr + ni * di) / den;     /* Re(num / den) */
+        if (delta < -0.5) delta = -0.5;
+        if (delta > 0.5) delta = 0.5;
+    }
+    double f = ((double)k + delta) * bw;
+    return f < lo ? lo : f > hi ? hi : f;
+}
+
+/* Time-domain statistics; leaves the mean-removed signal in xd. 0 if a sample is not finite. */
+static int time_stats(const float *x, int32_t n, channel_result *r) {
+    double sum = 0;
+    for (int32_t i = 0; i < n; i++) sum += x[i];
+    if (!ap_isfinite(sum)) return 0;
+    double mean = sum / n, m2 = 0, m3 = 0, m4 = 0, peak = 0;
+    for (int32_t i = 0; i < n; i++) {
+        double d = x[i] - mean, d2 = d * d;
+        m2 += d2;
+        m3 += d2 * d;
+        m4 += d2 * d2;
+        double a = ap_fabs(d);
+        if (a > peak) peak = a;
+        xd[i] = (float)d;
+    }
+    m2 /= n; m3 /= n; m4 /= n;
+    r->rms = ap_sqrt(m2);
+    r->peak = peak;
+    r->crest = r->rms > 0 ? peak / r->rms : 0;
+    r->kurtosis = m2 > 0 ? m4 / (m2 * m2) : 0;
+    r->skewness = m2 > 0 ? m3 / (m2 * ap_sqrt(m2)) : 0;
+    return ap_isfinite(r->kurtosis) && ap_isfinite(r->skewness);
+}
+
+/* Velocity RMS and band energies from the spectrum in one pass (one-sided Parseval). */
+static void spectral_stats(int32_t n, double bw, channel_result *r) {
+    double vel = 0, bands[8] = {0};
+    double vhi = cfg.vel_hi;
+    int32_t per_band = n / 16;
+    for (int32_t k = 1; k < n / 2; k++) {
+        double p = (double)spec[2 * k] * spec[2 * k] + (double)spec[2 * k + 1] * spec[2 * k + 1];
+        bands[k / per_band] += p;
+        double f = (double)k * bw;
+        if (f >= cfg.vel_lo && f <= vhi) {
+            double g = G_TO_MM_S2 / (2 * AP_PI * f);   /* g -> mm/s^2, then / (2 pi f) integrates */
+            vel += p * g * g;
+        }
+    }
+    double scale = 2.0 / ((double)n * n);
+    r->velocity = ap_sqrt(scale * vel);
+    for (int b = 0; b < 8; b++) r->bands[b] = ap_sqrt(scale * bands[b]);
+}
+
+/* Envelope spectrum of the band [lo, hi] Hz into amp[0..n/2]. */
+static void envelope_spectrum(int32_t n, double bw, double lo, double hi) {
+    int32_t m = n / 2;
+    for (int32_t k = 0; k <= m; k++) {
+        double f = (double)k * bw;
+        int in = f >= lo && f <= hi;
+        band[2 * k] = in ? spec[2 * k] : 0;
+        band[2 * k + 1] = in ? spec[2 * k + 1] : 0;
+    }
+    ap_irfft(band, xd, n);                          /* band-passed signal */
+    for (int32_t k = 0; k <= m; k++) {             /* -i (a + ib) = b - ia: Hilbert transform */
+        float re = band[2 * k];
+        band[2 * k] = band[2 * k + 1];
+        band[2 * k + 1] = -re;
+    }
+    ap_irfft(band, hil, n);
+    double sum = 0;
+    for (int32_t j = 0; j < n; j++) {
+        float e = __builtin_sqrtf(xd[j] * xd[j] + hil[j] * hil[j]);
+        xd[j] = e;
+        sum += e;
+    }
+    float mean = (float)(sum / n);
+    for (int32_t j = 0; j < n; j++) xd[j] -= mean;
+    ap_rfft(xd, envspec, n);
+    double scale = 2.0 / n;
+    for (int32_t k = 0; k <= m; k++) {
+        double re = envspec[2 * k], im = envspec[2 * k + 1];
+        amp[k] = (float)(scale * ap_sqrt(re * re + im * im));
+    }
+}
+
+/* Fault-frequency amplitudes, ratios to the median floor, and the h = 1 evidence. */
+static void envelope_faults(int32_t n, double bw, const fault_freqs *ff, channel_result *r) {
+    int32_t m = n / 2;
+    int64_t top = floor_i(5 * ff->bpfi / bw);
+    int32_t hi = top < m ? (int32_t)top : m, cnt = hi - 2 + 1;
+    if (cnt < 0) cnt = 0;
+    for (int32_t i = 0; i < cnt; i++) scratch[i] = amp[2 + i];
+    double floor = ap_median_f32(scratch, cnt);
+    r->env_floor = floor;
+    for (int kd = 0; kd < N_KINDS; kd++) {
+        double ratio_sum = 0;
+        for (int h = 1; h <= HARMONICS; h++) {
+            double t = h * ff->f[kd], tol = bw > 0.01 * t ? bw : 0.01 * t;
+            int64_t k0 = floor_i((t - tol) / bw), k1 = floor_i((t + tol) / bw) + 1;   /* widened */
+            if (k0 < 1) k0 = 1;
+            if (k1 > m) k1 = m;
+            int64_t best = -1;
+            for (int64_t k = k0; k <= k1; k++) {
+                double d = (double)k * bw - t;
+                if (ap_fabs(d) <= tol && (best < 0 || amp[k] > amp[best])) best = k;
+            }
+            double a = best >= 0 ? amp[best] : 0;
+            double ratio = floor > 0 ? a / floor : 0;
+            ratio_sum += ratio;
+            if (h == 1) {
+                double hz = best >= 0 ? (double)best * bw : 0;
+                if (best >= 1 && best < m) {           /* parabola through the peak bin */
+                    double am = amp[best - 1], a0 = amp[best], ap = amp[best + 1];
+                    double den = am - 2 * a0 + ap;
+                    if (den < 0) {
+                        double delta = 0.5 * (am - ap) / den;
+                        if (delta < -0.5) delta = -0.5;
+                        if (delta > 0.5) delta = 0.5;
+                        hz = ((double)best + delta) * bw;
+                    }
+                }
+                r->env_amp[kd] = a;
+                r->peak_hz[kd] = hz;
+                r->peak_ratio[kd] = ratio;
+            }
+        }
+        r->env_ratio[kd] = ratio_sum / HARMONICS;
+    }
+}
+
+/* ---- baseline and score ---------------------------------------------------------------------- */
+
+static double ln(double v) { return ap_ln(v + LOG_TINY); }
+
+/* Robust and scale-free where possible: ln of the amplitudes (rms, velocity, peak, envelope
+ * amplitudes, band energies), the shape factors and envelope ratios as they are. 22 values per
+ * channel; with 3 or 4 channels the 8 bands merge into 4 or 2 so the vector fits 64 values.
+ * is_log marks the ln entries (their spread floor is min_spread itself: a relative change). */
+static int32_t baseline_vector(const channel_result *res, uint32_t channels, double *v, uint8_t *is_log) {
+    int32_t per, groups, j = 0;
+    layout(channels, &per, &groups);
+    for (uint32_t c = 0; c < channels; c++) {
+        const channel_result *r = &res[c];
+        double lin[] = {r->crest, r->kurtosis, r->skewness};
+        double lg[] = {r->rms, r->velocity, r->peak};
+        for (int i = 0; i < 3; i++) { if (is_log) is_log[j] = 1; v[j++] = ln(lg[i]); }
+        for (int i = 0; i < 3; i++) { if (is_log) is_log[j] = 0; v[j++] = lin[i]; }
+        for (int k = 0; k < N_KINDS; k++) { if (is_log) is_log[j] = 1; v[j++] = ln(r->env_amp[k]); }
+        for (int k = 0; k < N_KINDS; k++) { if (is_log) is_log[j] = 0; v[j++] = r->env_ratio[k]; }
+        int32_t width = 8 / groups;
+        for (int32_t g = 0; g < groups; g++) {
+            double e2 = 0;
+            for (int32_t b = g * width; b < (g + 1) * width; b++) e2 += r->bands[b] * r->bands[b];
+            if (is_log) is_log[j] = 1;
+            v[j++] = ln(ap_sqrt(e2));
+        }
+    }
+    return j;
+}
+
+static void finish_baseline(int32_t nfeat, const uint8_t *is_log) {
+    int32_t w = cfg.baseline_windows;
+    for (int32_t i = 0; i < nfeat; i++) {
+        for (int32_t r = 0; r < w; r++) column[r] = rows[r][i];
+        double med = ap_median_f64(column, w);
+        for (int32_t r = 0; r < w; r++) column[r] = ap_fabs(rows[r][i] - med);
+        double spread = 1.4826 * ap_median_f64(column, w);
+        double floor = is_log[i] ? cfg.min_spread : cfg.min_spread * ap_fabs(med);
+        if (spread < floor) spread = floor;
+        if (spread < 1e-9) spread = 1e-9;
+        blob.median[i] = med;
+        blob.spread[i] = spread;
+    }
+    blob.learned = 1;
+    blob.channels = st.channels;
+    blob.frames = st.frames;
+    blob.nfeat = (uint32_t)nfeat;
+    blob.params_hash = params_hash(st.channels, st.frames, (uint32_t)nfeat);
+}
+
+static int32_t severity_for(double score) {
+    if (score >= 4 * cfg.threshold) return AP_SEV_CRITICAL;
+    if (score >= 2 * cfg.threshold) return AP_SEV_ALARM;
+    return AP_SEV_WARNING;
+}
+
+/* ---- reporting ------------------------------------------------------------------------------ */
+
+static void feature_ch(uint32_t c, const char *name, double v) {
+    char buf[48];
+    ap_text t = {buf, sizeof buf, 0};
+    ap_text_str(&t, "ch");
+    ap_text_int(&t, c);
+    ap_text_str(&t, ".");
+    ap_text_str(&t, name);
+    ap_feature(buf, v);
+}
+
+static void report_channel(uint32_t c, const channel_result *r) {
+    static const char *const bands[8] = {"band0", "band1", "band2", "band3", "band4", "band5", "band6", "band7"};
+    static const char *const amps[N_KINDS] = {"env.outer", "env.inner", "env.ball", "env.cage"};
+    static const char *const ratios[N_KINDS] = {"env.outer.ratio", "env.inner.ratio", "env.ball.ratio",
+                                                "env.cage.ratio"};
+    feature_ch(c, "rms", r->rms);
+    feature_ch(c, "peak", r->peak);
+    feature_ch(c, "crest", r->crest);
+    feature_ch(c, "kurtosis", r->kurtosis);
+    feature_ch(c, "skewness", r->skewness);
+    feature_ch(c, "velocity_rms", r->velocity);
+    for (int b = 0; b < 8; b++) feature_ch(c, bands[b], r->bands[b]);
+    for (int k = 0; k < N_KINDS; k++) feature_ch(c, amps[k], r->env_amp[k]);
+    for (int k = 0; k < N_KINDS; k++) feature_ch(c, ratios[k], r->env_ratio[k]);
+    feature_ch(c, "env.floor", r->env_floor);
+}
+
+static channel_result res[AP_MAX_CHANNELS];
+
+int32_t ap_process(const uint8_t *window, int32_t len) {
+    const ap_window_header *h = ap_window_open(window, len);
+    if (!h) { ap_log(AP_LOG_ERROR, "malformed window header"); return -1; }
+    uint32_t channels = h->channels;
+    int32_t n = (int32_t)h->frames;
+    if (channels > AP_MAX_CHANNELS) { ap_log(AP_LOG_ERROR, "too many channels (max 4)"); return -2; }
+    if (h->frames > N_MAX || !ap_is_pow2(n)) {
+        ap_log(AP_LOG_ERROR, "frames per window must be a power of two from 4 to 16384");
+        return -2;
+    }
+    double fs = h->sample_rate;
+    if (!(fs > 0) || !ap_isfinite(fs)) { ap_log(AP_LOG_ERROR, "sample rate must be positive"); return -3; }
+    double env_lo = cfg.env_lo >= 0 ? cfg.env_lo : fs / 8, env_hi = cfg.env_hi >= 0 ? cfg.env_hi : 3 * fs / 8;
+    if (!(env_lo > 0 && env_lo < env_hi && env_hi < fs / 2)) {
+        ap_log(AP_LOG_ERROR, "envelope band must satisfy 0 < envelope.low_hz < envelope.high_hz < fs/2");
+        return -3;
+    }
+    double bw = fs / n;
+
+    fault_freqs ff;
+    for (uint32_t c = 0; c < channels; c++) {
+        channel_result *r = &res[c];
+        if (!time_stats(ap_window_channel(h, c), n, r)) {
+            /* A NaN or inf sample (a sensor glitch) must not poison the baseline. */
+            ap_log(AP_LOG_WARNING, "window holds non-finite samples; skipped");
+            return -4;
+        }
+        ap_rfft(xd, spec, n);
+        if (c == 0)
+            fault_frequencies(cfg.fixed_rpm ? cfg.rpm / 60
+                                            : estimate_shaft(spec, n, bw, cfg.rpm_min / 60, cfg.rpm_max / 60), &ff);
+        spectral_stats(n, bw, r);
+        envelope_spectrum(n, bw, env_lo, env_hi);
+        envelope_faults(n, bw, &ff, r);
+    }
+
+    ap_feature("shaft_hz", ff.fr);
+    ap_feature("bpfo_hz", ff.bpfo);
+    ap_feature("bpfi_hz", ff.bpfi);
+    ap_feature("bsf_hz", ff.bsf);
+    ap_feature("ftf_hz", ff.ftf);
+    double vmax = 0;
+    for (uint32_t c = 0; c < channels; c++) {
+        report_channel(c, &res[c]);
+        if (res[c].velocity > vmax) vmax = res[c].velocity;
+    }
+    const double *zb = iso_bounds[cfg.iso_group - 1][cfg.iso_flexible];
+    int32_t zone = vmax < zb[0] ? 0 : vmax < zb[1] ? 1 : vmax < zb[2] ? 2 : 3;
+    ap_feature("iso_zone", zone);
+
+    /* The baseline belongs to one window shape; a new shape (reconfigured source) relearns. */
+    if (st.channels && (st.channels != channels || st.frames != (uint32_t)n)) {
+        ap_log(AP_LOG_WARNING, "window shape changed: relearning the baseline");
+        reset_learning();
+    }
+    if (!st.channels) { st.channels = channels; st.frames = (uint32_t)n; }
+
+    double v[MAX_FEATURES];
+    uint8_t is_log[MAX_FEATURES];
+    int32_t nfeat = baseline_vector(res, channels, v, is_log);
+    if (st.learned < cfg.baseline_windows) {
+        for (int32_t i = 0; i < nfeat; i++) rows[st.learned][i] = v[i];
+        st.learned++;
+        ap_feature("baseline.progress", (double)st.learned / cfg.baseline_windows);
+        if (st.learned == cfg.baseline_windows) {
+            finish_baseline(nfeat, is_log);
+            ap_log(AP_LOG_INFO, "baseline learned");
+            ap_host_state_changed();
+        }
+        return 0;
+    }
+
+    double sum = 0;
+    for (int32_t i = 0; i < nfeat; i++) {
+        double z = (v[i] - blob.median[i]) / blob.spread[i];
+        sum += z * z;
+    }
+    double score = ap_sqrt(sum / nfeat);
+    ap_feature("score", score);
+
+    /* Diagnosis: the kind whose mean ratio over channels is largest (ties: earlier kind),
+     * its evidence from the channel where it stands out most. */
+    int best = 0;
+    double best_mean = -1;
+    for (int k = 0; k < N_KINDS; k++) {
+        double s = 0;
+        for (uint32_t c = 0; c < channels; c++) s += res[c].env_ratio[k];
+        s /= channels;
+        if (s > best_mean) { best_mean = s; best = k; }
+    }
+    uint32_t best_c = 0;
+    for (uint32_t c = 1; c < channels; c++)
+        if (res[c].env_ratio[best] > res[best_c].env_ratio[best]) best_c = c;
+    int named = best_mean >= cfg.min_ratio;
+    ap_feature("diagnosis", named ? best + 1 : 0);
+    ap_feature("diagnosis.ratio", best_mean);
+    ap_feature("diagnosis.peak_hz", res[best_c].peak_hz[best]);
+
+    if (score > cfg.threshold) { st.above++; st.below = 0; }
+    else if (score < cfg.threshold * cfg.clear_ratio) { st.below++; st.above = 0; }
+    else { st.above = 0; st.below = 0; }
+
+    static const char zones[] = "ABCD";
+    char zone_txt[2] = {zones[zone], 0};
+    char msg[320];
+    ap_text t = {msg, sizeof msg, 0};
+    if (st.above >= cfg.confirm) {
+        int32_t sev = severity_for(score);
+        if (sev > st.active_severity) {
+            ap_text_str(&t, st.active_severity < 0 ? "bearing anomaly (score " : "bearing anomaly escalated (score ");
+            ap_text_num(&t, score, 1);
+            ap_text_str(&t, ", ISO zone ");
+            ap_text_str(&t, zone_txt);
+            ap_text_str(&t, ", velocity ");
+            ap_text_num(&t, vmax, 2);
+            ap_text_str(&t, " mm/s): ");
+            const channel_result *r = &res[best_c];
+            if (named) {
+                ap_text_str(&t, kind_words[best]);
+                ap_text_str(&t, ", envelope peak ");
+            } else {
+                ap_text_str(&t, "unspecified (no fault frequency stands out; strongest ");
+                ap_text_str(&t, kind_words[best]);
+                ap_text_str(&t, ": ");
+            }
+            ap_text_num(&t, r->peak_hz[best], 1);
+            ap_text_str(&t, " Hz (");
+            ap_text_str(&t, kind_freq[best]);
+            ap_text_str(&t, " ");
+            ap_text_num(&t, ff.f[best], 1);
+            ap_text_str(&t, " Hz) ");
+            ap_text_num(&t, r->env_amp[best], 4);
+            ap_text_str(&t, " g on ch");
+            ap_text_int(&t, best_c);
+            ap_text_str(&t, ", ");
+            ap_text_num(&t, r->peak_ratio[best], 1);
+            ap_text_str(&t, "x noise floor, ");
+            ap_text_num(&t, best_mean, 1);
+            ap_text_str(&t, "x over 3 harmonics");
+            if (!named) ap_text_str(&t, ")");
+            ap_event(sev, score, msg);
+            st.active_severity = sev;
+        }
+    } else if (st.active_severity >= 0 && st.below >= cfg.clear_windows) {
+        ap_text_str(&t, "bearing vibration back to baseline (score ");
+        ap_text_num(&t, score, 1);
+        ap_text_str(&t, ", ISO zone ");
+        ap_text_str(&t, zone_txt);
+        ap_text_str(&t, ")");
+        ap_event(AP_SEV_INFO, score, msg);
+        st.active_severity = -1;
+    }
+    return 0;
+}
