@@ -209,20 +209,35 @@ def main() -> int:
         wanted = {(i.module, i.name) for i in info.imports}
         if wanted & {("ap", "dsp_rfft"), ("ap", "dsp_irfft")}:
             imports.update(HostDsp(lambda: inst.memory(), AbiViolation).imports())   # numpy only if used
-        inst = backend.instantiate(wasm, int(load["stack_bytes"]), imports)
-        version = inst.call("ap_abi_version")
-        if version != 1:
-            return fault("load", f"module speaks ABI version {version}; this host implements version 1")
-        params = load["params"].encode()
-        ptr = guest_buffer(0, max(len(params), 1))
-        inst.memory()[ptr:ptr + len(params)] = params
-        rc = inst.call("ap_init", ptr, len(params))
-        if rc != 0:
-            errors = [m for lvl, m in calls.logs if lvl >= 3]
-            reason = errors[-1] if errors else f"ap_init returned {rc}"
-            return fault("params", f"module rejected its params: {reason}")
+
+        def start_instance() -> tuple[str, str] | None:
+            """Instantiate and ap_init; a (fault kind, reason) if the module cannot start."""
+            nonlocal inst
+            inst = backend.instantiate(wasm, int(load["stack_bytes"]), imports)
+            version = inst.call("ap_abi_version")
+            if version != 1:
+                return "load", f"module speaks ABI version {version}; this host implements version 1"
+            params = load["params"].encode()
+            ptr = guest_buffer(0, max(len(params), 1))
+            inst.memory()[ptr:ptr + len(params)] = params
+            rc = inst.call("ap_init", ptr, len(params))
+            if rc != 0:
+                errors = [m for lvl, m in calls.logs if lvl >= 3]
+                return "params", f"module rejected its params: {errors[-1] if errors else f'ap_init returned {rc}'}"
+            return None
+
+        problem = start_instance()
+        if problem:
+            return fault(*problem)
         has_state = all(info.export(n) is not None for n in ("ap_state_size", "ap_state_ptr", "ap_state_loaded"))
-        state_note = restore_state(base64.b64decode(load["state"])) if load.get("state") and has_state else ""
+        state_note = ""
+        if load.get("state") and has_state:
+            state_note = restore_state(base64.b64decode(load["state"]))
+            if state_note != "accepted":
+                # The refused blob now sits in the instance's memory: start a clean instance.
+                problem = start_instance()
+                if problem:
+                    return fault(*problem)
     except AbiViolation as exc:
         return fault("abi", str(exc))
     except MemoryError:
