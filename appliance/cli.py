@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     reset.add_argument("--config", default=str(DEFAULT_CONFIG))
     reset.set_defaults(func=cmd_baseline_reset)
 
+    ev2 = sub.add_parser("eval", help="evaluate modules on recorded data")
+    ev2.add_argument("what", choices=["bearing"], help="bearing: the bearing module on the CWRU recordings")
+    ev2.add_argument("rest", nargs=argparse.REMAINDER, help="options of that evaluation (--help)")
+    ev2.set_defaults(func=lambda a: __import__("appliance.evaluation", fromlist=["main"]).main(a.rest))
+
     args = p.parse_args(argv)
     return args.func(args)
 

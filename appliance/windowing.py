@@ -36,6 +36,8 @@ class Windower:
         return self._next_seq
 
     def push(self, block: Block) -> list[Window]:
+        if block.gap:
+            self.reset()   # a window across the gap would mix unrelated samples
         data = block.data if self.channels is None else block.data[self.channels]
         self._ref = (block.index, block.start_ns)
         if self._buf is None:

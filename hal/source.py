@@ -33,11 +33,14 @@ class Block:
     data is planar float32, shape (channels, frames). start_ns is the Unix time of the first
     sample; it is derived from the sample index, so it never goes backwards or jitters.
     index is the absolute index of the first frame since the source was opened.
+    gap is True when these samples do not continue the previous block's (the next recording
+    of a replay, samples lost in a FIFO overrun): windows must not span it.
     """
 
     data: np.ndarray
     start_ns: int
     index: int
+    gap: bool = False
 
     @property
     def frames(self) -> int:

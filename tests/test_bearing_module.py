@@ -7,28 +7,28 @@ ap.dsp_* kernels with numpy on the module's memory, as the worker does.
 
 Tolerances (measured figures in the comments where they are asserted):
   time-domain features (double in both)           relative 1e-9
-  spectral features, C float32 FFT vs float64      relative 2e-4 (amplitudes, ratios, floor)
-  host DSP (numpy complex64) vs C FFT               relative 1e-4 on every feature, same diagnosis
+  spectral features vs float64 numpy               relative 5e-5 (measured worst: 3e-6 with the C
+                                                   float32 FFT, 5e-7 with the host's complex64 one)
+  host DSP (numpy complex64) vs C FFT               relative 1e-4 on every feature (measured worst
+                                                   1.4e-6), identical diagnosis
+  score vs the reference Baseline                  relative 1e-4 (measured worst 1.4e-6)
   fault frequencies vs README multipliers           relative 2e-4
 """
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_file
 
 from appliance.modbuild import build_module
 from appliance.runtime.host import HEADER, WINDOW_MAGIC
-
-from conftest import shared_file
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "modules" / "src" / "bearing"
@@ -216,8 +216,7 @@ def test_features_match_reference_on_synthetic(wasm, host_dsp, channels, n, fs, 
     for seq in range(3):                     # 2 learning windows, then one scored window
         x = synthetic(channels, n, fs, fr, seed=seq)
         assert m.process(x, fs, seq) == 0, m.logs
-        worst = max(worst, assert_matches_reference(m.features, x, fs, params, rel=2e-4))
-    # Measured worst relative error of spectral features: ~1e-5 (C FFT), ~1e-6 (host).
+        worst = max(worst, assert_matches_reference(m.features, x, fs, params, rel=5e-5))
     assert m.features["diagnosis"] == 1, "the impulse train at BPFO is an outer-race fault"
     assert len(m.features) <= 256
     assert ("score" in m.features) and m.state_changes == 1
@@ -242,17 +241,25 @@ def test_features_match_reference_on_cwru_slice(wasm, host_dsp):
     worst = 0.0
     for seq, w in enumerate(windows(x[:WINDOW * 3])):
         assert m.process(w, FS, seq) == 0
-        worst = max(worst, assert_matches_reference(m.features, w[None], FS, params, rel=2e-4))
+        worst = max(worst, assert_matches_reference(m.features, w[None], FS, params, rel=5e-5))
     assert m.features["diagnosis"] == 1
     assert abs(m.features["shaft_hz"] - 1796 / 60) < 0.1
 
 
-def test_host_and_c_paths_agree(wasm):
-    """Same numbers within relative 1e-4 (absolute 1e-6 g near zero), same diagnosis."""
-    x = cwru("inner_race_007_0hp_12k.mat")
-    c, h = Bearing(wasm, CWRU_PARAMS, False), Bearing(wasm, CWRU_PARAMS, True)
+@pytest.mark.parametrize("source", ["synthetic", "cwru_inner"])
+def test_host_and_c_paths_agree(wasm, source):
+    """Same numbers within relative 1e-4 (absolute 1e-6 near zero), same diagnosis."""
+    if source == "synthetic":
+        params = {**GEOMETRY, "shaft.rpm_min": 1700, "shaft.rpm_max": 1850, "baseline.windows": 4}
+        wins = [synthetic(2, 4096, 12000.0, 1797 / 60, seed=s) for s in range(8)]
+        expected = 1
+    else:
+        params = CWRU_PARAMS
+        wins = [w[None] for w in windows(cwru("inner_race_007_0hp_12k.mat")[:WINDOW * 8])]
+        expected = 2
+    c, h = Bearing(wasm, params, False), Bearing(wasm, params, True)
     worst = 0.0
-    for seq, w in enumerate(windows(x[:WINDOW * 8])):
+    for seq, w in enumerate(wins):
         assert c.process(w, FS, seq) == 0 and h.process(w, FS, seq) == 0
         assert set(c.features) == set(h.features)
         for k, v in c.features.items():
@@ -261,9 +268,9 @@ def test_host_and_c_paths_agree(wasm):
             if abs(v) > 1e-6:
                 worst = max(worst, err)
         if "diagnosis" in c.features:
-            assert c.features["diagnosis"] == h.features["diagnosis"] == 2
-    assert c.events == [] and h.events == []   # a fault from the start is the baseline here
-    print(f"\nhost DSP vs C FFT: worst relative feature difference {worst:.2e}")
+            assert c.features["diagnosis"] == h.features["diagnosis"] == expected
+    assert c.events == h.events == []   # a fault present from the start is the baseline here
+    print(f"\nhost DSP vs C FFT ({source}): worst relative feature difference {worst:.2e}")
 
 
 def test_fault_frequencies_match_cwru_readme(wasm):
@@ -290,6 +297,7 @@ def test_fault_frequencies_match_cwru_readme(wasm):
     ({"bearing.pitch_diameter": 0.3}, "pitch diameter must exceed ball diameter"),
     ({"bearing.pitch_diameter": 0.3126}, "pitch diameter must exceed ball diameter"),
     ({"bearing.balls": 0}, "bearing.balls must be a whole number"),
+    ({"bearing.balls": -9}, "bearing.balls must be a whole number"),
     ({"bearing.balls": 8.5}, "bearing.balls must be a whole number"),
     ({"bearing.ball_diameter": -1}, "bearing.ball_diameter must be positive"),
     ({"bearing.contact_angle_deg": 90}, "contact_angle_deg must be in [0, 90)"),
@@ -326,6 +334,14 @@ def test_bad_windows_are_rejected(wasm):
     assert m.process(x, 12000) == -4
     x[0, 100] = 0
     assert m.process(x, 12000) == 0 and m.features["baseline.progress"] == pytest.approx(1 / 50)
+    # Absurd but finite numbers give empty bin ranges, not a wasm conversion trap.
+    for extra in ({"shaft.rpm": 1e300}, {"shaft.rpm": 1e-300}, {"velocity.high_hz": 1e300},
+                  {"shaft.rpm": None, "shaft.rpm_min": 1e-300, "shaft.rpm_max": 1e300}):
+        p = {**GEOMETRY, "shaft.rpm": 1797, **extra}
+        m3 = Bearing(wasm, {k: v for k, v in p.items() if v is not None})
+        assert m3.process(x, 12000) == 0, extra
+    m4 = Bearing(wasm, {**GEOMETRY, "shaft.rpm": 1797, "baseline.windows": 1e12}, init=False)
+    assert m4.init() != 0 and "baseline.windows must be in 2..1024" in m4.logs[-1][1]
 
 
 def test_iso_zone_boundaries(wasm):
@@ -371,37 +387,43 @@ def test_state_blob_round_trip_and_refusals(wasm):
     assert "baseline.progress" in b.features
 
 
-def test_cwru_detection_and_diagnosis(wasm):
+@pytest.mark.parametrize("speed", ["range", "fixed"])
+def test_cwru_detection_and_diagnosis(wasm, speed):
     """Baseline on the first half of the healthy recording (decimated 48 -> 12 kHz), saved as a
     blob; each other recording runs in a fresh instance restored from it, like a restarted worker.
-    One params set for all (CWRU_PARAMS: speed range 1700-1850 rpm, threshold 4 on the RMS z)."""
+    One params set for all (CWRU_PARAMS: speed range 1700-1850 rpm, threshold 4 on the RMS z);
+    the same with the speed fixed at 1797 rpm."""
     import scipy.signal
+    params = CWRU_PARAMS if speed == "range" else {
+        **{k: v for k, v in CWRU_PARAMS.items() if not k.startswith("shaft.")}, "shaft.rpm": 1797}
     normal = scipy.signal.decimate(cwru("normal_0hp_48k.mat"), 4, ftype="fir", zero_phase=True)
     half = len(normal) // 2
-    learn = Bearing(wasm, CWRU_PARAMS, True)
+    learn = Bearing(wasm, params, True)
     base = ref.Baseline(1)
-    for seq, w in enumerate(windows(normal[:half])[:CWRU_PARAMS["baseline.windows"]]):
+    for seq, w in enumerate(windows(normal[:half])[:params["baseline.windows"]]):
         assert learn.process(w, FS, seq) == 0
-        base.learn(ref.analyze(w[None].astype(np.float32), FS, CWRU_PARAMS))
+        base.learn(ref.analyze(w[None].astype(np.float32), FS, params))
     assert learn.state_changes == 1
     base.finish()
     blob = learn.state()
 
-    results = {}
+    results, agree = {}, {}
     for label, x in [("normal, second half", normal[half:]),
                      ("inner race", cwru("inner_race_007_0hp_12k.mat")),
                      ("outer race", cwru("outer_race_007_at6_0hp_12k.mat")),
                      ("ball", cwru("ball_007_0hp_12k.mat"))]:
-        m = Bearing(wasm, CWRU_PARAMS, True)
+        m = Bearing(wasm, params, True)
         assert m.load_state(blob) == 0
-        scores = []
+        scores, diagnoses = [], []
         for seq, w in enumerate(windows(x)):
             assert m.process(w, FS, seq) == 0
             scores.append(m.features["score"])
+            diagnoses.append(m.features["diagnosis"])
             if seq % 8 == 0:   # the score is the reference's (float32 FFT vs float64)
-                assert m.features["score"] == pytest.approx(base.score(ref.analyze(w[None].astype(np.float32), FS, CWRU_PARAMS)),
-                                                            rel=1e-3)
+                want = base.score(ref.analyze(w[None].astype(np.float32), FS, params))
+                assert m.features["score"] == pytest.approx(want, rel=1e-4)
         results[label] = (scores, m.events)
+        agree[label] = np.bincount(np.array(diagnoses, int), minlength=5)
 
     scores, events = results["normal, second half"]
     assert events == [], events
@@ -414,12 +436,15 @@ def test_cwru_detection_and_diagnosis(wasm):
         assert [e[0] for e in evs] == sorted({e[0] for e in evs}), evs   # severity only escalates
         if diagnosis:
             assert f"): {diagnosis}, envelope peak" in evs[0][2], evs[0][2]
-    print(f"\nCWRU: healthy max score {healthy_max:.2f}, fault min score {fault_min:.2f} (threshold "
-          f"{CWRU_PARAMS['threshold']})")
+            code = 2 if diagnosis == "inner race" else 1      # and (nearly) every window agrees
+            assert agree[label][code] >= 0.9 * agree[label].sum(), agree[label]
+    print(f"\nCWRU ({speed} speed): healthy max score {healthy_max:.2f}, fault min score {fault_min:.2f} (threshold "
+          f"{params['threshold']})")
     for label, (scores, evs) in results.items():
         print(f"  {label:<20} windows {len(scores):3d}  score {min(scores):6.2f}..{max(scores):6.2f}  "
+              f"diagnoses (unspec., outer, inner, ball, cage) {agree[label].tolist()}  "
               f"events {[e[2] for e in evs][:1]}")
-    assert healthy_max < CWRU_PARAMS["threshold"] * 0.7 and fault_min > 2 * CWRU_PARAMS["threshold"]
+    assert healthy_max < params["threshold"] * 0.7 and fault_min > 2 * params["threshold"]
 
 
 # ---- speed ----------------------------------------------------------------------------------
@@ -431,8 +456,13 @@ NATIVE_STUBS = r"""
 #include <string.h>
 int32_t bearing_ap_init(const char *params, int32_t len);
 __attribute__((weak)) void ap_host_state_changed(void) {}
-__attribute__((weak)) int32_t ap_host_rfft(const float *in, float *out, int32_t n) { (void)in; (void)out; (void)n; return -1; }
-__attribute__((weak)) int32_t ap_host_irfft(const float *in, float *out, int32_t n) { (void)in; (void)out; (void)n; return -1; }
+/* Never called: the harness does not pass host.dsp=1, so ap_rfft takes the C path. */
+__attribute__((weak)) int32_t ap_host_rfft(const float *in, float *out, int32_t n) {
+    (void)in; (void)out; (void)n; return -1;
+}
+__attribute__((weak)) int32_t ap_host_irfft(const float *in, float *out, int32_t n) {
+    (void)in; (void)out; (void)n; return -1;
+}
 int32_t ap_init(const char *params, int32_t len) {
     static char buf[4096];
     const char *extra = "bearing.balls=9\nbearing.ball_diameter=0.3126\nbearing.pitch_diameter=1.537\nshaft.rpm=1797\n";
@@ -468,20 +498,103 @@ def wasm3_rate(wasm: bytes, host_dsp: bool, n_windows: int) -> float:
     wins = [rng.standard_normal((1, 4096)).astype(np.float32) for _ in range(8)]
     for seq in range(10):                       # learn first: time the steady state
         m.process(wins[seq % 8], 25600.0, seq)
-    t0 = time.process_time()
-    for seq in range(n_windows):
-        m.process(wins[seq % 8], 25600.0, seq)
-    return n_windows * 4096 / (time.process_time() - t0)
+    best = math.inf
+    for _ in range(3):                          # best of three: shared machines are noisy
+        t0 = time.process_time()
+        for seq in range(n_windows):
+            m.process(wins[seq % 8], 25600.0, seq)
+        best = min(best, time.process_time() - t0)
+    return n_windows * 4096 / best
 
 
 def test_speed_one_channel_4096(wasm, tmp_path):
     """Samples/s of the full analysis, 1 channel x 4096 frames: wasm3 (C FFT), wasm3 + host FFT,
     native gcc -O2 (same source). Printed; asserted only loosely (shared CI machines)."""
     c_rate = wasm3_rate(wasm, False, 20)
-    host_rate = wasm3_rate(wasm, True, 100)
-    native = native_rate(tmp_path, 2000)
+    host_rate = wasm3_rate(wasm, True, 150)
+    native = native_rate(tmp_path, 3000)
     line = f"\nbearing 1 ch x 4096: wasm3 C FFT {c_rate / 1e6:.2f} Ms/s, wasm3 + host FFT {host_rate / 1e6:.2f} Ms/s"
     if native:
         line += f", native {native / 1e6:.1f} Ms/s (host path at {host_rate / native:.2f}x native)"
     print(line)
     assert host_rate > c_rate
+
+
+# ---- SDK helpers and hysteresis ---------------------------------------------------------------
+
+HELPERS_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#define AP_WINDOW_BYTES 64
+#include "ap_module.h"
+#include "ap_dsp.h"
+int32_t ap_init(const char *p, int32_t n) { (void)p; (void)n; return 0; }
+int32_t ap_process(const uint8_t *w, int32_t n) { (void)w; (void)n; return 0; }
+int main(void) {
+    double xs[] = {1e-300, 4.9e-324, 1e-12, 0.5, 0.7071, 1, 1.4142, 2, 2.718281828459045, 10, 12345.678, 1e300};
+    for (unsigned i = 0; i < sizeof xs / sizeof *xs; i++) printf("ln %.17g %.17g\n", xs[i], ap_ln(xs[i]));
+    for (int i = -20; i <= 20; i++) {
+        double s, c, x = i * 0.37;
+        ap_sincos(x, &s, &c);
+        printf("sc %.17g %.17g %.17g\n", x, s, c);
+    }
+    unsigned seed = 1;
+    for (int n = 1; n <= 40; n++) {
+        float a[64];
+        printf("med");
+        for (int i = 0; i < n; i++) {
+            seed = seed * 1103515245u + 12345u;
+            a[i] = (float)((seed >> 16) % 7);          /* many ties */
+            printf(" %g", a[i]);
+        }
+        printf(" = %.9g\n", ap_median_f32(a, n));
+    }
+    return 0;
+}
+"""
+
+
+def test_sdk_scalar_helpers_and_median(tmp_path):
+    """ap_ln, ap_sincos and ap_median_f32 (new in ap_dsp.h) against libm / numpy, natively."""
+    cc = shutil.which("gcc")
+    if cc is None:
+        pytest.skip("gcc not installed")
+    (tmp_path / "h.c").write_text(HELPERS_C)
+    subprocess.run([cc, "-O2", "-Wall", f"-I{REPO / 'modules' / 'sdk'}", str(tmp_path / "h.c"), "-o",
+                    str(tmp_path / "h")], check=True)
+    out = subprocess.run([str(tmp_path / "h")], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        kind, *rest = line.split()
+        if kind == "ln":
+            x, y = map(float, rest)
+            assert y == pytest.approx(math.log(x), rel=4e-16, abs=4e-16), line
+        elif kind == "sc":
+            x, s, c = map(float, rest)
+            assert abs(s - math.sin(x)) < 4e-16 and abs(c - math.cos(x)) < 4e-16, line
+        else:
+            vals, got = rest[:-2], float(rest[-1])
+            assert got == np.median(np.array(vals, dtype=float)), line
+
+
+def test_one_fault_one_event_story(wasm):
+    """Healthy, then a growing outer-race fault, then healthy again: one raise, escalations only
+    upwards, one clearing info event - no storm."""
+    params = {**GEOMETRY, "shaft.rpm": 1797, "baseline.windows": 10}
+    m = Bearing(wasm, params, True)
+    rng = np.random.default_rng(9)
+    fs, n = 12000.0, 4096
+    t = np.arange(n) / fs
+
+    def healthy():
+        return 0.2 * np.sin(2 * np.pi * 29.95 * t + rng.uniform(0, 6)) + 0.05 * rng.standard_normal(n)
+
+    levels = [0] * 12 + [0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7] + [1.0] * 3 + [0] * 6
+    for seq, level in enumerate(levels):
+        x = healthy() + (level * synthetic(1, n, fs, 1797 / 60, seed=seq)[0] if level else 0)
+        assert m.process(x, fs, seq) == 0
+    sev = [e[0] for e in m.events]
+    assert sev[-1] == 0 and "back to baseline" in m.events[-1][2], m.events
+    raised = sev[:-1]
+    assert raised and raised == sorted(set(raised)) and 0 not in raised, m.events
+    assert sev == [1, 2, 3, 0], m.events        # warning, alarm, critical as it grows; info
+    assert "outer race" in m.events[0][2] and "escalated" in m.events[-2][2], m.events

@@ -1,10 +1,11 @@
 """Recorded data played back as a source: .mat (e.g. the CWRU bearing data), .npy, .csv, .wav.
 
 All segments are loaded at open() (the files are small), converted to float32 planar
-(channels, frames) and joined end to end into one stream, so blocks have block_frames frames
-and DO span segment boundaries; only the very last block of a non-looping replay is short.
-With loop: true the stream wraps around (a block may span the end and the start) and the
-sample index keeps counting up, so timestamps never go backwards.
+(channels, frames) and joined end to end into one stream. Blocks have block_frames frames but
+never span two segments: the first block of each later segment is marked as a gap (its samples
+do not continue the previous ones), so no analysis window mixes two recordings. With loop: true
+the stream starts over after the last segment (again a gap) and the sample index keeps counting
+up, so timestamps never go backwards.
 """
 from __future__ import annotations
 
@@ -290,23 +291,19 @@ class ReplaySource(Source):
         if self._clock is None or self._data is None:
             raise RuntimeError(f"source {self.name!r}: read() before open()")
         total, want = self._data.shape[1], self.config.block_frames
-        if self._pos >= total and not self.config.loop:
-            if self.health[0] is not Health.ENDED:
-                self.set_health(Health.ENDED, f"replayed all {total} frames")
-            return None
-        if not self.config.loop:
-            data = self._data[:, self._pos:self._pos + want]
-            self._pos += data.shape[1]
-        else:
-            end = self._pos + want
-            if end <= total:
-                data = self._data[:, self._pos:end]
-            else:
-                data = np.take(self._data, np.arange(self._pos, end) % total, axis=1)
-            self._pos = end % total
+        gap = self._pos in self.segment_starts[1:]
+        if self._pos >= total:
+            if not self.config.loop:
+                if self.health[0] is not Health.ENDED:
+                    self.set_health(Health.ENDED, f"replayed all {total} frames")
+                return None
+            self._pos, gap = 0, True
+        next_start = next((s for s in self.segment_starts[1:] if s > self._pos), total)
+        data = self._data[:, self._pos:min(self._pos + want, next_start)]
+        self._pos += data.shape[1]
         data = np.array(data, dtype=np.float32, copy=True)  # consumers may keep or modify blocks
         start = self._index
         self._index += data.shape[1]
         if self.config.realtime:
             self._clock.wait_until(self._index, self._stop)
-        return Block(data=data, start_ns=self._clock.timestamp_ns(start), index=start)
+        return Block(data=data, start_ns=self._clock.timestamp_ns(start), index=start, gap=gap)

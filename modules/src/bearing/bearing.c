@@ -15,7 +15,7 @@
  * diagnosis.ratio and diagnosis.peak_hz. modules/src/bearing/reference.py is the same analysis in
  * numpy; tests/test_bearing_module.py holds the two together.
  *
- * Params (flattened keys, see module.yaml):
+ * Params (flattened keys, see modules/ABI.md "Params"):
  *   bearing.balls, bearing.ball_diameter, bearing.pitch_diameter   geometry (same length unit)
  *   bearing.contact_angle_deg                                      default 0
  *   shaft.rpm  or  shaft.rpm_min + shaft.rpm_max                   exactly one of the two
@@ -54,7 +54,8 @@ static const char *const kind_freq[N_KINDS] = {"BPFO", "BPFI", "2xBSF", "FTF"};
 
 /* ISO 20816-3:2022, Annex A, Table A.1 (group 1: large machines, 300 kW .. 50 MW) and Table A.2
  * (group 2: medium machines, 15 kW .. 300 kW): zone boundaries A/B, B/C, C/D of the broadband
- * velocity RMS in mm/s, for rigid and flexible foundations. Same values as ISO 10816-3:2009. */
+ * velocity RMS in mm/s (10..1000 Hz above 600 r/min), for rigid and flexible foundations. Same
+ * values as ISO 10816-3:2009. */
 static const double iso_bounds[2][2][3] = {
     {{2.3, 4.5, 7.1}, {3.5, 7.1, 11.0}},     /* group 1: rigid, flexible */
     {{1.4, 2.8, 4.5}, {2.3, 4.5, 7.1}},      /* group 2: rigid, flexible */
@@ -66,7 +67,8 @@ static struct {
     int fixed_rpm;
     double rpm, rpm_min, rpm_max;
     double vel_lo, vel_hi;
-    double env_lo, env_hi;              /* < 0: the default, fs/8 and 3fs/8 */
+    int env_lo_set, env_hi_set;         /* else the defaults fs/8 and 3fs/8 */
+    double env_lo, env_hi;
     int32_t iso_group, iso_flexible;
     int32_t baseline_windows, confirm, clear_windows;
     double threshold, clear_ratio, min_spread, min_ratio;
@@ -106,6 +108,8 @@ static float scratch[N_MAX / 2 + 1];    /* median selection reorders a copy */
 
 /* ---- params -------------------------------------------------------------------------------- */
 
+static void make_names(void);
+
 static int param_error(const char *what) {
     ap_log(AP_LOG_ERROR, what);
     return 1;
@@ -136,7 +140,7 @@ static uint32_t fnv(uint32_t h, const void *data, int32_t n) {
 static uint32_t params_hash(uint32_t channels, uint32_t frames, uint32_t nfeat) {
     double v[] = {(double)cfg.balls, cfg.ball_d, cfg.pitch_d, cfg.angle_deg, (double)cfg.fixed_rpm,
                   cfg.rpm, cfg.rpm_min, cfg.rpm_max, cfg.vel_lo, cfg.vel_hi, cfg.env_lo, cfg.env_hi};
-    uint32_t u[] = {STATE_VERSION, channels, frames, nfeat};
+    uint32_t u[] = {STATE_VERSION, channels, frames, nfeat, (uint32_t)cfg.env_lo_set, (uint32_t)cfg.env_hi_set};
     return fnv(fnv(2166136261u, v, sizeof v), u, sizeof u);
 }
 
@@ -145,7 +149,8 @@ static void reset_learning(void) {
     st.channels = st.frames = 0;
     st.above = st.below = 0;
     st.active_severity = -1;
-    memset(&blob, 0, sizeof blob);
+    static const state_blob empty;
+    blob = empty;
     blob.magic = STATE_MAGIC;
     blob.version = STATE_VERSION;
 }
@@ -168,20 +173,23 @@ int32_t ap_init(const char *params, int32_t len) {
     cfg.rpm_max = ap_param_f64(params, len, "shaft.rpm_max", 0, &bad);
     cfg.vel_lo = ap_param_f64(params, len, "velocity.low_hz", 10, &bad);
     cfg.vel_hi = ap_param_f64(params, len, "velocity.high_hz", 1000, &bad);
-    cfg.env_lo = ap_param_f64(params, len, "envelope.low_hz", -1, &bad);
-    cfg.env_hi = ap_param_f64(params, len, "envelope.high_hz", -1, &bad);
+    cfg.env_lo_set = has_param(params, len, "envelope.low_hz");
+    cfg.env_hi_set = has_param(params, len, "envelope.high_hz");
+    cfg.env_lo = ap_param_f64(params, len, "envelope.low_hz", 0, &bad);
+    cfg.env_hi = ap_param_f64(params, len, "envelope.high_hz", 0, &bad);
     double group = ap_param_f64(params, len, "iso.group", 2, &bad);
-    cfg.baseline_windows = (int32_t)ap_param_f64(params, len, "baseline.windows", 50, &bad);
+    /* Counts are range-checked as doubles: a wasm float-to-int conversion out of range traps. */
+    double windows = ap_param_f64(params, len, "baseline.windows", 50, &bad);
     cfg.threshold = ap_param_f64(params, len, "threshold", 4.0, &bad);
-    cfg.confirm = (int32_t)ap_param_f64(params, len, "confirm", 2, &bad);
+    double confirm = ap_param_f64(params, len, "confirm", 2, &bad);
     cfg.clear_ratio = ap_param_f64(params, len, "clear_ratio", 0.7, &bad);
-    cfg.clear_windows = (int32_t)ap_param_f64(params, len, "clear_windows", 5, &bad);
+    double clear_windows = ap_param_f64(params, len, "clear_windows", 5, &bad);
     cfg.min_spread = ap_param_f64(params, len, "min_spread", 0.05, &bad);
     cfg.min_ratio = ap_param_f64(params, len, "diagnosis.min_ratio", 3.0, &bad);
     if (bad) return param_error("a param is not a number");
 
-    if (!(balls >= 1) || balls != (double)(int32_t)balls || balls > 1000)
-        return param_error("bearing.balls must be a whole number of rolling elements, at least 1");
+    if (!(balls >= 1 && balls <= 1000) || balls != (double)(int32_t)balls)
+        return param_error("bearing.balls must be a whole number of rolling elements from 1 to 1000");
     cfg.balls = (int32_t)balls;
     if (!(cfg.ball_d > 0)) return param_error("bearing.ball_diameter must be positive");
     if (!(cfg.pitch_d > cfg.ball_d))
@@ -202,16 +210,21 @@ int32_t ap_init(const char *params, int32_t len) {
         !param_is(params, len, "iso.foundation", "flexible"))
         return param_error("iso.foundation must be rigid or flexible");
     cfg.iso_flexible = param_is(params, len, "iso.foundation", "flexible");
-    if (cfg.baseline_windows < 2 || cfg.baseline_windows > MAX_BASELINE)
+    if (!(windows >= 2 && windows <= MAX_BASELINE))
         return param_error("baseline.windows must be in 2..1024");
+    cfg.baseline_windows = (int32_t)windows;
     if (!(cfg.threshold > 0)) return param_error("threshold must be positive");
-    if (cfg.confirm < 1 || cfg.clear_windows < 1) return param_error("confirm and clear_windows must be at least 1");
+    if (!(confirm >= 1 && confirm <= 1e6 && clear_windows >= 1 && clear_windows <= 1e6))
+        return param_error("confirm and clear_windows must be in 1..1000000");
+    cfg.confirm = (int32_t)confirm;
+    cfg.clear_windows = (int32_t)clear_windows;
     if (!(cfg.clear_ratio > 0 && cfg.clear_ratio <= 1)) return param_error("clear_ratio must be in (0, 1]");
     if (!(cfg.min_spread >= 0)) return param_error("min_spread must not be negative");
     if (!(cfg.min_ratio > 0)) return param_error("diagnosis.min_ratio must be positive");
 
     double s;
     ap_sincos(cfg.angle_deg * (AP_PI / 180), &s, &cfg.cos_a);
+    make_names();
     reset_learning();
     return 0;
 }
@@ -282,11 +295,30 @@ static void fault_frequencies(double fr, fault_freqs *ff) {
     ff->f[K_CAGE] = ff->ftf;
 }
 
-static int64_t floor_i(double v) { int64_t i = (int64_t)v; return (double)i > v ? i - 1 : i; }
+/* floor() as an integer, saturating: wasm traps on an out-of-range conversion, and absurd but
+ * finite params (shaft.rpm=1e30) must give empty bin ranges, not a trap. */
+static int64_t floor_i(double v) {
+    if (!(v > -1e15)) return v != v ? 0 : -1000000000000000ll;
+    if (v > 1e15) return 1000000000000000ll;
+    int64_t i = (int64_t)v;
+    return (double)i > v ? i - 1 : i;
+}
 
-/* Shaft frequency: the largest |X_k| in [lo, hi] Hz, refined on the complex spectrum
- * (Jacobsen: delta = Re[(X_k-1 - X_k+1) / (2 X_k - X_k-1 - X_k+1)]); a parabola through |X|
- * is off by up to half a bin with the rectangular window, which BPFI x 3 would multiply. */
+/* Fractional offset of a spectral peak at bin k from the complex bins around it (Jacobsen:
+ * delta = Re[(X_k-1 - X_k+1) / (2 X_k - X_k-1 - X_k+1)], clamped to half a bin). Nearly unbiased
+ * for the rectangular window, where a parabola through |X| is off by up to half a bin. */
+static double jacobsen(const float *X, int32_t k) {
+    double ar = X[2 * k - 2], ai = X[2 * k - 1], br = X[2 * k], bi = X[2 * k + 1];
+    double cr = X[2 * k + 2], ci = X[2 * k + 3];
+    double nr = ar - cr, ni = ai - ci, dr = 2 * br - ar - cr, di = 2 * bi - ai - ci;
+    double den = dr * dr + di * di;
+    if (!(den > 0)) return 0;
+    double delta = (nr * dr + ni * di) / den;     /* Re(num / den) */
+    return delta < -0.5 ? -0.5 : delta > 0.5 ? 0.5 : delta;
+}
+
+/* Shaft frequency: the largest |X_k| in [lo, hi] Hz, refined by jacobsen() (a parabola through
+ * |X| would be off by up to half a bin, which BPFI x 3 multiplies). */
 static double estimate_shaft(const float *X, int32_t n, double bw, double lo, double hi) {
     int64_t klo = -floor_i(-lo / bw), khi = floor_i(hi / bw), k;
     if (klo < 1) klo = 1;
@@ -303,35 +335,46 @@ static double estimate_shaft(const float *X, int32_t n, double bw, double lo, do
             if (m > best) { best = m; k = j; }
         }
     }
-    double ar = X[2 * k - 2], ai = X[2 * k - 1], br = X[2 * k], bi = X[2 * k + 1];
-    double cr = X[2 * k + 2], ci = X[2 * k + 3];
-    double nr = ar - cr, ni = ai - ci, dr = 2 * br - ar - cr, di = 2 * bi - ai - ci;
-    double den = dr * dr + di * di, delta = 0;
-    if (den > 0) {
-        delta = (nr * dr + ni * di) / den;     /* Re(num / den) */
-        if (delta < -0.5) delta = -0.5;
-        if (delta > 0.5) delta = 0.5;
-    }
+    double delta = jacobsen(X, (int32_t)k);
     double f = ((double)k + delta) * bw;
     return f < lo ? lo : f > hi ? hi : f;
 }
 
-/* Time-domain statistics; leaves the mean-removed signal in xd. 0 if a sample is not finite. */
+/* Bins k in [kmin, kmax] with lo <= k*bw <= hi, as [*k0, *k1] (empty: *k0 > *k1). The same
+ * comparisons as a per-bin test, so the reference's masks give the same bins. */
+static void bin_range(double lo, double hi, double bw, int32_t kmin, int32_t kmax, int32_t *k0, int32_t *k1) {
+    double a = lo / bw, b = hi / bw;
+    int64_t i = a < kmin ? kmin : a > kmax + 1 ? kmax + 1 : floor_i(a);
+    while (i > kmin && (double)(i - 1) * bw >= lo) i--;
+    while (i <= kmax && (double)i * bw < lo) i++;
+    int64_t j = b > kmax ? kmax : b < kmin - 1 ? kmin - 1 : floor_i(b) + 1;
+    while (j >= kmin && (double)j * bw > hi) j--;
+    while (j < kmax && (double)(j + 1) * bw <= hi) j++;
+    *k0 = (int32_t)i;
+    *k1 = (int32_t)j;
+}
+
+/* Time-domain statistics; leaves the mean-removed signal in xd. 0 if a sample is not finite.
+ * Unrolled by 4 with separate sums: wasm3 interprets every loop step, so fewer steps count. */
 static int time_stats(const float *x, int32_t n, channel_result *r) {
-    double sum = 0;
-    for (int32_t i = 0; i < n; i++) sum += x[i];
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int32_t i = 0; i < n; i += 4) { s0 += x[i]; s1 += x[i + 1]; s2 += x[i + 2]; s3 += x[i + 3]; }
+    double sum = (s0 + s1) + (s2 + s3);
     if (!ap_isfinite(sum)) return 0;
-    double mean = sum / n, m2 = 0, m3 = 0, m4 = 0, peak = 0;
-    for (int32_t i = 0; i < n; i++) {
-        double d = x[i] - mean, d2 = d * d;
-        m2 += d2;
-        m3 += d2 * d;
-        m4 += d2 * d2;
-        double a = ap_fabs(d);
-        if (a > peak) peak = a;
+    double mean = sum / n, m2a = 0, m2b = 0, m3a = 0, m3b = 0, m4a = 0, m4b = 0;
+    double hi = -__builtin_inf(), lo = __builtin_inf();
+    for (int32_t i = 0; i < n; i += 2) {       /* n is a power of two >= 4 */
+        double d = x[i] - mean, e = x[i + 1] - mean, d2 = d * d, e2 = e * e;
+        m2a += d2; m2b += e2;
+        m3a += d2 * d; m3b += e2 * e;
+        m4a += d2 * d2; m4b += e2 * e2;
+        hi = d > hi ? d : hi; hi = e > hi ? e : hi;
+        lo = d < lo ? d : lo; lo = e < lo ? e : lo;
         xd[i] = (float)d;
+        xd[i + 1] = (float)e;
     }
-    m2 /= n; m3 /= n; m4 /= n;
+    double m2 = (m2a + m2b) / n, m3 = (m3a + m3b) / n, m4 = (m4a + m4b) / n;
+    double peak = hi > -lo ? hi : -lo;
     r->rms = ap_sqrt(m2);
     r->peak = peak;
     r->crest = r->rms > 0 ? peak / r->rms : 0;
@@ -340,36 +383,47 @@ static int time_stats(const float *x, int32_t n, channel_result *r) {
     return ap_isfinite(r->kurtosis) && ap_isfinite(r->skewness);
 }
 
-/* Velocity RMS and band energies from the spectrum in one pass (one-sided Parseval). */
-static void spectral_stats(int32_t n, double bw, channel_result *r) {
-    double vel = 0, bands[8] = {0};
-    double vhi = cfg.vel_hi;
-    int32_t per_band = n / 16;
-    for (int32_t k = 1; k < n / 2; k++) {
-        double p = (double)spec[2 * k] * spec[2 * k] + (double)spec[2 * k + 1] * spec[2 * k + 1];
-        bands[k / per_band] += p;
-        double f = (double)k * bw;
-        if (f >= cfg.vel_lo && f <= vhi) {
-            double g = G_TO_MM_S2 / (2 * AP_PI * f);   /* g -> mm/s^2, then / (2 pi f) integrates */
-            vel += p * g * g;
-        }
-    }
-    double scale = 2.0 / ((double)n * n);
-    r->velocity = ap_sqrt(scale * vel);
-    for (int b = 0; b < 8; b++) r->bands[b] = ap_sqrt(scale * bands[b]);
+static inline double power(const float *X, int32_t k) {
+    return (double)X[2 * k] * X[2 * k] + (double)X[2 * k + 1] * X[2 * k + 1];
 }
 
-/* Envelope spectrum of the band [lo, hi] Hz into amp[0..n/2]. */
-static void envelope_spectrum(int32_t n, double bw, double lo, double hi) {
-    int32_t m = n / 2;
-    for (int32_t k = 0; k <= m; k++) {
-        double f = (double)k * bw;
-        int in = f >= lo && f <= hi;
-        band[2 * k] = in ? spec[2 * k] : 0;
-        band[2 * k + 1] = in ? spec[2 * k + 1] : 0;
+/* Velocity RMS and band energies from the spectrum (one-sided Parseval). */
+static void spectral_stats(int32_t n, double bw, channel_result *r) {
+    int32_t k0, k1;
+    double scale = 2.0 / ((double)n * n);
+    for (int b = 0; b < 8; b++) {           /* b n/16 <= k < (b+1) n/16, exact for any n */
+        double e = 0;
+        for (int32_t k = b ? (b * n + 15) / 16 : 1; k < ((b + 1) * n + 15) / 16; k++) e += power(spec, k);
+        r->bands[b] = ap_sqrt(scale * e);
     }
+    /* V_k = X_k G / (2 pi f_k): g -> mm/s^2, then / (2 pi f) integrates to velocity. */
+    bin_range(cfg.vel_lo, cfg.vel_hi, bw, 1, n / 2 - 1, &k0, &k1);
+    double vel = 0;
+    for (int32_t k = k0; k <= k1; k++) {
+        double g = G_TO_MM_S2 / (2 * AP_PI * ((double)k * bw));
+        vel += power(spec, k) * g * g;
+    }
+    r->velocity = ap_sqrt(scale * vel);
+}
+
+/* Which bins of `band` may be non-zero: it stays zero outside them between windows. */
+static int32_t band_n, band_k0, band_k1 = -1;
+
+/* Envelope spectrum of the band [lo, hi] Hz; amplitudes A_k into amp[0..upto]. */
+static void envelope_spectrum(int32_t n, double bw, double lo, double hi, int32_t upto) {
+    int32_t m = n / 2, k0, k1;
+    bin_range(lo, hi, bw, 0, m, &k0, &k1);
+    if (band_n != n || k0 < band_k0 || k1 > band_k1) {
+        for (int32_t k = 0; k < n + 2; k++) band[k] = 0;
+        band_n = n;
+    }
+    for (int32_t k = band_k0; k < k0; k++) band[2 * k] = band[2 * k + 1] = 0;
+    for (int32_t k = k1 + 1; k <= band_k1; k++) band[2 * k] = band[2 * k + 1] = 0;
+    band_k0 = k0;
+    band_k1 = k1;
+    for (int32_t k = k0; k <= k1; k++) { band[2 * k] = spec[2 * k]; band[2 * k + 1] = spec[2 * k + 1]; }
     ap_irfft(band, xd, n);                          /* band-passed signal */
-    for (int32_t k = 0; k <= m; k++) {             /* -i (a + ib) = b - ia: Hilbert transform */
+    for (int32_t k = k0; k <= k1; k++) {           /* -i (a + ib) = b - ia: Hilbert transform */
         float re = band[2 * k];
         band[2 * k] = band[2 * k + 1];
         band[2 * k + 1] = -re;
@@ -384,11 +438,20 @@ static void envelope_spectrum(int32_t n, double bw, double lo, double hi) {
     float mean = (float)(sum / n);
     for (int32_t j = 0; j < n; j++) xd[j] -= mean;
     ap_rfft(xd, envspec, n);
+    /* Only the bins the floor and the harmonics look at. */
     double scale = 2.0 / n;
-    for (int32_t k = 0; k <= m; k++) {
-        double re = envspec[2 * k], im = envspec[2 * k + 1];
-        amp[k] = (float)(scale * ap_sqrt(re * re + im * im));
+    for (int32_t k = 0; k <= upto; k++) amp[k] = (float)(scale * ap_sqrt(power(envspec, k)));
+}
+
+/* The last envelope bin envelope_faults() reads: the floor's top and the highest harmonic. */
+static int32_t amp_bins(int32_t n, double bw, const fault_freqs *ff) {
+    double top = 5 * ff->bpfi;
+    for (int kd = 0; kd < N_KINDS; kd++) {
+        double t = HARMONICS * ff->f[kd], tol = bw > 0.01 * t ? bw : 0.01 * t;
+        if (t + tol > top) top = t + tol;
     }
+    double k = top / bw + 2;
+    return k >= n / 2 ? n / 2 : (int32_t)k;
 }
 
 /* Fault-frequency amplitudes, ratios to the median floor, and the h = 1 evidence. */
@@ -417,16 +480,7 @@ static void envelope_faults(int32_t n, double bw, const fault_freqs *ff, channel
             ratio_sum += ratio;
             if (h == 1) {
                 double hz = best >= 0 ? (double)best * bw : 0;
-                if (best >= 1 && best < m) {           /* parabola through the peak bin */
-                    double am = amp[best - 1], a0 = amp[best], ap = amp[best + 1];
-                    double den = am - 2 * a0 + ap;
-                    if (den < 0) {
-                        double delta = 0.5 * (am - ap) / den;
-                        if (delta < -0.5) delta = -0.5;
-                        if (delta > 0.5) delta = 0.5;
-                        hz = ((double)best + delta) * bw;
-                    }
-                }
+                if (best >= 1 && best < m) hz = ((double)best + jacobsen(envspec, (int32_t)best)) * bw;
                 r->env_amp[kd] = a;
                 r->peak_hz[kd] = hz;
                 r->peak_ratio[kd] = ratio;
@@ -494,31 +548,34 @@ static int32_t severity_for(double score) {
 
 /* ---- reporting ------------------------------------------------------------------------------ */
 
-static void feature_ch(uint32_t c, const char *name, double v) {
-    char buf[48];
-    ap_text t = {buf, sizeof buf, 0};
-    ap_text_str(&t, "ch");
-    ap_text_int(&t, c);
-    ap_text_str(&t, ".");
-    ap_text_str(&t, name);
-    ap_feature(buf, v);
+/* Per-channel feature names, in report order; "ch<c>." is prefixed once, in ap_init. */
+#define N_CH_FEATURES 23
+static const char *const ch_feature_names[N_CH_FEATURES] = {
+    "rms", "peak", "crest", "kurtosis", "skewness", "velocity_rms",
+    "band0", "band1", "band2", "band3", "band4", "band5", "band6", "band7",
+    "env.outer", "env.inner", "env.ball", "env.cage",
+    "env.outer.ratio", "env.inner.ratio", "env.ball.ratio", "env.cage.ratio", "env.floor"};
+static char ch_names[AP_MAX_CHANNELS][N_CH_FEATURES][24];
+static int32_t ch_name_len[AP_MAX_CHANNELS][N_CH_FEATURES];
+
+static void make_names(void) {
+    for (uint32_t c = 0; c < AP_MAX_CHANNELS; c++)
+        for (int i = 0; i < N_CH_FEATURES; i++) {
+            ap_text t = {ch_names[c][i], sizeof ch_names[c][i], 0};
+            ap_text_str(&t, "ch");
+            ap_text_int(&t, c);
+            ap_text_str(&t, ".");
+            ap_text_str(&t, ch_feature_names[i]);
+            ch_name_len[c][i] = t.len;
+        }
 }
 
 static void report_channel(uint32_t c, const channel_result *r) {
-    static const char *const bands[8] = {"band0", "band1", "band2", "band3", "band4", "band5", "band6", "band7"};
-    static const char *const amps[N_KINDS] = {"env.outer", "env.inner", "env.ball", "env.cage"};
-    static const char *const ratios[N_KINDS] = {"env.outer.ratio", "env.inner.ratio", "env.ball.ratio",
-                                                "env.cage.ratio"};
-    feature_ch(c, "rms", r->rms);
-    feature_ch(c, "peak", r->peak);
-    feature_ch(c, "crest", r->crest);
-    feature_ch(c, "kurtosis", r->kurtosis);
-    feature_ch(c, "skewness", r->skewness);
-    feature_ch(c, "velocity_rms", r->velocity);
-    for (int b = 0; b < 8; b++) feature_ch(c, bands[b], r->bands[b]);
-    for (int k = 0; k < N_KINDS; k++) feature_ch(c, amps[k], r->env_amp[k]);
-    for (int k = 0; k < N_KINDS; k++) feature_ch(c, ratios[k], r->env_ratio[k]);
-    feature_ch(c, "env.floor", r->env_floor);
+    double v[N_CH_FEATURES] = {r->rms, r->peak, r->crest, r->kurtosis, r->skewness, r->velocity};
+    for (int b = 0; b < 8; b++) v[6 + b] = r->bands[b];
+    for (int k = 0; k < N_KINDS; k++) { v[14 + k] = r->env_amp[k]; v[18 + k] = r->env_ratio[k]; }
+    v[22] = r->env_floor;
+    for (int i = 0; i < N_CH_FEATURES; i++) ap_host_feature(ch_names[c][i], ch_name_len[c][i], v[i]);
 }
 
 static channel_result res[AP_MAX_CHANNELS];
@@ -535,14 +592,14 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     }
     double fs = h->sample_rate;
     if (!(fs > 0) || !ap_isfinite(fs)) { ap_log(AP_LOG_ERROR, "sample rate must be positive"); return -3; }
-    double env_lo = cfg.env_lo >= 0 ? cfg.env_lo : fs / 8, env_hi = cfg.env_hi >= 0 ? cfg.env_hi : 3 * fs / 8;
+    double env_lo = cfg.env_lo_set ? cfg.env_lo : fs / 8, env_hi = cfg.env_hi_set ? cfg.env_hi : 3 * fs / 8;
     if (!(env_lo > 0 && env_lo < env_hi && env_hi < fs / 2)) {
         ap_log(AP_LOG_ERROR, "envelope band must satisfy 0 < envelope.low_hz < envelope.high_hz < fs/2");
         return -3;
     }
     double bw = fs / n;
 
-    fault_freqs ff;
+    fault_freqs ff = {0};   /* set on channel 0 (ap_window_open ensures one) */
     for (uint32_t c = 0; c < channels; c++) {
         channel_result *r = &res[c];
         if (!time_stats(ap_window_channel(h, c), n, r)) {
@@ -555,7 +612,7 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
             fault_frequencies(cfg.fixed_rpm ? cfg.rpm / 60
                                             : estimate_shaft(spec, n, bw, cfg.rpm_min / 60, cfg.rpm_max / 60), &ff);
         spectral_stats(n, bw, r);
-        envelope_spectrum(n, bw, env_lo, env_hi);
+        envelope_spectrum(n, bw, env_lo, env_hi, amp_bins(n, bw, &ff));
         envelope_faults(n, bw, &ff, r);
     }
 

@@ -47,6 +47,14 @@ def fault_frequencies(fr: float, balls: int, ball_d: float, pitch_d: float, angl
             "outer": bpfo, "inner": bpfi, "cage": ftf}
 
 
+def _jacobsen(X: np.ndarray, k: int) -> float:
+    """Fractional peak offset from the complex bins k-1, k, k+1, clamped to half a bin."""
+    den = 2 * X[k] - X[k - 1] - X[k + 1]
+    if not abs(den) > 0:
+        return 0.0
+    return min(max(float(np.real((X[k - 1] - X[k + 1]) / den)), -0.5), 0.5)
+
+
 def estimate_shaft_hz(X: np.ndarray, fs: float, n: int, lo_hz: float, hi_hz: float) -> float:
     """Largest |X_k| with f_k in [lo, hi], refined by parabolic interpolation on the complex
     spectrum (Jacobsen: delta = Re[(X_k-1 - X_k+1) / (2 X_k - X_k-1 - X_k+1)]), which is nearly
@@ -58,11 +66,7 @@ def estimate_shaft_hz(X: np.ndarray, fs: float, n: int, lo_hz: float, hi_hz: flo
         k = min(max(math.floor((lo_hz + hi_hz) / 2 / bw + 0.5), 1), n // 2 - 1)
     else:
         k = klo + int(np.argmax(np.abs(X[klo:khi + 1])))
-    delta = 0.0
-    den = 2 * X[k] - X[k - 1] - X[k + 1]
-    if abs(den) > 0:
-        delta = float(np.real((X[k - 1] - X[k + 1]) / den))
-        delta = min(max(delta, -0.5), 0.5)
+    delta = _jacobsen(X, k)
     return min(max((k + delta) * bw, lo_hz), hi_hz)
 
 
@@ -71,7 +75,7 @@ def _onesided_rms(bins: np.ndarray, n: int) -> float:
 
 
 def _median_floor(A: np.ndarray, n: int, bpfi_hz: float, bw: float) -> float:
-    hi = min(n // 2, int(math.floor(5 * bpfi_hz / bw)))
+    hi = min(n // 2, math.floor(5 * bpfi_hz / bw))
     seg = A[2:hi + 1]
     return float(np.median(seg)) if seg.size else 0.0
 
@@ -84,7 +88,7 @@ def iso_zone(velocity_rms: float, group: int = 2, foundation: str = "rigid") -> 
 def analyze(x: np.ndarray, fs: float, params: dict) -> dict:
     """Features of one window x (channels, frames), as bearing.c reports them (plus the
     diagnosis the module reports only once its baseline is learned), and "_peaks":
-    per channel and kind the envelope peak (bin-interpolated Hz, amplitude g, h=1 ratio)."""
+    per channel and kind the envelope peak (Hz refined by _jacobsen, amplitude g, h=1 ratio)."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 1:
         x = x[None, :]
@@ -137,8 +141,9 @@ def analyze(x: np.ndarray, fs: float, params: dict) -> dict:
         V = X[vel_band] * G_TO_MM_S2 / (2 * np.pi * f[vel_band])
         out[p + "velocity_rms"] = _onesided_rms(V, n)
         vmax = max(vmax, out[p + "velocity_rms"])
+        kb = np.arange(1, n // 2)                  # band b: b n/16 <= k < (b+1) n/16
         for b in range(8):
-            out[p + f"band{b}"] = _onesided_rms(X[max(1, b * n // 16):(b + 1) * n // 16], n)
+            out[p + f"band{b}"] = _onesided_rms(X[kb[16 * kb // n == b]], n)
         Xm = np.where(env_band, X, 0)
         xb = np.fft.irfft(Xm, n)
         xh = np.fft.irfft(-1j * Xm, n)
@@ -163,12 +168,7 @@ def analyze(x: np.ndarray, fs: float, params: dict) -> dict:
                 ratios.append(ratio)
                 if h == 1:
                     out[p + f"env.{kind}"] = amp
-                    hz = kk * bw
-                    if 1 <= kk < n // 2:
-                        a, b_, cc = A[kk - 1], A[kk], A[kk + 1]
-                        den = a - 2 * b_ + cc
-                        if den < 0:
-                            hz = (kk + min(max(0.5 * (a - cc) / den, -0.5), 0.5)) * bw
+                    hz = (kk + _jacobsen(E, kk)) * bw if 1 <= kk < n // 2 else kk * bw
                     chpeaks[kind] = (hz if kk >= 0 else 0.0, amp, ratio)
             out[p + f"env.{kind}.ratio"] = float(np.mean(ratios))
         peaks.append(chpeaks)
