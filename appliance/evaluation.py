@@ -84,7 +84,8 @@ def expected_of(path: Path) -> str | None:
     return None
 
 
-def run_one(template: dict, healthy: Path, target: Path, start_s: float | None, fs: int, workdir: Path) -> FileResult:
+def run_one(template: dict, healthy: Path, target: Path, start_s: float | None, fs: int, workdir: Path,
+            wasm: Path | None = None) -> FileResult:
     """One supervisor run: baseline segment, then the target; tally the target's windows."""
     from appliance.supervisor import Supervisor
 
@@ -101,7 +102,7 @@ def run_one(template: dict, healthy: Path, target: Path, start_s: float | None, 
         {"path": str(target), "sample_rate": healthy_fs, "decimate": decimate, "start_s": start_s},
     ]
     (module_name, module), = doc["modules"].items()
-    module["wasm"] = str((EVAL_CONFIG.parent / module["wasm"]).resolve())   # the copy lives elsewhere
+    module["wasm"] = str(wasm or (EVAL_CONFIG.parent / module["wasm"]).resolve())   # the copy lives elsewhere
     module["window"]["size"] = _window_for(fs, module["window"]["size"])
     module["window"]["hop"] = module["window"]["size"] // 2
     workdir.mkdir(parents=True, exist_ok=True)
@@ -110,8 +111,9 @@ def run_one(template: dict, healthy: Path, target: Path, start_s: float | None, 
     cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     cfg = load_config(cfg_path)
 
-    result = FileResult(target.stem if start_s is None else f"{target.stem} (2nd half)", fs, expected_of(target)
-                        if start_s is None else None)
+    healthy_half = start_s is not None
+    result = FileResult(f"{target.stem} (2nd half at {fs // 1000}k)" if healthy_half else target.stem, fs,
+                        None if healthy_half else expected_of(target))
     sup = Supervisor(cfg)
     host = sup.modules[module_name]
     size, hop = cfg.modules[module_name].window.size, cfg.modules[module_name].window.hop_frames
@@ -159,7 +161,7 @@ def _window_for(fs: int, size_at_12k: int) -> int:
     return 1 << (size.bit_length() - 1)
 
 
-def evaluate(data_dir: Path, healthy_name: str = "normal_0hp_48k.mat") -> list[FileResult]:
+def evaluate(data_dir: Path, healthy_name: str = "normal_0hp_48k.mat", wasm: Path | None = None) -> list[FileResult]:
     healthy = data_dir / healthy_name
     if not healthy.exists():
         raise FileNotFoundError(f"healthy recording not found: {healthy}")
@@ -169,9 +171,10 @@ def evaluate(data_dir: Path, healthy_name: str = "normal_0hp_48k.mat") -> list[F
         workdir = Path(tmp)
         targets = sorted(p for p in data_dir.glob("*.mat") if p != healthy)
         for fs in sorted({sample_rate_of(p) for p in targets}):
-            results.append(run_one(template, healthy, healthy, _duration_s(healthy) / 2, fs, workdir / f"h{fs}"))
+            results.append(run_one(template, healthy, healthy, _duration_s(healthy) / 2, fs, workdir / f"h{fs}", wasm))
         for target in targets:
-            results.append(run_one(template, healthy, target, None, sample_rate_of(target), workdir / target.stem))
+            results.append(run_one(template, healthy, target, None, sample_rate_of(target), workdir / target.stem,
+                                   wasm))
     return results
 
 
@@ -189,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="appliance eval bearing", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of CWRU-style .mat files")
     p.add_argument("--healthy", default="normal_0hp_48k.mat", help="the healthy recording in that folder")
+    p.add_argument("--wasm", type=Path, help="the module to evaluate (default: the one configs/cwru-eval.yaml names)")
     args = p.parse_args(argv)
-    results = evaluate(args.data, args.healthy)
+    results = evaluate(args.data, args.healthy, args.wasm)
     print(table(results))
     for r in results:
         for e in r.alarms[:3]:

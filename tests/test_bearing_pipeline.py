@@ -1,0 +1,106 @@
+"""The bearing module in the appliance: evaluation on real data, host DSP through the worker,
+and params the module refuses at validate time."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from appliance.config import module_params_text, load_config
+from appliance.modbuild import build_module
+from appliance.runtime.host import HEADER, WINDOW_MAGIC, WorkerProcess, load_message
+
+from conftest import REPO, shared_file
+
+CWRU_CONFIG = REPO / "configs" / "cwru-eval.yaml"
+
+
+@pytest.fixture(scope="module")
+def bearing_wasm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bearing") / "bearing.wasm"
+    result = build_module(REPO / "modules" / "src" / "bearing", out)
+    assert not result.problems, result.problems
+    return out
+
+
+def test_evaluation_on_cwru(bearing_wasm):
+    from appliance import evaluation
+    data = shared_file("bearing", "cwru", "normal_0hp_48k.mat").parent
+    results = {r.name: r for r in evaluation.evaluate(data, wasm=bearing_wasm)}
+    print("\n" + evaluation.table(list(results.values())))
+    healthy = [r for r in results.values() if r.expected is None]
+    assert len(healthy) == 2 and all(r.windows > 10 and not r.alarms for r in healthy)
+    for name, r in results.items():
+        if r.expected is not None:
+            assert r.alarms, f"{name} not flagged"
+            assert r.anomaly_rate > 0.9
+        if r.expected in ("inner race", "outer race"):
+            assert r.diagnosis == r.expected, (name, r.diagnosis)
+            assert r.alarms[0]["severity"] == "critical"
+            assert len(r.alarms) == 1   # one fault, one event story (no storm)
+
+
+def cwru_windows(n_windows: int, size: int = 4096) -> list[np.ndarray]:
+    import scipy.io
+    data = scipy.io.loadmat(shared_file("bearing", "cwru", "outer_race_007_at6_0hp_12k.mat"))
+    x = next(v for k, v in data.items() if k.endswith("_DE_time"))[:, 0].astype(np.float32)
+    return [x[i * size:(i + 1) * size][None] for i in range(n_windows)]
+
+
+def test_host_dsp_and_wasm_fft_agree_through_the_worker(bearing_wasm):
+    cfg = load_config(CWRU_CONFIG)
+    module = cfg.modules["bearing"]
+    params = {dsp: module_params_text(module.model_copy(update={"host_dsp": dsp})).replace(
+        "baseline.windows=12", "baseline.windows=3") for dsp in (False, True)}
+    assert "host.dsp=1" in params[True] and "host.dsp=0" in params[False]
+    features = {}
+    for dsp, text in params.items():
+        worker = WorkerProcess("bearing", bearing_wasm.read_bytes(), HEADER.size + 4 * 4096,
+                               load_message("bearing.wasm", text))
+        try:
+            for seq, w in enumerate(cwru_windows(5)):
+                header = HEADER.pack(WINDOW_MAGIC, HEADER.size, 1, 1, 4096, 12000.0, seq, 0, 0, 0)
+                reply = worker.process(header, w, 10.0)
+                assert reply["rc"] == 0
+        finally:
+            worker.stop()
+        features[dsp] = reply["f"]
+    c, host = features[False], features[True]
+    assert set(c) == set(host) and len(c) > 30
+    for name in c:
+        assert host[name] == pytest.approx(c[name], rel=1e-4, abs=1e-9), name
+    assert c["diagnosis"] == host["diagnosis"] == 1   # outer race
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pitch_diameter": 0.3}, "pitch diameter must exceed ball diameter"),
+    ({"balls": 0}, "bearing.balls"),
+])
+def test_impossible_geometry_is_refused_at_validate(tmp_path, bearing_wasm, change, message):
+    doc = yaml.safe_load(CWRU_CONFIG.read_text())
+    doc["modules"]["bearing"]["wasm"] = str(bearing_wasm)
+    doc["modules"]["bearing"]["params"]["bearing"].update(change)
+    for seg in doc["sources"]["drive_end"]["segments"]:
+        seg["path"] = str((CWRU_CONFIG.parent / seg["path"]).resolve())
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    shared_file("bearing", "cwru", "normal_0hp_48k.mat")
+    proc = subprocess.run([sys.executable, "-m", "appliance", "validate", str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2, proc.stdout
+    line = next(i + 1 for i, text in enumerate(path.read_text().splitlines()) if text.strip() == "params:")
+    assert f"{path}:{line}:5: modules.bearing.params: module rejected its params:" in proc.stderr, proc.stderr
+    assert message in proc.stderr
+
+
+def test_negative_speed_is_refused(tmp_path, bearing_wasm):
+    cfg = load_config(CWRU_CONFIG)
+    text = module_params_text(cfg.modules["bearing"]).replace("shaft.rpm_max=1850\nshaft.rpm_min=1700\n",
+                                                              "shaft.rpm=-1797\n")
+    from appliance.runtime.host import ModuleFault
+    with pytest.raises(ModuleFault) as info:
+        WorkerProcess("bearing", bearing_wasm.read_bytes(), 4096, load_message("bearing.wasm", text))
+    assert info.value.kind == "params" and "rpm" in info.value.reason
