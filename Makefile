@@ -43,6 +43,7 @@ test: modules
 
 bench: modules
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench_bearing.py
 
 clean:
 	rm -rf modules/build var .pytest_cache

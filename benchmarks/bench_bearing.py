@@ -1,0 +1,115 @@
+"""The full bearing analysis (modules/src/bearing), samples per CPU-second on one core:
+
+  wasm3, C FFT       the module alone in a worker, its own FFT (host_dsp: false)
+  wasm3 + host DSP   the module in a worker, FFTs by the host (numpy on the module's memory)
+  native C           the same bearing.c, gcc -O2
+  numpy              modules/src/bearing/reference.py (the tests' reference implementation)
+
+Windows: CHANNELS channels x 4096 frames at 12.8 kHz, after the baseline is learned.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "modules" / "src" / "bearing"))
+
+from appliance.modbuild import build_module  # noqa: E402
+from appliance.runtime.host import HEADER, WINDOW_MAGIC, WorkerProcess, load_message  # noqa: E402
+
+FRAMES, FS = 4096, 12800.0
+PARAMS = {"bearing.balls": 9, "bearing.ball_diameter": 0.3126, "bearing.pitch_diameter": 1.537,
+          "shaft.rpm": 1797, "baseline.windows": 10, "threshold": 4}
+
+
+def cpu_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def params_text(host_dsp: bool) -> str:
+    items = dict(PARAMS, **{"host.dsp": int(host_dsp)})
+    return "".join(f"{k}={v}\n" for k, v in sorted(items.items()))
+
+
+def worker_rate(wasm: bytes, host_dsp: bool, channels: int, n: int) -> float:
+    rng = np.random.default_rng(3)
+    wins = [rng.standard_normal((channels, FRAMES)).astype(np.float32) for _ in range(8)]
+    worker = WorkerProcess("bench", wasm, HEADER.size + wins[0].nbytes, load_message("bearing.wasm",
+                                                                                      params_text(host_dsp)))
+    try:
+        def run(count, first):
+            for seq in range(first, first + count):
+                header = HEADER.pack(WINDOW_MAGIC, HEADER.size, 1, channels, FRAMES, FS, seq, 0, 0, 0)
+                assert worker.process(header, wins[seq % 8], 30.0)["rc"] == 0
+        run(12, 0)                                   # learn the baseline first: time the steady state
+        cpu0, wcpu0 = self_cpu(), cpu_of(worker.pid)
+        run(n, 12)
+        cpu = self_cpu() - cpu0 + cpu_of(worker.pid) - wcpu0
+    finally:
+        worker.stop()
+    return n * channels * FRAMES / cpu
+
+
+def native_rate(channels: int, n: int) -> float | None:
+    cc = shutil.which("gcc")
+    if cc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        obj, exe = Path(tmp) / "bearing.o", Path(tmp) / "bearing_native"
+        subprocess.run([cc, "-O2", "-c", f"-I{REPO / 'modules' / 'sdk'}", "-Dap_init=bearing_ap_init",
+                        str(REPO / "modules/src/bearing/bearing.c"), "-o", str(obj)], check=True)
+        subprocess.run([cc, "-O2", str(obj), str(REPO / "benchmarks/native/bearing_stubs.c"),
+                        str(REPO / "benchmarks/native/native_host.c"), "-lm", "-o", str(exe)], check=True)
+        out = subprocess.run([str(exe), str(channels), str(FRAMES), str(n)], capture_output=True, text=True,
+                             check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["samples_per_s"]
+
+
+def numpy_rate(channels: int, n: int) -> float:
+    import reference
+    rng = np.random.default_rng(3)
+    wins = [rng.standard_normal((channels, FRAMES)).astype(np.float32) for _ in range(8)]
+    cpu0 = self_cpu()
+    for i in range(n):
+        reference.analyze(wins[i % 8], FS, PARAMS)
+    return n * channels * FRAMES / (self_cpu() - cpu0)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        wasm = build_module(REPO / "modules" / "src" / "bearing", Path(tmp) / "bearing.wasm").out.read_bytes()
+    print(f"\nbearing: full analysis (features, velocity, bands, envelope spectrum, baseline score), "
+          f"windows of {FRAMES} frames at {FS / 1000:g} kHz; M samples per CPU-second, one core")
+    print(f"{'channels':>8}  {'wasm3 C FFT':>12} {'wasm3+host':>11} {'native C':>9} {'numpy':>7}   "
+          f"{'host/native':>11} {'host/C-FFT':>10}")
+    for channels in (1, 4):
+        c = worker_rate(wasm, False, channels, 20)
+        host = worker_rate(wasm, True, channels, 200)
+        native = native_rate(channels, 2000)
+        ref = numpy_rate(channels, 100)
+        nat = f"{native / 1e6:9.1f}" if native else f"{'-':>9}"
+        ratio = f"{host / native:10.2f}x" if native else f"{'-':>11}"
+        print(f"{channels:>8}  {c / 1e6:>12.2f} {host / 1e6:>11.2f} {nat} {ref / 1e6:>7.2f}   {ratio} "
+              f"{host / c:>9.1f}x")
+    print("target (issue 3): wasm3 + host DSP >= 0.5x native and >= 20 M samples/s per core")
+
+
+if __name__ == "__main__":
+    main()
