@@ -23,6 +23,7 @@ def load_builtin_sources() -> None:
     # Importing the modules runs their @register_source decorators.
     import hal.sources.sim_vibration  # noqa: F401
     import hal.sources.replay  # noqa: F401
+    import hal.sources.iio  # noqa: F401
 
 
 def open_source(name: str, config) -> Source:
