@@ -24,6 +24,7 @@ def load_builtin_sources() -> None:
     import hal.sources.sim_vibration  # noqa: F401
     import hal.sources.replay  # noqa: F401
     import hal.sources.iio  # noqa: F401
+    import hal.sources.i2c_accel  # noqa: F401
 
 
 def open_source(name: str, config) -> Source:
