@@ -7,6 +7,7 @@ names come from the config file, the reasons and kinds from fixed lists in this 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
 
 from appliance import __version__
 
@@ -16,6 +17,23 @@ CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
 FAULT_KINDS = ("trap", "deadline", "crash", "load", "abi", "params", "memory", "engine", "protocol")
 DROP_REASONS = ("overflow", "unavailable", "fault", "stopped")
 SEVERITIES = ("info", "warning", "alarm", "critical")
+
+
+class SourceCounters:
+    """Collects each driver's own counters at scrape time (bounded: a driver declares them)."""
+
+    def __init__(self, sources: dict) -> None:
+        self.sources = sources
+
+    def collect(self):
+        family = CounterMetricFamily("appliance_source_driver_events",
+                                     "Driver-specific events: FIFO overruns, Modbus timeouts, CRC errors and "
+                                     "exception responses, NMEA bad lines and checksums, ...",
+                                     labels=["source", "event"])
+        for name, source in self.sources.items():
+            for counter in source.COUNTERS:
+                family.add_metric([name, counter], float(getattr(source, counter, 0) or 0))
+        yield family
 
 
 class Metrics:

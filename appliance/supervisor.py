@@ -17,7 +17,7 @@ from typing import Any
 
 from appliance.config import AppConfig
 from appliance.events import Spool, iso_time, make_event
-from appliance.metrics import Metrics
+from appliance.metrics import Metrics, SourceCounters
 from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState
 from appliance.windowing import Window, Windower
 from hal.registry import open_source
@@ -60,6 +60,7 @@ class Supervisor:
             self.sources[name] = open_source(name, scfg)
             self.pipelines[name] = []
             self.metrics.declare_source(name)
+        self.metrics.registry.register(SourceCounters(self.sources))
         for name, mcfg in cfg.modules.items():
             source = self.sources[mcfg.source]
             info = source.info
@@ -96,6 +97,8 @@ class Supervisor:
     def stop(self, drain_s: float = 1.0) -> None:
         """Stop reading, give the modules a bounded time to finish queued windows, stop them."""
         self._stop.set()
+        for source in self.sources.values():
+            self._close_quietly(source)   # wakes a reader blocked in read()
         for t in self._threads:
             t.join(2.0)
         end = time.monotonic() + drain_s
@@ -104,11 +107,6 @@ class Supervisor:
                 host.wait_idle(max(0.0, end - time.monotonic()))
         for host in self.modules.values():
             host.stop()
-        for source in self.sources.values():
-            try:
-                source.close()
-            except Exception:  # closing is best effort; the process is going away
-                log.exception("closing source %s", source.name)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -119,6 +117,13 @@ class Supervisor:
                 self.metrics.events_lost.inc()
                 log.error("spool: event never committed, logged here instead: %s", json.dumps(event))
         self.spool.close()
+
+    @staticmethod
+    def _close_quietly(source: Source) -> None:
+        try:
+            source.close()
+        except Exception:  # closing is best effort; the process is going away
+            log.exception("closing source %s", source.name)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -173,6 +178,8 @@ class Supervisor:
                         for window in p.windower.push(block):
                             p.module.submit(window)
             except Exception as exc:  # any driver failure: count, report, back off, reopen
+                if self._stop.is_set():
+                    return   # stop() closed the source under a blocked read: not a failure
                 self.metrics.source_errors.labels(name).inc()
                 up.set(0)
                 source.set_health(Health.FAILED, f"{type(exc).__name__}: {exc}")

@@ -53,6 +53,9 @@ class Source(ABC):
     supervisor counts them, marks the source FAILED and reopens it with backoff."""
 
     type_name: str = ""
+    # Attributes holding this driver's own event counts (FIFO overruns, CRC errors, bad lines…),
+    # exported as appliance_source_driver_events_total{source, event}.
+    COUNTERS: tuple[str, ...] = ()
 
     def __init__(self, name: str, config) -> None:
         self.name = name

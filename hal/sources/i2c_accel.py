@@ -137,6 +137,7 @@ BusFactory = Callable[[I2cAccelConfig], Transport]
 
 @register_source("i2c_accel", I2cAccelConfig)
 class I2cAccelSource(Source):
+    COUNTERS = ("overruns",)
     def __init__(self, name: str, config: I2cAccelConfig, *, bus_factory: BusFactory | None = None) -> None:
         super().__init__(name, config)
         self.emulated_bus: EmulatedBus | None = None

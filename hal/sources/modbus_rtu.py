@@ -215,6 +215,7 @@ def plan_requests(points: list[ModbusPoint], due: list[int], group: bool = True,
 
 @register_source("modbus_rtu", ModbusRtuConfig)
 class ModbusRtuSource(Source):
+    COUNTERS = ("timeouts", "crc_errors", "exceptions", "invalid_responses", "overruns")
     def __init__(self, name: str, config: ModbusRtuConfig, port_factory: PortFactory = open_serial) -> None:
         super().__init__(name, config)
         self._port_factory = port_factory

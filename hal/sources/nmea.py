@@ -110,6 +110,7 @@ class NmeaConfig(SerialLine):
 
 @register_source("nmea", NmeaConfig)
 class NmeaSource(Source):
+    COUNTERS = ("bad_lines", "bad_checksums", "ignored", "timeouts")
     READ_SLICE_S = 0.05
 
     def __init__(self, name: str, config: NmeaConfig, port_factory: PortFactory = open_serial) -> None:
