@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("pymodbus").setLevel(logging.WARNING)   # its INFO lines say nothing to an operator
 
 
 def _load(path: str, check_modules: bool = False):
