@@ -41,6 +41,7 @@ class Block:
     start_ns: int
     index: int
     gap: bool = False
+    image: tuple[int, int] | None = None   # (height, width) when each block is one camera frame
 
     @property
     def frames(self) -> int:

@@ -1,0 +1,210 @@
+"""Cameras through OpenCV: a V4L2 device (/dev/video0), a video file, or an RTSP URL.
+
+Each frame is one Block: uint8, planar (channels, height*width), with Block.image = (height,
+width). Grayscale conversion and resizing happen here, on the host, so a module receives the
+small frame it asked for. Timestamps: a file's own clock (CAP_PROP_POS_MSEC) for files, the
+arrival time for live streams (their clocks are the camera's, unknown to us).
+
+Faults: a live stream that stops delivering raises (the supervisor counts it, backs off and
+reopens: that is the reconnect). A file that ends early (truncated, corrupt) ends the source
+cleanly with the error counted. Frames the camera produced but we never saw (a timestamp jump
+of more than 1.5 frame periods) are counted as dropped, and the next block is a gap.
+`simulate: true` renders a synthetic scene (objects moving over a textured background) with
+no OpenCV capture at all, for the default config and CI.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from hal.registry import register_source
+from hal.schema import StrictModel
+from hal.source import Block, Health, Source, SourceInfo
+
+
+class CameraConfig(StrictModel):
+    type: Literal["camera"]
+    url: str | None = Field(None, description="/dev/videoN, a camera index (0), a video file, or rtsp://...")
+    simulate: bool = Field(False, description="render a synthetic scene instead of capturing (demos, CI)")
+    width: int | None = Field(None, ge=16, le=8192, description="capture width to request from the device")
+    height: int | None = Field(None, ge=16, le=8192, description="capture height to request from the device")
+    fps: float | None = Field(None, gt=0, le=1000, description="capture rate to request; a file plays at this "
+                              "rate when realtime (default: the file's own)")
+    gray: bool = Field(True, description="convert to grayscale on the host (1 channel), else 3 channels (BGR)")
+    resize: tuple[int, int] | None = Field(None, description="[width, height] the module receives")
+    realtime: bool = Field(True, description="files: play at their frame rate (false: as fast as read)")
+    loop: bool = Field(False, description="files: start over at the end")
+    timeout_s: float = Field(5.0, gt=0, description="a live stream silent this long has failed")
+
+    @model_validator(mode="after")
+    def _source(self):
+        if (self.url is None) == (not self.simulate):
+            raise ValueError("give either url or simulate: true")
+        if self.resize is not None and min(self.resize) < 8:
+            raise ValueError(f"resize {list(self.resize)} is too small (at least 8 x 8)")
+        return self
+
+    @property
+    def is_file(self) -> bool:
+        return self.url is not None and not self.url.startswith(("/dev/", "rtsp://", "rtsps://", "http")) \
+            and not self.url.isdigit()
+
+
+@register_source("camera", CameraConfig)
+class CameraSource(Source):
+    COUNTERS = ("frames_dropped", "stream_errors")
+
+    def __init__(self, name: str, config: CameraConfig) -> None:
+        super().__init__(name, config)
+        self._cap = None
+        self._stop = threading.Event()
+        self._index = 0
+        self._fps = config.fps or 10.0
+        self._size = config.resize or ((config.width or 320), (config.height or 240))
+        self._t0 = 0.0
+        self._wall0 = 0
+        self._last_pos_ms: float | None = None
+        self._expected_frames: int | None = None
+        self.frames_dropped = 0
+        self.stream_errors = 0
+        self._sim_rng = np.random.default_rng(0)
+
+    @property
+    def info(self) -> SourceInfo:
+        channels = ("gray",) if self.config.gray else ("b", "g", "r")
+        return SourceInfo(self.name, "video", self._fps, channels, "u8")
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self._stop.clear()
+        self._index = 0
+        self._last_pos_ms = None
+        self._t0 = time.monotonic()
+        self._wall0 = time.time_ns()
+        if self.config.simulate:
+            self._fps = self.config.fps or 10.0
+            self.set_health(Health.OK)
+            return
+        import cv2
+        url = self.config.url
+        target = int(url) if url.isdigit() else url
+        if self.config.is_file and not Path(url).exists():
+            raise OSError(f"video file not found: {url}")
+        cap = cv2.VideoCapture(target)
+        if not cap.isOpened():
+            raise OSError(f"cannot open camera {url!r} (device missing, busy, or URL unreachable)")
+        for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, self.config.width), (cv2.CAP_PROP_FRAME_HEIGHT,
+                                                                             self.config.height),
+                            (cv2.CAP_PROP_FPS, None if self.config.is_file else self.config.fps)):
+            if value is not None:
+                cap.set(prop, value)
+        native_fps = cap.get(cv2.CAP_PROP_FPS)
+        self._fps = self.config.fps or (native_fps if native_fps and native_fps > 0 else 25.0)
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self._expected_frames = count if self.config.is_file and count > 0 else None
+        if self.config.resize is None:
+            self._size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        self._cap = cap
+        self.set_health(Health.OK)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+    # ---- frames ---------------------------------------------------------------------------------
+
+    def read(self) -> Block | None:
+        if self.config.simulate:
+            return self._simulated()
+        import cv2
+        cap = self._cap
+        if cap is None:
+            raise RuntimeError(f"source {self.name!r}: read() before open()")
+        started = time.monotonic()
+        while True:
+            ok, frame = cap.read()
+            if ok and frame is not None:
+                break
+            if self.config.is_file:
+                return self._end_of_file(cap)
+            if time.monotonic() - started > self.config.timeout_s or self._stop.is_set():
+                raise OSError(f"camera {self.config.url!r}: no frame for {self.config.timeout_s:g} s (disconnected?)")
+            time.sleep(0.05)
+        gap = False
+        if self.config.is_file:
+            pos_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+            start_ns = int(self._wall0 + pos_ms * 1e6)
+            if self.config.realtime:
+                due = self._t0 + pos_ms / 1000.0
+                self._stop.wait(max(0.0, due - time.monotonic()))
+        else:
+            now = time.monotonic()
+            pos_ms = (now - self._t0) * 1000.0
+            start_ns = time.time_ns()
+        if self._last_pos_ms is not None:
+            missed = round((pos_ms - self._last_pos_ms) * self._fps / 1000.0) - 1
+            if missed >= 1 and (pos_ms - self._last_pos_ms) > 1.5 * 1000.0 / self._fps:
+                self.frames_dropped += missed
+                gap = True
+        self._last_pos_ms = pos_ms
+        return self._block(self._prepare(frame, cv2), start_ns, gap)
+
+    def _end_of_file(self, cap) -> Block | None:
+        import cv2
+        position = int(cap.get(cv2.CAP_PROP_POS_FRAMES))
+        if self._expected_frames and position < self._expected_frames - 1:
+            # A truncated or corrupt file: end cleanly, but say so and count it.
+            self.stream_errors += 1
+            self.set_health(Health.ENDED, f"stream ended at frame {position} of {self._expected_frames} "
+                                          f"(truncated or corrupt file)")
+        else:
+            self.set_health(Health.ENDED, "end of video")
+        if self.config.loop and position > 0:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            self._t0 = time.monotonic()
+            self._wall0 = time.time_ns()
+            self._last_pos_ms = None
+            self.set_health(Health.OK)
+            return self.read()
+        return None
+
+    def _prepare(self, frame: np.ndarray, cv2) -> np.ndarray:
+        if self.config.gray and frame.ndim == 3:
+            frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        if self.config.resize is not None and (frame.shape[1], frame.shape[0]) != tuple(self.config.resize):
+            frame = cv2.resize(frame, tuple(self.config.resize), interpolation=cv2.INTER_AREA)
+        return frame
+
+    def _block(self, frame: np.ndarray, start_ns: int, gap: bool) -> Block:
+        h, w = frame.shape[:2]
+        planar = frame.reshape(h * w, -1).T if frame.ndim == 3 else frame.reshape(1, h * w)
+        index = self._index
+        self._index += 1
+        return Block(np.ascontiguousarray(planar, dtype=np.uint8), start_ns, index, gap, image=(h, w))
+
+    def _simulated(self) -> Block:
+        """Two objects crossing a textured background, plus sensor noise; paced at fps."""
+        due = self._t0 + self._index / self._fps
+        self._stop.wait(max(0.0, due - time.monotonic()))
+        w, h = self._size
+        t = self._index / self._fps
+        y, x = np.mgrid[0:h, 0:w]
+        frame = (96 + 32 * np.sin(x / 7.0) * np.cos(y / 11.0)).astype(np.float32)
+        for speed, phase, row, size in ((0.21, 0.6, 0.35, 0.10), (0.13, 0.9, 0.7, 0.07)):
+            cx = ((t * speed + phase) % 1.4 - 0.2) * w     # fraction of the width per second
+            cy, r = row * h, size * min(w, h)
+            frame[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = 220
+        frame += self._sim_rng.normal(0, 2.0, frame.shape)
+        start_ns = time.time_ns()
+        gray = np.clip(frame, 0, 255).astype(np.uint8)
+        if not self.config.gray:
+            gray = np.repeat(gray[:, :, None], 3, axis=2)
+        return self._block(gray, start_ns, False)
