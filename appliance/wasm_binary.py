@@ -32,6 +32,12 @@ HOST_IMPORTS: dict[tuple[str, str], str] = {
     # Optional additions within ABI v1 (modules/ABI.md, "Host DSP" and "Persistent state").
     ("ap", "dsp_rfft"): "(i32, i32, i32) -> i32",
     ("ap", "dsp_irfft"): "(i32, i32, i32) -> i32",
+    ("ap", "dsp_rfft_batch"): "(i32, i32, i32, i32) -> i32",
+    ("ap", "dsp_moments"): "(i32, i32, i32, i32, i32) -> i32",
+    ("ap", "dsp_band_power"): "(i32, i32, i32, i32, i32, i32) -> i32",
+    ("ap", "dsp_envelope"): "(i32, i32, i32, i32, i32, i32) -> i32",
+    ("ap", "dsp_median"): "(i32, i32, i32, i32, i32) -> i32",
+    ("ap", "features"): "(i32, i32, i32, i32) -> ()",
     ("ap", "state_changed"): "() -> ()",
 }
 

@@ -2,15 +2,16 @@
 path against the pure-wasm one, bearing frequencies against the CWRU README, params validation,
 the persistent baseline, and detection + diagnosis on the real CWRU recordings.
 
-The module runs in-process under wasm3 (no worker), with the host imports implemented here: the
-ap.dsp_* kernels with numpy on the module's memory, as the worker does.
+The module runs in-process under wasm3 (no worker), with the host imports implemented here but
+for the ap.dsp_* kernels, which are the worker's own (HostDsp: numpy on the module's memory).
+tests/test_host_kernels.py holds each kernel's C and host paths together.
 
 Tolerances (measured figures in the comments where they are asserted):
   time-domain features (double in both)           relative 1e-9
-  spectral features vs float64 numpy               relative 5e-5 (measured worst: 3e-6 with the C
-                                                   float32 FFT, 5e-7 with the host's complex64 one)
-  host DSP (numpy complex64) vs C FFT               relative 1e-4 on every feature (measured worst
-                                                   1.4e-6), identical diagnosis
+  spectral features vs float64 numpy               relative 5e-5 (measured worst: 3.0e-6 with the C
+                                                   kernels, 6.7e-7 with the host's)
+  host DSP (numpy) vs the C kernels                relative 1e-4 on every feature (measured worst
+                                                   2.2e-6), identical diagnosis
   score vs the reference Baseline                  relative 1e-4 (measured worst 1.4e-6)
   fault frequencies vs README multipliers           relative 2e-4
 """
@@ -27,7 +28,9 @@ import pytest
 from conftest import shared_file
 
 from appliance.modbuild import build_module
+from appliance.runtime.backend import IMPORT_SIGNATURES
 from appliance.runtime.host import HEADER, WINDOW_MAGIC
+from appliance.runtime.worker import AbiViolation, HostDsp
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "modules" / "src" / "bearing"
@@ -66,14 +69,16 @@ class Bearing:
         self.features: dict[str, float] = {}
         self.events: list[tuple[int, float, str]] = []
         self.state_changes = 0
-        self.fft_calls = 0
+        self.dsp_calls = 0
+        self.feature_batches = 0
         link = self.mod.link_function
         link("ap", "log", "v(iii)", self._log)
         link("ap", "feature", "v(iiF)", self._feature)
+        link("ap", "features", "v(iiii)", self._features)
         link("ap", "event", "v(iFii)", self._event)
         link("ap", "state_changed", "v()", self._state_changed)
-        link("ap", "dsp_rfft", "i(iii)", self._rfft)
-        link("ap", "dsp_irfft", "i(iii)", self._irfft)
+        for (module, name), fn in HostDsp(self.mem, AbiViolation).imports().items():
+            link(module, name, IMPORT_SIGNATURES[(module, name)], self._counted(fn))
         self.params = params if isinstance(params, str) else params_text(params, host_dsp)
         self.wp = None
         if init:
@@ -104,27 +109,26 @@ class Bearing:
         assert len(name) <= 64 and name not in self.features, name
         self.features[name] = value
 
+    def _features(self, names_ptr, names_len, values_ptr, count):
+        self.feature_batches += 1
+        names = bytes(self.mem()[names_ptr:names_ptr + names_len]).split(b"\0")
+        assert len(names) == count + 1 and names[-1] == b"", names
+        values = np.frombuffer(self.mem(), np.float64, count, values_ptr)
+        for name, value in zip(names, values.tolist()):
+            assert 0 < len(name) <= 64 and name.decode() not in self.features, name
+            self.features[name.decode()] = value
+
+    def _counted(self, fn):
+        def call(*args):
+            self.dsp_calls += 1
+            return fn(*args)
+        return call
+
     def _event(self, sev, score, ptr, n):
         self.events.append((sev, score, self._text(ptr, n)))
 
     def _state_changed(self):
         self.state_changes += 1
-
-    def _rfft(self, in_ptr, out_ptr, n):
-        self.fft_calls += 1
-        mem = self.mem()
-        x = np.frombuffer(mem, np.float32, n, in_ptr)
-        s = np.fft.rfft(x)
-        out = np.frombuffer(mem, np.float32, n + 2, out_ptr)
-        out[0::2], out[1::2] = s.real, s.imag
-        return 0
-
-    def _irfft(self, in_ptr, out_ptr, n):
-        self.fft_calls += 1
-        mem = self.mem()
-        spec = np.frombuffer(mem, np.float32, n + 2, in_ptr)
-        np.frombuffer(mem, np.float32, n, out_ptr)[:] = np.fft.irfft(spec[0::2] + 1j * spec[1::2], n)
-        return 0
 
     # -- windows --
     def process(self, x: np.ndarray, fs: float, seq: int = 0) -> int:
@@ -219,7 +223,8 @@ def test_features_match_reference_on_synthetic(wasm, host_dsp, channels, n, fs, 
     assert m.features["diagnosis"] == 1, "the impulse train at BPFO is an outer-race fault"
     assert len(m.features) <= 256
     assert ("score" in m.features) and m.state_changes == 1
-    assert (m.fft_calls > 0) == host_dsp   # the C path never calls the host
+    assert (m.dsp_calls > 0) == host_dsp   # the C path never calls the host
+    assert (m.feature_batches > 0) == host_dsp
 
 
 def cwru(name: str) -> np.ndarray:

@@ -15,6 +15,12 @@ IMPORT_SIGNATURES = {
     ("ap", "event"): "v(iFii)",
     ("ap", "dsp_rfft"): "i(iii)",
     ("ap", "dsp_irfft"): "i(iii)",
+    ("ap", "dsp_rfft_batch"): "i(iiii)",
+    ("ap", "dsp_moments"): "i(iiiii)",
+    ("ap", "dsp_band_power"): "i(iiiiii)",
+    ("ap", "dsp_envelope"): "i(iiiiii)",
+    ("ap", "dsp_median"): "i(iiiii)",
+    ("ap", "features"): "v(iiii)",
     ("ap", "state_changed"): "v()",
 }
 

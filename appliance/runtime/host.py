@@ -29,6 +29,7 @@ import numpy as np
 from appliance.config import ModuleSection, RestartPolicy, RuntimeSection, module_params_text
 from appliance.metrics import Metrics
 from appliance.runtime.validate import ModuleRejected, read_module
+from appliance.runtime.worker import REPLY
 from appliance.windowing import Window
 
 log = logging.getLogger("appliance.module")
@@ -89,6 +90,7 @@ class WorkerProcess:
     def __init__(self, name: str, wasm: bytes, shm_bytes: int, load: dict) -> None:
         self.name = name
         self.shm_bytes = shm_bytes
+        self._names: list[str] = []   # feature names of the last window reply that carried them
         self._sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         shm_fd = os.memfd_create(f"ap-window-{name}")
@@ -134,12 +136,37 @@ class WorkerProcess:
         if not data:
             rc = self._reap()
             raise ModuleFault("crash", f"worker died during {what} ({_signal_name(rc)})")
+        if data[:1] == b"R":
+            return self._window_reply(data)
         reply = json.loads(data)
         if "fault" in reply:
             for level, text in reply.get("l", []):
                 log.log(_LEVELS.get(level, logging.INFO), "module %s: %s", self.name, text)
             self._reap()
             raise ModuleFault(reply["fault"], reply["error"])
+        return reply
+
+    def _window_reply(self, data: bytes) -> dict:
+        """A binary window reply (worker.py, REPLY) as {"rc", "f", "e", "l", "ld", "ns"[, "s"]}."""
+        if len(data) < REPLY.size:
+            self.kill()
+            raise ModuleFault("protocol", f"window reply of {len(data)} bytes is shorter than its header")
+        _, rc, ns, dropped, count, names_len, text_len = REPLY.unpack_from(data)
+        at = REPLY.size + 8 * count
+        if len(data) != at + names_len + text_len:
+            self.kill()
+            raise ModuleFault("protocol", f"window reply of {len(data)} bytes does not match its header")
+        if names_len:
+            self._names = data[at:at + names_len].decode().split("\n")
+        if count and len(self._names) != count:
+            self.kill()
+            raise ModuleFault("protocol", f"window reply has {count} feature values for {len(self._names)} names")
+        values = struct.unpack_from(f"<{count}d", data, REPLY.size)
+        extra = json.loads(data[at + names_len:]) if text_len else {}
+        reply = {"rc": rc, "f": dict(zip(self._names, values)) if count else {}, "e": extra.get("e", []),
+                 "l": extra.get("l", []), "ld": dropped, "ns": ns}
+        if "s" in extra:
+            reply["s"] = extra["s"]
         return reply
 
     def process(self, header: bytes, data: np.ndarray, deadline_s: float) -> dict:

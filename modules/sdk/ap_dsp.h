@@ -1,10 +1,17 @@
 /*
  * ap_dsp.h: signal processing for modules, in plain C with no libm (freestanding wasm32).
  *
- * Real FFT of power-of-two length, its inverse, and the sine/cosine they need. Every function
- * has a host-accelerated twin behind the optional `ap.dsp_*` imports (see modules/ABI.md,
- * "Host DSP"): ap_rfft() uses the host when the host said so in the params (`host.dsp=1`),
- * and this code otherwise. Both paths agree within the tolerance documented in ABI.md.
+ * Real FFT of power-of-two length, its inverse, and the sine/cosine they need; moments of
+ * signals, band powers of spectra, the envelope of a band, a median, and features reported in one
+ * batch. Each of ap_rfft, ap_irfft, ap_rfft_batch, ap_moments, ap_band_power, ap_envelope,
+ * ap_median_rows and ap_features has a host-accelerated twin behind an optional import (`ap.dsp_*`,
+ * `ap.features`; see modules/ABI.md, "Host DSP"): it uses the host when the host said so in the
+ * params (`host.dsp=1`), and the C code here otherwise. Both paths agree within the tolerances
+ * documented in ABI.md.
+ *
+ * Batches: the kernels with a `count` take count signals (or spectra) one after another, signal i
+ * at in + i*n floats, spectrum i at spec + i*(n+2) floats, its results likewise one after another.
+ * That is a planar window's layout, and the host runs a batch for about the price of one signal.
  *
  * Layout of a spectrum: n/2 + 1 complex bins, interleaved re, im (float32), bin k at k*fs/n.
  * Scaling: forward is unnormalised (X_k = sum x_j e^{-2 pi i jk/n}); inverse divides by n.
@@ -26,6 +33,45 @@
 
 AP_IMPORT(dsp_rfft) int32_t ap_host_rfft(const float *in, float *out, int32_t n);
 AP_IMPORT(dsp_irfft) int32_t ap_host_irfft(const float *in, float *out, int32_t n);
+
+/* A range of spectral bins for ap_band_power: the sum over k0 <= k <= k1 of |X_k|^2 k^p. */
+typedef struct { int32_t k0, k1, p; } ap_band;
+
+AP_IMPORT(dsp_rfft_batch) int32_t ap_host_rfft_batch(const float *in, float *out, int32_t n, int32_t count);
+AP_IMPORT(dsp_moments) int32_t ap_host_moments(const float *in, float *out, int32_t n, int32_t count, double *stats);
+AP_IMPORT(dsp_band_power) int32_t ap_host_band_power(const float *spec, int32_t n, int32_t count,
+                                                     const ap_band *bands, int32_t nbands, double *out);
+AP_IMPORT(dsp_envelope) int32_t ap_host_envelope(const float *spec, float *out, int32_t n, int32_t count,
+                                                 int32_t k0, int32_t k1);
+AP_IMPORT(dsp_median) int32_t ap_host_median(const float *in, int32_t n, int32_t count, int32_t stride, double *out);
+AP_IMPORT(features) void ap_host_features(const char *names, int32_t names_len, const double *values,
+                                          int32_t count);
+
+#if !defined(__wasm__)
+/* Native builds (tests, benchmarks) never set host.dsp: stand-ins so they link; a harness that
+ * provides the real thing overrides these. */
+__attribute__((weak)) int32_t ap_host_rfft_batch(const float *in, float *out, int32_t n, int32_t count) {
+    (void)in; (void)out; (void)n; (void)count; return -1;
+}
+__attribute__((weak)) int32_t ap_host_moments(const float *in, float *out, int32_t n, int32_t count, double *stats) {
+    (void)in; (void)out; (void)n; (void)count; (void)stats; return -1;
+}
+__attribute__((weak)) int32_t ap_host_band_power(const float *spec, int32_t n, int32_t count, const ap_band *bands,
+                                                 int32_t nbands, double *out) {
+    (void)spec; (void)n; (void)count; (void)bands; (void)nbands; (void)out; return -1;
+}
+__attribute__((weak)) int32_t ap_host_envelope(const float *spec, float *out, int32_t n, int32_t count, int32_t k0,
+                                               int32_t k1) {
+    (void)spec; (void)out; (void)n; (void)count; (void)k0; (void)k1; return -1;
+}
+__attribute__((weak)) int32_t ap_host_median(const float *in, int32_t n, int32_t count, int32_t stride, double *out) {
+    (void)in; (void)n; (void)count; (void)stride; (void)out; return -1;
+}
+__attribute__((weak)) void ap_host_features(const char *names, int32_t names_len, const double *values,
+                                            int32_t count) {
+    (void)names; (void)names_len; (void)values; (void)count;
+}
+#endif
 
 static int ap_dsp_use_host;   /* set by ap_dsp_init from the params */
 
@@ -112,8 +158,8 @@ static void ap_cfft(float *z, int32_t m, int inv, int32_t tw_n) {
 
 static inline int ap_is_pow2(int32_t n) { return n >= 4 && (n & (n - 1)) == 0 && n <= AP_DSP_MAX_N; }
 
-/* Real FFT in C: n reals -> n/2+1 complex bins in out (2n+2 floats of room needed in out
- * because the packing step works in place on n floats plus the Nyquist pair). */
+/* Real FFT in C: n reals -> n/2+1 complex bins in out (n+2 floats: the packing step works in
+ * place on the n floats, then adds the Nyquist pair; nothing beyond out[n+1] is touched). */
 static int32_t ap_rfft_c(const float *in, float *out, int32_t n) {
     if (!ap_is_pow2(n)) return -1;
     int32_t m = n / 2;
@@ -180,6 +226,154 @@ static inline int32_t ap_rfft(const float *in, float *out, int32_t n) {
 static inline int32_t ap_irfft(const float *in, float *out, int32_t n) {
     if (ap_dsp_use_host) return ap_host_irfft(in, out, n);
     return ap_irfft_c(in, out, n);
+}
+
+/* count real FFTs of n points: in + i*n -> out + i*(n+2) (the buffers must not overlap). */
+static inline int32_t ap_rfft_batch(const float *in, float *out, int32_t n, int32_t count) {
+    if (ap_dsp_use_host) return ap_host_rfft_batch(in, out, n, count);
+    if (!ap_is_pow2(n) || count < 1) return -1;
+    for (int32_t i = 0; i < count; i++) ap_rfft_c(in + (size_t)i * n, out + (size_t)i * (n + 2), n);
+    return 0;
+}
+
+/* ---- moments of signals ---------------------------------------------------------------------- */
+
+enum { AP_MOM_MEAN, AP_MOM_M2, AP_MOM_M3, AP_MOM_M4, AP_MOM_MAX, AP_MOM_MIN, AP_MOM_COUNT };
+
+/* Moments of the n float32 at x, in float64: stats[0] mean, stats[1..3] the central moments
+ * m2, m3, m4 (sum (x - mean)^k / n), stats[4] max(x - mean), stats[5] min(x - mean); out[j] =
+ * (float)(x_j - mean), the mean-removed signal (out may be x). A non-finite sample makes
+ * stats[0] non-finite; stats[1..5] and out are then left unspecified. */
+static void ap_moments1_c(const float *x, float *out, int32_t n, double *stats) {
+    /* Unrolled with separate sums: wasm3 interprets every loop step, so fewer steps count. */
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int32_t i = 0;
+    for (; i + 4 <= n; i += 4) { s0 += x[i]; s1 += x[i + 1]; s2 += x[i + 2]; s3 += x[i + 3]; }
+    for (; i < n; i++) s0 += x[i];
+    double mean = ((s0 + s1) + (s2 + s3)) / n;
+    stats[AP_MOM_MEAN] = mean;
+    if (!ap_isfinite(mean)) return;
+    double m2a = 0, m2b = 0, m3a = 0, m3b = 0, m4a = 0, m4b = 0;
+    double hi = -__builtin_inf(), lo = __builtin_inf();
+    for (i = 0; i + 2 <= n; i += 2) {
+        double d = x[i] - mean, e = x[i + 1] - mean, d2 = d * d, e2 = e * e;
+        m2a += d2; m2b += e2;
+        m3a += d2 * d; m3b += e2 * e;
+        m4a += d2 * d2; m4b += e2 * e2;
+        hi = d > hi ? d : hi; hi = e > hi ? e : hi;
+        lo = d < lo ? d : lo; lo = e < lo ? e : lo;
+        out[i] = (float)d;
+        out[i + 1] = (float)e;
+    }
+    if (i < n) {
+        double d = x[i] - mean, d2 = d * d;
+        m2a += d2; m3a += d2 * d; m4a += d2 * d2;
+        hi = d > hi ? d : hi; lo = d < lo ? d : lo;
+        out[i] = (float)d;
+    }
+    stats[AP_MOM_M2] = (m2a + m2b) / n;
+    stats[AP_MOM_M3] = (m3a + m3b) / n;
+    stats[AP_MOM_M4] = (m4a + m4b) / n;
+    stats[AP_MOM_MAX] = hi;
+    stats[AP_MOM_MIN] = lo;
+}
+
+/* The moments of count signals of n samples (a batch: see the top): signal i's AP_MOM_COUNT
+ * values at stats + i*AP_MOM_COUNT, its mean-removed copy at out + i*n. -1 if n < 1 or count < 1. */
+static inline int32_t ap_moments(const float *in, float *out, int32_t n, int32_t count, double *stats) {
+    if (ap_dsp_use_host) return ap_host_moments(in, out, n, count, stats);
+    if (n < 1 || count < 1) return -1;
+    for (int32_t i = 0; i < count; i++)
+        ap_moments1_c(in + (size_t)i * n, out + (size_t)i * n, n, stats + (size_t)i * AP_MOM_COUNT);
+    return 0;
+}
+
+/* ---- band powers of spectra -------------------------------------------------------------------- */
+
+#define AP_BANDS_MAX 256
+
+static inline double ap_bin_power(const float *X, int32_t k) {
+    return (double)X[2 * k] * X[2 * k] + (double)X[2 * k + 1] * X[2 * k + 1];
+}
+
+static int32_t ap_band_power1_c(const float *spec, int32_t n, const ap_band *bands, int32_t nbands, double *out) {
+    for (int32_t i = 0; i < nbands; i++) {
+        int32_t k0 = bands[i].k0, k1 = bands[i].k1, p = bands[i].p;
+        double e = 0;
+        if (k1 >= k0) {
+            if (k0 < 0 || k1 > n / 2 || p < -4 || p > 4 || (p < 0 && k0 < 1)) return -1;
+            if (p == 0) {
+                for (int32_t k = k0; k <= k1; k++) e += ap_bin_power(spec, k);
+            } else {
+                for (int32_t k = k0; k <= k1; k++) {
+                    double w = 1;
+                    for (int32_t j = 0; j < (p < 0 ? -p : p); j++) w *= (double)k;
+                    e += p < 0 ? ap_bin_power(spec, k) / w : ap_bin_power(spec, k) * w;
+                }
+            }
+        }
+        out[i] = e;
+    }
+    return 0;
+}
+
+/* For count spectra of n points (n/2+1 bins each, as ap_rfft makes them; a batch) and nbands
+ * bands (1..AP_BANDS_MAX): out[i*nbands + j] = sum over k0 <= k <= k1 of |X_k|^2 k^p of spectrum i
+ * and band j, in float64. An empty band (k1 < k0) gives 0; otherwise 0 <= k0, k1 <= n/2,
+ * -4 <= p <= 4, and k0 >= 1 when p < 0. -1 on bad args. */
+static inline int32_t ap_band_power(const float *spec, int32_t n, int32_t count, const ap_band *bands,
+                                    int32_t nbands, double *out) {
+    if (ap_dsp_use_host) return ap_host_band_power(spec, n, count, bands, nbands, out);
+    if (!ap_is_pow2(n) || count < 1 || nbands < 1 || nbands > AP_BANDS_MAX) return -1;
+    for (int32_t i = 0; i < count; i++)
+        if (ap_band_power1_c(spec + (size_t)i * (n + 2), n, bands, nbands, out + (size_t)i * nbands)) return -1;
+    return 0;
+}
+
+/* ---- envelope of a band ------------------------------------------------------------------------ */
+
+static float ap_env_band[AP_DSP_MAX_N + 2];   /* X restricted to the band, then -i times it */
+static float ap_env_hil[AP_DSP_MAX_N];        /* its Hilbert transform */
+static int32_t ap_env_n, ap_env_k0, ap_env_k1 = -1;   /* ap_env_band is zero outside [k0, k1] */
+
+static void ap_envelope1_c(const float *spec, float *out, int32_t n, int32_t k0, int32_t k1) {
+    float *band = ap_env_band;
+    if (ap_env_n != n) {
+        for (int32_t k = 0; k < n + 2; k++) band[k] = 0;
+        ap_env_n = n;
+        ap_env_k1 = -1;
+    }
+    for (int32_t k = ap_env_k0; k <= ap_env_k1; k++) band[2 * k] = band[2 * k + 1] = 0;
+    ap_env_k0 = k0;
+    ap_env_k1 = k1;
+    for (int32_t k = k0; k <= k1; k++) { band[2 * k] = spec[2 * k]; band[2 * k + 1] = spec[2 * k + 1]; }
+    ap_irfft_c(band, out, n);                      /* band-passed signal */
+    for (int32_t k = k0; k <= k1; k++) {           /* -i (a + ib) = b - ia: Hilbert transform */
+        float re = band[2 * k];
+        band[2 * k] = band[2 * k + 1];
+        band[2 * k + 1] = -re;
+    }
+    ap_irfft_c(band, ap_env_hil, n);
+    double sum = 0;
+    for (int32_t j = 0; j < n; j++) {
+        float e = __builtin_sqrtf(out[j] * out[j] + ap_env_hil[j] * ap_env_hil[j]);
+        out[j] = e;
+        sum += e;
+    }
+    float mean = (float)(sum / n);
+    for (int32_t j = 0; j < n; j++) out[j] -= mean;
+}
+
+/* Envelope of the bins k0..k1 of count spectra of n points (a batch; 1 <= k0, k1 <= n/2 - 1, or
+ * an empty band, k1 < k0, which gives zeros): the magnitude of the analytic signal
+ * z_j = (2/n) sum_k X_k e^{2 pi i jk/n}, i.e. sqrt(b_j^2 + h_j^2) of the band-passed signal b and
+ * its Hilbert transform h, minus its mean (float32): n floats per spectrum at out + i*n. spec is not
+ * modified and must not overlap out. -1 on bad args. */
+static inline int32_t ap_envelope(const float *spec, float *out, int32_t n, int32_t count, int32_t k0, int32_t k1) {
+    if (ap_dsp_use_host) return ap_host_envelope(spec, out, n, count, k0, k1);
+    if (!ap_is_pow2(n) || count < 1 || (k1 >= k0 && (k0 < 1 || k1 > n / 2 - 1))) return -1;
+    for (int32_t i = 0; i < count; i++) ap_envelope1_c(spec + (size_t)i * (n + 2), out + (size_t)i * n, n, k0, k1);
+    return 0;
 }
 
 /* ---- scalar helpers without libm ------------------------------------------------------------ */
@@ -269,6 +463,40 @@ static inline double ap_median_f64(double *a, int32_t n) {
     double lo = a[0];
     for (int32_t i = 1; i < n / 2; i++) if (a[i] > lo) lo = a[i];
     return 0.5 * (lo + hi);
+}
+
+/* Medians of count rows of n float32 (row i at in + i*stride floats, stride >= n), as
+ * ap_median_f32 defines them (the mean of the two middle values, in double, for even n; 0 for
+ * n = 0), into out[0..count), leaving the rows unchanged: the C path selects in scratch (room for
+ * n floats). For finite values. -1 on bad args. */
+static inline int32_t ap_median_rows(const float *in, int32_t n, int32_t count, int32_t stride, double *out,
+                                     float *scratch) {
+    if (ap_dsp_use_host) return ap_host_median(in, n, count, stride, out);
+    if (n < 0 || count < 1 || stride < n) return -1;
+    for (int32_t r = 0; r < count; r++) {
+        const float *a = in + (size_t)r * stride;
+        for (int32_t i = 0; i < n; i++) scratch[i] = a[i];
+        out[r] = ap_median_f32(scratch, n);
+    }
+    return 0;
+}
+
+/* ---- features in one batch ------------------------------------------------------------------- */
+
+/* Report count features (1..256) at once: names holds their names, each followed by a 0 byte
+ * (names_len bytes in all), values their count doubles. The same as count ap.feature calls in
+ * that order. */
+static inline void ap_features(const char *names, int32_t names_len, const double *values, int32_t count) {
+    if (ap_dsp_use_host) {
+        ap_host_features(names, names_len, values, count);
+        return;
+    }
+    int32_t start = 0, i = 0;
+    for (int32_t j = 0; j < names_len && i < count; j++)
+        if (names[j] == 0) {
+            ap_host_feature(names + start, j - start, values[i++]);
+            start = j + 1;
+        }
 }
 
 #endif /* AP_DSP_H */

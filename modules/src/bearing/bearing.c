@@ -6,14 +6,16 @@
  *   rms, peak, crest, kurtosis, skewness of the mean-removed signal (g);
  *   velocity_rms over [velocity.low_hz, velocity.high_hz] in mm/s, integrated in the spectrum;
  *   band0..band7: RMS (g) of 8 equal bands over [0, fs/2);
- *   envelope spectrum: band-pass [envelope.low_hz, envelope.high_hz] in the spectrum, analytic
- *   signal by two inverse FFTs (the band and its Hilbert transform), |.|, FFT; its amplitude
+ *   envelope spectrum: band-pass [envelope.low_hz, envelope.high_hz] in the spectrum, magnitude
+ *   of the analytic signal (the band and its Hilbert transform: ap_envelope), FFT; its amplitude
  *   near BPFO, BPFI, 2xBSF and FTF (h = 1..3) against the median of the envelope spectrum:
  *   env.outer/inner/ball/cage (g, h = 1), env.<kind>.ratio (mean over h), env.floor.
  * Per window: shaft_hz (fixed, or estimated on channel 0 within a range), bpfo_hz, bpfi_hz,
  * bsf_hz, ftf_hz, iso_zone; baseline.progress while learning, then score, diagnosis,
  * diagnosis.ratio and diagnosis.peak_hz. modules/src/bearing/reference.py is the same analysis in
- * numpy; tests/test_bearing_module.py holds the two together.
+ * numpy; tests/test_bearing_module.py holds the two together. The heavy loops are the SDK's
+ * ap_dsp.h kernels (moments, FFTs, band powers, envelope, median, feature batch), which the host
+ * runs natively when it offers them (host.dsp=1).
  *
  * Params (flattened keys, see modules/ABI.md "Params"):
  *   bearing.balls, bearing.ball_diameter, bearing.pitch_diameter   geometry (same length unit)
@@ -97,14 +99,13 @@ static struct {
 static double rows[MAX_BASELINE][MAX_FEATURES];   /* baseline vectors while learning */
 static double column[MAX_BASELINE];
 
-/* Work buffers for one channel: every FFT output needs n + 2 floats. */
-static float xd[N_MAX];                 /* mean-removed signal, later the band-passed one */
-static float spec[N_MAX + 2];           /* X */
-static float band[N_MAX + 2];           /* X masked to the envelope band, then -i times it */
-static float hil[N_MAX];                /* Hilbert transform of the band-passed signal */
-static float envspec[N_MAX + 2];        /* E */
-static float amp[N_MAX / 2 + 1];        /* A_k = 2 |E_k| / n */
-static float scratch[N_MAX / 2 + 1];    /* median selection reorders a copy */
+/* Work buffers for all channels, one after another (the batches of ap_dsp.h): n floats per
+ * signal, n + 2 per spectrum. */
+static float xd[AP_MAX_CHANNELS * N_MAX];            /* mean-removed signals, later their envelopes */
+static float spec[AP_MAX_CHANNELS * (N_MAX + 2)];    /* their spectra X, later the envelope spectra E */
+#define AMP_ROW (N_MAX / 2 + 1)
+static float amp[AP_MAX_CHANNELS][AMP_ROW];   /* A_k = 2 |E_k| / n per channel */
+static float scratch[AMP_ROW];          /* the C median selects in a copy */
 
 /* ---- params -------------------------------------------------------------------------------- */
 
@@ -354,93 +355,72 @@ static void bin_range(double lo, double hi, double bw, int32_t kmin, int32_t kma
     *k1 = (int32_t)j;
 }
 
-/* Time-domain statistics; leaves the mean-removed signal in xd. 0 if a sample is not finite.
- * Unrolled by 4 with separate sums: wasm3 interprets every loop step, so fewer steps count. */
-static int time_stats(const float *x, int32_t n, channel_result *r) {
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (int32_t i = 0; i < n; i += 4) { s0 += x[i]; s1 += x[i + 1]; s2 += x[i + 2]; s3 += x[i + 3]; }
-    double sum = (s0 + s1) + (s2 + s3);
-    if (!ap_isfinite(sum)) return 0;
-    double mean = sum / n, m2a = 0, m2b = 0, m3a = 0, m3b = 0, m4a = 0, m4b = 0;
-    double hi = -__builtin_inf(), lo = __builtin_inf();
-    for (int32_t i = 0; i < n; i += 2) {       /* n is a power of two >= 4 */
-        double d = x[i] - mean, e = x[i + 1] - mean, d2 = d * d, e2 = e * e;
-        m2a += d2; m2b += e2;
-        m3a += d2 * d; m3b += e2 * e;
-        m4a += d2 * d2; m4b += e2 * e2;
-        hi = d > hi ? d : hi; hi = e > hi ? e : hi;
-        lo = d < lo ? d : lo; lo = e < lo ? e : lo;
-        xd[i] = (float)d;
-        xd[i + 1] = (float)e;
+/* Time-domain statistics of every channel (x: the planar samples) by one ap_moments; leaves
+ * the mean-removed signals in xd. 0 if a sample is not finite. */
+static int time_stats(const float *x, int32_t n, uint32_t channels, channel_result *res) {
+    double mom[AP_MAX_CHANNELS][AP_MOM_COUNT];
+    ap_moments(x, xd, n, (int32_t)channels, &mom[0][0]);
+    for (uint32_t c = 0; c < channels; c++) {
+        const double *m = mom[c];
+        channel_result *r = &res[c];
+        if (!ap_isfinite(m[AP_MOM_MEAN])) return 0;
+        double m2 = m[AP_MOM_M2], m3 = m[AP_MOM_M3], m4 = m[AP_MOM_M4];
+        double peak = m[AP_MOM_MAX] > -m[AP_MOM_MIN] ? m[AP_MOM_MAX] : -m[AP_MOM_MIN];
+        r->rms = ap_sqrt(m2);
+        r->peak = peak;
+        r->crest = r->rms > 0 ? peak / r->rms : 0;
+        r->kurtosis = m2 > 0 ? m4 / (m2 * m2) : 0;
+        r->skewness = m2 > 0 ? m3 / (m2 * ap_sqrt(m2)) : 0;
+        if (!(ap_isfinite(r->kurtosis) && ap_isfinite(r->skewness))) return 0;
     }
-    double m2 = (m2a + m2b) / n, m3 = (m3a + m3b) / n, m4 = (m4a + m4b) / n;
-    double peak = hi > -lo ? hi : -lo;
-    r->rms = ap_sqrt(m2);
-    r->peak = peak;
-    r->crest = r->rms > 0 ? peak / r->rms : 0;
-    r->kurtosis = m2 > 0 ? m4 / (m2 * m2) : 0;
-    r->skewness = m2 > 0 ? m3 / (m2 * ap_sqrt(m2)) : 0;
-    return ap_isfinite(r->kurtosis) && ap_isfinite(r->skewness);
+    return 1;
 }
 
-static inline double power(const float *X, int32_t k) {
-    return (double)X[2 * k] * X[2 * k] + (double)X[2 * k + 1] * X[2 * k + 1];
-}
-
-/* Velocity RMS and band energies from the spectrum (one-sided Parseval). */
-static void spectral_stats(int32_t n, double bw, channel_result *r) {
-    int32_t k0, k1;
+/* Velocity RMS and band energies from the spectra (one-sided Parseval), in one ap_band_power. */
+static void spectral_stats(int32_t n, uint32_t channels, double bw, channel_result *res) {
+    ap_band bands[9];
+    double e[AP_MAX_CHANNELS][9];
     double scale = 2.0 / ((double)n * n);
     for (int b = 0; b < 8; b++) {           /* b n/16 <= k < (b+1) n/16, exact for any n */
-        double e = 0;
-        for (int32_t k = b ? (b * n + 15) / 16 : 1; k < ((b + 1) * n + 15) / 16; k++) e += power(spec, k);
-        r->bands[b] = ap_sqrt(scale * e);
+        bands[b].k0 = b ? (b * n + 15) / 16 : 1;
+        bands[b].k1 = ((b + 1) * n + 15) / 16 - 1;
+        bands[b].p = 0;
     }
-    /* V_k = X_k G / (2 pi f_k): g -> mm/s^2, then / (2 pi f) integrates to velocity. */
-    bin_range(cfg.vel_lo, cfg.vel_hi, bw, 1, n / 2 - 1, &k0, &k1);
-    double vel = 0;
-    for (int32_t k = k0; k <= k1; k++) {
-        double g = G_TO_MM_S2 / (2 * AP_PI * ((double)k * bw));
-        vel += power(spec, k) * g * g;
+    /* V_k = X_k G / (2 pi f_k): g -> mm/s^2, then / (2 pi f) integrates to velocity; the
+     * 1/f^2 is 1/(k bw)^2, so the band sums |X_k|^2 k^-2. */
+    bin_range(cfg.vel_lo, cfg.vel_hi, bw, 1, n / 2 - 1, &bands[8].k0, &bands[8].k1);
+    bands[8].p = -2;
+    ap_band_power(spec, n, (int32_t)channels, bands, 9, &e[0][0]);
+    double g = G_TO_MM_S2 / (2 * AP_PI * bw);
+    for (uint32_t c = 0; c < channels; c++) {
+        for (int b = 0; b < 8; b++) res[c].bands[b] = ap_sqrt(scale * e[c][b]);
+        res[c].velocity = ap_sqrt(scale * e[c][8] * g * g);
     }
-    r->velocity = ap_sqrt(scale * vel);
 }
 
-/* Which bins of `band` may be non-zero: it stays zero outside them between windows. */
-static int32_t band_n, band_k0, band_k1 = -1;
+/* Envelope spectra of the band [lo, hi] Hz of every channel (ap_envelope, then their FFTs): the
+ * spectra in spec are replaced by the envelope spectra. */
+static void envelope_spectra(int32_t n, uint32_t channels, double bw, double lo, double hi) {
+    int32_t k0, k1;
+    bin_range(lo, hi, bw, 0, n / 2, &k0, &k1);
+    ap_envelope(spec, xd, n, (int32_t)channels, k0, k1);
+    ap_rfft_batch(xd, spec, n, (int32_t)channels);
+}
 
-/* Envelope spectrum of the band [lo, hi] Hz; amplitudes A_k into amp[0..upto]. */
-static void envelope_spectrum(int32_t n, double bw, double lo, double hi, int32_t upto) {
-    int32_t m = n / 2, k0, k1;
-    bin_range(lo, hi, bw, 0, m, &k0, &k1);
-    if (band_n != n || k0 < band_k0 || k1 > band_k1) {
-        for (int32_t k = 0; k < n + 2; k++) band[k] = 0;
-        band_n = n;
-    }
-    for (int32_t k = band_k0; k < k0; k++) band[2 * k] = band[2 * k + 1] = 0;
-    for (int32_t k = k1 + 1; k <= band_k1; k++) band[2 * k] = band[2 * k + 1] = 0;
-    band_k0 = k0;
-    band_k1 = k1;
-    for (int32_t k = k0; k <= k1; k++) { band[2 * k] = spec[2 * k]; band[2 * k + 1] = spec[2 * k + 1]; }
-    ap_irfft(band, xd, n);                          /* band-passed signal */
-    for (int32_t k = k0; k <= k1; k++) {           /* -i (a + ib) = b - ia: Hilbert transform */
-        float re = band[2 * k];
-        band[2 * k] = band[2 * k + 1];
-        band[2 * k + 1] = -re;
-    }
-    ap_irfft(band, hil, n);
-    double sum = 0;
-    for (int32_t j = 0; j < n; j++) {
-        float e = __builtin_sqrtf(xd[j] * xd[j] + hil[j] * hil[j]);
-        xd[j] = e;
-        sum += e;
-    }
-    float mean = (float)(sum / n);
-    for (int32_t j = 0; j < n; j++) xd[j] -= mean;
-    ap_rfft(xd, envspec, n);
-    /* Only the bins the floor and the harmonics look at. */
+/* Amplitudes A_k = 2 |E_k| / n into a[0..upto]: only the bins the floor and the harmonics
+ * look at. */
+static void envelope_amplitudes(const float *env, int32_t n, int32_t upto, float *a) {
     double scale = 2.0 / n;
-    for (int32_t k = 0; k <= upto; k++) amp[k] = (float)(scale * ap_sqrt(power(envspec, k)));
+    for (int32_t k = 0; k <= upto; k++) a[k] = (float)(scale * ap_sqrt(ap_bin_power(env, k)));
+}
+
+/* The noise floor of each channel's envelope spectrum: the median of A_k over 2 <= k <= 5 BPFI,
+ * all channels in one ap_median_rows. */
+static void envelope_floors(int32_t n, uint32_t channels, double bw, const fault_freqs *ff, double *floors) {
+    int64_t top = floor_i(5 * ff->bpfi / bw);
+    int32_t hi = top < n / 2 ? (int32_t)top : n / 2, cnt = hi - 2 + 1;
+    if (cnt < 0) cnt = 0;
+    ap_median_rows(&amp[0][2], cnt, (int32_t)channels, AMP_ROW, floors, scratch);
 }
 
 /* The last envelope bin envelope_faults() reads: the floor's top and the highest harmonic. */
@@ -454,14 +434,11 @@ static int32_t amp_bins(int32_t n, double bw, const fault_freqs *ff) {
     return k >= n / 2 ? n / 2 : (int32_t)k;
 }
 
-/* Fault-frequency amplitudes, ratios to the median floor, and the h = 1 evidence. */
-static void envelope_faults(int32_t n, double bw, const fault_freqs *ff, channel_result *r) {
+/* Fault-frequency amplitudes (amp: this channel's A_k, env: its E_k), ratios to the median
+ * floor, and the h = 1 evidence. */
+static void envelope_faults(const float *env, const float *amp, double floor, int32_t n, double bw,
+                            const fault_freqs *ff, channel_result *r) {
     int32_t m = n / 2;
-    int64_t top = floor_i(5 * ff->bpfi / bw);
-    int32_t hi = top < m ? (int32_t)top : m, cnt = hi - 2 + 1;
-    if (cnt < 0) cnt = 0;
-    for (int32_t i = 0; i < cnt; i++) scratch[i] = amp[2 + i];
-    double floor = ap_median_f32(scratch, cnt);
     r->env_floor = floor;
     for (int kd = 0; kd < N_KINDS; kd++) {
         double ratio_sum = 0;
@@ -480,7 +457,7 @@ static void envelope_faults(int32_t n, double bw, const fault_freqs *ff, channel
             ratio_sum += ratio;
             if (h == 1) {
                 double hz = best >= 0 ? (double)best * bw : 0;
-                if (best >= 1 && best < m) hz = ((double)best + jacobsen(envspec, (int32_t)best)) * bw;
+                if (best >= 1 && best < m) hz = ((double)best + jacobsen(env, (int32_t)best)) * bw;
                 r->env_amp[kd] = a;
                 r->peak_hz[kd] = hz;
                 r->peak_ratio[kd] = ratio;
@@ -548,6 +525,15 @@ static int32_t severity_for(double score) {
 
 /* ---- reporting ------------------------------------------------------------------------------ */
 
+/* A window's features go to the host in one ap_features batch, in this order: the fault
+ * frequencies, each channel's features, iso_zone, then baseline.progress while learning or the
+ * score and diagnosis. The names depend only on the channel count and the phase, so the packed
+ * names are built once per shape. */
+static const char *const head_names[] = {"shaft_hz", "bpfo_hz", "bpfi_hz", "bsf_hz", "ftf_hz"};
+static const char *const learning_names[] = {"iso_zone", "baseline.progress"};
+static const char *const scoring_names[] = {"iso_zone", "score", "diagnosis", "diagnosis.ratio",
+                                            "diagnosis.peak_hz"};
+
 /* Per-channel feature names, in report order; "ch<c>." is prefixed once, in ap_init. */
 #define N_CH_FEATURES 23
 static const char *const ch_feature_names[N_CH_FEATURES] = {
@@ -570,12 +556,39 @@ static void make_names(void) {
         }
 }
 
-static void report_channel(uint32_t c, const channel_result *r) {
-    double v[N_CH_FEATURES] = {r->rms, r->peak, r->crest, r->kurtosis, r->skewness, r->velocity};
+#define BATCH_MAX (5 + AP_MAX_CHANNELS * N_CH_FEATURES + 5)
+static char batch_names[BATCH_MAX * 24];
+static int32_t batch_names_len, batch_count, batch_key = -1;
+static double batch_values[BATCH_MAX];
+
+static void batch_add_name(const char *name, int32_t len) {
+    for (int32_t i = 0; i < len; i++) batch_names[batch_names_len++] = name[i];
+    batch_names[batch_names_len++] = 0;
+    batch_count++;
+}
+
+/* The packed names for this shape and phase; values go to batch_values in the same order. */
+static void batch_prepare(uint32_t channels, int learning) {
+    int32_t key = (int32_t)channels * 2 + learning;
+    if (key == batch_key) return;
+    batch_names_len = batch_count = 0;
+    for (int i = 0; i < 5; i++) batch_add_name(head_names[i], ap_strlen(head_names[i]));
+    for (uint32_t c = 0; c < channels; c++)
+        for (int i = 0; i < N_CH_FEATURES; i++) batch_add_name(ch_names[c][i], ch_name_len[c][i]);
+    int32_t tail = learning ? 2 : 5;
+    for (int32_t i = 0; i < tail; i++) {
+        const char *name = learning ? learning_names[i] : scoring_names[i];
+        batch_add_name(name, ap_strlen(name));
+    }
+    batch_key = key;
+}
+
+static void channel_values(const channel_result *r, double *v) {
+    v[0] = r->rms; v[1] = r->peak; v[2] = r->crest; v[3] = r->kurtosis; v[4] = r->skewness;
+    v[5] = r->velocity;
     for (int b = 0; b < 8; b++) v[6 + b] = r->bands[b];
     for (int k = 0; k < N_KINDS; k++) { v[14 + k] = r->env_amp[k]; v[18 + k] = r->env_ratio[k]; }
     v[22] = r->env_floor;
-    for (int i = 0; i < N_CH_FEATURES; i++) ap_host_feature(ch_names[c][i], ch_name_len[c][i], v[i]);
 }
 
 static channel_result res[AP_MAX_CHANNELS];
@@ -599,36 +612,36 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     }
     double bw = fs / n;
 
-    fault_freqs ff = {0};   /* set on channel 0 (ap_window_open ensures one) */
-    for (uint32_t c = 0; c < channels; c++) {
-        channel_result *r = &res[c];
-        if (!time_stats(ap_window_channel(h, c), n, r)) {
-            /* A NaN or inf sample (a sensor glitch) must not poison the baseline. */
-            ap_log(AP_LOG_WARNING, "window holds non-finite samples; skipped");
-            return -4;
-        }
-        ap_rfft(xd, spec, n);
-        if (c == 0)
-            fault_frequencies(cfg.fixed_rpm ? cfg.rpm / 60
-                                            : estimate_shaft(spec, n, bw, cfg.rpm_min / 60, cfg.rpm_max / 60), &ff);
-        spectral_stats(n, bw, r);
-        envelope_spectrum(n, bw, env_lo, env_hi, amp_bins(n, bw, &ff));
-        envelope_faults(n, bw, &ff, r);
+    /* All channels at once, phase by phase (the planar window is already one batch). */
+    if (!time_stats(ap_window_channel(h, 0), n, channels, res)) {
+        /* A NaN or inf sample (a sensor glitch) must not poison the baseline. */
+        ap_log(AP_LOG_WARNING, "window holds non-finite samples; skipped");
+        return -4;
     }
+    ap_rfft_batch(xd, spec, n, (int32_t)channels);
+    fault_freqs ff;         /* the shaft speed comes from channel 0 (ap_window_open ensures one) */
+    fault_frequencies(cfg.fixed_rpm ? cfg.rpm / 60
+                                    : estimate_shaft(spec, n, bw, cfg.rpm_min / 60, cfg.rpm_max / 60), &ff);
+    spectral_stats(n, channels, bw, res);
+    envelope_spectra(n, channels, bw, env_lo, env_hi);
+    int32_t upto = amp_bins(n, bw, &ff);
+    for (uint32_t c = 0; c < channels; c++) envelope_amplitudes(spec + (size_t)c * (n + 2), n, upto, amp[c]);
+    double floors[AP_MAX_CHANNELS];
+    envelope_floors(n, channels, bw, &ff, floors);
+    for (uint32_t c = 0; c < channels; c++)
+        envelope_faults(spec + (size_t)c * (n + 2), amp[c], floors[c], n, bw, &ff, &res[c]);
 
-    ap_feature("shaft_hz", ff.fr);
-    ap_feature("bpfo_hz", ff.bpfo);
-    ap_feature("bpfi_hz", ff.bpfi);
-    ap_feature("bsf_hz", ff.bsf);
-    ap_feature("ftf_hz", ff.ftf);
+    double *fv = batch_values;
+    fv[0] = ff.fr; fv[1] = ff.bpfo; fv[2] = ff.bpfi; fv[3] = ff.bsf; fv[4] = ff.ftf;
     double vmax = 0;
     for (uint32_t c = 0; c < channels; c++) {
-        report_channel(c, &res[c]);
+        channel_values(&res[c], fv + 5 + c * N_CH_FEATURES);
         if (res[c].velocity > vmax) vmax = res[c].velocity;
     }
+    double *tail = fv + 5 + channels * N_CH_FEATURES;
     const double *zb = iso_bounds[cfg.iso_group - 1][cfg.iso_flexible];
     int32_t zone = vmax < zb[0] ? 0 : vmax < zb[1] ? 1 : vmax < zb[2] ? 2 : 3;
-    ap_feature("iso_zone", zone);
+    tail[0] = zone;
 
     /* The baseline belongs to one window shape; a new shape (reconfigured source) relearns. */
     if (st.channels && (st.channels != channels || st.frames != (uint32_t)n)) {
@@ -643,7 +656,9 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     if (st.learned < cfg.baseline_windows) {
         for (int32_t i = 0; i < nfeat; i++) rows[st.learned][i] = v[i];
         st.learned++;
-        ap_feature("baseline.progress", (double)st.learned / cfg.baseline_windows);
+        tail[1] = (double)st.learned / cfg.baseline_windows;
+        batch_prepare(channels, 1);
+        ap_features(batch_names, batch_names_len, batch_values, batch_count);
         if (st.learned == cfg.baseline_windows) {
             finish_baseline(nfeat, is_log);
             ap_log(AP_LOG_INFO, "baseline learned");
@@ -658,7 +673,7 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
         sum += z * z;
     }
     double score = ap_sqrt(sum / nfeat);
-    ap_feature("score", score);
+    tail[1] = score;
 
     /* Diagnosis: the kind whose mean ratio over channels is largest (ties: earlier kind),
      * its evidence from the channel where it stands out most. */
@@ -674,9 +689,11 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     for (uint32_t c = 1; c < channels; c++)
         if (res[c].env_ratio[best] > res[best_c].env_ratio[best]) best_c = c;
     int named = best_mean >= cfg.min_ratio;
-    ap_feature("diagnosis", named ? best + 1 : 0);
-    ap_feature("diagnosis.ratio", best_mean);
-    ap_feature("diagnosis.peak_hz", res[best_c].peak_hz[best]);
+    tail[2] = named ? best + 1 : 0;
+    tail[3] = best_mean;
+    tail[4] = res[best_c].peak_hz[best];
+    batch_prepare(channels, 0);
+    ap_features(batch_names, batch_names_len, batch_values, batch_count);
 
     if (score > cfg.threshold) { st.above++; st.below = 0; }
     else if (score < cfg.threshold * cfg.clear_ratio) { st.below++; st.above = 0; }
