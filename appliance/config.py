@@ -70,7 +70,7 @@ class RuntimeSection(StrictModel):
 
 
 class WindowSection(StrictModel):
-    size: int = Field(ge=16, le=1 << 20, description="frames per window")
+    size: int = Field(ge=1, le=1 << 20, description="frames per window (at least 16 for samples; 1 for cameras)")
     hop: int | None = Field(None, ge=1, le=1 << 22, description="frames between window starts (default: size)")
     overlap: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of overlap, instead of hop")
 
@@ -108,7 +108,9 @@ class ModuleSection(StrictModel):
     wasm: ModuleFile = Field(description="the module binary (.wasm, ABI v1)")
     source: Name = Field(description="name of the source whose windows it gets")
     channels: list[str] | None = Field(None, min_length=1, description="subset of the source's channels")
-    window: WindowSection = Field(description="how the stream is cut into windows")
+    window: WindowSection | None = Field(None, description="how the stream is cut into windows (required for "
+                                         "sample sources; for cameras each frame is a window and `hop` "
+                                         "takes every n-th frame)")
     deadline_ms: float = Field(250.0, gt=0, le=60000, description="longest a window may take; then the worker is killed")
     queue: int = Field(4, ge=1, le=1024, description="windows that may wait; beyond that the oldest is dropped")
     overflow: Literal["drop_oldest", "block"] = Field(
@@ -365,6 +367,17 @@ def _cross_checks(doc: YamlDocument, cfg: AppConfig) -> list[ConfigIssue]:
                     issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("channels", i)), here + ("channels", i),
                                               f"{ch!r} is not a channel of source {mod.source!r} "
                                               f"(channels: {', '.join(known)})"))
+        video = getattr(type(source), "KIND", "samples") == "video"
+        if mod.window is None and not video:
+            issues.append(ConfigIssue(doc.path, doc.mark_for(here, key=True), here + ("window",),
+                                      f"required option 'window' is missing from modules.{name} "
+                                      f"(source {mod.source!r} delivers samples)"))
+        if mod.window is not None and not video and mod.window.size < 16:
+            issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("window", "size")), here + ("window", "size"),
+                                      f"{mod.window.size} is invalid: a window of samples needs at least 16 frames"))
+        if mod.window is not None and video and mod.window.size != 1:
+            issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("window", "size")), here + ("window", "size"),
+                                      f"{mod.window.size} is invalid: a camera's window is one frame (size: 1)"))
         if mod.overflow == "block" and getattr(source, "realtime", True):
             issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("overflow",)), here + ("overflow",),
                                       f"'block' would stall live source {mod.source!r}; it is only for "

@@ -19,7 +19,7 @@ from appliance.config import AppConfig
 from appliance.events import Spool, iso_time, make_event
 from appliance.metrics import Metrics, SourceCounters
 from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState
-from appliance.windowing import Window, Windower
+from appliance.windowing import FrameWindower, Window, Windower
 from hal.registry import open_source
 from hal.source import Health, Source
 
@@ -70,11 +70,17 @@ class Supervisor:
                                  f"{mcfg.source!r} ({', '.join(info.channels)})")
             picked = [info.channels.index(c) for c in mcfg.channels] if mcfg.channels else None
             names = tuple(mcfg.channels) if mcfg.channels else info.channels
-            host = ModuleHost(name, mcfg, cfg.runtime, len(names), self.metrics,
+            if info.kind == "video":
+                # A frame of up to 4096 x 4096 per channel; the memfd stays sparse until written.
+                window_bytes = len(names) * 4096 * 4096
+                windower = FrameWindower(mcfg.window.hop_frames if mcfg.window else 1, info.sample_rate, picked)
+            else:
+                window_bytes = 4 * len(names) * mcfg.window.size
+                windower = Windower(mcfg.window.size, mcfg.window.hop_frames, info.sample_rate, picked)
+            host = ModuleHost(name, mcfg, cfg.runtime, window_bytes, self.metrics,
                               on_result=self._on_result, on_state=self._on_module_state,
                               state_dir=cfg.gateway.data_dir / "state")
             self.modules[name] = host
-            windower = Windower(mcfg.window.size, mcfg.window.hop_frames, info.sample_rate, picked)
             self.pipelines[mcfg.source].append(Pipeline(host, windower, mcfg.source, names))
 
     # ---- lifecycle ---------------------------------------------------------------------------

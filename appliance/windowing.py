@@ -13,7 +13,8 @@ class Window:
     seq: int               # counts every window cut for this module, delivered or not
     start_ns: int          # Unix time of the first sample
     sample_rate: float
-    data: np.ndarray       # float32, planar: (channels, frames), C-contiguous
+    data: np.ndarray       # planar (channels, frames), C-contiguous: float32 samples or uint8 pixels
+    image: tuple[int, int] | None = None   # (height, width) for a camera frame
 
     @property
     def nbytes(self) -> int:
@@ -80,3 +81,29 @@ class Windower:
         self._buf = None
         self._fill = 0
         self._skip = 0
+
+
+class FrameWindower:
+    """Camera frames: every `hop`-th frame is one window (no copy: a frame is already whole)."""
+
+    def __init__(self, hop: int, sample_rate: float, channels: list[int] | None = None) -> None:
+        self.hop, self.sample_rate, self.channels = hop, sample_rate, channels
+        self._next_seq = 0
+        self._frames = 0
+
+    @property
+    def windows_cut(self) -> int:
+        return self._next_seq
+
+    def push(self, block: Block) -> list[Window]:
+        take = self._frames % self.hop == 0
+        self._frames += 1
+        if not take:
+            return []
+        data = block.data if self.channels is None else np.ascontiguousarray(block.data[self.channels])
+        window = Window(self._next_seq, block.start_ns, self.sample_rate, data, block.image)
+        self._next_seq += 1
+        return [window]
+
+    def reset(self) -> None:
+        self._frames = 0

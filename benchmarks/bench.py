@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from appliance.modbuild import build_module  # noqa: E402
 from appliance.runtime.backend import Wasm3Backend  # noqa: E402
-from appliance.runtime.host import HEADER, WINDOW_MAGIC, WorkerProcess, load_message  # noqa: E402
+from appliance.runtime.host import HEADER, pack_header, WorkerProcess, load_message  # noqa: E402
 from appliance.runtime.validate import read_module  # noqa: E402
 
 CHANNELS, FRAMES = 3, 4096
@@ -52,7 +52,7 @@ def windows(n: int) -> list[np.ndarray]:
 
 
 def header(seq: int) -> bytes:
-    return HEADER.pack(WINDOW_MAGIC, HEADER.size, 1, CHANNELS, FRAMES, 12800.0, seq, 0, 0, 0)
+    return pack_header(CHANNELS, FRAMES, 12800.0, seq)
 
 
 def bench_pipeline(wasm: Path, seconds_of_data: float = 300.0) -> dict:

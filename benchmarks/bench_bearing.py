@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "modules" / "src" / "bearing"))
 
 from appliance.modbuild import build_module  # noqa: E402
-from appliance.runtime.host import HEADER, WINDOW_MAGIC, WorkerProcess, load_message  # noqa: E402
+from appliance.runtime.host import HEADER, pack_header, WorkerProcess, load_message  # noqa: E402
 
 FRAMES, FS = 4096, 12800.0
 PARAMS = {"bearing.balls": 9, "bearing.ball_diameter": 0.3126, "bearing.pitch_diameter": 1.537,
@@ -55,7 +55,7 @@ def worker_rate(wasm: bytes, host_dsp: bool, channels: int, n: int) -> float:
     try:
         def run(count, first):
             for seq in range(first, first + count):
-                header = HEADER.pack(WINDOW_MAGIC, HEADER.size, 1, channels, FRAMES, FS, seq, 0, 0, 0)
+                header = pack_header(channels, FRAMES, FS, seq)
                 assert worker.process(header, wins[seq % 8], 30.0)["rc"] == 0
         run(12, 0)                                   # learn the baseline first: time the steady state
         cpu0, wcpu0 = self_cpu(), cpu_of(worker.pid)

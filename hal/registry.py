@@ -27,6 +27,7 @@ def load_builtin_sources() -> None:
     import hal.sources.i2c_accel  # noqa: F401
     import hal.sources.modbus_rtu  # noqa: F401
     import hal.sources.nmea  # noqa: F401
+    import hal.sources.camera  # noqa: F401
 
 
 def open_source(name: str, config) -> Source:

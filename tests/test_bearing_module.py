@@ -29,7 +29,7 @@ from conftest import shared_file
 
 from appliance.modbuild import build_module
 from appliance.runtime.backend import IMPORT_SIGNATURES
-from appliance.runtime.host import HEADER, WINDOW_MAGIC
+from appliance.runtime.host import pack_header
 from appliance.runtime.worker import AbiViolation, HostDsp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ class Bearing:
     # -- windows --
     def process(self, x: np.ndarray, fs: float, seq: int = 0) -> int:
         x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
-        data = HEADER.pack(WINDOW_MAGIC, HEADER.size, 1, x.shape[0], x.shape[1], fs, seq, 0, 0, 0) + x.tobytes()
+        data = pack_header(x.shape[0], x.shape[1], fs, seq) + x.tobytes()
         wp = self.call("ap_buffer", 1, len(data))
         assert wp, "module refused the window size"
         self.mem()[wp:wp + len(data)] = data

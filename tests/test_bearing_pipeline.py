@@ -11,7 +11,7 @@ import yaml
 
 from appliance.config import module_params_text, load_config
 from appliance.modbuild import build_module
-from appliance.runtime.host import HEADER, WINDOW_MAGIC, WorkerProcess, load_message
+from appliance.runtime.host import HEADER, pack_header, WorkerProcess, load_message
 
 from conftest import REPO, shared_file
 
@@ -62,7 +62,7 @@ def test_host_dsp_and_wasm_fft_agree_through_the_worker(bearing_wasm):
                                load_message("bearing.wasm", text))
         try:
             for seq, w in enumerate(cwru_windows(5)):
-                header = HEADER.pack(WINDOW_MAGIC, HEADER.size, 1, 1, 4096, 12000.0, seq, 0, 0, 0)
+                header = pack_header(1, 4096, 12000.0, seq)
                 reply = worker.process(header, w, 10.0)
                 assert reply["rc"] == 0
         finally:

@@ -143,7 +143,7 @@ def test_yaml_syntax_error(tmp_path, vibstats_wasm):
 
 
 def test_several_errors_reported_at_once_in_line_order(tmp_path, vibstats_wasm):
-    text = GOOD.replace("  port: 0", "  port: -1").replace("size: 4096", "size: 4").replace("noise", "x")
+    text = GOOD.replace("  port: 0", "  port: -1").replace("size: 4096", "size: 0").replace("noise", "x")
     issues = issues_of(write(tmp_path, text, vibstats_wasm))
     assert [i.split(":")[1] for i in issues] == ["5", "16"]
 

@@ -26,7 +26,7 @@ import pytest
 
 from appliance.modbuild import build_module
 from appliance.runtime.backend import IMPORT_SIGNATURES
-from appliance.runtime.host import HEADER, WINDOW_MAGIC, ModuleFault, WorkerProcess, load_message
+from appliance.runtime.host import HEADER, pack_header, ModuleFault, WorkerProcess, load_message
 from appliance.runtime.worker import MAX_FEATURES, AbiViolation, HostDsp
 
 KERNELS_C = r"""
@@ -488,7 +488,7 @@ def worker_for(wasm: bytes, case: int, host_dsp: int = 1) -> WorkerProcess:
 
 
 def one_window(worker: WorkerProcess) -> dict:
-    header = HEADER.pack(WINDOW_MAGIC, HEADER.size, 1, 1, 64, 1000.0, 0, 0, 0, 0)
+    header = pack_header(1, 64, 1000.0, 0)
     return worker.process(header, np.zeros(64, np.float32), 5.0)
 
 

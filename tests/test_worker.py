@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from appliance.modbuild import build_module
-from appliance.runtime.host import HEADER, WINDOW_MAGIC, ModuleFault, WorkerProcess, load_message
+from appliance.runtime.host import HEADER, pack_header, ModuleFault, WorkerProcess, load_message
 
 from conftest import REPO
 
@@ -21,7 +21,7 @@ def load_msg(params: str = "", address_space_mb: int = 512, max_memory_mb: int =
 
 def window(seq: int = 0, channels: int = 3, frames: int = 1024, scale: float = 1.0):
     data = (np.random.default_rng(seq).standard_normal((channels, frames)) * scale).astype(np.float32)
-    header = HEADER.pack(WINDOW_MAGIC, HEADER.size, 1, channels, frames, 12800.0, seq, 0, 0, 0)
+    header = pack_header(channels, frames, 12800.0, seq)
     return header, data
 
 

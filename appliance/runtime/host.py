@@ -34,10 +34,17 @@ from appliance.windowing import Window
 
 log = logging.getLogger("appliance.module")
 
-HEADER = struct.Struct("<IHHIIdQqII16x")
+HEADER = struct.Struct("<IHHIIdQqIIII8x")   # the window header, modules/ABI.md
+FORMATS = {np.dtype(np.float32): 1, np.dtype(np.uint8): 2}
 WINDOW_MAGIC = 0x31575041
 LOAD_TIMEOUT_S = 10.0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # where `appliance` imports from
+
+
+def pack_header(channels: int, frames: int, sample_rate: float, seq: int, start_ns: int = 0, dropped: int = 0,
+                sample_format: int = 1, width: int = 0, height: int = 0) -> bytes:
+    return HEADER.pack(WINDOW_MAGIC, HEADER.size, sample_format, channels, frames, sample_rate, seq, start_ns, 0,
+                       min(dropped, 0xFFFFFFFF), width, height)
 
 
 class ModuleState(enum.Enum):
@@ -174,7 +181,7 @@ class WorkerProcess:
         if nbytes > self.shm_bytes:
             raise ModuleFault("protocol", f"window of {nbytes} bytes exceeds the shared buffer")
         self._shm[:len(header)] = header
-        np.frombuffer(self._shm, dtype=np.float32, count=data.size, offset=len(header))[:] = data.reshape(-1)
+        np.frombuffer(self._shm, dtype=data.dtype, count=data.size, offset=len(header))[:] = data.reshape(-1)
         self._sock.send(b"W" + struct.pack("<I", nbytes))
         return self._receive(deadline_s, "window")
 
@@ -224,7 +231,7 @@ class ModuleHost:
     the oldest window is dropped and counted (or, for offline replay with overflow: block,
     the source waits)."""
 
-    def __init__(self, name: str, cfg: ModuleSection, runtime: RuntimeSection, channels: int,
+    def __init__(self, name: str, cfg: ModuleSection, runtime: RuntimeSection, window_bytes: int,
                  metrics: Metrics, on_result: Callable[["ModuleHost", Window, ModuleResult], None],
                  on_state: Callable[["ModuleHost", ModuleState, str], None] | None = None,
                  state_dir: Path = Path("state")) -> None:
@@ -232,7 +239,7 @@ class ModuleHost:
         self.policy: RestartPolicy = cfg.restart or runtime.restart
         self.metrics = metrics
         self._on_result, self._on_state = on_result, on_state
-        self._shm_bytes = HEADER.size + 4 * channels * cfg.window.size
+        self._shm_bytes = HEADER.size + window_bytes
         self._queue: collections.deque[Window] = collections.deque()
         self._cond = threading.Condition()
         self._state = ModuleState.DISABLED if not cfg.enabled else ModuleState.STARTING
@@ -434,8 +441,9 @@ class ModuleHost:
 
     def _process(self, window: Window) -> None:
         dropped = max(0, window.seq - self._last_seq - 1) if self._last_seq >= 0 else window.seq
-        header = HEADER.pack(WINDOW_MAGIC, HEADER.size, 1, window.data.shape[0], window.data.shape[1],
-                             window.sample_rate, window.seq, window.start_ns, 0, min(dropped, 0xFFFFFFFF))
+        height, width = window.image or (0, 0)
+        header = pack_header(window.data.shape[0], window.data.shape[1], window.sample_rate, window.seq,
+                             window.start_ns, dropped, FORMATS[window.data.dtype], width, height)
         t0 = time.perf_counter()
         try:
             reply = self._worker.process(header, window.data, self.cfg.deadline_ms / 1000.0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -28,6 +28,7 @@ from hal.source import Block, Health, Source, SourceInfo
 
 
 class CameraConfig(StrictModel):
+    KIND: ClassVar[str] = "video"   # each block is a frame: modules get one frame per window
     type: Literal["camera"]
     url: str | None = Field(None, description="/dev/videoN, a camera index (0), a video file, or rtsp://...")
     simulate: bool = Field(False, description="render a synthetic scene instead of capturing (demos, CI)")

@@ -99,7 +99,7 @@ static inline void ap_text_num(ap_text *t, double v, int decimals) {
 
 #define AP_WINDOW_MAGIC 0x31575041u /* "APW1" little-endian */
 #define AP_WINDOW_HEADER_BYTES 64
-enum { AP_FORMAT_F32 = 1 };
+enum { AP_FORMAT_F32 = 1, AP_FORMAT_U8 = 2 };
 enum { AP_LAYOUT_PLANAR = 0 };
 
 typedef struct {
@@ -113,7 +113,9 @@ typedef struct {
     int64_t start_time_ns;
     uint32_t layout;
     uint32_t dropped;
-    uint8_t reserved[16];
+    uint32_t width;       /* images (sample_format u8): frames == width * height; else 0 */
+    uint32_t height;
+    uint8_t reserved[8];
 } ap_window_header;
 
 _Static_assert(sizeof(ap_window_header) == AP_WINDOW_HEADER_BYTES, "window header is 64 bytes");
@@ -131,6 +133,23 @@ static inline const ap_window_header *ap_window_open(const uint8_t *ptr, int32_t
 
 static inline const float *ap_window_channel(const ap_window_header *h, uint32_t channel) {
     return (const float *)((const uint8_t *)h + AP_WINDOW_HEADER_BYTES) + (size_t)channel * h->frames;
+}
+
+/* An image window (a camera frame): uint8 planes of width x height; returns the header or 0.
+ * ap_window_open() refuses these, so sample modules never misread pixels as samples. */
+static inline const ap_window_header *ap_image_open(const uint8_t *ptr, int32_t len) {
+    if (len < AP_WINDOW_HEADER_BYTES) return 0;
+    const ap_window_header *h = (const ap_window_header *)ptr;
+    if (h->magic != AP_WINDOW_MAGIC || h->header_size != AP_WINDOW_HEADER_BYTES) return 0;
+    if (h->sample_format != AP_FORMAT_U8 || h->layout != AP_LAYOUT_PLANAR) return 0;
+    if (h->width == 0 || h->height == 0 || (uint64_t)h->width * h->height != h->frames) return 0;
+    uint64_t need = (uint64_t)AP_WINDOW_HEADER_BYTES + (uint64_t)h->channels * h->frames;
+    if (h->channels == 0 || need > (uint64_t)len) return 0;
+    return h;
+}
+
+static inline const uint8_t *ap_image_plane(const ap_window_header *h, uint32_t channel) {
+    return (const uint8_t *)h + AP_WINDOW_HEADER_BYTES + (size_t)channel * h->frames;
 }
 
 /* ---- params ("key=value" lines, see ABI.md) ---------------------------------------------- */

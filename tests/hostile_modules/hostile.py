@@ -38,8 +38,11 @@ def build_hostile(name: str, out_dir: Path) -> Path:
         out.write_bytes(deeply_nested_blocks_module())
     elif name.isidentifier() and (HERE / f"{name}.c").is_file():
         build_module(HERE / f"{name}.c", out)       # other single-file modules here (badptr, slow)
+    elif name.isidentifier() and (HERE / name / "module.yaml").is_file():
+        build_module(HERE / name, out)              # module directories with a manifest (framestats)
     else:
-        known = sorted(set(HOSTILE_NAMES) | {p.stem for p in HERE.glob("*.c")})
+        known = sorted(set(HOSTILE_NAMES) | {p.stem for p in HERE.glob("*.c")}
+                       | {p.parent.name for p in HERE.glob("*/module.yaml")})
         raise ValueError(f"unknown hostile module {name!r} (known: {', '.join(known)})")
     return out
 

@@ -1,0 +1,72 @@
+"""Camera frames through the real pipeline: camera source -> frame windows (uint8, width and
+height in the header) -> a wasm module in its worker."""
+from __future__ import annotations
+
+import pytest
+
+from appliance.config import ConfigError
+from appliance.supervisor import Supervisor
+
+from conftest import shared_file
+from hostile_modules.hostile import build_hostile
+from support import metric, wait_for, write_config
+
+
+def collect(sup, module):
+    seen = []
+    host = sup.modules[module]
+    original = host._on_result
+    host._on_result = lambda h, w, r: (seen.append(r.features), original(h, w, r))
+    return seen
+
+
+def test_simulated_camera_frames_reach_an_image_module(tmp_path):
+    wasm = build_hostile("framestats", tmp_path / "m")
+    cfg = write_config(tmp_path, {"cam": {"type": "camera", "simulate": True, "fps": 20, "resize": [160, 120]}},
+                       {"frames": {"wasm": str(wasm), "source": "cam"}})
+    sup = Supervisor(cfg)
+    seen = collect(sup, "frames")
+    sup.start()
+    try:
+        wait_for(lambda: len(seen) >= 8, 15, "frames processed")
+    finally:
+        sup.stop()
+    assert all(f["width"] == 160 and f["height"] == 120 and f["channels"] == 1 for f in seen)
+    assert 60 < seen[-1]["mean"] < 200 and seen[-1]["motion"] > 0
+    assert metric(sup, "appliance_module_windows_rejected_total", module="frames") == 0
+
+
+def test_video_file_every_fifth_frame(tmp_path):
+    wasm = build_hostile("framestats", tmp_path / "m")
+    video = shared_file("video", "vtest.avi")
+    cfg = write_config(tmp_path, {"cam": {"type": "camera", "url": str(video), "realtime": False,
+                                          "resize": [384, 288]}},
+                       {"frames": {"wasm": str(wasm), "source": "cam", "window": {"size": 1, "hop": 5},
+                                   "overflow": "block"}})
+    sup = Supervisor(cfg)
+    seen = collect(sup, "frames")
+    sup.start()
+    try:
+        assert sup.wait_until_done(60)
+    finally:
+        sup.stop()
+    assert len(seen) == 159                                   # 795 frames, every fifth
+    assert all(f["width"] == 384 and f["height"] == 288 for f in seen)
+    assert sum(f["motion"] > 1 for f in seen[1:]) > 100       # pedestrians walking
+
+
+def test_sample_module_refuses_frames_and_config_rules(tmp_path, vibstats_wasm):
+    with pytest.raises(ConfigError, match="a camera's window is one frame"):
+        write_config(tmp_path, {"cam": {"type": "camera", "simulate": True}},
+                     {"m": {"wasm": str(vibstats_wasm), "source": "cam", "window": {"size": 64}}})
+    with pytest.raises(ConfigError, match="required option 'window' is missing from modules.m"):
+        write_config(tmp_path, {"s": {"type": "sim_vibration"}}, {"m": {"wasm": str(vibstats_wasm), "source": "s"}})
+    cfg = write_config(tmp_path, {"cam": {"type": "camera", "simulate": True, "fps": 30, "resize": [64, 48]}},
+                       {"m": {"wasm": str(vibstats_wasm), "source": "cam"}})
+    sup = Supervisor(cfg)
+    sup.start()
+    try:
+        wait_for(lambda: metric(sup, "appliance_module_windows_rejected_total", module="m") >= 3, 10,
+                 "a float32 module to refuse image windows")
+    finally:
+        sup.stop()
