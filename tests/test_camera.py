@@ -97,7 +97,37 @@ def test_simulated_scene_moves():
 
 
 def test_config_needs_url_or_simulate():
-    with pytest.raises(ValueError, match="either url or simulate"):
+    with pytest.raises(ValueError, match="give the camera's url"):
         CameraConfig(type="camera")
-    with pytest.raises(ValueError, match="either url or simulate"):
-        CameraConfig(type="camera", url="/dev/video0", simulate=True)
+    assert CameraConfig(type="camera", url="/dev/video0", simulate=True).simulate   # simulate wins
+
+
+def test_network_camera_disconnect_and_reconnect(tmp_path):
+    from appliance.supervisor import Supervisor
+
+    from camera_peer import MjpegCamera
+    from support import metric, wait_for, write_config
+
+    cam = MjpegCamera()
+    cfg = write_config(tmp_path, {"ipcam": {"type": "camera", "url": cam.url, "timeout_s": 0.5}}, {})
+    sup = Supervisor(cfg)
+    import appliance.supervisor as supervisor_module
+    supervisor_module.SOURCE_BACKOFF_S = (0.2, 0.5)   # keep the test short; the logic is the same
+    frames = lambda: metric(sup, "appliance_source_samples_total", source="ipcam")   # noqa: E731
+    sup.start()
+    try:
+        wait_for(lambda: frames() > 160 * 120 * 5, 10, "frames from the camera")
+        port = cam.port
+        cam.stop()                                                         # the camera goes away
+        wait_for(lambda: metric(sup, "appliance_source_errors_total", source="ipcam") >= 2, 10,
+                 "the loss to be counted and retried")
+        assert sup.sources["ipcam"].health[0] is Health.FAILED
+        assert metric(sup, "appliance_source_up", source="ipcam") == 0
+        cam = MjpegCamera(port=port)                                       # it comes back
+        before = frames()
+        wait_for(lambda: frames() > before + 160 * 120 * 5, 15, "frames after the reconnect")
+        assert sup.sources["ipcam"].health[0] is Health.OK
+    finally:
+        sup.stop()
+        cam.stop()
+        supervisor_module.SOURCE_BACKOFF_S = (0.5, 30.0)

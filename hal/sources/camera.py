@@ -31,7 +31,7 @@ class CameraConfig(StrictModel):
     KIND: ClassVar[str] = "video"   # each block is a frame: modules get one frame per window
     type: Literal["camera"]
     url: str | None = Field(None, description="/dev/videoN, a camera index (0), a video file, or rtsp://...")
-    simulate: bool = Field(False, description="render a synthetic scene instead of capturing (demos, CI)")
+    simulate: bool = Field(False, description="render a synthetic scene instead of capturing url (demos, CI)")
     width: int | None = Field(None, ge=16, le=8192, description="capture width to request from the device")
     height: int | None = Field(None, ge=16, le=8192, description="capture height to request from the device")
     fps: float | None = Field(None, gt=0, le=1000, description="capture rate to request; a file plays at this "
@@ -44,15 +44,15 @@ class CameraConfig(StrictModel):
 
     @model_validator(mode="after")
     def _source(self):
-        if (self.url is None) == (not self.simulate):
-            raise ValueError("give either url or simulate: true")
+        if self.url is None and not self.simulate:
+            raise ValueError("give the camera's url (or simulate: true)")
         if self.resize is not None and min(self.resize) < 8:
             raise ValueError(f"resize {list(self.resize)} is too small (at least 8 x 8)")
         return self
 
     @property
     def is_file(self) -> bool:
-        return self.url is not None and not self.url.startswith(("/dev/", "rtsp://", "rtsps://", "http")) \
+        return self.url is not None and not self.simulate and not self.url.startswith(("/dev/", "rtsp://", "rtsps://", "http")) \
             and not self.url.isdigit()
 
 
@@ -64,6 +64,8 @@ class CameraSource(Source):
         super().__init__(name, config)
         self._cap = None
         self._stop = threading.Event()
+        self._cap_lock = threading.Lock()
+        self._reading = False
         self._index = 0
         self._fps = config.fps or 10.0
         self._size = config.resize or ((config.width or 320), (config.height or 240))
@@ -115,7 +117,14 @@ class CameraSource(Source):
         self.set_health(Health.OK)
 
     def close(self) -> None:
+        # Releasing a VideoCapture while another thread is inside its read() is a use-after-free
+        # in OpenCV: from another thread, only ask; the reading thread releases on its way out.
         self._stop.set()
+        with self._cap_lock:
+            if not self._reading:
+                self._release()
+
+    def _release(self) -> None:
         if self._cap is not None:
             self._cap.release()
             self._cap = None
@@ -123,12 +132,23 @@ class CameraSource(Source):
     # ---- frames ---------------------------------------------------------------------------------
 
     def read(self) -> Block | None:
+        with self._cap_lock:
+            self._reading = True
+        try:
+            return self._read()
+        finally:
+            with self._cap_lock:
+                self._reading = False
+                if self._stop.is_set():
+                    self._release()
+
+    def _read(self) -> Block | None:
         if self.config.simulate:
             return self._simulated()
         import cv2
         cap = self._cap
         if cap is None:
-            raise RuntimeError(f"source {self.name!r}: read() before open()")
+            raise OSError(f"source {self.name!r}: the camera is closed")
         started = time.monotonic()
         while True:
             ok, frame = cap.read()
@@ -136,7 +156,9 @@ class CameraSource(Source):
                 break
             if self.config.is_file:
                 return self._end_of_file(cap)
-            if time.monotonic() - started > self.config.timeout_s or self._stop.is_set():
+            if self._stop.is_set():
+                raise OSError(f"camera {self.config.url!r}: closed")
+            if time.monotonic() - started > self.config.timeout_s:
                 raise OSError(f"camera {self.config.url!r}: no frame for {self.config.timeout_s:g} s (disconnected?)")
             time.sleep(0.05)
         gap = False
@@ -174,7 +196,7 @@ class CameraSource(Source):
             self._wall0 = time.time_ns()
             self._last_pos_ms = None
             self.set_health(Health.OK)
-            return self.read()
+            return self._read()
         return None
 
     def _prepare(self, frame: np.ndarray, cv2) -> np.ndarray:
