@@ -133,6 +133,11 @@ def cmd_events(args) -> int:
         print(json.dumps(event, indent=2) if args.full else
               f"{event['time']} {event['severity']:<8} {event['source']}/{event['module']}: {event['message']}"
               f" [{event['id']}]")
+        for meta in event.get("attachments", []) if args.save_attachments else []:
+            out = Path(args.save_attachments) / f"{event['id']}-{Path(meta['name']).name}"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(spool.attachment(event["id"], meta["name"]) or b"")
+            print(f"    {meta['name']} ({meta['size']} bytes) -> {out}")
     spool.close()
     return 0
 
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--config", default=str(DEFAULT_CONFIG))
     ev.add_argument("--tail", type=int, default=20)
     ev.add_argument("--full", action="store_true", help="whole JSON records")
+    ev.add_argument("--save-attachments", metavar="DIR", help="write each event's evidence (snapshots) there")
     ev.set_defaults(func=cmd_events)
 
     base = sub.add_parser("baseline", help="learned baselines of modules")

@@ -155,9 +155,15 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> list[tuple[str, 
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.extend(flatten_params(value, name + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            # A list of points (a polygon: [[x, y], ...]) becomes "x1,y1;x2,y2;...".
+            if not all(v and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in v) for v in value):
+                raise ValueError(f"param {name}: a list of lists must hold numbers only (points such as [x, y])")
+            out.append((name, ";".join(",".join(_param_text(c) for c in v) for v in value)))
         elif isinstance(value, list):
             if not all(isinstance(v, (bool, int, float, str)) for v in value):
-                raise ValueError(f"param {name}: lists may hold only numbers, strings and booleans")
+                raise ValueError(f"param {name}: lists may hold only numbers, strings and booleans, "
+                                 f"or lists of numbers (points)")
             out.append((name, ",".join(_param_text(v) for v in value)))
         elif isinstance(value, (bool, int, float, str)):
             out.append((name, _param_text(value)))

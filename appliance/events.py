@@ -6,6 +6,7 @@ synchronous=FULL, so a power cut loses nothing that was reported as emitted.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,22 @@ def iso_time(ns: int) -> str:
         "+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """Evidence that travels with an event (a JPEG snapshot, a raw window snippet)."""
+    name: str
+    content_type: str
+    data: bytes
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.content_type, "size": len(self.data),
+                "sha256": hashlib.sha256(self.data).hexdigest()}
+
+
 def make_event(*, gateway: str, source: str, module: str, severity: int, score: float, message: str,
-               window: dict[str, Any], features: dict[str, float], kind: str = "anomaly") -> dict[str, Any]:
-    return {
+               window: dict[str, Any], features: dict[str, float], kind: str = "anomaly",
+               attachments: list[Attachment] | tuple = ()) -> dict[str, Any]:
+    event = {
         "schema": SCHEMA_VERSION,
         "id": new_event_id(),
         "kind": kind,
@@ -63,6 +78,9 @@ def make_event(*, gateway: str, source: str, module: str, severity: int, score: 
         "window": window,
         "features": {k: _finite(v) for k, v in features.items()},
     }
+    if attachments:
+        event["attachments"] = [a.describe() for a in attachments]
+    return event
 
 
 def _finite(x: float) -> float | None:
@@ -87,25 +105,41 @@ class Spool:
             id TEXT NOT NULL UNIQUE,
             priority INTEGER NOT NULL,
             created_ns INTEGER NOT NULL,
-            body TEXT NOT NULL)""")
-        self._bytes = self._db.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events").fetchone()[0]
+            body TEXT NOT NULL,
+            size INTEGER NOT NULL DEFAULT 0)""")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        if "size" not in columns:   # a spool written before attachments existed
+            self._db.execute("ALTER TABLE events ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("UPDATE events SET size = LENGTH(body)")
+        self._db.execute("""CREATE TABLE IF NOT EXISTS attachments (
+            event_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            type TEXT NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (event_id, name))""")
+        self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM events").fetchone()[0]
 
-    def append(self, event: dict[str, Any]) -> None:
-        """Commit one event (raises sqlite3.Error/OSError when it cannot; nothing changes then)."""
+    def append(self, event: dict[str, Any], attachments: list[Attachment] | tuple = ()) -> None:
+        """Commit one event with its attachments, all or nothing (raises sqlite3.Error/OSError
+        when it cannot; nothing changes then)."""
         body = json.dumps(event, separators=(",", ":"), sort_keys=True)
+        size = len(body) + sum(len(a.data) for a in attachments)
         priority = SEVERITIES.index(event["severity"])
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT INTO events (id, priority, created_ns, body) VALUES (?, ?, ?, ?)",
-                                 (event["id"], priority, time.time_ns(), body))
-                evicted = self._evict_locked(self._bytes + len(body))
+                self._db.execute("INSERT INTO events (id, priority, created_ns, body, size) VALUES (?, ?, ?, ?, ?)",
+                                 (event["id"], priority, time.time_ns(), body, size))
+                for a in attachments:
+                    self._db.execute("INSERT INTO attachments (event_id, name, type, data) VALUES (?, ?, ?, ?)",
+                                     (event["id"], a.name, a.content_type, a.data))
+                evicted = self._evict_locked(self._bytes + size)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             # Counters move only once the transaction is durable.
-            self._bytes += len(body) - sum(size for _, size in evicted)
+            self._bytes += size - sum(n for _, n in evicted)
             self.evicted += len(evicted)
         for event_id, _ in evicted:
             log.warning("spool over %d bytes: evicted event %s (oldest of the lowest severity)",
@@ -114,11 +148,12 @@ class Spool:
     def _evict_locked(self, total: int) -> list[tuple[str, int]]:
         evicted: list[tuple[str, int]] = []
         while total > self.max_bytes:
-            row = self._db.execute("SELECT seq, id, LENGTH(body) FROM events "
+            row = self._db.execute("SELECT seq, id, size FROM events "
                                    "ORDER BY priority ASC, seq ASC LIMIT 1").fetchone()
             if row is None:
                 break
             self._db.execute("DELETE FROM events WHERE seq = ?", (row[0],))
+            self._db.execute("DELETE FROM attachments WHERE event_id = ?", (row[1],))
             total -= row[2]
             evicted.append((row[1], row[2]))
         return evicted
@@ -131,6 +166,12 @@ class Spool:
         with self._lock:
             rows = self._db.execute("SELECT body FROM events ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
         return [json.loads(r[0]) for r in reversed(rows)]
+
+    def attachment(self, event_id: str, name: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT data FROM attachments WHERE event_id = ? AND name = ?",
+                                   (event_id, name)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def close(self) -> None:
         with self._lock:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.config import AppConfig
-from appliance.events import Spool, iso_time, make_event
+from appliance.events import Attachment, Spool, iso_time, make_event
 from appliance.metrics import Metrics, SourceCounters
 from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState
 from appliance.windowing import FrameWindower, Window, Windower
@@ -48,7 +48,7 @@ class Supervisor:
         self.pipelines: dict[str, list[Pipeline]] = {}
         self.modules: dict[str, ModuleHost] = {}
         self.events_emitted = 0
-        self._unspooled: collections.deque[dict[str, Any]] = collections.deque()
+        self._unspooled: collections.deque[tuple[dict[str, Any], list]] = collections.deque()
         self._emit_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -118,7 +118,7 @@ class Supervisor:
             self._metrics_server.server_close()
         with self._emit_lock:
             self._flush_unspooled()
-            for event in self._unspooled:
+            for event, _ in self._unspooled:
                 # Last resort before exit: the log keeps what the spool could not.
                 self.metrics.events_lost.inc()
                 log.error("spool: event never committed, logged here instead: %s", json.dumps(event))
@@ -208,10 +208,19 @@ class Supervisor:
         pipe = self._pipeline_of(host)
         info = {"seq": window.seq, "start": iso_time(window.start_ns), "frames": int(window.data.shape[1]),
                 "sample_rate": window.sample_rate, "channels": list(pipe.channel_names)}
+        if window.image is not None:
+            info["width"], info["height"] = window.image[1], window.image[0]
+        snapshot: list[Attachment] = []
         for severity, score, message in result.events:
+            if window.image is not None and severity > 0 and not snapshot:
+                # The frame with the module's boxes, encoded here: the evidence an operator looks at.
+                from hal.snapshot import boxes_from_features, jpeg_snapshot
+                jpg = jpeg_snapshot(window.data, window.image, boxes_from_features(result.features))
+                snapshot = [Attachment("snapshot.jpg", "image/jpeg", jpg)]
+            attachments = snapshot if severity > 0 else []
             self._emit(make_event(gateway=self.cfg.gateway.name, source=pipe.source, module=host.name,
                                   severity=severity, score=score, message=message, window=info,
-                                  features=result.features))
+                                  features=result.features, attachments=attachments), attachments)
 
     def _on_module_state(self, host: ModuleHost, state: ModuleState, reason: str) -> None:
         if state is ModuleState.QUARANTINED:
@@ -220,23 +229,23 @@ class Supervisor:
                                   severity=2, score=0.0, kind="module_quarantined",
                                   message=f"module {host.name} quarantined: {reason}", window={}, features={}))
 
-    def _emit(self, event: dict[str, Any]) -> None:
+    def _emit(self, event: dict[str, Any], attachments: list[Attachment] | tuple = ()) -> None:
         """Commit, then count and log. If the spool cannot take it (disk full, I/O error) the
         event waits in memory, in order, and goes in at the next successful commit."""
         with self._emit_lock:   # module dispatcher threads emit concurrently
             if len(self._unspooled) >= UNSPOOLED_MAX:
-                lost = self._unspooled.popleft()
+                lost, _ = self._unspooled.popleft()
                 self.metrics.events_lost.inc()
                 log.error("spool: %d events waiting in memory; this one is only in the log: %s",
                           UNSPOOLED_MAX, json.dumps(lost))
-            self._unspooled.append(event)
+            self._unspooled.append((event, attachments))
             self._flush_unspooled()
 
     def _flush_unspooled(self) -> None:
         while self._unspooled:
-            event = self._unspooled[0]
+            event, attachments = self._unspooled[0]
             try:
-                self.spool.append(event)
+                self.spool.append(event, attachments)
             except (sqlite3.Error, OSError) as exc:
                 self.metrics.spool_errors.inc()
                 log.error("spool: cannot commit event %s (%s); %d event(s) wait in memory", event["id"], exc,

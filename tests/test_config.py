@@ -161,6 +161,14 @@ def test_block_overflow_refused_for_live_source(tmp_path, vibstats_wasm):
     assert "would stall live source 'spindle'" in issue
 
 
+def test_polygons_in_params():
+    from appliance.config import params_text
+    assert params_text({"zone": {"dock": [[0, 0], [320, 0.5], [320, 120]]}, "mask": [[1, 2]]}) == \
+        "mask=1,2\nzone.dock=0,0;320,0.5;320,120\n"
+    with pytest.raises(ValueError, match="a list of lists must hold numbers only"):
+        params_text({"zone": [[0, "a"]]})
+
+
 def test_bad_params_value(tmp_path, vibstats_wasm):
     path = write(tmp_path, GOOD.replace("threshold: 6", "threshold: {a: [1, {b: 2}]}"), vibstats_wasm)
     [issue] = issues_of(path)

@@ -74,10 +74,10 @@ def test_events_wait_in_memory_while_the_spool_fails(tmp_path, vibstats_wasm):
     real_append = sup.spool.append
     failing = {"on": True}
 
-    def append(e):
+    def append(e, attachments=()):
         if failing["on"]:
             raise sqlite3.OperationalError("database or disk is full")
-        real_append(e)
+        real_append(e, attachments)
 
     sup.spool.append = append
     for i in range(3):
@@ -118,3 +118,25 @@ def test_failed_commits_do_not_skew_the_size_bound(tmp_path):
         spool.append(event(i))
     assert spool.evicted == 0 and spool.depth() == 15   # nothing evicted for phantom bytes
     spool.close()
+
+
+def test_attachments_commit_with_their_event_and_leave_with_it(tmp_path):
+    from appliance.events import Attachment
+    spool = Spool(tmp_path / "spool.db", 10_000)
+    jpg = Attachment("snapshot.jpg", "image/jpeg", b"\xff\xd8" + b"x" * 3000)
+    first = make_event(gateway="gw", source="cam", module="m", severity=1, score=1.0, message="motion",
+                       window=WINDOW, features={}, attachments=[jpg])
+    jsonschema.Draft202012Validator(SCHEMA).validate(first)
+    assert first["attachments"][0]["size"] == 3002 and len(first["attachments"][0]["sha256"]) == 64
+    spool.append(first, [jpg])
+    assert spool.attachment(first["id"], "snapshot.jpg") == jpg.data
+    for i in range(3):   # the attachment's bytes count toward the bound: the first event goes
+        e = make_event(gateway="gw", source="cam", module="m", severity=1, score=1.0, message=str(i),
+                       window=WINDOW, features={}, attachments=[jpg])
+        spool.append(e, [jpg])
+    assert spool.evicted >= 1 and spool.attachment(first["id"], "snapshot.jpg") is None
+    spool.close()
+    reopened = Spool(tmp_path / "spool.db", 10_000)
+    assert reopened._bytes == sum(len(json.dumps(e, separators=(",", ":"), sort_keys=True)) + 3002
+                                  for e in reopened.tail(10))
+    reopened.close()

@@ -70,3 +70,33 @@ def test_sample_module_refuses_frames_and_config_rules(tmp_path, vibstats_wasm):
                  "a float32 module to refuse image windows")
     finally:
         sup.stop()
+
+
+def test_event_on_a_frame_carries_a_jpeg_with_the_boxes(tmp_path):
+    import cv2
+    import numpy as np
+
+    from appliance.events import Spool
+
+    wasm = build_hostile("eventbox", tmp_path / "m")
+    cfg = write_config(tmp_path, {"cam": {"type": "camera", "simulate": True, "fps": 30, "resize": [160, 120]}},
+                       {"dock": {"wasm": str(wasm), "source": "cam"}})
+    sup = Supervisor(cfg)
+    sup.start()
+    try:
+        wait_for(lambda: sup.events_emitted >= 1, 10, "the event")
+    finally:
+        sup.stop()
+    spool = Spool(cfg.gateway.data_dir / "spool.db", 1 << 24)
+    [event] = spool.tail(10)
+    [meta] = event["attachments"]
+    data = spool.attachment(event["id"], "snapshot.jpg")
+    spool.close()
+    assert meta["name"] == "snapshot.jpg" and meta["type"] == "image/jpeg" and meta["size"] == len(data)
+    assert (event["window"]["width"], event["window"]["height"]) == (160, 120)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (120, 160, 3)
+    b, g, r = (img[:, :, i].astype(int) for i in range(3))
+    red = (r > 120) & (r - g > 60) & (r - b > 60)
+    assert red[10, 15:45].mean() > 0.8 and red[39, 15:45].mean() > 0.8      # top and bottom edges
+    assert red[15:35, 10].mean() > 0.8 and red[60:100, 100:140].mean() < 0.01
