@@ -31,6 +31,18 @@ def _must_exist(path: Path) -> Path:
     return path
 
 
+def _unique_names(names: list[str]) -> list[str]:
+    if any(not n for n in names):
+        raise ValueError("names must not be empty")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"names must be unique; repeated: {', '.join(dupes)}")
+    return names
+
+
+# Channel or axis names: non-empty and unique (they become labels and feature names).
+ChannelNames = Annotated[list[str], AfterValidator(_unique_names)]
+
 # A path relative to the config file; ExistingFile also requires it to exist.
 ConfigPath = Annotated[Path, WrapValidator(resolve_config_path)]
 ExistingFile = Annotated[Path, WrapValidator(resolve_config_path), AfterValidator(_must_exist)]

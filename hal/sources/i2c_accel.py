@@ -26,7 +26,7 @@ from hal.i2c import adxl345, lis3dh
 from hal.i2c.bus import I2cChip, I2cError, LazySMBus, Transport
 from hal.i2c.emulated import EmulatedBus, EmulatedChip, emulated_bus
 from hal.registry import register_source
-from hal.schema import StrictModel
+from hal.schema import ChannelNames, StrictModel
 from hal.source import Block, Health, SampleClock, Source, SourceInfo
 
 FIFO_DEPTH = 32
@@ -61,7 +61,7 @@ class I2cAccelConfig(StrictModel):
     high_resolution: bool = Field(True, description="ADXL345 FULL_RES (3.9 mg/LSB); LIS3DH HR mode (12 bit); "
                                   "false: 10-bit samples")
     watermark: int = Field(16, ge=1, le=31, description="FIFO watermark in samples (stream mode)")
-    axes: list[str] = Field(default_factory=lambda: ["x", "y", "z"], min_length=3, max_length=3,
+    axes: ChannelNames = Field(default_factory=lambda: ["x", "y", "z"], min_length=3, max_length=3,
                             description="channel names of the X, Y and Z axes")
     units: Literal["g", "m/s2"] = Field("g", description="units of the samples")
     poll_s: Optional[float] = Field(None, gt=0, le=60, description="how often the FIFO is drained; default "
@@ -105,16 +105,6 @@ class I2cAccelConfig(StrictModel):
     def _range(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
         spec = CHIPS.get(info.data.get("chip", ""))
         return spec.default_range if value is None and spec else value
-
-    @field_validator("axes")
-    @classmethod
-    def _unique_axes(cls, axes: list[str]) -> list[str]:
-        if any(not a for a in axes):
-            raise ValueError("axis names must not be empty")
-        dupes = sorted({a for a in axes if axes.count(a) > 1})
-        if dupes:
-            raise ValueError(f"axis names must be unique; repeated: {', '.join(dupes)}")
-        return axes
 
     @field_validator("poll_s")
     @classmethod

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from hal.registry import register_source
-from hal.schema import StrictModel
+from hal.schema import ChannelNames, StrictModel
 from hal.source import Block, Health, SampleClock, Source, SourceInfo
 
 STANDARD_GRAVITY = 9.80665
@@ -37,7 +37,7 @@ TYPE_RE = re.compile(r"^(?P<endian>be|le):(?P<sign>[su])(?P<bits>\d+)/(?P<storag
 class IioConfig(StrictModel):
     type: Literal["iio"]
     device: str = Field(description="the IIO device: its name (as in .../name, e.g. adxl355), or iio:deviceN")
-    channels: list[str] = Field(["accel_x", "accel_y", "accel_z"], min_length=1, max_length=16,
+    channels: ChannelNames = Field(["accel_x", "accel_y", "accel_z"], min_length=1, max_length=16,
                                 description="scan elements to capture, without in_ and _en")
     sample_rate: float | None = Field(None, gt=0, description="Hz to set; default: keep the device's")
     buffer_length: int = Field(1024, ge=2, le=1 << 20, description="scans the kernel buffer holds")
@@ -53,8 +53,6 @@ class IioConfig(StrictModel):
         bad = [c for c in value if not re.fullmatch(r"[a-z0-9_]+", c)]
         if bad:
             raise ValueError(f"channel names are like accel_x (lower case, digits, _): {bad}")
-        if len(set(value)) != len(value):
-            raise ValueError("channel names must be unique")
         return value
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from hal.registry import register_source
-from hal.schema import ExistingFile, StrictModel
+from hal.schema import ChannelNames, ExistingFile, StrictModel
 from hal.source import Block, Health, SampleClock, Source, SourceInfo
 
 SUPPORTED = (".mat", ".npy", ".csv", ".wav")
@@ -59,18 +59,11 @@ class SegmentConfig(StrictModel):
 class ReplayConfig(StrictModel):
     type: Literal["replay"]
     segments: list[SegmentConfig] = Field(min_length=1)
-    channels: Optional[list[str]] = Field(None, min_length=1, description="channel names; default ch0..chN-1")
+    channels: Optional[ChannelNames] = Field(None, min_length=1, description="channel names; default ch0..chN-1")
     units: str = "g"
     realtime: bool = False
     loop: bool = False
     block_frames: int = Field(1024, ge=1)
-
-    @field_validator("channels")
-    @classmethod
-    def _unique(cls, channels: Optional[list[str]]) -> Optional[list[str]]:
-        if channels is not None and len(set(channels)) != len(channels):
-            raise ValueError(f"channel names must be unique, got {channels}")
-        return channels
 
 
 # ---------------------------------------------------------------- file readers
