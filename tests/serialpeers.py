@@ -216,3 +216,54 @@ class NmeaWriter:
         if self._thread is not None:
             self._thread.join(2)
         self.pty.close()
+
+
+class RegisterDriver:
+    """Drives one register of a ModbusPeer from a function of time, like a live process value:
+    every period_s a thread writes round(profile(t)) (t = seconds since the profile was set, the
+    raw 16-bit register value) when it changed. set_profile() switches the function; silence()
+    makes the whole slave stop answering (as if unplugged from the bus), answer() brings it back."""
+
+    def __init__(self, peer: ModbusPeer, slave: int, address: int, profile: Callable[[float], float],
+                 period_s: float = 0.01, function: int = 3) -> None:
+        self.peer, self.slave, self.address, self.function = peer, slave, address, function
+        self.period_s = period_s
+        self.writes = 0
+        self._lock = threading.Lock()
+        self._profile = profile
+        self._t0 = time.monotonic()
+        self._last: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="register-driver")
+        self._thread.start()
+
+    def set_profile(self, profile: Callable[[float], float]) -> None:
+        with self._lock:
+            self._profile, self._t0 = profile, time.monotonic()
+
+    def value(self) -> int | None:
+        """The raw value last written."""
+        return self._last
+
+    def silence(self) -> None:
+        self.peer.slaves.discard(self.slave)
+
+    def answer(self) -> None:
+        self.peer.slaves.add(self.slave)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                raw = int(round(self._profile(time.monotonic() - self._t0))) & 0xFFFF
+            if raw != self._last:
+                try:
+                    self.peer.set(self.slave, self.function, self.address, [raw])
+                except Exception:   # the peer is shutting down
+                    return
+                self._last = raw
+                self.writes += 1
+            self._stop.wait(self.period_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)

@@ -182,7 +182,11 @@ class WorkerProcess:
             raise ModuleFault("protocol", f"window of {nbytes} bytes exceeds the shared buffer")
         self._shm[:len(header)] = header
         np.frombuffer(self._shm, dtype=data.dtype, count=data.size, offset=len(header))[:] = data.reshape(-1)
-        self._sock.send(b"W" + struct.pack("<I", nbytes))
+        try:
+            self._sock.send(b"W" + struct.pack("<I", nbytes))
+        except OSError:   # the worker is gone (killed from outside): a crash like any other
+            rc = self._reap()
+            raise ModuleFault("crash", f"worker died before the window ({_signal_name(rc)})") from None
         return self._receive(deadline_s, "window")
 
     def _reap(self) -> int | None:
