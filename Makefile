@@ -44,6 +44,7 @@ test: modules
 bench: modules
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/bench_bearing.py
+	$(PY) benchmarks/bench_motion.py
 
 clean:
 	rm -rf modules/build var .pytest_cache

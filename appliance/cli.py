@@ -205,9 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     reset.set_defaults(func=cmd_baseline_reset)
 
     ev2 = sub.add_parser("eval", help="evaluate modules on recorded data")
-    ev2.add_argument("what", choices=["bearing"], help="bearing: the bearing module on the CWRU recordings")
+    evaluations = {"bearing": "appliance.evaluation", "motion": "appliance.evaluation_motion"}
+    ev2.add_argument("what", choices=sorted(evaluations),
+                     help="bearing: the bearing module on the CWRU recordings; motion: the motion module on "
+                          "vtest.avi against OpenCV's MOG2")
     ev2.add_argument("rest", nargs=argparse.REMAINDER, help="options of that evaluation (--help)")
-    ev2.set_defaults(func=lambda a: __import__("appliance.evaluation", fromlist=["main"]).main(a.rest))
+    ev2.set_defaults(func=lambda a: __import__(evaluations[a.what], fromlist=["main"]).main(a.rest))
 
     args = p.parse_args(argv)
     return args.func(args)

@@ -39,6 +39,12 @@ HOST_IMPORTS: dict[tuple[str, str], str] = {
     ("ap", "dsp_median"): "(i32, i32, i32, i32, i32) -> i32",
     ("ap", "features"): "(i32, i32, i32, i32) -> ()",
     ("ap", "state_changed"): "() -> ()",
+    # Host image kernels (modules/ABI.md, "Host image kernels").
+    ("ap", "img_downscale"): "(i32, i32, i32, i32, i32) -> i32",
+    ("ap", "img_blur"): "(i32, i32, i32, i32, i32) -> i32",
+    ("ap", "img_bg_subtract"): "(i32, i32, i32, i32, i32, i32, i32) -> i32",
+    ("ap", "img_dilate"): "(i32, i32, i32, i32, i32) -> i32",
+    ("ap", "img_blobs"): "(i32, i32, i32, i32, i32, i32) -> i32",
 }
 
 # Optional exports: when present they must have these types.

@@ -669,7 +669,7 @@ def test_nmea_logs_through_the_supervisor(process_wasm, tmp_path):
     sup.start()
     try:
         for k in feeds:
-            wait_for(lambda: sup.sources[k].health[0] is Health.OK, 5, f"source {k} to open")
+            wait_for(lambda k=k: sup.sources[k].health[0] is Health.OK, 5, f"source {k} to open")
         for k, w in writers.items():      # replayed at 115200 baud: far faster than the 1 Hz fixes
             w.start(feeds[k])
         wait_for(lambda: all(sup.sources[k].fixes >= epochs[k] for k in feeds), 20, "every fix")

@@ -22,6 +22,11 @@ IMPORT_SIGNATURES = {
     ("ap", "dsp_median"): "i(iiiii)",
     ("ap", "features"): "v(iiii)",
     ("ap", "state_changed"): "v()",
+    ("ap", "img_downscale"): "i(iiiii)",
+    ("ap", "img_blur"): "i(iiiii)",
+    ("ap", "img_bg_subtract"): "i(iiiiiii)",
+    ("ap", "img_dilate"): "i(iiiii)",
+    ("ap", "img_blobs"): "i(iiiiii)",
 }
 
 
