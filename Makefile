@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/appliance.yaml
 # Debian packages the project needs, as "command-to-check:package".
-HOST_TOOLS := wasm-validate:wabt gcc:gcc
+HOST_TOOLS := wasm-validate:wabt gcc:gcc mosquitto_passwd:mosquitto openssl:openssl
 
 .PHONY: run test bench modules host-deps venv clean
 
