@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SCHEMA_VERSION = 1
 SEVERITIES = ("info", "warning", "alarm", "critical")
@@ -91,8 +91,9 @@ def _finite(x: float) -> float | None:
 class Spool:
     """Committed events, oldest first; bounded by size (oldest lowest-severity goes first)."""
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, on_evict: Callable[[int], None] | None = None) -> None:
         self.path = Path(path)
+        self._on_evict = on_evict
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.evicted = 0
@@ -111,6 +112,8 @@ class Spool:
         if "size" not in columns:   # a spool written before attachments existed
             self._db.execute("ALTER TABLE events ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
             self._db.execute("UPDATE events SET size = LENGTH(body)")
+        if "parked" not in columns:  # the reason the far side refused it for good, if it did
+            self._db.execute("ALTER TABLE events ADD COLUMN parked TEXT")
         self._db.execute("""CREATE TABLE IF NOT EXISTS attachments (
             event_id TEXT NOT NULL,
             name TEXT NOT NULL,
@@ -144,6 +147,8 @@ class Spool:
         for event_id, _ in evicted:
             log.warning("spool over %d bytes: evicted event %s (oldest of the lowest severity)",
                         self.max_bytes, event_id)
+        if evicted and self._on_evict:
+            self._on_evict(len(evicted))
 
     def _evict_locked(self, total: int) -> list[tuple[str, int]]:
         evicted: list[tuple[str, int]] = []
@@ -166,6 +171,48 @@ class Spool:
         with self._lock:
             rows = self._db.execute("SELECT body FROM events ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
         return [json.loads(r[0]) for r in reversed(rows)]
+
+    # ---- forwarding (appliance/uplink/forwarder.py) ------------------------------------------
+
+    def pending(self, limit: int = 50) -> list[tuple[dict[str, Any], list[Attachment]]]:
+        """Events to send, most severe first and oldest first within a severity; parked
+        events (refused for good upstream) are left out."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, body FROM events WHERE parked IS NULL "
+                                    "ORDER BY priority DESC, seq ASC LIMIT ?", (limit,)).fetchall()
+            out = []
+            for event_id, body in rows:
+                atts = self._db.execute("SELECT name, type, data FROM attachments WHERE event_id = ? "
+                                        "ORDER BY name", (event_id,)).fetchall()
+                out.append((json.loads(body), [Attachment(n, t, bytes(d)) for n, t, d in atts]))
+        return out
+
+    def delete(self, event_id: str) -> None:
+        """The far side acknowledged it: it leaves the spool (durably, in one transaction)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT size FROM events WHERE id = ?", (event_id,)).fetchone()
+                self._db.execute("DELETE FROM events WHERE id = ?", (event_id,))
+                self._db.execute("DELETE FROM attachments WHERE event_id = ?", (event_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            if row:
+                self._bytes -= row[0]
+
+    def park(self, event_id: str, reason: str) -> None:
+        """Refused for good upstream: kept (never silently dropped), not retried."""
+        with self._lock:
+            self._db.execute("UPDATE events SET parked = ? WHERE id = ?", (reason[:500], event_id))
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            depth, parked, oldest = self._db.execute(
+                "SELECT COUNT(*), COUNT(parked), MIN(created_ns) FROM events").fetchone()
+        age = 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
+        return {"depth": depth, "parked": parked, "bytes": self._bytes, "oldest_age_s": age}
 
     def attachment(self, event_id: str, name: str) -> bytes | None:
         with self._lock:

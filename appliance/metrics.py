@@ -71,6 +71,25 @@ class Metrics:
         self.events_lost = Counter("appliance_events_lost", "Events that never reached the spool (written to "
                                    "the log instead)", registry=r)
         self.spool_depth = Gauge("appliance_spool_events", "Events held in the local spool", registry=r)
+        self.spool_bytes = Gauge("appliance_spool_bytes", "Bytes of events and attachments in the spool", registry=r)
+        self.spool_age = Gauge("appliance_spool_oldest_age_seconds", "Age of the oldest event waiting in the spool",
+                               registry=r)
+        self.spool_parked = Gauge("appliance_spool_parked_events",
+                                  "Events the upstream refused for good, kept in the spool", registry=r)
+        self.spool_evicted = Counter("appliance_spool_evicted", "Events evicted because the spool was full "
+                                     "(oldest of the lowest severity first)", registry=r)
+        self.upstream_connected = Gauge("appliance_upstream_connected", "1 while the uplink is connected",
+                                        registry=r)
+        self.upstream_sent = Counter("appliance_upstream_sent_events", "Events the upstream acknowledged",
+                                     registry=r)
+        self.upstream_failed = Counter("appliance_upstream_failures", "Failed deliveries: transient (retried) or "
+                                       "permanent (parked)", ["reason"], registry=r)
+        self.upstream_bytes = Counter("appliance_upstream_bytes", "Bytes sent upstream (events, evidence, health)",
+                                      registry=r)
+        self.data_reduction = Gauge("appliance_data_reduction_ratio",
+                                    "Bytes read from sensors per byte sent upstream", registry=r)
+        for reason in ("transient", "permanent"):
+            self.upstream_failed.labels(reason)
 
     def declare_module(self, name: str) -> None:
         """Create every labelled child up front, so dashboards see zeros rather than gaps."""

@@ -42,8 +42,14 @@ class Supervisor:
     def __init__(self, cfg: AppConfig) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        self.spool = Spool(cfg.gateway.data_dir / "spool.db", cfg.events.spool_max_mb << 20)
-        self.metrics.spool_depth.set_function(self.spool.depth)
+        self.spool = Spool(cfg.gateway.data_dir / "spool.db", cfg.events.spool_max_mb << 20,
+                           on_evict=self.metrics.spool_evicted.inc)
+        m = self.metrics
+        m.spool_depth.set_function(self.spool.depth)
+        m.spool_bytes.set_function(lambda: self.spool.stats()["bytes"])
+        m.spool_age.set_function(lambda: self.spool.stats()["oldest_age_s"])
+        m.spool_parked.set_function(lambda: self.spool.stats()["parked"])
+        m.data_reduction.set_function(self._data_reduction)
         self.sources: dict[str, Source] = {}
         self.pipelines: dict[str, list[Pipeline]] = {}
         self.modules: dict[str, ModuleHost] = {}
@@ -258,6 +264,12 @@ class Supervisor:
                 event_log.warning("EVENT %s %s/%s score=%s: %s [id %s]", event["severity"].upper(),
                                   event["source"], event["module"], _fmt(event["score"]), event["message"],
                                   event["id"])
+
+    def _data_reduction(self) -> float:
+        sample_bytes = sum(self.metrics.registry.get_sample_value("appliance_source_bytes_total", {"source": n}) or 0
+                           for n in self.sources)
+        sent = self.metrics.registry.get_sample_value("appliance_upstream_bytes_total") or 0
+        return sample_bytes / sent if sent else 0.0
 
     # ---- status (CLI, console) ---------------------------------------------------------------
 
