@@ -38,7 +38,7 @@ class Transport(ABC):
         (MQTT: PUBACK of every message; HTTP: a 2xx). Returns the bytes put on the wire.
         Raises TransientError or PermanentError."""
 
-    def publish_status(self, online: bool) -> None:
+    def publish_status(self, online: bool) -> None:  # noqa: B027  (optional: not every transport has one)
         """Retained online/offline status, where the transport has such a thing."""
 
     def publish_health(self, summary: dict[str, Any]) -> int:
