@@ -83,6 +83,12 @@ def make_event(*, gateway: str, source: str, module: str, severity: int, score: 
     return event
 
 
+def encode_event(event: dict[str, Any]) -> bytes:
+    """The event's bytes, as stored and as sent upstream: one encoding, so what arrives is
+    exactly what was recorded."""
+    return json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
+
+
 def _finite(x: float) -> float | None:
     # JSON has no NaN/Infinity; a module may still produce them.
     return x if x == x and x not in (float("inf"), float("-inf")) else None
@@ -125,7 +131,7 @@ class Spool:
     def append(self, event: dict[str, Any], attachments: list[Attachment] | tuple = ()) -> None:
         """Commit one event with its attachments, all or nothing (raises sqlite3.Error/OSError
         when it cannot; nothing changes then)."""
-        body = json.dumps(event, separators=(",", ":"), sort_keys=True)
+        body = encode_event(event).decode()
         size = len(body) + sum(len(a.data) for a in attachments)
         priority = SEVERITIES.index(event["severity"])
         with self._lock:
