@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic.functional_validators import AfterValidator, WrapValidator
 from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from appliance.uplink.http import HttpConfig
+from appliance.uplink.mqtt import MqttConfig
 from appliance.yamlsource import Mark, YamlDocument, YamlError, load_yaml
 from hal.registry import SOURCE_TYPES, load_builtin_sources
 from hal.schema import ConfigPath, StrictModel, resolve_config_path
@@ -137,11 +139,28 @@ class EventsSection(StrictModel):
     spool_max_mb: int = Field(64, ge=1, le=100_000, description="spool bound; then the oldest lowest-severity event goes")
 
 
+class UplinkSection(StrictModel):
+    transport: Literal["none", "mqtt", "http"] = Field("none", description="where events go upstream")
+    mqtt: MqttConfig | None = Field(None, description="with transport: mqtt (docs/uplink-mqtt.md)")
+    http: HttpConfig | None = Field(None, description="with transport: http (docs/uplink-http.md)")
+    backoff_s: float = Field(1.0, gt=0, le=3600, description="first retry delay after a failure; doubles")
+    backoff_max_s: float = Field(60.0, gt=0, le=86400, description="longest retry delay")
+    batch: int = Field(50, ge=1, le=10_000, description="events taken from the spool per round")
+    health_interval_s: float = Field(60.0, ge=5, le=86400, description="how often a health summary goes up")
+
+    @model_validator(mode="after")
+    def _section_for_transport(self):
+        if self.transport != "none" and getattr(self, self.transport) is None:
+            raise ValueError(f"transport: {self.transport} needs an '{self.transport}:' section")
+        return self
+
+
 class AppConfig(StrictModel):
     gateway: GatewaySection = GatewaySection()
     metrics: MetricsSection = MetricsSection()
     runtime: RuntimeSection = RuntimeSection()
     events: EventsSection = EventsSection()
+    uplink: UplinkSection = UplinkSection()
     sources: dict[Name, SourceSection] = Field(min_length=1)
     modules: dict[Name, ModuleSection] = {}
 

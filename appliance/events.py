@@ -103,6 +103,8 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.evicted = 0
+        self._closed = False
+        self._last_stats: dict[str, float] = {}
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -170,8 +172,7 @@ class Spool:
         return evicted
 
     def depth(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        return int(self.stats()["depth"])
 
     def tail(self, n: int = 20) -> list[dict[str, Any]]:
         with self._lock:
@@ -215,10 +216,13 @@ class Spool:
 
     def stats(self) -> dict[str, float]:
         with self._lock:
+            if self._closed:   # a scrape after stop: the last figures, not an error
+                return dict(self._last_stats)
             depth, parked, oldest = self._db.execute(
                 "SELECT COUNT(*), COUNT(parked), MIN(created_ns) FROM events").fetchone()
         age = 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
-        return {"depth": depth, "parked": parked, "bytes": self._bytes, "oldest_age_s": age}
+        self._last_stats = {"depth": depth, "parked": parked, "bytes": self._bytes, "oldest_age_s": age}
+        return dict(self._last_stats)
 
     def attachment(self, event_id: str, name: str) -> bytes | None:
         with self._lock:
@@ -227,5 +231,7 @@ class Spool:
         return None if row is None else bytes(row[0])
 
     def close(self) -> None:
+        self.stats()
         with self._lock:
+            self._closed = True
             self._db.close()

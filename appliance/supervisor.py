@@ -61,6 +61,7 @@ class Supervisor:
         self._ended: set[str] = set()
         self._metrics_server = None
         self.metrics_port: int | None = None
+        self.forwarder = self._make_forwarder()
 
         for name, scfg in cfg.sources.items():
             self.sources[name] = open_source(name, scfg)
@@ -89,6 +90,28 @@ class Supervisor:
             self.modules[name] = host
             self.pipelines[mcfg.source].append(Pipeline(host, windower, mcfg.source, names))
 
+    def _make_forwarder(self):
+        up = self.cfg.uplink
+        if up.transport == "none":
+            return None
+        from appliance.uplink.forwarder import Forwarder
+        if up.transport == "mqtt":
+            from appliance.uplink.mqtt import MqttTransport
+            transport = MqttTransport(up.mqtt, self.cfg.gateway.name)
+        else:
+            from appliance.uplink.http import HttpTransport
+            transport = HttpTransport(up.http)
+        return Forwarder(self.spool, transport, self.metrics, backoff_s=up.backoff_s, backoff_max_s=up.backoff_max_s,
+                         batch=up.batch, health_interval_s=up.health_interval_s, health=self.health_summary)
+
+    def health_summary(self) -> dict[str, Any]:
+        """What goes upstream at a slow rate: states and counts, never raw data."""
+        status = self.status()
+        return {"gateway": self.cfg.gateway.name, "time": iso_time(time.time_ns()),
+                "sources": status["sources"], "modules": {n: {"state": m["state"], "processed": m["processed"]}
+                                                          for n, m in status["modules"].items()},
+                "spool": self.spool.stats(), "events_emitted": self.events_emitted}
+
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -101,6 +124,8 @@ class Supervisor:
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.listen, self.metrics_port)
         for host in self.modules.values():
             host.start()
+        if self.forwarder is not None:
+            self.forwarder.start()
         for name, source in self.sources.items():
             t = threading.Thread(target=self._read_source, args=(name, source), name=f"source-{name}", daemon=True)
             self._threads.append(t)
@@ -119,6 +144,8 @@ class Supervisor:
                 host.wait_idle(max(0.0, end - time.monotonic()))
         for host in self.modules.values():
             host.stop()
+        if self.forwarder is not None:
+            self.forwarder.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -259,6 +286,8 @@ class Supervisor:
                 return
             self._unspooled.popleft()
             self.events_emitted += 1
+            if self.forwarder is not None:
+                self.forwarder.notify()
             self.metrics.events.labels(event["module"], event["severity"]).inc()
             if self.cfg.events.log:
                 event_log.warning("EVENT %s %s/%s score=%s: %s [id %s]", event["severity"].upper(),
