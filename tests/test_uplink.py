@@ -6,6 +6,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import time
 
 import pytest
 
@@ -118,3 +119,107 @@ def test_disk_full_is_reported_counted_and_recovers_without_loss(tmp_path, small
     db = sqlite3.connect(cfg.gateway.data_dir / "spool.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
+
+
+# ---- MQTT: broker outage and kills at random moments -------------------------------------------
+
+def received_events(sub) -> list[dict]:
+    """Events as they arrived (duplicates included), from the subscriber's messages."""
+    return [json.loads(m.payload) for m in sub.messages if "/events/" in m.topic and m.topic.count("/") == 3]
+
+
+def test_broker_outage_every_event_arrives_in_order(tmp_path):
+    from broker import Broker, Subscriber
+
+    broker = Broker(tmp_path / "broker").start()
+    sub = Subscriber(broker, ["factory/#"], client_id="plant", clean=False)
+    sub.client.reconnect_delay_set(0.1, 0.5)   # the plant's consumer is back quickly too
+    sub.start()
+    cfg = ticker_config(tmp_path, {"transport": "mqtt", "backoff_s": 0.1, "backoff_max_s": 0.5,
+                                   "mqtt": {"host": "127.0.0.1", "port": broker.port, "ack_timeout_s": 2}})
+    sup = Supervisor(cfg)
+    sup.start()
+    try:
+        sub.wait(lambda m: len(received_events(sub)) >= 10, 15, "events before the outage")
+        broker.stop()                                          # the plant network goes away
+        emitted_at_outage = sup.events_emitted
+        wait_for(lambda: sup.events_emitted >= emitted_at_outage + 15, 15, "events during the outage")
+        assert sup.spool.depth() >= 10                         # they wait in the spool
+        broker.start()                                         # and it comes back
+        wait_for(lambda: sup.spool.depth() <= 2, 20, "the spool to drain")
+    finally:
+        sup.stop()
+    spool = Spool(cfg.gateway.data_dir / "spool.db", 1 << 24)
+    left = ticks(e["message"] for e, _ in spool.pending(1000))
+    spool.close()
+    committed = set(range(1, sup.events_emitted + 1))
+    try:   # what the broker acknowledged reaches the (reconnected) consumer
+        sub.wait(lambda m: {int(e["message"].split()[-1]) for e in received_events(sub)} | set(left) >= committed,
+                 15, "every committed event")
+    finally:
+        sub.stop()
+        broker.stop()
+    first_arrivals: dict[str, int] = {}
+    for e in received_events(sub):
+        first_arrivals.setdefault(e["id"], int(e["message"].split()[-1]))
+    got = list(first_arrivals.values())
+    assert got == sorted(got), "events arrived out of order"
+    assert set(got) | set(left) == committed, "an event was lost"
+    assert max(got) >= emitted_at_outage + 15                  # the outage's events did arrive
+    assert metric(sup, "appliance_upstream_failures_total", reason="transient") >= 1
+
+
+def test_killed_at_random_moments_no_event_is_lost(tmp_path):
+    import random
+    import re
+    import signal
+    import sys
+
+    import yaml
+    from broker import Broker, Subscriber
+
+    from conftest import REPO
+
+    broker = Broker(tmp_path / "broker").start()
+    sub = Subscriber(broker, ["factory/#"], client_id="plant", clean=False).start()
+    sub.client.reconnect_delay_set(0.1, 0.5)
+    wasm = build_hostile("ticker", tmp_path / "m")
+    doc = {"gateway": {"name": "gw-kill", "data_dir": str(tmp_path / "var")}, "metrics": {"enabled": False},
+           "uplink": {"transport": "mqtt", "backoff_s": 0.05, "backoff_max_s": 0.2,
+                      "mqtt": {"host": "127.0.0.1", "port": broker.port, "ack_timeout_s": 2}},
+           "sources": {"s": sim_source(block_s=0.02)},
+           "modules": {"tick": {"wasm": str(wasm), "source": "s", "window": {"size": 512}}}}
+    path = tmp_path / "appliance.yaml"
+    logged: set[str] = set()
+    rng = random.Random(20261121)
+    try:
+        for trial in range(20):
+            path.write_text(yaml.safe_dump(doc))
+            proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(path)], cwd=REPO,
+                                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+            time.sleep(rng.uniform(1.0, 2.5))                  # start-up, then events being committed and sent
+            proc.send_signal(signal.SIGKILL)
+            err = proc.communicate(timeout=30)[1]
+            # An EVENT line is written only after the commit: each logged id must reach the plant.
+            logged |= set(re.findall(r"EVENT .*\[id ([0-9a-f-]{36})\]", err))
+        assert len(logged) > 100
+        # A last run without the ticker, to let the forwarder empty the spool.
+        doc["modules"]["tick"]["enabled"] = False
+        path.write_text(yaml.safe_dump(doc))
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(path)], cwd=REPO,
+                                stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        db = tmp_path / "var" / "spool.db"
+        wait_for(lambda: sqlite3.connect(db).execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0, 60,
+                 "the spool to drain")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        sub.wait(lambda m: logged <= {e["id"] for e in received_events(sub)}, 15, "every logged event upstream")
+    finally:
+        sub.stop()
+        broker.stop()
+    by_id: dict[str, set[bytes]] = {}
+    for m in sub.messages:
+        if "/events/" in m.topic and m.topic.count("/") == 3:
+            by_id.setdefault(json.loads(m.payload)["id"], set()).add(m.payload)
+    assert logged <= set(by_id), f"{len(logged - set(by_id))} committed events never arrived"
+    assert all(len(payloads) == 1 for payloads in by_id.values()), "a duplicate differs from its original"
