@@ -193,7 +193,7 @@ def test_killed_at_random_moments_no_event_is_lost(tmp_path):
     logged: set[str] = set()
     rng = random.Random(20261121)
     try:
-        for trial in range(20):
+        for _ in range(20):
             path.write_text(yaml.safe_dump(doc))
             proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(path)], cwd=REPO,
                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
