@@ -221,5 +221,10 @@ def test_killed_at_random_moments_no_event_is_lost(tmp_path):
     for m in sub.messages:
         if "/events/" in m.topic and m.topic.count("/") == 3:
             by_id.setdefault(json.loads(m.payload)["id"], set()).add(m.payload)
+    deliveries = sum(1 for m in sub.messages if "/events/" in m.topic and m.topic.count("/") == 3)
+    print(f"\nkill test: 20 SIGKILLs; {len(logged)} events logged as committed, {len(by_id)} distinct events "
+          f"received ({len(by_id) - len(logged)} committed but killed before their log line), "
+          f"{deliveries - len(by_id)} duplicate deliveries (same id, same bytes), "
+          f"{len(logged - set(by_id))} lost")
     assert logged <= set(by_id), f"{len(logged - set(by_id))} committed events never arrived"
     assert all(len(payloads) == 1 for payloads in by_id.values()), "a duplicate differs from its original"
