@@ -136,6 +136,8 @@ class ModuleSection(StrictModel):
 
 class EventsSection(StrictModel):
     log: bool = Field(True, description="log each event as it is committed")
+    attach_window: bool = Field(True, description="attach the triggering window's samples (window.npy) as evidence")
+    attachment_max_kb: int = Field(256, ge=1, le=16384, description="size limit of one attachment")
     spool_max_mb: int = Field(64, ge=1, le=100_000, description="spool bound; then the oldest lowest-severity event goes")
 
 

@@ -7,12 +7,15 @@ metrics. Threads: one reader per source, one dispatcher per module; nothing else
 from __future__ import annotations
 
 import collections
+import io
 import json
 import logging
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+
+import numpy as np
 from typing import Any
 
 from appliance.config import AppConfig
@@ -243,17 +246,33 @@ class Supervisor:
                 "sample_rate": window.sample_rate, "channels": list(pipe.channel_names)}
         if window.image is not None:
             info["width"], info["height"] = window.image[1], window.image[0]
-        snapshot: list[Attachment] = []
+        evidence: list[Attachment] = []
         for severity, score, message in result.events:
-            if window.image is not None and severity > 0 and not snapshot:
-                # The frame with the module's boxes, encoded here: the evidence an operator looks at.
-                from hal.snapshot import boxes_from_features, jpeg_snapshot
-                jpg = jpeg_snapshot(window.data, window.image, boxes_from_features(result.features))
-                snapshot = [Attachment("snapshot.jpg", "image/jpeg", jpg)]
-            attachments = snapshot if severity > 0 else []
+            if severity > 0 and not evidence:
+                evidence = self._evidence(window, result)
+            attachments = evidence if severity > 0 else []
             self._emit(make_event(gateway=self.cfg.gateway.name, source=pipe.source, module=host.name,
                                   severity=severity, score=score, message=message, window=info,
                                   features=result.features, attachments=attachments), attachments)
+
+    def _evidence(self, window: Window, result: ModuleResult) -> list[Attachment]:
+        """What an analyst looks at: the frame with the module's boxes (cameras), or the samples
+        of the triggering window (sensors), within the size limit."""
+        limit = self.cfg.events.attachment_max_kb << 10
+        if window.image is not None:
+            from hal.snapshot import boxes_from_features, jpeg_snapshot
+            jpg = jpeg_snapshot(window.data, window.image, boxes_from_features(result.features), max_bytes=limit)
+            return [Attachment("snapshot.jpg", "image/jpeg", jpg)]
+        if not self.cfg.events.attach_window:
+            return []
+        data = window.data
+        frames = max(1, (limit - 256) // (data.shape[0] * data.itemsize))
+        if data.shape[1] > frames:   # keep the middle of the window: around what triggered it
+            start = (data.shape[1] - frames) // 2
+            data = data[:, start:start + frames]
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(data), allow_pickle=False)
+        return [Attachment("window.npy", "application/x-npy", buf.getvalue())]
 
     def _on_module_state(self, host: ModuleHost, state: ModuleState, reason: str) -> None:
         if state is ModuleState.QUARANTINED:

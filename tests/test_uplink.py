@@ -18,6 +18,11 @@ from support import metric, sim_source, wait_for, write_config
 from webhook_server import Reply, WebhookServer
 
 
+def event_of(request) -> dict:
+    """The event a webhook request carried: the JSON body, or the multipart's "event" part."""
+    return json.loads(request.part("event").data if request.parts else request.body)
+
+
 def ticks(messages) -> list[int]:
     return [int(m.split()[-1]) for m in messages]
 
@@ -50,14 +55,14 @@ def test_http_errors_are_retried_in_order_and_a_refused_event_is_parked(tmp_path
         answered = [(r, reply) for r, reply in zip(server.requests, replies)
                     if r.headers.get("x-appliance-kind") == "event"]
     requests = [r for r, _ in answered]
-    acked = [json.loads(r.body) for r, reply in answered if reply.status == 200]
-    refused = [json.loads(r.body) for r, reply in answered if reply.status == 400]
+    acked = [event_of(r) for r, reply in answered if reply.status == 200]
+    refused = [event_of(r) for r, reply in answered if reply.status == 400]
     spool = Spool(cfg.gateway.data_dir / "spool.db", 1 << 24)
     pending = [e for e, _ in spool.pending(1000)]
     parked = spool.stats()["parked"]
     spool.close()
     # An event that met only errors was tried again until the 400 parked it.
-    assert len(refused) == 1 and json.loads(requests[0].body)["message"] == "tick 1"
+    assert len(refused) == 1 and event_of(requests[0])["message"] == "tick 1"
     refused_tick = int(refused[0]["message"].split()[-1])
     assert parked == 1
     # Every committed tick was acknowledged upstream or is still in the spool (the parked one
@@ -66,7 +71,7 @@ def test_http_errors_are_retried_in_order_and_a_refused_event_is_parked(tmp_path
     assert ticks(e["message"] for e in acked) == sorted(ticks(e["message"] for e in acked))
     assert set(ticks(e["message"] for e in acked)) | set(ticks(e["message"] for e in pending)) | {refused_tick} \
         == committed
-    assert all(r.headers.get("idempotency-key") == json.loads(r.body)["id"] for r in requests)
+    assert all(r.headers.get("idempotency-key") == event_of(r)["id"] for r in requests)
     assert metric(sup, "appliance_upstream_failures_total", reason="transient") >= 1
     assert metric(sup, "appliance_upstream_failures_total", reason="permanent") == 1
     assert metric(sup, "appliance_upstream_sent_events_total") == len(acked)
@@ -228,3 +233,26 @@ def test_killed_at_random_moments_no_event_is_lost(tmp_path):
           f"{len(logged - set(by_id))} lost")
     assert logged <= set(by_id), f"{len(logged - set(by_id))} committed events never arrived"
     assert all(len(payloads) == 1 for payloads in by_id.values()), "a duplicate differs from its original"
+
+
+def test_sensor_events_carry_the_window_samples(tmp_path):
+    import io
+
+    import numpy as np
+
+    cfg = ticker_config(tmp_path)
+    cfg = cfg.model_copy(update={"events": cfg.events.model_copy(update={"attachment_max_kb": 4})})
+    sup = Supervisor(cfg)
+    sup.start()
+    try:
+        wait_for(lambda: sup.events_emitted >= 2, 10, "events")
+    finally:
+        sup.stop()
+    spool = Spool(cfg.gateway.data_dir / "spool.db", 1 << 24)
+    event, [att] = spool.pending(1)[0]
+    spool.close()
+    assert att.name == "window.npy" and event["attachments"][0]["size"] == len(att.data) <= 4096
+    samples = np.load(io.BytesIO(att.data), allow_pickle=False)
+    # 3 axes of float32; 1024 frames do not fit 4 KiB, so the middle of the window is kept.
+    assert samples.dtype == np.float32 and samples.shape[0] == 3 and 0 < samples.shape[1] < 1024
+    assert 0.001 < float(np.std(samples)) < 1.0          # real vibration, in g
