@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/appliance.yaml
 # Debian packages the project needs, as "command-to-check:package".
-HOST_TOOLS := wasm-validate:wabt gcc:gcc mosquitto_passwd:mosquitto openssl:openssl
+HOST_TOOLS := wasm-validate:wabt gcc:gcc mosquitto_passwd:mosquitto openssl:openssl promtool:prometheus
 
 .PHONY: run test bench modules host-deps venv clean
 
@@ -20,7 +20,7 @@ host-deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
 	  elif command -v sudo >/dev/null; then SUDO=sudo; \
 	  else echo "not root and no sudo: as root, run  apt-get install -y$$missing  then run make again"; exit 1; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 $(STAMP): pyproject.toml

@@ -7,7 +7,10 @@ names come from the config file, the reasons and kinds from fixed lists in this 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+import os
 
 from appliance import __version__
 
@@ -36,9 +39,38 @@ class SourceCounters:
         yield family
 
 
+class WorkerResources:
+    """Memory and CPU of each module's worker process, read from /proc at scrape time."""
+
+    def __init__(self, modules: dict) -> None:
+        self.modules = modules
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def collect(self):
+        memory = GaugeMetricFamily("appliance_module_memory_bytes", "Resident memory of the module's worker process",
+                                   labels=["module"])
+        cpu = CounterMetricFamily("appliance_module_cpu_seconds", "CPU time of the module's current worker process "
+                                  "(starts again at a restart)", labels=["module"])
+        for name, host in self.modules.items():
+            pid = host.worker_pid
+            if pid is None:
+                continue
+            try:
+                rss_pages = int(open(f"/proc/{pid}/statm").read().split()[1])
+                fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError, ValueError):
+                continue   # the worker just exited
+            memory.add_metric([name], rss_pages * self._page)
+            cpu.add_metric([name], (int(fields[11]) + int(fields[12])) / self._tick)
+        yield memory
+        yield cpu
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)   # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self.build = Info("appliance_build", "Version of the appliance software", registry=r)
         self.build.info({"version": __version__})
         self.source_samples = Counter("appliance_source_samples", "Samples read from a source (frames x channels)",

@@ -20,7 +20,7 @@ from typing import Any
 
 from appliance.config import AppConfig
 from appliance.events import Attachment, Spool, iso_time, make_event
-from appliance.metrics import Metrics, SourceCounters
+from appliance.metrics import Metrics, SourceCounters, WorkerResources
 from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState
 from appliance.windowing import FrameWindower, Window, Windower
 from hal.registry import open_source
@@ -71,6 +71,7 @@ class Supervisor:
             self.pipelines[name] = []
             self.metrics.declare_source(name)
         self.metrics.registry.register(SourceCounters(self.sources))
+        self.metrics.registry.register(WorkerResources(self.modules))
         for name, mcfg in cfg.modules.items():
             source = self.sources[mcfg.source]
             info = source.info

@@ -276,6 +276,11 @@ class ModuleHost:
     def reason(self) -> str:
         return self._reason
 
+    @property
+    def worker_pid(self) -> int | None:
+        worker = self._worker
+        return worker.pid if worker is not None else None
+
     def start(self) -> None:
         self._thread.start()
 

@@ -1,0 +1,79 @@
+"""The metrics exposition passes promtool, and the documented catalog and the dashboard use
+only metrics that exist."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import generate_latest
+
+from appliance.modbuild import build_module
+from appliance.supervisor import Supervisor
+
+from conftest import REPO
+from support import metric, sim_source, wait_for, write_config
+
+
+@pytest.fixture(scope="module")
+def exposition(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("metrics")
+    wasm = build_module(REPO / "modules" / "src" / "vibstats", tmp / "vibstats.wasm").out
+    cfg = write_config(tmp, {"spindle": sim_source(),
+                             "gps": {"type": "nmea", "simulate": True}}, {
+        "stats": {"wasm": str(wasm), "source": "spindle", "window": {"size": 1024},
+                  "params": {"baseline": {"windows": 3}}}})
+    sup = Supervisor(cfg)
+    sup.start()
+    try:
+        wait_for(lambda: metric(sup, "appliance_module_windows_total", module="stats") >= 5, 15, "windows")
+        text = generate_latest(sup.metrics.registry).decode()
+    finally:
+        sup.stop()
+    return text
+
+
+def names_in(text: str) -> set[str]:
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            names.add(name)
+            if kind == "counter":
+                names.add(name + "_total")
+            if kind == "histogram":
+                names |= {name + "_bucket", name + "_sum", name + "_count"}
+            if kind == "info":
+                names.add(name + "_info")
+    return names
+
+
+def test_promtool_accepts_the_exposition(exposition, tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is missing: make test installs Debian's prometheus package")
+    proc = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
+    for needed in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                   'appliance_module_memory_bytes{module="stats"}', 'appliance_module_cpu_seconds_total{module="stats"}',
+                   'appliance_module_call_seconds_bucket{le="0.001",module="stats"}'):
+        assert needed in exposition, needed
+
+
+def test_every_documented_metric_exists(exposition):
+    documented = set(re.findall(r"^\| `([a-z_]+)`", (REPO / "docs" / "metrics.md").read_text(), re.M))
+    assert len(documented) > 25
+    missing = documented - names_in(exposition)
+    assert not missing, f"documented but not exported: {sorted(missing)}"
+
+
+def test_dashboard_queries_use_existing_metrics(exposition):
+    dash = json.loads((REPO / "docs" / "grafana" / "appliance.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(dash["panels"]) >= 12 and exprs
+    exported = names_in(exposition)
+    used = {m for e in exprs for m in re.findall(r"\b((?:appliance|process)_[a-z_]+)\b", e)}
+    assert used and not used - exported, f"dashboard uses unknown metrics: {sorted(used - exported)}"
