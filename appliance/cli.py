@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def cmd_run(args) -> int:
         return 1
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sup.request_stop())
+    sup.config_path = Path(args.config)
+
+    def reload_on_hup(*_):
+        # Not in the handler itself: a reload starts and stops threads and processes.
+        def run():
+            from appliance.config import ConfigError
+            try:
+                sup.reload_config()
+            except ConfigError as exc:
+                log.error("config reload refused, still running the previous config:\n  %s",
+                          "\n  ".join(str(i) for i in exc.issues))
+            except Exception:
+                log.exception("config reload failed")
+        threading.Thread(target=run, name="reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, reload_on_hup)
     try:
         sup.start()
     except OSError as exc:

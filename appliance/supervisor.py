@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from typing import Any
@@ -66,6 +67,11 @@ class Supervisor:
         self.metrics_port: int | None = None
         self.forwarder = self._make_forwarder()
 
+        self._source_stops: dict[str, threading.Event] = {}
+        self._source_threads: dict[str, threading.Thread] = {}
+        self._reload_lock = threading.Lock()
+        self.config_path: Path | None = None
+
         for name, scfg in cfg.sources.items():
             self.sources[name] = open_source(name, scfg)
             self.pipelines[name] = []
@@ -73,26 +79,30 @@ class Supervisor:
         self.metrics.registry.register(SourceCounters(self.sources))
         self.metrics.registry.register(WorkerResources(self.modules))
         for name, mcfg in cfg.modules.items():
-            source = self.sources[mcfg.source]
-            info = source.info
-            missing = [c for c in (mcfg.channels or []) if c not in info.channels]
-            if missing:
-                raise ValueError(f"module {name}: {', '.join(map(repr, missing))} not among the channels of source "
-                                 f"{mcfg.source!r} ({', '.join(info.channels)})")
-            picked = [info.channels.index(c) for c in mcfg.channels] if mcfg.channels else None
-            names = tuple(mcfg.channels) if mcfg.channels else info.channels
-            if info.kind == "video":
-                # A frame of up to 4096 x 4096 per channel; the memfd stays sparse until written.
-                window_bytes = len(names) * 4096 * 4096
-                windower = FrameWindower(mcfg.window.hop_frames if mcfg.window else 1, info.sample_rate, picked)
-            else:
-                window_bytes = 4 * len(names) * mcfg.window.size
-                windower = Windower(mcfg.window.size, mcfg.window.hop_frames, info.sample_rate, picked)
-            host = ModuleHost(name, mcfg, cfg.runtime, window_bytes, self.metrics,
-                              on_result=self._on_result, on_state=self._on_module_state,
-                              state_dir=cfg.gateway.data_dir / "state")
-            self.modules[name] = host
-            self.pipelines[mcfg.source].append(Pipeline(host, windower, mcfg.source, names))
+            pipe = self._build_pipeline(name, mcfg)
+            self.modules[name] = pipe.module
+            self.pipelines[mcfg.source].append(pipe)
+
+    def _build_pipeline(self, name: str, mcfg) -> Pipeline:
+        """A module's host and windower for its source (not started)."""
+        info = self.sources[mcfg.source].info
+        missing = [c for c in (mcfg.channels or []) if c not in info.channels]
+        if missing:
+            raise ValueError(f"module {name}: {', '.join(map(repr, missing))} not among the channels of source "
+                             f"{mcfg.source!r} ({', '.join(info.channels)})")
+        picked = [info.channels.index(c) for c in mcfg.channels] if mcfg.channels else None
+        names = tuple(mcfg.channels) if mcfg.channels else info.channels
+        if info.kind == "video":
+            # A frame of up to 4096 x 4096 per channel; the memfd stays sparse until written.
+            window_bytes = len(names) * 4096 * 4096
+            windower = FrameWindower(mcfg.window.hop_frames if mcfg.window else 1, info.sample_rate, picked)
+        else:
+            window_bytes = 4 * len(names) * mcfg.window.size
+            windower = Windower(mcfg.window.size, mcfg.window.hop_frames, info.sample_rate, picked)
+        host = ModuleHost(name, mcfg, self.cfg.runtime, window_bytes, self.metrics,
+                          on_result=self._on_result, on_state=self._on_module_state,
+                          state_dir=self.cfg.gateway.data_dir / "state")
+        return Pipeline(host, windower, mcfg.source, names)
 
     def _make_forwarder(self):
         up = self.cfg.uplink
@@ -130,14 +140,14 @@ class Supervisor:
             host.start()
         if self.forwarder is not None:
             self.forwarder.start()
-        for name, source in self.sources.items():
-            t = threading.Thread(target=self._read_source, args=(name, source), name=f"source-{name}", daemon=True)
-            self._threads.append(t)
-            t.start()
+        for name in self.sources:
+            self._start_source(name)
 
     def stop(self, drain_s: float = 1.0) -> None:
         """Stop reading, give the modules a bounded time to finish queued windows, stop them."""
         self._stop.set()
+        for stop in self._source_stops.values():
+            stop.set()                    # wakes a reader waiting out a backoff
         for source in self.sources.values():
             self._close_quietly(source)   # wakes a reader blocked in read()
         for t in self._threads:
@@ -160,6 +170,78 @@ class Supervisor:
                 self.metrics.events_lost.inc()
                 log.error("spool: event never committed, logged here instead: %s", json.dumps(event))
         self.spool.close()
+
+    # ---- live reload -------------------------------------------------------------------------
+
+    LIVE_SECTIONS = ("sources", "modules")
+
+    def reload_config(self, path: Path | None = None) -> str:
+        """Apply a new config file without a restart: validate it first (a bad file changes
+        nothing and raises ConfigError with file:line), then restart only the sources and modules
+        whose section changed (or whose .wasm bytes changed). Unchanged pipelines keep running
+        and lose no sample. Returns what was done, in words."""
+        from appliance.config import ConfigError, load_config_document
+        from appliance.modcheck import check_modules
+        path = Path(path or self.config_path or "")
+        doc, new = load_config_document(path)
+        with self._reload_lock:
+            old = self.cfg
+            src_changed = {n for n in new.sources.keys() & old.sources.keys() if new.sources[n] != old.sources[n]}
+            src_added, src_removed = new.sources.keys() - old.sources.keys(), old.sources.keys() - new.sources.keys()
+            mod_changed = {n for n in new.modules.keys() & old.modules.keys()
+                           if new.modules[n] != old.modules[n] or self.modules[n].wasm_changed()
+                           or new.modules[n].source in src_changed}
+            mod_added, mod_removed = new.modules.keys() - old.modules.keys(), old.modules.keys() - new.modules.keys()
+            judged = new.model_copy(update={"modules": {n: new.modules[n] for n in mod_added | mod_changed}})
+            issues = check_modules(doc, judged)   # the modules judge their new params before any swap
+            if issues:
+                raise ConfigError(issues)
+            frozen = [k for k in type(new).model_fields if k not in self.LIVE_SECTIONS
+                      and getattr(new, k) != getattr(old, k)]
+            self.cfg = new.model_copy(update={k: getattr(old, k) for k in frozen})
+
+            for name in mod_removed | mod_changed:
+                self._retire_module(name, old.modules[name].source)
+            for name in src_removed | src_changed:
+                self._stop_source(name)
+            for name in src_added | src_changed:
+                self.sources[name] = open_source(name, new.sources[name])
+                self.pipelines[name] = []
+                self.metrics.declare_source(name)
+            for name in sorted(mod_added | mod_changed):
+                pipe = self._build_pipeline(name, new.modules[name])
+                self.modules[name] = pipe.module
+                pipe.module.start()
+                # One assignment: a source thread sees the old list or the new one, never half.
+                self.pipelines[pipe.source] = [*self.pipelines.get(pipe.source, []), pipe]
+            for name in src_added | src_changed:
+                self._start_source(name)
+        done = [f"{what} {', '.join(sorted(names))}" for what, names in (
+            ("restarted sources", src_changed), ("added sources", src_added), ("removed sources", src_removed),
+            ("restarted modules", mod_changed), ("added modules", mod_added), ("removed modules", mod_removed))
+            if names]
+        summary = "; ".join(done) or "nothing changed"
+        if frozen:
+            summary += f" (changes to {', '.join(frozen)} take effect at the next start)"
+        log.info("config %s reloaded: %s", path, summary)
+        return summary
+
+    def _retire_module(self, name: str, source: str) -> None:
+        host = self.modules.pop(name)
+        self.pipelines[source] = [p for p in self.pipelines.get(source, []) if p.module is not host]
+        host.stop()
+
+    def _stop_source(self, name: str) -> None:
+        stop = self._source_stops.pop(name, None)
+        if stop is not None:
+            stop.set()
+        source = self.sources.pop(name)
+        self._close_quietly(source)
+        thread = self._source_threads.pop(name, None)
+        if thread is not None:
+            thread.join(2.0)      # its last block must not reach the replacement's pipelines
+        self.pipelines.pop(name, None)
+        self.metrics.source_up.labels(name).set(0)
 
     @staticmethod
     def _close_quietly(source: Source) -> None:
@@ -193,21 +275,31 @@ class Supervisor:
 
     # ---- sources -----------------------------------------------------------------------------
 
-    def _read_source(self, name: str, source: Source) -> None:
-        pipes = self.pipelines[name]
+    def _start_source(self, name: str) -> None:
+        stop = self._source_stops[name] = threading.Event()
+        t = threading.Thread(target=self._read_source, args=(name, self.sources[name], stop), name=f"source-{name}",
+                             daemon=True)
+        self._threads.append(t)
+        self._source_threads[name] = t
+        t.start()
+
+    def _read_source(self, name: str, source: Source, stop: threading.Event) -> None:
         samples = self.metrics.source_samples.labels(name)
         nbytes = self.metrics.source_bytes.labels(name)
         up = self.metrics.source_up.labels(name)
         delay = SOURCE_BACKOFF_S[0]
-        while not self._stop.is_set():
+        stopped = lambda: self._stop.is_set() or stop.is_set()   # noqa: E731
+        while not stopped():
             try:
                 source.open()
                 source.set_health(Health.OK)
                 up.set(1)
-                for p in pipes:
+                for p in self.pipelines.get(name, ()):
                     p.windower.reset()
-                while not self._stop.is_set():
+                while not stopped():
                     block = source.read()
+                    if stopped():
+                        return   # stopped (or replaced by a reload) while reading: drop the block
                     if block is None:
                         source.set_health(Health.ENDED, "end of recording")
                         up.set(0)
@@ -217,11 +309,12 @@ class Supervisor:
                     samples.inc(block.data.size)
                     nbytes.inc(block.data.nbytes)
                     delay = SOURCE_BACKOFF_S[0]
-                    for p in pipes:
+                    # Read the list each block: a reload swaps it in one assignment.
+                    for p in self.pipelines.get(name, ()):
                         for window in p.windower.push(block):
                             p.module.submit(window)
             except Exception as exc:  # any driver failure: count, report, back off, reopen
-                if self._stop.is_set():
+                if stopped():
                     return   # stop() closed the source under a blocked read: not a failure
                 self.metrics.source_errors.labels(name).inc()
                 up.set(0)
@@ -231,7 +324,7 @@ class Supervisor:
                     source.close()
                 except Exception:
                     log.exception("source %s: close after failure", name)
-                self._stop.wait(delay)
+                stop.wait(delay)
                 delay = min(delay * 2, SOURCE_BACKOFF_S[1])
 
     # ---- results -----------------------------------------------------------------------------

@@ -256,6 +256,7 @@ class ModuleHost:
         self._busy = False                 # a window is in the worker right now
         self._restart_requested: str | None = None
         self._reset_checked = 0.0
+        self.loaded_sha256: str | None = None
         self.state_dir = state_dir
         self._state_changes: list[tuple[ModuleState, str]] = []
         self._stop = threading.Event()
@@ -275,6 +276,15 @@ class ModuleHost:
     @property
     def reason(self) -> str:
         return self._reason
+
+    def wasm_changed(self) -> bool:
+        """The module file on disk differs from what runs (a new build was dropped in place)."""
+        if self.loaded_sha256 is None:
+            return False
+        try:
+            return hashlib.sha256(read_module(self.cfg.wasm)).hexdigest() != self.loaded_sha256
+        except ModuleRejected:
+            return True
 
     @property
     def worker_pid(self) -> int | None:
@@ -445,8 +455,8 @@ class ModuleHost:
             self._worker = worker
             self.metrics.module_up.labels(self.name).set(1)
             self._set_state(ModuleState.RUNNING, f"worker pid {worker.pid}")
-        log.info("module %s: running in worker pid %d (sha256 %s)", self.name, worker.pid,
-                 hashlib.sha256(wasm).hexdigest()[:12])
+        self.loaded_sha256 = hashlib.sha256(wasm).hexdigest()
+        log.info("module %s: running in worker pid %d (sha256 %s)", self.name, worker.pid, self.loaded_sha256[:12])
 
     def _process(self, window: Window) -> None:
         dropped = max(0, window.seq - self._last_seq - 1) if self._last_seq >= 0 else window.seq

@@ -1,0 +1,108 @@
+"""Live reload: a bad file changes nothing; a good one restarts only what changed, and the
+pipelines that did not change lose no window."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from appliance.config import ConfigError, load_config
+from appliance.modbuild import build_module
+from appliance.supervisor import Supervisor
+
+from conftest import REPO
+from support import metric, sim_source, wait_for
+
+
+def config_doc(tmp_path, wasm, threshold=6):
+    return {"gateway": {"name": "gw", "data_dir": str(tmp_path / "var")}, "metrics": {"enabled": False},
+            "sources": {"a": sim_source(), "b": sim_source(seed=1)},
+            "modules": {
+                "changing": {"wasm": str(wasm), "source": "a", "window": {"size": 1024},
+                             "params": {"threshold": threshold, "baseline": {"windows": 3}}},
+                "steady": {"wasm": str(wasm), "source": "b", "window": {"size": 512},
+                           "params": {"baseline": {"windows": 3}}}}}
+
+
+@pytest.fixture(scope="module")
+def wasm(tmp_path_factory):
+    return build_module(REPO / "modules" / "src" / "vibstats", tmp_path_factory.mktemp("m") / "vibstats.wasm").out
+
+
+def test_reload_restarts_only_what_changed_and_loses_nothing_elsewhere(tmp_path, wasm):
+    path = tmp_path / "appliance.yaml"
+    path.write_text(yaml.safe_dump(config_doc(tmp_path, wasm)))
+    sup = Supervisor(load_config(path))
+    sup.config_path = path
+    sup.start()
+    try:
+        wait_for(lambda: all(h.worker_pid for h in sup.modules.values()), 10, "workers")
+        changing_pid, steady_pid = sup.modules["changing"].worker_pid, sup.modules["steady"].worker_pid
+        steady_host = sup.modules["steady"]
+        time.sleep(0.5)
+
+        # A broken file: nothing changes, the error says where.
+        path.write_text(yaml.safe_dump(config_doc(tmp_path, wasm)).replace("threshold: 6", "threshold: -1"))
+        with pytest.raises(ConfigError, match=r"appliance.yaml:\d+:\d+: modules.changing.params: module rejected"):
+            sup.reload_config()
+        assert sup.modules["changing"].worker_pid == changing_pid
+
+        # A good change to one module's params.
+        path.write_text(yaml.safe_dump(config_doc(tmp_path, wasm, threshold=9)))
+        assert sup.reload_config() == "restarted modules changing"
+        wait_for(lambda: sup.modules["changing"].worker_pid not in (None, changing_pid), 10, "the new worker")
+        assert sup.modules["changing"].cfg.params["threshold"] == 9
+        assert sup.modules["steady"] is steady_host and steady_host.worker_pid == steady_pid
+        time.sleep(0.5)
+        assert sup.reload_config() == "nothing changed"
+    finally:
+        sup.stop(drain_s=3)
+    cut = next(p for p in sup.pipelines["b"] if p.module is steady_host).windower.windows_cut
+    assert steady_host.processed == cut > 20          # the unchanged pipeline lost no window
+    for reason in ("overflow", "unavailable", "fault"):
+        assert metric(sup, "appliance_module_windows_dropped_total", module="steady", reason=reason) == 0
+
+
+def test_replaced_wasm_file_is_picked_up(tmp_path, wasm):
+    local = tmp_path / "mod.wasm"
+    local.write_bytes(wasm.read_bytes())
+    path = tmp_path / "appliance.yaml"
+    path.write_text(yaml.safe_dump(config_doc(tmp_path, local)))
+    sup = Supervisor(load_config(path))
+    sup.config_path = path
+    sup.start()
+    try:
+        wait_for(lambda: sup.modules["changing"].worker_pid, 10, "workers")
+        other = build_module(REPO / "tests" / "hostile_modules" / "slow.c", tmp_path / "slow.wasm").out
+        tmp = tmp_path / "mod.wasm.new"
+        tmp.write_bytes(other.read_bytes())
+        tmp.replace(local)                               # atomic replacement, as a deploy does
+        assert sup.reload_config() == "restarted modules changing, steady"
+    finally:
+        sup.stop()
+
+
+def test_sighup_reloads_a_running_appliance(tmp_path, wasm):
+    path = tmp_path / "appliance.yaml"
+    path.write_text(yaml.safe_dump(config_doc(tmp_path, wasm)))
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(path)], cwd=REPO,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(3)
+        path.write_text(yaml.safe_dump(config_doc(tmp_path, wasm)).replace("sources:", "nonsense: 1\nsources:"))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        path.write_text(yaml.safe_dump(config_doc(tmp_path, wasm, threshold=8)))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=20)[1]
+    assert "config reload refused, still running the previous config" in err
+    assert f"{path}:" in err and "'nonsense' is not a valid option" in err
+    assert "reloaded: restarted modules changing" in err
+    assert proc.returncode == 0
