@@ -179,6 +179,10 @@ def cmd_baseline_reset(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["console"]:   # its options (--device, --stdio) are its own
+        from appliance.console import console_main
+        return console_main(argv[1:])
     from appliance.config import DEFAULT_CONFIG
     p = argparse.ArgumentParser(prog="appliance", description="Factory gateway: sensors -> wasm analytics -> events")
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--save-attachments", metavar="DIR", help="write each event's evidence (snapshots) there")
     ev.set_defaults(func=cmd_events)
 
+    sub.add_parser("console", help="the service console on a serial line or stdio (appliance console --help)")
     base = sub.add_parser("baseline", help="learned baselines of modules")
     bsub = base.add_subparsers(dest="baseline_command", required=True)
     reset = bsub.add_parser("reset", help="discard a module's learned baseline; it learns afresh")

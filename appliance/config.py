@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic.functional_validators import AfterValidator, WrapValidator
 from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from appliance.console_config import ConsoleSection
 from appliance.uplink.http import HttpConfig
 from appliance.uplink.mqtt import MqttConfig
 from appliance.yamlsource import Mark, YamlDocument, YamlError, load_yaml
@@ -163,6 +164,7 @@ class AppConfig(StrictModel):
     runtime: RuntimeSection = RuntimeSection()
     events: EventsSection = EventsSection()
     uplink: UplinkSection = UplinkSection()
+    console: ConsoleSection = ConsoleSection()
     sources: dict[Name, SourceSection] = Field(min_length=1)
     modules: dict[Name, ModuleSection] = {}
 

@@ -69,6 +69,7 @@ class Supervisor:
 
         self._source_stops: dict[str, threading.Event] = {}
         self._source_threads: dict[str, threading.Thread] = {}
+        self.control = None
         self._reload_lock = threading.Lock()
         self.config_path: Path | None = None
 
@@ -140,11 +141,18 @@ class Supervisor:
             host.start()
         if self.forwarder is not None:
             self.forwarder.start()
+        from appliance.control import ControlServer
+        try:
+            self.control = ControlServer(self).start()
+        except OSError as exc:   # the console is for service; the appliance runs without it
+            log.error("control socket not available: %s", exc)
         for name in self.sources:
             self._start_source(name)
 
     def stop(self, drain_s: float = 1.0) -> None:
         """Stop reading, give the modules a bounded time to finish queued windows, stop them."""
+        if self.control is not None:
+            self.control.stop()
         self._stop.set()
         for stop in self._source_stops.values():
             stop.set()                    # wakes a reader waiting out a backoff
@@ -225,6 +233,36 @@ class Supervisor:
             summary += f" (changes to {', '.join(frozen)} take effect at the next start)"
         log.info("config %s reloaded: %s", path, summary)
         return summary
+
+    def load_module(self, name: str, path: str | Path) -> str:
+        """Run another build of a module now (the console's `modules load`): checked in a
+        throwaway worker first, then swapped in like a reload. Until the YAML names the new file,
+        the next reload or start goes back to the configured one."""
+        from appliance.runtime.host import ModuleFault, WorkerProcess, load_message
+        from appliance.runtime.validate import ModuleRejected, read_module
+        from appliance.config import module_params_text
+        path = Path(path).resolve()
+        with self._reload_lock:
+            if name not in self.cfg.modules:
+                raise ValueError(f"no module {name!r} (modules: {', '.join(self.cfg.modules)})")
+            old = self.cfg.modules[name]
+            new = old.model_copy(update={"wasm": path})
+            rt = self.cfg.runtime
+            try:
+                WorkerProcess(name, read_module(path), 4096, load_message(
+                    path.name, module_params_text(new), backend=rt.backend, stack_bytes=rt.stack_kb * 1024,
+                    max_memory_bytes=rt.max_memory_mb << 20,
+                    address_space_bytes=(rt.worker_memory_mb + rt.max_memory_mb) << 20)).stop()
+            except (ModuleRejected, ModuleFault) as exc:
+                raise ValueError(f"{path} not loaded: {exc}") from None
+            self._retire_module(name, old.source)
+            self.cfg = self.cfg.model_copy(update={"modules": {**self.cfg.modules, name: new}})
+            pipe = self._build_pipeline(name, new)
+            self.modules[name] = pipe.module
+            pipe.module.start()
+            self.pipelines[pipe.source] = [*self.pipelines.get(pipe.source, []), pipe]
+        log.info("module %s: now running %s", name, path)
+        return f"module {name}: loaded {path}"
 
     def _retire_module(self, name: str, source: str) -> None:
         host = self.modules.pop(name)

@@ -106,3 +106,23 @@ def test_sighup_reloads_a_running_appliance(tmp_path, wasm):
     assert f"{path}:" in err and "'nonsense' is not a valid option" in err
     assert "reloaded: restarted modules changing" in err
     assert proc.returncode == 0
+
+
+def test_load_module_swaps_a_build_and_refuses_a_bad_one(tmp_path, wasm):
+    path = tmp_path / "appliance.yaml"
+    path.write_text(yaml.safe_dump(config_doc(tmp_path, wasm)))
+    sup = Supervisor(load_config(path))
+    sup.start()
+    try:
+        wait_for(lambda: sup.modules["changing"].worker_pid, 10, "workers")
+        steady = sup.modules["steady"]
+        bad = tmp_path / "bad.wasm"
+        bad.write_bytes(b"\0asm garbage")
+        with pytest.raises(ValueError, match="bad.wasm not loaded: .*not a valid wasm binary"):
+            sup.load_module("changing", bad)
+        other = build_module(REPO / "tests" / "hostile_modules" / "slow.c", tmp_path / "slow.wasm").out
+        assert sup.load_module("changing", other) == f"module changing: loaded {other}"
+        wait_for(lambda: sup.modules["changing"].worker_pid is not None, 10, "the new build")
+        assert sup.cfg.modules["changing"].wasm == other and sup.modules["steady"] is steady
+    finally:
+        sup.stop()

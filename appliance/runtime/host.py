@@ -328,6 +328,36 @@ class ModuleHost:
             self._cond.notify_all()
         return True
 
+    def disable(self, reason: str = "disabled by an operator") -> str | bool:
+        """Stop processing until enable(): the worker stops, queued windows are dropped (counted)."""
+        with self._cond:
+            if self._state is ModuleState.STOPPED:
+                return False
+            if self._state is ModuleState.DISABLED:
+                return f"module {self.name} is already disabled"
+            queued = len(self._queue)
+            self._queue.clear()
+            self._restart_requested = reason   # the dispatcher stops the worker, then idles
+            self._set_state(ModuleState.DISABLED, reason)
+            self.metrics.quarantined.labels(self.name).set(0)
+            if self._busy and self._worker is not None:
+                self._worker.proc.kill()
+            self._cond.notify_all()
+        if queued:
+            self.metrics.windows_dropped.labels(self.name, "unavailable").inc(queued)
+        return True
+
+    def enable(self, reason: str = "enabled by an operator") -> str | bool:
+        with self._cond:
+            if self._state is not ModuleState.DISABLED:
+                return f"module {self.name} is not disabled ({self._state.value})"
+            self._faults.clear()
+            self._consecutive = 0
+            self._next_start = 0.0
+            self._set_state(ModuleState.STARTING, reason)
+            self._cond.notify_all()
+        return True
+
     def stop(self, timeout_s: float = 2.0) -> None:
         self._stop.set()
         with self._cond:
