@@ -700,50 +700,18 @@ class Commands:
 # ---------------------------------------------------------------- disable / enable (host level)
 
 def disable_module(host, reason: str = "disabled by operator") -> str:
-    """Stop a module's worker and keep it stopped: windows meant for it are counted as dropped
-    (unavailable). Uses ModuleHost.disable() when the host has one; otherwise does the same
-    through the host's lock and restart path: the dispatcher stops a worker whose restart was
-    requested, then idles while the state is DISABLED."""
-    from appliance.runtime.host import ModuleState
-    if hasattr(host, "disable"):   # a str to show, or a bool
-        done = host.disable(reason)
-        if done is False:
-            raise CommandError(f"module {host.name} is {host.state.value}; not disabled")
-        return done if isinstance(done, str) else f"module {host.name}: disabled"
-    with host._cond:
-        if host._state is ModuleState.STOPPED:
-            raise CommandError(f"module {host.name} is stopped")
-        if host._state is ModuleState.DISABLED:
-            return f"module {host.name}: already disabled"
-        waiting = len(host._queue)
-        host._queue.clear()
-        host._restart_requested = reason        # the dispatcher stops the worker at its next turn
-        host._set_state(ModuleState.DISABLED, reason)
-        host.metrics.quarantined.labels(host.name).set(0)
-        if host._busy and host._worker is not None:
-            host._worker.proc.kill()            # the window in flight is abandoned, as by restart()
-        host._cond.notify_all()
-    if waiting:
-        host.metrics.windows_dropped.labels(host.name, "unavailable").inc(waiting)
-    return f"module {host.name}: disabled (until enabled or the appliance restarts)"
+    """Stop a module's worker and keep it stopped; windows meant for it count as dropped."""
+    done = host.disable(reason)
+    if done is False:
+        raise CommandError(f"module {host.name} is {host.state.value}; not disabled")
+    return done if isinstance(done, str) else f"module {host.name}: disabled (until enabled or the appliance restarts)"
 
 
 def enable_module(host, reason: str = "enabled by operator") -> str:
-    from appliance.runtime.host import ModuleState
-    if hasattr(host, "enable"):
-        done = host.enable(reason)
-        if done is False:
-            raise CommandError(f"module {host.name} is {host.state.value}, not disabled")
-        return done if isinstance(done, str) else f"module {host.name}: enabled, starting"
-    with host._cond:
-        if host._state is not ModuleState.DISABLED:
-            return f"module {host.name}: not disabled ({host._state.value})"
-        host._faults.clear()
-        host._consecutive = 0
-        host._next_start = 0.0
-        host._set_state(ModuleState.STARTING, reason)
-        host._cond.notify_all()
-    return f"module {host.name}: enabled, starting"
+    done = host.enable(reason)
+    if done is False:
+        raise CommandError(f"module {host.name} is {host.state.value}, not disabled")
+    return done if isinstance(done, str) else f"module {host.name}: enabled, starting"
 
 
 # ---------------------------------------------------------------------------------- server

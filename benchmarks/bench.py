@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from appliance.modbuild import build_module  # noqa: E402
+from common import cpu_of, self_cpu  # noqa: E402
 from appliance.runtime.backend import Wasm3Backend  # noqa: E402
 from appliance.runtime.host import HEADER, pack_header, WorkerProcess, load_message  # noqa: E402
 from appliance.runtime.validate import read_module  # noqa: E402
@@ -36,14 +36,6 @@ CHANNELS, FRAMES = 3, 4096
 PARAMS = "baseline.windows=10\nthreshold=6\n"
 
 
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def self_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def windows(n: int) -> list[np.ndarray]:

@@ -10,8 +10,6 @@ Windows: CHANNELS channels x 4096 frames at 12.8 kHz, after the baseline is lear
 from __future__ import annotations
 
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,6 +23,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "modules" / "src" / "bearing"))
 
 from appliance.modbuild import build_module  # noqa: E402
+from common import cpu_of, self_cpu  # noqa: E402
 from appliance.runtime.host import HEADER, pack_header, WorkerProcess, load_message  # noqa: E402
 
 FRAMES, FS = 4096, 12800.0
@@ -32,14 +31,6 @@ PARAMS = {"bearing.balls": 9, "bearing.ball_diameter": 0.3126, "bearing.pitch_di
           "shaft.rpm": 1797, "baseline.windows": 10, "threshold": 4}
 
 
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def self_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def params_text(host_dsp: bool) -> str:

@@ -14,8 +14,6 @@ decided which kernels the host offers.
 """
 from __future__ import annotations
 
-import os
-import resource
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from appliance.modbuild import build_module  # noqa: E402
+from common import cpu_of, self_cpu  # noqa: E402
 from appliance.runtime.host import HEADER, WorkerProcess, load_message, pack_header  # noqa: E402
 
 W, H = 640, 480
@@ -60,14 +59,6 @@ int32_t ap_process(const uint8_t *window, int32_t len) { (void)window; (void)len
 """
 
 
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def self_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def load_frames(count: int = 100) -> tuple[list[np.ndarray], str]:
