@@ -140,6 +140,7 @@ class EventsSection(StrictModel):
     attach_window: bool = Field(True, description="attach the triggering window's samples (window.npy) as evidence")
     attachment_max_kb: int = Field(256, ge=1, le=16384, description="size limit of one attachment")
     spool_max_mb: int = Field(64, ge=1, le=100_000, description="spool bound; then the oldest lowest-severity event goes")
+    spool_max_age_h: float = Field(720.0, gt=0, description="events older than this leave the spool (counted, logged)")
 
 
 class UplinkSection(StrictModel):

@@ -46,6 +46,7 @@ log = logging.getLogger("appliance.control")
 SOCKET_NAME = "control.sock"
 MAX_LINE = 4096
 MAX_CLIENTS = 8
+CLIENT_IDLE_S = 15 * 60   # as the console's own idle logout
 LOG_LINES = 1000          # the ring buffer behind `log tail`
 RATE_PERIOD_S = 1.0       # how often the rate tracker samples the counters
 RATE_SPAN = 6             # samples kept: rates are over the last ~5 s
@@ -279,6 +280,7 @@ HELP = [
     ("modules load NAME FILE", "replace the module's .wasm (checked first)"),
     ("events [tail N]", "the last N events, newest last (default 10)"),
     ("events show ID", "one event in full (its id, or 6+ characters of it)"),
+    ("events requeue", "offer the events the upstream refused (parked) again, e.g. after fixing a token"),
     ("config [show]", "the running configuration (secrets hidden)"),
     ("config validate [FILE]", "check the config file (or FILE); applies nothing"),
     ("config reload", "validate the config file, then apply it"),
@@ -552,7 +554,13 @@ class Commands:
         if sub == "show" and len(args) == 2:
             event = self._find_event(args[1])
             return Reply(True, json.dumps(event, indent=2, sort_keys=True).split("\n"), event)
-        raise self._usage("events [tail N | show ID]")
+        if sub == "requeue" and len(args) == 1:
+            n = self.sup.spool.requeue_parked()
+            log.info("control: events requeue (%s): %d parked event(s) offered upstream again", who, n)
+            if n and getattr(self.sup, "forwarder", None) is not None:
+                self.sup.forwarder.notify()
+            return Reply(True, [f"{n} parked event(s) will be offered upstream again"], {"requeued": n})
+        raise self._usage("events [tail N | show ID | requeue]")
 
     def _find_event(self, key: str) -> dict:
         key = key.strip().lower()
@@ -822,6 +830,7 @@ class ControlServer:
             if who is None:
                 conn.close()
                 continue
+            conn.settimeout(CLIENT_IDLE_S)   # an idle client gives its slot back
             with self._lock:
                 if len(self._clients) >= MAX_CLIENTS:
                     with contextlib.suppress(OSError):
@@ -839,7 +848,7 @@ class ControlServer:
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, _ = struct.unpack("3i", creds)
         except OSError:
-            return ""
+            return None   # who it is cannot be told: refuse
         if uid not in (0, os.getuid()):
             log.warning("control: refused a connection from uid %d (pid %d)", uid, pid)
             return None

@@ -214,6 +214,33 @@ class Spool:
         with self._lock:
             self._db.execute("UPDATE events SET parked = ? WHERE id = ?", (reason[:500], event_id))
 
+    def requeue_parked(self) -> int:
+        """Give parked events another chance (after the uplink's config was fixed)."""
+        with self._lock:
+            return self._db.execute("UPDATE events SET parked = NULL WHERE parked IS NOT NULL").rowcount
+
+    def expire(self, max_age_s: float) -> int:
+        """The age bound: events older than max_age_s leave, counted and logged like evictions."""
+        cutoff = time.time_ns() - int(max_age_s * 1e9)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute("SELECT id, size FROM events WHERE created_ns < ?", (cutoff,)).fetchall()
+                for event_id, _ in rows:
+                    self._db.execute("DELETE FROM events WHERE id = ?", (event_id,))
+                    self._db.execute("DELETE FROM attachments WHERE event_id = ?", (event_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._bytes -= sum(size for _, size in rows)
+            self.evicted += len(rows)
+        for event_id, _ in rows:
+            log.warning("spool: event %s is older than %.0f h: evicted", event_id, max_age_s / 3600)
+        if rows and self._on_evict:
+            self._on_evict(len(rows))
+        return len(rows)
+
     def stats(self) -> dict[str, float]:
         with self._lock:
             if self._closed:   # a scrape after stop: the last figures, not an error

@@ -84,9 +84,11 @@ class Supervisor:
             self.modules[name] = pipe.module
             self.pipelines[mcfg.source].append(pipe)
 
-    def _build_pipeline(self, name: str, mcfg) -> Pipeline:
+    def _build_pipeline(self, name: str, mcfg, sources: dict[str, Source] | None = None,
+                        cfg: AppConfig | None = None) -> Pipeline:
         """A module's host and windower for its source (not started)."""
-        info = self.sources[mcfg.source].info
+        cfg = cfg or self.cfg
+        info = (sources or self.sources)[mcfg.source].info
         missing = [c for c in (mcfg.channels or []) if c not in info.channels]
         if missing:
             raise ValueError(f"module {name}: {', '.join(map(repr, missing))} not among the channels of source "
@@ -100,10 +102,12 @@ class Supervisor:
         else:
             window_bytes = 4 * len(names) * mcfg.window.size
             windower = Windower(mcfg.window.size, mcfg.window.hop_frames, info.sample_rate, picked)
-        host = ModuleHost(name, mcfg, self.cfg.runtime, window_bytes, self.metrics,
+        host = ModuleHost(name, mcfg, cfg.runtime, window_bytes, self.metrics,
                           on_result=self._on_result, on_state=self._on_module_state,
-                          state_dir=self.cfg.gateway.data_dir / "state")
-        return Pipeline(host, windower, mcfg.source, names)
+                          state_dir=cfg.gateway.data_dir / "state")
+        pipe = Pipeline(host, windower, mcfg.source, names)
+        host.pipeline = pipe   # results in flight after a reload retired it still find their source
+        return pipe
 
     def _make_forwarder(self):
         up = self.cfg.uplink
@@ -139,8 +143,13 @@ class Supervisor:
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.listen, self.metrics_port)
         for host in self.modules.values():
             host.start()
+        parked = self.spool.requeue_parked()
+        if parked:   # refused before; the uplink's config may have been fixed since
+            log.warning("spool: %d parked event(s) will be offered upstream again", parked)
         if self.forwarder is not None:
             self.forwarder.start()
+        self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
+        self._maintenance.start()
         from appliance.control import ControlServer
         try:
             self.control = ControlServer(self).start()
@@ -151,6 +160,15 @@ class Supervisor:
 
     def stop(self, drain_s: float = 1.0) -> None:
         """Stop reading, give the modules a bounded time to finish queued windows, stop them."""
+        self._stop.set()
+        got = self._reload_lock.acquire(timeout=60)   # a reload in progress finishes first
+        try:
+            self._stop_locked(drain_s)
+        finally:
+            if got:
+                self._reload_lock.release()
+
+    def _stop_locked(self, drain_s: float) -> None:
         if self.control is not None:
             self.control.stop()
         self._stop.set()
@@ -193,11 +211,14 @@ class Supervisor:
         path = Path(path or self.config_path or "")
         doc, new = load_config_document(path)
         with self._reload_lock:
+            if self._stop.is_set():
+                raise RuntimeError("the appliance is stopping; reload refused")
             old = self.cfg
             src_changed = {n for n in new.sources.keys() & old.sources.keys() if new.sources[n] != old.sources[n]}
             src_added, src_removed = new.sources.keys() - old.sources.keys(), old.sources.keys() - new.sources.keys()
             mod_changed = {n for n in new.modules.keys() & old.modules.keys()
-                           if new.modules[n] != old.modules[n] or self.modules[n].wasm_changed()
+                           if new.modules[n] != old.modules[n] or n not in self.modules
+                           or self.modules[n].wasm_changed()
                            or new.modules[n].source in src_changed}
             mod_added, mod_removed = new.modules.keys() - old.modules.keys(), old.modules.keys() - new.modules.keys()
             judged = new.model_copy(update={"modules": {n: new.modules[n] for n in mod_added | mod_changed}})
@@ -206,23 +227,28 @@ class Supervisor:
                 raise ConfigError(issues)
             frozen = [k for k in type(new).model_fields if k not in self.LIVE_SECTIONS
                       and getattr(new, k) != getattr(old, k)]
-            self.cfg = new.model_copy(update={k: getattr(old, k) for k in frozen})
-
+            merged = new.model_copy(update={k: getattr(old, k) for k in frozen})
+            # Prepare everything new without touching what runs: a failure here changes nothing.
+            new_sources = {n: open_source(n, new.sources[n]) for n in src_added | src_changed}
+            sources = {**{n: s for n, s in self.sources.items() if n not in src_removed | src_changed},
+                       **new_sources}
+            new_pipes = [self._build_pipeline(n, new.modules[n], sources, merged) for n in sorted(mod_added | mod_changed)]
+            # Commit.
             for name in mod_removed | mod_changed:
                 self._retire_module(name, old.modules[name].source)
             for name in src_removed | src_changed:
                 self._stop_source(name)
-            for name in src_added | src_changed:
-                self.sources[name] = open_source(name, new.sources[name])
+            for name, source in new_sources.items():
+                self.sources[name] = source
                 self.pipelines[name] = []
                 self.metrics.declare_source(name)
-            for name in sorted(mod_added | mod_changed):
-                pipe = self._build_pipeline(name, new.modules[name])
-                self.modules[name] = pipe.module
+            self.cfg = merged
+            for pipe in new_pipes:
+                self.modules[pipe.module.name] = pipe.module
                 pipe.module.start()
                 # One assignment: a source thread sees the old list or the new one, never half.
                 self.pipelines[pipe.source] = [*self.pipelines.get(pipe.source, []), pipe]
-            for name in src_added | src_changed:
+            for name in new_sources:
                 self._start_source(name)
         done = [f"{what} {', '.join(sorted(names))}" for what, names in (
             ("restarted sources", src_changed), ("added sources", src_added), ("removed sources", src_removed),
@@ -330,6 +356,9 @@ class Supervisor:
         while not stopped():
             try:
                 source.open()
+                if stopped():             # closed (stop or reload) while it was opening
+                    self._close_quietly(source)
+                    return
                 source.set_health(Health.OK)
                 up.set(1)
                 for p in self.pipelines.get(name, ()):
@@ -367,8 +396,9 @@ class Supervisor:
 
     # ---- results -----------------------------------------------------------------------------
 
-    def _pipeline_of(self, host: ModuleHost) -> Pipeline:
-        return next(p for p in self.pipelines[host.cfg.source] if p.module is host)
+    @staticmethod
+    def _pipeline_of(host: ModuleHost) -> Pipeline:
+        return host.pipeline
 
     def _on_result(self, host: ModuleHost, window: Window, result: ModuleResult) -> None:
         if not result.events:
@@ -445,6 +475,21 @@ class Supervisor:
                                   event["source"], event["module"], _fmt(event["score"]), event["message"],
                                   event["id"])
 
+    def _maintain(self) -> None:
+        """A slow tick: events held in memory (the disk was full) go in as soon as they can,
+        not only at the next anomaly; the spool's age bound is applied."""
+        next_expiry = 0.0
+        while not self._stop.wait(2.0):
+            if self._unspooled:
+                with self._emit_lock:
+                    self._flush_unspooled()
+            if time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + 60.0
+                try:
+                    self.spool.expire(self.cfg.events.spool_max_age_h * 3600)
+                except (sqlite3.Error, OSError) as exc:
+                    log.error("spool: age bound not applied: %s", exc)
+
     def _data_reduction(self) -> float:
         sample_bytes = sum(self.metrics.registry.get_sample_value("appliance_source_bytes_total", {"source": n}) or 0
                            for n in self.sources)
@@ -456,9 +501,9 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         return {
             "gateway": self.cfg.gateway.name,
-            "sources": {n: {"health": s.health[0].value, "reason": s.health[1]} for n, s in self.sources.items()},
+            "sources": {n: {"health": s.health[0].value, "reason": s.health[1]} for n, s in list(self.sources.items())},
             "modules": {n: {"state": h.state.value, "reason": h.reason, "processed": h.processed,
-                            "last_fault": h.last_fault} for n, h in self.modules.items()},
+                            "last_fault": h.last_fault} for n, h in list(self.modules.items())},
             "events_emitted": self.events_emitted,
             "spool_depth": self.spool.depth(),
         }

@@ -1,6 +1,8 @@
 """YAML loading that remembers where every key and value came from (file:line:column)."""
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,15 +110,37 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     return loader.construct_object(node)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config_text(path: Path) -> str:
+    """A regular file of at most 1 MiB, read without blocking: a FIFO or /dev/zero named as a
+    config (e.g. from the console) must not hang or exhaust the supervisor."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise YamlError(path, Mark(1, 1), "config file not found") from None
+    except OSError as exc:
+        raise YamlError(path, Mark(1, 1), f"cannot open: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise YamlError(path, Mark(1, 1), "not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise YamlError(path, Mark(1, 1), f"larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is far smaller")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise YamlError(path, Mark(1, 1), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def load_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
     path = Path(path)
     if text is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise YamlError(path, Mark(1, 1), "config file not found") from None
-        except UnicodeDecodeError as exc:
-            raise YamlError(path, Mark(1, 1), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        text = _read_config_text(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is not None:

@@ -255,3 +255,12 @@ def test_reserved_host_params(tmp_path, vibstats_wasm):
     path = write(tmp_path, GOOD.replace("threshold: 6", "threshold: 6\n      host: {dsp: 1}"), vibstats_wasm)
     [issue] = issues_of(path)
     assert f"{path}:18:5: modules.stats.params: 'host' is reserved" in issue
+
+
+def test_device_or_fifo_as_config_is_refused(tmp_path):
+    import os
+    for path, reason in ((Path("/dev/zero"), "not a regular file"), (tmp_path / "fifo", "not a regular file")):
+        if path.name == "fifo":
+            os.mkfifo(path)
+        with pytest.raises(ConfigError, match=reason):
+            load_config(path)

@@ -433,3 +433,42 @@ def test_strict_parser_rejects_sloppy_multipart():
     with pytest.raises(ValueError):
         parse_multipart(b"--b\r\nContent-Disposition: form-data; name=\"event\"\r\n\r\n{}\r\n",
                         "multipart/form-data; boundary=b")
+
+
+def test_a_server_dripping_its_reply_times_out_and_close_does_not_wait(tmp_path):
+    """Per-read timeouts never fire on a server sending a byte every 0.2 s: the exchange's
+    deadline must, and close() from another thread must not wait behind the stuck request."""
+    import socket as socketlib
+    import threading
+    import time as timelib
+
+    from appliance.uplink.http import HttpConfig, HttpTransport
+    from appliance.uplink.transport import TransientError
+
+    listener = socketlib.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def drip():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok":
+            if stop.wait(0.2):
+                break
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                break
+        conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    transport = HttpTransport(HttpConfig(url=f"http://127.0.0.1:{port}/hook", timeout_s=1.0))
+    t0 = timelib.monotonic()
+    from appliance.events import make_event
+    with pytest.raises(TransientError, match="timeout after 1 s"):
+        transport.send(make_event(gateway="gw", source="s", module="m", severity=1, score=1.0, message="x",
+                                  window={}, features={}), [])
+    assert timelib.monotonic() - t0 < 2.0
+    stop.set()
+    listener.close()
+    transport.close()

@@ -126,3 +126,45 @@ def test_load_module_swaps_a_build_and_refuses_a_bad_one(tmp_path, wasm):
         assert sup.cfg.modules["changing"].wasm == other and sup.modules["steady"] is steady
     finally:
         sup.stop()
+
+
+def test_a_reload_failing_while_preparing_changes_nothing(tmp_path, wasm):
+    import numpy as np
+    np.save(tmp_path / "two.npy", np.zeros((5000, 2), dtype=np.float32))
+    doc = config_doc(tmp_path, wasm)
+    path = tmp_path / "appliance.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    sup = Supervisor(load_config(path))
+    sup.config_path = path
+    sup.start()
+    try:
+        wait_for(lambda: sup.modules["changing"].worker_pid, 10, "workers")
+        pid = sup.modules["changing"].worker_pid
+        # Valid YAML, but column 7 of a 2-column recording only fails when the file is read.
+        bad = yaml.safe_load(yaml.safe_dump(doc))
+        bad["sources"]["a"] = {"type": "replay", "segments": [{"path": str(tmp_path / "two.npy"),
+                                                               "sample_rate": 1000, "columns": [0, 7]}]}
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ValueError, match="column"):
+            sup.reload_config()
+        assert sup.modules["changing"].worker_pid == pid and "a" in sup.sources
+        assert sup.cfg.sources["a"].type == "sim_vibration"
+        path.write_text(yaml.safe_dump(config_doc(tmp_path, wasm, threshold=7)))
+        assert sup.reload_config() == "restarted modules changing"       # the next reload works
+    finally:
+        sup.stop()
+
+
+def test_stop_after_a_failed_start(tmp_path, wasm):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        doc = config_doc(tmp_path, wasm)
+        doc["metrics"] = {"enabled": True, "port": taken.getsockname()[1]}
+        path = tmp_path / "appliance.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        sup = Supervisor(load_config(path))
+        with pytest.raises(OSError):
+            sup.start()
+        sup.stop()   # must not raise: nothing had started

@@ -256,3 +256,20 @@ def test_sensor_events_carry_the_window_samples(tmp_path):
     # 3 axes of float32; 1024 frames do not fit 4 KiB, so the middle of the window is kept.
     assert samples.dtype == np.float32 and samples.shape[0] == 3 and 0 < samples.shape[1] < 1024
     assert 0.001 < float(np.std(samples)) < 1.0          # real vibration, in g
+
+
+def test_retry_after_zero_does_not_spin(tmp_path):
+    with WebhookServer() as server:
+        server.default = Reply(429, headers={"Retry-After": "0"})
+        cfg = ticker_config(tmp_path, {"transport": "http", "backoff_s": 0.2, "backoff_max_s": 0.5,
+                                       "http": {"url": server.url, "timeout_s": 1}})
+        sup = Supervisor(cfg)
+        sup.start()
+        try:
+            wait_for(lambda: len(server.requests) >= 1, 10, "a first request")
+            first = len(server.requests)
+            time.sleep(2.0)
+            during = len(server.requests) - first
+        finally:
+            sup.stop()
+    assert 2 <= during <= 12, during   # retried at the backoff's pace, not thousands of times

@@ -257,6 +257,7 @@ class ModuleHost:
         self._restart_requested: str | None = None
         self._reset_checked = 0.0
         self.loaded_sha256: str | None = None
+        self.pipeline = None   # set by the supervisor: the source and channels this module serves
         self.state_dir = state_dir
         self._state_changes: list[tuple[ModuleState, str]] = []
         self._stop = threading.Event()
@@ -364,7 +365,8 @@ class ModuleHost:
             if self._busy and self._worker is not None:
                 self._worker.proc.kill()   # the window in flight is abandoned, not waited for
             self._cond.notify_all()
-        self._thread.join(timeout_s)
+        if self._thread.is_alive():       # it never started if the supervisor failed to start
+            self._thread.join(timeout_s)
         with self._cond:
             worker, self._worker = self._worker, None
             left = len(self._queue)
@@ -575,6 +577,8 @@ class ModuleHost:
         self.metrics.faults.labels(self.name, fault.kind).inc()
         with self._cond:
             self.last_fault = f"{fault.kind}: {fault.reason}"
+            if self._state in (ModuleState.DISABLED, ModuleState.STOPPED):
+                return   # an operator disabled it (or it is stopping) meanwhile: that decision stands
             self._faults.append(now)
             while self._faults and now - self._faults[0] > self.policy.fault_window_s:
                 self._faults.popleft()

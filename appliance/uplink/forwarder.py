@@ -46,7 +46,8 @@ class Forwarder:
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
         try:
             if self.transport.connected:
                 self.transport.publish_status(False)   # a clean stop says so; a crash leaves the last will
@@ -105,7 +106,9 @@ class Forwarder:
     def _back_off(self, exc: TransientError) -> None:
         self.metrics.upstream_connected.set(0)
         self.metrics.upstream_failed.labels("transient").inc()
-        delay = exc.retry_after_s if exc.retry_after_s is not None else self._delay
+        # Honour Retry-After, within our own bounds: 0 must not spin, a day must not stall.
+        delay = self._delay if exc.retry_after_s is None else \
+            min(max(exc.retry_after_s, self.backoff_s), self.backoff_max_s)
         if str(exc) != self.last_error:   # say it once per distinct error, not every retry
             log.warning("uplink %s: %s; retrying in %.1f s (events wait in the spool)", self.transport.name,
                         exc, delay)

@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import secrets
+import socket
 import ssl
 import threading
 import time
@@ -50,6 +51,7 @@ RESERVED_HEADERS = frozenset(h.lower() for h in (
     "Host", "Content-Type", "Content-Length", "Transfer-Encoding", "Connection", "Expect",
     IDEMPOTENCY_HEADER, KIND_HEADER, OMITTED_HEADER))
 RESPONSE_BODY_LIMIT = 64 * 1024     # read at most this much of a reply (error excerpts need little)
+WATCHDOG_GRACE_S = 0.25
 EXCERPT_CHARS = 200                 # how much of an error reply goes into the exception message
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")   # RFC 9110 header field name
 
@@ -329,40 +331,68 @@ class _Endpoint:
                 self.drop()
                 raise self._failure(exc, "connect") from exc
 
+    def abort(self) -> None:
+        """Shut the socket down from any thread: a blocked exchange fails at once."""
+        conn = self.conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def post(self, body: bytes, headers: dict[str, str]) -> _Reply:
+        # Socket timeouts bound each read, not the exchange: a server dripping one byte a
+        # second would never time out. A watchdog shuts the socket down at the deadline.
         with self.lock:
-            for attempt in (1, 2):
-                reused = self.is_open and self.exchanges > 0
-                phase = "connect"
-                try:
-                    deadline = time.monotonic() + self.timeout_s
-                    self._open()
-                    phase = "send"
-                    self._set_timeout(deadline)
-                    self.conn.request("POST", self.target, body=body, headers=headers)
-                    phase = "response"
-                    self._set_timeout(deadline)
-                    resp = self.conn.getresponse()
-                    data = resp.read(RESPONSE_BODY_LIMIT)
-                    if not resp.isclosed():     # a longer reply than we care for: not reusable
-                        self.drop()
-                    else:
-                        self.exchanges += 1
-                    return _Reply(resp.status, resp.reason, resp.headers, data)
-                except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
-                        http.client.RemoteDisconnected, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+            # A little after the deadline: an ordinary read timeout says it better, first.
+            watchdog = threading.Timer(self.timeout_s + WATCHDOG_GRACE_S, self.abort)
+            watchdog.daemon = True
+            watchdog.start()
+            deadline = time.monotonic() + self.timeout_s
+            try:
+                return self._post(body, headers, deadline)
+            except HttpTransientError as exc:
+                if time.monotonic() >= deadline and exc.status is None:
+                    raise HttpTransientError(f"timeout after {self.timeout_s:g} s talking to {self.display} "
+                                             f"({exc})") from exc
+                raise
+            finally:
+                watchdog.cancel()
+
+    def _post(self, body: bytes, headers: dict[str, str], deadline: float) -> _Reply:
+        for attempt in (1, 2):
+            reused = self.is_open and self.exchanges > 0
+            phase = "connect"
+            try:
+                self._set_timeout(deadline)   # no second attempt after the deadline
+                self._open()
+                phase = "send"
+                self._set_timeout(deadline)
+                self.conn.request("POST", self.target, body=body, headers=headers)
+                phase = "response"
+                self._set_timeout(deadline)
+                resp = self.conn.getresponse()
+                data = resp.read(RESPONSE_BODY_LIMIT)
+                if not resp.isclosed():     # a longer reply than we care for: not reusable
                     self.drop()
-                    if reused and attempt == 1:
-                        # The server closed the idle kept-alive connection: once more, fresh.
-                        log.debug("%s: kept-alive connection was closed (%s); reconnecting", self.display, exc)
-                        continue
-                    raise self._failure(exc, phase) from exc
-                except (OSError, http.client.HTTPException) as exc:    # ssl errors and timeouts included
-                    self.drop()
-                    raise self._failure(exc, phase) from exc
-                except BaseException:
-                    self.drop()     # the connection's state is unknown; not a network failure: raise it
-                    raise
+                else:
+                    self.exchanges += 1
+                return _Reply(resp.status, resp.reason, resp.headers, data)
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                    http.client.RemoteDisconnected, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+                self.drop()
+                if reused and attempt == 1:
+                    # The server closed the idle kept-alive connection: once more, fresh.
+                    log.debug("%s: kept-alive connection was closed (%s); reconnecting", self.display, exc)
+                    continue
+                raise self._failure(exc, phase) from exc
+            except (OSError, http.client.HTTPException) as exc:    # ssl errors and timeouts included
+                self.drop()
+                raise self._failure(exc, phase) from exc
+            except BaseException:
+                self.drop()     # the connection's state is unknown; not a network failure: raise it
+                raise
         raise AssertionError("unreachable")
 
     def _set_timeout(self, deadline: float) -> None:
@@ -480,6 +510,7 @@ class HttpTransport(Transport):
 
     def close(self) -> None:
         for endpoint in (self._events, self._health):
+            endpoint.abort()          # a request stuck on a slow server gives up the lock now
             with endpoint.lock:
                 endpoint.drop()
 
