@@ -39,3 +39,15 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
 def metric(sup, name: str, **labels: str) -> float:
     value = sup.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
+
+
+def build_inline_module(tmp_path_factory, name: str, source: str, memory_kb: int) -> bytes:
+    """Build a test module from C text (kernel tests export helpers the ABI does not need)."""
+    from appliance.modbuild import build_module
+    src = tmp_path_factory.mktemp(f"{name}_src")
+    (src / f"{name}.c").write_text(source)
+    (src / "module.yaml").write_text(f"name: {name}\nversion: 0.0.1\ndescription: {name} (tests)\n"
+                                     f"memory_kb: {memory_kb}\nstack_kb: 64\n")
+    result = build_module(src, tmp_path_factory.mktemp(name) / f"{name}.wasm")
+    assert result.ok, result.problems
+    return result.out.read_bytes()

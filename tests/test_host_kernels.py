@@ -24,10 +24,11 @@ import struct
 import numpy as np
 import pytest
 
-from appliance.modbuild import build_module
 from appliance.runtime.backend import IMPORT_SIGNATURES
 from appliance.runtime.host import HEADER, pack_header, ModuleFault, WorkerProcess, load_message
 from appliance.runtime.worker import MAX_FEATURES, AbiViolation, HostDsp
+
+from support import build_inline_module
 
 KERNELS_C = r"""
 #define AP_WINDOW_BYTES (64 + 4 * 1024)
@@ -107,17 +108,11 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     return 0;
 }
 """
-MODULE_YAML = "name: kernels\nversion: 0.0.1\ndescription: host DSP kernel tests\nmemory_kb: 2048\nstack_kb: 64\n"
 
 
 @pytest.fixture(scope="module")
 def kernels_wasm(tmp_path_factory) -> bytes:
-    src = tmp_path_factory.mktemp("kernels_src")
-    (src / "kernels.c").write_text(KERNELS_C)
-    (src / "module.yaml").write_text(MODULE_YAML)
-    result = build_module(src, tmp_path_factory.mktemp("kernels") / "kernels.wasm")
-    assert result.ok, result.problems
-    return result.out.read_bytes()
+    return build_inline_module(tmp_path_factory, "kernels", KERNELS_C, memory_kb=2048)
 
 
 class Kernels:

@@ -20,7 +20,7 @@ from appliance.runtime.host import HEADER, ModuleFault, WorkerProcess, load_mess
 from appliance.runtime.worker import AbiViolation, HostImage
 
 from conftest import REPO, shared_file
-from support import wait_for, write_config
+from support import build_inline_module, wait_for, write_config
 
 KERNELS_C = r"""
 #define AP_WINDOW_BYTES (64 + 1024)
@@ -79,17 +79,11 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     return 0;
 }
 """
-KERNELS_YAML = "name: imgkernels\nversion: 0.0.1\ndescription: image kernel tests\nmemory_kb: 16384\nstack_kb: 64\n"
 
 
 @pytest.fixture(scope="module")
 def kernels_wasm(tmp_path_factory) -> bytes:
-    src = tmp_path_factory.mktemp("imgkernels_src")
-    (src / "imgkernels.c").write_text(KERNELS_C)
-    (src / "module.yaml").write_text(KERNELS_YAML)
-    result = build_module(src, tmp_path_factory.mktemp("imgkernels") / "imgkernels.wasm")
-    assert result.ok, result.problems
-    return result.out.read_bytes()
+    return build_inline_module(tmp_path_factory, "imgkernels", KERNELS_C, memory_kb=16384)
 
 
 @pytest.fixture(scope="module")
