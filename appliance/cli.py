@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from appliance import __version__
+from appliance import __version__, systemd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +87,9 @@ def cmd_run(args) -> int:
         return 1
     log.info("appliance %s running gateway %s (config %s); Ctrl-C stops", __version__, cfg.gateway.name,
              args.config)
+    watchdog = systemd.Watchdog(sup.hang_problems)
+    systemd.notify("READY=1", f"STATUS=running gateway {cfg.gateway.name}: {len(sup.sources)} sources, "
+                              f"{len(sup.modules)} modules")
     started = time.monotonic()
     try:
         if args.until_end:
@@ -95,8 +98,10 @@ def cmd_run(args) -> int:
             while not sup.stopping:
                 if args.duration and time.monotonic() - started > args.duration:
                     break
+                watchdog.tick()
                 time.sleep(0.2)
     finally:
+        systemd.notify("STOPPING=1")
         status = sup.status()
         sup.stop()
     log.info("stopped; %d events emitted", status["events_emitted"])
@@ -138,6 +143,33 @@ def cmd_module_inspect(args) -> int:
         print(f"{args.wasm}: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_system_apply(args) -> int:
+    """Hostname and network from the YAML, at boot. A YAML with errors still gets the gateway on
+    the network: its network section if that alone is valid, else DHCP."""
+    _setup_logging(args.log_level)
+    from appliance import system
+    from appliance.config import ConfigError, load_config_document
+    from appliance.yamlsource import YamlError, load_yaml
+    log = logging.getLogger("appliance.system")
+    network, name, rc = system.NetworkSection(), "gateway", 0
+    try:
+        cfg = load_config_document(args.config)[1]
+        network, name = cfg.network, cfg.gateway.name
+    except ConfigError as exc:
+        rc = 2
+        log.error("%s has errors; the network comes up anyway:\n  %s", args.config,
+                  "\n  ".join(str(i) for i in exc.issues))
+        try:
+            data = load_yaml(args.config).data or {}
+            network = system.NetworkSection.model_validate(data.get("network") or {})
+            log.warning("using its network section as written")
+        except (YamlError, ValueError, AttributeError):
+            log.warning("using DHCP on the wired interfaces")
+    done = system.apply(network, name, networkd_dir=Path(args.networkd_dir), set_hostname=not args.no_hostname)
+    log.info("%s", done)
+    return rc
 
 
 def cmd_events(args) -> int:
@@ -226,6 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     reset.add_argument("--config", default=str(DEFAULT_CONFIG))
     reset.set_defaults(func=cmd_baseline_reset)
 
+    sysp = sub.add_parser("system", help="the gateway's hostname and network from the YAML (run at boot)")
+    ssub = sysp.add_subparsers(dest="system_cmd", required=True)
+    apply_p = ssub.add_parser("apply", help="set the hostname, write the systemd-networkd unit")
+    apply_p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    apply_p.add_argument("--networkd-dir", default="/run/systemd/network", help="where the .network file goes")
+    apply_p.add_argument("--no-hostname", action="store_true", help="do not set the kernel hostname")
+    apply_p.add_argument("--log-level", default="info")
+    apply_p.set_defaults(func=cmd_system_apply)
     ev2 = sub.add_parser("eval", help="evaluate modules on recorded data")
     evaluations = {"bearing": "appliance.evaluation", "motion": "appliance.evaluation_motion"}
     ev2.add_argument("what", choices=sorted(evaluations),

@@ -19,6 +19,7 @@ from pydantic.functional_validators import AfterValidator, WrapValidator
 from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from appliance.console_config import ConsoleSection
+from appliance.system import NetworkSection
 from appliance.uplink.http import HttpConfig
 from appliance.uplink.mqtt import MqttConfig
 from appliance.yamlsource import Mark, YamlDocument, YamlError, load_yaml
@@ -166,6 +167,7 @@ class AppConfig(StrictModel):
     events: EventsSection = EventsSection()
     uplink: UplinkSection = UplinkSection()
     console: ConsoleSection = ConsoleSection()
+    network: NetworkSection = NetworkSection()
     sources: dict[Name, SourceSection] = Field(min_length=1)
     modules: dict[Name, ModuleSection] = {}
 

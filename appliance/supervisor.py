@@ -32,6 +32,8 @@ event_log = logging.getLogger("appliance.events")
 
 SOURCE_BACKOFF_S = (0.5, 30.0)
 UNSPOOLED_MAX = 10_000   # events held in memory while the spool cannot be written
+MAINTENANCE_TICK_S = 2.0
+HANG_AFTER_S = 60.0      # silence beyond any bounded wait: the systemd watchdog is no longer fed
 
 
 @dataclass
@@ -72,6 +74,8 @@ class Supervisor:
         self.control = None
         self._reload_lock = threading.Lock()
         self.config_path: Path | None = None
+        self._maintained = time.monotonic()
+        self._maintenance: threading.Thread | None = None
 
         for name, scfg in cfg.sources.items():
             self.sources[name] = open_source(name, scfg)
@@ -479,7 +483,8 @@ class Supervisor:
         """A slow tick: events held in memory (the disk was full) go in as soon as they can,
         not only at the next anomaly; the spool's age bound is applied."""
         next_expiry = 0.0
-        while not self._stop.wait(2.0):
+        while not self._stop.wait(MAINTENANCE_TICK_S):
+            self._maintained = time.monotonic()
             if self._unspooled:
                 with self._emit_lock:
                     self._flush_unspooled()
@@ -489,6 +494,24 @@ class Supervisor:
                     self.spool.expire(self.cfg.events.spool_max_age_h * 3600)
                 except (sqlite3.Error, OSError) as exc:
                     log.error("spool: age bound not applied: %s", exc)
+
+    def hang_problems(self) -> list[str]:
+        """What makes this supervisor hung rather than busy (empty when healthy): the maintenance
+        tick (it takes the emit lock, so a deadlock there stops it) or a module dispatcher that has
+        not come round its loop in far longer than any window deadline allows. A failing sensor is
+        not a hang: sources fail, back off and reopen by themselves."""
+        if self.stopping:
+            return []
+        problems = []
+        if self._maintenance is not None:
+            age = time.monotonic() - self._maintained
+            if not self._maintenance.is_alive() or age > HANG_AFTER_S:
+                problems.append(f"maintenance thread silent for {age:.0f} s")
+        for name, host in list(self.modules.items()):
+            stuck = host.hung_for()
+            if stuck > HANG_AFTER_S + host.cfg.deadline_ms / 1000:
+                problems.append(f"module {name} dispatcher stuck for {stuck:.0f} s")
+        return problems
 
     def _data_reduction(self) -> float:
         sample_bytes = sum(self.metrics.registry.get_sample_value("appliance_source_bytes_total", {"source": n}) or 0

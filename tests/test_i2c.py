@@ -2,6 +2,7 @@
 i2c_accel source, and the source under the real supervisor through unplug and replug."""
 from __future__ import annotations
 
+import errno
 import time
 
 import numpy as np
@@ -627,3 +628,38 @@ def test_supervisor_fails_backs_off_and_recovers_after_replug(tmp_path, monkeypa
         assert source.errors == errors()
     finally:
         sup.stop()
+
+
+# ------------------------------------------------------------------ SMBus-only adapters (i2c-stub, some SoCs)
+
+def test_smbus_only_adapter_refuses_i2c_rdwr_like_the_kernel():
+    bus, _, _, _ = adxl()
+    bus.plain_i2c = False
+    with pytest.raises(OSError) as info:
+        bus.i2c_rdwr()
+    assert info.value.errno == errno.EOPNOTSUPP
+
+
+def test_adxl345_on_an_smbus_only_adapter_reads_each_entry_with_a_block_read():
+    bus, chip, drv, clock = adxl(generator=ramp(ADXL_LSB), sample_rate=800, entries_per_transfer=8)
+    bus.plain_i2c = False
+    drv.configure()
+    clock.advance(20 / 800)
+    before = chip.transactions
+    fifo = drv.read_fifo()
+    assert chip.transactions - before == 2 + 20        # one block read per entry: each pops one
+    np.testing.assert_allclose(fifo.data[0] / ADXL_LSB, np.arange(20), atol=1e-3)
+    np.testing.assert_allclose(fifo.data[1] / ADXL_LSB, -np.arange(20), atol=1e-3)
+    assert bus.read_byte_data(0x53, adxl345.FIFO_STATUS) == 0
+
+
+def test_lis3dh_on_an_smbus_only_adapter_reads_the_fifo_in_32_byte_chunks():
+    bus, chip, drv, clock = lis(generator=ramp(0.001), sample_rate=400, range_g=2, watermark=16)
+    bus.plain_i2c = False
+    drv.configure()
+    clock.advance(12 / 400)
+    before = chip.transactions
+    fifo = drv.read_fifo()
+    assert chip.transactions - before == 1 + 3          # FIFO_SRC_REG, then 5 + 5 + 2 samples
+    np.testing.assert_allclose(fifo.data[0] / 0.001, np.arange(12), atol=1e-3)
+    assert bus.read_byte_data(0x18, lis3dh.FIFO_SRC_REG) == lis3dh.SRC_EMPTY

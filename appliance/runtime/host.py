@@ -263,6 +263,7 @@ class ModuleHost:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"module-{name}", daemon=True)
         self._starts = 0
+        self.last_turn = time.monotonic()   # the dispatcher's heartbeat (the systemd watchdog reads it)
         self.processed = 0
         self.last_features: dict[str, float] = {}
         self.last_fault = ""
@@ -406,8 +407,18 @@ class ModuleHost:
             for state, reason in changes:
                 self._on_state(self, state, reason)
 
+    def hung_for(self) -> float:
+        """Seconds the dispatcher has not come round its loop (a turn is bounded by the window
+        deadline or a 0.5 s wait); infinite if its thread died while it should run."""
+        if self._stop.is_set():
+            return 0.0
+        if self._thread.ident is not None and not self._thread.is_alive():
+            return float("inf")
+        return time.monotonic() - self.last_turn
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.last_turn = time.monotonic()
             try:
                 self._step()
             except Exception as exc:  # a bug here must not silently end this module's thread

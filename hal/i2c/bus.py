@@ -54,6 +54,12 @@ class Transport(Protocol):
                             force: bool | None = None) -> list[int]: ...
     def i2c_rdwr(self, *i2c_msgs: Any) -> None: ...
     def close(self) -> None: ...
+    # A transport may also say `plain_i2c` (bool): False for SMBus-only adapters (no I2C_FUNC_I2C,
+    # e.g. i2c-stub, some SoC controllers), which refuse I2C_RDWR. Absent means True.
+
+
+SMBUS_BLOCK_MAX = 32   # I2C_SMBUS_BLOCK_MAX: the longest SMBus "I2C block read"
+I2C_FUNC_I2C = 0x00000001   # linux/i2c.h: the adapter does plain I2C transfers (I2C_RDWR)
 
 
 def _smbus2():
@@ -115,6 +121,11 @@ class LazySMBus:
 
     def i2c_rdwr(self, *i2c_msgs: Any) -> None:
         self._get().i2c_rdwr(*i2c_msgs)
+
+    @property
+    def plain_i2c(self) -> bool:
+        """What the adapter reported (I2C_FUNCS ioctl) when the bus was opened."""
+        return bool(int(self._get().funcs) & I2C_FUNC_I2C)
 
     def close(self) -> None:
         bus, self._bus = self._bus, None
@@ -202,6 +213,32 @@ class I2cChip:
             raise
         except OSError as exc:
             raise self._failed(what, exc) from exc
+
+    @property
+    def plain_i2c(self) -> bool:
+        try:
+            return bool(getattr(self.bus, "plain_i2c", True))
+        except OSError as exc:
+            raise self._failed("asking the adapter what it supports (I2C_FUNCS)", exc) from exc
+
+    def block_read(self, register: int, length: int, *, what: str) -> bytes:
+        """`length` bytes from `register` on, in SMBus "I2C block read"s of up to 32 bytes: on the
+        wire the same write-register, repeated-START, read as an I2C_RDWR pair, so it serves the
+        SMBus-only adapters that refuse I2C_RDWR. Each chunk starts again at `register`, which for
+        a FIFO data register pops the next entries."""
+        out = bytearray()
+        try:
+            while len(out) < length:
+                n = min(SMBUS_BLOCK_MAX, length - len(out))
+                got = self.bus.read_i2c_block_data(self.address, register, n)
+                if len(got) != n:
+                    raise OSError(_errno.EIO, f"short block read: {len(got)} of {n} bytes")
+                out += bytes(got)
+        except I2cError:
+            raise
+        except OSError as exc:
+            raise self._failed(what, exc) from exc
+        return bytes(out)
 
     def probe(self) -> int:
         """Read the identification register; raise ChipNotFound with the likely cause."""

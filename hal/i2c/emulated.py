@@ -550,8 +550,10 @@ class EmulatedLIS3DH(EmulatedChip):
 class EmulatedBus:
     """The smbus2.SMBus methods the drivers use, routed to emulated chips by address."""
 
-    def __init__(self, devices: dict[int, EmulatedChip] | None = None, bus_number: int = 1) -> None:
+    def __init__(self, devices: dict[int, EmulatedChip] | None = None, bus_number: int = 1,
+                 plain_i2c: bool = True) -> None:
         self.bus_number = bus_number
+        self.plain_i2c = plain_i2c     # False: an SMBus-only adapter (like i2c-stub), I2C_RDWR refused
         self.devices: dict[int, EmulatedChip] = dict(devices or {})
         self.closed = False
 
@@ -601,6 +603,8 @@ class EmulatedBus:
     def i2c_rdwr(self, *i2c_msgs: Any) -> None:
         """Combined transaction of smbus2.i2c_msg messages; read buffers are filled in place.
         Consecutive messages to one chip form one transaction for fault injection."""
+        if not self.plain_i2c:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))   # what the kernel answers
         i = 0
         while i < len(i2c_msgs):
             address = i2c_msgs[i].addr

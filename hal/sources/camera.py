@@ -36,6 +36,8 @@ class CameraConfig(StrictModel):
     height: int | None = Field(None, ge=16, le=8192, description="capture height to request from the device")
     fps: float | None = Field(None, gt=0, le=1000, description="capture rate to request; a file plays at this "
                               "rate when realtime (default: the file's own)")
+    fourcc: str | None = Field(None, pattern=r"^[A-Za-z0-9 ]{4}$", description="pixel format to request from a "
+                               "V4L2 device, e.g. YUYV or MJPG (some drivers, like vivid, need YUYV for OpenCV)")
     gray: bool = Field(True, description="convert to grayscale on the host (1 channel), else 3 channels (BGR)")
     resize: tuple[int, int] | None = Field(None, description="[width, height] the module receives")
     realtime: bool = Field(True, description="files: play at their frame rate (false: as fast as read)")
@@ -99,9 +101,12 @@ class CameraSource(Source):
         target = int(url) if url.isdigit() else url
         if self.config.is_file and not Path(url).exists():
             raise OSError(f"video file not found: {url}")
-        cap = cv2.VideoCapture(target)
+        # A /dev/videoN path goes to V4L2 itself: the default order may hand it to FFmpeg.
+        cap = cv2.VideoCapture(target, cv2.CAP_V4L2) if url.startswith("/dev/video") else cv2.VideoCapture(target)
         if not cap.isOpened():
             raise OSError(f"cannot open camera {url!r} (device missing, busy, or URL unreachable)")
+        if self.config.fourcc is not None:
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*self.config.fourcc))
         for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, self.config.width), (cv2.CAP_PROP_FRAME_HEIGHT,
                                                                              self.config.height),
                             (cv2.CAP_PROP_FPS, None if self.config.is_file else self.config.fps)):
