@@ -455,7 +455,7 @@ def console_main(argv: list[str] | None = None) -> int:
     if not args.stdio and not device:
         print("no console device: give --device DEV or --stdio, or set console.device in the YAML",
               file=sys.stderr)
-        return 2
+        return NO_DEVICE_EXIT
     baudrate = args.baudrate or settings.console.baudrate
 
     stop = threading.Event()
@@ -476,6 +476,9 @@ def console_main(argv: list[str] | None = None) -> int:
         return _serve_device(device, baudrate, client, stop, common)
     finally:
         client.close()
+
+
+NO_DEVICE_EXIT = 3   # nothing to serve (not an error to retry): the image's unit stops restarting on it
 
 
 def _serve_device(device: str, baudrate: int, client: ControlClient, stop: threading.Event, common: dict) -> int:

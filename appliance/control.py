@@ -31,8 +31,10 @@ import platform
 import shlex
 import socket
 import sqlite3
+import shutil
 import stat
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -228,6 +230,17 @@ def _rate(r: float | None) -> str:
     return "-" if r is None else _si(r) if r >= 100 else f"{r:.1f}"
 
 
+def _run_quietly(cmd: list[str]) -> str | None:
+    """A read-only system command's output, or None where it is absent or fails (a dev machine)."""
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
 def process_uptime_s() -> float | None:
     try:
         with open("/proc/self/stat") as f:
@@ -288,9 +301,12 @@ HELP = [
     ("metrics raw [PREFIX]", "exposition lines (of metrics starting with PREFIX)"),
     ("log tail [N]", "the last N log lines (default 20)"),
     ("version", "software version"),
+    ("system", "host name, uptime, memory, disks, addresses, the appliance's systemd services"),
     ("help [COMMAND]", "this list, or the lines of one command"),
 ]
-TOP_LEVEL = ("help", "status", "sensors", "modules", "events", "config", "metrics", "log", "version")
+TOP_LEVEL = ("help", "status", "sensors", "modules", "events", "config", "metrics", "log", "version", "system")
+SERVICES = ("appliance.service", "appliance-console.service", "appliance-system.service",
+            "appliance-grow-data.service")
 SHORT_HELP = "commands: " + " ".join(TOP_LEVEL) + " (help COMMAND for details)"
 
 
@@ -377,6 +393,44 @@ class Commands:
                 "system": f"{platform.system()} {platform.release()} {platform.machine()}"}
         return Reply(True, [f"appliance {__version__} (gateway {data['gateway']}; Python {data['python']}; "
                             f"{data['system']})"], data)
+
+    def cmd_system(self, args: list[str], who: str) -> Reply:
+        """The machine around the appliance, for a service engineer on the serial line."""
+        data: dict[str, Any] = {"hostname": socket.gethostname(), "kernel": platform.release()}
+        lines = [f"host     {data['hostname']}, Linux {data['kernel']} {platform.machine()}"]
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            up = float(Path("/proc/uptime").read_text().split()[0])
+            load = Path("/proc/loadavg").read_text().split()[:3]
+            data.update(uptime_s=up, load=[float(x) for x in load])
+            lines.append(f"uptime   {_duration(up)}, load {' '.join(load)}")
+        with contextlib.suppress(OSError, ValueError):
+            mem = {k: int(v.split()[0]) * 1024 for k, v in
+                   (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)}
+            data["memory"] = {"total": mem["MemTotal"], "available": mem["MemAvailable"]}
+            lines.append(f"memory   {_bytes(mem['MemAvailable'])} available of {_bytes(mem['MemTotal'])}")
+        disks = {}
+        for label, path in (("root", Path("/")), ("data", self.sup.cfg.gateway.data_dir)):
+            with contextlib.suppress(OSError):
+                usage = shutil.disk_usage(path)
+                disks[label] = {"path": str(path), "total": usage.total, "free": usage.free}
+                lines.append(f"disk     {label:<5} {str(path):<18} {_bytes(usage.free)} free of {_bytes(usage.total)}")
+        data["disks"] = disks
+        addresses = _run_quietly(["ip", "-brief", "address", "show", "up"])
+        if addresses is not None:
+            data["addresses"] = [line.split() for line in addresses.splitlines() if line.strip()]
+            lines += [f"address  {' '.join(words)}" for words in data["addresses"] if words[0] != "lo"]
+        units = _run_quietly(["systemctl", "show", "--property=Id,ActiveState,SubState,NRestarts", *SERVICES])
+        if units is not None:
+            data["services"] = {}
+            for block in units.strip().split("\n\n"):
+                props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+                if props.get("Id"):
+                    data["services"][props["Id"]] = props
+                    lines.append(f"service  {props['Id']:<28} {props.get('ActiveState', '?')}/{props.get('SubState', '?')}"
+                                 f", {props.get('NRestarts', '0')} restarts")
+        else:
+            lines.append("service  (not under systemd here)")
+        return Reply(True, lines, data)
 
     # ---- status, sensors
 

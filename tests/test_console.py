@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from appliance.config import AppConfig
 from appliance.console import Console, SerialTerminal, SettingsError, read_settings
@@ -335,3 +336,30 @@ def test_password_hashes_and_the_console_section(tmp_path):
     cfg.write_text("gateway:\n  name: gw\n  data_dir: var\nconsole:\n  device: /dev/ttyGS0\n")
     settings = read_settings(cfg)
     assert settings.console.device == "/dev/ttyGS0" and settings.data_dir == tmp_path / "var"
+
+
+def test_console_without_a_device_exits_3_so_the_service_does_not_loop(tmp_path):
+    from support import sim_source
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"gateway": {"name": "gw", "data_dir": str(tmp_path / "var")},
+                                   "sources": {"s": sim_source()}}))
+    proc = subprocess.run([sys.executable, "-m", "appliance", "console", "--config", str(cfg)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "no console device" in proc.stderr
+
+
+def test_system_command_reports_this_machine(appliance):
+    sup, server, _ = appliance
+    client = ControlClient(server.path, hello="test")
+    try:
+        reply = client.request("json system")
+    finally:
+        client.close()
+    assert reply.ok, reply.lines
+    data = json.loads(reply.lines[0])
+    assert data["hostname"] == socket.gethostname()
+    assert data["memory"]["total"] > data["memory"]["available"] > 0
+    assert data["disks"]["data"]["path"] == str(sup.cfg.gateway.data_dir)
+    assert 0 < data["disks"]["data"]["free"] <= data["disks"]["data"]["total"]
+    assert data["uptime_s"] > 0

@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""`make image`: the flashable SD-card image (arm64 Debian 12) for Raspberry Pi 4/CM4-class
+gateways and QEMU's `virt` machine.
+
+Two stages. The **base** root file system (Debian packages, the i2c-stub module, the venv with
+the third-party Python packages) takes minutes under emulation, so it is cached as a tarball
+keyed by everything that goes into it (image/base-packages.txt, image/rootfs-hooks/*, the Python
+requirements). The **appliance** stage runs every time and takes about a minute: our package,
+the prebuilt modules, the systemd units and config, then the partitions and the card:
+
+    MBR | 1: FAT32 "APPBOOT" 256 MiB  kernel, initrd, extlinux.conf, appliance.yaml (edit from any PC)
+        | 2: ext4  "APPROOT"          read-only root, /opt/appliance/venv
+        | 3: ext4  "APPDATA" 64 MiB   spool, baselines, logs; grows to the end of the card at first boot
+
+Outputs (build/image/): the raw .img, .img.xz, .bmap (bmaptool), SHA256SUMS, build-info.json.
+Needs root (mmdebstrap --mode=root, chroot, file ownership); `make image` installs the host tools.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+IMAGE_DIR = Path(__file__).resolve().parent
+REPO = IMAGE_DIR.parent
+SUITE = "bookworm"
+COMPONENTS = "main non-free-firmware"
+SOURCES = [
+    f"deb http://deb.debian.org/debian {SUITE} {COMPONENTS}",
+    f"deb http://deb.debian.org/debian {SUITE}-updates {COMPONENTS}",
+    f"deb http://deb.debian.org/debian-security {SUITE}-security {COMPONENTS}",
+]
+MIB = 1 << 20
+ALIGN_MIB = 4                 # partitions start on 4 MiB boundaries (SD erase blocks)
+BOOT_MIB = 256
+DATA_MIB = 64                 # grown at first boot
+ROOT_SLACK = 1.15             # free space in the read-only root: 15 % + 128 MiB
+ROOT_EXTRA_MIB = 128
+DEFAULT_CACHE = Path(os.environ.get("IMAGE_CACHE", Path.home() / ".cache" / "appliance-image"))
+DEFAULT_OUT = REPO / "build" / "image"
+UNITS = ["appliance.service", "appliance-console.service", "appliance-system.service",
+         "appliance-grow-data.service", "appliance-testrig.service", "systemd-networkd.service",
+         "systemd-resolved.service", "systemd-timesyncd.service"]
+
+
+def say(msg: str) -> None:
+    print(f"[image] {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, check=True, **kw)
+    except FileNotFoundError:
+        sys.exit(f"image: {cmd[0]} is not installed (make image installs the host tools)")
+    except subprocess.CalledProcessError as exc:
+        sys.exit(f"image: `{' '.join(map(str, cmd))[:300]}` failed with exit {exc.returncode}")
+
+
+def in_root(root: Path, *cmd: str) -> None:
+    # A clean environment: the host's pip and locale settings must not leak into the image.
+    run(["chroot", str(root), "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8",
+         *cmd])
+
+
+def ensure_binfmt() -> None:
+    """arm64 programs in the chroot run through qemu-user; binfmt_misc is not mounted at boot here."""
+    misc = Path("/proc/sys/fs/binfmt_misc")
+    if not (misc / "status").exists():
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(misc)])
+    if not (misc / "qemu-aarch64").exists():
+        run(["update-binfmts", "--enable", "qemu-aarch64"])
+    if not (misc / "qemu-aarch64").exists():
+        sys.exit("image: binfmt for qemu-aarch64 is not registered (package qemu-user-static, binfmt-support)")
+
+
+def requirements() -> str:
+    """The appliance's runtime dependencies, minus the module toolchain (modules are prebuilt)."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return "\n".join(d for d in deps if not d.startswith("ziglang")) + "\n"
+
+
+def package_list() -> list[str]:
+    lines = (IMAGE_DIR / "base-packages.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def download_wheels(wheelhouse: Path) -> None:
+    """aarch64 wheels for Debian 12's CPython 3.11, fetched by the host's pip (its network and
+    certificate settings); pywasm3 has no wheel anywhere: its sdist compiles in the chroot."""
+    wheelhouse.mkdir()
+    reqs = requirements()
+    (wheelhouse / "requirements.txt").write_text(reqs)
+    binary = [r for r in reqs.split() if not r.startswith("pywasm3")]
+    sources = [r for r in reqs.split() if r.startswith("pywasm3")]
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "-d", str(wheelhouse)]
+    platforms = [a for p in ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")
+                 for a in ("--platform", p)]
+    run([*pip, "--only-binary=:all:", *platforms, "--python-version", "3.11", "--implementation", "cp",
+         *binary, "setuptools", "wheel"])
+    if sources:
+        run([*pip, "--no-deps", "--no-binary=:all:", *sources])
+
+
+def base_key() -> str:
+    h = hashlib.sha256()
+    for part in [SUITE, *SOURCES, "\n".join(package_list()), requirements()]:
+        h.update(part.encode() + b"\0")
+    for hook in sorted((IMAGE_DIR / "rootfs-hooks").iterdir()):
+        h.update(hook.name.encode() + b"\0" + hook.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_base(cache: Path) -> tuple[Path, bool]:
+    """The cached base tarball, built if its key is new. Returns (path, was_cached)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    tar = cache / f"base-{base_key()}.tar"
+    if tar.exists():
+        return tar, True
+    say(f"building the base root file system {tar.name} (mmdebstrap, arm64 under emulation; minutes)")
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        wheelhouse = Path(tmp) / "wheelhouse"
+        download_wheels(wheelhouse)
+        partial = Path(tmp) / "base.tar"
+        hooks = IMAGE_DIR / "rootfs-hooks"
+        run(["mmdebstrap", "--mode=root", "--arch=arm64", "--variant=apt", "--verbose",
+             f"--include={','.join(package_list())}",
+             f"--setup-hook={hooks / 'setup.sh'} \"$1\"",
+             f"--customize-hook={hooks / 'customize.sh'} \"$1\" {wheelhouse}",
+             SUITE, str(partial), *SOURCES])
+        partial.rename(tar)
+    for old in cache.glob("base-*.tar"):       # keep the cache to the current base
+        if old != tar:
+            old.unlink()
+    return tar, False
+
+
+def appliance_wheel(work: Path) -> Path:
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work),
+         str(REPO)], stdout=subprocess.DEVNULL)
+    return next(work.glob("factory_gateway_appliance-*.whl"))
+
+
+def passwd_ids(root: Path, user: str) -> tuple[int, int]:
+    for line in (root / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == user:
+            return int(fields[2]), int(fields[3])
+    raise KeyError(user)
+
+
+def stage_rootfs(base: Path, work: Path) -> Path:
+    root = work / "rootfs"
+    root.mkdir()
+    run(["tar", "-xpf", str(base), "-C", str(root), "--numeric-owner"])
+    modules = sorted((REPO / "modules" / "build").glob("*.wasm"))
+    if not modules:
+        sys.exit("image: no modules in modules/build (make modules builds them)")
+    opt = root / "opt/appliance"
+    (opt / "modules").mkdir(parents=True, exist_ok=True)
+    for wasm in modules:
+        shutil.copy2(wasm, opt / "modules" / wasm.name)
+    shutil.copy2(REPO / "README.md", opt / "README.md")
+    shutil.copytree(REPO / "docs", opt / "docs", dirs_exist_ok=True)
+    shutil.copy2(REPO / "configs" / "gateway.yaml", opt / "gateway.yaml")   # the factory default
+
+    wheel = appliance_wheel(work)
+    shutil.copy2(wheel, root / "tmp" / wheel.name)
+    in_root(root, "/opt/appliance/venv/bin/pip", "install", "-q", "--no-deps", "--no-index",
+            "--disable-pip-version-check", f"/tmp/{wheel.name}")
+    (root / "tmp" / wheel.name).unlink()
+    in_root(root, "/opt/appliance/venv/bin/appliance", "--help")   # imports, under emulation
+
+    run(["cp", "-a", "--no-preserve=ownership", f"{IMAGE_DIR / 'overlay'}/.", str(root)])
+    in_root(root, "sh", "-c", "getent group i2c >/dev/null || groupadd --system i2c")
+    in_root(root, "useradd", "--system", "--user-group", "--home-dir", "/data/appliance", "--no-create-home",
+            "--shell", "/usr/sbin/nologin", "appliance")
+    in_root(root, "systemctl", "enable", *UNITS)
+    for d in ("boot/firmware", "data"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "etc/machine-id").write_text("")     # read-only root: systemd makes a transient one
+    hosts = root / "etc/hosts"
+    hosts.write_text("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")
+    return root
+
+
+def kernel_files(root: Path) -> tuple[bytes, Path, str]:
+    """(uncompressed arm64 Image, initrd, version): U-Boot's booti wants the plain Image."""
+    vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))[-1]
+    version = vmlinuz.name.removeprefix("vmlinuz-")
+    data = vmlinuz.read_bytes()
+    image = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    return image, root / "boot" / f"initrd.img-{version}", version
+
+
+def make_fat(path: Path, files: dict[str, bytes | Path]) -> None:
+    run(["mkfs.vfat", "-C", "-F", "32", "-n", "APPBOOT", str(path), str(BOOT_MIB * 1024)],
+        stdout=subprocess.DEVNULL)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in files.items():
+            dest = Path(tmp) / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, Path):
+                shutil.copyfile(content, dest)
+            else:
+                dest.write_bytes(content)
+        run(["mcopy", "-s", "-m", "-i", str(path), *[str(p) for p in Path(tmp).iterdir()], "::/"])
+
+
+def du_mib(path: Path) -> int:
+    out = subprocess.run(["du", "-s", "--block-size=1M", str(path)], check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[0])
+
+
+def boot_files(root: Path, extra_args: str = "") -> dict[str, bytes | Path]:
+    image, initrd, version = kernel_files(root)
+    extlinux = (IMAGE_DIR / "boot" / "extlinux.conf").read_text().replace("@EXTRA@", extra_args).rstrip() + "\n"
+    readme = ("Factory gateway appliance - boot partition\r\n\r\n"
+              "appliance.yaml  the gateway's configuration: edit it on any PC, then boot the card.\r\n"
+              "                Options: /opt/appliance/docs/configuration.md on the gateway, or docs/ in the repo.\r\n"
+              "                The factory default is /opt/appliance/gateway.yaml on the gateway.\r\n"
+              f"Image, initrd.img  Linux {version} (arm64)\r\n"
+              "extlinux/       U-Boot boot menu\r\n")
+    return {"Image": image, "initrd.img": initrd, "extlinux/extlinux.conf": extlinux.encode(),
+            "appliance.yaml": (REPO / "configs" / "gateway.yaml").read_bytes(), "README.txt": readme.encode()}
+
+
+def assemble(root: Path, work: Path, out_img: Path) -> dict:
+    root_mib = int(du_mib(root) * ROOT_SLACK) + ROOT_EXTRA_MIB
+    root_mib += -root_mib % ALIGN_MIB
+    say(f"root file system: {du_mib(root)} MiB of files in a {root_mib} MiB partition")
+    root_img, boot_img, data_img = work / "root.ext4", work / "boot.vfat", work / "data.ext4"
+    run(["mkfs.ext4", "-q", "-F", "-L", "APPROOT", "-d", str(root), "-E", "root_owner=0:0", str(root_img),
+         f"{root_mib}M"])
+    make_fat(boot_img, boot_files(root))
+    data_dir = work / "data"
+    uid, gid = passwd_ids(root, "appliance")
+    (data_dir / "appliance").mkdir(parents=True)
+    (data_dir / "log").mkdir()
+    os.chown(data_dir / "appliance", uid, gid)
+    os.chmod(data_dir / "appliance", 0o750)
+    run(["mkfs.ext4", "-q", "-F", "-L", "APPDATA", "-d", str(data_dir), str(data_img), f"{DATA_MIB}M"])
+
+    parts = [(boot_img, BOOT_MIB, "c", True), (root_img, root_mib, "83", False), (data_img, DATA_MIB, "83", False)]
+    total = ALIGN_MIB + sum(size for _, size, _, _ in parts)
+    out_img.unlink(missing_ok=True)
+    with open(out_img, "wb") as f:
+        f.truncate(total * MIB)
+    table = ["label: dos", "label-id: 0x41505047", "unit: sectors"]
+    start = ALIGN_MIB
+    for _, size, kind, boot in parts:
+        table.append(f"start={start * 2048}, size={size * 2048}, type={kind}{', bootable' if boot else ''}")
+        start += size
+    run(["sfdisk", "--quiet", str(out_img)], input="\n".join(table) + "\n", text=True)
+    start = ALIGN_MIB
+    for img, size, _, _ in parts:
+        run(["dd", f"if={img}", f"of={out_img}", "bs=1M", f"seek={start}", "conv=notrunc,sparse", "status=none"])
+        start += size
+        img.unlink()
+    return {"boot_mib": BOOT_MIB, "root_mib": root_mib, "data_mib": DATA_MIB, "image_mib": total}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(4 * MIB), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="base rootfs cache (default: %(default)s)")
+    p.add_argument("--raw-only", action="store_true", help="skip the .xz and .bmap (what image-test needs)")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("image: needs root (mmdebstrap --mode=root, chroot, file ownership); run it with sudo")
+    from appliance import __version__
+    t0 = time.monotonic()
+    ensure_binfmt()
+    base, cached = build_base(args.cache)
+    t_base = time.monotonic() - t0
+    say(f"base {base.name} ({'cached' if cached else 'built'}, {t_base:.0f} s)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"appliance-{__version__}-arm64"
+    img = args.out / f"{name}.img"
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        work = Path(tmp)
+        root = stage_rootfs(base, work)
+        layout = assemble(root, work, img)
+    t_img = time.monotonic() - t0
+    info = {"image": img.name, "version": __version__, "base": base.name, "base_cached": cached,
+            "base_s": round(t_base, 1), "layout_mib": layout, "apparent_bytes": img.stat().st_size,
+            "allocated_bytes": img.stat().st_blocks * 512}
+    outputs = [img]
+    if not args.raw_only:
+        say("compressing (xz) and mapping (bmaptool)")
+        xz = args.out / f"{name}.img.xz"
+        with open(xz, "wb") as f:
+            run(["xz", "-T2", "-3", "-c", str(img)], stdout=f)
+        bmap = args.out / f"{name}.bmap"
+        run(["bmaptool", "create", "-o", str(bmap), str(img)])
+        outputs += [xz, bmap]
+        info["xz_bytes"] = xz.stat().st_size
+    sums = "".join(f"{sha256(o)}  {o.name}\n" for o in outputs)
+    (args.out / "SHA256SUMS").write_text(sums)
+    info["total_s"] = round(time.monotonic() - t0, 1)
+    info["image_s"] = round(t_img, 1)
+    (args.out / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+    say(f"{img} ({layout['image_mib']} MiB, {info['allocated_bytes'] >> 20} MiB allocated)"
+        + (f", {info['xz_bytes'] >> 20} MiB as .xz" if "xz_bytes" in info else "")
+        + f" in {info['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
