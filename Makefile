@@ -13,7 +13,7 @@ IMAGE_TOOLS := mmdebstrap:mmdebstrap update-binfmts:binfmt-support qemu-aarch64-
 # Building the image needs root (mmdebstrap --mode=root, chroot, file ownership).
 AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench modules host-deps venv clean image image-raw image-test image-deps
+.PHONY: run test bench modules host-deps venv clean train-models image image-raw image-test image-deps
 
 # Install the Debian packages whose command ($(1): "command:package" pairs) is missing.
 define apt_ensure
@@ -45,8 +45,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The trained models (modules/models) compiled to modules for configs/nn-*.yaml, again only when
+# a model or the compiler changed.
+NN_BUILT := modules/build/.nn-models
+$(NN_BUILT): $(wildcard modules/models/*/*.onnx modules/models/*/report.json appliance/nn/*.py) \
+             modules/sdk/ap_nn.h appliance/evaluation_nn.py $(STAMP)
+	$(PY) -m appliance.evaluation_nn build
+	touch $@
+
 modules: host-deps $(STAMP)
 	$(PY) -m appliance module build
+	$(MAKE) $(NN_BUILT)
 
 run: modules
 	$(VENV)/bin/appliance run --config $(CONFIG)
@@ -58,6 +67,7 @@ bench: modules
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/bench_bearing.py
 	$(PY) benchmarks/bench_motion.py
+	$(PY) benchmarks/bench_nn.py
 
 image-deps:
 	$(call apt_ensure,$(IMAGE_TOOLS),)
@@ -72,6 +82,22 @@ image-raw: modules image-deps
 # Boot the image under QEMU and check the appliance in it from the host (image/qemu_test.py).
 image-test: image-raw
 	$(PY) image/qemu_test.py
+
+# The training stack for modules/models (torch, CPU only) in its own venv: `make test` never needs it.
+TRAIN_VENV ?= .venv-train
+TRAIN_STAMP := $(TRAIN_VENV)/.installed
+
+$(TRAIN_STAMP): modules/models/requirements.txt
+	$(MAKE) host-deps
+	python3 -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRAIN_VENV)/bin/python -m pip install -q -r modules/models/requirements.txt
+	touch $@
+
+# Retrains both models from the recordings in ../shared/data and rewrites modules/models/*/ (a few minutes).
+train-models: $(TRAIN_STAMP)
+	$(TRAIN_VENV)/bin/python modules/models/train_bearing.py
+	$(TRAIN_VENV)/bin/python modules/models/train_people.py
 
 clean:
 	rm -rf modules/build var .pytest_cache build/image

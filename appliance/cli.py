@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--save-attachments", metavar="DIR", help="write each event's evidence (snapshots) there")
     ev.set_defaults(func=cmd_events)
 
+    from appliance.nn.cli import add_parser as add_model_parser
+    add_model_parser(sub)
+
     sub.add_parser("console", help="the service console on a serial line or stdio (appliance console --help)")
     base = sub.add_parser("baseline", help="learned baselines of modules")
     bsub = base.add_subparsers(dest="baseline_command", required=True)
@@ -267,12 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     apply_p.add_argument("--log-level", default="info")
     apply_p.set_defaults(func=cmd_system_apply)
     ev2 = sub.add_parser("eval", help="evaluate modules on recorded data")
-    evaluations = {"bearing": "appliance.evaluation", "motion": "appliance.evaluation_motion"}
+    evaluations = {"bearing": "appliance.evaluation:main", "motion": "appliance.evaluation_motion:main",
+                   "nn-bearing": "appliance.evaluation_nn:bearing_main",
+                   "nn-camera": "appliance.evaluation_nn:camera_main"}
     ev2.add_argument("what", choices=sorted(evaluations),
                      help="bearing: the bearing module on the CWRU recordings; motion: the motion module on "
-                          "vtest.avi against OpenCV's MOG2")
+                          "vtest.avi against OpenCV's MOG2; nn-bearing, nn-camera: the trained models in "
+                          "modules/models on their held-out data")
     ev2.add_argument("rest", nargs=argparse.REMAINDER, help="options of that evaluation (--help)")
-    ev2.set_defaults(func=lambda a: __import__(evaluations[a.what], fromlist=["main"]).main(a.rest))
+    ev2.set_defaults(func=lambda a: getattr(__import__(evaluations[a.what].split(":")[0], fromlist=["_"]),
+                                            evaluations[a.what].split(":")[1])(a.rest))
 
     args = p.parse_args(argv)
     return args.func(args)

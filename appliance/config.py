@@ -122,6 +122,9 @@ class ModuleSection(StrictModel):
     params: dict[str, Any] = Field({}, description="passed to the module's ap_init (modules/ABI.md, Params)")
     host_dsp: bool = Field(True, description="offer the host's native DSP kernels (ap.dsp_*) to the module; "
                            "false makes it use its own wasm code")
+    host_nn: bool = Field(False, description="let a compiled model run natively (ap.nn_run, docs/models.md): "
+                          "its library next to the .wasm, verified against the hash the module carries; "
+                          "false: the module's own wasm code")
     enabled: bool = Field(True, description="false: configured but not run")
     restart: RestartPolicy | None = Field(None, description="overrides runtime.restart for this module")
 
@@ -213,7 +216,8 @@ def params_text(params: dict[str, Any]) -> str:
 
 def module_params_text(module: "ModuleSection") -> str:
     """What ap_init receives: the YAML params plus the host.* params the appliance sets."""
-    return params_text({**module.params, "host": {"dsp": 1 if module.host_dsp else 0}})
+    return params_text({**module.params, "host": {"dsp": 1 if module.host_dsp else 0,
+                                                  "nn": 1 if module.host_nn else 0}})
 
 
 # ---- errors -----------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ HOST_IMPORTS: dict[tuple[str, str], str] = {
     ("ap", "img_bg_subtract"): "(i32, i32, i32, i32, i32, i32, i32) -> i32",
     ("ap", "img_dilate"): "(i32, i32, i32, i32, i32) -> i32",
     ("ap", "img_blobs"): "(i32, i32, i32, i32, i32, i32) -> i32",
+    # Host-accelerated inference for compiled models (modules/ABI.md, "Host inference").
+    ("ap", "nn_run"): "(i32, i32, i32, i32, i32, i32) -> i32",
 }
 
 # Optional exports: when present they must have these types.

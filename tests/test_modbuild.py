@@ -172,7 +172,7 @@ def test_foreign_import(tmp_path):
                           "(it provides: ap.log, ap.feature, ap.event, ap.dsp_rfft, ap.dsp_irfft, "
                           "ap.dsp_rfft_batch, ap.dsp_moments, ap.dsp_band_power, ap.dsp_envelope, ap.dsp_median, "
                           "ap.features, ap.state_changed, ap.img_downscale, ap.img_blur, ap.img_bg_subtract, "
-                          "ap.img_dilate, ap.img_blobs)"]
+                          "ap.img_dilate, ap.img_blobs, ap.nn_run)"]
 
 
 def test_wrong_host_import_signature(tmp_path):

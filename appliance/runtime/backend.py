@@ -27,6 +27,7 @@ IMPORT_SIGNATURES = {
     ("ap", "img_bg_subtract"): "i(iiiiiii)",
     ("ap", "img_dilate"): "i(iiiii)",
     ("ap", "img_blobs"): "i(iiiiii)",
+    ("ap", "nn_run"): "i(iiiiii)",
 }
 
 

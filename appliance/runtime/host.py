@@ -83,12 +83,13 @@ def _signal_name(returncode: int | None) -> str:
 
 def load_message(label: str, params: str, *, backend: str = "wasm3", stack_bytes: int = 128 << 10,
                  max_memory_bytes: int = 64 << 20, address_space_bytes: int = 320 << 20,
-                 state: bytes | None = None) -> dict:
-    """The first message a worker gets: what to check, how to instantiate, its limits, and
-    the module's saved state (if any)."""
+                 state: bytes | None = None, module_dir: str = "") -> dict:
+    """The first message a worker gets: what to check, how to instantiate, its limits, the
+    module's saved state (if any), and its directory (where a compiled model's native library
+    for ap.nn_run lies)."""
     return {"op": "load", "label": label, "params": params, "backend": backend, "stack_bytes": stack_bytes,
             "max_memory_bytes": max_memory_bytes, "address_space_bytes": address_space_bytes,
-            "state": base64.b64encode(state).decode() if state else ""}
+            "state": base64.b64encode(state).decode() if state else "", "module_dir": module_dir}
 
 
 class WorkerProcess:
@@ -476,7 +477,7 @@ class ModuleHost:
             load = load_message(self.cfg.wasm.name, module_params_text(self.cfg), backend=rt.backend,
                                 stack_bytes=rt.stack_kb * 1024, max_memory_bytes=rt.max_memory_mb << 20,
                                 address_space_bytes=(rt.worker_memory_mb + rt.max_memory_mb) << 20,
-                                state=self._saved_state())
+                                state=self._saved_state(), module_dir=str(self.cfg.wasm.parent))
             worker = WorkerProcess(self.name, wasm, self._shm_bytes, load)
         except ModuleRejected as exc:
             self._fault(ModuleFault("load", str(exc)))

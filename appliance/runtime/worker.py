@@ -547,6 +547,16 @@ def main() -> int:
             imports.update(HostDsp(lambda: inst.memory(), AbiViolation).imports())   # numpy only if used
         if wanted & {("ap", name) for name in HostImage.IMPORTS}:
             imports.update(HostImage(lambda: inst.memory(), AbiViolation).imports())   # OpenCV only if used
+        if ("ap", "nn_run") in wanted:
+            from appliance.nn.host import HostNN
+
+            def nn_log(level: int, text: str) -> None:
+                if len(calls.logs) < MAX_LOGS_PER_CALL:
+                    calls.logs.append([level, _text(text.encode())[:MAX_LOG_BYTES]])
+
+            # Native code only when the module's host_nn switch is on (host.nn=1 in its params).
+            imports.update(HostNN(lambda: inst.memory(), AbiViolation, load.get("module_dir") or None,
+                                  "host.nn=1" in load["params"].splitlines(), nn_log).imports())
 
         def start_instance() -> tuple[str, str] | None:
             """Instantiate and ap_init; a (fault kind, reason) if the module cannot start."""

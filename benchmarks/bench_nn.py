@@ -1,0 +1,125 @@
+"""The two trained models (modules/models), float and int8: latency per inference (p50, p99) and
+inferences per CPU-second on one core, three ways side by side:
+
+  wasm3            the compiled module's own code in wasm3 (host_nn off)
+  wasm3 + nn_run   the same module, the network run by its native twin through ap.nn_run (host_nn on)
+  onnxruntime      the .onnx file itself, CPU provider, one thread
+
+wasm3 and wasm3 + nn_run run the module in this process (appliance.nn.run.ModelModule: the same
+module and engine a worker runs, without the process boundary), so a call is what ap_process
+costs: the window copied in, the input scaling, the network, the features and the rule. CPU time
+is this process's (user + system); onnxruntime's figure is for session.run alone. Inputs: the
+held-out windows and frames from ../shared/data when there, else random ones of the same shape.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from appliance import evaluation_nn  # noqa: E402
+from appliance.nn.run import ModelModule  # noqa: E402
+from common import self_cpu  # noqa: E402
+
+MODELS = REPO / "modules" / "models"
+CALLS = {"bearing_cnn": 400, "people_cnn": 150}
+TARGET_FPS = 10.0          # issue 9: the 2-D CNN in pure wasm3, frames per second per core
+
+
+def inputs(model: str, count: int) -> tuple[list[np.ndarray], list[np.ndarray], str]:
+    """(what the module gets, what onnxruntime gets, where they came from)."""
+    report = json.loads((MODELS / model / "report.json").read_text())
+    sys.path.insert(0, str(MODELS))
+    import nn_data
+    rng = np.random.default_rng(0)
+    if model == "bearing_cnn":
+        try:
+            recs = nn_data.recordings()
+            xs = np.concatenate([nn_data.windows(r.signal[r.split:], nn_data.WINDOW) for r in recs])
+            where = f"{len(xs)} held-out CWRU windows, cycled"
+        except FileNotFoundError:
+            xs = rng.normal(0, 0.3, (64, nn_data.WINDOW)).astype(np.float32)
+            where = "random windows (no CWRU data found)"
+        xs = [xs[i % len(xs)][None] for i in range(count)]
+        return xs, [x[None] for x in xs], where
+    try:
+        frames = nn_data.read_frames()[slice(*report["split"]["held_out"])]
+        where = f"{len(frames)} held-out frames of vtest.avi, cycled"
+    except FileNotFoundError:
+        frames = rng.integers(0, 256, (32, 96, 96), dtype=np.uint8)
+        where = "random frames (no video found)"
+    frames = [frames[i % len(frames)] for i in range(count)]
+    scale, offset = np.float32(report["input"]["scale"]), np.float32(report["input"]["offset"])
+    return frames, [(f.astype(np.float32) * scale + offset)[None, None] for f in frames], where
+
+
+def measure(call, items) -> tuple[float, float, float]:
+    """p50 and p99 latency (ms) and calls per CPU-second, after a few warm-up calls."""
+    for x in items[:5]:
+        call(x)
+    lat = []
+    cpu0 = self_cpu()
+    for x in items:
+        t = time.perf_counter()
+        call(x)
+        lat.append(time.perf_counter() - t)
+    cpu = self_cpu() - cpu0
+    return float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), len(items) / cpu
+
+
+def main() -> int:
+    import onnxruntime as ort
+    rows = []
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="bench-nn-") as tmp:
+        built = evaluation_nn.build(Path(tmp))
+        for model in ("bearing_cnn", "people_cnn"):
+            module_in, ort_in, where = inputs(model, CALLS[model])
+            notes.append(f"{model}: {where}")
+            report = json.loads((MODELS / model / "report.json").read_text())
+            for kind in ("float", "int8"):
+                wasm = built[model if kind == "float" else f"{model}_int8"]
+                figures = {}
+                for path_name, host in (("wasm3", False), ("wasm3 + nn_run", True)):
+                    m = ModelModule(wasm, host_nn=host)
+                    figures[path_name] = measure(m.process, module_in)
+                    if host and m.process(module_in[0]).features.get("nn.host") != 1:
+                        figures[path_name] = None        # the twin did not run here: no figure
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = 1
+                opts.inter_op_num_threads = 1
+                sess = ort.InferenceSession(str(MODELS / model / report["files"][kind]["file"]), opts,
+                                            providers=["CPUExecutionProvider"])
+                name = sess.get_inputs()[0].name
+                figures["onnxruntime"] = measure(lambda x, s=sess, n=name: s.run(None, {n: x}), ort_in)
+                rows.append((model, kind, figures, wasm.stat().st_size))
+    unit = {"bearing_cnn": "windows", "people_cnn": "frames"}
+    print("\nnn: the trained models, latency per inference and inferences per CPU-second on one core")
+    head = (f"{'model':<12} {'kind':<5} {'module':>8}  | {'wasm3 p50/p99 ms':>17} {'/s':>6} | "
+            f"{'+nn_run p50/p99 ms':>18} {'/s':>7} | {'onnxruntime p50/p99 ms':>22} {'/s':>7}")
+    print(head)
+    print("-" * len(head))
+    for model, kind, f, size in rows:
+        cells = []
+        for key, w in (("wasm3", 17), ("wasm3 + nn_run", 18), ("onnxruntime", 22)):
+            v = f[key]
+            cells.append(f"{'n/a':>{w}} {'':>6}" if v is None else
+                         f"{f'{v[0]:.3f}/{v[1]:.3f}':>{w}} {v[2]:>{6 if key == 'wasm3' else 7}.0f}")
+        print(f"{model:<12} {kind:<5} {size:>7}B  | " + " | ".join(cells))
+    for n in notes:
+        print(f"  {n}; /s = {unit[n.split(':')[0]]} per CPU-second")
+    worst = min(f["wasm3"][2] for model, _, f, _ in rows if model == "people_cnn")
+    print(f"target (issue 9): the 2-D CNN >= {TARGET_FPS:.0f} frames/s per core in pure wasm3: "
+          f"{worst:.0f} frames/s (slower of float and int8): {'ok' if worst >= TARGET_FPS else 'BELOW'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

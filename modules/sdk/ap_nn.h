@@ -1,0 +1,511 @@
+/*
+ * ap_nn.h: numerics and module runtime for the modules `appliance model compile` generates
+ * (docs/models.md).
+ *
+ * The first part (numerics) is shared by the wasm module and by the native libraries the
+ * compiler builds from the same network code for the host import ap.nn_run: both must give the
+ * same bits, so nothing here depends on a libm, on FMA or on the rounding of a cast. Compiled
+ * with -ffp-contract=off and without fast-math, every float operation is one IEEE operation.
+ *
+ * The second part (module runtime: params, input filling, rules, events) is compiled only into
+ * the wasm module, after ap_module.h.
+ */
+#ifndef AP_NN_H
+#define AP_NN_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* ---- numerics ------------------------------------------------------------------------------ */
+
+/* Round half to even. |x| < 2^22 (callers clamp first). wasm has f32.nearest; natively the
+ * 1.5*2^23 trick does the same in the FPU's default rounding mode, with no libm call. */
+static inline float ap_nn_rint(float x) {
+#if defined(__wasm__)
+    return __builtin_rintf(x);
+#else
+    const float magic = 12582912.0f;
+    return x >= 0.0f ? (x + magic) - magic : (x - magic) + magic;
+#endif
+}
+
+static inline double ap_nn_rint64(double x) {   /* |x| < 2^51 */
+#if defined(__wasm__)
+    return __builtin_rint(x);
+#else
+    const double magic = 6755399441055744.0;
+    return x >= 0.0 ? (x + magic) - magic : (x - magic) + magic;
+#endif
+}
+
+/* Saturating requantization as onnxruntime's MLAS does it: clamp the scaled value to the
+ * integer range shifted by the zero point (NaN goes to the low end, as MAXPS does), round
+ * half to even, then add the zero point. */
+static inline int32_t ap_nn_quant(float v, float lo, float hi) {
+    if (!(v >= lo)) v = lo;
+    if (v > hi) v = hi;
+    return (int32_t)ap_nn_rint(v);
+}
+
+typedef union { double d; uint64_t u; } ap_nn_bits64;
+typedef union { float f; uint32_t u; } ap_nn_bits32;
+
+/* exp in double precision: x = k ln2 + r, |r| <= ln2/2, Taylor to degree 13 (error < 2e-16),
+ * times 2^k built from bits. Rounded to float it is correct to well under one float ulp. */
+static inline double ap_nn_exp(double x) {
+    if (x != x) return x;
+    if (x > 709.78) return 1.0 / 0.0;
+    if (x < -745.2) return 0.0;
+    const double ln2_hi = 6.93147180369123816490e-01;   /* ln2 with 21 low bits zero: k*ln2_hi is exact */
+    const double ln2_lo = 1.90821492927058770002e-10;
+    double k = ap_nn_rint64(x * 1.44269504088896338700);
+    double r = (x - k * ln2_hi) - k * ln2_lo;
+    double p = 1.0 / 6227020800.0;                        /* 1/13! */
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    int32_t ki = (int32_t)k;
+    ap_nn_bits64 s;
+    if (ki < -1000) {                                     /* subnormal result: scale in two steps */
+        s.u = (uint64_t)(ki + 1000 + 1023) << 52;
+        p *= s.d;
+        s.u = (uint64_t)(1023 - 1000) << 52;
+        return p * s.d;
+    }
+    if (ki > 1000) {
+        s.u = (uint64_t)(ki - 1000 + 1023) << 52;
+        p *= s.d;
+        s.u = (uint64_t)(1023 + 1000) << 52;
+        return p * s.d;
+    }
+    s.u = (uint64_t)(ki + 1023) << 52;
+    return p * s.d;
+}
+
+static inline float ap_nn_expf(float x) { return (float)ap_nn_exp((double)x); }
+
+static inline float ap_nn_sigmoid(float x) { return 1.0f / (1.0f + ap_nn_expf(-x)); }
+
+static inline float ap_nn_tanh(float x) {
+    if (x > 20.0f) return 1.0f;
+    if (x < -20.0f) return -1.0f;
+    double e = ap_nn_exp(2.0 * (double)x);
+    return (float)((e - 1.0) / (e + 1.0));
+}
+
+static inline void ap_nn_zero(void *dst, size_t n) {
+    uint8_t *d = (uint8_t *)dst;
+    while (n--) *d++ = 0;
+}
+
+static inline void ap_nn_fill_u8(void *dst, uint8_t v, size_t n) {
+    uint8_t *d = (uint8_t *)dst;
+    while (n--) *d++ = v;
+}
+
+static inline void ap_nn_copy(void *dst, const void *src, size_t n) {
+    uint8_t *d = (uint8_t *)dst;
+    const uint8_t *s = (const uint8_t *)src;
+    while (n--) *d++ = *s++;
+}
+
+/* -nostdlib: the native libraries bring the memcpy and memset the compiler emits for copy and
+ * fill loops. Their own loops are written out (not through the helpers above, whose loops the
+ * compiler would turn back into calls to these), and no_builtin keeps them loops. */
+#define AP_NN_NATIVE_LIBC \
+    __attribute__((visibility("hidden"), no_builtin)) void *memcpy(void *dst, const void *src, size_t n) { \
+        uint8_t *d = (uint8_t *)dst; const uint8_t *s = (const uint8_t *)src;                          \
+        while (n--) *d++ = *s++;                                                                        \
+        return dst;                                                                                     \
+    }                                                                                                   \
+    __attribute__((visibility("hidden"), no_builtin)) void *memset(void *dst, int c, size_t n) {      \
+        uint8_t *d = (uint8_t *)dst;                                                                    \
+        while (n--) *d++ = (uint8_t)c;                                                                  \
+        return dst;                                                                                     \
+    }
+
+/* ---- module runtime (wasm module only) ---------------------------------------------------------- */
+
+#if defined(AP_MODULE_H) && !defined(AP_NN_NATIVE)
+
+enum { AP_NN_RULE_NONE = 0, AP_NN_RULE_CLASSIFIER = 1, AP_NN_RULE_SCORE = 2 };
+#define AP_NN_MAX_CHANNELS 64
+#define AP_NN_MAX_LABELS 256
+
+/* What the generated module describes about itself; the runtime below does the rest. */
+typedef struct {
+    const char *model;             /* model file name, for messages */
+    int32_t format;                /* AP_FORMAT_F32 (sample windows) or AP_FORMAT_U8 (frames) */
+    int32_t channels;              /* window channels (or image planes) */
+    int32_t frames;                /* samples per channel (width*height for frames) */
+    int32_t width, height;         /* frames only */
+    int32_t channels_last;         /* the model wants samples interleaved (NLC / NHWC) */
+    float scale[AP_NN_MAX_CHANNELS], offset[AP_NN_MAX_CHANNELS];   /* defaults, per channel */
+    int32_t outputs_len;           /* floats in the output block */
+    const char *const *feature_names;   /* one per output float */
+    int32_t rule;
+    int32_t rule_offset, rule_len; /* the rule's slice of the output block */
+    int32_t apply_softmax;         /* classifier on logits: softmax before the rule */
+    const char *const *labels;     /* classifier: rule_len labels */
+    uint8_t normal_default[AP_NN_MAX_LABELS];
+    double threshold, clear_threshold, severity;
+    int32_t consecutive, clear;
+    const uint8_t *descriptor;     /* for ap.nn_run; 0 = the module has no native twin */
+    int32_t descriptor_len;
+} ap_nn_module;
+
+typedef struct {
+    float scale[AP_NN_MAX_CHANNELS], offset[AP_NN_MAX_CHANNELS];
+    double threshold, clear_threshold;
+    int32_t consecutive, clear, severity;
+    int32_t label_severity[AP_NN_MAX_LABELS];   /* -1: the default severity */
+    uint8_t normal[AP_NN_MAX_LABELS];
+    int32_t use_host;
+    /* episode state */
+    int32_t active, streak, calm, active_label;
+    double peak;
+} ap_nn_state;
+
+static ap_nn_state ap_nn_st;
+
+#if defined(AP_NN_HOST_IMPORT)
+AP_IMPORT(nn_run) int32_t ap_host_nn_run(const uint8_t *desc, int32_t desc_len, const void *in, int32_t in_len,
+                                         void *out, int32_t out_len);
+#endif
+
+static int ap_nn_reject(const char *what, const char *key, int32_t klen, const char *tail) {
+    char msg[320];
+    ap_text t = {msg, (int32_t)sizeof msg, 0};
+    msg[0] = 0;
+    ap_text_str(&t, what);
+    char k[96];
+    int32_t n = klen < 95 ? klen : 95;
+    for (int32_t i = 0; i < n; i++) k[i] = key[i];
+    k[n] = 0;
+    ap_text_str(&t, k);
+    ap_text_str(&t, tail);
+    ap_log(AP_LOG_ERROR, msg);
+    return 1;
+}
+
+static int ap_nn_keyeq(const char *key, int32_t klen, const char *name) {
+    int32_t n = ap_strlen(name);
+    if (n != klen) return 0;
+    for (int32_t i = 0; i < n; i++) if (key[i] != name[i]) return 0;
+    return 1;
+}
+
+static int ap_nn_label_index(const ap_nn_module *m, const char *s, int32_t n) {
+    for (int32_t i = 0; i < m->rule_len; i++)
+        if (ap_nn_keyeq(s, n, m->labels[i])) return i;
+    return -1;
+}
+
+/* A comma list of numbers: one for every channel, or one per channel. */
+static int ap_nn_channel_list(const ap_nn_module *m, const char *v, int32_t vlen, float *out, const char *key) {
+    float vals[AP_NN_MAX_CHANNELS];
+    int32_t count = 0, i = 0;
+    while (i <= vlen) {
+        int32_t j = i;
+        while (j < vlen && v[j] != ',') j++;
+        int ok;
+        double x = ap_parse_f64(v + i, j - i, &ok);
+        if (!ok || count >= AP_NN_MAX_CHANNELS)
+            return ap_nn_reject("param ", key, ap_strlen(key), ": expected a number or a comma list of numbers, "
+                                "one per channel");
+        vals[count++] = (float)x;
+        i = j + 1;
+    }
+    if (count != 1 && count != m->channels)
+        return ap_nn_reject("param ", key, ap_strlen(key), ": give one value or one per channel");
+    for (int32_t c = 0; c < m->channels; c++) out[c] = vals[count == 1 ? 0 : c];
+    return 0;
+}
+
+static int ap_nn_number(const char *key, int32_t klen, const char *v, int32_t vlen, double lo, double hi, double *out) {
+    int ok;
+    double x = ap_parse_f64(v, vlen, &ok);
+    if (!ok || x < lo || x > hi) {
+        char tail[96];
+        ap_text t = {tail, (int32_t)sizeof tail, 0};
+        tail[0] = 0;
+        ap_text_str(&t, ": not a number in ");
+        ap_text_num(&t, lo, 3);
+        ap_text_str(&t, "..");
+        ap_text_num(&t, hi, 3);
+        return ap_nn_reject("param ", key, klen, tail);
+    }
+    *out = x;
+    return 0;
+}
+
+/* Parses the params (ABI.md, Params): every key must be known; host.* is the appliance's. */
+static int32_t ap_nn_init(const ap_nn_module *m, const char *p, int32_t len) {
+    ap_nn_state *s = &ap_nn_st;
+    for (int32_t c = 0; c < m->channels; c++) { s->scale[c] = m->scale[c]; s->offset[c] = m->offset[c]; }
+    s->threshold = m->threshold;
+    s->clear_threshold = m->clear_threshold;
+    s->consecutive = m->consecutive;
+    s->clear = m->clear;
+    s->severity = (int32_t)m->severity;
+    for (int32_t i = 0; i < AP_NN_MAX_LABELS; i++) { s->label_severity[i] = -1; s->normal[i] = m->normal_default[i]; }
+    s->use_host = 0;
+    s->active = s->streak = s->calm = 0;
+    s->active_label = -1;
+    s->peak = 0;
+    int32_t i = 0;
+    while (i < len) {
+        int32_t end = i;
+        while (end < len && p[end] != '\n') end++;
+        int32_t eq = i;
+        while (eq < end && p[eq] != '=') eq++;
+        const char *key = p + i, *v = p + eq + 1;
+        int32_t klen = eq - i, vlen = end - eq - 1;
+        if (end == i) { i = end + 1; continue; }
+        if (eq >= end) return ap_nn_reject("params line without '=': ", key, klen, "");
+        double x;
+        if (klen > 5 && key[0] == 'h' && key[1] == 'o' && key[2] == 's' && key[3] == 't' && key[4] == '.') {
+            if (ap_nn_keyeq(key, klen, "host.nn")) {
+                if (ap_nn_number(key, klen, v, vlen, 0, 1, &x)) return 1;
+                s->use_host = x != 0;
+            }
+        } else if (ap_nn_keyeq(key, klen, "input.scale")) {
+            if (ap_nn_channel_list(m, v, vlen, s->scale, "input.scale")) return 1;
+        } else if (ap_nn_keyeq(key, klen, "input.offset")) {
+            if (ap_nn_channel_list(m, v, vlen, s->offset, "input.offset")) return 1;
+        } else if (m->rule != AP_NN_RULE_NONE && ap_nn_keyeq(key, klen, "threshold")) {
+            if (ap_nn_number(key, klen, v, vlen, -1e30, 1e30, &s->threshold)) return 1;
+        } else if (m->rule == AP_NN_RULE_SCORE && ap_nn_keyeq(key, klen, "clear_threshold")) {
+            if (ap_nn_number(key, klen, v, vlen, -1e30, 1e30, &s->clear_threshold)) return 1;
+        } else if (m->rule != AP_NN_RULE_NONE && ap_nn_keyeq(key, klen, "consecutive")) {
+            if (ap_nn_number(key, klen, v, vlen, 1, 100000, &x)) return 1;
+            s->consecutive = (int32_t)x;
+        } else if (m->rule != AP_NN_RULE_NONE && ap_nn_keyeq(key, klen, "clear")) {
+            if (ap_nn_number(key, klen, v, vlen, 1, 100000, &x)) return 1;
+            s->clear = (int32_t)x;
+        } else if (m->rule != AP_NN_RULE_NONE && ap_nn_keyeq(key, klen, "severity")) {
+            if (ap_nn_number(key, klen, v, vlen, 0, 3, &x)) return 1;
+            s->severity = (int32_t)x;
+        } else if (m->rule == AP_NN_RULE_CLASSIFIER && klen > 9 && ap_nn_keyeq(key, 9, "severity.")) {
+            int32_t li = ap_nn_label_index(m, key + 9, klen - 9);
+            if (li < 0) return ap_nn_reject("param ", key, klen, ": no such label");
+            if (ap_nn_number(key, klen, v, vlen, 0, 3, &x)) return 1;
+            s->label_severity[li] = (int32_t)x;
+        } else if (m->rule == AP_NN_RULE_CLASSIFIER && ap_nn_keyeq(key, klen, "normal")) {
+            for (int32_t k = 0; k < AP_NN_MAX_LABELS; k++) s->normal[k] = 0;
+            int32_t a = 0;
+            while (a <= vlen) {
+                int32_t b = a;
+                while (b < vlen && v[b] != ',') b++;
+                int32_t li = ap_nn_label_index(m, v + a, b - a);
+                if (li < 0) return ap_nn_reject("param normal: no label '", v + a, b - a, "'");
+                s->normal[li] = 1;
+                a = b + 1;
+            }
+        } else {
+            const char *known = m->rule == AP_NN_RULE_CLASSIFIER
+                ? "' (known: input.scale, input.offset, threshold, consecutive, clear, severity, severity.LABEL, "
+                  "normal)"
+                : m->rule == AP_NN_RULE_SCORE
+                ? "' (known: input.scale, input.offset, threshold, clear_threshold, consecutive, clear, severity)"
+                : "' (known: input.scale, input.offset)";
+            return ap_nn_reject("unknown param '", key, klen, known);
+        }
+        i = end + 1;
+    }
+    if (m->rule == AP_NN_RULE_SCORE && s->clear_threshold > s->threshold)
+        return ap_nn_reject("param clear_threshold", "", 0, " must not exceed threshold (hysteresis)");
+    return 0;
+}
+
+static int32_t ap_nn_bad_window(const ap_nn_module *m, const ap_window_header *h) {
+    char msg[200];
+    ap_text t = {msg, (int32_t)sizeof msg, 0};
+    msg[0] = 0;
+    if (m->format == AP_FORMAT_U8) {
+        ap_text_str(&t, "frame is not what the model takes: expected ");
+        ap_text_int(&t, m->width); ap_text_str(&t, "x"); ap_text_int(&t, m->height);
+        ap_text_str(&t, " with "); ap_text_int(&t, m->channels); ap_text_str(&t, " plane(s) of uint8");
+        if (h) {
+            ap_text_str(&t, ", got "); ap_text_int(&t, h->width); ap_text_str(&t, "x"); ap_text_int(&t, h->height);
+            ap_text_str(&t, " with "); ap_text_int(&t, h->channels);
+        } else {
+            ap_text_str(&t, ", got a window that is not a uint8 image");
+        }
+    } else {
+        ap_text_str(&t, "window is not what the model takes: expected ");
+        ap_text_int(&t, m->channels); ap_text_str(&t, " channel(s) x ");
+        ap_text_int(&t, m->frames); ap_text_str(&t, " float32 samples");
+        if (h) {
+            ap_text_str(&t, ", got "); ap_text_int(&t, h->channels); ap_text_str(&t, " x "); ap_text_int(&t, h->frames);
+        } else {
+            ap_text_str(&t, ", got a window that is not float32 samples");
+        }
+    }
+    ap_log(AP_LOG_ERROR, msg);
+    return -1;
+}
+
+/* Window -> model input (float32), x * scale + offset per channel, in the model's layout. */
+static int32_t ap_nn_fill(const ap_nn_module *m, const uint8_t *win, int32_t len, float *in) {
+    const ap_nn_state *s = &ap_nn_st;
+    const int32_t C = m->channels, F = m->frames;
+    const ap_window_header *h;
+    if (m->format == AP_FORMAT_U8) {
+        h = ap_image_open(win, len);
+        if (!h || (int32_t)h->width != m->width || (int32_t)h->height != m->height || (int32_t)h->channels != C)
+            return ap_nn_bad_window(m, h ? h : (const ap_window_header *)0);
+        for (int32_t c = 0; c < C; c++) {
+            const uint8_t *src = ap_image_plane(h, (uint32_t)c);
+            const float sc = s->scale[c], of = s->offset[c];
+            float *dst = m->channels_last ? in + c : in + (size_t)c * F;
+            const int32_t step = m->channels_last ? C : 1;
+            for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = (float)src[i] * sc + of;
+        }
+    } else {
+        h = ap_window_open(win, len);
+        if (!h || (int32_t)h->channels != C || (int32_t)h->frames != F)
+            return ap_nn_bad_window(m, h ? h : (const ap_window_header *)0);
+        for (int32_t c = 0; c < C; c++) {
+            const float *src = ap_window_channel(h, (uint32_t)c);
+            const float sc = s->scale[c], of = s->offset[c];
+            float *dst = m->channels_last ? in + c : in + (size_t)c * F;
+            const int32_t step = m->channels_last ? C : 1;
+            for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = src[i] * sc + of;
+        }
+    }
+    return h->dropped ? 1 : 0;
+}
+
+static void ap_nn_softmax(const float *x, float *y, int32_t n) {
+    float mx = x[0];
+    for (int32_t i = 1; i < n; i++) if (x[i] > mx) mx = x[i];
+    float sum = 0.0f;
+    for (int32_t i = 0; i < n; i++) { y[i] = ap_nn_expf(x[i] - mx); sum += y[i]; }
+    for (int32_t i = 0; i < n; i++) y[i] = y[i] / sum;
+}
+
+/* Features of the window, then the rule: one event per episode (N windows in a row past the
+ * threshold), an info event when `clear` calm windows in a row end it. A gap (dropped windows)
+ * breaks a run. */
+static void ap_nn_report(const ap_nn_module *m, const float *out, int32_t gap, int32_t host) {
+    ap_nn_state *s = &ap_nn_st;
+    for (int32_t i = 0; i < m->outputs_len; i++)
+        if (m->feature_names[i]) ap_feature(m->feature_names[i], (double)out[i]);
+    if (m->descriptor) ap_feature("nn.host", host ? 1.0 : 0.0);
+    if (m->rule == AP_NN_RULE_NONE) return;
+    if (gap) { s->streak = 0; s->calm = 0; }
+    char msg[400];
+    ap_text t = {msg, (int32_t)sizeof msg, 0};
+    msg[0] = 0;
+    if (m->rule == AP_NN_RULE_CLASSIFIER) {
+        float probs[AP_NN_MAX_LABELS];
+        const float *p = out + m->rule_offset;
+        if (m->apply_softmax) { ap_nn_softmax(p, probs, m->rule_len); p = probs; }
+        int32_t top = 0;
+        for (int32_t i = 1; i < m->rule_len; i++) if (p[i] > p[top]) top = i;
+        double pt = p[top];
+        if (m->apply_softmax)
+            for (int32_t i = 0; i < m->rule_len; i++) {
+                char name[80];
+                ap_text n = {name, (int32_t)sizeof name, 0};
+                name[0] = 0;
+                ap_text_str(&n, "p."); ap_text_str(&n, m->labels[i]);
+                ap_feature(name, (double)p[i]);
+            }
+        ap_feature("class", (double)top);
+        int abnormal = !s->normal[top] && pt >= s->threshold;
+        if (abnormal) {
+            s->streak++;
+            s->calm = 0;
+            if (s->streak == 1 && !s->active) s->peak = pt; else if (pt > s->peak) s->peak = pt;
+            if (!s->active && s->streak >= s->consecutive) {
+                s->active = 1;
+                s->active_label = top;
+                int32_t sev = s->label_severity[top] >= 0 ? s->label_severity[top] : s->severity;
+                ap_text_str(&t, "model ");
+                ap_text_str(&t, m->model);
+                ap_text_str(&t, ": class '");
+                ap_text_str(&t, m->labels[top]);
+                ap_text_str(&t, "' (p=");
+                ap_text_num(&t, pt, 3);
+                ap_text_str(&t, ") for ");
+                ap_text_int(&t, s->streak);
+                ap_text_str(&t, " windows in a row");
+                ap_event(sev, pt, msg);
+            }
+        } else {
+            s->streak = 0;
+            s->calm++;
+            if (s->active && s->calm >= s->clear) {
+                s->active = 0;
+                ap_text_str(&t, "model ");
+                ap_text_str(&t, m->model);
+                ap_text_str(&t, ": back to '");
+                ap_text_str(&t, m->labels[top]);
+                ap_text_str(&t, "' for ");
+                ap_text_int(&t, s->calm);
+                ap_text_str(&t, " windows; the '");
+                ap_text_str(&t, m->labels[s->active_label]);
+                ap_text_str(&t, "' episode peaked at p=");
+                ap_text_num(&t, s->peak, 3);
+                ap_event(AP_SEV_INFO, pt, msg);
+                s->peak = 0;
+            }
+        }
+    } else {
+        double v = out[m->rule_offset];
+        if (v > s->threshold) {
+            s->streak++;
+            s->calm = 0;
+            if (s->streak == 1 && !s->active) s->peak = v; else if (v > s->peak) s->peak = v;
+            if (!s->active && s->streak >= s->consecutive) {
+                s->active = 1;
+                ap_text_str(&t, "model ");
+                ap_text_str(&t, m->model);
+                ap_text_str(&t, ": ");
+                ap_text_str(&t, m->feature_names[m->rule_offset] ? m->feature_names[m->rule_offset] : "score");
+                ap_text_str(&t, " ");
+                ap_text_num(&t, v, 4);
+                ap_text_str(&t, " > ");
+                ap_text_num(&t, s->threshold, 4);
+                ap_text_str(&t, " for ");
+                ap_text_int(&t, s->streak);
+                ap_text_str(&t, " windows in a row");
+                ap_event(s->severity, v, msg);
+            }
+        } else {
+            s->streak = 0;
+            if (v < s->clear_threshold) s->calm++; else s->calm = 0;
+            if (s->active && s->calm >= s->clear) {
+                s->active = 0;
+                ap_text_str(&t, "model ");
+                ap_text_str(&t, m->model);
+                ap_text_str(&t, ": ");
+                ap_text_str(&t, m->feature_names[m->rule_offset] ? m->feature_names[m->rule_offset] : "score");
+                ap_text_str(&t, " back below ");
+                ap_text_num(&t, s->clear_threshold, 4);
+                ap_text_str(&t, " for ");
+                ap_text_int(&t, s->calm);
+                ap_text_str(&t, " windows; the episode peaked at ");
+                ap_text_num(&t, s->peak, 4);
+                ap_event(AP_SEV_INFO, v, msg);
+                s->peak = 0;
+            }
+        }
+    }
+}
+
+#endif /* AP_MODULE_H && !AP_NN_NATIVE */
+
+#endif /* AP_NN_H */

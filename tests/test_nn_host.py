@@ -1,0 +1,316 @@
+"""Host-accelerated inference (ap.nn_run): the compiled model's native twin gives the same bits
+as the module's wasm code, both match onnxruntime, the module falls back to its own code when
+the library is missing, tampered with or switched off, and the log and the features say which
+path ran: in this process, through the real worker, and through the supervisor."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+import onnx  # noqa: E402
+import onnxruntime  # noqa: E402,F401
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static  # noqa: E402
+
+from appliance.nn import compile_model  # noqa: E402
+from appliance.nn.host import machine_arch  # noqa: E402
+from appliance.nn.parity import float_mismatch, ort_session, quant_mismatch  # noqa: E402
+from appliance.nn.run import ModelModule  # noqa: E402
+from appliance.runtime.host import HEADER, WorkerProcess, load_message, pack_header  # noqa: E402
+
+pytestmark = pytest.mark.skipif(machine_arch() is None, reason="no native libraries for this machine")
+
+LABELS = ["normal", "inner", "outer", "ball"]
+
+
+def vib_model(tmp_path):
+    """A 1-D CNN on one channel x 512 samples with four classes."""
+    rng = np.random.default_rng(3)
+    init = lambda n, a: numpy_helper.from_array(np.asarray(a, np.float32), n)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], strides=[2], pads=[4, 4]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("MaxPool", ["r0"], ["p0"], kernel_shape=[4], strides=[4]),
+             helper.make_node("Conv", ["p0", "w1", "b1"], ["c1"], pads=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["l"], transB=1),
+             helper.make_node("Softmax", ["l"], ["y"], axis=1)]
+    inits = [init("w0", rng.normal(size=(8, 1, 9)) * .4), init("b0", rng.normal(size=8) * .1),
+             init("w1", rng.normal(size=(8, 8, 3)) * .3), init("b1", rng.normal(size=8) * .1),
+             init("wf", rng.normal(size=(4, 8)) * 3), init("bf", rng.normal(size=4) * .1)]
+    g = helper.make_graph(nodes, "vib", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 512])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    path = tmp_path / "vib.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+def quantized(tmp_path, path):
+    rng = np.random.default_rng(4)
+
+    class Reader:
+        def __init__(self):
+            self.it = iter([{"x": rng.normal(size=(1, 1, 512)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = tmp_path / "vib_int8.onnx"
+    quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nnhost")
+    f = vib_model(tmp)
+    q = quantized(tmp, f)
+    out = {}
+    for name, path in (("float", f), ("int8", q)):
+        r = compile_model(path, tmp / name / "vib.wasm", labels=LABELS, threshold=0.6, consecutive=1)
+        out[name] = (path, r)
+    return out
+
+
+def windows(n, seed=5):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(1, 512)).astype(np.float32) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_native_and_wasm_paths_give_the_same_bits_and_match_onnxruntime(models, kind):
+    path, r = models[kind]
+    assert machine_arch() in {lib.arch for lib in r.native}
+    wasm_path, host_path = ModelModule(r.wasm), ModelModule(r.wasm, host_nn=True)
+    sess = ort_session(path)
+    lsb = None
+    if kind == "int8":
+        m = onnx.load(str(path))
+        inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        lsb = float(inits[[n for n in m.graph.node if n.output[0] == "y"][0].input[1]])
+    for w in windows(8):
+        a, b = wasm_path.process(w), host_path.process(w)
+        assert a.rc == b.rc == 0
+        assert a.outputs.tobytes() == b.outputs.tobytes()          # bit-identical
+        assert a.features["nn.host"] == 0.0 and b.features["nn.host"] == 1.0
+        assert {k: v for k, v in a.features.items() if k != "nn.host"} == \
+               {k: v for k, v in b.features.items() if k != "nn.host"}
+        assert a.events == b.events
+        ref = sess.run(None, {"x": w[None]})[0]
+        assert (quant_mismatch(a.outputs, ref, lsb) if lsb else float_mismatch(a.outputs, ref)) == ""
+    assert host_path.host.native_calls == 8
+    assert any("sha256 verified) runs the model natively" in t for _, t in
+               ModelModule(r.wasm, host_nn=True).process(windows(1)[0]).logs)
+
+
+def _copy_module(r, dst):
+    dst.mkdir()
+    shutil.copy(r.wasm, dst / r.wasm.name)
+    for lib in r.native:
+        shutil.copy(lib.path, dst / lib.path.name)
+    return dst / r.wasm.name
+
+
+def test_missing_or_tampered_library_falls_back_to_the_wasm_code(models, tmp_path):
+    _, r = models["float"]
+    w = windows(1)[0]
+    expected = ModelModule(r.wasm).process(w).outputs
+
+    missing = _copy_module(r, tmp_path / "missing")
+    lib = missing.parent / [x for x in r.native if x.arch == machine_arch()][0].path.name
+    lib.unlink()
+    res = ModelModule(missing, host_nn=True).process(w)
+    assert res.features["nn.host"] == 0.0 and res.outputs.tobytes() == expected.tobytes()
+    assert any("is missing next to the module; running the module's wasm code" in t for _, t in res.logs)
+
+    tampered = _copy_module(r, tmp_path / "tampered")
+    lib = tampered.parent / lib.name
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    lib.write_bytes(bytes(data))
+    m = ModelModule(tampered, host_nn=True)
+    res = m.process(w)
+    assert res.features["nn.host"] == 0.0 and res.outputs.tobytes() == expected.tobytes()
+    assert any("does not have the sha256 the module expects" in t for _, t in res.logs)
+    assert m.host.native_calls == 0
+    res = m.process(w)   # decided once: no second attempt, no second log line
+    assert res.logs == [] and res.features["nn.host"] == 0.0
+
+    off = ModelModule(r.wasm, host_nn=False)
+    res = off.process(w)
+    assert res.features["nn.host"] == 0.0 and off.host.native_calls == 0 and off.host.last_code is None
+
+
+def test_guest_pointers_are_bounds_checked(models):
+    _, r = models["float"]
+    m = ModelModule(r.wasm, host_nn=True)
+    size = len(m.inst.memory())
+    from appliance.nn.run import ModuleCallError
+    with pytest.raises(ModuleCallError, match="output .* is outside linear memory"):
+        m.host.nn_run(0, 40, 0, 4, size - 8, 16)
+    with pytest.raises(ModuleCallError, match="descriptor of 12 bytes"):
+        m.host.nn_run(0, 12, 0, 4, 0, 4)
+    with pytest.raises(ModuleCallError, match="malformed model descriptor"):
+        m.host.nn_run(0, 40, 0, 4, 0, 4)   # memory at 0 holds no descriptor
+
+
+def _worker(r, host_nn: int):
+    params = f"consecutive=1\nhost.dsp=1\nhost.nn={host_nn}\n"
+    return WorkerProcess("vib", r.wasm.read_bytes(), HEADER.size + 4 * 512,
+                         load_message(r.wasm.name, params, module_dir=str(r.wasm.parent)))
+
+
+def test_through_the_real_worker(models):
+    _, r = models["int8"]
+    out = {}
+    for host_nn in (0, 1):
+        worker = _worker(r, host_nn)
+        try:
+            replies = [worker.process(pack_header(1, 512, 12000.0, seq), w, 10.0)
+                       for seq, w in enumerate(windows(4))]
+        finally:
+            worker.stop()
+        assert all(rep["rc"] == 0 for rep in replies)
+        assert [rep["f"]["nn.host"] for rep in replies] == [float(host_nn)] * 4
+        logs = [t for rep in replies for _, t in rep["l"]]
+        assert any("runs the model natively" in t for t in logs) == bool(host_nn)
+        out[host_nn] = [{k: v for k, v in rep["f"].items() if k != "nn.host"} for rep in replies]
+    assert out[0] == out[1]
+
+
+def test_through_the_supervisor_with_host_nn(models, tmp_path, caplog):
+    """A replay recording -> windows -> the compiled module in its worker; the module's log says
+    the native library ran, every window was processed, and events reached the spool."""
+    from appliance.events import Spool
+    from appliance.supervisor import Supervisor
+    from support import write_config
+
+    _, r = models["float"]
+    rng = np.random.default_rng(9)
+    rec = tmp_path / "rec.npy"
+    np.save(rec, rng.normal(size=(512 * 12,)).astype(np.float32))
+    cfg = write_config(tmp_path, {"rec": {"type": "replay", "realtime": False, "block_frames": 512,
+                                          "segments": [{"path": str(rec), "sample_rate": 12000}]}},
+                       {"vib": {"wasm": str(r.wasm), "source": "rec", "window": {"size": 512, "hop": 512},
+                                "overflow": "block", "host_nn": True,
+                                "params": {"consecutive": 1, "threshold": 0.0, "normal": ["ball"]}}})
+    caplog.set_level(logging.INFO, logger="appliance.module")
+    sup = Supervisor(cfg)
+    sup.start()
+    try:
+        assert sup.wait_until_done(timeout_s=60)
+    finally:
+        sup.stop()
+    host = sup.modules["vib"]
+    assert host.processed == 12
+    assert host.last_features["nn.host"] == 1.0
+    assert any("module vib: host nn: nn-" in rec.getMessage() and "runs the model natively" in rec.getMessage()
+               for rec in caplog.records)
+    spool = Spool(cfg.gateway.data_dir / "spool.db", 1 << 24)
+    events = spool.tail(100)
+    spool.close()
+    assert events, "threshold 0 and consecutive 1: the first non-'ball' window raises an event"
+    first = min(events, key=lambda e: e["window"]["seq"])
+    assert first["features"]["nn.host"] == 1.0 and "model vib.onnx: class '" in first["message"]
+    # The event's evidence is what the wasm code computes for that window, to the bit.
+    seq = first["window"]["seq"]
+    samples = np.load(rec)[seq * 512:(seq + 1) * 512]
+    own = ModelModule(r.wasm).process(samples[None]).features
+    assert {k: first["features"][k] for k in own if k.startswith("p.")} == {k: v for k, v in own.items()
+                                                                          if k.startswith("p.")}
+
+
+HARNESS = r"""
+/* The network with no libc: float32 input on stdin, the output block's bytes on stdout. */
+#include "net.c"
+static long sys3(long n, long a, long b, long c) {
+#if defined(__x86_64__)
+    long r;
+    __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
+    return r;
+#else
+    register long x8 __asm__("x8") = n, x0 __asm__("x0") = a, x1 __asm__("x1") = b, x2 __asm__("x2") = c;
+    __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2) : "memory");
+    return x0;
+#endif
+}
+#if defined(__x86_64__)
+enum { SYS_READ = 0, SYS_WRITE = 1, SYS_EXIT = 60 };
+__attribute__((force_align_arg_pointer))
+#else
+enum { SYS_READ = 63, SYS_WRITE = 64, SYS_EXIT = 93 };
+#endif
+void _start(void) {
+    static float in[NN_INPUT_FLOATS], out[NN_OUTPUT_FLOATS];
+    long got = 0, n;
+    while (got < (long)sizeof in && (n = sys3(SYS_READ, 0, (long)((char *)in + got), (long)sizeof in - got)) > 0)
+        got += n;
+    if (got == (long)sizeof in) {
+        ap_nn_copy(nn_input(), in, sizeof in);
+        nn_forward();
+        nn_collect(out);
+        sys3(SYS_WRITE, 1, (long)out, (long)sizeof out);
+    }
+    sys3(SYS_EXIT, got == (long)sizeof in ? 0 : 2, 0, 0);
+    for (;;) {}
+}
+"""
+
+
+@pytest.mark.skipif(machine_arch() != "aarch64" and not __import__("os").path.exists(
+    "/proc/sys/fs/binfmt_misc/qemu-aarch64"), reason="no aarch64 machine and no qemu-aarch64 binfmt to run one")
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_aarch64_build_of_the_network_gives_the_same_bits(models, tmp_path, kind):
+    """The network's C with the native libraries' flags, for aarch64 (run under qemu on x86-64)
+    and x86-64, against the wasm module: the same output bits."""
+    import subprocess
+    import sys
+    from appliance.modbuild import SDK_DIR
+    from appliance.nn import toolchain
+    path, _ = models[kind]
+    r = compile_model(path, tmp_path / "m.wasm", labels=LABELS, keep_c=tmp_path / "c", native=False)
+    (tmp_path / "c" / "harness.c").write_text(HARNESS)
+    runs = {}
+    for arch, (target, cpu) in toolchain.NATIVE_ARCHES.items():
+        exe = tmp_path / "c" / f"h-{arch}"
+        subprocess.run([sys.executable, "-m", "ziglang", "cc", f"--target={target}", f"-mcpu={cpu}",
+                        *toolchain.COMMON_FLAGS, "-DAP_NN_NATIVE", f"-I{SDK_DIR}", "-static", "harness.c",
+                        "-o", exe.name], cwd=exe.parent, check=True, capture_output=True, timeout=300)
+        runs[arch] = exe
+    module = ModelModule(r.wasm)
+    for w in windows(3, seed=12):
+        want = [f"{u:08x}" for u in module.process(w).outputs.view(np.uint32)]
+        for arch, exe in runs.items():
+            out = subprocess.run([str(exe)], input=w.astype(np.float32).tobytes(), capture_output=True, timeout=60)
+            assert out.returncode == 0, (arch, out.stderr)
+            assert [f"{u:08x}" for u in np.frombuffer(out.stdout, np.uint32)] == want, arch
+
+
+def test_a_module_cycling_through_descriptors_cannot_exhaust_the_worker(models):
+    """Each new descriptor used to cost a file read, a hash and a dlopen from a fresh memfd that
+    stays open: a hostile module could vary an unused entry and open fds until the worker ran
+    out. The same library bytes now load once, and a fifth distinct descriptor is a violation."""
+    import os
+    from appliance.nn.compiler import _descriptor
+    from appliance.nn.host import MAX_DESCRIPTORS
+    from appliance.nn.run import ModuleCallError
+    _, r = models["float"]
+    m = ModelModule(r.wasm, host_nn=True)
+    mem = m.inst.memory()
+    libs = [(lib.arch, bytes.fromhex(lib.sha256)) for lib in r.native]
+    at = len(mem) - 8192
+    fds = len(os.listdir("/proc/self/fd"))
+    codes = []
+    with pytest.raises(ModuleCallError, match=f"more than {MAX_DESCRIPTORS} different model descriptors"):
+        for i in range(64):
+            desc = _descriptor(bytes.fromhex(r.model_hash), libs + [(f"junk{i}", bytes(32))])
+            mem[at:at + len(desc)] = desc
+            codes.append(m.host.nn_run(at, len(desc), 0, 4 * 512, 4096, 16))
+    assert codes == [0] * MAX_DESCRIPTORS              # every one of them verified and ran natively
+    assert len(m.host._fds) == 1 and len(os.listdir("/proc/self/fd")) <= fds + 1
