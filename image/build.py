@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,10 +83,15 @@ def ensure_binfmt() -> None:
         sys.exit("image: binfmt for qemu-aarch64 is not registered (package qemu-user-static, binfmt-support)")
 
 
+# The module and model toolchain: modules are compiled on a workstation, the gateway runs them.
+NOT_ON_GATEWAY = ("ziglang", "onnx")
+
+
 def requirements() -> str:
-    """The appliance's runtime dependencies, minus the module toolchain (modules are prebuilt)."""
+    """The appliance's runtime dependencies, minus the module toolchain."""
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    return "\n".join(d for d in deps if not d.startswith("ziglang")) + "\n"
+    keep = [d for d in deps if re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0] not in NOT_ON_GATEWAY]
+    return "\n".join(keep) + "\n"
 
 
 def package_list() -> list[str]:
@@ -144,7 +150,7 @@ def build_base(cache: Path) -> tuple[Path, bool]:
 
 
 def appliance_wheel(work: Path) -> Path:
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work),
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work),
          str(REPO)], stdout=subprocess.DEVNULL)
     return next(work.glob("factory_gateway_appliance-*.whl"))
 
@@ -168,6 +174,8 @@ def stage_rootfs(base: Path, work: Path) -> Path:
     (opt / "modules").mkdir(parents=True, exist_ok=True)
     for wasm in modules:
         shutil.copy2(wasm, opt / "modules" / wasm.name)
+    for native in (REPO / "modules" / "build").glob("nn-*-aarch64.so"):   # compiled models' ap.nn_run twins
+        shutil.copy2(native, opt / "modules" / native.name)
     shutil.copy2(REPO / "README.md", opt / "README.md")
     shutil.copytree(REPO / "docs", opt / "docs", dirs_exist_ok=True)
     shutil.copy2(REPO / "configs" / "gateway.yaml", opt / "gateway.yaml")   # the factory default
@@ -187,6 +195,13 @@ def stage_rootfs(base: Path, work: Path) -> Path:
     for d in ("boot/firmware", "data"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "etc/machine-id").write_text("")     # read-only root: systemd makes a transient one
+    # The root is mounted read-only: a mount point missing from the image cannot be made at
+    # boot and would drop the boot into emergency mode.
+    for line in (root / "etc/fstab").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and not line.startswith("#") and fields[1].startswith("/"):
+            if not (root / fields[1].lstrip("/")).is_dir():
+                sys.exit(f"image: fstab mount point {fields[1]} does not exist in the root file system")
     hosts = root / "etc/hosts"
     hosts.write_text("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")
     return root

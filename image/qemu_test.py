@@ -2,9 +2,9 @@
 """`make image-test`: boot the SD-card image under QEMU and check the whole appliance from outside.
 
 The guest is the arm64 `virt` machine (cortex-a72, 2 CPUs, TCG): U-Boot from Debian's u-boot-qemu
-reads the card's FAT partition (extlinux.conf), the kernel mounts the root from the card behind
-an SD host controller (sdhci-pci), exactly the path of the real card. The image itself is never
-written: the guest runs on a copy-on-write qcow2 overlay, larger than the image so the first boot
+reads the card's FAT partition (extlinux.conf) and boots the kernel and initrd from it; the root
+is found by its label. The card is a virtio disk (Debian's U-Boot for QEMU has no SD host
+driver). The image itself is never written: the guest runs on a copy-on-write qcow2 overlay, larger than the image so the first boot
 grows the data partition. Into the overlay's FAT partition the rig writes its own appliance.yaml
 (what a plant engineer does with a PC) and `appliance.testrig` on the kernel command line, which
 makes the image load i2c-stub (preset as an ADXL345) and vivid (a V4L2 camera).
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import shutil
 import socket
@@ -45,6 +44,10 @@ class CheckFailed(Exception):
     pass
 
 
+class NotYet(Exception):
+    """A probe's "not yet", with what it saw (reported if the wait times out)."""
+
+
 def say(msg: str) -> None:
     print(f"[image-test {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -65,6 +68,8 @@ def wait_until(what: str, timeout_s: float, probe, interval_s: float = 1.0):
             if got:
                 return got
             last = got
+        except CheckFailed:
+            raise
         except Exception as exc:   # noqa: BLE001 - a probe may fail many ways until the guest is up
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(interval_s)
@@ -102,10 +107,25 @@ def guest_config(mqtt_port: int) -> dict:
             "dock_motion": {"wasm": "/opt/appliance/modules/motion.wasm", "source": "dock_camera",
                             "deadline_ms": 5000},
             "plc_rules": {"wasm": "/opt/appliance/modules/process.wasm", "source": "line_plc",
-                          "channels": ["oil_temp"], "window": {"size": 4, "hop": 1}, "deadline_ms": 5000,
+                          "channels": ["oil_temp"], "window": {"size": 16, "hop": 1}, "deadline_ms": 5000,
                           "params": {"signal.0": {"name": "oil_temp", "min": -20, "max": 110}}},
         },
     }
+
+
+def check_config_here(config: dict, work: Path) -> None:
+    """Validate the rig's YAML on the host first (module paths pointed at modules/build): a
+    mistake here should cost a second, not a boot."""
+    from appliance.config import ConfigError, load_config
+    local = json.loads(json.dumps(config))
+    for module in local["modules"].values():
+        module["wasm"] = str(REPO / "modules" / "build" / Path(module["wasm"]).name)
+    path = work / "appliance-host-check.yaml"
+    path.write_text(yaml.safe_dump(local, sort_keys=False))
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        raise CheckFailed(f"the rig's own appliance.yaml is invalid:\n{exc}") from None
 
 
 def prepare_overlay(image: Path, work: Path, config: dict) -> Path:
@@ -128,7 +148,7 @@ def prepare_overlay(image: Path, work: Path, config: dict) -> Path:
     subprocess.run(["mcopy", "-o", "-i", str(fat), str(work / "appliance.yaml"), "::/appliance.yaml"], check=True)
     ext = subprocess.run(["mtype", "-i", str(fat), "::/extlinux/extlinux.conf"], check=True, capture_output=True,
                          text=True).stdout
-    ext = re.sub(r"^(\s*append .*)$", r"\1 appliance.testrig", ext, count=1, flags=re.M)
+    ext = re.sub(r"^(\s*append .*)$", r"\1 appliance.testrig systemd.journald.forward_to_console=1", ext, count=1, flags=re.M)
     (work / "extlinux.conf").write_text(ext)
     subprocess.run(["mcopy", "-o", "-i", str(fat), str(work / "extlinux.conf"), "::/extlinux/extlinux.conf"],
                    check=True)
@@ -251,6 +271,17 @@ class SerialConsole:
                 pass
         return self.buffer.decode("ascii", "replace")
 
+    def wait_ready(self, timeout_s: float) -> None:
+        """Press Enter until a prompt comes back: what is sent before the guest's console has
+        opened its port is lost, so a command typed too early would never be answered."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            self.buffer = b""
+            self.sock.sendall(b"\r")
+            if f"{GATEWAY}> " in self.read_for(2.0):
+                return
+        raise CheckFailed(f"console: no prompt within {timeout_s:.0f} s; got:\n{self.buffer.decode(errors='replace')}")
+
     def command(self, line: str, expect: str, timeout_s: float = 30) -> str:
         """Type a line; the text up to the next prompt, once it contains `expect`."""
         prompt = f"{GATEWAY}> "
@@ -304,13 +335,16 @@ def main() -> int:
     ok = False
     try:
         broker = Broker(work)
+        check_config_here(guest_config(broker.port), work)
         overlay = prepare_overlay(image, work, guest_config(broker.port))
         metrics_port = free_port()
-        cmd = ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024",
+        # acpi=off: U-Boot boots the kernel with a device tree, and only then does QEMU put the
+        # power button (gpio-keys on a PL061) in it; with ACPI on it would be an ACPI event.
+        cmd = ["qemu-system-aarch64", "-M", "virt,acpi=off", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024",
                "-accel", "tcg,thread=multi", "-bios", str(UBOOT), "-display", "none", "-monitor", "none",
                "-chardev", f"file,id=log,path={console_log}", "-serial", "chardev:log",
-               "-device", "sdhci-pci", "-drive", f"if=none,id=card,file={overlay},format=qcow2",
-               "-device", "sd-card,drive=card",
+               "-drive", f"if=none,id=card,file={overlay},format=qcow2",
+               "-device", "virtio-blk-pci,drive=card",
                "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{metrics_port}-:9108",
                "-device", "virtio-net-pci,netdev=net0,romfile=", "-device", "virtio-rng-pci",
                "-chardev", f"socket,id=con,path={work / 'console.sock'},server=on,wait=off",
@@ -342,7 +376,9 @@ def main() -> int:
             flowing = {s: (metric(text, "appliance_source_samples_total", source=s) or 0) > 0
                        and metric(text, "appliance_source_up", source=s) == 1
                        for s in ("gearbox", "dock_camera", "line_plc")}
-            return text if all(flowing.values()) else flowing
+            if not all(flowing.values()):
+                raise NotYet(f"flowing: {flowing}")
+            return text
         body = wait_until("all three sources up with samples (i2c-stub, vivid, Modbus)", 180, sources_flowing, 2)
         results["sources_ready_s"] = round(time.monotonic() - started, 1)
         for s in ("gearbox", "dock_camera", "line_plc"):
@@ -354,7 +390,9 @@ def main() -> int:
             text = metrics_text(metrics_port)
             counts = {m: metric(text, "appliance_module_windows_total", module=m) or 0
                       for m in ("gearbox_stats", "dock_motion", "plc_rules")}
-            return counts if all(v > 0 for v in counts.values()) else None
+            if not all(v > 0 for v in counts.values()):
+                raise NotYet(f"windows processed: {counts}")
+            return counts
         results["modules_processed"] = wait_until("every module processing windows in wasm3", 120, processed, 2)
         say(f"modules processing: {results['modules_processed']}")
 
@@ -369,6 +407,7 @@ def main() -> int:
             raise CheckFailed("the host's Modbus slave answered no request")
 
         con = SerialConsole(work / "console.sock")
+        con.wait_ready(120)
         text = con.command("status", "source   line_plc")
         for needle in ("gearbox", "dock_camera", "plc_rules"):
             if needle not in text:
