@@ -208,6 +208,16 @@ def _all_problems(ok: bool, msg: str, abi_problems: list[str]) -> list[str]:
     return [f"wasm-validate rejects it: {msg}" if msg else "wasm-validate rejects it", *abi_problems]
 
 
+def run_compiler(cmd: list[str], cwd: Path) -> tuple[int, str]:
+    """Run the C compiler: (exit status, what it printed, cut to MAX_ERROR_CHARS). A compiler that
+    runs past COMPILE_TIMEOUT_S raises subprocess.TimeoutExpired."""
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    output = (p.stderr + p.stdout).strip()
+    if len(output) > MAX_ERROR_CHARS:
+        output = output[:MAX_ERROR_CHARS] + f"\n... ({len(output) - MAX_ERROR_CHARS} more characters)"
+    return p.returncode, output
+
+
 def build_module(src: Path, out: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -> BuildResult:
     """Compiles a module directory (with module.yaml) or a single .c file to `out`."""
     t0 = time.monotonic()
@@ -219,15 +229,11 @@ def build_module(src: Path, out: Path, max_memory_bytes: int = DEFAULT_MAX_MEMOR
     tmp = Path(tmp_name)
     try:
         try:
-            p = subprocess.run(compile_command(m, tmp), cwd=m.src_dir, capture_output=True,
-                               text=True, timeout=COMPILE_TIMEOUT_S)
+            returncode, output = run_compiler(compile_command(m, tmp), m.src_dir)
         except subprocess.TimeoutExpired:
             raise BuildError(f"module {m.name}: compiler timed out after {COMPILE_TIMEOUT_S} s") from None
-        if p.returncode != 0:
-            output = (p.stderr + p.stdout).strip()
-            if len(output) > MAX_ERROR_CHARS:
-                output = output[:MAX_ERROR_CHARS] + f"\n... ({len(output) - MAX_ERROR_CHARS} more characters)"
-            status = f"signal {-p.returncode}" if p.returncode < 0 else f"exit status {p.returncode}"
+        if returncode != 0:
+            status = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
             raise BuildError(f"module {m.name}: compilation failed ({status})"
                              + (f":\n{output}" if output else ", and the compiler printed nothing"))
         data = tmp.read_bytes()

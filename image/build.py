@@ -249,9 +249,10 @@ def boot_files(root: Path, extra_args: str = "") -> dict[str, bytes | Path]:
 
 
 def assemble(root: Path, work: Path, out_img: Path) -> dict:
-    root_mib = int(du_mib(root) * ROOT_SLACK) + ROOT_EXTRA_MIB
+    files_mib = du_mib(root)
+    root_mib = int(files_mib * ROOT_SLACK) + ROOT_EXTRA_MIB
     root_mib += -root_mib % ALIGN_MIB
-    say(f"root file system: {du_mib(root)} MiB of files in a {root_mib} MiB partition")
+    say(f"root file system: {files_mib} MiB of files in a {root_mib} MiB partition")
     root_img, boot_img, data_img = work / "root.ext4", work / "boot.vfat", work / "data.ext4"
     run(["mkfs.ext4", "-q", "-F", "-L", "APPROOT", "-d", str(root), "-E", "root_owner=0:0", str(root_img),
          f"{root_mib}M"])

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance.modbuild import COMPILE_TIMEOUT_S, MAX_ERROR_CHARS, SDK_DIR, toolchain_version
+from appliance.modbuild import COMPILE_TIMEOUT_S, SDK_DIR, run_compiler, toolchain_version
 from appliance.nn.ir import ModelError
 
 # name -> (zig target, cpu). The names are what the worker matches against platform.machine().
@@ -28,16 +28,12 @@ STACK_BYTES = 64 * 1024
 
 
 def _zig(args: list[str], cwd: Path, what: str) -> None:
-    cmd = [sys.executable, "-m", "ziglang", "cc", *args]
     try:
-        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        returncode, output = run_compiler([sys.executable, "-m", "ziglang", "cc", *args], cwd)
     except subprocess.TimeoutExpired:
         raise ModelError(f"{what}: the compiler timed out after {COMPILE_TIMEOUT_S} s") from None
-    if p.returncode != 0:
-        out = (p.stderr + p.stdout).strip()
-        if len(out) > MAX_ERROR_CHARS:
-            out = out[:MAX_ERROR_CHARS] + f"\n... ({len(out) - MAX_ERROR_CHARS} more characters)"
-        raise ModelError(f"{what}: compiling the generated C failed (exit status {p.returncode}):\n{out}")
+    if returncode != 0:
+        raise ModelError(f"{what}: compiling the generated C failed (exit status {returncode}):\n{output}")
 
 
 def _paths(work: Path) -> list[str]:
