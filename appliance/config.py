@@ -69,8 +69,13 @@ class RuntimeSection(StrictModel):
     max_memory_mb: int = Field(64, ge=1, le=1024, description="largest linear memory a module may declare")
     stack_kb: int = Field(128, ge=16, le=512, description="wasm3 stack per module (about 1 MB crashes wasm3)")
     worker_memory_mb: int = Field(256, ge=64, le=4096,
-                                  description="address-space cap (RLIMIT_AS) of each worker, on top of the module")
+                                  description="memory each worker may add (RLIMIT_DATA) to its own footprint after "
+                                              "its libraries load, besides the module's max_memory_mb")
     restart: RestartPolicy = Field(RestartPolicy(), description="restart and quarantine policy for every module")
+
+    @property
+    def worker_budget_bytes(self) -> int:
+        return (self.worker_memory_mb + self.max_memory_mb) << 20
 
 
 class WindowSection(StrictModel):

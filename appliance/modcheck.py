@@ -24,7 +24,7 @@ def check_modules(doc: YamlDocument, cfg: AppConfig) -> list[ConfigIssue]:
             worker = WorkerProcess(name, wasm, HEADER.size, load_message(
                 mod.wasm.name, module_params_text(mod), backend=rt.backend, stack_bytes=rt.stack_kb * 1024,
                 max_memory_bytes=rt.max_memory_mb << 20,
-                address_space_bytes=(rt.worker_memory_mb + rt.max_memory_mb) << 20))
+                memory_budget_bytes=rt.worker_budget_bytes))
         except ModuleRejected as exc:
             issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("wasm",)), here + ("wasm",), str(exc)))
             continue

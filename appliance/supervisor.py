@@ -282,7 +282,7 @@ class Supervisor:
                 WorkerProcess(name, read_module(path), 4096, load_message(
                     path.name, module_params_text(new), backend=rt.backend, stack_bytes=rt.stack_kb * 1024,
                     max_memory_bytes=rt.max_memory_mb << 20,
-                    address_space_bytes=(rt.worker_memory_mb + rt.max_memory_mb) << 20)).stop()
+                    memory_budget_bytes=rt.worker_budget_bytes)).stop()
             except (ModuleRejected, ModuleFault) as exc:
                 raise ValueError(f"{path} not loaded: {exc}") from None
             self._retire_module(name, old.source)

@@ -1,9 +1,11 @@
 """The worker process on its own: ABI checks on every guest pointer, params rejection, the
-address-space cap, and a worker killed from outside."""
+memory cap, and a worker killed from outside."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +16,9 @@ from appliance.runtime.host import HEADER, pack_header, ModuleFault, WorkerProce
 from conftest import REPO
 
 
-def load_msg(params: str = "", address_space_mb: int = 512, max_memory_mb: int = 64) -> dict:
+def load_msg(params: str = "", budget_mb: int = 512, max_memory_mb: int = 64) -> dict:
     return load_message("test.wasm", params, max_memory_bytes=max_memory_mb << 20,
-                        address_space_bytes=address_space_mb << 20)
+                        memory_budget_bytes=budget_mb << 20)
 
 
 def window(seq: int = 0, channels: int = 3, frames: int = 1024, scale: float = 1.0):
@@ -63,18 +65,32 @@ def test_module_rejecting_params_says_why(vibstats_wasm):
     assert info.value.reason == "module rejected its params: threshold must be positive"
 
 
-def test_address_space_cap_stops_a_memory_hog(tmp_path):
+def test_memory_cap_stops_a_memory_hog(tmp_path):
     # memhog declares 2 GiB. With the declared-memory limit raised so the check lets it pass,
-    # the second line of defence (RLIMIT_AS) must hold on its own.
+    # the second line of defence (RLIMIT_DATA over the worker's own footprint) must hold on its own.
     result = build_module(REPO / "tests" / "hostile_modules" / "memhog", tmp_path / "memhog.wasm")
     with pytest.raises(ModuleFault) as info:
         WorkerProcess("memhog", result.out.read_bytes(), 4096, load_msg())
     assert info.value.kind == "load" and "2048 MiB of memory, above the host limit of 64 MiB" in info.value.reason
     with pytest.raises(ModuleFault) as info:
-        WorkerProcess("memhog", result.out.read_bytes(), 4096,
-                      load_msg(address_space_mb=256, max_memory_mb=4096))
+        WorkerProcess("memhog", result.out.read_bytes(), 4096, load_msg(budget_mb=256, max_memory_mb=4096))
     assert info.value.kind == "memory"
-    assert info.value.reason == "memory allocation failed (worker capped at 256 MiB)"
+    assert re.fullmatch(r"memory allocation failed \(worker capped at 256 MiB above its own \d+ MiB\)",
+                        info.value.reason), info.value.reason
+
+
+def test_the_cap_starts_from_the_workers_own_footprint(vibstats_wasm):
+    worker = WorkerProcess("t", vibstats_wasm.read_bytes(), HEADER.size + 4 * 3 * 1024, load_msg(budget_mb=100))
+    try:
+        status = Path(f"/proc/{worker.pid}/status").read_text()
+        limits = Path(f"/proc/{worker.pid}/limits").read_text()
+    finally:
+        worker.stop()
+    vm_data = int(re.search(r"VmData:\s+(\d+) kB", status)[1]) << 10
+    soft, hard = re.search(r"Max data size\s+(\d+)\s+(\d+)\s+bytes", limits).groups()
+    assert int(soft) == int(hard) == worker.memory_cap_bytes   # the module cannot lift it
+    assert worker.memory_cap_bytes == worker.footprint_bytes + (100 << 20)
+    assert worker.footprint_bytes <= vm_data < worker.memory_cap_bytes
 
 
 def test_worker_killed_from_outside_is_a_crash(vibstats_wasm):

@@ -39,6 +39,8 @@ FORMATS = {np.dtype(np.float32): 1, np.dtype(np.uint8): 2}
 WINDOW_MAGIC = 0x31575041
 LOAD_TIMEOUT_S = 10.0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # where `appliance` imports from
+# The worker imports the same libraries as the supervisor, from the same places.
+WORKER_PYTHONPATH = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def pack_header(channels: int, frames: int, sample_rate: float, seq: int, start_ns: int = 0, dropped: int = 0,
@@ -82,13 +84,14 @@ def _signal_name(returncode: int | None) -> str:
 
 
 def load_message(label: str, params: str, *, backend: str = "wasm3", stack_bytes: int = 128 << 10,
-                 max_memory_bytes: int = 64 << 20, address_space_bytes: int = 320 << 20,
+                 max_memory_bytes: int = 64 << 20, memory_budget_bytes: int = 320 << 20,
                  state: bytes | None = None, module_dir: str = "") -> dict:
-    """The first message a worker gets: what to check, how to instantiate, its limits, the
-    module's saved state (if any), and its directory (where a compiled model's native library
-    for ap.nn_run lies)."""
+    """The first message a worker gets: what to check, how to instantiate, its limits (the
+    memory budget is what the worker may add to its own footprint once its libraries are
+    loaded), the module's saved state (if any), and its directory (where a compiled model's
+    native library for ap.nn_run lies)."""
     return {"op": "load", "label": label, "params": params, "backend": backend, "stack_bytes": stack_bytes,
-            "max_memory_bytes": max_memory_bytes, "address_space_bytes": address_space_bytes,
+            "max_memory_bytes": max_memory_bytes, "memory_budget_bytes": memory_budget_bytes,
             "state": base64.b64encode(state).decode() if state else "", "module_dir": module_dir}
 
 
@@ -111,7 +114,7 @@ class WorkerProcess:
             os.lseek(wasm_fd, 0, os.SEEK_SET)
             # A minimal environment: nothing of the supervisor's (credentials, tokens) leaks in.
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
-                   "PYTHONPATH": PACKAGE_ROOT, "PYTHONDONTWRITEBYTECODE": "1",
+                   "PYTHONPATH": WORKER_PYTHONPATH, "PYTHONDONTWRITEBYTECODE": "1",
                    "AP_WORKER_FDS": f"{child_sock.fileno()},{shm_fd},{wasm_fd}",
                    "AP_WORKER_PARENT": str(os.getpid()), "AP_WORKER_MODULE": name}
             # exec a fresh interpreter rather than fork a threaded supervisor.
@@ -126,6 +129,7 @@ class WorkerProcess:
         reply = self._receive(LOAD_TIMEOUT_S, "load")
         self.load_logs = reply.get("l", [])
         self.state_note = reply.get("st", "")
+        self.footprint_bytes, self.memory_cap_bytes = reply.get("mem", (0, 0))
 
     @property
     def pid(self) -> int:
@@ -476,7 +480,7 @@ class ModuleHost:
             rt = self.runtime
             load = load_message(self.cfg.wasm.name, module_params_text(self.cfg), backend=rt.backend,
                                 stack_bytes=rt.stack_kb * 1024, max_memory_bytes=rt.max_memory_mb << 20,
-                                address_space_bytes=(rt.worker_memory_mb + rt.max_memory_mb) << 20,
+                                memory_budget_bytes=rt.worker_budget_bytes,
                                 state=self._saved_state(), module_dir=str(self.cfg.wasm.parent))
             worker = WorkerProcess(self.name, wasm, self._shm_bytes, load)
         except ModuleRejected as exc:
@@ -500,7 +504,9 @@ class ModuleHost:
             self.metrics.module_up.labels(self.name).set(1)
             self._set_state(ModuleState.RUNNING, f"worker pid {worker.pid}")
         self.loaded_sha256 = hashlib.sha256(wasm).hexdigest()
-        log.info("module %s: running in worker pid %d (sha256 %s)", self.name, worker.pid, self.loaded_sha256[:12])
+        log.info("module %s: running in worker pid %d (sha256 %s; memory: %d MiB of libraries, capped at %d MiB)",
+                 self.name, worker.pid, self.loaded_sha256[:12], worker.footprint_bytes >> 20,
+                 worker.memory_cap_bytes >> 20)
 
     def _process(self, window: Window) -> None:
         dropped = max(0, window.seq - self._last_seq - 1) if self._last_seq >= 0 else window.seq

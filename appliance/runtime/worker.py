@@ -36,6 +36,7 @@ import struct
 import sys
 import time
 
+from appliance import malloc
 from appliance.runtime.backend import BACKENDS
 from appliance.runtime.validate import ModuleRejected, check_module
 
@@ -57,6 +58,10 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 REPLY = struct.Struct("<1siqIIII")
 
 
+# Host imports the worker itself serves to every module; the kernels' classes list theirs.
+CORE_IMPORTS = ("log", "feature", "features", "event", "state_changed")
+
+
 class AbiViolation(Exception):
     """The module broke the ABI in a host call (bad pointer, name, count)."""
 
@@ -75,20 +80,38 @@ class Calls:
         self.state_changed = False
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt()
+def private_memory_bytes() -> int:
+    """VmData: the private writable memory the kernel charges against RLIMIT_DATA (heap, anonymous
+    mappings, thread stacks; not code, not read-only or PROT_NONE reservations)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmData:"):
+                return int(line.split()[1]) << 10
+    raise RuntimeError("no VmData in /proc/self/status")
+
+
+def cap_memory(budget: int, final: bool) -> tuple[int, int]:
+    """RLIMIT_DATA = what the worker holds now + budget: (footprint, cap).
+
+    The cap bounds what the module and the host calls it makes can add, not what the libraries
+    reserve when they load: numpy's and OpenCV's reservations differ by version (measured: import
+    cv2 takes VmSize from 140 to 453 MB with OpenCV 4.14, 467 MB with 5.1), so a fixed
+    address-space cap let a library update starve a healthy worker. A provisional cap covers the
+    checks of the untrusted bytes; the final one, set once the kernels are imported and warmed
+    up, is the hard limit too, so nothing in the worker can lift it afterwards."""
+    footprint = private_memory_bytes()
+    cap = footprint + budget
+    hard = cap if final else resource.getrlimit(resource.RLIMIT_DATA)[1]
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    return footprint, cap
 
 
 def _keep_heap() -> None:
     """Keep freed memory in the heap. The kernels' numpy temporaries are hundreds of KB; glibc
     would hand them back to the kernel after each call and fault them in again on the next
     (measured: a dozen brk calls and ~0.6 ms of system time per 4-channel window). The process
-    stays under RLIMIT_AS whatever is kept."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, 16 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-    except (OSError, AttributeError):
-        pass
+    stays under its memory cap whatever is kept, and a worker has one thread (one arena)."""
+    malloc.tune(mmap_threshold=16 << 20, trim_threshold=64 << 20)
 
 
 class HostDsp:
@@ -324,6 +347,7 @@ class HostImage:
         import numpy as np
         from hal import imaging   # OpenCV: imported only by workers whose module uses these kernels
         imaging.configure(threads=1)
+        imaging.warm_up()
         self.np, self.memory, self.violation = np, memory, violation
         self.kernels = imaging.ImageKernels()
         self.blur_kernels = imaging.BLUR_KERNELS
@@ -428,9 +452,12 @@ def main() -> int:
         wasm = f.read()
 
     load = json.loads(sock.recv(SOCKET_BUFFER))
-    # Cap the whole process before the engine allocates anything: wasm3 has no memory limit.
-    cap = int(load["address_space_bytes"])
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    # Cap the process before it parses untrusted bytes; the final cap follows the imports.
+    budget = int(load["memory_budget_bytes"])
+    footprint, cap = cap_memory(budget, final=False)
+
+    def capped() -> str:
+        return f"worker capped at {budget >> 20} MiB above its own {footprint >> 20} MiB"
 
     calls = Calls()
     inst = None
@@ -536,12 +563,13 @@ def main() -> int:
     except ModuleRejected as exc:
         return fault("load", str(exc))
     except MemoryError:
-        return fault("memory", f"out of memory while checking the module (worker capped at {cap >> 20} MiB)")
+        return fault("memory", f"out of memory while checking the module ({capped()})")
 
     try:
         backend = BACKENDS[load["backend"]]()
-        imports = {("ap", "log"): host_log, ("ap", "feature"): host_feature, ("ap", "event"): host_event,
-                   ("ap", "state_changed"): host_state_changed, ("ap", "features"): host_features}
+        core = {"log": host_log, "feature": host_feature, "event": host_event,
+                "state_changed": host_state_changed, "features": host_features}
+        imports = {("ap", name): core[name] for name in CORE_IMPORTS}
         wanted = {(i.module, i.name) for i in info.imports}
         if wanted & {("ap", name) for name in HostDsp.IMPORTS}:
             imports.update(HostDsp(lambda: inst.memory(), AbiViolation).imports())   # numpy only if used
@@ -557,6 +585,8 @@ def main() -> int:
             # Native code only when the module's host_nn switch is on (host.nn=1 in its params).
             imports.update(HostNN(lambda: inst.memory(), AbiViolation, load.get("module_dir") or None,
                                   "host.nn=1" in load["params"].splitlines(), nn_log).imports())
+        # Everything this worker will import is in now: the budget starts from here.
+        footprint, cap = cap_memory(budget, final=True)
 
         def start_instance() -> tuple[str, str] | None:
             """Instantiate and ap_init; a (fault kind, reason) if the module cannot start."""
@@ -589,12 +619,12 @@ def main() -> int:
     except AbiViolation as exc:
         return fault("abi", str(exc))
     except MemoryError:
-        return fault("memory", f"out of memory while loading (worker capped at {cap >> 20} MiB)")
+        return fault("memory", f"out of memory while loading ({capped()})")
     except RuntimeError as exc:
         if "allocation failed" in str(exc):
-            return fault("memory", f"{exc} (worker capped at {cap >> 20} MiB)")
+            return fault("memory", f"{exc} ({capped()})")
         return fault("trap" if "[trap]" in str(exc) else "load", str(exc))
-    sock.send(json.dumps({"ok": True, "l": calls.logs, "st": state_note}).encode())
+    sock.send(json.dumps({"ok": True, "l": calls.logs, "st": state_note, "mem": [footprint, cap]}).encode())
 
     window_ptrs: dict[int, int] = {}
     sent_names: tuple[str, ...] = ()   # the feature names the supervisor holds
@@ -617,7 +647,7 @@ def main() -> int:
         except AbiViolation as exc:
             return fault("abi", str(exc))
         except MemoryError:
-            return fault("memory", f"out of memory (worker capped at {cap >> 20} MiB)")
+            return fault("memory", f"out of memory ({capped()})")
         except RuntimeError as exc:
             return fault("trap" if "[trap]" in str(exc) else "engine", str(exc))
         extra: dict = {}
