@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_file
+from conftest import require_tool, shared_file
 
 from appliance.modbuild import build_module
 from appliance.runtime.backend import IMPORT_SIGNATURES
@@ -487,9 +486,7 @@ int main(void) {
 
 def test_sdk_scalar_helpers_and_median(tmp_path):
     """ap_ln, ap_sincos and ap_median_f32 (new in ap_dsp.h) against libm / numpy, natively."""
-    cc = shutil.which("gcc")
-    if cc is None:
-        pytest.skip("gcc not installed")
+    cc = require_tool("gcc", "gcc")
     (tmp_path / "h.c").write_text(HELPERS_C)
     subprocess.run([cc, "-O2", "-Wall", f"-I{REPO / 'modules' / 'sdk'}", str(tmp_path / "h.c"), "-o",
                     str(tmp_path / "h")], check=True)

@@ -16,7 +16,7 @@ from hal.source import Health
 from hal.sources.replay import ReplayConfig, ReplaySource
 from hal.sources.sim_vibration import SimVibrationConfig, SimVibrationSource
 
-CWRU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bearing" / "cwru"
+from conftest import shared_file
 
 
 # ------------------------------------------------------------------ helpers / fixtures
@@ -447,9 +447,7 @@ def test_replay_realtime_is_paced(ramp_npy):
 
 
 def test_replay_real_cwru_file():
-    path = CWRU_DIR / "normal_0hp_48k.mat"
-    if not path.exists():
-        pytest.skip(f"CWRU data not present at {path}")
+    path = shared_file("bearing", "cwru", "normal_0hp_48k.mat")
     src = replay(segments=[{"path": str(path), "sample_rate": 48000, "decimate": 4}], block_frames=4096)
     info = src.info  # available before open (reads the file)
     assert info.sample_rate == 12000 and info.channels == ("ch0",)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance import modbuild
+from conftest import require_tool
 from appliance.modbuild import BuildError, build_all, build_module, inspect_text, toolchain_version
 from appliance.wasm_binary import (
     HOST_IMPORTS, FuncType, WasmFormatError, check_abi_v1, parse, signature_str,
@@ -23,8 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 VIBSTATS = REPO / "modules" / "src" / "vibstats"
 LIMIT = 64 * 1024 * 1024
 
-needs_wat2wasm = pytest.mark.skipif(shutil.which("wat2wasm") is None, reason="wabt not installed")
-needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
 
 
 def _load_hostile():
@@ -49,7 +48,7 @@ def _wat(tmp_path: Path, text: str, name: str = "m") -> bytes:
     src = tmp_path / f"{name}.wat"
     src.write_text(text)
     out = tmp_path / f"{name}.wasm"
-    subprocess.run(["wat2wasm", str(src), "-o", str(out)], check=True, capture_output=True)
+    subprocess.run([require_tool("wat2wasm", "wabt"), str(src), "-o", str(out)], check=True, capture_output=True)
     return out.read_bytes()
 
 
@@ -198,7 +197,6 @@ def test_memory_min_differs_from_max_via_linker_flags(tmp_path):
     assert problems == ["declares memory min 1024 KiB, max 2048 KiB: ABI v1 requires minimum == maximum"]
 
 
-@needs_wat2wasm
 def test_memory_rules_from_wat(tmp_path):
     no_max = _wat(tmp_path, f'(module (memory (export "memory") 2) {ABI_FUNCS})', "nomax")
     assert check_abi_v1(parse(no_max), LIMIT) == [
@@ -221,7 +219,6 @@ def test_memory_rules_from_wat(tmp_path):
                                                   "declares no memory"]
 
 
-@needs_wat2wasm
 def test_export_rules_from_wat(tmp_path):
     data = _wat(tmp_path, """(module
       (memory (export "memory") 1 1)
@@ -351,7 +348,6 @@ t.join()
     ("crash", "", "SIGSEGV"),
 ])
 def test_hostile_behaviour_under_wasm3(tmp_path, name, params, expect):
-    pytest.importorskip("wasm3")
     path = hostile.build_hostile(name, tmp_path)
     p = subprocess.run([sys.executable, "-c", _WASM3_CHILD, str(path), params],
                        capture_output=True, text=True, timeout=60)
@@ -364,18 +360,25 @@ def test_hostile_behaviour_under_wasm3(tmp_path, name, params, expect):
 
 # ---- native benchmark harness -----------------------------------------------------------------
 
-@needs_gcc
 def test_native_harness(tmp_path):
+    """The native row of `make bench` runs the module on the windows and params it is given."""
+    require_tool("gcc", "gcc")
     exe = tmp_path / "vibstats_native"
     subprocess.run(["gcc", "-O2", f"-I{REPO / 'modules' / 'sdk'}", str(VIBSTATS / "vibstats.c"),
                     str(REPO / "benchmarks" / "native" / "native_host.c"), "-lm", "-o", str(exe)],
                    check=True, capture_output=True, text=True)
-    p = subprocess.run([str(exe), "3", "1024", "50"], check=True, capture_output=True, text=True)
+    import numpy as np
+    (tmp_path / "params").write_text("baseline.windows=10\nthreshold=6\n")
+    rng = np.random.default_rng(0)
+    calm = rng.standard_normal((10, 3, 1024)).astype(np.float32)
+    np.concatenate([calm, 20 * calm[:3]]).tofile(tmp_path / "windows")   # 10 to learn, then 3 loud ones
+    p = subprocess.run([str(exe), str(tmp_path / "params"), str(tmp_path / "windows"), "3", "1024", "12800",
+                        "5", "8"], check=True, capture_output=True, text=True)
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert result["windows"] == 50
-    assert result["samples"] == 3 * 1024 * 50
-    assert result["seconds"] > 0 and result["samples_per_s"] > 0
+    assert result["windows"] == 8 and result["samples"] == 3 * 1024 * 8   # 5 untimed, then 8
+    assert result["cpu_s"] > 0 and result["samples_per_cpu_s"] > 0
     assert result["rejected"] == 0
-    assert result["features"] == 50 * 3 * 4 + 10 + 40  # 12 per window, progress x10, score x40
+    assert result["features"] == 13 * 3 * 4 + 10 + 3  # 12 per window, progress x10, score x3
+    assert result["events"] == 1   # the loud windows are seen: the module got these windows, in order

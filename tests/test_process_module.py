@@ -25,7 +25,7 @@ import yaml
 from appliance.events import Spool
 from appliance.modbuild import build_module
 from appliance.runtime.host import HEADER, ModuleFault, WorkerProcess, load_message, pack_header
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require
 from hal.serial.nmea import make_sentence
 from hal.source import Health
 from hal.sources.nmea import split_epochs
@@ -652,8 +652,7 @@ def altered_log(path: Path, lost: range, jump_from: int) -> list[bytes]:
 
 def test_nmea_logs_through_the_supervisor(process_wasm, tmp_path):
     logs = sorted((SHARED_DATA / "serial" / "nmea").glob("*.log"))
-    if not logs:
-        pytest.skip(f"no NMEA logs in {SHARED_DATA / 'serial' / 'nmea'} (see ../shared/data/README.md)")
+    require(bool(logs), f"NMEA logs in {SHARED_DATA / 'serial' / 'nmea'} (see ../shared/data/README.md)")
     mt3339 = next((p for p in logs if p.name == "mt3339.log"), logs[0])
     feeds = {f"log{i}": NmeaWriter.device_lines(p) for i, p in enumerate(logs)}
     feeds["altered"] = altered_log(mt3339, lost=range(8, 15), jump_from=22)

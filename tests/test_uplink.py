@@ -13,6 +13,7 @@ import pytest
 from appliance.events import Spool
 from appliance.supervisor import Supervisor
 
+from conftest import require
 from hostile_modules.hostile import build_hostile
 from support import metric, sim_source, wait_for, write_config
 from webhook_server import Reply, WebhookServer
@@ -81,11 +82,9 @@ def test_http_errors_are_retried_in_order_and_a_refused_event_is_parked(tmp_path
 def small_tmpfs(tmp_path):
     mnt = tmp_path / "spoolfs"
     mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    require(os.geteuid() == 0 and shutil.which("mount") is not None, "root, to mount a small tmpfs (CI runs as root)")
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    require(proc.returncode == 0, f"a tmpfs mount: {proc.stderr.strip()}")
     try:
         yield mnt
     finally:
