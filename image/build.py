@@ -4,15 +4,17 @@ gateways and QEMU's `virt` machine.
 
 Two stages. The **base** root file system (Debian packages, the i2c-stub module, the venv with
 the third-party Python packages) takes minutes under emulation, so it is cached as a tarball
-keyed by everything that goes into it (image/base-packages.txt, image/rootfs-hooks/*, the Python
-requirements). The **appliance** stage runs every time and takes about a minute: our package,
+keyed by everything that goes into it (image/base-packages.txt, image/rootfs-hooks/*, the locked
+Python requirements in requirements/gateway.txt and build.txt). The **appliance** stage runs every time and takes about a minute: our package,
 the prebuilt modules, the systemd units and config, then the partitions and the card:
 
     MBR | 1: FAT32 "APPBOOT" 256 MiB  kernel, initrd, extlinux.conf, appliance.yaml (edit from any PC)
         | 2: ext4  "APPROOT"          read-only root, /opt/appliance/venv
         | 3: ext4  "APPDATA" 64 MiB   spool, baselines, logs; grows to the end of the card at first boot
 
-Outputs (build/image/): the raw .img, .img.xz, .bmap (bmaptool), SHA256SUMS, build-info.json.
+Outputs (build/image/): the raw .img, .img.xz, .bmap (bmaptool), SHA256SUMS, build-info.json, and
+what is in it: manifest.txt and sbom.spdx.json (image/sbom.py), manifest-moved.txt (what differs
+from the manifest recorded in image/manifest.txt).
 Needs root (mmdebstrap --mode=root, chroot, file ownership); `make image` installs the host tools.
 """
 from __future__ import annotations
@@ -22,13 +24,11 @@ import gzip
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 IMAGE_DIR = Path(__file__).resolve().parent
@@ -83,15 +83,21 @@ def ensure_binfmt() -> None:
         sys.exit("image: binfmt for qemu-aarch64 is not registered (package qemu-user-static, binfmt-support)")
 
 
-# The module and model toolchain: modules are compiled on a workstation, the gateway runs them.
-NOT_ON_GATEWAY = ("ziglang", "onnx")
+LOCKS = REPO / "requirements"
+DEBIAN_PYTHON = (3, 11, 2)    # bookworm's CPython, for the lock's markers
+sys.path.insert(0, str(LOCKS))
+import install as locked  # noqa: E402
+import pywasm3_fix  # noqa: E402
+
+sys.path.insert(0, str(IMAGE_DIR))
+import sbom  # noqa: E402
 
 
-def requirements() -> str:
-    """The appliance's runtime dependencies, minus the module toolchain."""
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    keep = [d for d in deps if re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0] not in NOT_ON_GATEWAY]
-    return "\n".join(keep) + "\n"
+def locked_requirements() -> tuple[str, str]:
+    """(build tools, gateway packages but pywasm3) as hash-pinned requirement text for arm64
+    Debian 12: requirements/build.txt and gateway.txt with their markers decided for aarch64."""
+    return (locked.locked_text(LOCKS / "build.txt", "aarch64", DEBIAN_PYTHON),
+            locked.locked_text(LOCKS / "gateway.txt", "aarch64", DEBIAN_PYTHON, exclude=set(locked.PATCHED)))
 
 
 def package_list() -> list[str]:
@@ -100,25 +106,29 @@ def package_list() -> list[str]:
 
 
 def download_wheels(wheelhouse: Path) -> None:
-    """aarch64 wheels for Debian 12's CPython 3.11, fetched by the host's pip (its network and
-    certificate settings); pywasm3 has no wheel anywhere: its sdist compiles in the chroot."""
+    """aarch64 wheels for Debian 12's CPython 3.11, exactly the files the lock names (pip checks
+    every sha256 here, and the chroot's pip again), fetched by the host's pip (its network and
+    certificate settings); pywasm3 has no wheel anywhere: its sdist, checked and mended
+    (requirements/pywasm3_fix.py), compiles in the chroot."""
     wheelhouse.mkdir()
-    reqs = requirements()
-    (wheelhouse / "requirements.txt").write_text(reqs)
-    binary = [r for r in reqs.split() if not r.startswith("pywasm3")]
-    sources = [r for r in reqs.split() if r.startswith("pywasm3")]
-    pip = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "-d", str(wheelhouse)]
+    build, gateway = locked_requirements()
+    (wheelhouse / "build.txt").write_text(build)
+    (wheelhouse / "requirements.txt").write_text(gateway)
+    binary = wheelhouse / "binary.txt"
+    binary.write_text(build + gateway)
     platforms = [a for p in ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")
                  for a in ("--platform", p)]
-    run([*pip, "--only-binary=:all:", *platforms, "--python-version", "3.11", "--implementation", "cp",
-         *binary, "setuptools", "wheel"])
-    if sources:
-        run([*pip, "--no-deps", "--no-binary=:all:", *sources])
+    run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--require-hashes",
+         "--no-deps", "-d", str(wheelhouse), "--only-binary=:all:", *platforms, "--python-version", "3.11",
+         "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none", "-r", str(binary)])
+    binary.unlink()
+    pywasm3_fix.fetch(wheelhouse / "pywasm3", LOCKS / "gateway.txt")
 
 
 def base_key() -> str:
     h = hashlib.sha256()
-    for part in [SUITE, *SOURCES, "\n".join(package_list()), requirements()]:
+    for part in [SUITE, *SOURCES, "\n".join(package_list()), *locked_requirements(),
+                 (LOCKS / "pywasm3_fix.py").read_text()]:
         h.update(part.encode() + b"\0")
     for hook in sorted((IMAGE_DIR / "rootfs-hooks").iterdir()):
         h.update(hook.name.encode() + b"\0" + hook.read_bytes() + b"\0")
@@ -284,6 +294,15 @@ def assemble(root: Path, work: Path, out_img: Path) -> dict:
     return {"boot_mib": BOOT_MIB, "root_mib": root_mib, "data_mib": DATA_MIB, "image_mib": total}
 
 
+def build_time() -> str:
+    """The commit's time (SOURCE_DATE_EPOCH if set): the SBOM of a commit does not change with the day."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        proc = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%ct"], capture_output=True, text=True)
+        epoch = proc.stdout.strip() or "0"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -297,6 +316,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="base rootfs cache (default: %(default)s)")
     p.add_argument("--raw-only", action="store_true", help="skip the .xz and .bmap (what image-test needs)")
+    p.add_argument("--record-manifest", action="store_true",
+                   help=f"record this image's package manifest as {sbom.RECORDED.relative_to(REPO)}")
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("image: needs root (mmdebstrap --mode=root, chroot, file ownership); run it with sudo")
@@ -312,11 +333,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         work = Path(tmp)
         root = stage_rootfs(base, work)
+        changes = sbom.write(root, args.out, name, __version__, build_time(), args.record_manifest)
         layout = assemble(root, work, img)
     t_img = time.monotonic() - t0
     info = {"image": img.name, "version": __version__, "base": base.name, "base_cached": cached,
             "base_s": round(t_base, 1), "layout_mib": layout, "apparent_bytes": img.stat().st_size,
-            "allocated_bytes": img.stat().st_blocks * 512}
+            "allocated_bytes": img.stat().st_blocks * 512, "packages_moved": changes}
     outputs = [img]
     if not args.raw_only:
         say("compressing (xz) and mapping (bmaptool)")
@@ -335,6 +357,14 @@ def main() -> int:
     say(f"{img} ({layout['image_mib']} MiB, {info['allocated_bytes'] >> 20} MiB allocated)"
         + (f", {info['xz_bytes'] >> 20} MiB as .xz" if "xz_bytes" in info else "")
         + f" in {info['total_s']:.0f} s")
+    if changes:
+        say(f"{len(changes)} package(s) differ from {sbom.RECORDED.relative_to(REPO)} (build/image/manifest-moved.txt):")
+        for line in changes:
+            say(f"  {line}")
+        if not args.record_manifest:
+            say("record them with `make image RECORD_MANIFEST=1` once the image passes its tests")
+    else:
+        say(f"every package as recorded in {sbom.RECORDED.relative_to(REPO)}")
     return 0
 
 

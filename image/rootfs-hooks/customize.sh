@@ -1,7 +1,8 @@
 #!/bin/bash
 # mmdebstrap --customize-hook for the cached base: $1 = the root directory, $2 = a wheelhouse the
-# host downloaded (aarch64 wheels, the pywasm3 sdist, requirements.txt): the host's network and
-# certificates fetch, the chroot installs offline.
+# host downloaded (aarch64 wheels, build.txt and requirements.txt pinned with hashes from the
+# lock, pywasm3's source mended): the host's network and certificates fetch, the chroot installs
+# offline.
 # Builds what Debian's arm64 kernel and PyPI lack (the i2c-stub module, pywasm3 has no wheel),
 # installs the appliance's third-party Python packages into a venv, then purges the build tools.
 set -euo pipefail
@@ -25,8 +26,18 @@ rm -rf "$root/tmp/i2c-stub"
 echo "== Python venv /opt/appliance/venv"
 in_root python3 -m venv /opt/appliance/venv
 cp -r "$wheelhouse" "$root/tmp/wheelhouse"
+# Exactly the lock (requirements/build.txt, gateway.txt), every file checked against its sha256;
+# the build tools first, so pywasm3's sdist builds with the locked setuptools.
+pip_locked() {
+    in_root /opt/appliance/venv/bin/pip install --no-cache-dir --disable-pip-version-check -q --no-index \
+        --find-links /tmp/wheelhouse --require-hashes --no-deps "$@"
+}
+pip_locked -r /tmp/wheelhouse/build.txt
+pip_locked --no-build-isolation -r /tmp/wheelhouse/requirements.txt
+# pywasm3: the locked sdist, checked and mended on the host (requirements/pywasm3_fix.py)
 in_root /opt/appliance/venv/bin/pip install --no-cache-dir --disable-pip-version-check -q --no-index \
-    --find-links /tmp/wheelhouse -r /tmp/wheelhouse/requirements.txt
+    --no-deps --no-build-isolation /tmp/wheelhouse/pywasm3
+in_root /opt/appliance/venv/bin/pip check
 rm -rf "$root/tmp/wheelhouse"
 in_root /opt/appliance/venv/bin/python -c 'import wasm3, numpy, cv2, pydantic, smbus2, serial; print("venv ok: numpy", numpy.__version__, "opencv", cv2.__version__)'
 
