@@ -49,6 +49,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from appliance import malloc
+    malloc.tune_for_a_long_running_service()   # before any thread starts: flat memory for months
     _setup_logging(args.log_level)
     cfg = _load(args.config, check_modules=True)
     if cfg is None:

@@ -2,16 +2,13 @@
 
   wasm3, C FFT       the module alone in a worker, its own FFT (host_dsp: false)
   wasm3 + host DSP   the module in a worker, FFTs by the host (numpy on the module's memory)
-  native C           the same bearing.c, gcc -O2
+  native C           the same bearing.c, gcc -O2, on the same windows with the same params (its C FFT)
   numpy              modules/src/bearing/reference.py (the tests' reference implementation)
 
 Windows: CHANNELS channels x 4096 frames at 12.8 kHz, after the baseline is learned.
 """
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +20,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "modules" / "src" / "bearing"))
 
 from appliance.modbuild import build_module  # noqa: E402
-from common import cpu_of, self_cpu  # noqa: E402
+from common import cpu_of, native_rate, self_cpu  # noqa: E402
 from appliance.runtime.host import HEADER, pack_header, WorkerProcess, load_message  # noqa: E402
 
 FRAMES, FS = 4096, 12800.0
@@ -38,9 +35,16 @@ def params_text(host_dsp: bool) -> str:
     return "".join(f"{k}={v}\n" for k, v in sorted(items.items()))
 
 
-def worker_rate(wasm: bytes, host_dsp: bool, channels: int, n: int) -> float:
+WARMUP = 12   # windows processed before the clock starts: the baseline is learned first
+
+
+def bench_windows(channels: int) -> list[np.ndarray]:
     rng = np.random.default_rng(3)
-    wins = [rng.standard_normal((channels, FRAMES)).astype(np.float32) for _ in range(8)]
+    return [rng.standard_normal((channels, FRAMES)).astype(np.float32) for _ in range(8)]
+
+
+def worker_rate(wasm: bytes, host_dsp: bool, channels: int, n: int) -> float:
+    wins = bench_windows(channels)
     worker = WorkerProcess("bench", wasm, HEADER.size + wins[0].nbytes, load_message("bearing.wasm",
                                                                                       params_text(host_dsp)))
     try:
@@ -48,34 +52,25 @@ def worker_rate(wasm: bytes, host_dsp: bool, channels: int, n: int) -> float:
             for seq in range(first, first + count):
                 header = pack_header(channels, FRAMES, FS, seq)
                 assert worker.process(header, wins[seq % 8], 30.0)["rc"] == 0
-        run(12, 0)                                   # learn the baseline first: time the steady state
+        run(WARMUP, 0)                               # learn the baseline first: time the steady state
         cpu0, wcpu0 = self_cpu(), cpu_of(worker.pid)
-        run(n, 12)
+        run(n, WARMUP)
         cpu = self_cpu() - cpu0 + cpu_of(worker.pid) - wcpu0
     finally:
         worker.stop()
     return n * channels * FRAMES / cpu
 
 
-def native_rate(channels: int, n: int) -> float | None:
-    cc = shutil.which("gcc")
-    if cc is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        obj, exe = Path(tmp) / "bearing.o", Path(tmp) / "bearing_native"
-        subprocess.run([cc, "-O2", "-c", f"-I{REPO / 'modules' / 'sdk'}", "-Dap_init=bearing_ap_init",
-                        str(REPO / "modules/src/bearing/bearing.c"), "-o", str(obj)], check=True)
-        subprocess.run([cc, "-O2", str(obj), str(REPO / "benchmarks/native/bearing_stubs.c"),
-                        str(REPO / "benchmarks/native/native_host.c"), "-lm", "-o", str(exe)], check=True)
-        out = subprocess.run([str(exe), str(channels), str(FRAMES), str(n)], capture_output=True, text=True,
-                             check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["samples_per_s"]
+def native_c_rate(channels: int, n: int) -> float | None:
+    """bearing.c natively, with the C FFT row's params (host.dsp=0) and windows."""
+    r = native_rate([REPO / "modules/src/bearing/bearing.c", REPO / "benchmarks/native/bearing_stubs.c"],
+                    params_text(False), bench_windows(channels), FS, warmup=WARMUP, count=n)
+    return r.get("samples_per_cpu_s")
 
 
 def numpy_rate(channels: int, n: int) -> float:
     import reference
-    rng = np.random.default_rng(3)
-    wins = [rng.standard_normal((channels, FRAMES)).astype(np.float32) for _ in range(8)]
+    wins = bench_windows(channels)
     cpu0 = self_cpu()
     for i in range(n):
         reference.analyze(wins[i % 8], FS, PARAMS)
@@ -92,7 +87,7 @@ def main() -> None:
     for channels in (1, 4):
         c = worker_rate(wasm, False, channels, 20)
         host = worker_rate(wasm, True, channels, 200)
-        native = native_rate(channels, 2000)
+        native = native_c_rate(channels, 2000)
         ref = numpy_rate(channels, 100)
         nat = f"{native / 1e6:9.1f}" if native else f"{'-':>9}"
         ratio = f"{host / native:10.2f}x" if native else f"{'-':>11}"

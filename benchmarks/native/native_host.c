@@ -1,24 +1,24 @@
 /*
- * native_host.c: runs an analytics module's C source natively, to compare with wasm3.
+ * native_host.c: runs an analytics module's C source natively, fed exactly what the wasm rows
+ * of `make bench` feed it, measured the same way.
  *
- *   gcc -O2 -Imodules/sdk modules/src/vibstats/vibstats.c benchmarks/native/native_host.c \
- *       -lm -o /tmp/vibstats_native
- *   /tmp/vibstats_native [channels=3] [frames=4096] [windows=1000]
+ *   native_host PARAMS_FILE WINDOWS_FILE CHANNELS FRAMES RATE WARMUP COUNT
+ *
+ * PARAMS_FILE holds the module's params text (what the worker passes to ap_init); WINDOWS_FILE
+ * holds W windows of CHANNELS x FRAMES planar float32, as the benchmark generated them. The
+ * first WARMUP windows (cycling through the file) are processed untimed; then COUNT more, each
+ * one written into the module's window buffer (header + samples, as the worker copies it into
+ * linear memory) and passed to ap_process, under the process's CPU clock. Prints one JSON line.
  *
  * Built without --target=wasm32 the SDK turns the host imports into plain extern functions;
- * this file provides them (counting calls) and feeds ABI v1 windows to ap_process. Only the
- * ap_process calls are timed: copying a window in is the host's cost, not the module's.
- * Prints one JSON line.
+ * this file provides the core ones (counting calls).
  */
 #define _POSIX_C_SOURCE 199309L
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <math.h>
 #include <time.h>
-
-#define TWO_PI 6.283185307179586
 
 int32_t ap_abi_version(void);
 uint8_t *ap_buffer(int32_t kind, int32_t size);
@@ -37,18 +37,14 @@ void ap_host_feature(const char *name, int32_t name_len, double value) {
     n_features++;
 }
 
+void ap_host_features(const char *names, int32_t names_len, const double *values, int32_t count) {
+    (void)names; (void)names_len; (void)values;
+    n_features += (uint64_t)count;
+}
+
 void ap_host_event(int32_t severity, double score, const char *msg, int32_t len) {
     (void)severity; (void)score; (void)msg; (void)len;
     n_events++;
-}
-
-/* xorshift32: same samples on every machine and libc, unlike rand(). */
-static uint32_t rng_state = 0x9E3779B9u;
-static float noise(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 17;
-    rng_state ^= rng_state << 5;
-    return (float)((double)rng_state / 4294967296.0 * 2.0 - 1.0);
 }
 
 static void put_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
@@ -56,82 +52,86 @@ static void put_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static void put_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 static void put_f64(uint8_t *p, double v) { memcpy(p, &v, 8); }
 
+/* The 64-byte header of modules/ABI.md, as appliance/runtime/host.py packs it. */
 static void write_header(uint8_t *w, uint32_t channels, uint32_t frames, double rate, uint64_t seq) {
     memset(w, 0, 64);
-    memcpy(w, "APW1", 4);
+    put_u32(w, 0x31575041u);                 /* "APW1" */
     put_u16(w + 4, 64);
     put_u16(w + 6, 1);                       /* float32 */
     put_u32(w + 8, channels);
     put_u32(w + 12, frames);
     put_f64(w + 16, rate);
     put_u64(w + 24, seq);
-    put_u64(w + 32, (uint64_t)(1700000000.0e9 + (double)seq * frames / rate * 1e9));
-    put_u32(w + 40, 0);                      /* planar */
-    put_u32(w + 44, 0);                      /* dropped */
 }
 
-static double now_s(void) {
+static double cpu_s(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static long arg(int argc, char **argv, int i, long dflt) {
-    if (argc <= i) return dflt;
+static void *read_file(const char *path, long *size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { perror(path); exit(2); }
+    fseek(f, 0, SEEK_END);
+    *size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    void *buf = malloc((size_t)*size + 1);
+    if (!buf || fread(buf, 1, (size_t)*size, f) != (size_t)*size) { fprintf(stderr, "cannot read %s\n", path); exit(2); }
+    fclose(f);
+    return buf;
+}
+
+static long arg(char **argv, int i) {
     char *end;
     long v = strtol(argv[i], &end, 10);
-    if (*end || v <= 0) { fprintf(stderr, "argument %d must be a positive integer: %s\n", i, argv[i]); exit(2); }
+    if (*end || v < 0) { fprintf(stderr, "argument %d must be a non-negative integer: %s\n", i, argv[i]); exit(2); }
     return v;
 }
 
 int main(int argc, char **argv) {
-    uint32_t channels = (uint32_t)arg(argc, argv, 1, 3);
-    uint32_t frames = (uint32_t)arg(argc, argv, 2, 4096);
-    long windows = arg(argc, argv, 3, 1000);
-    const double rate = 25600.0;
+    if (argc != 8) {
+        fprintf(stderr, "usage: %s PARAMS_FILE WINDOWS_FILE CHANNELS FRAMES RATE WARMUP COUNT\n", argv[0]);
+        return 2;
+    }
+    long plen, wbytes;
+    char *params = read_file(argv[1], &plen);
+    float *windows = read_file(argv[2], &wbytes);
+    uint32_t channels = (uint32_t)arg(argv, 3), frames = (uint32_t)arg(argv, 4);
+    double rate = strtod(argv[5], NULL);
+    long warmup = arg(argv, 6), count = arg(argv, 7);
+    size_t samples = (size_t)channels * frames;
+    long distinct = wbytes / (long)(samples * sizeof(float));
+    if (distinct < 1 || (size_t)wbytes != (size_t)distinct * samples * sizeof(float)) {
+        fprintf(stderr, "%s does not hold whole windows of %u x %u float32\n", argv[2], channels, frames);
+        return 2;
+    }
 
     if (ap_abi_version() != 1) { fprintf(stderr, "module ABI version %d, expected 1\n", (int)ap_abi_version()); return 1; }
-    const char params[] = "baseline.windows=10\n";
-    int32_t plen = (int32_t)strlen(params);
-    uint8_t *pbuf = ap_buffer(0, plen);
+    uint8_t *pbuf = ap_buffer(0, (int32_t)(plen > 0 ? plen : 1));
     if (!pbuf) { fprintf(stderr, "module has no params buffer\n"); return 1; }
     memcpy(pbuf, params, (size_t)plen);
-    if (ap_init((const char *)pbuf, plen) != 0) { fprintf(stderr, "ap_init rejected the params\n"); return 1; }
+    if (ap_init((const char *)pbuf, (int32_t)plen) != 0) { fprintf(stderr, "ap_init rejected the params\n"); return 1; }
 
-    uint64_t wlen64 = 64 + 4ull * channels * frames;
-    if (wlen64 > INT32_MAX) { fprintf(stderr, "window too large\n"); return 2; }
-    int32_t wlen = (int32_t)wlen64;
+    int32_t wlen = (int32_t)(64 + samples * sizeof(float));
     uint8_t *wbuf = ap_buffer(1, wlen);
     if (!wbuf) { fprintf(stderr, "module refuses windows of %d bytes\n", (int)wlen); return 1; }
 
-    /* A few distinct windows, cycled: a sine per channel plus noise, so statistics move. */
-    enum { DISTINCT = 8 };
-    float *samples = malloc((size_t)DISTINCT * channels * frames * sizeof(float));
-    if (!samples) { fprintf(stderr, "out of memory\n"); return 1; }
-    for (uint32_t k = 0; k < DISTINCT; k++)
-        for (uint32_t c = 0; c < channels; c++)
-            for (uint32_t i = 0; i < frames; i++) {
-                double t = (double)(k * frames + i) / rate;
-                samples[((size_t)k * channels + c) * frames + i] =
-                    (float)(0.5 * sin(TWO_PI * (50.0 + 10.0 * c) * t)) + 0.05f * noise();
-            }
-
-    double busy = 0;
     long rejected = 0;
-    for (long w = 0; w < windows; w++) {
+    double t0 = 0;
+    for (long w = 0; w < warmup + count; w++) {
+        if (w == warmup) t0 = cpu_s();
         write_header(wbuf, channels, frames, rate, (uint64_t)w);
-        memcpy(wbuf + 64, samples + (size_t)(w % DISTINCT) * channels * frames, (size_t)wlen - 64);
-        double t0 = now_s();
-        int32_t rc = ap_process(wbuf, wlen);
-        busy += now_s() - t0;
-        if (rc < 0) rejected++;
+        memcpy(wbuf + 64, windows + (size_t)(w % distinct) * samples, samples * sizeof(float));
+        if (ap_process(wbuf, wlen) < 0) rejected++;
     }
-
-    double total = (double)windows * channels * frames;
-    printf("{\"windows\": %ld, \"samples\": %.0f, \"seconds\": %.6f, \"samples_per_s\": %.1f, "
+    double cpu = cpu_s() - t0;
+    double total = (double)count * (double)samples;
+    printf("{\"windows\": %ld, \"samples\": %.0f, \"cpu_s\": %.6f, \"samples_per_cpu_s\": %.1f, "
            "\"rejected\": %ld, \"features\": %llu, \"events\": %llu, \"logs\": %llu}\n",
-           windows, total, busy, busy > 0 ? total / busy : 0.0, rejected,
+           count, total, cpu, cpu > 0 ? total / cpu : 0.0, rejected,
            (unsigned long long)n_features, (unsigned long long)n_events, (unsigned long long)n_logs);
-    free(samples);
+    free(params);
+    free(windows);
     return 0;
 }
