@@ -160,7 +160,7 @@ def build_base(cache: Path) -> tuple[Path, bool]:
 
 
 def appliance_wheel(work: Path) -> Path:
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work),
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work),
          str(REPO)], stdout=subprocess.DEVNULL)
     return next(work.glob("factory_gateway_appliance-*.whl"))
 
