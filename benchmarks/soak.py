@@ -12,6 +12,7 @@ so does any restart or fault. The figures go to stdout and to build/soak/ (JSON 
 
     python benchmarks/soak.py --minutes 10          # make soak (CI)
     python benchmarks/soak.py --minutes 120         # make soak-long (the closing-note figure)
+    python benchmarks/soak.py --minutes 60 --realtime   # `make run` as it is, for an hour
 """
 from __future__ import annotations
 
@@ -37,14 +38,17 @@ DEFAULT_CONFIG = REPO / "configs" / "appliance.yaml"
 OUT = REPO / "build" / "soak"
 
 
-def accelerate(config: Path, data_dir: Path, port: int) -> dict:
-    """The config with its simulated sensors unpaced or sped up, paths made absolute."""
+def accelerate(config: Path, data_dir: Path, port: int, realtime: bool = False) -> dict:
+    """The config with its simulated sensors unpaced or sped up (unless realtime: as `make run`
+    runs it), paths made absolute."""
     doc = yaml.safe_load(config.read_text())
     base = config.resolve().parent
     doc["gateway"]["data_dir"] = str(data_dir)
     doc["metrics"] = {"listen": "127.0.0.1", "port": port}
     for name, mod in doc.get("modules", {}).items():
         mod["wasm"] = str((base / mod["wasm"]).resolve())
+    if realtime:
+        return doc
     for name, src in doc["sources"].items():
         kind = src["type"]
         if kind == "sim_vibration":
@@ -116,6 +120,7 @@ def main() -> int:
     p.add_argument("--sample-s", type=float, default=5.0)
     p.add_argument("--max-growth", type=float, default=0.01, help="fraction (default 0.01 = 1 %%)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--realtime", action="store_true", help="the sensors at their own pace, as `make run` runs them")
     args = p.parse_args()
     warmup = 60 * (args.warmup_minutes if args.warmup_minutes is not None else min(20.0, 0.3 * args.minutes))
     duration = 60 * args.minutes
@@ -126,12 +131,13 @@ def main() -> int:
         tmp = Path(tmp)
         port = free_port()
         cfg = tmp / "soak.yaml"
-        cfg.write_text(yaml.safe_dump(accelerate(args.config, tmp / "var", port), sort_keys=False))
+        cfg.write_text(yaml.safe_dump(accelerate(args.config, tmp / "var", port, args.realtime), sort_keys=False))
         log_path = OUT / f"soak-{stamp}.log"
         with open(log_path, "w") as log_file:
             proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(cfg)],
                                     stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        print(f"soak: {args.minutes:g} min ({warmup / 60:g} min warm-up), supervisor pid {proc.pid}, "
+        print(f"soak: {args.minutes:g} min ({warmup / 60:g} min warm-up), "
+              f"{'real time' if args.realtime else 'accelerated'}, supervisor pid {proc.pid}, "
               f"log {log_path.relative_to(REPO)}", flush=True)
         samples: list[dict] = []
         pids: dict[str, set[int]] = {}
@@ -222,6 +228,7 @@ def report(samples: list[dict], pids: dict[str, set[int]], counters0: dict, warm
     restarts = sum(final.get(f"appliance_module_restarts_total:{m}", 0.0) for m in modules)
     print(f"restarts: {int(restarts)}")
     result = {"minutes": args.minutes, "warmup_minutes": warmup / 60, "max_growth": args.max_growth,
+              "realtime": args.realtime,
               "processes": rows, "windows": windows, "restarts": restarts, "problems": problems}
     (OUT / f"soak-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(OUT / f"soak-{stamp}.csv", "w", newline="") as f:
