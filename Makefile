@@ -14,7 +14,7 @@ IMAGE_TOOLS := mmdebstrap:mmdebstrap arch-test:arch-test update-binfmts:binfmt-s
 # Building the image needs root (mmdebstrap --mode=root, chroot, file ownership).
 AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench modules host-deps binfmt venv clean train-models image image-raw image-test image-deps lock cleanroom soak soak-long
+.PHONY: run test bench modules host-deps binfmt venv clean train-models image image-raw image-test image-deps lock cleanroom soak soak-long fuzz-config
 
 # Install the Debian packages whose command ($(1): "command:package" pairs) is missing.
 define apt_ensure
@@ -46,18 +46,20 @@ binfmt: host-deps
 	    update-binfmts --enable qemu-aarch64'; \
 	fi
 
-# The venv holds exactly the lock (requirements/, `make lock`; requirements/install.py): every
+# The workstation's venv: the appliance and its tools (tools/, a second distribution the gateway
+# never installs), both editable. It holds exactly the lock (requirements/, `make lock`; requirements/install.py): every
 # file checked against its sha256, nothing resolved here. A changed lock rebuilds the venv from
 # nothing, so no package of an older lock lingers. Where pip.conf names a mirror, the hashes
 # still decide.
 LOCK := requirements/dev.txt
 PIP_LOCKED = -m pip install -q --disable-pip-version-check --require-hashes --no-deps
-$(STAMP): pyproject.toml requirements/build.txt $(LOCK) requirements/install.py requirements/pywasm3_fix.py
+$(STAMP): pyproject.toml tools/pyproject.toml requirements/build.txt $(LOCK) requirements/install.py \
+          requirements/pywasm3_fix.py
 	$(MAKE) host-deps
 	rm -rf $(VENV)
 	python3 -m venv $(VENV)
 	python3 requirements/install.py $(VENV) $(LOCK)
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . -e tools
 	touch $@
 
 # The previous OpenCV major beside the venv (not in it): tests run the camera worker under both.
@@ -72,9 +74,9 @@ venv: $(STAMP)
 # The trained models (modules/models) compiled to modules for configs/nn-*.yaml, again only when
 # a model or the compiler changed.
 NN_BUILT := modules/build/.nn-models
-$(NN_BUILT): $(wildcard modules/models/*/*.onnx modules/models/*/report.json appliance/nn/*.py) \
-             modules/sdk/ap_nn.h appliance/evaluation_nn.py $(STAMP)
-	$(PY) -m appliance.evaluation_nn build
+$(NN_BUILT): $(wildcard modules/models/*/*.onnx modules/models/*/report.json tools/appliance_tools/nn/*.py) \
+             modules/sdk/ap_nn.h tools/appliance_tools/evaluation/nn.py $(STAMP)
+	$(PY) -m appliance_tools.evaluation.nn build
 	touch $@
 
 modules: host-deps $(STAMP)
@@ -95,6 +97,12 @@ soak: modules
 
 soak-long: modules
 	$(PY) benchmarks/soak.py --minutes 120
+
+# Mutated copies of the shipped configs through `appliance validate`'s code path: every one loads or
+# is refused with file:line, never a traceback (benchmarks/fuzz_config.py; about 25 minutes).
+FUZZ_COUNT ?= 10000
+fuzz-config: modules
+	$(PY) benchmarks/fuzz_config.py --count $(FUZZ_COUNT)
 
 bench: modules
 	$(PY) benchmarks/bench.py
@@ -133,9 +141,9 @@ train-models: $(TRAIN_STAMP)
 	$(TRAIN_VENV)/bin/python modules/models/train_people.py
 
 # `make test` on a fresh Debian 12 root (mmdebstrap, cached) from a clone of HEAD: what a new
-# machine does. Needs root; tools/cleanroom.py.
+# machine does. Needs root; .ci/cleanroom.py.
 cleanroom: image-deps
-	$(AS_ROOT) python3 tools/cleanroom.py
+	$(AS_ROOT) python3 .ci/cleanroom.py
 
 # Re-resolve every lock in requirements/ (uv, both machines, hashes): `make lock` keeps what the
 # ranges still allow, `make lock UPGRADE=1` takes the newest. Commit the result on its own, after

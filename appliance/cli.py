@@ -10,7 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from appliance import __version__, systemd
+from appliance import __version__
+
+from appliance.ops import systemd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,11 +26,11 @@ def _setup_logging(level: str) -> None:
 def _load(path: str, check_modules: bool = False):
     """The validated config, or None after printing every problem with its file:line.
     check_modules: also let each module judge its params (a throwaway worker per module)."""
-    from appliance.config import ConfigError, load_config_document
+    from appliance.config.schema import ConfigError, load_config_document
     try:
         doc, cfg = load_config_document(path)
         if check_modules:
-            from appliance.modcheck import check_modules as judge
+            from appliance.runtime.modcheck import check_modules as judge
             issues = judge(doc, cfg)
             if issues:
                 raise ConfigError(issues)
@@ -49,13 +51,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from appliance import malloc
+    from appliance.core import malloc
     malloc.tune_for_a_long_running_service()   # before any thread starts: flat memory for months
     _setup_logging(args.log_level)
     cfg = _load(args.config, check_modules=True)
     if cfg is None:
         return 2
-    from appliance.supervisor import Supervisor
+    from appliance.core.supervisor import Supervisor
     log = logging.getLogger("appliance")
     try:
         # Problems only opening things reveals (a recording's contents, the data directory).
@@ -70,7 +72,7 @@ def cmd_run(args) -> int:
     def reload_on_hup(*_):
         # Not in the handler itself: a reload starts and stops threads and processes.
         def run():
-            from appliance.config import ConfigError
+            from appliance.config.schema import ConfigError
             try:
                 sup.reload_config()
             except ConfigError as exc:
@@ -112,8 +114,24 @@ def cmd_run(args) -> int:
     return 0
 
 
+TOOLS_MISSING = ("the workstation tools (tools/, package factory-gateway-tools) are not installed here: a gateway "
+                 "runs modules, it does not build them. On a workstation `make` installs them (pip install -e tools).")
+
+
+def _tools(module: str):
+    """A module of appliance_tools, or a clear exit where only the gateway is installed."""
+    import importlib
+    try:
+        return importlib.import_module(f"appliance_tools.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("appliance_tools", "onnx", "ziglang"):
+            sys.exit(f"appliance: {TOOLS_MISSING}")
+        raise
+
+
 def cmd_module_build(args) -> int:
-    from appliance.modbuild import BuildError, build_all, build_module
+    modbuild = _tools("modbuild")
+    BuildError, build_all, build_module = modbuild.BuildError, modbuild.build_all, modbuild.build_module
     try:
         if args.src:
             if args.output and len(args.src) != 1:
@@ -138,7 +156,7 @@ def cmd_module_build(args) -> int:
 
 
 def cmd_module_inspect(args) -> int:
-    from appliance.modbuild import inspect_text
+    from appliance.runtime.inspect import inspect_text
     try:
         print(inspect_text(Path(args.wasm)))
     except OSError as exc:
@@ -151,11 +169,12 @@ def cmd_system_apply(args) -> int:
     """Hostname and network from the YAML, at boot. A YAML with errors still gets the gateway on
     the network: its network section if that alone is valid, else DHCP."""
     _setup_logging(args.log_level)
-    from appliance import system
-    from appliance.config import ConfigError, load_config_document
-    from appliance.yamlsource import YamlError, load_yaml
+    from appliance.config.network import NetworkSection
+    from appliance.ops import system
+    from appliance.config.schema import ConfigError, load_config_document
+    from appliance.config.yamlsource import YamlError, load_yaml
     log = logging.getLogger("appliance.system")
-    network, name, rc = system.NetworkSection(), "gateway", 0
+    network, name, rc = NetworkSection(), "gateway", 0
     try:
         cfg = load_config_document(args.config)[1]
         network, name = cfg.network, cfg.gateway.name
@@ -165,7 +184,7 @@ def cmd_system_apply(args) -> int:
                   "\n  ".join(str(i) for i in exc.issues))
         try:
             data = load_yaml(args.config).data or {}
-            network = system.NetworkSection.model_validate(data.get("network") or {})
+            network = NetworkSection.model_validate(data.get("network") or {})
             log.warning("using its network section as written")
         except (YamlError, ValueError, AttributeError):
             log.warning("using DHCP on the wired interfaces")
@@ -178,7 +197,7 @@ def cmd_events(args) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return 2
-    from appliance.events import Spool
+    from appliance.events.spool import Spool
     spool = Spool(cfg.gateway.data_dir / "spool.db", cfg.events.spool_max_mb << 20)
     for event in spool.tail(args.tail):
         print(json.dumps(event, indent=2) if args.full else
@@ -215,9 +234,9 @@ def cmd_baseline_reset(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["console"]:   # its options (--device, --stdio) are its own
-        from appliance.console import console_main
+        from appliance.ops.console import console_main
         return console_main(argv[1:])
-    from appliance.config import DEFAULT_CONFIG
+    from appliance.config.schema import DEFAULT_CONFIG
     p = argparse.ArgumentParser(prog="appliance", description="Factory gateway: sensors -> wasm analytics -> events")
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -252,8 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--save-attachments", metavar="DIR", help="write each event's evidence (snapshots) there")
     ev.set_defaults(func=cmd_events)
 
-    from appliance.nn.cli import add_parser as add_model_parser
-    add_model_parser(sub)
+    try:
+        from appliance_tools.nn.cli import add_parser as add_model_parser
+        add_model_parser(sub)
+    except ModuleNotFoundError:   # a gateway: say so when asked
+        model = sub.add_parser("model", help="compile ONNX models into modules (workstation tools)")
+        model.add_argument("rest", nargs=argparse.REMAINDER)
+        model.set_defaults(func=lambda a: sys.exit(f"appliance model: {TOOLS_MISSING}"))
 
     sub.add_parser("console", help="the service console on a serial line or stdio (appliance console --help)")
     base = sub.add_parser("baseline", help="learned baselines of modules")
@@ -272,15 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     apply_p.add_argument("--log-level", default="info")
     apply_p.set_defaults(func=cmd_system_apply)
     ev2 = sub.add_parser("eval", help="evaluate modules on recorded data")
-    evaluations = {"bearing": "appliance.evaluation:main", "motion": "appliance.evaluation_motion:main",
-                   "nn-bearing": "appliance.evaluation_nn:bearing_main",
-                   "nn-camera": "appliance.evaluation_nn:camera_main"}
+    evaluations = {"bearing": "appliance_tools.evaluation.bearing:main", "motion": "appliance_tools.evaluation.motion:main",
+                   "nn-bearing": "appliance_tools.evaluation.nn:bearing_main",
+                   "nn-camera": "appliance_tools.evaluation.nn:camera_main"}
     ev2.add_argument("what", choices=sorted(evaluations),
                      help="bearing: the bearing module on the CWRU recordings; motion: the motion module on "
                           "vtest.avi against OpenCV's MOG2; nn-bearing, nn-camera: the trained models in "
                           "modules/models on their held-out data")
     ev2.add_argument("rest", nargs=argparse.REMAINDER, help="options of that evaluation (--help)")
-    ev2.set_defaults(func=lambda a: getattr(__import__(evaluations[a.what].split(":")[0], fromlist=["_"]),
+    ev2.set_defaults(func=lambda a: getattr(_tools(evaluations[a.what].split(":")[0].removeprefix("appliance_tools.")),
                                             evaluations[a.what].split(":")[1])(a.rest))
 
     args = p.parse_args(argv)

@@ -29,10 +29,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from appliance.modbuild import build_module  # noqa: E402
+from appliance_tools.modbuild import build_module  # noqa: E402
 from common import cpu_of, native_rate, self_cpu  # noqa: E402
-from appliance.runtime.backend import Wasm3Backend  # noqa: E402
-from appliance.runtime.host import HEADER, pack_header, WorkerProcess, load_message  # noqa: E402
+from appliance.runtime.engines import Wasm3Backend  # noqa: E402
+from appliance.runtime.wire import HEADER, load_message, pack_header  # noqa: E402
+from appliance.runtime.process import WorkerProcess  # noqa: E402
 from appliance.runtime.validate import read_module  # noqa: E402
 
 CHANNELS, FRAMES = 3, 4096
@@ -53,8 +54,8 @@ def header(seq: int) -> bytes:
 def bench_pipeline(wasm: Path, seconds_of_data: float = 300.0) -> dict:
     """The real supervisor on a fast (non-real-time) replay of synthetic vibration."""
     import yaml
-    from appliance.config import load_config
-    from appliance.supervisor import Supervisor
+    from appliance.config.schema import load_config
+    from appliance.core.supervisor import Supervisor
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -76,11 +77,11 @@ def bench_pipeline(wasm: Path, seconds_of_data: float = 300.0) -> dict:
         # interpreter start-up and file loading (reported under cold start) do not count.
         while host.processed < 1:
             time.sleep(0.001)
-        worker = host._worker
-        first, cpu0, wcpu0, t0 = host.processed, self_cpu(), cpu_of(worker.pid), time.perf_counter()
+        worker_pid = host.worker_pid
+        first, cpu0, wcpu0, t0 = host.processed, self_cpu(), cpu_of(worker_pid), time.perf_counter()
         assert sup.wait_until_done(600)
         wall = time.perf_counter() - t0
-        cpu = self_cpu() - cpu0 + cpu_of(worker.pid) - wcpu0
+        cpu = self_cpu() - cpu0 + cpu_of(worker_pid) - wcpu0
         processed = host.processed - first
         sup.stop()
     samples = processed * FRAMES * CHANNELS
@@ -216,8 +217,8 @@ def realtime_trial(wasm: Path, n: int, seconds: float, cpu: int) -> dict:
     """Run in a child process (pinned to `cpu` with everything it starts): N replayed 3-axis
     sources at their real rate, one vibstats module each."""
     import yaml
-    from appliance.config import load_config
-    from appliance.supervisor import Supervisor
+    from appliance.config.schema import load_config
+    from appliance.core.supervisor import Supervisor
 
     os.sched_setaffinity(0, {cpu})   # workers inherit it
     fs, hop = 12800, FRAMES // 2

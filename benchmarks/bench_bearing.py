@@ -19,9 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "modules" / "src" / "bearing"))
 
-from appliance.modbuild import build_module  # noqa: E402
+from appliance_tools.modbuild import build_module  # noqa: E402
 from common import cpu_of, native_rate, self_cpu  # noqa: E402
-from appliance.runtime.host import HEADER, pack_header, WorkerProcess, load_message  # noqa: E402
+from appliance.runtime.wire import HEADER, load_message, pack_header  # noqa: E402
+from appliance.runtime.process import WorkerProcess  # noqa: E402
 
 FRAMES, FS = 4096, 12800.0
 PARAMS = {"bearing.balls": 9, "bearing.ball_diameter": 0.3126, "bearing.pitch_diameter": 1.537,

@@ -24,9 +24,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from appliance.modbuild import build_module  # noqa: E402
+from appliance_tools.modbuild import build_module  # noqa: E402
 from common import cpu_of, self_cpu  # noqa: E402
-from appliance.runtime.host import HEADER, WorkerProcess, load_message, pack_header  # noqa: E402
+from appliance.runtime.wire import HEADER, load_message, pack_header  # noqa: E402
+from appliance.runtime.process import WorkerProcess  # noqa: E402
 
 W, H = 640, 480
 VIDEO = REPO.parent / "shared" / "data" / "video" / "vtest.avi"
@@ -110,8 +111,9 @@ def kernel_profile(frames: list[np.ndarray], tmp: Path) -> list[tuple[str, float
     """ms per call of each kernel on the C path (wasm3) and the host path, at the default params."""
     import wasm3
 
-    from appliance.runtime.backend import IMPORT_SIGNATURES
-    from appliance.runtime.worker import AbiViolation, HostImage
+    from appliance.runtime.engines import IMPORT_SIGNATURES
+    from appliance.runtime.hostcalls.abi import AbiViolation
+    from appliance.runtime.hostcalls.image import HostImage
 
     src = tmp / "kernels"
     src.mkdir()

@@ -5,7 +5,7 @@ inferences per CPU-second on one core, three ways side by side:
   wasm3 + nn_run   the same module, the network run by its native twin through ap.nn_run (host_nn on)
   onnxruntime      the .onnx file itself, CPU provider, one thread
 
-wasm3 and wasm3 + nn_run run the module in this process (appliance.nn.run.ModelModule: the same
+wasm3 and wasm3 + nn_run run the module in this process (appliance_tools.nn.run.ModelModule: the same
 module and engine a worker runs, without the process boundary), so a call is what ap_process
 costs: the window copied in, the input scaling, the network, the features and the rule. CPU time
 is this process's (user + system); onnxruntime's figure is for session.run alone. Inputs: the
@@ -24,8 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from appliance import evaluation_nn  # noqa: E402
-from appliance.nn.run import ModelModule  # noqa: E402
+from appliance_tools.evaluation import nn as evaluation_nn  # noqa: E402
+from appliance_tools.nn.run import ModelModule  # noqa: E402
 from common import self_cpu  # noqa: E402
 
 MODELS = REPO / "modules" / "models"

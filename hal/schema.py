@@ -25,8 +25,18 @@ def resolve_config_path(value: Any, handler, info: ValidationInfo) -> Path:
     return path
 
 
+def path_exists(path: Path) -> bool:
+    """Whether path exists; a path the system cannot even look up (a name longer than the file
+    system allows, a component that is not a directory) is a config error, not a crash."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise ValueError(f"cannot use {str(path)[:120]}{'...' if len(str(path)) > 120 else ''}: "
+                         f"{exc.strerror or exc}") from None
+
+
 def _must_exist(path: Path) -> Path:
-    if not path.exists():
+    if not path_exists(path):
         raise ValueError(f"file not found: {path}")
     return path
 

@@ -160,8 +160,19 @@ def build_base(cache: Path) -> tuple[Path, bool]:
 
 
 def appliance_wheel(work: Path) -> Path:
+    """The gateway's distribution (pyproject.toml: appliance/ and hal/ only; the tools are another),
+    built from a copy of the checkout's tracked files (setuptools reuses a build/lib it finds,
+    stale modules included; an untracked file is not part of any commit). build-info.json says
+    whether the tracked files differed from the commit."""
+    listed = subprocess.run(["git", "-c", "safe.directory=*", "-C", str(REPO), "ls-files", "-z"], check=True,
+                            capture_output=True).stdout.decode().split("\0")   # tracked files only
+    src = work / "src"
+    for name in filter(None, listed):
+        if (REPO / name).is_file() and name.split("/")[0] in ("appliance", "hal", "pyproject.toml", "README.md"):
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work),
-         str(REPO)], stdout=subprocess.DEVNULL)
+         str(src)], stdout=subprocess.DEVNULL)
     return next(work.glob("factory_gateway_appliance-*.whl"))
 
 
@@ -294,11 +305,21 @@ def assemble(root: Path, work: Path, out_img: Path) -> dict:
     return {"boot_mib": BOOT_MIB, "root_mib": root_mib, "data_mib": DATA_MIB, "image_mib": total}
 
 
+def git_describe() -> str:
+    """The commit the image was built from, '+dirty' when tracked files differed from it."""
+    git = ["git", "-c", "safe.directory=*", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
 def build_time() -> str:
     """The commit's time (SOURCE_DATE_EPOCH if set): the SBOM of a commit does not change with the day."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if not epoch:
-        proc = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%ct"], capture_output=True, text=True)
+        proc = subprocess.run(["git", "-c", "safe.directory=*", "-C", str(REPO), "log", "-1", "--format=%ct"],
+                              capture_output=True, text=True)
         epoch = proc.stdout.strip() or "0"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))
 
@@ -338,7 +359,8 @@ def main() -> int:
     t_img = time.monotonic() - t0
     info = {"image": img.name, "version": __version__, "base": base.name, "base_cached": cached,
             "base_s": round(t_base, 1), "layout_mib": layout, "apparent_bytes": img.stat().st_size,
-            "allocated_bytes": img.stat().st_blocks * 512, "packages_moved": changes}
+            "allocated_bytes": img.stat().st_blocks * 512, "packages_moved": changes,
+            "commit": git_describe()}
     outputs = [img]
     if not args.raw_only:
         say("compressing (xz) and mapping (bmaptool)")

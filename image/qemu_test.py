@@ -116,7 +116,7 @@ def guest_config(mqtt_port: int) -> dict:
 def check_config_here(config: dict, work: Path) -> None:
     """Validate the rig's YAML on the host first (module paths pointed at modules/build): a
     mistake here should cost a second, not a boot."""
-    from appliance.config import ConfigError, load_config
+    from appliance.config.schema import ConfigError, load_config
     local = json.loads(json.dumps(config))
     for module in local["modules"].values():
         module["wasm"] = str(REPO / "modules" / "build" / Path(module["wasm"]).name)

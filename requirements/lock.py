@@ -4,7 +4,7 @@ the new lock is its own commit and must pass `make test` (README, "Moving a depe
 
     lock file       input                                       installed by
     build.txt       build.in (pip, setuptools, wheel)           every venv first, and the image
-    dev.txt         pyproject.toml, all extras                  make run / test / bench (.venv)
+    dev.txt         pyproject.toml [test] + tools/pyproject.toml make run / test / bench (.venv)
     gateway.txt     pyproject.toml, no extras, at dev's pins    the image (aarch64 wheels)
     opencv4.txt     opencv4.in, at dev's pins                   .venv/opencv4 (tests under OpenCV 4)
     train.txt       train.in + torch (CPU build, see below)     make train-models (.venv-train)
@@ -20,7 +20,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -87,19 +86,27 @@ def main() -> int:
                                                           "what the locks hold where the ranges still allow it)")
     args = p.parse_args()
     extra = ["--upgrade"] if args.upgrade else []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    # Inputs uv reads from files are named in the locks' "via" notes: keep them at fixed places.
+    scratch = {name: HERE / f".{name}" for name in ("dev.in", "dev-pins.txt", "dev-pins-no-cv.txt")}
+    try:
         uv_compile(["requirements/tools.in"], HERE / "tools.txt", extra=extra)
         uv_compile(["requirements/build.in"], HERE / "build.txt", extra=extra)
-        uv_compile(["pyproject.toml", "--all-extras"], HERE / "dev.txt", extra=extra)
-        dev_pins = pins_as_constraints(HERE / "dev.txt", tmp / "dev-pins.txt")
-        uv_compile(["pyproject.toml"], HERE / "gateway.txt", dev_pins, extra)
+        # The two local projects as editables, so the tools' dependency on the appliance resolves
+        # here; neither is emitted (make installs both from the checkout).
+        scratch["dev.in"].write_text("-e .[test]\n-e ./tools\n")   # relative to the repo: uv runs there
+        uv_compile([f"requirements/{scratch['dev.in'].name}", "--no-emit-package", "factory-gateway-appliance",
+                    "--no-emit-package", "factory-gateway-tools"], HERE / "dev.txt", extra=extra)
+        dev_pins = pins_as_constraints(HERE / "dev.txt", scratch["dev-pins.txt"])
+        uv_compile(["pyproject.toml"], HERE / "gateway.txt", dev_pins.relative_to(REPO), extra)
         # OpenCV alone: it goes beside the venv (pip --target) and uses the venv's numpy.
-        no_cv = pins_as_constraints(HERE / "dev.txt", tmp / "dev-pins-no-cv.txt", {"opencv-python-headless"})
-        uv_compile(["requirements/opencv4.in"], HERE / "opencv4.txt", no_cv, [*extra, "--no-deps"])
+        no_cv = pins_as_constraints(HERE / "dev.txt", scratch["dev-pins-no-cv.txt"], {"opencv-python-headless"})
+        uv_compile(["requirements/opencv4.in"], HERE / "opencv4.txt", no_cv.relative_to(REPO), [*extra, "--no-deps"])
         uv_compile(["requirements/train.in"], HERE / "train.txt", extra=extra)
         with open(HERE / "train.txt", "a") as f:
             f.write(torch_lines())
+    finally:
+        for path in scratch.values():
+            path.unlink(missing_ok=True)
     for lock in sorted(HERE.glob("*.txt")):
         pins = lockfile.read(lock)
         print(f"{lock.relative_to(REPO)}: {len(pins)} packages, {sum(len(p.hashes) for p in pins)} hashes")

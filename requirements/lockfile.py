@@ -88,7 +88,7 @@ def applies(pin: Pin, env: dict[str, str]) -> bool:
 
 
 class _Marker:
-    _TOKEN = re.compile(r"\s*(\(|\)|and\b|or\b|[a-z_]+|'[^']*'|\"[^\"]*\"|==|!=|<=|>=|<|>|not in\b|in\b)")
+    _TOKEN = re.compile(r"\s*(\(|\)|not in\b|in\b|and\b|or\b|[a-z_]+|'[^']*'|\"[^\"]*\"|===|==|!=|~=|<=|>=|<|>)")
 
     def __init__(self, text: str, env: dict[str, str]) -> None:
         self.tokens, self.env, self.at = [], env, 0
@@ -148,14 +148,27 @@ class _Marker:
         if op in ("in", "not in"):
             return (left in right) == (op == "in")
         if tok.endswith("version") or right_tok.endswith("version"):
-            a, b = _version(left), _version(right)
-        else:
-            a, b = left, right
-        return {"==": a == b, "!=": a != b, "<": a < b, ">": a > b, "<=": a <= b, ">=": a >= b}[op]
+            return _compare_versions(left, op, right)
+        return {"==": left == right, "!=": left != right, "===": left == right}.get(op, False)
+
+
+def _compare_versions(left: str, op: str, right: str) -> bool:
+    """PEP 440 for the release numbers markers compare (3.11, 3.11.2, 3.11.*)."""
+    if op in ("==", "!=") and right.endswith(".*"):
+        prefix = _version(right[:-2])
+        equal = _version(left)[:len(prefix)] == prefix
+        return equal if op == "==" else not equal
+    a, b = _version(left), _version(right)
+    width = max(len(a), len(b))
+    a, b = a + (0,) * (width - len(a)), b + (0,) * (width - len(b))
+    if op == "~=":
+        return a >= b and a[:len(_version(right)) - 1] == b[:len(_version(right)) - 1]
+    return {"==": a == b, "===": left == right, "!=": a != b, "<": a < b, ">": a > b, "<=": a <= b,
+            ">=": a >= b}[op]
 
 
 def _version(text: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.]", text))
+    return tuple(int(p) for p in re.findall(r"\d+", text.split("+")[0]))
 
 
 def pins_for(path: Path, machine: str | None = None,

@@ -27,7 +27,7 @@ class MjpegCamera:
                 self.end_headers()
                 try:
                     while not camera.stopping.is_set():
-                        self.wfile.write(camera._part())
+                        self.wfile.write(camera.part())
                         time.sleep(1.0 / camera.fps)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
@@ -41,7 +41,7 @@ class MjpegCamera:
         self.url = f"http://127.0.0.1:{self.port}/stream.mjpg"
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
 
-    def _part(self) -> bytes:
+    def part(self) -> bytes:
         w, h = self.size
         img = np.full((h, w), (self.frames * 7) % 255, np.uint8)
         ok, jpg = cv2.imencode(".jpg", img)

@@ -86,7 +86,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def module_dir(tmp_path_factory) -> Path:
     """vibstats built from source for this test session (not the checked-in build folder)."""
-    from appliance.modbuild import build_module
+    from appliance_tools.modbuild import build_module
     out = tmp_path_factory.mktemp("modules")
     result = build_module(REPO / "modules" / "src" / "vibstats", out / "vibstats.wasm")
     assert not result.problems, result.problems

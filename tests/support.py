@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import yaml
 
-from appliance.config import AppConfig, load_config
+from appliance.config.schema import AppConfig, load_config
 
 FAST_RESTART = {"backoff_s": 0.05, "backoff_max_s": 0.2, "max_faults": 3, "fault_window_s": 60}
 
@@ -43,7 +43,7 @@ def metric(sup, name: str, **labels: str) -> float:
 
 def build_inline_module(tmp_path_factory, name: str, source: str, memory_kb: int) -> bytes:
     """Build a test module from C text (kernel tests export helpers the ABI does not need)."""
-    from appliance.modbuild import build_module
+    from appliance_tools.modbuild import build_module
     src = tmp_path_factory.mktemp(f"{name}_src")
     (src / f"{name}.c").write_text(source)
     (src / "module.yaml").write_text(f"name: {name}\nversion: 0.0.1\ndescription: {name} (tests)\n"

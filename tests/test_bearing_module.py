@@ -26,10 +26,11 @@ import numpy as np
 import pytest
 from conftest import require_tool, shared_file
 
-from appliance.modbuild import build_module
-from appliance.runtime.backend import IMPORT_SIGNATURES
-from appliance.runtime.host import pack_header
-from appliance.runtime.worker import AbiViolation, HostDsp
+from appliance_tools.modbuild import build_module
+from appliance.runtime.engines import IMPORT_SIGNATURES
+from appliance.runtime.wire import pack_header
+from appliance.runtime.hostcalls.abi import AbiViolation
+from appliance.runtime.hostcalls.dsp import HostDsp
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "modules" / "src" / "bearing"

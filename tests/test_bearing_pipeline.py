@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from appliance.config import module_params_text, load_config
-from appliance.modbuild import build_module
-from appliance.runtime.host import HEADER, pack_header, WorkerProcess, load_message
+from appliance.config.schema import module_params_text, load_config
+from appliance_tools.modbuild import build_module
+from appliance.runtime.wire import HEADER, load_message, pack_header
+from appliance.runtime.process import WorkerProcess
 
 from conftest import REPO, shared_file
 
@@ -27,7 +28,7 @@ def bearing_wasm(tmp_path_factory):
 
 
 def test_evaluation_on_cwru(bearing_wasm):
-    from appliance import evaluation
+    from appliance_tools.evaluation import bearing as evaluation
     data = shared_file("bearing", "cwru", "normal_0hp_48k.mat").parent
     results = {r.name: r for r in evaluation.evaluate(data, wasm=bearing_wasm)}
     print("\n" + evaluation.table(list(results.values())))
@@ -76,8 +77,8 @@ def test_host_dsp_and_wasm_fft_agree_through_the_worker(bearing_wasm):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"pitch_diameter": 0.3}, "pitch diameter must exceed ball diameter"),
-    ({"balls": 0}, "bearing.balls"),
+    # what only the module can judge (a relation between params): its own message, at params:
+    ({"pitch_diameter": 0.3}, "module rejected its params: bearing.pitch_diameter must exceed bearing.ball_diameter"),
 ])
 def test_impossible_geometry_is_refused_at_validate(tmp_path, bearing_wasm, change, message):
     doc = yaml.safe_load(CWRU_CONFIG.read_text())
@@ -92,15 +93,32 @@ def test_impossible_geometry_is_refused_at_validate(tmp_path, bearing_wasm, chan
                           text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 2, proc.stdout
     line = next(i + 1 for i, text in enumerate(path.read_text().splitlines()) if text.strip() == "params:")
-    assert f"{path}:{line}:5: modules.bearing.params: module rejected its params:" in proc.stderr, proc.stderr
-    assert message in proc.stderr
+    assert f"{path}:{line}:5: modules.bearing.params: {message}" in proc.stderr, proc.stderr
+
+
+def test_a_geometry_out_of_range_is_refused_at_its_line(tmp_path, bearing_wasm):
+    """What the manifest says (bearing.balls >= 1) is checked before any worker, at the value."""
+    doc = yaml.safe_load(CWRU_CONFIG.read_text())
+    doc["modules"]["bearing"]["wasm"] = str(bearing_wasm)
+    doc["modules"]["bearing"]["params"]["bearing"]["balls"] = 0
+    for seg in doc["sources"]["drive_end"]["segments"]:
+        seg["path"] = str((CWRU_CONFIG.parent / seg["path"]).resolve())
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    shared_file("bearing", "cwru", "normal_0hp_48k.mat")
+    proc = subprocess.run([sys.executable, "-m", "appliance", "validate", str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+    line = next(i + 1 for i, text in enumerate(path.read_text().splitlines()) if text.strip() == "balls: 0")
+    assert proc.returncode == 2
+    assert f"{path}:{line}:16: modules.bearing.params.bearing.balls: 0 is invalid: bearing.balls must be >= 1" \
+        in proc.stderr, proc.stderr
 
 
 def test_negative_speed_is_refused(tmp_path, bearing_wasm):
     cfg = load_config(CWRU_CONFIG)
     text = module_params_text(cfg.modules["bearing"]).replace("shaft.rpm_max=1850\nshaft.rpm_min=1700\n",
                                                               "shaft.rpm=-1797\n")
-    from appliance.runtime.host import ModuleFault
+    from appliance.runtime.process import ModuleFault
     with pytest.raises(ModuleFault) as info:
         WorkerProcess("bearing", bearing_wasm.read_bytes(), 4096, load_message("bearing.wasm", text))
     assert info.value.kind == "params" and "rpm" in info.value.reason

@@ -52,7 +52,7 @@ def test_color_frames_are_planar_bgr():
     assert b.image == (576, 768) and b.data.shape == (3, 576 * 768)
 
 
-def test_truncated_file_ends_cleanly_with_a_counted_error(tmp_path):
+def test_truncated_file_ends_cleanly_with_a_counted_error(tmp_path, caplog):
     data = shared_file("video", "vtest.avi").read_bytes()
     cut = tmp_path / "cut.avi"
     cut.write_bytes(data[: len(data) // 3])
@@ -64,6 +64,8 @@ def test_truncated_file_ends_cleanly_with_a_counted_error(tmp_path):
     health, reason = src.health
     assert health is Health.ENDED and src.stream_errors == 1
     assert "truncated or corrupt" in reason
+    # ... and the log says it too, with how many frames were read of how many the file announced
+    assert f"stream ended at frame {len(blocks)} of 795 (truncated or corrupt file)" in caplog.text
 
 
 def test_garbage_file_fails_to_open(tmp_path):
@@ -103,7 +105,7 @@ def test_config_needs_url_or_simulate():
 
 
 def test_network_camera_disconnect_and_reconnect(tmp_path):
-    from appliance.supervisor import Supervisor
+    from appliance.core.supervisor import Supervisor
 
     from camera_peer import MjpegCamera
     from support import metric, wait_for, write_config
@@ -111,7 +113,7 @@ def test_network_camera_disconnect_and_reconnect(tmp_path):
     cam = MjpegCamera()
     cfg = write_config(tmp_path, {"ipcam": {"type": "camera", "url": cam.url, "timeout_s": 0.5}}, {})
     sup = Supervisor(cfg)
-    import appliance.supervisor as supervisor_module
+    import appliance.core.supervisor as supervisor_module
     supervisor_module.SOURCE_BACKOFF_S = (0.2, 0.5)   # keep the test short; the logic is the same
     frames = lambda: metric(sup, "appliance_source_samples_total", source="ipcam")   # noqa: E731
     sup.start()

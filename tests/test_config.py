@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import DEFAULT_CONFIG, ConfigError, load_config, params_text
+from appliance.config.schema import DEFAULT_CONFIG, ConfigError, load_config, params_text
 
 from conftest import REPO
 
@@ -162,7 +162,7 @@ def test_block_overflow_refused_for_live_source(tmp_path, vibstats_wasm):
 
 
 def test_polygons_in_params():
-    from appliance.config import params_text
+    from appliance.config.schema import params_text
     assert params_text({"zone": {"dock": [[0, 0], [320, 0.5], [320, 120]]}, "mask": [[1, 2]]}) == \
         "mask=1,2\nzone.dock=0,0;320,0.5;320,120\n"
     with pytest.raises(ValueError, match="a list of lists must hold numbers only"):
@@ -206,9 +206,9 @@ def test_run_with_bad_config_exits_nonzero(tmp_path, vibstats_wasm):
 
 
 def test_configuration_reference_is_current():
-    from appliance.configdoc import render
+    from appliance.config.doc import render
     assert (REPO / "docs" / "configuration.md").read_text() == render(), \
-        "docs/configuration.md is stale: python -m appliance.configdoc > docs/configuration.md"
+        "docs/configuration.md is stale: python -m appliance.config.doc > docs/configuration.md"
 
 
 def test_alias_bomb_and_recursive_alias_are_refused_quickly(tmp_path, vibstats_wasm):
@@ -241,13 +241,28 @@ def test_empty_section_and_non_text_key(tmp_path, vibstats_wasm):
     assert any(i.startswith(f"{path}:21:1: None: the key None is not text") for i in issues), issues
 
 
-def test_validate_lets_the_module_judge_its_params(tmp_path, vibstats_wasm):
+def test_validate_checks_params_against_the_modules_manifest(tmp_path, vibstats_wasm):
     path = write(tmp_path, GOOD.replace("threshold: 6", "threshold: -1"), vibstats_wasm)
+    proc = subprocess.run([sys.executable, "-m", "appliance", "validate", str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert f"{path}:19:18: modules.stats.params.threshold: -1 is invalid: threshold must be > 0" in proc.stderr, \
+        proc.stderr
+    assert not (tmp_path / "var").exists()
+
+
+def test_validate_lets_the_module_judge_its_params(tmp_path):
+    """What a manifest cannot say (or a module without one) the module itself judges, in a
+    throwaway worker: its ap_init message, at the module's params line."""
+    from appliance_tools.modbuild import build_module
+    bare = build_module(REPO / "modules" / "src" / "vibstats" / "vibstats.c", tmp_path / "bare.wasm").out
+    path = write(tmp_path, GOOD.replace("threshold: 6", "threshold: -1"), bare)
     proc = subprocess.run([sys.executable, "-m", "appliance", "validate", str(path)], capture_output=True,
                           text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 2
     assert (f"{path}:18:5: modules.stats.params: module rejected its params: threshold must be positive"
             in proc.stderr), proc.stderr
+    assert "has no params manifest" in proc.stderr
     assert not (tmp_path / "var").exists()
 
 
@@ -264,3 +279,13 @@ def test_device_or_fifo_as_config_is_refused(tmp_path):
             os.mkfifo(path)
         with pytest.raises(ConfigError, match=reason):
             load_config(path)
+
+
+def test_a_path_the_system_cannot_look_up_is_a_config_error(tmp_path, vibstats_wasm):
+    """Found by the config fuzz campaign: a name longer than the file system allows made
+    `appliance validate` end in a traceback (OSError: File name too long)."""
+    path = write(tmp_path, GOOD.replace("@WASM@", str(tmp_path / ("y" * 300 + ".wasm"))), vibstats_wasm)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (issue,) = info.value.issues
+    assert "File name too long" in issue.message and issue.mark.line > 1

@@ -20,12 +20,13 @@ import time
 import pytest
 import yaml
 
-from appliance.config import AppConfig
-from appliance.console import Console, SerialTerminal, SettingsError, read_settings
-from appliance.console_config import ConsoleSection, hash_password, verify_password
-from appliance.control import ControlClient, ControlServer
-from appliance.supervisor import Supervisor
-from hal.serial.console_port import open_console_port
+from appliance.config.schema import AppConfig
+from appliance.ops.console import Console, SerialTerminal, SettingsError, read_settings
+from appliance.config.console import ConsoleSection, hash_password, verify_password
+from appliance.ops.control.client import ControlClient
+from appliance.ops.control.server import ControlServer
+from appliance.core.supervisor import Supervisor
+from hal.drivers.serial.console_port import open_console_port
 
 from conftest import REPO
 from serialpeers import Pty
@@ -128,7 +129,7 @@ def console_on_pty(appliance, tmp_path):
     pty = Pty()
     keyboard = Keyboard(pty)
     log_file = (tmp_path / "console.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.console", "--config", str(path), "--device", pty.path],
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.ops.console", "--config", str(path), "--device", pty.path],
                             cwd=REPO, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         yield sup, keyboard
@@ -148,7 +149,7 @@ def console_on_pty(appliance, tmp_path):
 def test_console_session_on_a_serial_line(console_on_pty):
     sup, kb = console_on_pty
     host = sup.modules["stats"]
-    wait_for(lambda: host.processed > 0 and sup.spool.depth() > 0, 15, "windows processed and an event")
+    wait_for(lambda: host.processed > 0 and sup.spool.depth() > 0, 60, "windows processed and an event")
 
     # The banner names the gateway and version; a password is asked for, and not echoed.
     kb.expect("appliance 0.1.0 console - gateway test-gw")
@@ -274,8 +275,9 @@ def test_wrong_passwords_cost_a_delay_and_no_appliance_is_explained(tmp_path):
 
 def test_console_on_stdio(appliance):
     """--stdio with a pipe: no echo; the password is the first line."""
-    _, _, path = appliance
-    proc = subprocess.run([sys.executable, "-m", "appliance.console", "--config", str(path), "--stdio"],
+    sup, _, path = appliance
+    wait_for(lambda: sup.modules["stats"].state.value == "running", 60, "the module running")
+    proc = subprocess.run([sys.executable, "-m", "appliance.ops.console", "--config", str(path), "--stdio"],
                           input=f"{PASSWORD}\nversion\nmodules list\nexit\n", capture_output=True, text=True,
                           cwd=REPO, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -319,7 +321,7 @@ def test_control_socket_protocol(appliance):
 
 
 def test_password_hashes_and_the_console_section(tmp_path):
-    encoded = subprocess.run([sys.executable, "-m", "appliance.console", "hash-password"], input="open sesame\n",
+    encoded = subprocess.run([sys.executable, "-m", "appliance.ops.console", "hash-password"], input="open sesame\n",
                              capture_output=True, text=True, cwd=REPO, timeout=30).stdout.strip()
     assert encoded.startswith("scrypt$") and verify_password("open sesame", encoded)
     assert not verify_password("open sesame!", encoded)

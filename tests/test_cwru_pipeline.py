@@ -2,8 +2,8 @@
 in its wasm3 worker -> events in the spool."""
 from __future__ import annotations
 
-from appliance.events import Spool
-from appliance.supervisor import Supervisor
+from appliance.events.spool import Spool
+from appliance.core.supervisor import Supervisor
 
 from conftest import shared_file
 from support import metric, write_config

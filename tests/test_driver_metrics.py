@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from appliance.supervisor import Supervisor
+from appliance.core.supervisor import Supervisor
 
 from support import metric, write_config
 

@@ -1,4 +1,4 @@
-"""The trained models through the real pipeline on their held-out data (appliance.evaluation_nn):
+"""The trained models through the real pipeline on their held-out data (appliance_tools.evaluation.nn):
 the bearing classifier on the held-out part of each CWRU recording (replay -> worker -> wasm3),
 the people counter on vtest.avi with configs/nn-camera.yaml (camera -> worker -> wasm3)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from appliance import evaluation_nn
+from appliance_tools.evaluation import nn as evaluation_nn
 from conftest import REPO, shared_file
 
 MODELS = REPO / "modules" / "models"
@@ -72,7 +72,7 @@ def test_nn_bearing_host_twin_through_the_worker(cwru, modules):
 
 def test_nn_bearing_evaluation_can_fail(tmp_path, cwru):
     """The same checks on a module whose labels are swapped (inner <-> outer) say so."""
-    from appliance.nn import compile_model
+    from appliance_tools.nn import compile_model
     spec = evaluation_nn.SPECS["bearing_cnn"]
     options = spec.compile_options()
     options["labels"] = ["normal", "outer", "inner", "ball"]
@@ -86,7 +86,7 @@ def test_nn_bearing_evaluation_can_fail(tmp_path, cwru):
 
 
 def test_nn_bearing_table_beside_the_classical_module(bearing_results, cwru):
-    from appliance import evaluation
+    from appliance_tools.evaluation import bearing as evaluation
     classical = evaluation.evaluate(cwru)
     table = evaluation_nn.bearing_table(bearing_results, classical)
     rows = {line.split()[0]: line for line in table.splitlines()[2:]}
@@ -121,7 +121,7 @@ def video() -> Path:
 
 
 def test_nn_camera_through_the_pipeline(video, modules):
-    from test_nn_models import _ort, agree, output_lsb
+    from test_nn_models import ort_outputs, agree, output_lsb
     report = _report("people_cnn")
     results = evaluation_nn.evaluate_camera(video, modules={"float": modules["people_cnn"],
                                                             "int8": modules["people_cnn_int8"]})
@@ -138,7 +138,7 @@ def test_nn_camera_through_the_pipeline(video, modules):
         assert sorted(r.counts) == list(range(795)), f"{kind}: frames without a result"
         got = np.array([r.counts[i] for i in range(795)], np.float32)[:, None]
         onnx_path = MODELS / "people_cnn" / report["files"][kind]["file"]
-        ok, worst = agree(kind, got, _ort(onnx_path, x), output_lsb(onnx_path) if kind == "int8" else 0.0)
+        ok, worst = agree(kind, got, ort_outputs(onnx_path, x), output_lsb(onnx_path) if kind == "int8" else 0.0)
         assert ok, f"{kind}: pipeline vs onnxruntime: {worst}"
         m = r.metrics(labels, held)
         base = report["held_out_baseline_mean_count"]["mae"]

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 from scipy import signal
 
-from hal.bearing import CWRU_DRIVE_END, BearingGeometry
+from hal.sim.bearing import CWRU_DRIVE_END, BearingGeometry
 from hal.registry import SOURCE_TYPES, load_builtin_sources, open_source
 from hal.source import Health
 from hal.sources.replay import ReplayConfig, ReplaySource

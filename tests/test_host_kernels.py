@@ -24,9 +24,11 @@ import struct
 import numpy as np
 import pytest
 
-from appliance.runtime.backend import IMPORT_SIGNATURES
-from appliance.runtime.host import HEADER, pack_header, ModuleFault, WorkerProcess, load_message
-from appliance.runtime.worker import MAX_FEATURES, AbiViolation, HostDsp
+from appliance.runtime.engines import IMPORT_SIGNATURES
+from appliance.runtime.wire import HEADER, load_message, pack_header
+from appliance.runtime.process import ModuleFault, WorkerProcess
+from appliance.runtime.hostcalls.abi import AbiViolation, MAX_FEATURES
+from appliance.runtime.hostcalls.dsp import HostDsp
 
 from support import build_inline_module
 

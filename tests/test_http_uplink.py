@@ -19,7 +19,9 @@ import pydantic
 import pytest
 from webhook_server import Reply, WebhookServer, make_test_pki, parse_multipart
 
-from appliance.events import Attachment, Spool, make_event
+from appliance.events.record import Attachment, make_event
+
+from appliance.events.spool import Spool
 from appliance.uplink.http import (
     HttpConfig,
     HttpPermanentError,
@@ -28,7 +30,7 @@ from appliance.uplink.http import (
     parse_retry_after,
 )
 from appliance.uplink.transport import PermanentError, TransientError
-from hal.snapshot import jpeg_snapshot
+from hal.drivers.camera.jpeg import jpeg_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -464,7 +466,7 @@ def test_a_server_dripping_its_reply_times_out_and_close_does_not_wait(tmp_path)
     threading.Thread(target=drip, daemon=True).start()
     transport = HttpTransport(HttpConfig(url=f"http://127.0.0.1:{port}/hook", timeout_s=1.0))
     t0 = timelib.monotonic()
-    from appliance.events import make_event
+    from appliance.events.record import make_event
     with pytest.raises(TransientError, match="timeout after 1 s"):
         transport.send(make_event(gateway="gw", source="s", module="m", severity=1, score=1.0, message="x",
                                   window={}, features={}), [])

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-import appliance.supervisor as supervisor_mod
+import appliance.core.supervisor as supervisor_mod
 import hal.sources.i2c_accel as i2c_accel_mod   # registers "i2c_accel"
-from appliance.config import ConfigError
-from appliance.supervisor import Supervisor
-from hal.i2c import adxl345, lis3dh
-from hal.i2c.adxl345 import ADXL345
-from hal.i2c.bus import STANDARD_GRAVITY, BusUnavailable, ChipNotFound, I2cError, RegisterMismatch
-from hal.i2c.emulated import (EmulatedADXL345, EmulatedBus, EmulatedLIS3DH, ManualClock, SineNoise, constant,
+from appliance.config.schema import ConfigError
+from appliance.core.supervisor import Supervisor
+from hal.drivers.i2c import adxl345, lis3dh
+from hal.drivers.i2c.adxl345 import ADXL345
+from hal.drivers.i2c.bus import STANDARD_GRAVITY, BusUnavailable, ChipNotFound, I2cError, RegisterMismatch
+from hal.sim.i2c_chips import (EmulatedADXL345, EmulatedBus, EmulatedLIS3DH, ManualClock, SineNoise, constant,
                               emulated_bus)
-from hal.i2c.lis3dh import LIS3DH
+from hal.drivers.i2c.lis3dh import LIS3DH
 from hal.registry import SOURCE_TYPES, open_source
 from hal.source import Health
 from hal.sources.i2c_accel import I2cAccelConfig, I2cAccelSource
@@ -586,7 +586,7 @@ def _app_config(tmp_path, source: dict):
     try:
         return write_config(tmp_path, {"accel": source}, {})
     except ConfigError as exc:
-        # appliance.config built its source union before hal.sources.i2c_accel registered
+        # appliance.config.schema built its source union before hal.sources.i2c_accel registered
         # (until load_builtin_sources imports it): validate the section with its own model.
         assert "is not a known source type" in str(exc)
         base = write_config(tmp_path, {"accel": sim_source()}, {})

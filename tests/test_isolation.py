@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from appliance.events import Spool
+from appliance.events.spool import Spool
 from appliance.runtime.host import ModuleState
-from appliance.supervisor import Supervisor
+from appliance.core.supervisor import Supervisor
 from hal.source import Health
 
 from hostile_modules.hostile import build_hostile
@@ -23,8 +23,9 @@ EXPECTED_FAULTS = {
     # Recursion inside deep loop nesting: SIGSEGV with an 8 MiB native stack, a clean
     # "stack overflow" trap under `ulimit -s unlimited`; either way it is contained.
     "crash": {"crash", "trap"},
-    # 50 000 nested blocks: wasm3's compiler segfaults whatever the stack sizes.
-    "crash_compile": {"crash"},
+    # 50 000 nested blocks: wasm3's compiler segfaults whatever the stack sizes; on a loaded
+    # machine the compile may outlast the 200 ms deadline first. Contained either way.
+    "crash_compile": {"crash", "deadline"},
 }
 
 
@@ -32,7 +33,9 @@ EXPECTED_FAULTS = {
 def test_hostile_module_is_contained(tmp_path, vibstats_wasm, hostile):
     bad_wasm = build_hostile(hostile, tmp_path / "hostile")
     cfg = write_config(tmp_path, {"spindle": sim_source()}, {
-        "healthy": {"wasm": str(vibstats_wasm), "source": "spindle", "window": {"size": 1024},
+        # A deep queue: on a loaded machine a worker's start can take longer than 4 windows, and
+        # an overflow (counted, correct) would say nothing about the hostile neighbour.
+        "healthy": {"wasm": str(vibstats_wasm), "source": "spindle", "window": {"size": 1024}, "queue": 256,
                     "params": {"baseline": {"windows": 5}}},
         "bad": {"wasm": str(bad_wasm), "source": "spindle", "window": {"size": 1024}, "deadline_ms": 200,
                 "restart": FAST_RESTART},
@@ -47,7 +50,7 @@ def test_hostile_module_is_contained(tmp_path, vibstats_wasm, hostile):
         assert sup.sources["spindle"].health[0] is Health.OK
         assert sup.modules["healthy"].state is ModuleState.RUNNING
     finally:
-        sup.stop(drain_s=3.0)
+        sup.stop(drain_s=30.0)   # returns once idle: the bound only matters on a loaded machine
 
     healthy = sup.modules["healthy"]
     cut = sup.pipelines["spindle"][0].windower.windows_cut

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import time
 
-from appliance.modbuild import build_module
-from appliance.supervisor import Supervisor
+from appliance_tools.modbuild import build_module
+from appliance.core.supervisor import Supervisor
 
 from conftest import REPO
 from support import metric, sim_source, wait_for, write_config
@@ -21,8 +21,7 @@ def test_lagging_module_drops_oldest_and_source_keeps_pace(tmp_path):
     })
     sup = Supervisor(cfg)
     host = sup.modules["slow"]
-    original = host._on_result
-    host._on_result = lambda h, window, result: (seen.append(result.features), original(h, window, result))
+    sup.subscribe(lambda name, window, result: seen.append(result.features) if name == host.name else None)
     sup.start()
     started = time.monotonic()
     try:
@@ -62,14 +61,14 @@ def test_operator_restart_during_a_slow_window_is_not_a_fault(tmp_path):
     sup.start()
     try:
         host = sup.modules["slow"]
-        wait_for(lambda: host._busy, 10, "a window in flight")
-        first_pid = host._worker.pid
+        wait_for(lambda: host.busy, 10, "a window in flight")
+        first_pid = host.worker_pid
         for _ in range(3):
             assert host.restart()
-            wait_for(lambda old=first_pid: host.state is ModuleState.RUNNING and host._worker is not None
-                     and host._worker.pid != old, 10, "the restarted worker")
-            first_pid = host._worker.pid
-            wait_for(lambda: host._busy, 10, "a window in flight")
+            wait_for(lambda old=first_pid: host.state is ModuleState.RUNNING and host.worker_pid not in (None, old),
+                     10, "the restarted worker")
+            first_pid = host.worker_pid
+            wait_for(lambda: host.busy, 10, "a window in flight")
         faults = sum(metric(sup, "appliance_module_faults_total", module="slow", kind=k)
                      for k in ("trap", "deadline", "crash", "load", "abi", "protocol"))
         assert faults == 0

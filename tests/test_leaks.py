@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runtime.backend import Wasm3Backend
+from appliance.runtime.engines import Wasm3Backend
 from support import build_inline_module
 
 CALLER = r"""

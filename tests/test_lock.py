@@ -40,7 +40,8 @@ def test_the_venv_holds_exactly_the_lock():
     want |= {k: p.version for k, p in lockfile.pins_for(LOCKS / "build.txt").items()}
     want |= {k: f"{want[k]}+{label}" for k, label in PATCHED.items()}   # built from source, mended
     have = _installed()
-    have.pop("factory-gateway-appliance", None)
+    have.pop("factory-gateway-appliance", None)   # the checkout itself, editable
+    have.pop("factory-gateway-tools", None)
     assert have == want
 
 
@@ -55,9 +56,12 @@ def test_the_gateway_runs_the_versions_the_tests_ran(machine):
 
 def test_the_locks_satisfy_the_ranges_in_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    tools = tomllib.loads((REPO / "tools" / "pyproject.toml").read_text())
     checks = [("gateway.txt", project["project"]["dependencies"]),
-              ("dev.txt", [r for extra in project["project"]["optional-dependencies"].values() for r in extra]),
-              ("build.txt", project["build-system"]["requires"])]
+              ("dev.txt", project["project"]["dependencies"]
+               + [r for extra in project["project"]["optional-dependencies"].values() for r in extra]
+               + [r for r in tools["project"]["dependencies"] if not r.startswith("factory-gateway-")]),
+              ("build.txt", project["build-system"]["requires"] + tools["build-system"]["requires"])]
     for lock, requirements in checks:
         for machine in MACHINES:
             pins = lockfile.pins_for(LOCKS / lock, machine, DEBIAN_12)
@@ -78,6 +82,12 @@ def test_markers_are_read_as_pip_reads_them():
     from packaging.markers import Marker
     texts = {p.marker for lock in LOCKS.glob("*.txt") for p in lockfile.read(lock) if p.marker}
     assert texts
+    # and the shapes a future `make lock` may write
+    texts |= {"platform_machine not in 'x86_64 aarch64'", "python_full_version == '3.11.*'",
+              "python_version == '3.11'", "python_full_version >= '3.11' and python_full_version < '3.13'",
+              "(platform_machine == 'aarch64' or platform_machine == 'arm64') and sys_platform == 'linux'",
+              "python_version ~= '3.11'", "platform_system != 'Windows'", "implementation_name == 'cpython'",
+              "python_full_version != '3.11.2'", "'linux' in sys_platform"}
     for machine in MACHINES:
         for python in ((3, 11, 2), (3, 12, 1), (3, 13, 0)):
             env = lockfile.environment(machine, python)

@@ -10,8 +10,8 @@ import subprocess
 import pytest
 from prometheus_client import generate_latest
 
-from appliance.modbuild import build_module
-from appliance.supervisor import Supervisor
+from appliance_tools.modbuild import build_module
+from appliance.core.supervisor import Supervisor
 
 from conftest import REPO
 from support import metric, sim_source, wait_for, write_config

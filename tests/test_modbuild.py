@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import modbuild
+from appliance_tools import modbuild
 from conftest import require_tool
-from appliance.modbuild import BuildError, build_all, build_module, inspect_text, toolchain_version
-from appliance.wasm_binary import (
+from appliance.runtime.inspect import check_module_file, inspect_text
+from appliance_tools.modbuild import BuildError, build_all, build_module, toolchain_version
+from appliance.runtime.wasm_binary import (
     HOST_IMPORTS, FuncType, WasmFormatError, check_abi_v1, parse, signature_str,
 )
 
@@ -298,9 +299,9 @@ def test_signature_str():
 def test_hostile_modules_build(tmp_path):
     for name in ("trap", "loop", "crash", "crash_compile"):
         path = hostile.build_hostile(name, tmp_path)
-        assert modbuild.check_module_file(path) == [], name
+        assert check_module_file(path) == [], name
     invalid = hostile.build_hostile("invalid", tmp_path)
-    problems = modbuild.check_module_file(invalid)
+    problems = check_module_file(invalid)
     assert len(problems) == 1 and "wasm-validate rejects it" in problems[0] and "0xff" in problems[0]
     assert parse(invalid.read_bytes()).export("ap_process") is not None
     with pytest.raises(ValueError, match="unknown hostile module"):

@@ -1,5 +1,5 @@
 """The camera motion module (modules/src/motion) and its image kernels (modules/sdk/ap_image.h,
-host twins in appliance/runtime/worker.py HostImage and hal/imaging.py).
+host twins in appliance/runtime/worker.py HostImage and hal/drivers/camera/kernels.py).
 
 - Each kernel's C fallback against its host twin on the same bytes in the same linear memory: the
   kernels are integer-exact, so the two paths must give identical bytes (no tolerance), and the
@@ -14,10 +14,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance.modbuild import build_module
-from appliance.runtime.backend import IMPORT_SIGNATURES
-from appliance.runtime.host import HEADER, ModuleFault, WorkerProcess, load_message, pack_header
-from appliance.runtime.worker import AbiViolation, HostImage
+from appliance_tools.modbuild import build_module
+from appliance.runtime.engines import IMPORT_SIGNATURES
+from appliance.runtime.wire import HEADER, load_message, pack_header
+from appliance.runtime.process import ModuleFault, WorkerProcess
+from appliance.runtime.hostcalls.abi import AbiViolation
+from appliance.runtime.hostcalls.image import HostImage
 
 from conftest import REPO, shared_file
 from support import build_inline_module, wait_for, write_config
@@ -586,7 +588,7 @@ def test_host_and_c_paths_agree_on_real_frames(motion_wasm, size, count, params)
 # ---- YAML polygons through the real pipeline ------------------------------------------------------------
 
 def test_simulated_camera_with_zones_from_yaml(tmp_path, motion_wasm):
-    from appliance.supervisor import Supervisor
+    from appliance.core.supervisor import Supervisor
     wasm = tmp_path / "motion.wasm"
     wasm.write_bytes(motion_wasm)
     zone = [[0, 0], [160, 0], [160, 60], [0, 60]]             # the upper half: where the big object crosses
@@ -597,8 +599,7 @@ def test_simulated_camera_with_zones_from_yaml(tmp_path, motion_wasm):
     sup = Supervisor(cfg)
     seen, events = [], []
     host = sup.modules["motion"]
-    original = host._on_result
-    host._on_result = lambda h, w, r: (seen.append(r.features), events.extend(r.events), original(h, w, r))
+    sup.subscribe(lambda name, w, r: (seen.append(r.features), events.extend(r.events)) if name == host.name else None)
     sup.start()
     try:
         wait_for(lambda: any(e[0] == 1 for e in events), 20, "a motion event")
@@ -614,7 +615,7 @@ REACHED_AGREEMENT = 1.0     # measured: 785 of 785 frames agree (docs/modules/mo
 
 
 def test_evaluation_reaches_its_documented_agreement():
-    from appliance.evaluation_motion import evaluate
+    from appliance_tools.evaluation.motion import evaluate
     r = evaluate(shared_file("video", "vtest.avi"))
     assert r.frames == 795 and r.compared == 785
     assert r.agreement >= 0.95 and r.agreement >= REACHED_AGREEMENT - 0.01

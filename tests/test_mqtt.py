@@ -18,7 +18,9 @@ import numpy as np
 import pydantic
 import pytest
 
-from appliance.events import Attachment, Spool, make_event
+from appliance.events.record import Attachment, make_event
+
+from appliance.events.spool import Spool
 from appliance.uplink.mqtt import MqttConfig, MqttTransport, topic_level
 from appliance.uplink.transport import TransientError
 

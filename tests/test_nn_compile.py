@@ -15,10 +15,10 @@ import onnxruntime  # noqa: E402,F401
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: E402
 
-from appliance.modbuild import check_module_file  # noqa: E402
-from appliance.nn import ModelError, compile_model  # noqa: E402
-from appliance.nn.parity import float_mismatch, ort_session, quant_mismatch  # noqa: E402
-from appliance.nn.run import ModelModule, ModuleCallError  # noqa: E402
+from appliance.runtime.inspect import check_module_file  # noqa: E402
+from appliance_tools.nn import ModelError, compile_model  # noqa: E402
+from appliance_tools.nn.parity import float_mismatch, ort_session, quant_mismatch  # noqa: E402
+from appliance_tools.nn.run import ModelModule, ModuleCallError  # noqa: E402
 
 SEED = 7
 

@@ -15,11 +15,12 @@ import onnxruntime  # noqa: E402,F401
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static  # noqa: E402
 
-from appliance.nn import compile_model  # noqa: E402
-from appliance.nn.host import machine_arch  # noqa: E402
-from appliance.nn.parity import float_mismatch, ort_session, quant_mismatch  # noqa: E402
-from appliance.nn.run import ModelModule  # noqa: E402
-from appliance.runtime.host import HEADER, WorkerProcess, load_message, pack_header  # noqa: E402
+from appliance_tools.nn import compile_model  # noqa: E402
+from appliance.runtime.hostcalls.nn import machine_arch  # noqa: E402
+from appliance_tools.nn.parity import float_mismatch, ort_session, quant_mismatch  # noqa: E402
+from appliance_tools.nn.run import ModelModule  # noqa: E402
+from appliance.runtime.wire import HEADER, load_message, pack_header  # noqa: E402
+from appliance.runtime.process import WorkerProcess  # noqa: E402
 
 pytestmark = pytest.mark.skipif(machine_arch() is None, reason="no native libraries for this machine")
 
@@ -151,7 +152,7 @@ def test_guest_pointers_are_bounds_checked(models):
     _, r = models["float"]
     m = ModelModule(r.wasm, host_nn=True)
     size = len(m.inst.memory())
-    from appliance.nn.run import ModuleCallError
+    from appliance_tools.nn.run import ModuleCallError
     with pytest.raises(ModuleCallError, match="output .* is outside linear memory"):
         m.host.nn_run(0, 40, 0, 4, size - 8, 16)
     with pytest.raises(ModuleCallError, match="descriptor of 12 bytes"):
@@ -187,8 +188,8 @@ def test_through_the_real_worker(models):
 def test_through_the_supervisor_with_host_nn(models, tmp_path, caplog):
     """A replay recording -> windows -> the compiled module in its worker; the module's log says
     the native library ran, every window was processed, and events reached the spool."""
-    from appliance.events import Spool
-    from appliance.supervisor import Supervisor
+    from appliance.events.spool import Spool
+    from appliance.core.supervisor import Supervisor
     from support import write_config
 
     _, r = models["float"]
@@ -271,8 +272,8 @@ def test_aarch64_build_of_the_network_gives_the_same_bits(models, tmp_path, kind
     and x86-64, against the wasm module: the same output bits."""
     import subprocess
     import sys
-    from appliance.modbuild import SDK_DIR
-    from appliance.nn import toolchain
+    from appliance_tools.modbuild import SDK_DIR
+    from appliance_tools.nn import toolchain
     path, _ = models[kind]
     r = compile_model(path, tmp_path / "m.wasm", labels=LABELS, keep_c=tmp_path / "c", native=False)
     (tmp_path / "c" / "harness.c").write_text(HARNESS)
@@ -297,9 +298,8 @@ def test_a_module_cycling_through_descriptors_cannot_exhaust_the_worker(models):
     stays open: a hostile module could vary an unused entry and open fds until the worker ran
     out. The same library bytes now load once, and a fifth distinct descriptor is a violation."""
     import os
-    from appliance.nn.compiler import _descriptor
-    from appliance.nn.host import MAX_DESCRIPTORS
-    from appliance.nn.run import ModuleCallError
+    from appliance.runtime.hostcalls.nn import MAX_DESCRIPTORS, pack_descriptor
+    from appliance_tools.nn.run import ModuleCallError
     _, r = models["float"]
     m = ModelModule(r.wasm, host_nn=True)
     mem = m.inst.memory()
@@ -309,8 +309,8 @@ def test_a_module_cycling_through_descriptors_cannot_exhaust_the_worker(models):
     codes = []
     with pytest.raises(ModuleCallError, match=f"more than {MAX_DESCRIPTORS} different model descriptors"):
         for i in range(64):
-            desc = _descriptor(bytes.fromhex(r.model_hash), libs + [(f"junk{i}", bytes(32))])
+            desc = pack_descriptor(bytes.fromhex(r.model_hash), libs + [(f"junk{i}", bytes(32))])
             mem[at:at + len(desc)] = desc
             codes.append(m.host.nn_run(at, len(desc), 0, 4 * 512, 4096, 16))
     assert codes == [0] * MAX_DESCRIPTORS              # every one of them verified and ran natively
-    assert len(m.host._fds) == 1 and len(os.listdir("/proc/self/fd")) <= fds + 1
+    assert m.host.libraries_loaded == 1 and len(os.listdir("/proc/self/fd")) <= fds + 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance import evaluation_nn
+from appliance_tools.evaluation import nn as evaluation_nn
 from conftest import REPO, SHARED_DATA, shared_file
 
 MODELS = REPO / "modules" / "models"
@@ -27,7 +27,7 @@ def _report(model: str) -> dict:
     return json.loads((MODELS / model / "report.json").read_text())
 
 
-def _ort(path: Path, inputs: np.ndarray) -> np.ndarray:
+def ort_outputs(path: Path, inputs: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -58,7 +58,7 @@ def agree(kind: str, got: np.ndarray, want: np.ndarray, lsb: float) -> tuple[boo
 
 
 def run_module(wasm: Path, inputs, host_nn: bool = False) -> tuple[np.ndarray, list[dict]]:
-    from appliance.nn.run import ModelModule
+    from appliance_tools.nn.run import ModelModule
     m = ModelModule(wasm, host_nn=host_nn)
     outs, feats = [], []
     for x in inputs:
@@ -128,7 +128,7 @@ def test_bearing_module_computes_what_onnxruntime_computes(held_out_windows, mod
     wasm = modules["bearing_cnn" if kind == "float" else "bearing_cnn_int8"]
     lsb = output_lsb(onnx_path) if kind == "int8" else 0.0
     for r, xs in held_out_windows:
-        want = _ort(onnx_path, xs[:, None, :])
+        want = ort_outputs(onnx_path, xs[:, None, :])
         got, feats = run_module(wasm, xs[:, None, :])
         ok, worst = agree(kind, got, want[:, :], lsb)
         assert ok, f"{r.name} ({kind}): {worst}"
@@ -158,7 +158,7 @@ def test_people_module_computes_what_onnxruntime_computes(frames, modules, kind)
     wasm = modules["people_cnn" if kind == "float" else "people_cnn_int8"]
     held = frames[slice(*report["split"]["held_out"])]
     x = held.astype(np.float32)[:, None] * np.float32(report["input"]["scale"]) + np.float32(report["input"]["offset"])
-    want = _ort(onnx_path, x)
+    want = ort_outputs(onnx_path, x)
     got, feats = run_module(wasm, held)
     lsb = output_lsb(onnx_path) if kind == "int8" else 0.0
     ok, worst = agree(kind, got, want, lsb)
@@ -184,7 +184,7 @@ def test_parity_check_catches_a_changed_weight(tmp_path, frames):
     """The comparison above is not blind: one weight of the first convolution 2 % off is caught."""
     import onnx
     from onnx import numpy_helper
-    from appliance.nn import compile_model
+    from appliance_tools.nn import compile_model
     report = _report("people_cnn")
     path = MODELS / "people_cnn" / report["files"]["float"]["file"]
     m = onnx.load(str(path))
@@ -200,8 +200,8 @@ def test_parity_check_catches_a_changed_weight(tmp_path, frames):
     some = frames[::40]
     x = some.astype(np.float32)[:, None] * np.float32(report["input"]["scale"])
     got, _ = run_module(wasm, some)
-    assert agree("float", got, _ort(mutated, x), 0.0)[0], "the mutated model itself compiles faithfully"
-    assert not agree("float", got, _ort(path, x), 0.0)[0], "a 2 % change of one weight went unnoticed"
+    assert agree("float", got, ort_outputs(mutated, x), 0.0)[0], "the mutated model itself compiles faithfully"
+    assert not agree("float", got, ort_outputs(path, x), 0.0)[0], "a 2 % change of one weight went unnoticed"
 
 
 def test_labels_are_reproducible():

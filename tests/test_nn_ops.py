@@ -19,9 +19,9 @@ import pytest
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402,F401
 
-from appliance.nn import compile_model  # noqa: E402
-from appliance.nn.parity import GraphBuilder, float_mismatch, ort_session, quant_mismatch  # noqa: E402
-from appliance.nn.run import ModelModule  # noqa: E402
+from appliance_tools.nn import compile_model  # noqa: E402
+from appliance_tools.nn.parity import GraphBuilder, float_mismatch, ort_session, quant_mismatch  # noqa: E402
+from appliance_tools.nn.run import ModelModule  # noqa: E402
 
 RNG_SEED = 20261121
 WINDOWS = 4

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.modbuild import build_module
-from appliance.runtime.host import HEADER, WorkerProcess, load_message, pack_header
+from appliance_tools.modbuild import build_module
+from appliance.runtime.wire import HEADER, load_message, pack_header
+from appliance.runtime.process import WorkerProcess
 from conftest import REPO, require
 
 OVERLAY = Path(sys.prefix) / "opencv4"

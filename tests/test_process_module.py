@@ -22,13 +22,14 @@ import numpy as np
 import pytest
 import yaml
 
-from appliance.events import Spool
-from appliance.modbuild import build_module
-from appliance.runtime.host import HEADER, ModuleFault, WorkerProcess, load_message, pack_header
+from appliance.events.spool import Spool
+from appliance_tools.modbuild import build_module
+from appliance.runtime.wire import HEADER, load_message, pack_header
+from appliance.runtime.process import ModuleFault, WorkerProcess
 from conftest import SHARED_DATA, require
-from hal.serial.nmea import make_sentence
+from hal.drivers.serial.nmea import make_sentence
 from hal.source import Health
-from hal.sources.nmea import split_epochs
+from hal.sim.nmea_receiver import split_epochs
 from serialpeers import ModbusPeer, NmeaWriter, RegisterDriver
 from support import wait_for, write_config
 
@@ -499,8 +500,8 @@ def test_windows_without_the_configured_channels_are_refused(process_wasm):
 
 
 def test_example_config_is_valid(process_wasm, tmp_path):
-    from appliance.config import load_config_document
-    from appliance.modcheck import check_modules
+    from appliance.config.schema import load_config_document
+    from appliance.runtime.modcheck import check_modules
     text = (REPO / "configs" / "process-example.yaml").read_text()
     assert "../modules/build/process.wasm" in text
     path = tmp_path / "example.yaml"
@@ -542,7 +543,7 @@ def test_modbus_register_driven_through_every_rule(process_wasm, tmp_path):
                                           "stuck_samples": 30,
                                           "drift": {"learn": 20, "k": 1, "h": 100, "direction": "up"}},
                              "signal.1": {"name": "flow", "missing_max": 10}}}})
-    from appliance.supervisor import Supervisor
+    from appliance.core.supervisor import Supervisor
     sup = Supervisor(cfg)
 
     def seen(text: str) -> bool:
@@ -659,7 +660,7 @@ def test_nmea_logs_through_the_supervisor(process_wasm, tmp_path):
     epochs = {k: len(split_epochs(b"".join(v).decode())) for k, v in feeds.items()}
     assert epochs["altered"] >= 29       # room for the jump to clear after epoch 22
     writers = {k: NmeaWriter(BAUD) for k in feeds}
-    from appliance.supervisor import Supervisor
+    from appliance.core.supervisor import Supervisor
     cfg = write_config(
         tmp_path, {k: {"type": "nmea", "device": w.path, "baudrate": BAUD, "sample_rate": 1} for k, w in writers.items()},
         {f"rules_{k}": {"wasm": str(process_wasm), "source": k, "window": {"size": 16, "hop": 1}, "queue": 64,

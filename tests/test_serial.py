@@ -15,12 +15,13 @@ import pytest
 from pydantic import ValidationError
 from pymodbus.client.mixin import ModbusClientMixin as PM
 
-from hal.serial import modbus as mb
-from hal.serial import nmea
-from hal.serial.port import SerialException, open_serial
+from hal.drivers.serial import modbus as mb
+from hal.drivers.serial import nmea
+from hal.drivers.serial.port import SerialException, open_serial
 from hal.source import Health
 from hal.sources.modbus_rtu import ModbusRtuConfig, ModbusRtuSource, plan_requests
-from hal.sources.nmea import NmeaConfig, NmeaSource, split_epochs
+from hal.sim.nmea_receiver import split_epochs
+from hal.sources.nmea import NmeaConfig, NmeaSource
 from tests.conftest import shared_file
 from tests.serialpeers import ModbusPeer, NmeaWriter, PtyCable, repoint
 from tests.support import metric, sim_source, wait_for, write_config
@@ -508,7 +509,7 @@ def test_nmea_garbage_is_counted_never_raised():
 def test_nmea_unplug_and_replug_through_the_supervisor(tmp_path):
     """The real supervisor reads the source: pulling the device fails it (counted in
     appliance_source_errors_total), a device at the same path again recovers it."""
-    from appliance.supervisor import Supervisor
+    from appliance.core.supervisor import Supervisor
 
     log = shared_file("serial", "nmea", "bu353s4.log")
     text = NmeaWriter.device_lines(log)
@@ -615,6 +616,31 @@ def test_simulated_nmea_source_replays_its_log():
     assert np.ptp(data[4]) > 1.0                               # the vehicle moves east
     assert src.bad_lines == src.bad_checksums == 0
     assert len(split_epochs(Path(shared_file("serial", "nmea", "mt3339.log")).read_text())) == 30
+
+
+def test_a_replayed_log_starting_over_reaches_modules_as_a_gap(tmp_path):
+    """The simulator loops its log. Where it starts over, the receiver's clock goes back and the
+    position jumps back: a gap, not a 'position jump' (found on a gpsd Garmin log: 189 m in 1 s)."""
+    from hal.sim.nmea_receiver import BUILTIN_LOG
+    short = tmp_path / "short.log"
+    short.write_text("".join(BUILTIN_LOG.splitlines(keepends=True)[:36]))   # 12 epochs
+    cfg = NmeaConfig.model_validate({"type": "nmea", "simulate": True, "sample_rate": 20, "baudrate": 115200,
+                                     "sim_log": str(short)})
+    src = NmeaSource("gps", cfg)
+    src.open()
+    try:
+        blocks = read_blocks(src, 30)
+    finally:
+        src.close()
+    gaps = [i for i, b in enumerate(blocks) if b.gap]
+    assert len(gaps) >= 2 and all(b - a == 12 for a, b in zip(gaps, gaps[1:])), gaps
+
+
+def test_the_built_in_log_outlasts_a_window():
+    """Two minutes of fixes: the default config's GPS windows (16 fixes) fill many times before
+    the simulator starts over."""
+    from hal.sim.nmea_receiver import BUILTIN_LOG
+    assert len(split_epochs(BUILTIN_LOG)) == 120
 
 
 def test_simulated_sources_through_the_registry():

@@ -7,7 +7,9 @@ import sys
 
 import jsonschema
 
-from appliance.events import Spool, make_event
+from appliance.events.spool import Spool
+
+from appliance.events.record import make_event
 
 from conftest import REPO
 
@@ -34,7 +36,8 @@ def test_committed_events_survive_a_killed_writer(tmp_path):
     code = f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
-from appliance.events import Spool, make_event
+from appliance.events.spool import Spool
+from appliance.events.record import make_event
 s = Spool({str(tmp_path / 'spool.db')!r}, 1 << 20)
 for i in range(25):
     s.append(make_event(gateway='gw', source='s', module='m', severity=1, score=i, message=str(i),
@@ -66,7 +69,7 @@ def test_size_bound_evicts_oldest_lowest_severity_first(tmp_path):
 def test_events_wait_in_memory_while_the_spool_fails(tmp_path, vibstats_wasm):
     import sqlite3
 
-    from appliance.supervisor import Supervisor
+    from appliance.core.supervisor import Supervisor
     from support import metric, sim_source, write_config
 
     cfg = write_config(tmp_path, {"s": sim_source()}, {})
@@ -81,11 +84,11 @@ def test_events_wait_in_memory_while_the_spool_fails(tmp_path, vibstats_wasm):
 
     sup.spool.append = append
     for i in range(3):
-        sup._emit(event(i))
+        sup.emit(event(i))
     assert sup.spool.depth() == 0 and metric(sup, "appliance_spool_errors_total") == 3
     assert sup.events_emitted == 0   # not committed, so not emitted
     failing["on"] = False
-    sup._emit(event(3))
+    sup.emit(event(3))
     assert [e["message"] for e in sup.spool.tail(10)] == ["m 0", "m 1", "m 2", "m 3"]
     assert sup.events_emitted == 4 and metric(sup, "appliance_events_lost_total") == 0
     sup.stop()
@@ -93,27 +96,32 @@ def test_events_wait_in_memory_while_the_spool_fails(tmp_path, vibstats_wasm):
 
 def test_failed_commits_do_not_skew_the_size_bound(tmp_path):
     import sqlite3
-    spool = Spool(tmp_path / "spool.db", 20_000)
-    for i in range(10):
-        spool.append(event(i))
-    real_execute = spool._db.execute
+    full = {"on": False}
 
-    class Failing:
+    class FillingDisk:
+        """A connection whose COMMIT fails while the disk is full, as SQLite's would."""
+
+        def __init__(self, *args, **kw):
+            self.db = sqlite3.connect(*args, **kw)
+
         def __getattr__(self, name):
-            return getattr(spool._db_real, name)
+            return getattr(self.db, name)
 
         def execute(self, sql, *args):
-            if sql == "COMMIT":
+            if sql == "COMMIT" and full["on"]:
                 raise sqlite3.OperationalError("database or disk is full")
-            return real_execute(sql, *args)
+            return self.db.execute(sql, *args)
 
-    spool._db_real, spool._db = spool._db, Failing()
+    spool = Spool(tmp_path / "spool.db", 20_000, connect=FillingDisk)
+    for i in range(10):
+        spool.append(event(i))
+    full["on"] = True
     for i in range(300):
         try:
             spool.append(event(100 + i))
         except sqlite3.OperationalError:
             pass
-    spool._db = spool._db_real
+    full["on"] = False
     for i in range(10, 15):
         spool.append(event(i))
     assert spool.evicted == 0 and spool.depth() == 15   # nothing evicted for phantom bytes
@@ -121,7 +129,7 @@ def test_failed_commits_do_not_skew_the_size_bound(tmp_path):
 
 
 def test_attachments_commit_with_their_event_and_leave_with_it(tmp_path):
-    from appliance.events import Attachment
+    from appliance.events.record import Attachment
     spool = Spool(tmp_path / "spool.db", 10_000)
     jpg = Attachment("snapshot.jpg", "image/jpeg", b"\xff\xd8" + b"x" * 3000)
     first = make_event(gateway="gw", source="cam", module="m", severity=1, score=1.0, message="motion",
@@ -137,6 +145,6 @@ def test_attachments_commit_with_their_event_and_leave_with_it(tmp_path):
     assert spool.evicted >= 1 and spool.attachment(first["id"], "snapshot.jpg") is None
     spool.close()
     reopened = Spool(tmp_path / "spool.db", 10_000)
-    assert reopened._bytes == sum(len(json.dumps(e, separators=(",", ":"), sort_keys=True)) + 3002
+    assert reopened.stats()["bytes"] == sum(len(json.dumps(e, separators=(",", ":"), sort_keys=True)) + 3002
                                   for e in reopened.tail(10))
     reopened.close()

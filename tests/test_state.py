@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from appliance.supervisor import Supervisor
+from appliance.core.supervisor import Supervisor
 
 from conftest import REPO
 from hostile_modules.hostile import build_hostile
@@ -15,8 +15,7 @@ def run_until(cfg, predicate, what: str) -> tuple[Supervisor, list[dict]]:
     sup = Supervisor(cfg)
     seen: list[dict] = []
     host = sup.modules["learner"]
-    original = host._on_result
-    host._on_result = lambda h, w, r: (seen.append(r.features), original(h, w, r))
+    sup.subscribe(lambda name, w, r: seen.append(r.features) if name == host.name else None)
     sup.start()
     try:
         wait_for(lambda: bool(seen) and predicate(seen), 20, what)
@@ -54,8 +53,7 @@ def test_reset_while_running_restarts_the_module(tmp_path):
     sup = Supervisor(cfg)
     seen: list[dict] = []
     host = sup.modules["learner"]
-    original = host._on_result
-    host._on_result = lambda h, w, r: (seen.append(r.features), original(h, w, r))
+    sup.subscribe(lambda name, w, r: seen.append(r.features) if name == host.name else None)
     sup.start()
     try:
         wait_for(lambda: bool(seen) and seen[-1]["learned"] == 1, 20, "learning")

@@ -7,8 +7,9 @@ import sys
 import pytest
 import yaml
 
-from appliance.config import ConfigError, load_config
-from appliance.system import NetworkSection, hostname_for, networkd_unit
+from appliance.config.schema import ConfigError, load_config
+from appliance.config.network import NetworkSection
+from appliance.ops.system import hostname_for, networkd_unit
 
 from conftest import REPO
 from support import sim_source

@@ -11,8 +11,8 @@ import time
 import pytest
 import yaml
 
-from appliance import systemd
-from appliance.supervisor import Supervisor
+from appliance.ops import systemd
+from appliance.core.supervisor import Supervisor
 
 from conftest import REPO
 from support import sim_source, wait_for, write_config
@@ -81,7 +81,7 @@ def test_supervisor_reports_a_stuck_dispatcher_and_a_silent_maintenance_tick(tmp
         assert sup.hang_problems() == []
         host = sup.modules["m"]
         host.last_turn -= 1000          # as if its loop had not turned for 1000 s
-        sup._maintained -= 1000
+        sup.last_maintenance -= 1000   # as if maintenance had been silent as long
         problems = sup.hang_problems()
         assert any(p.startswith("module m dispatcher stuck for 10") for p in problems), problems
         assert any(p.startswith("maintenance thread silent") for p in problems), problems

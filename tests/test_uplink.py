@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from appliance.events import Spool
-from appliance.supervisor import Supervisor
+from appliance.events.spool import Spool
+from appliance.core.supervisor import Supervisor
 
 from conftest import require
 from hostile_modules.hostile import build_hostile
@@ -108,7 +108,7 @@ def test_disk_full_is_reported_counted_and_recovers_without_loss(tmp_path, small
             pass
         wait_for(lambda: metric(sup, "appliance_spool_errors_total") >= 3, 15, "commits to fail")
         assert sup.stopping is False and sup.sources["s"].health[0].value == "ok"
-        waiting = len(sup._unspooled)
+        waiting = sup.events_waiting
         assert waiting >= 1
         filler.unlink()                                   # space returns
         before = sup.events_emitted

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.config import ConfigError
-from appliance.supervisor import Supervisor
+from appliance.config.schema import ConfigError
+from appliance.core.supervisor import Supervisor
 
 from conftest import shared_file
 from hostile_modules.hostile import build_hostile
@@ -15,8 +15,7 @@ from support import metric, wait_for, write_config
 def collect(sup, module):
     seen = []
     host = sup.modules[module]
-    original = host._on_result
-    host._on_result = lambda h, w, r: (seen.append(r.features), original(h, w, r))
+    sup.subscribe(lambda name, w, r: seen.append(r.features) if name == host.name else None)
     return seen
 
 
@@ -76,7 +75,7 @@ def test_event_on_a_frame_carries_a_jpeg_with_the_boxes(tmp_path):
     import cv2
     import numpy as np
 
-    from appliance.events import Spool
+    from appliance.events.spool import Spool
 
     wasm = build_hostile("eventbox", tmp_path / "m")
     cfg = write_config(tmp_path, {"cam": {"type": "camera", "simulate": True, "fps": 30, "resize": [160, 120]}},

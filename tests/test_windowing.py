@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance.windowing import Windower
+from appliance.core.windowing import Windower
 from hal.source import Block
 
 FS = 1000.0

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.modbuild import build_module
-from appliance.runtime.host import HEADER, pack_header, ModuleFault, WorkerProcess, load_message
+from appliance_tools.modbuild import build_module
+from appliance.runtime.wire import HEADER, load_message, pack_header
+from appliance.runtime.process import ModuleFault, WorkerProcess
 
 from conftest import REPO
 
@@ -143,3 +144,22 @@ def test_params_the_module_refuses(vibstats_wasm, params, reason):
     with pytest.raises(ModuleFault) as info:
         WorkerProcess("t", vibstats_wasm.read_bytes(), 4096, load_msg(params))
     assert info.value.kind == "params" and info.value.reason == f"module rejected its params: {reason}"
+
+
+def test_a_service_limit_below_the_budget_caps_the_worker_instead_of_crashing_it(vibstats_wasm, tmp_path):
+    """Under a finite hard RLIMIT_DATA (a service's own limit) the worker takes that as its cap."""
+    import subprocess
+    import sys
+    script = f"""
+import resource
+from appliance.runtime.process import WorkerProcess
+from appliance.runtime.wire import HEADER, load_message
+resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30))
+w = WorkerProcess("t", open({str(vibstats_wasm)!r}, "rb").read(), HEADER.size + 4096,
+                  load_message("v.wasm", "", memory_budget_bytes=4 << 30))
+print(w.memory_cap_bytes)
+w.stop()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == 1 << 30

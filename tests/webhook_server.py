@@ -111,18 +111,18 @@ class WebhookServer:
         self.requests: list[Received] = []
         self.errors: list[str] = []        # failed handshakes, broken connections
         self.default = Reply(200, b'{"ok":true}', {"Content-Type": "application/json"})
-        self._script: collections.deque[Reply] = collections.deque()
-        self._cond = threading.Condition()
-        self._stopping = threading.Event()
-        self._live: set[socket.socket] = set()
-        self._context = None
+        self.queued: collections.deque[Reply] = collections.deque()
+        self.cond = threading.Condition()
+        self.stopping = threading.Event()
+        self.live: set[socket.socket] = set()
+        self.context = None
         if tls is not None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(tls.dir / f"{cert}.pem", tls.dir / f"{cert}.key")
             if require_client_cert:
                 ctx.verify_mode = ssl.CERT_REQUIRED
                 ctx.load_verify_locations(tls.ca)
-            self._context = ctx
+            self.context = ctx
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -133,21 +133,21 @@ class WebhookServer:
                 pass
 
             def setup(self):
-                if server._context is not None:
+                if server.context is not None:
                     self.request.settimeout(5)    # a client that stalls the handshake
-                    self.request = server._context.wrap_socket(self.request, server_side=True)
+                    self.request = server.context.wrap_socket(self.request, server_side=True)
                     self.request.settimeout(None)
-                with server._cond:
-                    server._live.add(self.request)
+                with server.cond:
+                    server.live.add(self.request)
                 super().setup()
 
             def finish(self):
                 try:
                     super().finish()
                 finally:
-                    with server._cond:
-                        server._live.discard(self.connection)
-                    if server._context is not None:
+                    with server.cond:
+                        server.live.discard(self.connection)
+                    if server.context is not None:
                         self.connection.close()   # the TLS wrapper; socketserver closes the raw one
 
             def do_POST(self):
@@ -157,12 +157,12 @@ class WebhookServer:
                 ctype = self.headers.get("Content-Type", "")
                 if ctype.startswith("multipart/"):
                     parts = parse_multipart(body, ctype)
-                with server._cond:
-                    reply = server._script.popleft() if server._script else server.default
+                with server.cond:
+                    reply = server.queued.popleft() if server.queued else server.default
                     server.requests.append(Received(self.command, self.path, self.headers, body,
                                                     self.client_address[1], parts))
-                    server._cond.notify_all()
-                if reply.delay_s and server._stopping.wait(reply.delay_s):
+                    server.cond.notify_all()
+                if reply.delay_s and server.stopping.wait(reply.delay_s):
                     return
                 if reply.drop:
                     self.close_connection = True
@@ -193,24 +193,24 @@ class WebhookServer:
 
     def script(self, *replies: Reply) -> None:
         """Answer the next requests with these, in order; afterwards self.default."""
-        with self._cond:
-            self._script.extend(replies)
+        with self.cond:
+            self.queued.extend(replies)
 
     def wait_for(self, n: int, timeout_s: float = 5.0) -> list[Received]:
         end = time.monotonic() + timeout_s
-        with self._cond:
+        with self.cond:
             while len(self.requests) < n:
                 left = end - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"server got {len(self.requests)} requests, expected {n}")
-                self._cond.wait(left)
+                self.cond.wait(left)
             return list(self.requests)
 
     def drop_connections(self) -> None:
         """Close every open connection (as a server closing idle keep-alive connections does),
         but keep listening."""
-        with self._cond:
-            live = list(self._live)
+        with self.cond:
+            live = list(self.live)
         for sock in live:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -219,7 +219,7 @@ class WebhookServer:
 
     def stop(self) -> None:
         """Stop listening and close open connections: clients now get 'connection refused'."""
-        self._stopping.set()
+        self.stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self.drop_connections()
@@ -228,7 +228,7 @@ class WebhookServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self._stopping.is_set():
+        if not self.stopping.is_set():
             self.stop()
 
 

@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.wasm_binary import WasmFormatError, WasmInfo, check_abi_v1, parse
+from appliance.runtime.wasm_binary import WasmFormatError, WasmInfo, check_abi_v1, parse
 
 MAX_MODULE_BYTES = 16 << 20
 WASM_VALIDATE_FLAGS = ["--disable-reference-types", "--disable-simd"]

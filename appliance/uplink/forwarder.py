@@ -14,8 +14,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from appliance.events import Spool
-from appliance.metrics import Metrics
+from appliance.events.spool import Spool
+from appliance.ops.metrics import Metrics
 from appliance.uplink.transport import PermanentError, TransientError, Transport
 
 log = logging.getLogger("appliance.uplink")

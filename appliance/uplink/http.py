@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic.functional_validators import AfterValidator
 
-from appliance.events import Attachment, encode_event
+from appliance.events.record import Attachment, encode_event
 from appliance.uplink.transport import PermanentError, TransientError, Transport
 from hal.schema import ExistingFile, StrictModel
 
@@ -182,7 +182,7 @@ def make_ssl_context(tls: HttpTls) -> ssl.SSLContext:
 # ---- request bodies -------------------------------------------------------------------------
 
 
-event_json = encode_event   # the one encoding of an event (appliance/events.py)
+event_json = encode_event   # the one encoding of an event (appliance/events/spool.py)
 
 
 def _form_quote(name: str) -> str:

@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from pydantic import Field, model_validator
 
-from appliance.events import Attachment, iso_time
+from appliance.events.record import Attachment, iso_time
 from appliance.uplink.transport import TransientError, Transport
 from hal.schema import ConfigPath, ExistingFile, StrictModel
 

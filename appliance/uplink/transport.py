@@ -4,7 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from appliance.events import Attachment
+from appliance.events.record import Attachment
 
 
 class TransientError(Exception):

@@ -14,6 +14,7 @@ no OpenCV capture at all, for the default config and CI.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from pydantic import Field, model_validator
 from hal.registry import register_source
 from hal.schema import StrictModel
 from hal.source import Block, Health, Source, SourceInfo
+
+log = logging.getLogger("hal.camera")
 
 
 class CameraConfig(StrictModel):
@@ -191,10 +194,13 @@ class CameraSource(Source):
         if self._expected_frames and position < self._expected_frames - 1:
             # A truncated or corrupt file: end cleanly, but say so and count it.
             self.stream_errors += 1
-            self.set_health(Health.ENDED, f"stream ended at frame {position} of {self._expected_frames} "
-                                          f"(truncated or corrupt file)")
+            reason = (f"stream ended at frame {position} of {self._expected_frames} "
+                      f"(truncated or corrupt file)")
+            self.set_health(Health.ENDED, reason)
+            log.warning("camera %s: %s: %s", self.name, self.config.url, reason)
         else:
             self.set_health(Health.ENDED, "end of video")
+            log.info("camera %s: %s ended after %d frames", self.name, self.config.url, position)
         if self.config.loop and position > 0:
             cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
             self._t0 = time.monotonic()
@@ -219,20 +225,9 @@ class CameraSource(Source):
         return Block(np.ascontiguousarray(planar, dtype=np.uint8), start_ns, index, gap, image=(h, w))
 
     def _simulated(self) -> Block:
-        """Two objects crossing a textured background, plus sensor noise; paced at fps."""
+        """The synthetic scene (hal/sim/camera_scene.py), paced at fps."""
+        from hal.sim import camera_scene
         due = self._t0 + self._index / self._fps
         self._stop.wait(max(0.0, due - time.monotonic()))
-        w, h = self._size
-        t = self._index / self._fps
-        y, x = np.mgrid[0:h, 0:w]
-        frame = (96 + 32 * np.sin(x / 7.0) * np.cos(y / 11.0)).astype(np.float32)
-        for speed, phase, row, size in ((0.21, 0.6, 0.35, 0.10), (0.13, 0.9, 0.7, 0.07)):
-            cx = ((t * speed + phase) % 1.4 - 0.2) * w     # fraction of the width per second
-            cy, r = row * h, size * min(w, h)
-            frame[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = 220
-        frame += self._sim_rng.normal(0, 2.0, frame.shape)
-        start_ns = time.time_ns()
-        gray = np.clip(frame, 0, 255).astype(np.uint8)
-        if not self.config.gray:
-            gray = np.repeat(gray[:, :, None], 3, axis=2)
-        return self._block(gray, start_ns, False)
+        frame = camera_scene.render(self._index / self._fps, self._size, self._sim_rng, self.config.gray)
+        return self._block(frame, time.time_ns(), False)

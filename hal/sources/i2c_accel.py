@@ -8,7 +8,7 @@ that stops delivering samples (reset by a power glitch, reconfigured by someone 
 error after a few FIFO periods. Every failure raises: the supervisor counts it, marks the source
 FAILED, closes it, backs off and reopens it, which probes and configures the chip afresh.
 
-`emulate: true` puts the register-map emulator of the chip (hal/i2c/emulated.py) under the very
+`emulate: true` puts the register-map emulator of the chip (hal/sim/i2c_chips.py) under the very
 same driver: the simulated I2C accelerometer for demos and CI. Tests may instead inject any bus
 with the `bus_factory` keyword (not settable from YAML).
 """
@@ -22,9 +22,9 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from hal.i2c import adxl345, lis3dh
-from hal.i2c.bus import I2cChip, I2cError, LazySMBus, Transport
-from hal.i2c.emulated import EmulatedBus, EmulatedChip, emulated_bus
+from hal.drivers.i2c import adxl345, lis3dh
+from hal.drivers.i2c.bus import I2cChip, I2cError, LazySMBus, Transport
+from hal.sim.i2c_chips import EmulatedBus, EmulatedChip, emulated_bus
 from hal.registry import register_source
 from hal.schema import ChannelNames, StrictModel
 from hal.source import Block, Health, SampleClock, Source, SourceInfo

@@ -4,7 +4,7 @@ Every poll_s the source reads its points (registers or coils) and delivers one B
 frame: one sample per point (channel), sample_rate = 1/poll_s, timestamps from the sample
 index (SampleClock), so they are regular. Reading:
 
-- One port, one master (hal.serial.modbus.RtuMaster): requests go out one at a time, so several
+- One port, one master (hal.drivers.serial.modbus.RtuMaster): requests go out one at a time, so several
   slaves on one RS-485 line are polled in turn.
 - Points of one slave and function whose addresses are contiguous (or at most max_gap apart) are
   read with one request (up to 125 registers / 2000 bits), unless group: false.
@@ -28,17 +28,16 @@ next block's index jumps and it is marked as a gap, so no window spans the hole;
 counts skipped cycles. Leave room in poll_s for the timeouts you expect.
 
 The port is injected: ModbusRtuSource(name, config, port_factory=...) (default: a pyserial
-Serial from device and the line settings, hal.serial.port.open_serial); open() calls the factory
+Serial from device and the line settings, hal.drivers.serial.port.open_serial); open() calls the factory
 again on every reopen.
 
 simulate: true starts, at open(), an in-process bus: a pymodbus RTU server on a pseudo-terminal
-pair (hal.serial.port.NullModem) that serves every configured slave and point with slowly
+pair (hal.drivers.serial.port.NullModem) that serves every configured slave and point with slowly
 varying values (a sine per point: the point's `sim` profile, or about 1000 raw counts +-10 %),
 and reads it through the same port and master as on hardware.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
@@ -52,10 +51,9 @@ from pydantic import Field, field_validator, model_validator
 
 from hal.registry import register_source
 from hal.schema import StrictModel
-from hal.serial.modbus import (
+from hal.drivers.serial.modbus import (
     BIT_FUNCTIONS,
     MAX_READ_COUNT,
-    RAW_RANGE,
     REGISTER_COUNT,
     BusCounters,
     DataType,
@@ -64,9 +62,8 @@ from hal.serial.modbus import (
     Reply,
     RtuMaster,
     decode_value,
-    encode_value,
 )
-from hal.serial.port import NullModem, PortFactory, SerialLine, open_serial
+from hal.drivers.serial.port import PortFactory, SerialLine, open_serial
 from hal.source import Block, Health, SampleClock, Source, SourceInfo
 
 log = logging.getLogger("hal.modbus_rtu")
@@ -226,7 +223,7 @@ class ModbusRtuSource(Source):
         self._port = None
         self._master: RtuMaster | None = None
         self._clock: SampleClock | None = None
-        self._sim: SimulatedBus | None = None
+        self._sim = None   # hal.sim.modbus_bus.SimulatedBus with simulate: true
         self._index = 0
         self._gap = False
         self._last = np.full(len(self._points), np.nan, dtype=np.float64)
@@ -283,6 +280,7 @@ class ModbusRtuSource(Source):
         cfg = self.config
         path = cfg.device
         if cfg.simulate:
+            from hal.sim.modbus_bus import SimulatedBus   # pymodbus's server: only when simulating
             self._sim = SimulatedBus(cfg)
             path = self._sim.client_path
         port = self._port_factory(path, cfg, RtuMaster.READ_SLICE_S)
@@ -377,115 +375,3 @@ class ModbusRtuSource(Source):
             self._failing[i] = True
             log.warning("modbus %s: point %s (slave %d, function %d, address %d): %s", self.name, p.name,
                         p.slave, p.function, p.address, st.last_error)
-
-
-# ---------------------------------------------------------------- simulated bus
-
-def _sim_profile(i: int, p: ModbusPoint) -> SimProfile:
-    if p.sim is not None:
-        return p.sim
-    mean = 1000 * p.scale + p.offset
-    return SimProfile(mean=mean, amplitude=abs(mean) * 0.1 or 1.0, period_s=60.0 + 7.0 * i)
-
-
-def sim_raw_value(p: ModbusPoint, profile: SimProfile, t: float) -> float | int | bool:
-    """The raw value a simulated device holds for point p at time t (s)."""
-    wave = math.sin(2 * math.pi * t / profile.period_s)
-    if p.dtype == "bool":
-        return wave >= 0
-    eng = profile.mean + profile.amplitude * wave
-    raw = (eng - p.offset) / p.scale if p.scale else 0.0
-    if p.dtype == "float32":
-        return raw
-    lo, hi = RAW_RANGE[p.dtype]
-    return int(min(hi, max(lo, round(raw))))
-
-
-class SimulatedBus:
-    """A pymodbus RTU server on one end of a NullModem, serving every configured point, in its
-    own thread and event loop. client_path is the other end, for the source's port."""
-
-    UPDATE_S = 0.2
-
-    def __init__(self, cfg: ModbusRtuConfig) -> None:
-        from pymodbus.server import ModbusSerialServer
-        from pymodbus.simulator import DataType as SimType
-        from pymodbus.simulator import SimData, SimDevice
-
-        self.cfg = cfg
-        self.points = list(cfg.points)
-        self.profiles = [_sim_profile(i, p) for i, p in enumerate(self.points)]
-        self.t0 = time.monotonic()
-        self.modem = NullModem()
-        self.client_path = self.modem.b.path
-        tables = ("c", "d", "h", "i")   # pymodbus's order: coils, discrete inputs, holding, input
-        fn_table = {1: "c", 2: "d", 3: "h", 4: "i"}
-
-        def blocks_for(slave: int) -> tuple:
-            out = []
-            for table in tables:
-                pts = [p for p in self.points if p.slave == slave and fn_table[p.function] == table]
-                bits = table in ("c", "d")
-                if not pts:
-                    out.append([SimData(0, values=[False] * 16 if bits else [0],
-                                        datatype=SimType.BITS if bits else SimType.REGISTERS)])
-                    continue
-                lo = min(p.address for p in pts)
-                hi = max(p.address + p.count for p in pts)
-                out.append([SimData(lo, values=[False] * (hi - lo) if bits else [0] * (hi - lo),
-                                    datatype=SimType.BITS if bits else SimType.REGISTERS)])
-            return tuple(out)
-
-        slaves = sorted({p.slave for p in self.points})
-        devices = [SimDevice(id=s, simdata=blocks_for(s)) for s in slaves]
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="modbus-sim", daemon=True)
-        self._thread.start()
-        self.server = None
-
-        async def start():
-            self.server = ModbusSerialServer(devices, port=self.modem.a.path, baudrate=cfg.baudrate,
-                                             parity=cfg.parity, stopbits=cfg.stopbits, bytesize=cfg.bytesize)
-            await self._update()
-            await self.server.serve_forever(background=True)
-            self._updater = asyncio.ensure_future(self._run_updates())
-
-        try:
-            asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
-        except BaseException:
-            self.close()
-            raise
-
-    async def _update(self) -> None:
-        t = time.monotonic() - self.t0
-        for p, profile in zip(self.points, self.profiles):
-            raw = sim_raw_value(p, profile, t)
-            if p.dtype == "bool":
-                values = [bool(raw)]
-            else:
-                values = encode_value(raw, p.dtype, p.byte_order, p.word_order)
-            await self.server.async_setValues(p.slave, p.function, p.address, values)
-
-    async def _run_updates(self) -> None:
-        while True:
-            await asyncio.sleep(self.UPDATE_S)
-            await self._update()
-
-    def close(self) -> None:
-        async def stop():
-            updater = getattr(self, "_updater", None)
-            if updater is not None:
-                updater.cancel()
-            if self.server is not None:
-                await self.server.shutdown()
-
-        if self.loop.is_running():
-            try:
-                asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
-            except Exception:
-                log.debug("modbus simulator: shutdown", exc_info=True)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-        if not self.loop.is_running():
-            self.loop.close()
-        self.modem.close()

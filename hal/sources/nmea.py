@@ -1,7 +1,7 @@
 """NMEA 0183 source: a GPS/GNSS receiver (or any talker of NMEA sentences) on a serial line.
 
 Each position fix (one epoch: the GGA and RMC, and VTG if sent, that share a UTC time; see
-hal.serial.nmea.FixAssembler) becomes one sample with the configured channels:
+hal.drivers.serial.nmea.FixAssembler) becomes one sample with the configured channels:
 
     fix_quality  GGA quality: 0 none, 1 GPS, 2 DGPS, 4 RTK fixed, 5 RTK float, 6 dead reckoning
                  (from RMC alone: 1 if status A, else 0)
@@ -23,8 +23,9 @@ Timing: this source is *irregular*. A sample is delivered when its epoch is comp
 Block.start_ns is the arrival time of the epoch's last sentence (wall clock at open + monotonic
 time since, so it never goes backwards), not index / sample_rate. sample_rate is the nominal fix
 rate from the config (what windows and modules are told); Block.index counts fixes since open.
-A pause longer than gap_s between fixes (receiver silent, sentences lost) marks the next block
-as a gap so no analysis window spans it. read() blocks until the next fix; close() wakes it.
+A pause longer than gap_s between fixes (receiver silent, sentences lost), or the receiver's own
+UTC time going backwards or standing still (a receiver reset, a replayed log starting over),
+marks the next block as a gap so no analysis window spans it. read() blocks until the next fix; close() wakes it.
 
 Robustness: every line is checked: `$`/`!`, printable ASCII, at most max_line bytes, a `*hh`
 checksum (required unless require_checksum: false) that matches, and well-formed fields.
@@ -38,7 +39,7 @@ The port is injected: NmeaSource(name, config, port_factory=...) (default: pyser
 and the line settings); open() calls the factory again on every reopen.
 
 simulate: true starts, at open(), a writer thread on a pseudo-terminal that replays an NMEA log
-(the built-in 12-epoch one of a vehicle crossing a yard, or sim_log) in a loop, one epoch per
+(the built-in two-minute one of a vehicle crossing a yard, or sim_log) in a loop, one epoch per
 1/sample_rate seconds, bytes paced at the configured baud rate (10 bits per byte); the source
 reads the pty's path through the same port and parser as on hardware.
 """
@@ -47,7 +48,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import threading
 import time
 from typing import Literal
@@ -57,7 +57,7 @@ from pydantic import Field, field_validator
 
 from hal.registry import register_source
 from hal.schema import ExistingFile, StrictModel
-from hal.serial.nmea import (
+from hal.drivers.serial.nmea import (
     FIX_UNITS,
     BadChecksum,
     Fix,
@@ -67,7 +67,7 @@ from hal.serial.nmea import (
     decode,
     parse_sentence,
 )
-from hal.serial.port import PortFactory, RawPty, SerialLine, open_serial, port_io
+from hal.drivers.serial.port import PortFactory, SerialLine, open_serial, port_io
 from hal.source import Block, Health, Source, SourceInfo
 
 log = logging.getLogger("hal.nmea")
@@ -121,13 +121,14 @@ class NmeaSource(Source):
         self._gap_s = config.gap_s if config.gap_s is not None else 3 * self._period
         self._stop = threading.Event()
         self._port = None
-        self._sim: NmeaSimulator | None = None
+        self._sim = None   # hal.sim.nmea_receiver.NmeaSimulator with simulate: true
         self._splitter = LineSplitter(config.max_line)
         self._fixes = FixAssembler()
         self._ready: collections.deque[Fix] = collections.deque()
         self._origin: tuple[float, float] | None = None
         self._index = 0
         self._last_arrival_ns: int | None = None
+        self._last_fix_time: float | None = None   # the receiver's UTC time of the last fix (s of day)
         self._wall0_ns = self._mono0_ns = 0
         self._last_rx = 0.0
         # Cumulative over the life of the source.
@@ -160,6 +161,7 @@ class NmeaSource(Source):
         cfg = self.config
         path = cfg.device
         if cfg.simulate:
+            from hal.sim.nmea_receiver import NmeaSimulator
             self._sim = NmeaSimulator(cfg)
             path = self._sim.path
         self._port = self._port_factory(path, cfg, self.READ_SLICE_S)
@@ -168,6 +170,7 @@ class NmeaSource(Source):
         self._ready.clear()
         self._index = 0
         self._last_arrival_ns = None
+        self._last_fix_time = None
         self._origin = None if cfg.origin is None else (cfg.origin.latitude, cfg.origin.longitude)
         self._wall0_ns, self._mono0_ns = time.time_ns(), time.monotonic_ns()
         self._last_rx = time.monotonic()
@@ -257,10 +260,26 @@ class NmeaSource(Source):
             named.update(zip(("north", "east"), self._local(fix)))
         data = np.array([[named[c]] for c in self._channels], dtype=np.float32)
         gap = self._last_arrival_ns is not None and fix.arrival_ns - self._last_arrival_ns > self._gap_s * 1e9
+        gap |= self._time_jumped(fix)
         self._last_arrival_ns = fix.arrival_ns
         block = Block(data=data, start_ns=fix.arrival_ns, index=self._index, gap=gap)
         self._index += 1
         return block
+
+    def _time_jumped(self, fix: Fix) -> bool:
+        """The receiver's own clock went backwards or stood still since the last fix: a restart
+        (a receiver reset, a replayed log starting over), which no analysis window may span,
+        however regularly the sentences kept arriving. (A hole in the data shows in the arrival
+        times; a log replayed faster than it was recorded advances its clock by more than the
+        time that passed here, and is no gap.)"""
+        t, last = fix.seconds_of_day, self._last_fix_time
+        self._last_fix_time = t if t is not None else last
+        if t is None or last is None:
+            return False
+        delta = t - last
+        if delta < -43200:          # midnight passed
+            delta += 86400
+        return delta <= 0
 
     def _local(self, fix: Fix) -> tuple[float, float]:
         if fix.latitude is None or fix.longitude is None:
@@ -272,109 +291,3 @@ class NmeaSource(Source):
         north = math.radians(fix.latitude - lat0) * EARTH_RADIUS_M
         east = math.radians(dlon) * EARTH_RADIUS_M * math.cos(math.radians(lat0))
         return north, east
-
-
-# ---------------------------------------------------------------- simulated receiver
-
-# A vehicle crossing a yard at walking pace, then turning north: GGA, GSA, RMC per epoch.
-BUILTIN_LOG = """\
-$GPGGA,093000.00,5126.49600,N,00528.18200,E,1,10,0.9,21.3,M,46.1,M,,*52
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093000.00,A,5126.49600,N,00528.18200,E,2.72,90.0,150624,,,A*51
-$GPGGA,093001.00,5126.49600,N,00528.18321,E,1,09,0.9,21.4,M,46.1,M,,*5E
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093001.00,A,5126.49600,N,00528.18321,E,2.72,90.0,150624,,,A*52
-$GPGGA,093002.00,5126.49600,N,00528.18442,E,1,09,0.9,21.5,M,46.1,M,,*5E
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093002.00,A,5126.49600,N,00528.18442,E,2.72,90.0,150624,,,A*53
-$GPGGA,093003.00,5126.49600,N,00528.18563,E,1,09,0.9,21.3,M,46.1,M,,*5B
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093003.00,A,5126.49600,N,00528.18563,E,2.72,90.0,150624,,,A*50
-$GPGGA,093004.00,5126.49600,N,00528.18684,E,1,10,0.9,21.4,M,46.1,M,,*59
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093004.00,A,5126.49600,N,00528.18684,E,2.72,90.0,150624,,,A*5D
-$GPGGA,093005.00,5126.49600,N,00528.18805,E,1,09,0.9,21.5,M,46.1,M,,*56
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093005.00,A,5126.49600,N,00528.18805,E,2.72,90.0,150624,,,A*5B
-$GPGGA,093006.00,5126.49600,N,00528.18926,E,1,09,0.9,21.3,M,46.1,M,,*53
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093006.00,A,5126.49600,N,00528.18926,E,2.72,90.0,150624,,,A*58
-$GPGGA,093007.00,5126.49600,N,00528.19047,E,1,09,0.9,21.4,M,46.1,M,,*5A
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093007.00,A,5126.49600,N,00528.19047,E,2.33,0.0,150624,,,A*6A
-$GPGGA,093008.00,5126.49665,N,00528.19047,E,1,10,0.9,21.5,M,46.1,M,,*5F
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093008.00,A,5126.49665,N,00528.19047,E,2.33,0.0,150624,,,A*66
-$GPGGA,093009.00,5126.49729,N,00528.19047,E,1,09,0.9,21.3,M,46.1,M,,*59
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093009.00,A,5126.49729,N,00528.19047,E,2.33,0.0,150624,,,A*6E
-$GPGGA,093010.00,5126.49794,N,00528.19047,E,1,09,0.9,21.4,M,46.1,M,,*50
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093010.00,A,5126.49794,N,00528.19047,E,2.33,0.0,150624,,,A*60
-$GPGGA,093011.00,5126.49859,N,00528.19047,E,1,09,0.9,21.5,M,46.1,M,,*5E
-$GPGSA,A,3,02,05,12,13,15,18,20,25,29,,,,1.6,0.9,1.3*3B
-$GPRMC,093011.00,A,5126.49859,N,00528.19047,E,2.33,0.0,150624,,,A*6F
-"""
-
-
-def split_epochs(text: str) -> list[list[bytes]]:
-    """An NMEA log -> epochs (lists of CR LF terminated lines); a new epoch starts at each line
-    whose GGA/RMC time differs from the current one. '#' comment lines are skipped."""
-    epochs: list[list[bytes]] = []
-    current: str | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(",")
-        kind = parts[0][3:6] if len(parts[0]) >= 6 else ""
-        if kind in ("GGA", "RMC") and len(parts) > 1 and parts[1] != current:
-            current = parts[1]
-            epochs.append([])
-        if not epochs:
-            epochs.append([])
-        epochs[-1].append(line.encode("ascii", "replace") + b"\r\n")
-    return epochs
-
-
-class NmeaSimulator:
-    """Replays an NMEA log into a pty master in a loop: one epoch per 1/sample_rate seconds,
-    bytes paced at 10 bits per byte at the configured baud. Like a real receiver it transmits
-    whether or not anyone listens: what the pty cannot take is lost."""
-
-    def __init__(self, cfg: NmeaConfig) -> None:
-        text = cfg.sim_log.read_text(errors="replace") if cfg.sim_log is not None else BUILTIN_LOG
-        self.epochs = split_epochs(text)
-        if not self.epochs:
-            raise ValueError(f"{cfg.sim_log}: no NMEA sentences to replay")
-        self.byte_s = 10.0 / cfg.baudrate
-        self.period = 1.0 / cfg.sample_rate
-        self.pty = RawPty()
-        self.path = self.pty.path
-        os.set_blocking(self.pty.master, False)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nmea-sim", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        n = 0
-        while not self._stop.is_set():
-            for line in self.epochs[n % len(self.epochs)]:
-                try:
-                    os.write(self.pty.master, line)
-                except BlockingIOError:
-                    pass                          # nobody reads: the bytes go nowhere, as on a wire
-                except OSError:
-                    return
-                if self._stop.wait(len(line) * self.byte_s):
-                    return
-            n += 1
-            delay = t0 + n * self.period - time.monotonic()
-            if delay > 0 and self._stop.wait(delay):
-                return
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2.0)
-        self.pty.close()

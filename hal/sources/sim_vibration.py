@@ -19,7 +19,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from hal.bearing import CWRU_DRIVE_END, BearingGeometry
+from hal.sim.bearing import CWRU_DRIVE_END, BearingGeometry
 from hal.registry import register_source
 from hal.schema import ChannelNames, StrictModel
 from hal.source import Block, Health, SampleClock, Source, SourceInfo

@@ -173,17 +173,30 @@ static inline const char *ap_param_find(const char *p, int32_t len, const char *
 
 static inline int ap_isfinite(double x) { return x - x == 0; }   /* false for NaN and +-inf */
 
-/* Parses a decimal number (optional sign, fraction, exponent); *ok = 0 if it is not one. */
+/* Parses a decimal number (optional sign, fraction, exponent); *ok = 0 if it is not one.
+ * Digits gather into an integer and one power of ten scales it: for up to 15 significant digits
+ * and |exponent| <= 22 that is one correctly rounded operation, so "0.05" gives the double
+ * 0.05, as the C literal (and Python, writing the YAML value) does. Beyond that it is within a
+ * few ulp. */
 static inline double ap_parse_f64(const char *s, int32_t n, int *ok) {
+    static const double pow10[23] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12,
+                                     1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
     int32_t i = 0;
-    double sign = 1.0, v = 0.0;
-    int digits = 0;
+    double sign = 1.0;
+    uint64_t mant = 0;
+    int digits = 0, kept = 0, exp10 = 0;
     if (i < n && (s[i] == '-' || s[i] == '+')) { if (s[i] == '-') sign = -1.0; i++; }
-    while (i < n && s[i] >= '0' && s[i] <= '9') { v = v * 10.0 + (s[i] - '0'); i++; digits++; }
+    while (i < n && s[i] >= '0' && s[i] <= '9') {
+        if (kept < 19) { mant = mant * 10 + (uint64_t)(s[i] - '0'); if (mant) kept++; }
+        else exp10++;                                   /* a digit beyond 19: only its place counts */
+        i++; digits++;
+    }
     if (i < n && s[i] == '.') {
-        double scale = 0.1;
         i++;
-        while (i < n && s[i] >= '0' && s[i] <= '9') { v += (s[i] - '0') * scale; scale *= 0.1; i++; digits++; }
+        while (i < n && s[i] >= '0' && s[i] <= '9') {
+            if (kept < 19) { mant = mant * 10 + (uint64_t)(s[i] - '0'); if (mant) kept++; exp10--; }
+            i++; digits++;
+        }
     }
     if (digits && i < n && (s[i] == 'e' || s[i] == 'E')) {
         int esign = 1, e = 0, edigits = 0;
@@ -191,9 +204,21 @@ static inline double ap_parse_f64(const char *s, int32_t n, int *ok) {
         if (i < n && (s[i] == '-' || s[i] == '+')) { if (s[i] == '-') esign = -1; i++; }
         while (i < n && s[i] >= '0' && s[i] <= '9') { if (e < 10000) e = e * 10 + (s[i] - '0'); i++; edigits++; }
         if (!edigits || e > 400) digits = 0;   /* beyond any double: refused, and no long loop */
-        double f = 1.0;
-        while (e-- > 0) f *= 10.0;
-        v = esign > 0 ? v * f : v / f;
+        exp10 += esign * e;
+    }
+    if (!digits || i != n) { *ok = 0; return 0.0; }
+    double v = (double)mant;
+    if (mant == 0 || exp10 == 0) {
+        /* v as is */
+    } else if (mant <= (1ull << 53) && exp10 > 0 && exp10 <= 22) {
+        v *= pow10[exp10];
+    } else if (mant <= (1ull << 53) && exp10 < 0 && exp10 >= -22) {
+        v /= pow10[-exp10];
+    } else {
+        while (exp10 > 22 && ap_isfinite(v)) { v *= 1e22; exp10 -= 22; }
+        while (exp10 < -22 && v != 0) { v /= 1e22; exp10 += 22; }
+        if (exp10 > 22 || exp10 < -22) exp10 = 0;   /* v is already inf or 0: nothing left to scale */
+        v = exp10 >= 0 ? v * pow10[exp10] : v / pow10[-exp10];
     }
     v *= sign;
     *ok = digits > 0 && i == n && ap_isfinite(v);
@@ -209,6 +234,94 @@ static inline double ap_param_f64(const char *p, int32_t len, const char *key, d
     double x = ap_parse_f64(v, vlen, &ok);
     if (!ok) { if (bad) *bad = 1; return dflt; }
     return x;
+}
+
+/* One params line after another: key, value (not NUL-terminated), empty lines skipped.
+ *     ap_params_iter it = ap_params_begin(params, len);
+ *     const char *k, *v; int32_t klen, vlen;
+ *     while (ap_params_next(&it, &k, &klen, &v, &vlen)) { ... }
+ * A line without '=' comes back with *v = 0 (vlen 0): the module decides how to refuse it. */
+typedef struct { const char *p; int32_t len, at; } ap_params_iter;
+
+static inline ap_params_iter ap_params_begin(const char *p, int32_t len) {
+    ap_params_iter it = {p, len, 0};
+    return it;
+}
+
+static inline int ap_params_next(ap_params_iter *it, const char **key, int32_t *klen, const char **value,
+                                 int32_t *vlen) {
+    while (it->at < it->len) {
+        int32_t i = it->at, end = i;
+        while (end < it->len && it->p[end] != '\n') end++;
+        it->at = end + 1;
+        if (end == i) continue;
+        int32_t eq = i;
+        while (eq < end && it->p[eq] != '=') eq++;
+        *key = it->p + i;
+        *klen = eq - i;
+        *value = eq < end ? it->p + eq + 1 : 0;
+        *vlen = eq < end ? end - eq - 1 : 0;
+        return 1;
+    }
+    return 0;
+}
+
+/* Whether key (klen bytes) matches a manifest pattern: dot-separated segments, "<n>" for a
+ * number, "<name>" for a name of letters, digits, '_', '-' and ':' (and '.' when it ends the
+ * pattern), as appliance/config/params.py matches them. */
+static inline int ap_param_key_matches(const char *pattern, const char *key, int32_t klen) {
+    int32_t i = 0;
+    while (*pattern) {
+        if (pattern[0] == '<' && pattern[1] == 'n') {
+            int numeric = pattern[2] == '>';
+            while (*pattern && *pattern != '>') pattern++;
+            if (*pattern) pattern++;
+            int last = *pattern == 0;
+            int32_t start = i;
+            while (i < klen && (key[i] != '.' || (!numeric && last))) {
+                char c = key[i];
+                int digit = c >= '0' && c <= '9';
+                int word = digit || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c == '-' ||
+                           c == ':' || c == '.';
+                if (numeric ? !digit : !word) return 0;
+                i++;
+            }
+            if (i == start) return 0;
+            continue;
+        }
+        if (i >= klen || key[i] != *pattern) return 0;
+        i++;
+        pattern++;
+    }
+    return i == klen;
+}
+
+/* Refuses (logs, returns 1) a key the module's manifest does not declare. The build generates
+ * the list from module.yaml's params: (AP_PARAMS_MANIFEST); without one every key passes.
+ * host.* keys are the appliance's and always pass. Call it first in ap_init. */
+static inline int ap_params_check(const char *p, int32_t len) {
+#ifdef AP_PARAMS_MANIFEST
+    ap_params_iter it = ap_params_begin(p, len);
+    const char *k, *v;
+    int32_t klen, vlen;
+    while (ap_params_next(&it, &k, &klen, &v, &vlen)) {
+        if (klen > 5 && k[0] == 'h' && k[1] == 'o' && k[2] == 's' && k[3] == 't' && k[4] == '.') continue;
+        int known = 0;
+        for (int32_t i = 0; ap_param_keys[i] && !known; i++) known = ap_param_key_matches(ap_param_keys[i], k, klen);
+        if (!known) {
+            char msg[160];
+            ap_text t = {msg, sizeof msg, 0};
+            ap_text_str(&t, "unknown param '");
+            for (int32_t i = 0; i < klen && i < 64; i++) { char c[2] = {k[i], 0}; ap_text_str(&t, c); }
+            ap_text_str(&t, "' (not in the module's manifest)");
+            ap_log(AP_LOG_ERROR, msg);
+            return 1;
+        }
+    }
+#else
+    (void)p; (void)len;
+#endif
+    return 0;
 }
 
 /* ---- default buffers and exports ----------------------------------------------------------- */

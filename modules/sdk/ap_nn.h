@@ -263,16 +263,11 @@ static int32_t ap_nn_init(const ap_nn_module *m, const char *p, int32_t len) {
     s->active = s->streak = s->calm = 0;
     s->active_label = -1;
     s->peak = 0;
-    int32_t i = 0;
-    while (i < len) {
-        int32_t end = i;
-        while (end < len && p[end] != '\n') end++;
-        int32_t eq = i;
-        while (eq < end && p[eq] != '=') eq++;
-        const char *key = p + i, *v = p + eq + 1;
-        int32_t klen = eq - i, vlen = end - eq - 1;
-        if (end == i) { i = end + 1; continue; }
-        if (eq >= end) return ap_nn_reject("params line without '=': ", key, klen, "");
+    ap_params_iter it = ap_params_begin(p, len);
+    const char *key, *v;
+    int32_t klen, vlen;
+    while (ap_params_next(&it, &key, &klen, &v, &vlen)) {
+        if (!v) return ap_nn_reject("params line without '=': ", key, klen, "");
         double x;
         if (klen > 5 && key[0] == 'h' && key[1] == 'o' && key[2] == 's' && key[3] == 't' && key[4] == '.') {
             if (ap_nn_keyeq(key, klen, "host.nn")) {
@@ -321,7 +316,6 @@ static int32_t ap_nn_init(const ap_nn_module *m, const char *p, int32_t len) {
                 : "' (known: input.scale, input.offset)";
             return ap_nn_reject("unknown param '", key, klen, known);
         }
-        i = end + 1;
     }
     if (m->rule == AP_NN_RULE_SCORE && s->clear_threshold > s->threshold)
         return ap_nn_reject("param clear_threshold", "", 0, " must not exceed threshold (hysteresis)");

@@ -13,8 +13,8 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:  # usable from any test layout without installing the repo
     sys.path.insert(0, str(REPO))
 
-from appliance.modbuild import build_module  # noqa: E402
-from appliance.wasm_binary import parse  # noqa: E402
+from appliance_tools.modbuild import build_module  # noqa: E402
+from appliance.runtime.wasm_binary import parse, uleb128  # noqa: E402
 
 HOSTILE_NAMES = ("trap", "loop", "memhog", "invalid", "crash", "crash_compile")
 _SOURCES = {"trap": HERE / "trap.c", "loop": HERE / "loop.c", "memhog": HERE / "memhog",
@@ -78,21 +78,12 @@ def corrupt_first_opcode(wasm: bytes) -> bytes:
     return bytes(data)
 
 
-def _leb(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _vec(items: list[bytes]) -> bytes:
-    return _leb(len(items)) + b"".join(items)
+    return uleb128(len(items)) + b"".join(items)
 
 
 def _name(s: str) -> bytes:
-    return _leb(len(s)) + s.encode()
+    return uleb128(len(s)) + s.encode()
 
 
 def deeply_nested_blocks_module(depth: int = 100_000) -> bytes:
@@ -106,18 +97,18 @@ def deeply_nested_blocks_module(depth: int = 100_000) -> bytes:
     types = [b"\x60" + _vec([i32] * 3) + _vec([]),          # 0: ap.log
              b"\x60" + _vec([]) + _vec([i32]),               # 1: () -> i32
              b"\x60" + _vec([i32] * 2) + _vec([i32])]        # 2: (i32, i32) -> i32
-    imports = [_name("ap") + _name("log") + b"\x00" + _leb(0)]
+    imports = [_name("ap") + _name("log") + b"\x00" + uleb128(0)]
     # function indices: 0 ap.log, 1 ap_abi_version, 2 ap_buffer, 3 ap_init, 4 nested, 5 ap_process
-    funcs = [_leb(1), _leb(2), _leb(2), _leb(1), _leb(2)]
-    exports = [_name("memory") + b"\x02" + _leb(0),
-               _name("ap_abi_version") + b"\x00" + _leb(1),
-               _name("ap_buffer") + b"\x00" + _leb(2),
-               _name("ap_init") + b"\x00" + _leb(3),
-               _name("ap_process") + b"\x00" + _leb(5)]
+    funcs = [uleb128(1), uleb128(2), uleb128(2), uleb128(1), uleb128(2)]
+    exports = [_name("memory") + b"\x02" + uleb128(0),
+               _name("ap_abi_version") + b"\x00" + uleb128(1),
+               _name("ap_buffer") + b"\x00" + uleb128(2),
+               _name("ap_init") + b"\x00" + uleb128(3),
+               _name("ap_process") + b"\x00" + uleb128(5)]
 
     def body(code: bytes) -> bytes:
         b = _vec([]) + code
-        return _leb(len(b)) + b
+        return uleb128(len(b)) + b
 
     bodies = [body(b"\x41\x01\x0b"),                          # ap_abi_version: 1
               body(b"\x41\x80\x08\x0b"),                      # ap_buffer: 1024
@@ -126,7 +117,7 @@ def deeply_nested_blocks_module(depth: int = 100_000) -> bytes:
               body(b"\x10\x04\x0b")]                          # ap_process: call nested
 
     def section(sid: int, payload: bytes) -> bytes:
-        return bytes([sid]) + _leb(len(payload)) + payload
+        return bytes([sid]) + uleb128(len(payload)) + payload
 
     return (b"\x00asm\x01\x00\x00\x00"
             + section(1, _vec(types)) + section(2, _vec(imports)) + section(3, _vec(funcs))

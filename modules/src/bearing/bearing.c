@@ -157,6 +157,7 @@ static void reset_learning(void) {
 }
 
 int32_t ap_init(const char *params, int32_t len) {
+    if (ap_params_check(params, len)) return 1;   /* a key not in module.yaml's params */
     int bad = 0;
     ap_dsp_init(params, len);
     if (!has_param(params, len, "bearing.balls") || !has_param(params, len, "bearing.ball_diameter") ||

@@ -140,15 +140,11 @@ static const char *const KNOWN[] = {"scale", "blur", "alpha", "threshold", "dila
 
 /* Every line: a known key, mask.<name>, zone.<name> or host.*; polygons are parsed here. */
 static int parse_lines(const char *p, int32_t len) {
-    int32_t i = 0;
-    while (i < len) {
-        int32_t end = i;
-        while (end < len && p[end] != '\n') end++;
-        int32_t eq = i;
-        while (eq < end && p[eq] != '=') eq++;
-        const char *key = p + i, *val = p + eq + 1;
-        int32_t klen = eq - i, vlen = end - eq - 1;
-        if (eq < end) {
+    ap_params_iter it = ap_params_begin(p, len);
+    const char *key, *val;
+    int32_t klen, vlen;
+    while (ap_params_next(&it, &key, &klen, &val, &vlen)) {
+        if (val) {
             if (starts_with(key, klen, "mask.") || starts_with(key, klen, "zone.")) {
                 int zone = key[0] == 'z';
                 if (klen == 5) return param_error("mask and zone names must not be empty");
@@ -179,7 +175,6 @@ static int parse_lines(const char *p, int32_t len) {
                                         "mask.<name>, zone.<name>)");
             }
         }
-        i = end + 1;
     }
     return 0;
 }

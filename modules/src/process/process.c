@@ -590,17 +590,12 @@ int32_t ap_init(const char *params, int32_t len) {
         cfg.sig[i].decimals = -1;
         for (int r = 0; r < N_SIG_RULES; r++) cfg.sig[i].severity[r] = -1;
     }
-    int i = 0;
-    while (i < len) {
-        int end = i;
-        while (end < len && params[end] != '\n') end++;
-        if (end > i) {
-            int eq = i;
-            while (eq < end && params[eq] != '=') eq++;
-            if (eq == end || eq == i) return reject_key(params + i, end - i, "not a key=value line");
-            if (param_line(params + i, eq - i, params + eq + 1, end - eq - 1)) return 1;
-        }
-        i = end + 1;
+    ap_params_iter it = ap_params_begin(params, len);
+    const char *key, *value;
+    int32_t klen, vlen;
+    while (ap_params_next(&it, &key, &klen, &value, &vlen)) {
+        if (!value || klen == 0) return reject_key(key, klen + (value ? vlen + 1 : 0), "not a key=value line");
+        if (param_line(key, klen, value, vlen)) return 1;
     }
     return validate();
 }

@@ -45,6 +45,7 @@ static int param_error(const char *what) {
 }
 
 int32_t ap_init(const char *params, int32_t len) {
+    if (ap_params_check(params, len)) return 1;   /* a key not in module.yaml's params */
     int bad = 0;
     cfg.baseline_windows = (int32_t)ap_param_f64(params, len, "baseline.windows", 40, &bad);
     cfg.threshold = ap_param_f64(params, len, "threshold", 6.0, &bad);

@@ -1,0 +1,128 @@
+"""Commands on modules: list, stats, restart, disable, enable, load."""
+from __future__ import annotations
+
+import logging
+
+from appliance.ops.control.protocol import CommandError, Reply
+from appliance.ops.control.samples import by_label, histogram, metric_samples, metric_value
+from appliance.ops.control.text import ms, per_s
+
+log = logging.getLogger("appliance.control")
+
+class ModuleCommands:
+    # ---- modules
+
+    def cmd_modules(self, args: list[str], who: str) -> Reply:
+        sub = args[0] if args else "list"
+        usage = "modules [list | stats NAME | restart NAME | disable NAME | enable NAME | load NAME FILE.wasm]"
+        need = {"list": 0, "stats": 1, "restart": 1, "disable": 1, "enable": 1, "load": 2}
+        if sub not in need or len(args) - 1 != need[sub] and not (sub == "list" and len(args) <= 1):
+            raise self._usage(usage)
+        if sub == "list":
+            return self._modules_list()
+        if sub == "stats":
+            return self._module_stats(self._module(args[1]))
+        if sub == "load":
+            return self._module_load(args[1], args[2], who)
+        host = self._module(args[1])
+        with self._changing:
+            log.info("control: modules %s %s (%s)", sub, host.name, who or "operator")
+            if sub == "restart":
+                if not host.restart(f"restarted by operator{' (' + who + ')' if who else ''}"):
+                    raise CommandError(f"module {host.name} is {host.state.value}; "
+                                       f"{'enable it first' if host.state.value == 'disabled' else 'not restarted'}")
+                return Reply(True, [f"module {host.name}: restarting"])
+            if sub == "disable":
+                return Reply(True, [disable_module(host, f"disabled by operator{' (' + who + ')' if who else ''}")])
+            return Reply(True, [enable_module(host, f"enabled by operator{' (' + who + ')' if who else ''}")])
+
+    def _modules_list(self) -> Reply:
+        m = metric_samples(self.sup.metrics.registry)
+        lines = [f"{'module':<16} {'state':<11} {'source':<12} {'windows':>8} {'/s':>6} {'dropped':>7} "
+                 f"{'faults':>6} {'restarts':>8}"]
+        data = {}
+        for name, host in list(self.sup.modules.items()):
+            dropped = metric_value(m, "appliance_module_windows_dropped_total", module=name)
+            faults = metric_value(m, "appliance_module_faults_total", module=name)
+            restarts = metric_value(m, "appliance_module_restarts_total", module=name)
+            rate = self._rate(f"m:{name}")
+            data[name] = {"state": host.state.value, "reason": host.reason, "source": host.cfg.source,
+                          "processed": host.processed, "windows_per_s": rate, "dropped": dropped, "faults": faults,
+                          "restarts": restarts, "last_fault": host.last_fault, "wasm": str(host.cfg.wasm)}
+            lines.append(f"{name:<16} {host.state.value:<11} {host.cfg.source:<12} {host.processed:>8} "
+                         f"{per_s(rate):>6} {dropped:>7.0f} {faults:>6.0f} {restarts:>8.0f}")
+            if host.last_fault:
+                lines.append(f"  last fault: {host.last_fault}")
+        if not data:
+            lines = ["no modules configured"]
+        return Reply(True, lines, data)
+
+    def _module_stats(self, host) -> Reply:
+        name, cfg = host.name, host.cfg
+        m = metric_samples(self.sup.metrics.registry)
+        dropped = by_label(m, "appliance_module_windows_dropped_total", "reason", module=name)
+        faults = {k: v for k, v in by_label(m, "appliance_module_faults_total", "kind", module=name).items() if v}
+        calls = histogram(m, "appliance_module_call_seconds", module=name)
+        rate = self._rate(f"m:{name}")
+        window = (f"window {cfg.window.size} frames, hop {cfg.window.hop_frames}" if cfg.window else "every frame")
+        features = dict(host.last_features)
+        data = {"state": host.state.value, "reason": host.reason, "wasm": str(cfg.wasm), "source": cfg.source,
+                "processed": host.processed, "windows_per_s": rate,
+                "rejected": metric_value(m, "appliance_module_windows_rejected_total", module=name),
+                "dropped": dropped, "faults": faults, "calls": calls,
+                "restarts": metric_value(m, "appliance_module_restarts_total", module=name),
+                "quarantined": bool(metric_value(m, "appliance_module_quarantined", module=name)),
+                "last_fault": host.last_fault, "features": features}
+        lines = [
+            f"module     {name}: {host.state.value}" + (f" ({host.reason})" if host.reason else ""),
+            f"wasm       {cfg.wasm}",
+            f"input      source {cfg.source}, {window}, deadline {cfg.deadline_ms:g} ms, queue {cfg.queue}",
+            f"windows    {host.processed} processed ({per_s(rate)}/s), {data['rejected']:.0f} rejected",
+            "dropped    " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(dropped.items())),
+            "faults     " + (", ".join(f"{k} {v:.0f}" for k, v in sorted(faults.items())) or "none"),
+            f"restarts   {data['restarts']:.0f}; quarantined {'yes' if data['quarantined'] else 'no'}",
+            f"call time  mean {ms(calls['mean'])}, p50 <= {ms(calls['p50'])}, p99 <= {ms(calls['p99'])} "
+            f"({calls['count']} calls)",
+            f"last fault {host.last_fault or '-'}",
+        ]
+        if features:
+            items = [f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in features.items()]
+            row = "features  "
+            for item in items:
+                if len(row) + len(item) > 78 and row.strip() != "features":
+                    lines.append(row.rstrip())
+                    row = " " * 10
+                row += " " + item
+            lines.append(row.rstrip())
+        return Reply(True, lines, data)
+
+    def _module_load(self, name: str, path: str, who: str) -> Reply:
+        load = getattr(self.sup, "load_module", None)
+        if load is None:
+            raise CommandError("modules load: not available in this build")
+        if not path.endswith(".wasm"):
+            raise CommandError(f"{path} is not a .wasm file")
+        from appliance.config.schema import ConfigError
+        with self._changing:
+            log.info("control: modules load %s %s (%s)", name, path, who or "operator")
+            try:
+                return Reply(True, [str(load(name, path))])
+            except ConfigError as exc:
+                raise CommandError("\n".join(str(i) for i in exc.issues)) from None
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise CommandError(f"modules load {name}: {exc}") from None
+
+
+def disable_module(host, reason: str = "disabled by operator") -> str:
+    """Stop a module's worker and keep it stopped; windows meant for it count as dropped."""
+    done = host.disable(reason)
+    if done is False:
+        raise CommandError(f"module {host.name} is {host.state.value}; not disabled")
+    return done if isinstance(done, str) else f"module {host.name}: disabled (until enabled or the appliance restarts)"
+
+
+def enable_module(host, reason: str = "enabled by operator") -> str:
+    done = host.enable(reason)
+    if done is False:
+        raise CommandError(f"module {host.name} is {host.state.value}, not disabled")
+    return done if isinstance(done, str) else f"module {host.name}: enabled, starting"

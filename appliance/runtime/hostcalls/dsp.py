@@ -1,0 +1,237 @@
+"""ap.dsp_*: numpy kernels on views of the module's linear memory (modules/ABI.md, "Host DSP")."""
+from __future__ import annotations
+
+import math
+import os
+import struct
+
+from appliance.core import malloc
+
+MAX_FFT = 1 << 16
+MAX_SIGNAL = 1 << 24   # values per call of a batched ap.dsp_* kernel
+MAX_BANDS = 256
+
+
+def keep_heap() -> None:
+    """Keep freed memory in the heap. The kernels' numpy temporaries are hundreds of KB; glibc
+    would hand them back to the kernel after each call and fault them in again on the next
+    (measured: a dozen brk calls and ~0.6 ms of system time per 4-channel window). The process
+    stays under its memory cap whatever is kept, and a worker has one thread (one arena)."""
+    malloc.tune(mmap_threshold=16 << 20, trim_threshold=64 << 20)
+
+
+class HostDsp:
+    """Native kernels for ap.dsp_*: numpy on views of the module's linear memory, reading the
+    input in place and writing the output in place (no copy crosses the boundary but the
+    kernels' own). Layouts, limits and the C twins are in ap_dsp.h; every pointer and length is
+    checked against linear memory first (AbiViolation, like any other host call)."""
+
+    IMPORTS = ("dsp_rfft", "dsp_irfft", "dsp_rfft_batch", "dsp_moments", "dsp_band_power", "dsp_envelope",
+               "dsp_median")
+
+    def __init__(self, memory, violation) -> None:
+        # One thread: a worker is one core's worth of work. numpy's OpenBLAS would otherwise start
+        # a pool whose threads spin ~0.1 s after start-up (measured: 90 ms of CPU per new worker).
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+        import numpy as np   # imported only by workers whose module uses host DSP
+        self.np, self.memory, self.violation = np, memory, violation
+        self._weights: dict[tuple[int, int], object] = {}   # (n, p) -> k^p, each twice (re, im)
+        self._buffers: dict[tuple, object] = {}              # work arrays, reused across calls
+        self._env_bands: dict[tuple, tuple[int, int]] = {}   # env.z shape -> its bins that are not 0
+        # numpy >= 2 keeps float32 as float32 (complex64) and takes out=; 1.26 returns float64.
+        self._fft_out = int(np.__version__.split(".")[0]) >= 2
+        keep_heap()
+
+    def _buffer(self, name: str, shape: tuple, dtype):
+        """A zeroed work array on first use, then the same one (with what the kernel left in it)."""
+        buf = self._buffers.get((name, shape))
+        if buf is None:
+            if len(self._buffers) > 32:   # a module cycling through many shapes: start over
+                self._buffers.clear()
+                self._env_bands.clear()
+            buf = self._buffers[(name, shape)] = self.np.zeros(shape, dtype)
+        return buf
+
+    def _span(self, what: str, mem, ptr: int, nbytes: int) -> None:
+        if ptr < 0 or nbytes < 0 or ptr + nbytes > len(mem):
+            raise self.violation(f"{what}: pointer {ptr}+{nbytes} is outside linear memory ({len(mem)} bytes)")
+
+    def _fft_size(self, what: str, n: int) -> None:
+        if n < 4 or n > MAX_FFT or n & (n - 1):
+            raise self.violation(f"{what}: n={n} is not a power of two in 4..{MAX_FFT}")
+
+    def _batch(self, what: str, n: int, count: int) -> None:
+        if count < 1 or count * n > MAX_SIGNAL:
+            raise self.violation(f"{what}: count={count} signals of {n} (1.., at most {MAX_SIGNAL} samples in all)")
+
+    def _f32(self, what: str, mem, ptr: int, floats: int):
+        self._span(what, mem, ptr, 4 * floats)
+        return self.np.frombuffer(mem, self.np.float32, floats, ptr)
+
+    def _views(self, what: str, in_ptr: int, in_floats: int, out_ptr: int, out_floats: int, n: int):
+        self._fft_size(what, n)
+        mem = self.memory()
+        return self._f32(what, mem, in_ptr, in_floats), self._f32(what, mem, out_ptr, out_floats)
+
+    def rfft(self, in_ptr: int, out_ptr: int, n: int) -> int:
+        x, out = self._views("ap.dsp_rfft", in_ptr, n, out_ptr, n + 2, n)
+        out.view(self.np.complex64)[:] = self.np.fft.rfft(x)   # interleaved re, im: one copy
+        return 0
+
+    def irfft(self, in_ptr: int, out_ptr: int, n: int) -> int:
+        spec, out = self._views("ap.dsp_irfft", in_ptr, n + 2, out_ptr, n, n)
+        out[:] = self.np.fft.irfft(spec.view(self.np.complex64), n)
+        return 0
+
+    def rfft_batch(self, in_ptr: int, out_ptr: int, n: int, count: int) -> int:
+        """count real FFTs: in + 4*n*i -> out + 4*(n+2)*i. numpy transforms the rows together."""
+        np, what = self.np, "ap.dsp_rfft_batch"
+        self._fft_size(what, n)
+        self._batch(what, n, count)
+        mem = self.memory()
+        x = self._f32(what, mem, in_ptr, n * count).reshape(count, n)
+        out = self._f32(what, mem, out_ptr, (n + 2) * count).view(np.complex64).reshape(count, n // 2 + 1)
+        if self._fft_out:
+            np.fft.rfft(x, out=out)   # straight into the module's memory
+        else:
+            out[:] = np.fft.rfft(x)
+        return 0
+
+    def moments(self, in_ptr: int, out_ptr: int, n: int, count: int, stats_ptr: int) -> int:
+        """Per signal: stats = mean, m2, m3, m4, max(x - mean), min(x - mean) (f64); out = x - mean
+        (rounded to f32 like the C path; out may be in)."""
+        np, what = self.np, "ap.dsp_moments"
+        if n < 1:
+            raise self.violation(f"{what}: n={n} (at least 1)")
+        self._batch(what, n, count)
+        mem = self.memory()
+        x = self._f32(what, mem, in_ptr, n * count).reshape(count, n)
+        out = self._f32(what, mem, out_ptr, n * count).reshape(count, n)
+        self._span(what, mem, stats_ptr, 48 * count)
+        d = self._buffer("mom.d", (count, n), np.float64)
+        d[:] = x
+        mean = d.sum(axis=1)
+        mean /= n
+        means = mean.tolist()
+        if not all(map(math.isfinite, means)):   # a NaN or inf sample: the rest is unspecified
+            for i, m in enumerate(means):
+                struct.pack_into("<d", mem, stats_ptr + 48 * i, m)
+            return 0
+        # max(x - mean) is max(x) - mean: the rounding of the subtraction keeps the order.
+        highs, lows = x.max(axis=1).tolist(), x.min(axis=1).tolist()
+        d -= mean[:, None]
+        out[:] = d
+        powers = self._buffer("mom.p", (3, count, n), np.float64)
+        np.multiply(d, d, out=powers[0])
+        np.multiply(powers[0], d, out=powers[1])
+        np.multiply(powers[0], powers[0], out=powers[2])
+        m2, m3, m4 = powers.sum(axis=2).tolist()
+        stats = []
+        for i, m in enumerate(means):
+            stats += (m, m2[i] / n, m3[i] / n, m4[i] / n, highs[i] - m, lows[i] - m)
+        struct.pack_into(f"<{6 * count}d", mem, stats_ptr, *stats)
+        return 0
+
+    def _weight(self, n: int, p: int):
+        w = self._weights.get((n, p))
+        if w is None:
+            k = self.np.arange(n // 2 + 1, dtype=self.np.float64)
+            if p < 0:
+                k[0] = 1.0   # bin 0 is never weighted by a negative power (refused below)
+            w = self._weights[(n, p)] = self.np.repeat(k ** p, 2)
+        return w
+
+    def band_power(self, spec_ptr: int, n: int, count: int, bands_ptr: int, nbands: int, out_ptr: int) -> int:
+        """out[i, j] = sum over k0 <= k <= k1 of |X_k|^2 k^p of spectrum i, band j = (k0, k1, p) int32."""
+        np, what = self.np, "ap.dsp_band_power"
+        self._fft_size(what, n)
+        self._batch(what, n, count)
+        if nbands < 1 or nbands > MAX_BANDS:
+            raise self.violation(f"{what}: nbands={nbands} (1..{MAX_BANDS})")
+        mem = self.memory()
+        f = self._f32(what, mem, spec_ptr, (n + 2) * count).reshape(count, n + 2)
+        self._span(what, mem, bands_ptr, 12 * nbands)
+        self._span(what, mem, out_ptr, 8 * count * nbands)
+        m = n // 2
+        flat, flat_cols, weighted = [], [], []
+        rec = struct.unpack_from(f"<{3 * nbands}i", mem, bands_ptr)
+        for j in range(nbands):
+            k0, k1, p = rec[3 * j:3 * j + 3]
+            if k1 < k0:
+                continue
+            if k0 < 0 or k1 > m or not -4 <= p <= 4 or (p < 0 and k0 < 1):
+                raise self.violation(f"{what}: band {j} (k0={k0}, k1={k1}, p={p}) is not within bins 0..{m} "
+                                     f"with -4 <= p <= 4 (k0 >= 1 when p < 0)")
+            if p == 0:
+                flat += (2 * k0, 2 * k1 + 2)
+                flat_cols.append(j)
+            else:
+                weighted.append((j, 2 * k0, 2 * k1 + 2, p))
+        # Squares of re and im in float64 (exact, as the C path forms them); two zero columns
+        # after the n + 2 give reduceat an end for a band that reaches bin n/2.
+        sq = self._buffer("bp.sq", (count, n + 4), np.float64)
+        np.multiply(f, f, out=sq[:, :n + 2], dtype=np.float64)
+        out = np.zeros((count, nbands))
+        if flat:
+            out[:, flat_cols] = np.add.reduceat(sq, flat, axis=1)[:, 0::2]
+        for j, a, b, p in weighted:
+            out[:, j] = (sq[:, a:b] * self._weight(n, p)[a:b]).sum(axis=1)
+        np.frombuffer(mem, np.float64, count * nbands, out_ptr)[:] = out.ravel()
+        return 0
+
+    def envelope(self, spec_ptr: int, out_ptr: int, n: int, count: int, k0: int, k1: int) -> int:
+        """Per spectrum: out = |analytic signal of bins k0..k1| minus its mean (f32), the analytic
+        signal being the inverse FFT of 2 X on the band and 0 elsewhere."""
+        np, what = self.np, "ap.dsp_envelope"
+        self._fft_size(what, n)
+        self._batch(what, n, count)
+        if k1 >= k0 and (k0 < 1 or k1 > n // 2 - 1):
+            raise self.violation(f"{what}: bins {k0}..{k1} are not within 1..{n // 2 - 1}")
+        mem = self.memory()
+        spec = self._f32(what, mem, spec_ptr, (n + 2) * count).view(np.complex64).reshape(count, n // 2 + 1)
+        out = self._f32(what, mem, out_ptr, n * count).reshape(count, n)
+        if k1 < k0:
+            out[:] = 0
+            return 0
+        z = self._buffer("env.z", (count, n), np.complex64)   # zero but on the last band it held
+        last = self._env_bands.get((count, n))
+        if last is not None:
+            z[:, last[0]:last[1] + 1] = 0
+        np.multiply(spec[:, k0:k1 + 1], 2, out=z[:, k0:k1 + 1])
+        self._env_bands[(count, n)] = (k0, k1)
+        if self._fft_out:
+            analytic = np.fft.ifft(z, out=self._buffer("env.a", (count, n), np.complex64))
+        else:
+            analytic = np.fft.ifft(z)
+        e = np.abs(analytic, out=self._buffer("env.e", (count, n), np.float32))
+        mean = e.sum(axis=1, dtype=np.float64)
+        mean /= n
+        np.subtract(e, mean.astype(np.float32)[:, None], out=out)
+        return 0
+
+    def median(self, in_ptr: int, n: int, count: int, stride: int, out_ptr: int) -> int:
+        """Medians of count rows of n float32 (row i at in + 4*stride*i) into out (f64): the middle
+        value, or the mean of the two middle values in f64 for even n; 0 for n = 0."""
+        np, what = self.np, "ap.dsp_median"
+        if n < 0 or count < 1 or stride < n or count * n > MAX_SIGNAL or stride > MAX_SIGNAL:
+            raise self.violation(f"{what}: n={n}, count={count}, stride={stride} (n >= 0, count >= 1, "
+                                 f"stride >= n, at most {MAX_SIGNAL} values in all)")
+        mem = self.memory()
+        self._span(what, mem, out_ptr, 8 * count)
+        out = np.frombuffer(mem, np.float64, count, out_ptr)
+        if n == 0:
+            out[:] = 0.0
+            return 0
+        self._span(what, mem, in_ptr, 4 * (stride * (count - 1) + n))
+        rows = np.ndarray((count, n), np.float32, mem, in_ptr, (4 * stride, 4))
+        h = n // 2
+        if n & 1:
+            out[:] = np.partition(rows, h, axis=1)[:, h]
+        else:
+            q = np.partition(rows, (h - 1, h), axis=1)
+            out[:] = 0.5 * (q[:, h - 1].astype(np.float64) + q[:, h])
+        return 0
+
+    def imports(self) -> dict:
+        return {("ap", name): getattr(self, name[4:]) for name in self.IMPORTS}

@@ -1,0 +1,37 @@
+"""Let each module judge its own params before anything runs.
+
+A module's params are free-form YAML that only the module understands (a bearing geometry,
+an ISO machine group, ...). The module is the authority: load it in a throwaway worker, run
+its ap_init, and turn a refusal into a config error at the line of its params.
+"""
+from __future__ import annotations
+
+from appliance.config.schema import AppConfig, ConfigIssue, module_params_text
+from appliance.runtime.wire import HEADER, load_message
+from appliance.runtime.process import ModuleFault, WorkerProcess
+from appliance.runtime.validate import ModuleRejected, read_module
+from appliance.config.yamlsource import YamlDocument
+
+
+def check_modules(doc: YamlDocument, cfg: AppConfig) -> list[ConfigIssue]:
+    issues = []
+    rt = cfg.runtime
+    for name, mod in cfg.modules.items():
+        if not mod.enabled:
+            continue
+        here = ("modules", name)
+        try:
+            wasm = read_module(mod.wasm)
+            worker = WorkerProcess(name, wasm, HEADER.size, load_message(
+                mod.wasm.name, module_params_text(mod), backend=rt.backend, stack_bytes=rt.stack_kb * 1024,
+                max_memory_bytes=rt.max_memory_mb << 20,
+                memory_budget_bytes=rt.worker_budget_bytes))
+        except ModuleRejected as exc:
+            issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("wasm",)), here + ("wasm",), str(exc)))
+            continue
+        except ModuleFault as fault:
+            where = here + (("params",) if fault.kind == "params" else ("wasm",))
+            issues.append(ConfigIssue(doc.path, doc.mark_for(where, key=True), where, fault.reason))
+            continue
+        worker.stop()
+    return issues
