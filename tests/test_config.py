@@ -289,3 +289,12 @@ def test_a_path_the_system_cannot_look_up_is_a_config_error(tmp_path, vibstats_w
         load_config(path)
     (issue,) = info.value.issues
     assert "File name too long" in issue.message and issue.mark.line > 1
+
+
+def test_a_character_yaml_forbids_is_an_error_at_its_place(tmp_path, vibstats_wasm):
+    """Found by the config fuzz campaign: a NUL byte made `appliance validate` end in a traceback."""
+    path = write(tmp_path, GOOD.replace("name: test-gw", "name: test\x00gw"), vibstats_wasm)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (issue,) = info.value.issues
+    assert (issue.mark.line, issue.mark.column) == (2, 13) and "is not allowed" in issue.message

@@ -159,6 +159,12 @@ def load_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
         where = Mark(mark.line + 1, mark.column + 1) if mark else Mark(1, 1)
         what = " ".join(p for p in (exc.context, exc.problem) if p)
         raise YamlError(path, where, f"YAML syntax error: {what}") from None
+    except yaml.reader.ReaderError as exc:   # a character YAML does not allow (NUL, other controls)
+        before = text[:exc.position]
+        where = Mark(before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1)
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise YamlError(path, where, f"YAML syntax error: the character U+{char:04X} is not allowed in a YAML "
+                                     f"file") from None
     doc = YamlDocument(path=path, data=data if data is not None else {})
     if node is not None:
         _walk(doc, node, ())
