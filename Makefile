@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/appliance.yaml
 # Debian packages the project needs, as "command-to-check:package".
-HOST_TOOLS := wasm-validate:wabt gcc:gcc mosquitto_passwd:mosquitto openssl:openssl promtool:prometheus \
+HOST_TOOLS := git:git wasm-validate:wabt gcc:gcc mosquitto_passwd:mosquitto openssl:openssl promtool:prometheus \
 	qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support update-ca-certificates:ca-certificates
 # The SD-card image and its QEMU rig (make image, make image-test); files count as commands.
 IMAGE_TOOLS := mmdebstrap:mmdebstrap arch-test:arch-test update-binfmts:binfmt-support qemu-aarch64-static:qemu-user-static \

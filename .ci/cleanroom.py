@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """`make cleanroom`: what a new user's fresh Debian 12 machine does with a clone of this repo.
 
-A minimal Debian 12 amd64 root (mmdebstrap, variant minbase, plus `make`: what someone typing
-`make test` has) is built once and cached as a tarball keyed by what goes into it. Each run
-unpacks it afresh, puts a `git clone` of HEAD in it (committed work only: what a user clones),
-and runs `CI=true make test` there from nothing: the Makefile installs every Debian and Python
-package itself, from the package registries, as on a new machine. Nothing of this machine goes
-in but its network settings (resolv.conf and the certificate authorities it trusts, so the
-registries are reachable the same way) and the recorded data, read-only at ../shared/data.
+A minimal Debian 12 amd64 root (mmdebstrap, variant minbase, plus `make` and `git`: what someone
+who cloned the repo and types `make test` has) is built once and cached as a tarball keyed by what
+goes into it. Each run unpacks it afresh, puts a `git clone` of HEAD in it (committed work only:
+what a user clones), and runs `CI=true make test` there from nothing: the Makefile installs every
+Debian and Python package itself, from the package registries, as on a new machine. Nothing of this
+machine goes in but its network settings (resolv.conf and the certificate authorities it trusts, so
+the registries are reachable the same way) and the recorded data, read-only at ../shared/data.
 
 Needs root (mmdebstrap --mode=root, chroot, mounts); `make cleanroom` uses sudo when not root.
 """
@@ -30,8 +30,9 @@ MIRRORS = [
     f"deb http://deb.debian.org/debian {SUITE}-updates main",
     f"deb http://deb.debian.org/debian-security {SUITE}-security main",
 ]
-# A fresh machine has a shell, apt and make; everything else is the Makefile's to install.
-PACKAGES = ["make"]
+# A fresh machine has a shell, apt, make and git (the user cloned the repo); everything else is the
+# Makefile's to install.
+PACKAGES = ["make", "git"]
 CACHE = Path(os.environ.get("CLEANROOM_CACHE", Path.home() / ".cache" / "appliance-cleanroom"))
 SHARED = REPO.parent / "shared"
 RECIPE_VERSION = "1"   # bump when the way the base is made changes

@@ -79,7 +79,7 @@ def test_replaced_wasm_file_is_picked_up(tmp_path, wasm):
     sup.config_path = path
     sup.start()
     try:
-        wait_for(lambda: sup.modules["changing"].worker_pid, 10, "workers")
+        wait_for(lambda: all(h.worker_pid for h in sup.modules.values()), 10, "workers")
         other = build_module(REPO / "tests" / "hostile_modules" / "slow.c", tmp_path / "slow.wasm").out
         tmp = tmp_path / "mod.wasm.new"
         tmp.write_bytes(other.read_bytes())

@@ -317,10 +317,11 @@ class ModuleHost:
             if self._stop.is_set() or self._state in (ModuleState.QUARANTINED, ModuleState.DISABLED):
                 worker.stop()
                 return
+            # Before the worker is visible: whoever sees its pid can compare the file with what runs.
+            self.loaded_sha256 = hashlib.sha256(wasm).hexdigest()
             self._worker = worker
             self.metrics.module_up.labels(self.name).set(1)
             self._set_state(ModuleState.RUNNING, f"worker pid {worker.pid}")
-        self.loaded_sha256 = hashlib.sha256(wasm).hexdigest()
         log.info("module %s: running in worker pid %d (sha256 %s; memory: %d MiB of libraries, capped at %d MiB)",
                  self.name, worker.pid, self.loaded_sha256[:12], worker.footprint_bytes >> 20,
                  worker.memory_cap_bytes >> 20)
