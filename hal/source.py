@@ -24,6 +24,7 @@ class SourceInfo:
     sample_rate: float           # Hz
     channels: tuple[str, ...]    # channel names, e.g. ("x", "y", "z")
     units: str                   # units of the samples, e.g. "g"
+    frame_pixels: int = 0        # video: the most pixels a frame (one channel) may have
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ ROOT_SLACK = 1.15             # free space in the read-only root: 15 % + 128 MiB
 ROOT_EXTRA_MIB = 128
 DEFAULT_CACHE = Path(os.environ.get("IMAGE_CACHE", Path.home() / ".cache" / "appliance-image"))
 DEFAULT_OUT = REPO / "build" / "image"
-UNITS = ["appliance.service", "appliance-console.service", "appliance-system.service",
+UNITS = ["appliance.service", "appliance-zygote.service", "appliance-console.service", "appliance-system.service",
          "appliance-grow-data.service", "appliance-testrig.service", "systemd-networkd.service",
          "systemd-resolved.service", "systemd-timesyncd.service"]
 

@@ -88,6 +88,7 @@ def guest_config(mqtt_port: int) -> dict:
     return {
         "gateway": {"name": GATEWAY, "data_dir": "/data/appliance"},
         "metrics": {"listen": "0.0.0.0", "port": 9108},
+        "runtime": {"zygote": "/run/appliance-zygote/zygote.sock"},
         "console": {"device": "/dev/ttyS0"},
         "uplink": {"transport": "mqtt", "health_interval_s": 10,
                    "mqtt": {"host": "10.0.2.2", "port": mqtt_port, "topic_prefix": "factory"}},
@@ -395,6 +396,30 @@ def main() -> int:
             return counts
         results["modules_processed"] = wait_until("every module processing windows in wasm3", 120, processed, 2)
         say(f"modules processing: {results['modules_processed']}")
+
+        # Each worker came from appliance-zygote.service and runs in its sandbox (docs/sandbox.md).
+        text = metrics_text(metrics_port)
+        layers = {m: {layer: metric(text, "appliance_worker_sandbox_layers", module=m, layer=layer)
+                      for layer in ("identity", "network", "limits", "landlock", "seccomp")}
+                  for m in ("gearbox_stats", "dock_motion", "plc_rules")}
+        results["sandbox_layers"] = layers
+        say("worker sandbox layers: " + "; ".join(f"{m}: {', '.join(name for name, v in ls.items() if v == 1) or 'none'}"
+                                                 for m, ls in layers.items()))
+        for m, ls in layers.items():
+            missing = [layer for layer in ("identity", "network", "limits", "seccomp") if ls[layer] != 1]
+            if missing:
+                raise CheckFailed(f"module {m}'s worker runs without the sandbox layers {missing}")
+
+        def exposure():
+            found = dict(re.findall(r"Overall exposure level for (\S+): ([0-9.]+)",
+                                    console_log.read_text(errors="replace") if console_log.exists() else ""))
+            if "appliance.service" not in found:
+                raise NotYet("no systemd-analyze security figure on the console yet")
+            return found
+        results["exposure"] = wait_until("systemd-analyze security of the services (console)", 60, exposure, 1)
+        say("systemd-analyze security exposure: " + ", ".join(f"{u} {x}" for u, x in results["exposure"].items()))
+        if float(results["exposure"]["appliance.service"]) > 2.0:
+            raise CheckFailed(f"appliance.service exposure {results['exposure']['appliance.service']} is above 2.0")
 
         def event_from_guest():
             alive()

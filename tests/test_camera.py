@@ -133,3 +133,18 @@ def test_network_camera_disconnect_and_reconnect(tmp_path):
         sup.stop()
         cam.stop()
         supervisor_module.SOURCE_BACKOFF_S = (0.5, 30.0)
+
+
+def test_frames_larger_than_max_frame_are_dropped_and_counted(caplog):
+    """A module's buffer holds max_frame; a larger frame never reaches it (and is never its fault)."""
+    src = camera(url=str(shared_file("video", "vtest.avi")), max_frame=(640, 480), realtime=False)   # 768 x 576
+    src.open()
+    try:
+        assert src.info.frame_pixels == 640 * 480
+        assert src.read() is None                   # every frame is too large: the file ends
+    finally:
+        src.close()
+    assert src.frames_oversize == 795
+    assert "768x576 are larger than max_frame 640x480" in caplog.text
+    with pytest.raises(ValueError, match="resize 800x600 is larger than max_frame 640x480"):
+        CameraConfig(type="camera", url="x.avi", max_frame=(640, 480), resize=(800, 600))

@@ -267,9 +267,13 @@ def test_validate_lets_the_module_judge_its_params(tmp_path):
 
 
 def test_reserved_host_params(tmp_path, vibstats_wasm):
-    path = write(tmp_path, GOOD.replace("threshold: 6", "threshold: 6\n      host: {dsp: 1}"), vibstats_wasm)
-    [issue] = issues_of(path)
-    assert f"{path}:18:5: modules.stats.params: 'host' is reserved" in issue
+    """host.* params are the appliance's: nested or dotted, a YAML param cannot set them (a param
+    named "host.nn" once turned on native code although host_nn was false)."""
+    for text in ("host: {dsp: 1}", "host.nn: 1", "'host.dsp': 0"):
+        path = write(tmp_path, GOOD.replace("threshold: 6", f"threshold: 6\n      {text}"), vibstats_wasm)
+        [issue] = issues_of(path)
+        assert f"{path}:18:5: modules.stats.params: param '{text.split(':')[0].strip(chr(39))}': 'host' and " \
+               "'host.*' are reserved" in issue, issue
 
 
 def test_device_or_fifo_as_config_is_refused(tmp_path):

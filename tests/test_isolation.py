@@ -47,6 +47,8 @@ def test_hostile_module_is_contained(tmp_path, vibstats_wasm, hostile):
         processed_at_quarantine = sup.modules["healthy"].processed
         time.sleep(0.6)
         assert sup.modules["healthy"].processed > processed_at_quarantine, "healthy module stalled"
+        # A module refused before its worker starts is quarantined within a few windows.
+        wait_for(lambda: sup.pipelines["spindle"][0].windower.windows_cut >= 10, 30, "ten windows")
         assert sup.sources["spindle"].health[0] is Health.OK
         assert sup.modules["healthy"].state is ModuleState.RUNNING
     finally:

@@ -164,7 +164,7 @@ def test_guest_pointers_are_bounds_checked(models):
 def _worker(r, host_nn: int):
     params = f"consecutive=1\nhost.dsp=1\nhost.nn={host_nn}\n"
     return WorkerProcess("vib", r.wasm.read_bytes(), HEADER.size + 4 * 512,
-                         load_message(r.wasm.name, params, module_dir=str(r.wasm.parent)))
+                         load_message(r.wasm.name, params, module_dir=str(r.wasm.parent), host_nn=bool(host_nn)))
 
 
 def test_through_the_real_worker(models):

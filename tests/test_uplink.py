@@ -31,6 +31,8 @@ def ticks(messages) -> list[int]:
 def ticker_config(tmp_path, uplink: dict | None = None, **gateway):
     wasm = build_hostile("ticker", tmp_path / "m")
     sections = {"uplink": uplink} if uplink else {}
+    # An event on every window, on purpose: far beyond the default per-module rate limit.
+    sections["events"] = {"module_burst": 10_000, "module_rate_per_min": 60_000}
     cfg = write_config(tmp_path, {"s": sim_source(block_s=0.02)},
                        {"tick": {"wasm": str(wasm), "source": "s", "window": {"size": 1024}}}, **sections)
     if gateway:
@@ -189,6 +191,7 @@ def test_killed_at_random_moments_no_event_is_lost(tmp_path):
     sub.client.reconnect_delay_set(0.1, 0.5)
     wasm = build_hostile("ticker", tmp_path / "m")
     doc = {"gateway": {"name": "gw-kill", "data_dir": str(tmp_path / "var")}, "metrics": {"enabled": False},
+           "events": {"module_burst": 10_000, "module_rate_per_min": 60_000},   # an event per window, on purpose
            "uplink": {"transport": "mqtt", "backoff_s": 0.05, "backoff_max_s": 0.2,
                       "mqtt": {"host": "127.0.0.1", "port": broker.port, "ack_timeout_s": 2}},
            "sources": {"s": sim_source(block_s=0.02)},

@@ -56,7 +56,7 @@ def test_bad_guest_pointer_is_an_abi_fault(tmp_path):
         worker.process(*window(), deadline_s=5)
     assert info.value.kind == "abi"
     assert "outside linear memory" in info.value.reason and "ap.feature" in info.value.reason
-    assert worker.proc.wait(timeout=5) is not None
+    assert worker.returncode is not None   # it exited after the fault, and was reaped
 
 
 def test_module_rejecting_params_says_why(vibstats_wasm):

@@ -72,6 +72,9 @@ class RuntimeSection(StrictModel):
                                   description="memory each worker may add (RLIMIT_DATA) to its own footprint after "
                                               "its libraries load, besides the module's max_memory_mb")
     restart: RestartPolicy = Field(RestartPolicy(), description="restart and quarantine policy for every module")
+    zygote: Path | None = Field(None, description="unix socket of a zygote run as a service of its own (the "
+                                "image's appliance-zygote.service, docs/sandbox.md); none: the appliance starts "
+                                "its own")
 
     @property
     def worker_budget_bytes(self) -> int:
@@ -136,9 +139,12 @@ class ModuleSection(StrictModel):
     @field_validator("params")
     @classmethod
     def _params_are_plain(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if "host" in value:
-            raise ValueError("'host' is reserved: the appliance sets host.* params itself (ABI.md, Params)")
-        size = len(params_text(value).encode())   # raises with the offending key
+        text = params_text(value)   # raises with the offending key
+        for key in value:
+            if key == "host" or (isinstance(key, str) and key.startswith("host.")):
+                raise ValueError(f"param {key!r}: 'host' and 'host.*' are reserved: the appliance sets them "
+                                 "itself from host_dsp and host_nn (ABI.md, Params)")
+        size = len(text.encode())
         if size > MAX_PARAMS_BYTES:
             raise ValueError(f"params take {size} bytes as text; modules accept at most {MAX_PARAMS_BYTES}")
         return value
@@ -150,6 +156,11 @@ class EventsSection(StrictModel):
     attachment_max_kb: int = Field(256, ge=1, le=16384, description="size limit of one attachment")
     spool_max_mb: int = Field(64, ge=1, le=100_000, description="spool bound; then the oldest lowest-severity event goes")
     spool_max_age_h: float = Field(720.0, gt=0, description="events older than this leave the spool (counted, logged)")
+    module_rate_per_min: float = Field(60.0, gt=0, le=60_000, description="events a module may raise per minute "
+                                       "once its burst is spent; the rest are held back and counted")
+    module_burst: int = Field(20, ge=1, le=10_000, description="events a module may raise at once")
+    suppressed_summary_s: float = Field(60.0, ge=1, le=86_400, description="at most one event per interval says "
+                                        "how many events a module had held back")
 
 
 class UplinkSection(StrictModel):

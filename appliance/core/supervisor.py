@@ -19,10 +19,12 @@ from typing import Any, Callable
 
 from appliance.config.schema import AppConfig
 from appliance.events import evidence
+from appliance.events.limit import EventBudget, Suppressed
 from appliance.events.record import Attachment, iso_time, make_event
 from appliance.events.spool import Spool
 from appliance.ops.metrics import Metrics, SourceCounters, WorkerResources
-from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState
+from appliance.runtime import zygote
+from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState, severity_name
 from appliance.core.windowing import FrameWindower, Window, Windower
 from hal.registry import open_source
 from hal.source import Health, Source
@@ -62,6 +64,8 @@ class Supervisor:
         self.events_emitted = 0
         self._unspooled: collections.deque[tuple[dict[str, Any], list]] = collections.deque()
         self._emit_lock = threading.Lock()
+        self._event_budgets: dict[str, EventBudget] = {}
+        zygote.configure(str(cfg.runtime.zygote) if cfg.runtime.zygote else None)
         self._subscribers: tuple[Callable[[str, Window, ModuleResult], None], ...] = ()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -101,8 +105,8 @@ class Supervisor:
         picked = [info.channels.index(c) for c in mcfg.channels] if mcfg.channels else None
         names = tuple(mcfg.channels) if mcfg.channels else info.channels
         if info.kind == "video":
-            # A frame of up to 4096 x 4096 per channel; the memfd stays sparse until written.
-            window_bytes = len(names) * 4096 * 4096
+            # The camera's max_frame per channel; the memfd stays sparse until written.
+            window_bytes = len(names) * (info.frame_pixels or 4096 * 4096)
             windower = FrameWindower(mcfg.window.hop_frames if mcfg.window else 1, info.sample_rate, picked)
         else:
             window_bytes = 4 * len(names) * mcfg.window.size
@@ -193,6 +197,9 @@ class Supervisor:
                 host.wait_idle(max(0.0, end - time.monotonic()))
         for host in self.modules.values():
             host.stop()
+        for name, budget in self._event_budgets.items():   # what was held back is said before the end
+            host = self.modules.get(name)
+            self._summarise_suppressed(name, host.cfg.source if host else "", budget.summary_due(force=True))
         if self.forwarder is not None:
             self.forwarder.stop()
         if self._metrics_server is not None:
@@ -425,6 +432,9 @@ class Supervisor:
     def _on_result(self, host: ModuleHost, window: Window, result: ModuleResult) -> None:
         if result.events:
             self._commit_events(host, window, result)
+        budget = self._event_budgets.get(host.name)
+        if budget is not None:
+            self._summarise_suppressed(host.name, host.cfg.source, budget.summary_due())
         for subscriber in self._subscribers:
             try:
                 subscriber(host.name, window, result)
@@ -438,18 +448,44 @@ class Supervisor:
         if window.image is not None:
             info["width"], info["height"] = window.image[1], window.image[0]
         attached: list[Attachment] = []
+        ev = self.cfg.events
+        budget = self._event_budgets.get(host.name)
+        if budget is None:
+            budget = self._event_budgets[host.name] = EventBudget(ev.module_rate_per_min, ev.module_burst,
+                                                                  ev.suppressed_summary_s)
         for severity, score, message in result.events:
+            if not budget.take(severity):
+                self.metrics.events_suppressed.labels(host.name).inc()
+                continue
             if severity > 0 and not attached:
-                attached = self._evidence(window, result)
+                attached = self._evidence(host, window, result)
             attachments = attached if severity > 0 else []
             self.emit(make_event(gateway=self.cfg.gateway.name, source=pipe.source, module=host.name,
                                   severity=severity, score=score, message=message, window=info,
                                   features=result.features, attachments=attachments), attachments)
 
-    def _evidence(self, window: Window, result: ModuleResult) -> list[Attachment]:
-        return evidence.attachments(window.data, window.image, result.features,
-                                    max_bytes=self.cfg.events.attachment_max_kb << 10,
-                                    attach_window=self.cfg.events.attach_window)
+    def _summarise_suppressed(self, module: str, source: str, held: Suppressed | None) -> None:
+        if held is None:
+            return
+        ev = self.cfg.events
+        self.emit(make_event(gateway=self.cfg.gateway.name, source=source, module=module, severity=1,
+                             score=float(held.count), kind="events_suppressed", window={},
+                             features={"suppressed": float(held.count), "worst_severity": float(held.worst)},
+                             message=f"module {module} suppressed {held.count} events (the worst: "
+                                     f"{severity_name(held.worst)}) beyond its limit of {ev.module_burst} at once "
+                                     f"and {ev.module_rate_per_min:g} per minute"))
+
+    def _evidence(self, host: ModuleHost, window: Window, result: ModuleResult) -> list[Attachment]:
+        """The window's evidence; if the host cannot make it, the event goes without (said, counted)."""
+        try:
+            return evidence.attachments(window.data, window.image, result.features,
+                                        max_bytes=self.cfg.events.attachment_max_kb << 10,
+                                        attach_window=self.cfg.events.attach_window)
+        except Exception as exc:   # evidence is the host's job: never the module's fault, never a lost event
+            self.metrics.host_errors.labels(host.name, "evidence").inc()
+            log.error("module %s: evidence for window %d could not be made (%s: %s); the event goes without it",
+                      host.name, window.seq, type(exc).__name__, exc)
+            return []
 
     def _on_module_state(self, host: ModuleHost, state: ModuleState, reason: str) -> None:
         if state is ModuleState.QUARANTINED:

@@ -17,7 +17,8 @@ from appliance import __version__
 # Round trip of one window through a worker; wasm3 calls range from ~20 µs to the deadline.
 CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
-FAULT_KINDS = ("trap", "deadline", "crash", "load", "abi", "params", "memory", "engine", "protocol")
+FAULT_KINDS = ("trap", "deadline", "crash", "load", "abi", "params", "memory", "engine", "protocol", "sandbox")
+HOST_ERRORS = ("state", "evidence", "oversize")   # the host's failures around a module, never its faults
 DROP_REASONS = ("overflow", "unavailable", "fault", "stopped")
 SEVERITIES = ("info", "warning", "alarm", "critical")
 
@@ -98,6 +99,15 @@ class Metrics:
                                registry=r)
         self.events = Counter("appliance_events", "Events committed to the spool", ["module", "severity"],
                               registry=r)
+        self.events_suppressed = Counter("appliance_events_suppressed", "Events a module raised beyond its rate "
+                                         "limit (events.module_rate_per_min), summarised in one event per minute",
+                                         ["module"], registry=r)
+        self.host_errors = Counter("appliance_module_host_errors", "The host's own failures around a module "
+                                   "(saving its state, its evidence, a window too large): not the module's faults",
+                                   ["module", "what"], registry=r)
+        self.sandbox_layers = Gauge("appliance_worker_sandbox_layers", "1 for each sandbox layer the module's "
+                                    "worker runs in, 0 for one this kernel or machine lacks", ["module", "layer"],
+                                    registry=r)
         self.spool_errors = Counter("appliance_spool_errors", "Failed commits to the event spool (events are held "
                                     "in memory and retried)", registry=r)
         self.events_lost = Counter("appliance_events_lost", "Events that never reached the spool (written to "
@@ -136,6 +146,9 @@ class Metrics:
             self.faults.labels(name, kind)
         for sev in SEVERITIES:
             self.events.labels(name, sev)
+        self.events_suppressed.labels(name)
+        for what in HOST_ERRORS:
+            self.host_errors.labels(name, what)
 
     def declare_source(self, name: str) -> None:
         self.source_samples.labels(name)

@@ -148,7 +148,7 @@ class ModuleHost:
             self.metrics.quarantined.labels(self.name).set(0)
             self._set_state(ModuleState.STARTING, reason)
             if self._busy and self._worker is not None:
-                self._worker.proc.kill()   # unblocks the dispatcher now rather than at the deadline
+                self._worker.signal_kill()   # unblocks the dispatcher now rather than at the deadline
             self._cond.notify_all()
         return True
 
@@ -165,7 +165,7 @@ class ModuleHost:
             self._set_state(ModuleState.DISABLED, reason)
             self.metrics.quarantined.labels(self.name).set(0)
             if self._busy and self._worker is not None:
-                self._worker.proc.kill()
+                self._worker.signal_kill()
             self._cond.notify_all()
         if queued:
             self.metrics.windows_dropped.labels(self.name, "unavailable").inc(queued)
@@ -186,7 +186,7 @@ class ModuleHost:
         self._stop.set()
         with self._cond:
             if self._busy and self._worker is not None:
-                self._worker.proc.kill()   # the window in flight is abandoned, not waited for
+                self._worker.signal_kill()   # the window in flight is abandoned, not waited for
             self._cond.notify_all()
         if self._thread.is_alive():       # it never started if the supervisor failed to start
             self._thread.join(timeout_s)
@@ -298,7 +298,8 @@ class ModuleHost:
             load = load_message(self.cfg.wasm.name, module_params_text(self.cfg), backend=rt.backend,
                                 stack_bytes=rt.stack_kb * 1024, max_memory_bytes=rt.max_memory_mb << 20,
                                 memory_budget_bytes=rt.worker_budget_bytes,
-                                state=self._saved_state(), module_dir=str(self.cfg.wasm.parent))
+                                state=self._saved_state(), module_dir=str(self.cfg.wasm.parent),
+                                host_nn=self.cfg.host_nn, host_dsp=self.cfg.host_dsp)
             worker = WorkerProcess(self.name, wasm, self._shm_bytes, load)
         except ModuleRejected as exc:
             self._fault(ModuleFault("load", str(exc)))
@@ -322,6 +323,12 @@ class ModuleHost:
             self._worker = worker
             self.metrics.module_up.labels(self.name).set(1)
             self._set_state(ModuleState.RUNNING, f"worker pid {worker.pid}")
+        missing = [layer for layer, held in worker.sandbox_layers.items() if not held]
+        for layer, held in worker.sandbox_layers.items():
+            self.metrics.sandbox_layers.labels(self.name, layer).set(1 if held else 0)
+        if missing and self._starts == 1:
+            log.warning("module %s: its worker runs without the sandbox layers %s (see the worker's notes above)",
+                        self.name, ", ".join(missing))
         log.info("module %s: running in worker pid %d (sha256 %s; memory: %d MiB of libraries, capped at %d MiB)",
                  self.name, worker.pid, self.loaded_sha256[:12], worker.footprint_bytes >> 20,
                  worker.memory_cap_bytes >> 20)
@@ -331,6 +338,14 @@ class ModuleHost:
         height, width = window.image or (0, 0)
         header = pack_header(window.data.shape[0], window.data.shape[1], window.sample_rate, window.seq,
                              window.start_ns, dropped, FORMATS[window.data.dtype], width, height)
+        if len(header) + window.data.nbytes > self._shm_bytes:
+            # The sources bound what they deliver (a camera's max_frame); if one does not, it is
+            # the host's error, not the module's.
+            self.metrics.host_errors.labels(self.name, "oversize").inc()
+            self.metrics.windows_dropped.labels(self.name, "unavailable").inc()
+            log.error("module %s: window %d of %d bytes is larger than its shared buffer (%d bytes); dropped",
+                      self.name, window.seq, len(header) + window.data.nbytes, self._shm_bytes)
+            return
         t0 = time.perf_counter()
         try:
             reply = self._worker.process(header, window.data, self.cfg.deadline_ms / 1000.0)
@@ -357,10 +372,12 @@ class ModuleHost:
         if reply["rc"] != 0:
             self.metrics.windows_rejected.labels(self.name).inc()
         self.last_features = reply["f"]
+        result = ModuleResult(reply["rc"], reply["f"], [tuple(e) for e in reply["e"]], elapsed)
+        # The window's events are committed before its state is saved: a state that has learned
+        # from a window whose events were lost would never raise them again.
+        self._on_result(self, window, result)
         if reply.get("s"):
             self._save_state(base64.b64decode(reply["s"]))
-        result = ModuleResult(reply["rc"], reply["f"], [tuple(e) for e in reply["e"]], elapsed)
-        self._on_result(self, window, result)
 
     # ---- persistent state (ABI.md, "Persistent state") -----------------------------------------
 
@@ -385,14 +402,24 @@ class ModuleHost:
             return None
 
     def _save_state(self, blob: bytes) -> None:
-        """Atomic: a power cut leaves the old state or the new one, never half of one."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        """Atomic: a power cut leaves the old state or the new one, never half of one. A failure
+        here (a full or read-only /data) is the host's: the module keeps running with its state
+        in memory, the error is logged and counted, and the next change tries again."""
         tmp = self._state_file.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_file)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._state_file)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+            self.metrics.host_errors.labels(self.name, "state").inc()
+            log.error("module %s: its state (%d bytes) could not be saved to %s: %s; the module keeps running "
+                      "and the next change tries again", self.name, len(blob), self._state_file,
+                      exc.strerror or exc)
+            return
         log.info("module %s: state saved (%d bytes)", self.name, len(blob))
 
     def _check_reset_request(self) -> None:

@@ -1,29 +1,32 @@
-"""The supervisor's side of one worker process: spawn it, load the module, send windows,
-read replies, kill it. ModuleHost (host.py) owns one at a time."""
+"""The supervisor's side of one worker process: fork it through the zygote, load the module,
+send windows, read replies, kill it. ModuleHost (host.py) owns one at a time."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import mmap
 import os
 import select
 import signal
 import socket
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 
-from appliance.runtime.wire import REPLY
+from appliance.runtime import zygote
+from appliance.runtime.validate import ModuleRejected, wasm_validate_once
+from appliance.runtime.wire import REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
 
 log = logging.getLogger("appliance.module")
 
 LOAD_TIMEOUT_S = 10.0
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # where `appliance` imports from
-# The worker imports the same libraries as the supervisor, from the same places.
-WORKER_PYTHONPATH = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+WASM_PREAMBLE = b"\0asm\x01\0\0\0"
 LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
+# A window buffer may be written but never resized (a worker's ftruncate would SIGBUS the
+# supervisor's next write); the module's bytes cannot change at all.
+WINDOW_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+MODULE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
 class ModuleFault(Exception):
@@ -34,7 +37,7 @@ class ModuleFault(Exception):
 
 def _signal_name(returncode: int | None) -> str:
     if returncode is None:
-        return "still running"
+        return "exit status not known"
     if returncode < 0:
         try:
             return f"killed by {signal.Signals(-returncode).name}"
@@ -43,45 +46,67 @@ def _signal_name(returncode: int | None) -> str:
     return f"exit status {returncode}"
 
 
-class WorkerProcess:
-    """One running worker: spawn, load, process windows, kill."""
+def sealed_memfd(name: str, data: bytes | None, size: int, seals: int) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        if data is not None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.lseek(fd, 0, os.SEEK_SET)
+        else:
+            os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
-    def __init__(self, name: str, wasm: bytes, shm_bytes: int, load: dict) -> None:
+
+class WorkerProcess:
+    """One running worker: fork (through the zygote), load, process windows, kill."""
+
+    def __init__(self, name: str, wasm: bytes, shm_bytes: int, load: dict, *,
+                 spawner: zygote.Zygote | None = None) -> None:
         self.name = name
         self.shm_bytes = shm_bytes
         self._names: list[str] = []   # feature names of the last window reply that carried them
-        self._sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        shm_fd = os.memfd_create(f"ap-window-{name}")
-        wasm_fd = os.memfd_create(f"ap-wasm-{name}")
+        if wasm[:8] != WASM_PREAMBLE:   # what no tool needs to be asked about
+            raise ModuleFault("load", f"{load['label']} is not a valid wasm binary: it does not begin with the wasm "
+                                      "magic number and version 1")
         try:
-            os.ftruncate(shm_fd, shm_bytes)
-            import mmap
+            complaint = wasm_validate_once(wasm, load["label"])
+        except ModuleRejected as exc:   # wasm-validate is missing
+            raise ModuleFault("load", str(exc)) from None
+        if complaint:
+            raise ModuleFault("load", f"{load['label']} failed wasm-validate: {complaint}")
+        self._zygote = spawner or zygote.shared()
+        self.returncode: int | None = None
+        self._sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for end in (self._sock, child_sock):   # the worker's end too: it may not set socket options
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        shm_fd = wasm_fd = -1
+        try:
+            shm_fd = sealed_memfd(f"ap-window-{name}", None, shm_bytes, WINDOW_SEALS)
             self._shm = mmap.mmap(shm_fd, shm_bytes)
-            os.write(wasm_fd, wasm)
-            os.lseek(wasm_fd, 0, os.SEEK_SET)
-            # A minimal environment: nothing of the supervisor's (credentials, tokens) leaks in.
-            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
-                   "PYTHONPATH": WORKER_PYTHONPATH, "PYTHONDONTWRITEBYTECODE": "1",
-                   "AP_WORKER_FDS": f"{child_sock.fileno()},{shm_fd},{wasm_fd}",
-                   "AP_WORKER_PARENT": str(os.getpid()), "AP_WORKER_MODULE": name}
-            # exec a fresh interpreter rather than fork a threaded supervisor.
-            self.proc = subprocess.Popen([sys.executable, "-m", "appliance.runtime.worker"],
-                                         pass_fds=(child_sock.fileno(), shm_fd, wasm_fd), env=env,
-                                         stdin=subprocess.DEVNULL, close_fds=True)
+            wasm_fd = sealed_memfd(f"ap-wasm-{name}", wasm, 0, MODULE_SEALS)
+            request = {"name": name, "memory_budget_bytes": load["memory_budget_bytes"],
+                       "host_nn": load.get("host_nn", False), "module_dir": load.get("module_dir", "")}
+            try:
+                self.pid, self._pidfd = self._zygote.fork(request, (child_sock.fileno(), shm_fd, wasm_fd))
+            except zygote.ZygoteUnavailable as exc:
+                raise ModuleFault("load", f"no worker could be started: {exc}") from None
         finally:
             child_sock.close()
-            os.close(shm_fd)
-            os.close(wasm_fd)
+            for fd in (shm_fd, wasm_fd):
+                if fd >= 0:
+                    os.close(fd)
         self._sock.send(json.dumps(load).encode())
         reply = self._receive(LOAD_TIMEOUT_S, "load")
         self.load_logs = reply.get("l", [])
         self.state_note = reply.get("st", "")
         self.footprint_bytes, self.memory_cap_bytes = reply.get("mem", (0, 0))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        self.sandbox_layers: dict[str, bool] = reply.get("sb", {})
 
     def _receive(self, timeout_s: float, what: str) -> dict:
         ready, _, _ = select.select([self._sock], [], [], timeout_s)
@@ -96,6 +121,12 @@ class WorkerProcess:
         if not data:
             rc = self._reap()
             raise ModuleFault("crash", f"worker died during {what} ({_signal_name(rc)})")
+        if data[:1] == b"S" and len(data) == SANDBOX_VIOLATION.size:
+            from appliance.runtime.sandbox.seccomp import syscall_name
+            (number,) = SANDBOX_VIOLATION.unpack(data)[1:]
+            self._reap()
+            raise ModuleFault("sandbox", f"worker made system call {syscall_name(number)} ({number}), which its "
+                                         f"sandbox does not allow, during {what}; it was killed")
         if data[:1] == b"R":
             return self._window_reply(data)
         reply = json.loads(data)
@@ -142,33 +173,48 @@ class WorkerProcess:
             raise ModuleFault("crash", f"worker died before the window ({_signal_name(rc)})") from None
         return self._receive(deadline_s, "window")
 
+    def alive(self) -> bool:
+        return self.returncode is None and self._pidfd >= 0 and not select.select([self._pidfd], [], [], 0)[0]
+
     def _reap(self) -> int | None:
+        """Wait (bounded) for the worker to end; its exit code as Popen gives it (-signal)."""
+        if self.returncode is None and self._pidfd >= 0:
+            if not select.select([self._pidfd], [], [], 2.0)[0]:
+                self.signal_kill()
+                select.select([self._pidfd], [], [], 5.0)
+            status = self._zygote.exit_status(self.pid, 2.0)
+            self.returncode = os.waitstatus_to_exitcode(status) if status is not None else None
+        return self.returncode
+
+    def signal_kill(self) -> None:
+        """SIGKILL now, without waiting (any thread: it unblocks the one waiting for a reply)."""
         try:
-            return self.proc.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self.proc.returncode
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except OSError:
+            pass
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                log.error("module %s: worker %d did not die after SIGKILL", self.name, self.proc.pid)
+        if self.returncode is None and self.alive():
+            self.signal_kill()
+            if not select.select([self._pidfd], [], [], 5.0)[0]:
+                log.error("module %s: worker %d did not die after SIGKILL", self.name, self.pid)
         self.close()
 
     def stop(self, timeout_s: float = 1.0) -> None:
         """Ask politely, then kill: a bounded stop."""
-        if self.proc.poll() is None:
+        if self.alive():
             try:
                 self._sock.send(b"Q")
-                self.proc.wait(timeout=timeout_s)
-            except (OSError, subprocess.TimeoutExpired):
+                select.select([self._pidfd], [], [], timeout_s)
+            except OSError:
                 pass
         self.kill()
 
     def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
         try:
             self._sock.close()
         except OSError:

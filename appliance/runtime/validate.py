@@ -13,6 +13,9 @@ from appliance.runtime.wasm_binary import WasmFormatError, WasmInfo, check_abi_v
 
 MAX_MODULE_BYTES = 16 << 20
 WASM_VALIDATE_FLAGS = ["--disable-reference-types", "--disable-simd"]
+VALIDATE_MEMORY_BYTES = 1 << 30
+_validated: dict[str, str | None] = {}   # sha256 -> wasm-validate's verdict (a restart does not ask again)
+_VALIDATED_KEPT = 256
 
 
 class ModuleRejected(Exception):
@@ -28,13 +31,17 @@ class ValidatedModule:
 
 def wasm_validate(wasm: bytes, label: str) -> str | None:
     """wasm-validate's complaint, or None when the binary is valid. The features wasm3 lacks
-    are disabled, so a module that uses them is rejected here, not crashed on later."""
+    are disabled, so a module that uses them is rejected here, not crashed on later. It runs as
+    its own process, capped (prlimit) when util-linux's prlimit is there: a crash or a blow-up in
+    it is a rejection, never harm to the caller."""
     tool = shutil.which("wasm-validate")
     if tool is None:
         raise ModuleRejected("wasm-validate (Debian package 'wabt') is not installed; modules cannot be "
                              "checked, so none is loaded")
     try:
-        proc = subprocess.run([tool, *WASM_VALIDATE_FLAGS, "-"], input=wasm, capture_output=True, timeout=60)
+        limit = shutil.which("prlimit")
+        capped = [limit, f"--data={VALIDATE_MEMORY_BYTES}", "--cpu=60", "--"] if limit else []
+        proc = subprocess.run([*capped, tool, *WASM_VALIDATE_FLAGS, "-"], input=wasm, capture_output=True, timeout=60)
     except subprocess.TimeoutExpired:
         return "wasm-validate timed out"
     if proc.returncode == 0:
@@ -45,6 +52,19 @@ def wasm_validate(wasm: bytes, label: str) -> str | None:
         # wabt recurses per nested block; absurd nesting kills it, which is a rejection too.
         return f"{first} (wasm-validate died with signal {-proc.returncode})".strip()
     return first or f"exit status {proc.returncode}"
+
+
+def wasm_validate_once(wasm: bytes, label: str) -> str | None:
+    """wasm_validate, remembered by the bytes' sha256 (a verdict depends on the bytes alone)."""
+    digest = hashlib.sha256(wasm).hexdigest()
+    if digest not in _validated:
+        verdict = wasm_validate(wasm, label)
+        if verdict is not None and verdict.startswith(f"{label}:"):
+            verdict = verdict[len(label) + 1:].lstrip()   # the label is the caller's to add
+        while len(_validated) >= _VALIDATED_KEPT:
+            _validated.pop(next(iter(_validated)))
+        _validated[digest] = verdict
+    return _validated[digest]
 
 
 def read_module(path: Path) -> bytes:
@@ -69,15 +89,16 @@ def read_module(path: Path) -> bytes:
     return wasm
 
 
-def check_module(wasm: bytes, label: str, max_memory_bytes: int) -> WasmInfo:
-    """Raise ModuleRejected unless the bytes are valid wasm following ABI v1. Runs in the
-    worker, under its memory cap and load deadline: parsing untrusted bytes can cost
-    memory and time, and that cost must not land on the supervisor."""
+def check_module(wasm: bytes, label: str, max_memory_bytes: int, *, validated: bool = False) -> WasmInfo:
+    """Raise ModuleRejected unless the bytes are valid wasm following ABI v1. A worker runs it in
+    its sandbox, under its memory cap and load deadline (parsing untrusted bytes can cost memory
+    and time, and that cost must not land on the supervisor), with validated=True: the
+    supervisor ran wasm-validate (a program a sandboxed worker cannot start) before the fork."""
     try:
         info = parse(wasm)
     except WasmFormatError as exc:
         raise ModuleRejected(f"{label} is not a valid wasm binary: {exc}") from None
-    complaint = wasm_validate(wasm, label)
+    complaint = None if validated else wasm_validate(wasm, label)
     if complaint:
         raise ModuleRejected(f"{label} failed wasm-validate: {complaint}")
     problems = check_abi_v1(info, max_memory_bytes)

@@ -1,8 +1,8 @@
 """The wire between the supervisor and a worker (appliance/runtime/process.py and worker.py).
 
-Three inherited file descriptors: a SOCK_SEQPACKET socket, a memfd holding the window buffer
-(shared memory: the 64-byte header of modules/ABI.md, then the samples), and a memfd holding the
-module's bytes.
+Three file descriptors, handed to the worker when the zygote forks it: a SOCK_SEQPACKET socket,
+a memfd holding the window buffer (shared memory: the 64-byte header of modules/ABI.md, then the
+samples; sealed against shrinking and growing), and a memfd holding the module's bytes (sealed).
 
 Protocol (one datagram per message):
   supervisor -> worker  JSON {"op": "load", ...}          -> JSON {"ok": true, "logs": [...]}
@@ -14,6 +14,8 @@ Protocol (one datagram per message):
   they differ from the previous reply's; the supervisor keeps the last ones), then J bytes of JSON
   {"e": events, "l": logs, "s": state} holding only the keys that are not empty (J = 0: none).
   WorkerProcess._receive (host.py) turns it back into {"rc", "f", "e", "l", "ld", "ns"[, "s"]}.
+  A system call outside the worker's allow-list: SANDBOX_VIOLATION (b"S", the call's number)
+  from its SIGSYS handler, then it exits.
   On a fault the worker answers {"fault": kind, "error": text} and exits: after a trap or an
   ABI violation the instance's state is not to be trusted, so the supervisor starts afresh.
 """
@@ -29,6 +31,7 @@ FORMATS = {np.dtype(np.float32): 1, np.dtype(np.uint8): 2}
 WINDOW_MAGIC = 0x31575041
 # Window reply header: b"R", rc, ns, logs dropped, features, names bytes, JSON bytes.
 REPLY = struct.Struct("<1siqIIII")
+SANDBOX_VIOLATION = struct.Struct("<1si")
 SOCKET_BUFFER = 1 << 20   # > the largest reply the limits of ABI v1 allow (~170 KB)
 
 
@@ -40,11 +43,14 @@ def pack_header(channels: int, frames: int, sample_rate: float, seq: int, start_
 
 def load_message(label: str, params: str, *, backend: str = "wasm3", stack_bytes: int = 128 << 10,
                  max_memory_bytes: int = 64 << 20, memory_budget_bytes: int = 320 << 20,
-                 state: bytes | None = None, module_dir: str = "") -> dict:
+                 state: bytes | None = None, module_dir: str = "", host_nn: bool = False,
+                 host_dsp: bool = True) -> dict:
     """The first message a worker gets: what to check, how to instantiate, its limits (the
     memory budget is what the worker may add to its own footprint once its libraries are
     loaded), the module's saved state (if any), and its directory (where a compiled model's
-    native library for ap.nn_run lies)."""
+    native library for ap.nn_run lies). host_nn and host_dsp are the module's switches from the
+    config, typed: no param text can turn them on."""
     return {"op": "load", "label": label, "params": params, "backend": backend, "stack_bytes": stack_bytes,
             "max_memory_bytes": max_memory_bytes, "memory_budget_bytes": memory_budget_bytes,
-            "state": base64.b64encode(state).decode() if state else "", "module_dir": module_dir}
+            "state": base64.b64encode(state).decode() if state else "", "module_dir": module_dir,
+            "host_nn": bool(host_nn), "host_dsp": bool(host_dsp)}

@@ -1,13 +1,14 @@
-"""The worker process: hosts exactly one wasm module instance.
+"""A module worker: hosts exactly one wasm module instance.
 
-Started by WorkerProcess (process.py) as `python -m appliance.runtime.worker` with three inherited
-file descriptors: a SOCK_SEQPACKET socket to the supervisor, a memfd holding the window
-buffer (shared memory), and a memfd holding the validated module bytes.
+The zygote (zygote.py) forks it with three file descriptors: a SOCK_SEQPACKET socket to the
+supervisor, a memfd holding the window buffer (shared memory, sealed against resizing), and a
+sealed memfd holding the module bytes. run_forked() caps its memory, enters the sandbox
+(sandbox/), and only then reads the module and the load message.
 
 The protocol: appliance/runtime/wire.py.
 
-Only the standard library and the engine are imported here: start-up stays in milliseconds and
-no lock inherited from a threaded parent exists (we exec, never fork).
+Everything it uses was imported by the zygote before the fork: inside the sandbox nothing can
+be opened from the file system.
 """
 from __future__ import annotations
 
@@ -17,12 +18,11 @@ import json
 import mmap
 import os
 import resource
-import signal
 import socket
 import struct
-import sys
 import time
 
+from appliance.runtime import sandbox
 from appliance.runtime.engines import BACKENDS
 from appliance.runtime.hostcalls.abi import MAX_LOG_BYTES, MAX_LOGS_PER_CALL, MAX_STATE_BYTES, AbiViolation
 from appliance.runtime.hostcalls import abi
@@ -30,10 +30,10 @@ from appliance.runtime.hostcalls.core import Calls, CoreCalls
 from appliance.runtime.hostcalls.dsp import HostDsp
 from appliance.runtime.hostcalls.image import HostImage
 from appliance.runtime.validate import ModuleRejected, check_module
-from appliance.runtime.wire import REPLY, SOCKET_BUFFER
+from appliance.runtime.wire import REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
 
-PR_SET_PDEATHSIG = 1
-PR_SET_NO_NEW_PRIVS = 38
+SANDBOX_EXIT = 159   # the worker's exit status after a system call outside its allow-list
+_SIGNAL_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 
 def private_memory_bytes() -> int:
@@ -46,7 +46,7 @@ def private_memory_bytes() -> int:
     raise RuntimeError("no VmData in /proc/self/status")
 
 
-def cap_memory(budget: int, final: bool) -> tuple[int, int]:
+def cap_memory(budget: int, final: bool, footprint: int | None = None) -> tuple[int, int]:
     """RLIMIT_DATA = what the worker holds now + budget: (footprint, cap).
 
     The cap bounds what the module and the host calls it makes can add, not what the libraries
@@ -54,8 +54,10 @@ def cap_memory(budget: int, final: bool) -> tuple[int, int]:
     cv2 takes VmSize from 140 to 453 MB with OpenCV 4.14, 467 MB with 5.1), so a fixed
     address-space cap let a library update starve a healthy worker. A provisional cap covers the
     checks of the untrusted bytes; the final one, set once the kernels are imported and warmed
-    up, is the hard limit too, so nothing in the worker can lift it afterwards."""
-    footprint = private_memory_bytes()
+    up, is the hard limit too, so nothing in the worker can lift it afterwards. A spare worker
+    measured its footprint before its sandbox shut /proc and passes it in."""
+    if footprint is None:
+        footprint = private_memory_bytes()
     cap = footprint + budget
     ceiling = resource.getrlimit(resource.RLIMIT_DATA)[1]   # a service's own limit stays the ceiling
     if ceiling != resource.RLIM_INFINITY:
@@ -64,41 +66,81 @@ def cap_memory(budget: int, final: bool) -> tuple[int, int]:
     return footprint, cap
 
 
-def _harden(expected_parent: int) -> None:
-    """Die with the supervisor; never gain privileges (setuid binaries) from here on."""
+def _on_sigsys(signo: int, info: int, context: int) -> None:
+    number = ctypes.c_int.from_address(info + 24).value   # siginfo_t si_syscall (64-bit Linux)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != expected_parent:   # the parent died before prctl took effect
-        os._exit(1)
+        os.write(_sigsys_report_fd, SANDBOX_VIOLATION.pack(b"S", number))
+    finally:
+        os._exit(SANDBOX_EXIT)
 
 
-def main() -> int:
-    sock_fd, shm_fd, wasm_fd = (int(x) for x in os.environ["AP_WORKER_FDS"].split(","))
-    _harden(int(os.environ["AP_WORKER_PARENT"]))
-    # Ctrl-C and a service stop reach the whole process group; stopping workers is the
-    # supervisor's job (it asks, then kills), and PDEATHSIG covers a supervisor that died.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sock = socket.socket(fileno=sock_fd)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+_sigsys_report_fd = -1
+# Made once, in the zygote: a ctypes callback needs executable memory, which the sandbox forbids.
+_sigsys_handler = _SIGNAL_HANDLER(_on_sigsys)
+_sigaction = ctypes.CDLL(None, use_errno=True).sigaction
+
+
+def report_sandbox_violations(sock_fd: int) -> None:
+    """On SIGSYS (a system call the filter refuses), tell the supervisor which call, then die."""
+    global _sigsys_report_fd
+    _sigsys_report_fd = sock_fd
+    action = ctypes.create_string_buffer(152)   # glibc's struct sigaction, the same on x86_64 and arm64
+    struct.pack_into("<Q", action, 0, ctypes.cast(_sigsys_handler, ctypes.c_void_p).value)
+    struct.pack_into("<i", action, 136, 4)     # SA_SIGINFO
+    if _sigaction(31, action, None) != 0:      # SIGSYS
+        raise OSError(ctypes.get_errno(), "sigaction(SIGSYS)")
+
+
+def sandbox_policy(request: dict) -> sandbox.Policy:
+    """The supervisor decides what a worker may have beyond nothing: executable mappings for a
+    host_nn module's verified native library (preloaded into a memfd, see preload())."""
+    host_nn = bool(request.get("host_nn")) and bool(request.get("module_dir"))
+    return sandbox.Policy(uid=int(request.get("uid", sandbox.Policy.uid)), gid=int(request.get("gid", sandbox.Policy.gid)),
+                          executable_mappings=host_nn, skip=frozenset(request.get("skip_layers", ())))
+
+
+def enter_sandbox(request: dict, fds: tuple[int, ...]) -> tuple[sandbox.Report, int, int]:
+    """What every worker goes through after the fork, before it reads anything untrusted (and
+    what the escape drill goes through): memory cap, SIGSYS reporter, sandbox layers.
+    Returns the sandbox report and the memory footprint and cap."""
+    footprint, cap = cap_memory(int(request["memory_budget_bytes"]), final=True)
+    report_sandbox_violations(fds[0])
+    return sandbox.enter(sandbox_policy(request), tuple(fds)), footprint, cap
+
+
+def preload(request: dict) -> dict[str, int]:
+    """What a worker's module may need from the file system, opened before the sandbox shuts it:
+    a host_nn module's native libraries, as sealed memfds (checked before they are loaded)."""
+    if not (request.get("host_nn") and request.get("module_dir")):
+        return {}
+    from appliance.runtime.hostcalls.nn import preload_libraries
+    return preload_libraries(request["module_dir"])
+
+
+def run_forked(request: dict, fds: list[int]) -> int:
+    """A worker's life in a child of the zygote, forked for this request (a host_nn module, or
+    the drill): preload what its policy allows, then the sandbox, then the module."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
+    libraries = preload(request)
+    report, footprint, cap = enter_sandbox(request, (*fds, *libraries.values()))
+    return serve(sock, fds[1], fds[2], budget=int(request["memory_budget_bytes"]), footprint=footprint, cap=cap,
+                 report=report, libraries=libraries)
+
+
+def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footprint: int, cap: int,
+          report: sandbox.Report, libraries: dict[str, int]) -> int:
     shm = mmap.mmap(shm_fd, 0)
     shm_view = memoryview(shm)   # windows are copied from it into linear memory without a bytes copy
     with os.fdopen(wasm_fd, "rb") as f:
         wasm = f.read()
 
     load = json.loads(sock.recv(SOCKET_BUFFER))
-    # Cap the process before it parses untrusted bytes; the final cap follows the imports.
-    budget = int(load["memory_budget_bytes"])
-    footprint, cap = cap_memory(budget, final=False)
-
     def capped() -> str:
         return f"worker capped at {budget >> 20} MiB above its own {footprint >> 20} MiB"
 
     calls = Calls()
+    for note in report.notes:
+        calls.logs.append([2, f"sandbox: {note}"])
     inst = None
 
     def read_guest(ptr: int, length: int, what: str) -> bytes:
@@ -134,7 +176,7 @@ def main() -> int:
         return ptr
 
     try:
-        info = check_module(wasm, load["label"], int(load["max_memory_bytes"]))
+        info = check_module(wasm, load["label"], int(load["max_memory_bytes"]), validated=True)
     except ModuleRejected as exc:
         return fault("load", str(exc))
     except MemoryError:
@@ -155,11 +197,9 @@ def main() -> int:
                 if len(calls.logs) < MAX_LOGS_PER_CALL:
                     calls.logs.append([level, abi.text(text.encode())[:MAX_LOG_BYTES]])
 
-            # Native code only when the module's host_nn switch is on (host.nn=1 in its params).
+            # Native code only when the supervisor says so (the module's host_nn: true), never a param.
             imports.update(HostNN(lambda: inst.memory(), AbiViolation, load.get("module_dir") or None,
-                                  "host.nn=1" in load["params"].splitlines(), nn_log).imports())
-        # Everything this worker will import is in now: the budget starts from here.
-        footprint, cap = cap_memory(budget, final=True)
+                                  load.get("host_nn") is True, nn_log, preloaded=libraries).imports())
 
         def start_instance() -> tuple[str, str] | None:
             """Instantiate and ap_init; a (fault kind, reason) if the module cannot start."""
@@ -197,7 +237,8 @@ def main() -> int:
         if "allocation failed" in str(exc):
             return fault("memory", f"{exc} ({capped()})")
         return fault("trap" if "[trap]" in str(exc) else "load", str(exc))
-    sock.send(json.dumps({"ok": True, "l": calls.logs, "st": state_note, "mem": [footprint, cap]}).encode())
+    sock.send(json.dumps({"ok": True, "l": calls.logs, "st": state_note, "mem": [footprint, cap],
+                          "sb": report.applied}).encode())
 
     window_ptrs: dict[int, int] = {}
     sent_names: tuple[str, ...] = ()   # the feature names the supervisor holds
@@ -243,5 +284,48 @@ def main() -> int:
                             struct.pack(f"<{len(names)}d", *calls.features.values()), packed_names, text)))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+def run_spare(channel: socket.socket) -> int:
+    """A worker forked ahead of need: it enters the default sandbox at once, then waits for its
+    request and file descriptors on `channel` (from the zygote). A module's start then costs no
+    fork and no sandbox set-up, only the module's own load."""
+    footprint = private_memory_bytes()   # before the sandbox: /proc is shut afterwards
+    report_sandbox_violations(channel.fileno())
+    report = sandbox.enter(sandbox.Policy(), (channel.fileno(),))
+    _warm_up()
+    data, fds, _, _ = socket.recv_fds(channel, 65536, 4)
+    if not data or len(fds) != 3:
+        return 0   # the zygote is gone (or asked nothing): never used
+    channel.close()
+    request = json.loads(data)
+    report_sandbox_violations(fds[0])
+    budget = int(request["memory_budget_bytes"])
+    footprint, cap = cap_memory(budget, final=True, footprint=footprint)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])   # family given: no syscall to ask
+    return serve(sock, fds[1], fds[2], budget=budget, footprint=footprint, cap=cap, report=report, libraries={})
+
+
+def spare_fits(request: dict) -> bool:
+    """A spare runs the default policy: no native library, every layer."""
+    return not request.get("host_nn") and not request.get("skip_layers") and "uid" not in request
+
+
+# A module with one exported function `f` returning 7 and a one-page memory: enough to take wasm3,
+# the checks and the host-call set-up once through their paths.
+_WARM_UP_MODULE = bytes.fromhex("0061736d01000000010501600001 7f030201000503010001070501016600000a06010400 41070b"
+                                .replace(" ", ""))
+
+
+def _warm_up() -> None:
+    """Run once, in a spare, what every module start runs: the pages this touches are copied from
+    the zygote now (copy-on-write) instead of during a module's start."""
+    from appliance.runtime.wasm_binary import WasmFormatError, parse
+    try:
+        parse(_WARM_UP_MODULE)
+        instance = BACKENDS["wasm3"]().instantiate(_WARM_UP_MODULE, 64 << 10, {})
+        instance.call("f")
+    except (WasmFormatError, RuntimeError):
+        pass
+    CoreCalls(lambda: memoryview(b""), Calls()).imports()
+    HostDsp(lambda: memoryview(b""), AbiViolation).imports()
+    json.loads(json.dumps({"op": "load", "l": [[1, "x"]]}))

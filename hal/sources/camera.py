@@ -28,6 +28,7 @@ from hal.schema import StrictModel
 from hal.source import Block, Health, Source, SourceInfo
 
 log = logging.getLogger("hal.camera")
+_OVERSIZE = object()   # a frame larger than max_frame: read the next one
 
 
 class CameraConfig(StrictModel):
@@ -43,6 +44,8 @@ class CameraConfig(StrictModel):
                                "V4L2 device, e.g. YUYV or MJPG (some drivers, like vivid, need YUYV for OpenCV)")
     gray: bool = Field(True, description="convert to grayscale on the host (1 channel), else 3 channels (BGR)")
     resize: tuple[int, int] | None = Field(None, description="[width, height] the module receives")
+    max_frame: tuple[int, int] = Field((4096, 4096), description="[width, height] of the largest frame a module "
+                                       "may get (sizes its shared buffer); a larger frame is dropped and counted")
     realtime: bool = Field(True, description="files: play at their frame rate (false: as fast as read)")
     loop: bool = Field(False, description="files: start over at the end")
     timeout_s: float = Field(5.0, gt=0, description="a live stream silent this long has failed")
@@ -53,6 +56,11 @@ class CameraConfig(StrictModel):
             raise ValueError("give the camera's url (or simulate: true)")
         if self.resize is not None and min(self.resize) < 8:
             raise ValueError(f"resize {list(self.resize)} is too small (at least 8 x 8)")
+        if not (16 <= min(self.max_frame) and max(self.max_frame) <= 8192):
+            raise ValueError(f"max_frame {list(self.max_frame)}: each side 16..8192")
+        for what, (w, h) in (("resize", self.resize or (None, None)), ("width x height", (self.width, self.height))):
+            if (w is not None and w > self.max_frame[0]) or (h is not None and h > self.max_frame[1]):
+                raise ValueError(f"{what} {w}x{h} is larger than max_frame {self.max_frame[0]}x{self.max_frame[1]}")
         return self
 
     @property
@@ -63,7 +71,7 @@ class CameraConfig(StrictModel):
 
 @register_source("camera", CameraConfig)
 class CameraSource(Source):
-    COUNTERS = ("frames_dropped", "stream_errors")
+    COUNTERS = ("frames_dropped", "frames_oversize", "stream_errors")
 
     def __init__(self, name: str, config: CameraConfig) -> None:
         super().__init__(name, config)
@@ -79,13 +87,15 @@ class CameraSource(Source):
         self._last_pos_ms: float | None = None
         self._expected_frames: int | None = None
         self.frames_dropped = 0
+        self.frames_oversize = 0
         self.stream_errors = 0
         self._sim_rng = np.random.default_rng(0)
 
     @property
     def info(self) -> SourceInfo:
         channels = ("gray",) if self.config.gray else ("b", "g", "r")
-        return SourceInfo(self.name, "video", self._fps, channels, "u8")
+        return SourceInfo(self.name, "video", self._fps, channels, "u8",
+                          frame_pixels=self.config.max_frame[0] * self.config.max_frame[1])
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -143,7 +153,10 @@ class CameraSource(Source):
         with self._cap_lock:
             self._reading = True
         try:
-            return self._read()
+            block = self._read()
+            while block is _OVERSIZE and not self._stop.is_set():
+                block = self._read()
+            return None if block is _OVERSIZE else block
         finally:
             with self._cap_lock:
                 self._reading = False
@@ -186,7 +199,16 @@ class CameraSource(Source):
                 self.frames_dropped += missed
                 gap = True
         self._last_pos_ms = pos_ms
-        return self._block(self._prepare(frame, cv2), start_ns, gap)
+        frame = self._prepare(frame, cv2)
+        if frame.shape[1] > self.config.max_frame[0] or frame.shape[0] > self.config.max_frame[1]:
+            # Larger than the modules' buffers: dropped here, counted, said once; never a module's fault.
+            if not self.frames_oversize:
+                log.error("camera %s: frames of %dx%d are larger than max_frame %dx%d; they are dropped "
+                          "(set resize, or a larger max_frame)", self.name, frame.shape[1], frame.shape[0],
+                          *self.config.max_frame)
+            self.frames_oversize += 1
+            return _OVERSIZE
+        return self._block(frame, start_ns, gap)
 
     def _end_of_file(self, cap) -> Block | None:
         import cv2

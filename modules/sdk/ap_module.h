@@ -95,6 +95,44 @@ static inline void ap_text_num(ap_text *t, double v, int decimals) {
     }
 }
 
+/* ---- The event story (one fault, one story) -------------------------------------------------
+ * What every anomaly module tells, and what an operator expects: raise once the score has been
+ * above the threshold for `confirm` windows in a row; raise again only if the severity
+ * escalates; clear (an info event) once it has stayed below threshold * clear_ratio for
+ * `clear_windows` windows. Keep an ap_story in the module's persistent state (three int32s) and
+ * feed it every window:
+ *
+ *     switch (ap_story_update(&st.story, score, cfg.threshold, sev, cfg.confirm, cfg.clear_ratio,
+ *                             cfg.clear_windows)) {
+ *     case AP_STORY_RAISE:    ap_event(sev, score, "anomaly ..."); break;
+ *     case AP_STORY_ESCALATE: ap_event(sev, score, "anomaly escalated ..."); break;
+ *     case AP_STORY_CLEAR:    ap_event(AP_SEV_INFO, score, "back to normal ..."); break;
+ *     }
+ * The host also limits events per module (events.module_rate_per_min); a module that tells its
+ * story this way never comes near it. */
+typedef struct { int32_t above, below, active; } ap_story;   /* active: the open severity, -1: none */
+enum { AP_STORY_QUIET = 0, AP_STORY_RAISE = 1, AP_STORY_ESCALATE = 2, AP_STORY_CLEAR = 3 };
+
+static inline void ap_story_reset(ap_story *s) { s->above = s->below = 0; s->active = -1; }
+
+static inline int ap_story_update(ap_story *s, double score, double threshold, int32_t severity,
+                                  int32_t confirm, double clear_ratio, int32_t clear_windows) {
+    if (score > threshold) { s->above++; s->below = 0; }
+    else if (score < threshold * clear_ratio) { s->below++; s->above = 0; }
+    else { s->above = 0; s->below = 0; }
+    if (s->above >= confirm) {
+        if (severity > s->active) {
+            int what = s->active < 0 ? AP_STORY_RAISE : AP_STORY_ESCALATE;
+            s->active = severity;
+            return what;
+        }
+    } else if (s->active >= 0 && s->below >= clear_windows) {
+        s->active = -1;
+        return AP_STORY_CLEAR;
+    }
+    return AP_STORY_QUIET;
+}
+
 /* ---- the window ------------------------------------------------------------------------- */
 
 #define AP_WINDOW_MAGIC 0x31575041u /* "APW1" little-endian */

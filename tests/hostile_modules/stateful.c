@@ -1,18 +1,21 @@
 /* stateful: a tiny learner for the persistent-state tests. It "learns" by counting windows;
  * after `learn` windows it is learned, calls ap.state_changed, and keeps counting. Its blob
- * carries a magic and the `learn` param, so a blob learned under other params is refused. */
+ * carries a magic and the `learn` param, so a blob learned under other params is refused.
+ * With `every=1` it changes its state and raises a warning on every window (the full-disk test). */
 #define AP_WINDOW_BYTES (64 + 4 * 4 * 16384)
 #include "ap_module.h"
 
 AP_IMPORT(state_changed) void ap_host_state_changed(void);
 
 static struct { uint32_t magic; uint32_t learn; uint32_t learned; uint32_t windows; } state;
+static int every;
 
 int32_t ap_init(const char *params, int32_t len) {
     state.magic = 0x53544154u;
     state.learn = (uint32_t)ap_param_f64(params, len, "learn", 5, 0);
     state.learned = 0;
     state.windows = 0;
+    every = ap_param_f64(params, len, "every", 0, 0) != 0;
     return 0;
 }
 
@@ -28,6 +31,10 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     if (!state.learned && state.windows >= state.learn) {
         state.learned = 1;
         ap_host_state_changed();
+    }
+    if (every) {
+        ap_host_state_changed();
+        ap_event(AP_SEV_WARNING, state.windows, "window seen");
     }
     ap_feature("windows", state.windows);
     ap_feature("learned", state.learned);

@@ -48,6 +48,40 @@ def library_name(model_hash_hex: str, arch: str) -> str:
     return f"nn-{model_hash_hex[:16]}-{arch}.so"
 
 
+def preload_libraries(module_dir: str) -> dict[str, int]:
+    """The native libraries for this machine next to a module, each read into a sealed memfd:
+    what a sandboxed worker (which can open no file) may later verify and load. Read before the
+    worker enters its sandbox; nothing in them runs until HostNN has checked their sha256."""
+    import fcntl
+
+    arch = machine_arch()
+    found: dict[str, int] = {}
+    try:
+        names = sorted(n for n in os.listdir(module_dir) if n.startswith("nn-") and n.endswith(f"-{arch}.so"))
+    except OSError:
+        return found
+    for name in names[:MAX_DESCRIPTORS * 2]:
+        try:
+            fd = os.open(os.path.join(module_dir, name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_LIBRARY_BYTES:
+                continue
+            data = os.read(fd, MAX_LIBRARY_BYTES + 1)
+        finally:
+            os.close(fd)
+        copy = os.memfd_create(f"ap-{name}", os.MFD_ALLOW_SEALING)   # no CLOEXEC: it stays with the worker
+        view = memoryview(data)
+        while view:
+            view = view[os.write(copy, view):]
+        fcntl.fcntl(copy, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+                    | fcntl.F_SEAL_SEAL)
+        found[name] = copy
+    return found
+
+
 class _Native:
     def __init__(self, lib, run, in_bytes: int, out_bytes: int, name: str) -> None:
         self.lib, self.run, self.in_bytes, self.out_bytes, self.name = lib, run, in_bytes, out_bytes, name
@@ -63,9 +97,11 @@ class HostNN:
         """Native libraries opened (each from its own memfd) so far."""
         return len(self._fds)
 
-    def __init__(self, memory, violation, module_dir: str | None, enabled: bool, log) -> None:
+    def __init__(self, memory, violation, module_dir: str | None, enabled: bool, log,
+                 preloaded: dict[str, int] | None = None) -> None:
         self.memory, self.violation, self.log = memory, violation, log
         self.module_dir = Path(module_dir) if module_dir else None
+        self.preloaded = preloaded   # name -> sealed memfd (a sandboxed worker: preload_libraries)
         self.enabled = enabled
         self._decided: dict[bytes, object] = {}
         self._loaded: dict[bytes, _Native] = {}   # sha256 -> the library loaded with those bytes
@@ -128,10 +164,12 @@ class HostNN:
             self.log(2, f"host nn: the module has no native library for this machine ({platform.machine()}; it has "
                         f"{', '.join(entries) or 'none'}); running the module's wasm code")
             return NO_LIBRARY
+        name = library_name(model_hash, arch)
+        if self.preloaded is not None:
+            return self._resolve_preloaded(name, entries[arch])
         if self.module_dir is None:
             self.log(2, "host nn: the module's directory is unknown; running the module's wasm code")
             return NO_LIBRARY
-        name = library_name(model_hash, arch)
         path = self.module_dir / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -166,6 +204,28 @@ class HostNN:
         self.log(1, f"host nn: {name} (sha256 verified) runs the model natively")
         return native
 
+    def _resolve_preloaded(self, name: str, digest: bytes) -> object:
+        fd = self.preloaded.get(name)
+        if fd is None:
+            self.log(2, f"host nn: {name} is missing next to the module; running the module's wasm code")
+            return NO_LIBRARY
+        data = os.pread(fd, MAX_LIBRARY_BYTES + 1, 0)
+        if hashlib.sha256(data).digest() != digest:
+            self.log(2, f"host nn: {name} does not have the sha256 the module expects (changed, or from another "
+                        "compile); it is not loaded; running the module's wasm code")
+            return REFUSED
+        if digest in self._loaded:
+            return self._loaded[digest]
+        try:
+            native = self._loaded[digest] = self._bind(ctypes.CDLL(f"/proc/self/fd/{fd}",
+                                                                  mode=os.RTLD_LOCAL | os.RTLD_NOW), name)
+        except (OSError, AttributeError, ValueError) as exc:
+            self.log(2, f"host nn: {name} could not be loaded ({exc}); running the module's wasm code")
+            return REFUSED
+        self._fds.append(fd)
+        self.log(1, f"host nn: {name} (sha256 verified) runs the model natively")
+        return native
+
     def _load(self, data: bytes, name: str) -> _Native:
         # Load the bytes that were checked, not the path: a memfd cannot be swapped underneath. The
         # fd stays open while the library is loaded: dlopen knows a library by its path name, and a
@@ -180,6 +240,10 @@ class HostNN:
             os.close(fd)
             raise
         self._fds.append(fd)
+        return self._bind(lib, name)
+
+    @staticmethod
+    def _bind(lib, name: str) -> _Native:
         if lib.ap_nn_native_abi() != 1:
             raise ValueError("it speaks another native ABI")
         sizes = (ctypes.c_int32 * 2)()

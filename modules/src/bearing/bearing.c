@@ -92,8 +92,7 @@ static state_blob blob;
 static struct {
     int32_t learned;                    /* windows learned so far */
     uint32_t channels, frames;          /* shape of the windows the baseline is for (0: none yet) */
-    int32_t above, below;
-    int32_t active_severity;            /* -1 when no anomaly is open */
+    ap_story story;                     /* the event story (ap_module.h) */
 } st;
 
 static double rows[MAX_BASELINE][MAX_FEATURES];   /* baseline vectors while learning */
@@ -148,8 +147,7 @@ static uint32_t params_hash(uint32_t channels, uint32_t frames, uint32_t nfeat) 
 static void reset_learning(void) {
     st.learned = 0;
     st.channels = st.frames = 0;
-    st.above = st.below = 0;
-    st.active_severity = -1;
+    ap_story_reset(&st.story);
     static const state_blob empty;
     blob = empty;
     blob.magic = STATE_MAGIC;
@@ -268,8 +266,7 @@ AP_EXPORT(ap_state_loaded) int32_t ap_state_loaded(void) {
     st.learned = cfg.baseline_windows;
     st.channels = blob.channels;
     st.frames = blob.frames;
-    st.above = st.below = 0;
-    st.active_severity = -1;
+    ap_story_reset(&st.story);
     ap_log(AP_LOG_INFO, "baseline restored from saved state");
     return 0;
 }
@@ -696,59 +693,53 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     batch_prepare(channels, 0);
     ap_features(batch_names, batch_names_len, batch_values, batch_count);
 
-    if (score > cfg.threshold) { st.above++; st.below = 0; }
-    else if (score < cfg.threshold * cfg.clear_ratio) { st.below++; st.above = 0; }
-    else { st.above = 0; st.below = 0; }
+    int32_t sev = severity_for(score);
+    int what = ap_story_update(&st.story, score, cfg.threshold, sev, cfg.confirm, cfg.clear_ratio, cfg.clear_windows);
 
     static const char zones[] = "ABCD";
     char zone_txt[2] = {zones[zone], 0};
     char msg[320];
     ap_text t = {msg, sizeof msg, 0};
-    if (st.above >= cfg.confirm) {
-        int32_t sev = severity_for(score);
-        if (sev > st.active_severity) {
-            ap_text_str(&t, st.active_severity < 0 ? "bearing anomaly (score " : "bearing anomaly escalated (score ");
-            ap_text_num(&t, score, 1);
-            ap_text_str(&t, ", ISO zone ");
-            ap_text_str(&t, zone_txt);
-            ap_text_str(&t, ", velocity ");
-            ap_text_num(&t, vmax, 2);
-            ap_text_str(&t, " mm/s): ");
-            const channel_result *r = &res[best_c];
-            if (named) {
-                ap_text_str(&t, kind_words[best]);
-                ap_text_str(&t, ", envelope peak ");
-            } else {
-                ap_text_str(&t, "unspecified (no fault frequency stands out; strongest ");
-                ap_text_str(&t, kind_words[best]);
-                ap_text_str(&t, ": ");
-            }
-            ap_text_num(&t, r->peak_hz[best], 1);
-            ap_text_str(&t, " Hz (");
-            ap_text_str(&t, kind_freq[best]);
-            ap_text_str(&t, " ");
-            ap_text_num(&t, ff.f[best], 1);
-            ap_text_str(&t, " Hz) ");
-            ap_text_num(&t, r->env_amp[best], 4);
-            ap_text_str(&t, " g on ch");
-            ap_text_int(&t, best_c);
-            ap_text_str(&t, ", ");
-            ap_text_num(&t, r->peak_ratio[best], 1);
-            ap_text_str(&t, "x noise floor, ");
-            ap_text_num(&t, best_mean, 1);
-            ap_text_str(&t, "x over 3 harmonics");
-            if (!named) ap_text_str(&t, ")");
-            ap_event(sev, score, msg);
-            st.active_severity = sev;
+    if (what == AP_STORY_RAISE || what == AP_STORY_ESCALATE) {
+        ap_text_str(&t, what == AP_STORY_RAISE ? "bearing anomaly (score " : "bearing anomaly escalated (score ");
+        ap_text_num(&t, score, 1);
+        ap_text_str(&t, ", ISO zone ");
+        ap_text_str(&t, zone_txt);
+        ap_text_str(&t, ", velocity ");
+        ap_text_num(&t, vmax, 2);
+        ap_text_str(&t, " mm/s): ");
+        const channel_result *r = &res[best_c];
+        if (named) {
+            ap_text_str(&t, kind_words[best]);
+            ap_text_str(&t, ", envelope peak ");
+        } else {
+            ap_text_str(&t, "unspecified (no fault frequency stands out; strongest ");
+            ap_text_str(&t, kind_words[best]);
+            ap_text_str(&t, ": ");
         }
-    } else if (st.active_severity >= 0 && st.below >= cfg.clear_windows) {
+        ap_text_num(&t, r->peak_hz[best], 1);
+        ap_text_str(&t, " Hz (");
+        ap_text_str(&t, kind_freq[best]);
+        ap_text_str(&t, " ");
+        ap_text_num(&t, ff.f[best], 1);
+        ap_text_str(&t, " Hz) ");
+        ap_text_num(&t, r->env_amp[best], 4);
+        ap_text_str(&t, " g on ch");
+        ap_text_int(&t, best_c);
+        ap_text_str(&t, ", ");
+        ap_text_num(&t, r->peak_ratio[best], 1);
+        ap_text_str(&t, "x noise floor, ");
+        ap_text_num(&t, best_mean, 1);
+        ap_text_str(&t, "x over 3 harmonics");
+        if (!named) ap_text_str(&t, ")");
+        ap_event(sev, score, msg);
+    } else if (what == AP_STORY_CLEAR) {
         ap_text_str(&t, "bearing vibration back to baseline (score ");
         ap_text_num(&t, score, 1);
         ap_text_str(&t, ", ISO zone ");
         ap_text_str(&t, zone_txt);
         ap_text_str(&t, ")");
         ap_event(AP_SEV_INFO, score, msg);
-        st.active_severity = -1;
     }
     return 0;
 }

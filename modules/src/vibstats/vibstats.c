@@ -35,8 +35,7 @@ static struct {
     uint32_t channels;
     double mean[AP_MAX_CHANNELS][N_FEATURES];
     double m2[AP_MAX_CHANNELS][N_FEATURES];
-    int32_t above, below;                         /* consecutive windows above / below */
-    int32_t active_severity;                      /* -1 when no anomaly is open */
+    ap_story story;                               /* the event story (ap_module.h) */
 } st;
 
 static int param_error(const char *what) {
@@ -61,8 +60,7 @@ int32_t ap_init(const char *params, int32_t len) {
     if (cfg.min_spread < 0) return param_error("min_spread must not be negative");
     st.learned = 0;
     st.channels = 0;
-    st.above = st.below = 0;
-    st.active_severity = -1;
+    ap_story_reset(&st.story);
     return 0;
 }
 
@@ -151,35 +149,28 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
         }
     ap_feature("score", score);
 
-    if (score > cfg.threshold) { st.above++; st.below = 0; }
-    else if (score < cfg.threshold * cfg.clear_ratio) { st.below++; st.above = 0; }
-    else { st.above = 0; st.below = 0; }
-
+    int32_t sev = severity_for(score);
     char msg[160];
     ap_text t = {msg, sizeof msg, 0};
-    if (st.above >= cfg.confirm) {
-        int32_t sev = severity_for(score);
-        if (sev > st.active_severity) {
-            ap_text_str(&t, st.active_severity < 0 ? "vibration anomaly: ch" : "vibration anomaly escalated: ch");
-            ap_text_int(&t, worst_c);
-            ap_text_str(&t, " ");
-            ap_text_str(&t, feature_names[worst_f]);
-            ap_text_str(&t, " ");
-            ap_text_num(&t, feat[worst_c][worst_f], 4);
-            ap_text_str(&t, " vs baseline ");
-            ap_text_num(&t, st.mean[worst_c][worst_f], 4);
-            ap_text_str(&t, " (score ");
-            ap_text_num(&t, score, 1);
-            ap_text_str(&t, ")");
-            ap_event(sev, score, msg);
-            st.active_severity = sev;
-        }
-    } else if (st.active_severity >= 0 && st.below >= cfg.clear_windows) {
+    int what = ap_story_update(&st.story, score, cfg.threshold, sev, cfg.confirm, cfg.clear_ratio, cfg.clear_windows);
+    if (what == AP_STORY_RAISE || what == AP_STORY_ESCALATE) {
+        ap_text_str(&t, what == AP_STORY_RAISE ? "vibration anomaly: ch" : "vibration anomaly escalated: ch");
+        ap_text_int(&t, worst_c);
+        ap_text_str(&t, " ");
+        ap_text_str(&t, feature_names[worst_f]);
+        ap_text_str(&t, " ");
+        ap_text_num(&t, feat[worst_c][worst_f], 4);
+        ap_text_str(&t, " vs baseline ");
+        ap_text_num(&t, st.mean[worst_c][worst_f], 4);
+        ap_text_str(&t, " (score ");
+        ap_text_num(&t, score, 1);
+        ap_text_str(&t, ")");
+        ap_event(sev, score, msg);
+    } else if (what == AP_STORY_CLEAR) {
         ap_text_str(&t, "vibration back to baseline (score ");
         ap_text_num(&t, score, 1);
         ap_text_str(&t, ")");
         ap_event(AP_SEV_INFO, score, msg);
-        st.active_severity = -1;
     }
     return 0;
 }

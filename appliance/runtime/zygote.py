@@ -1,0 +1,446 @@
+"""The zygote: one process that has imported what every worker needs, and forks a worker per
+module on request (Chromium's zygote, for the same reasons: a worker starts in a millisecond
+instead of a Python start, and shares the libraries' pages instead of loading its own).
+
+The supervisor starts it (`python -m appliance.runtime.zygote`) with one SOCK_SEQPACKET socket.
+Requests and answers are JSON datagrams; file descriptors travel as SCM_RIGHTS:
+
+  zygote -> supervisor  {"spare": pid} + its channel and a pidfd: a worker forked ahead of need,
+                        already in its sandbox (worker.run_spare); the supervisor starts a module
+                        by sending {"op": "fork", ...} + the module's fds down that channel, then
+                        asks for the next spare with {"op": "spare"}
+  supervisor -> zygote  {"op": "fork", "name", "memory_budget_bytes", "host_nn", "module_dir"} + fds
+                        (worker socket, window memfd, module memfd): a worker forked for a request
+                        a spare cannot serve (a host_nn module's native library is read first)
+  zygote -> supervisor  {"pid": n} + a pidfd of the worker, or {"error": text}
+                        {"exit": pid, "status": wait status}   when a worker ends (it reaps them)
+
+The zygote stays single-threaded, so a fork copies no lock some other thread held: BLAS and
+OpenCV run one thread (set before they load), nothing here starts a thread. It exits when the
+supervisor's end of the socket closes. If it dies, workers already running keep running (they
+are not tied to it); the supervisor starts a new one for the next fork (Zygote below).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+log = logging.getLogger("appliance.module")
+
+START_TIMEOUT_S = 60.0
+FORK_TIMEOUT_S = 10.0
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # where `appliance` imports from
+# Libraries that start thread pools read these before they load: the zygote must stay single-threaded.
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+MAX_EXITS_KEPT = 4096
+
+
+# ---- the zygote process ------------------------------------------------------------------------
+
+
+def preload() -> list[str]:
+    """Import (and warm up) everything a worker may use, so that a worker imports nothing after
+    it enters its sandbox. Returns what could not be loaded (OpenCV is optional)."""
+    missing = []
+    os.environ.update(ONE_THREAD)   # before numpy and OpenCV load (a zygote service has no one to set them)
+    import numpy as np
+    import wasm3  # noqa: F401
+    from appliance.runtime import worker  # noqa: F401
+    from appliance.runtime.hostcalls import dsp, nn  # noqa: F401
+    from appliance.runtime.sandbox import seccomp
+    seccomp.preload()
+    np.fft.rfft(np.zeros(64, np.float32))
+    dsp.keep_heap()                  # malloc's settings carry over into every worker
+    from appliance.runtime.sandbox import drop_bounding_set
+    drop_bounding_set()              # the zygote switches identity (CAP_SETUID) but never execs
+    try:
+        from hal.drivers.camera import kernels
+        kernels.configure(threads=1)
+        kernels.warm_up()
+    except ImportError as exc:
+        missing.append(f"image kernels ({exc})")
+    return missing
+
+
+def _fork_child(run, closing: list) -> int:
+    """Fork; in the child close the zygote's own descriptors, run `run()`, and exit with its code."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 70
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for thing in closing:
+            thing.close() if hasattr(thing, "close") else os.close(thing)
+        code = run()
+    except BaseException as exc:   # a worker must never return into the zygote's loop
+        try:
+            sys.stderr.write("worker: " + "".join(traceback.format_exception(exc)))
+            sys.stderr.flush()
+        except BaseException:
+            pass
+    finally:
+        os._exit(code)
+
+
+def serve(control: socket.socket) -> int:
+    from appliance.runtime import worker
+
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)   # the wakeup fd is what matters
+
+    def hand_over_a_spare() -> None:
+        """Fork a spare and give the supervisor its channel and pidfd: the supervisor's next module
+        start goes straight to it, without a round trip through here."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = _fork_child(lambda: worker.run_spare(theirs), [control, mine, wake_r, wake_w])
+        theirs.close()
+        pidfd = os.pidfd_open(pid)
+        try:
+            socket.send_fds(control, [json.dumps({"spare": pid}).encode()], [mine.fileno(), pidfd])
+        finally:
+            mine.close()
+            os.close(pidfd)
+
+    hand_over_a_spare()
+    while True:
+        ready, _, _ = select.select([control, wake_r], [], [])
+        if wake_r in ready:
+            while True:
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    break
+            _reap(control)
+        if control not in ready:
+            continue
+        try:
+            data, fds, _, _ = socket.recv_fds(control, 65536, 4)
+        except OSError:
+            return 0
+        if not data:
+            return 0   # the supervisor is gone
+        try:
+            request = json.loads(data)
+            if request.get("op") == "spare":
+                hand_over_a_spare()
+                continue
+            if request.get("op") != "fork" or len(fds) != 3:
+                raise ValueError(f"unexpected request {str(request)[:80]} with {len(fds)} fds")
+            pid = _fork_child(lambda: worker.run_forked(request, fds), [control, wake_r, wake_w])
+            pidfd = os.pidfd_open(pid)
+        except (ValueError, OSError) as exc:
+            for fd in fds:
+                os.close(fd)
+            control.send(json.dumps({"error": str(exc)}).encode())
+            continue
+        for fd in fds:
+            os.close(fd)
+        try:
+            socket.send_fds(control, [json.dumps({"pid": pid}).encode()], [pidfd])
+        finally:
+            os.close(pidfd)
+
+
+def _reap(control: socket.socket) -> None:
+    """Reap every child that ended and tell the supervisor (a worker's exit status)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        try:
+            control.send(json.dumps({"exit": pid, "status": status}).encode())
+        except OSError:
+            pass
+
+
+def _ready_to_fork() -> dict:
+    # Ctrl-C and a service stop reach the whole process group; the supervisor ends the zygote by
+    # closing its socket, after it stopped the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    missing = preload()
+    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
+        return {"error": "the zygote is not single-threaded after its imports"}
+    # What was imported stays put: the collector would otherwise walk (and so write to) every
+    # object in each worker, copying the pages a fork shares.
+    gc.freeze()
+    return {"ready": os.getpid(), "missing": missing}
+
+
+def listen(path: str) -> int:
+    """The zygote as a service of its own (the image's appliance-zygote.service): it waits on a
+    unix socket (0600) for its supervisor, serves it until it goes, then waits for the next one.
+    Workers already running outlive both: each ends with its own socket to the supervisor."""
+    hello = _ready_to_fork()
+    if "error" in hello:
+        print(f"zygote: {hello['error']}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # here systemd stops it
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.path.exists(path):
+        os.unlink(path)
+    old = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(1)
+    print(f"zygote: ready at {path}", file=sys.stderr, flush=True)
+    while True:
+        conn, _ = listener.accept()
+        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        if uid != os.getuid():   # the socket is 0600; say why anyway
+            conn.close()
+            continue
+        conn.send(json.dumps(hello).encode())
+        serve(conn)
+        conn.close()
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--listen"] and len(sys.argv) == 3:
+        return listen(sys.argv[2])
+    control = socket.socket(fileno=int(os.environ["AP_ZYGOTE_FD"]))
+    hello = _ready_to_fork()
+    control.send(json.dumps(hello).encode())
+    return 1 if "error" in hello else serve(control)
+
+
+# ---- the supervisor's side ------------------------------------------------------------------------
+
+
+class ZygoteUnavailable(Exception):
+    pass
+
+
+class Zygote:
+    """The supervisor's handle: starts the zygote on first use and again after it died, forks
+    workers through it, and keeps the exit status of each worker it reaped."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path                       # a zygote service's socket; None: start our own
+        self._lock = threading.Lock()          # one fork request at a time
+        self._cond = threading.Condition()
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen | None = None
+        self._answers: list[tuple[dict, list[int]]] = []
+        self._exits: dict[int, int] = {}
+        self._spare: tuple[int, socket.socket, int] | None = None   # pid, channel, pidfd
+        self.starts = 0
+        self.pid: int | None = None
+
+    def _connect(self) -> tuple[socket.socket, None]:
+        """To the zygote service, waiting for it (it may be starting, or restarting)."""
+        end = time.monotonic() + START_TIMEOUT_S
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                sock.connect(self.path)
+                return sock, None
+            except OSError as exc:
+                sock.close()
+                if time.monotonic() > end:
+                    raise ZygoteUnavailable(f"no zygote at {self.path} ({exc.strerror})") from None
+                time.sleep(0.2)
+
+    def _spawn(self) -> tuple[socket.socket, subprocess.Popen]:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p),
+               "AP_ZYGOTE_FD": str(theirs.fileno()), **ONE_THREAD}
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "appliance.runtime.zygote"], pass_fds=(theirs.fileno(),),
+                                    env=env, stdin=subprocess.DEVNULL, close_fds=True)
+        finally:
+            theirs.close()
+        return mine, proc
+
+    def _start(self) -> None:
+        mine, proc = self._connect() if self.path else self._spawn()
+        ready, _, _ = select.select([mine], [], [], START_TIMEOUT_S)
+        hello = json.loads(mine.recv(65536) or b"{}") if ready else {}
+        if "ready" not in hello:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            mine.close()
+            raise ZygoteUnavailable(hello.get("error") or "the zygote did not start")
+        for what in hello.get("missing", []):
+            log.warning("zygote: %s not available; modules that use them cannot start", what)
+        self._sock, self._proc, self.pid = mine, proc, hello["ready"]
+        self.starts += 1
+        log.info("zygote pid %d ready (%s %d)", self.pid, f"connection to {self.path}" if self.path else "start",
+                 self.starts)
+        threading.Thread(target=self._read, args=(mine, proc), name="zygote-reader", daemon=True).start()
+
+    def _read(self, sock: socket.socket, proc: subprocess.Popen | None) -> None:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, 65536, 2)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                break
+            msg = json.loads(data)
+            with self._cond:
+                if "exit" in msg:
+                    self._exits[msg["exit"]] = msg["status"]
+                    while len(self._exits) > MAX_EXITS_KEPT:
+                        self._exits.pop(next(iter(self._exits)))
+                    if self._spare is not None and self._spare[0] == msg["exit"]:   # it died unused
+                        self._drop_spare()
+                        self._ask_for_spare(sock)
+                elif "spare" in msg and len(fds) == 2:
+                    self._drop_spare()
+                    self._spare = (msg["spare"], socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0]),
+                                   fds[1])
+                else:
+                    self._answers.append((msg, fds))
+                self._cond.notify_all()
+        rc = proc.wait() if proc is not None else None
+        with self._cond:
+            self._drop_spare()   # the zygote is gone: its spare ends too (its channel closed)
+            if self._sock is sock:
+                self._sock = None
+                how = "connection closed" if rc is None else f"exit status {rc}" if rc >= 0 else f"signal {-rc}"
+                log.error("zygote pid %d ended (%s); the next worker start %s", self.pid, how,
+                          "connects again" if self.path else "begins a new one")
+            self._cond.notify_all()
+        sock.close()
+
+    def _drop_spare(self) -> None:
+        """Call with the condition held."""
+        if self._spare is not None:
+            self._spare[1].close()
+            os.close(self._spare[2])
+            self._spare = None
+
+    def _ask_for_spare(self, sock: socket.socket) -> None:
+        try:
+            sock.send(json.dumps({"op": "spare"}).encode())
+        except OSError:
+            pass
+
+    def _take_spare(self, request: dict, fds: tuple[int, int, int]) -> tuple[int, int] | None:
+        """Hand the request to the ready spare: (pid, pidfd), or None if there is none that fits."""
+        from appliance.runtime.worker import spare_fits
+        if not spare_fits(request):
+            return None
+        with self._cond:
+            spare, self._spare = self._spare, None
+            sock = self._sock
+        if spare is None:
+            return None
+        pid, channel, pidfd = spare
+        try:
+            socket.send_fds(channel, [json.dumps({"op": "fork", **request}).encode()], list(fds))
+        except OSError:   # it died meanwhile: fork one the slow way
+            os.close(pidfd)
+            return None
+        finally:
+            channel.close()
+            if sock is not None:
+                self._ask_for_spare(sock)
+        return pid, pidfd
+
+    def ensure_started(self) -> None:
+        with self._lock:
+            if self._sock is None:
+                self._start()
+
+    def fork(self, request: dict, fds: tuple[int, int, int]) -> tuple[int, int]:
+        """A new worker: (pid, pidfd). The fds are the worker's; the caller closes its copies."""
+        with self._lock:
+            if self._sock is None:
+                self._start()
+            taken = self._take_spare(request, fds)
+            if taken is not None:
+                return taken
+            sock = self._sock
+            try:
+                socket.send_fds(sock, [json.dumps({"op": "fork", **request}).encode()], list(fds))
+            except OSError as exc:
+                raise ZygoteUnavailable(f"the zygote is gone ({exc})") from None
+            end = time.monotonic() + FORK_TIMEOUT_S
+            with self._cond:
+                while not self._answers:
+                    left = end - time.monotonic()
+                    if left <= 0 or self._sock is not sock:
+                        raise ZygoteUnavailable("the zygote did not answer a fork request")
+                    self._cond.wait(left)
+                answer, got = self._answers.pop(0)
+        if "error" in answer:
+            for fd in got:
+                os.close(fd)
+            raise ZygoteUnavailable(answer["error"])
+        return answer["pid"], got[0]
+
+    def exit_status(self, pid: int, timeout_s: float) -> int | None:
+        """The worker's wait status once the zygote reaped it; None if not known in time."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while pid not in self._exits:
+                left = end - time.monotonic()
+                if left <= 0 or self._sock is None:
+                    return None
+                self._cond.wait(left)
+            return self._exits.pop(pid)
+
+    def stop(self) -> None:
+        with self._lock:
+            sock, proc = self._sock, self._proc
+            self._sock = None
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        if proc is not None:
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+_shared: Zygote | None = None
+_shared_lock = threading.Lock()
+
+
+def shared() -> Zygote:
+    """This process's zygote (a supervisor, a test or a benchmark has one)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Zygote()
+        return _shared
+
+
+def configure(path: str | None) -> Zygote:
+    """Use the zygote service at `path` (runtime.zygote in the YAML), or None: start our own.
+    A change stops using the old one; workers already running are not affected."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared.path != (path or None):
+            old, _shared = _shared, Zygote(path or None)
+            if old is not None:
+                old.stop()
+        return _shared
+
+
+if __name__ == "__main__":
+    sys.exit(main())
