@@ -140,7 +140,7 @@ def bench_numpy(wins: list[np.ndarray]) -> dict:
     return {"samples_per_cpu_s": len(wins) * FRAMES * CHANNELS / cpu}
 
 
-def bench_cold_start(path: Path, repeats: int = 31) -> dict:
+def bench_cold_start(path: Path, repeats: int = 31, params: str = PARAMS) -> dict:
     """Request -> first result for a fresh worker: the zygote forks it, it enters its sandbox,
     checks and instantiates the module, and answers its first window. The first start of a
     module also runs wasm-validate (a process); later ones (restarts, reloads) find its verdict."""
@@ -151,9 +151,9 @@ def bench_cold_start(path: Path, repeats: int = 31) -> dict:
     for _ in range(repeats):
         t0 = time.perf_counter()
         wasm = read_module(path)
-        worker = WorkerProcess("cold", wasm, HEADER.size + w.nbytes, load_message("vibstats.wasm", PARAMS))
+        worker = WorkerProcess("cold", wasm, HEADER.size + w.nbytes, load_message(path.name, params))
         t1 = time.perf_counter()
-        worker.process(header(0), w, 5.0)
+        assert worker.process(header(0), w, 5.0)["rc"] == 0
         t2 = time.perf_counter()
         worker.stop()
         loads.append(t1 - t0)
@@ -161,14 +161,14 @@ def bench_cold_start(path: Path, repeats: int = 31) -> dict:
         time.sleep(0.01)   # the zygote has its next spare ready (a restart follows a backoff of 0.5 s or more)
     inproc = []
     wasm = path.read_bytes()
-    for _ in range(repeats):
+    for _ in range(repeats if params == PARAMS else 0):   # vibstats only: its imports are linked here
         t0 = time.perf_counter()
         bench_wasm3_inprocess(wasm, windows(1))
         inproc.append(time.perf_counter() - t0)
     return {"first_ms": 1e3 * totals[0], "worker_ms": 1e3 * float(np.median(totals[1:])),
             "p90_ms": 1e3 * float(np.percentile(totals[1:], 90)),
             "spawn_validate_load_ms": 1e3 * float(np.median(loads[1:])),
-            "in_process_ms": 1e3 * float(np.median(inproc))}
+            "in_process_ms": 1e3 * float(np.median(inproc)) if inproc else float("nan")}
 
 
 def main() -> None:
@@ -205,11 +205,16 @@ def main() -> None:
               f"the zygote {cold['worker_ms']:.1f} ms median, p90 {cold['p90_ms']:.1f} ms (fork + sandbox + check + load {cold['spawn_validate_load_ms']:.1f}"
               f" ms; a module's first start, with wasm-validate: {cold['first_ms']:.1f} ms); "
               f"in-process wasm3 {cold['in_process_ms']:.2f} ms")
+        from bench_bearing import params_text as bearing_params
+        bearing = REPO / "modules" / "build" / "bearing.wasm"
+        cold = bench_cold_start(bearing, params=bearing_params(True))
+        print(f"cold start, the same for bearing ({bearing.stat().st_size // 1024} KB): {cold['worker_ms']:.1f} ms "
+              f"median, p90 {cold['p90_ms']:.1f} ms")
         from footprint import measure
         mem = measure(REPO, 20.0)
-        print(f"memory, default config after 20 s: supervisor + zygote + {mem['processes'] - 2} workers: "
-              f"PSS {mem['pss_mb']:.0f} MB (supervisor {mem['supervisor_mb']:.0f} MB, the rest "
-              f"{', '.join(f'{mb:.0f}' for _, mb in mem['others'])} MB)")
+        print(f"memory, default config after 20 s: {mem['processes']} processes (supervisor, zygote, its spare "
+              f"worker, a worker per module): PSS {mem['pss_mb']:.0f} MB (supervisor {mem['supervisor_mb']:.0f} MB, "
+              f"the rest {', '.join(f'{mb:.0f}' for _, mb in mem['others'])} MB)")
         extrapolated = rows[0][1]["samples_per_cpu_s"] / (12800 * 3)
         capacity = realtime_capacity(wasm_path)
         print(f"\nreal time, one core (supervisor and workers pinned to CPU {capacity['cpu']}), 3-axis "

@@ -195,3 +195,59 @@ def test_a_zygote_service_serves_the_supervisor_and_its_successor(tmp_path, vibs
         sup.stop()
         proc.kill()
         zygote.configure(None)
+
+
+def test_workers_end_with_their_supervisors_connection(tmp_path):
+    """A worker stuck in a module's endless loop never reads its socket: when the supervisor's
+    connection to the zygote ends, the zygote ends the workers it forked for it."""
+    import numpy as np
+
+    from appliance.runtime import zygote
+    from appliance.runtime.process import ModuleFault, WorkerProcess
+    from appliance.runtime.wire import HEADER, load_message, pack_header
+    from hostile_modules.hostile import build_hostile
+
+    spawner = zygote.Zygote()
+    wasm = build_hostile("loop", tmp_path / "m").read_bytes()
+    worker = WorkerProcess("loop", wasm, HEADER.size + 4 * 1024, load_message("loop.wasm", ""), spawner=spawner)
+    with pytest.raises(ModuleFault):
+        worker.process(pack_header(1, 1024, 1000.0, 0), np.zeros(1024, np.float32), 0.3)   # killed at the deadline
+    stuck = WorkerProcess("loop", wasm, HEADER.size + 4 * 1024, load_message("loop.wasm", ""), spawner=spawner)
+    import threading
+    window = threading.Thread(target=lambda: pytest.raises(ModuleFault, stuck.process, pack_header(1, 1024, 1000.0, 0),
+                                                           np.zeros(1024, np.float32), 60.0), daemon=True)
+    window.start()                                   # a window it never finishes (the deadline is far)
+    time.sleep(0.5)
+    assert os.path.exists(f"/proc/{stuck.pid}")
+    spawner.stop()                                   # the supervisor is gone
+    window.join(10)                                  # its socket closed: the waiting call ended
+    assert not window.is_alive()
+    wait_for(lambda: not os.path.exists(f"/proc/{stuck.pid}"), 10, "the stuck worker to end")
+
+
+def test_host_nn_without_landlock_runs_no_native_code(tmp_path):
+    """A worker that may map executable memory leans on Landlock to refuse every file: without it
+    the host_nn switch is off and the filter is the strict one."""
+    code = (
+        "import json, os, socket\n"
+        "from appliance.runtime import worker, zygote\n"
+        "zygote.preload()\n"
+        "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    report, _, _ = worker.enter_sandbox({'memory_budget_bytes': 64 << 20, 'host_nn': True,\n"
+        "        'module_dir': '/tmp', 'skip_layers': ['landlock']}, (b.fileno(),))\n"
+        "    try:\n"
+        "        os.open('/etc/hostname', os.O_RDONLY)\n"
+        "        opened = 'opened'\n"
+        "    except OSError as exc:\n"
+        "        opened = exc.strerror\n"
+        "    os.write(b.fileno(), json.dumps([report.native_code, report.notes, opened]).encode())\n"
+        "    os._exit(0)\n"
+        "print(a.recv(65536).decode())\n"
+        "os.waitpid(pid, 0)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    native, notes, opened = json.loads(out.stdout.strip().splitlines()[-1])
+    assert native is False and opened == "Permission denied"
+    assert any("host_nn: off, because Landlock is missing" in n for n in notes), notes

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from appliance.core.supervisor import Supervisor
 
 from conftest import REPO, require
@@ -80,9 +82,11 @@ def test_refused_state_is_discarded(tmp_path):
     assert seen[0]["learned"] == 0 and seen[0]["windows"] == 1
 
 
-def test_a_full_disk_while_saving_state_is_the_hosts_problem(tmp_path):
-    """/data full: the state cannot be saved. The module keeps running, unquarantined, no fault
-    counted, every window's event kept; the host's error is logged and counted."""
+@pytest.mark.parametrize("trouble", ["full", "read-only"])
+def test_a_full_disk_while_saving_state_is_the_hosts_problem(tmp_path, trouble):
+    """/data full (or remounted read-only after an error, as ext4 does): the state cannot be
+    saved. The module keeps running, unquarantined, no fault counted, every window's event
+    kept; the host's error is logged and counted."""
     require(os.geteuid() == 0, "root: the test mounts a tiny tmpfs and fills it")
     wasm = build_hostile("stateful", tmp_path / "m")
     cfg = write_config(tmp_path, {"s": sim_source(block_s=0.02)}, {
@@ -100,6 +104,8 @@ def test_a_full_disk_while_saving_state_is_the_hosts_problem(tmp_path):
             pass
         finally:
             os.close(fd)
+        if trouble == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(state_dir)], check=True)
         sup = Supervisor(cfg)
         sup.start()
         host = sup.modules["learner"]

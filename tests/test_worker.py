@@ -163,3 +163,20 @@ w.stop()
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) == 1 << 30
+
+
+def test_failed_loads_leave_no_descriptor_behind(vibstats_wasm):
+    """A module that fails at every load (here: params it refuses) is restarted again and again:
+    each attempt must give back its pidfd, socket and memfds."""
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    def attempt():
+        return WorkerProcess("t", vibstats_wasm.read_bytes(), 4096, load_message("vibstats.wasm", "confirm=0\n"))
+    with pytest.raises(ModuleFault):
+        attempt()   # the first one opens what stays open (the zygote's socket, its spare)
+    before = open_fds()
+    for _ in range(10):
+        with pytest.raises(ModuleFault):
+            attempt()
+    assert open_fds() <= before + 2   # a spare handed over meanwhile holds two

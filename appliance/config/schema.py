@@ -73,8 +73,8 @@ class RuntimeSection(StrictModel):
                                               "its libraries load, besides the module's max_memory_mb")
     restart: RestartPolicy = Field(RestartPolicy(), description="restart and quarantine policy for every module")
     zygote: Path | None = Field(None, description="unix socket of a zygote run as a service of its own (the "
-                                "image's appliance-zygote.service, docs/sandbox.md); none: the appliance starts "
-                                "its own")
+                                "image's appliance-zygote.service, docs/sandbox.md); none: that service's socket "
+                                "(/run/appliance-zygote/zygote.sock) if it exists, else the appliance starts its own")
 
     @property
     def worker_budget_bytes(self) -> int:

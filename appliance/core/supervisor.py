@@ -65,7 +65,7 @@ class Supervisor:
         self._unspooled: collections.deque[tuple[dict[str, Any], list]] = collections.deque()
         self._emit_lock = threading.Lock()
         self._event_budgets: dict[str, EventBudget] = {}
-        zygote.configure(str(cfg.runtime.zygote) if cfg.runtime.zygote else None)
+        zygote.configure(str(cfg.runtime.zygote or zygote.service_socket() or "") or None)
         self._subscribers: tuple[Callable[[str, Window, ModuleResult], None], ...] = ()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import enum
 import hashlib
 import logging
@@ -414,7 +415,8 @@ class ModuleHost:
                 os.fsync(f.fileno())
             os.replace(tmp, self._state_file)
         except OSError as exc:
-            tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+            with contextlib.suppress(OSError):   # a read-only /data cannot even lose the temporary file
+                tmp.unlink(missing_ok=True)
             self.metrics.host_errors.labels(self.name, "state").inc()
             log.error("module %s: its state (%d bytes) could not be saved to %s: %s; the module keeps running "
                       "and the next change tries again", self.name, len(blob), self._state_file,

@@ -11,6 +11,7 @@ import select
 import signal
 import socket
 import struct
+import threading
 
 import numpy as np
 
@@ -82,6 +83,8 @@ class WorkerProcess:
             raise ModuleFault("load", f"{load['label']} failed wasm-validate: {complaint}")
         self._zygote = spawner or zygote.shared()
         self.returncode: int | None = None
+        self._pidfd = -1
+        self._pidfd_lock = threading.Lock()
         self._sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for end in (self._sock, child_sock):   # the worker's end too: it may not set socket options
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
@@ -101,8 +104,12 @@ class WorkerProcess:
             for fd in (shm_fd, wasm_fd):
                 if fd >= 0:
                     os.close(fd)
-        self._sock.send(json.dumps(load).encode())
-        reply = self._receive(LOAD_TIMEOUT_S, "load")
+        try:
+            self._sock.send(json.dumps(load).encode())
+            reply = self._receive(LOAD_TIMEOUT_S, "load")
+        except BaseException:
+            self.kill()   # and close: its pidfd and socket must not outlive a failed load
+            raise
         self.load_logs = reply.get("l", [])
         self.state_note = reply.get("st", "")
         self.footprint_bytes, self.memory_cap_bytes = reply.get("mem", (0, 0))
@@ -188,11 +195,12 @@ class WorkerProcess:
 
     def signal_kill(self) -> None:
         """SIGKILL now, without waiting (any thread: it unblocks the one waiting for a reply)."""
-        try:
-            if self._pidfd >= 0:
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        except OSError:
-            pass
+        with self._pidfd_lock:   # never a pidfd number that close() gave back (it may be reused)
+            try:
+                if self._pidfd >= 0:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except OSError:
+                pass
 
     def kill(self) -> None:
         if self.returncode is None and self.alive():
@@ -212,9 +220,10 @@ class WorkerProcess:
         self.kill()
 
     def close(self) -> None:
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
+        with self._pidfd_lock:
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
         try:
             self._sock.close()
         except OSError:

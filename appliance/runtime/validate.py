@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ MAX_MODULE_BYTES = 16 << 20
 WASM_VALIDATE_FLAGS = ["--disable-reference-types", "--disable-simd"]
 VALIDATE_MEMORY_BYTES = 1 << 30
 _validated: dict[str, str | None] = {}   # sha256 -> wasm-validate's verdict (a restart does not ask again)
+_validated_lock = threading.Lock()
 _VALIDATED_KEPT = 256
 
 
@@ -34,6 +37,12 @@ def wasm_validate(wasm: bytes, label: str) -> str | None:
     are disabled, so a module that uses them is rejected here, not crashed on later. It runs as
     its own process, capped (prlimit) when util-linux's prlimit is there: a crash or a blow-up in
     it is a rejection, never harm to the caller."""
+    return _run_wasm_validate(wasm, label)[0]
+
+
+def _run_wasm_validate(wasm: bytes, label: str) -> tuple[str | None, bool]:
+    """(complaint, whether the bytes alone decided it: not a timeout, not a limit that a busy
+    machine may have hit)."""
     tool = shutil.which("wasm-validate")
     if tool is None:
         raise ModuleRejected("wasm-validate (Debian package 'wabt') is not installed; modules cannot be "
@@ -43,28 +52,32 @@ def wasm_validate(wasm: bytes, label: str) -> str | None:
         capped = [limit, f"--data={VALIDATE_MEMORY_BYTES}", "--cpu=60", "--"] if limit else []
         proc = subprocess.run([*capped, tool, *WASM_VALIDATE_FLAGS, "-"], input=wasm, capture_output=True, timeout=60)
     except subprocess.TimeoutExpired:
-        return "wasm-validate timed out"
+        return "wasm-validate timed out", False
     if proc.returncode == 0:
-        return None
+        return None, True
     text = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip().replace("-:", f"{label}:", 1)
     first = text.splitlines()[0] if text else ""
     if proc.returncode < 0:
         # wabt recurses per nested block; absurd nesting kills it, which is a rejection too.
-        return f"{first} (wasm-validate died with signal {-proc.returncode})".strip()
-    return first or f"exit status {proc.returncode}"
+        transient = -proc.returncode in (signal.SIGKILL, signal.SIGXCPU)   # out of memory or CPU time
+        return f"{first} (wasm-validate died with signal {-proc.returncode})".strip(), not transient
+    return first or f"exit status {proc.returncode}", True
 
 
 def wasm_validate_once(wasm: bytes, label: str) -> str | None:
-    """wasm_validate, remembered by the bytes' sha256 (a verdict depends on the bytes alone)."""
+    """wasm_validate, remembered by the bytes' sha256 when the bytes alone decided it."""
     digest = hashlib.sha256(wasm).hexdigest()
-    if digest not in _validated:
-        verdict = wasm_validate(wasm, label)
-        if verdict is not None and verdict.startswith(f"{label}:"):
-            verdict = verdict[len(label) + 1:].lstrip()   # the label is the caller's to add
-        while len(_validated) >= _VALIDATED_KEPT:
-            _validated.pop(next(iter(_validated)))
-        _validated[digest] = verdict
-    return _validated[digest]
+    if digest in _validated:
+        return _validated[digest]
+    verdict, definitive = _run_wasm_validate(wasm, label)
+    if verdict is not None and verdict.startswith(f"{label}:"):
+        verdict = verdict[len(label) + 1:].lstrip()   # the label is the caller's to add
+    if definitive:
+        with _validated_lock:
+            while len(_validated) >= _VALIDATED_KEPT:
+                _validated.pop(next(iter(_validated)))
+            _validated[digest] = verdict
+    return verdict
 
 
 def read_module(path: Path) -> bytes:

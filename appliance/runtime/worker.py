@@ -123,6 +123,10 @@ def run_forked(request: dict, fds: list[int]) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
     libraries = preload(request)
     report, footprint, cap = enter_sandbox(request, (*fds, *libraries.values()))
+    if not report.native_code:
+        for fd in libraries.values():
+            os.close(fd)
+        libraries = {}
     return serve(sock, fds[1], fds[2], budget=int(request["memory_budget_bytes"]), footprint=footprint, cap=cap,
                  report=report, libraries=libraries)
 

@@ -22,6 +22,7 @@ are not tied to it); the supervisor starts a new one for the next fork (Zygote b
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -40,11 +41,14 @@ from pathlib import Path
 log = logging.getLogger("appliance.module")
 
 START_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 10.0   # a zygote service that is starting or restarting
 FORK_TIMEOUT_S = 10.0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # where `appliance` imports from
 # Libraries that start thread pools read these before they load: the zygote must stay single-threaded.
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MAX_EXITS_KEPT = 4096
+SPARE_RETRIES = 5
+UNAVAILABLE_S = 5.0   # after the zygote could not be started or reached, starts fail fast this long
 
 
 # ---- the zygote process ------------------------------------------------------------------------
@@ -97,17 +101,38 @@ def _fork_child(run, closing: list) -> int:
 
 
 def serve(control: socket.socket) -> int:
-    from appliance.runtime import worker
-
+    """Serve one supervisor until its end of `control` closes; then end every worker forked for
+    it (a worker stuck in a module's endless loop would not notice on its own)."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)   # the wakeup fd is what matters
+    children: set[int] = set()
+    try:
+        _serve(control, wake_r, wake_w, children)
+    except OSError:
+        pass   # the supervisor went while we answered: the same as its socket closing
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    return 0
+
+
+def _serve(control: socket.socket, wake_r: int, wake_w: int, children: set[int]) -> None:
+    from appliance.runtime import worker
 
     def hand_over_a_spare() -> None:
         """Fork a spare and give the supervisor its channel and pidfd: the supervisor's next module
         start goes straight to it, without a round trip through here."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = _fork_child(lambda: worker.run_spare(theirs), [control, mine, wake_r, wake_w])
+        children.add(pid)
         theirs.close()
         pidfd = os.pidfd_open(pid)
         try:
@@ -125,15 +150,13 @@ def serve(control: socket.socket) -> int:
                     os.read(wake_r, 512)
                 except BlockingIOError:
                     break
-            _reap(control)
+            _reap(control, children)
         if control not in ready:
             continue
-        try:
-            data, fds, _, _ = socket.recv_fds(control, 65536, 4)
-        except OSError:
-            return 0
+        data, fds, _, _ = socket.recv_fds(control, 65536, 4)
         if not data:
-            return 0   # the supervisor is gone
+            return   # the supervisor is gone
+        request: dict = {}
         try:
             request = json.loads(data)
             if request.get("op") == "spare":
@@ -142,21 +165,22 @@ def serve(control: socket.socket) -> int:
             if request.get("op") != "fork" or len(fds) != 3:
                 raise ValueError(f"unexpected request {str(request)[:80]} with {len(fds)} fds")
             pid = _fork_child(lambda: worker.run_forked(request, fds), [control, wake_r, wake_w])
+            children.add(pid)
             pidfd = os.pidfd_open(pid)
         except (ValueError, OSError) as exc:
             for fd in fds:
                 os.close(fd)
-            control.send(json.dumps({"error": str(exc)}).encode())
+            control.send(json.dumps({"error": str(exc), "id": request.get("id")}).encode())
             continue
         for fd in fds:
             os.close(fd)
         try:
-            socket.send_fds(control, [json.dumps({"pid": pid}).encode()], [pidfd])
+            socket.send_fds(control, [json.dumps({"pid": pid, "id": request.get("id")}).encode()], [pidfd])
         finally:
             os.close(pidfd)
 
 
-def _reap(control: socket.socket) -> None:
+def _reap(control: socket.socket, children: set[int]) -> None:
     """Reap every child that ended and tell the supervisor (a worker's exit status)."""
     while True:
         try:
@@ -165,10 +189,8 @@ def _reap(control: socket.socket) -> None:
             return
         if pid == 0:
             return
-        try:
-            control.send(json.dumps({"exit": pid, "status": status}).encode())
-        except OSError:
-            pass
+        children.discard(pid)
+        control.send(json.dumps({"exit": pid, "status": status}).encode())
 
 
 def _ready_to_fork() -> dict:
@@ -244,12 +266,15 @@ class Zygote:
         self._answers: list[tuple[dict, list[int]]] = []
         self._exits: dict[int, int] = {}
         self._spare: tuple[int, socket.socket, int] | None = None   # pid, channel, pidfd
+        self._spare_failures = 0
+        self._requests = 0
+        self._unavailable_until = 0.0   # after a failed start: fail fast for a while
         self.starts = 0
         self.pid: int | None = None
 
     def _connect(self) -> tuple[socket.socket, None]:
         """To the zygote service, waiting for it (it may be starting, or restarting)."""
-        end = time.monotonic() + START_TIMEOUT_S
+        end = time.monotonic() + CONNECT_TIMEOUT_S
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
@@ -307,7 +332,7 @@ class Zygote:
                         self._exits.pop(next(iter(self._exits)))
                     if self._spare is not None and self._spare[0] == msg["exit"]:   # it died unused
                         self._drop_spare()
-                        self._ask_for_spare(sock)
+                        self._spare_died(sock, msg["status"])
                 elif "spare" in msg and len(fds) == 2:
                     self._drop_spare()
                     self._spare = (msg["spare"], socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0]),
@@ -339,6 +364,20 @@ class Zygote:
         except OSError:
             pass
 
+    def _spare_died(self, sock: socket.socket, status: int) -> None:
+        """A spare died before it was used: something fails in every spare (a sandbox layer this
+        machine refuses, say). Ask again later and later; after a few, stop asking (module starts
+        then fork on request, and their faults say what is wrong). Call with the condition held."""
+        self._spare_failures += 1
+        if self._spare_failures > SPARE_RETRIES:
+            if self._spare_failures == SPARE_RETRIES + 1:
+                log.error("zygote: %d spare workers in a row died before use (last: wait status %d); no more "
+                          "spares (each module start forks its worker on request)", SPARE_RETRIES, status)
+            return
+        timer = threading.Timer(0.1 * 2 ** self._spare_failures, self._ask_for_spare, (sock,))
+        timer.daemon = True
+        timer.start()
+
     def _take_spare(self, request: dict, fds: tuple[int, int, int]) -> tuple[int, int] | None:
         """Hand the request to the ready spare: (pid, pidfd), or None if there is none that fits."""
         from appliance.runtime.worker import spare_fits
@@ -350,6 +389,7 @@ class Zygote:
         if spare is None:
             return None
         pid, channel, pidfd = spare
+        self._spare_failures = 0
         try:
             socket.send_fds(channel, [json.dumps({"op": "fork", **request}).encode()], list(fds))
         except OSError:   # it died meanwhile: fork one the slow way
@@ -370,23 +410,43 @@ class Zygote:
         """A new worker: (pid, pidfd). The fds are the worker's; the caller closes its copies."""
         with self._lock:
             if self._sock is None:
-                self._start()
+                if time.monotonic() < self._unavailable_until:
+                    raise ZygoteUnavailable("the zygote could not be reached a moment ago")
+                try:
+                    self._start()
+                except ZygoteUnavailable:
+                    self._unavailable_until = time.monotonic() + UNAVAILABLE_S
+                    raise
             taken = self._take_spare(request, fds)
-            if taken is not None:
-                return taken
-            sock = self._sock
-            try:
-                socket.send_fds(sock, [json.dumps({"op": "fork", **request}).encode()], list(fds))
-            except OSError as exc:
-                raise ZygoteUnavailable(f"the zygote is gone ({exc})") from None
-            end = time.monotonic() + FORK_TIMEOUT_S
-            with self._cond:
-                while not self._answers:
-                    left = end - time.monotonic()
-                    if left <= 0 or self._sock is not sock:
-                        raise ZygoteUnavailable("the zygote did not answer a fork request")
-                    self._cond.wait(left)
-                answer, got = self._answers.pop(0)
+            if taken is None:
+                taken = self._fork_on_request(request, fds)
+        with self._cond:
+            self._exits.pop(taken[0], None)   # a status of an earlier process with this pid
+        return taken
+
+    def _fork_on_request(self, request: dict, fds: tuple[int, int, int]) -> tuple[int, int]:
+        """Call with _lock held."""
+        sock = self._sock
+        self._requests += 1
+        ident = self._requests
+        try:
+            socket.send_fds(sock, [json.dumps({"op": "fork", "id": ident, **request}).encode()], list(fds))
+        except OSError as exc:
+            raise ZygoteUnavailable(f"the zygote is gone ({exc})") from None
+        end = time.monotonic() + FORK_TIMEOUT_S
+        with self._cond:
+            while True:
+                while self._answers and self._answers[0][0].get("id") != ident:
+                    _, stale = self._answers.pop(0)   # the answer to a request that timed out
+                    for fd in stale:
+                        os.close(fd)
+                if self._answers:
+                    answer, got = self._answers.pop(0)
+                    break
+                left = end - time.monotonic()
+                if left <= 0 or self._sock is not sock:
+                    raise ZygoteUnavailable("the zygote did not answer a fork request")
+                self._cond.wait(left)
         if "error" in answer:
             for fd in got:
                 os.close(fd)
@@ -428,6 +488,15 @@ def shared() -> Zygote:
         if _shared is None:
             _shared = Zygote()
         return _shared
+
+
+SERVICE_SOCKET = Path("/run/appliance-zygote/zygote.sock")   # appliance-zygote.service on the image
+
+
+def service_socket() -> Path | None:
+    """The image's zygote service, when it runs here (a config written without runtime.zygote
+    must not lose the sandbox the service gives)."""
+    return SERVICE_SOCKET if SERVICE_SOCKET.exists() else None
 
 
 def configure(path: str | None) -> Zygote:

@@ -4,7 +4,7 @@ a byte of the module. Each layer alone blocks what it can (docs/sandbox.md has t
   identity    an unused uid and gid, no supplementary groups (when the zygote may switch
               identity: root or CAP_SETUID; otherwise the supervisor's uid, said so once)
   namespaces  a user namespace with a fresh network namespace: no interface but a downed lo
-  limits      no_new_privs, no capabilities, not dumpable, RLIMIT_NPROC 1, NOFILE, CORE, FSIZE 0;
+  limits      no_new_privs, no capabilities, not dumpable, RLIMIT_NPROC 1, NOFILE, CORE 0;
               every file descriptor closed but the ones it was handed
   landlock    no file-system right, no TCP, no signal or abstract socket outside itself
   seccomp     an allow-list of system calls (seccomp.py)
@@ -46,6 +46,7 @@ class Report:
     """Which layers hold, and why one does not."""
     applied: dict[str, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    native_code: bool = False   # the worker may load a verified native library (host_nn)
 
     def missing(self) -> list[str]:
         return [layer for layer in LAYERS if not self.applied.get(layer)]
@@ -72,6 +73,9 @@ def _drop_capabilities() -> None:
     drop_bounding_set()
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = (ctypes.c_uint32 * 2)(CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    if _libc.capget(header, data) == 0 and not any(data):
+        return   # none held (an unprivileged service whose filter may refuse capset itself)
     data = (ctypes.c_uint32 * 6)()
     _check(_libc.capset(header, data), "capset")
 
@@ -108,8 +112,10 @@ def enter(policy: Policy, keep_fds: tuple[int, ...]) -> Report:
                 os.close(int(fd))
             except OSError:
                 pass
+    # (No RLIMIT_FSIZE: Landlock and seccomp leave no file to write, and a traceback to a stderr
+    # that is a regular file must not end the worker with SIGXFSZ.)
     for limit, value in ((resource.RLIMIT_NPROC, 1), (resource.RLIMIT_NOFILE, OPEN_FILES + len(keep)),
-                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, 0)):
+                         (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
     report.applied["limits"] = True
     # landlock
@@ -125,8 +131,21 @@ def enter(policy: Policy, keep_fds: tuple[int, ...]) -> Report:
     except OSError as exc:
         report.applied["landlock"] = False
         report.notes.append(f"landlock: {exc}")
+    # A worker that may map executable memory (a host_nn native library) and open /proc/self/fd
+    # leans on Landlock to refuse every real file: without Landlock it gets the strict filter,
+    # and its module runs its own wasm code.
+    executable = policy.executable_mappings and report.applied["landlock"]
+    if policy.executable_mappings and not executable:
+        report.notes.append("host_nn: off, because Landlock is missing (a worker that may run native code "
+                            "must not be able to open files); the module runs its own wasm code")
+    report.native_code = executable
     # seccomp, last: everything above needed calls it forbids.
-    if "seccomp" not in policy.skip:
-        seccomp.install(policy.executable_mappings)
-    report.applied["seccomp"] = "seccomp" not in policy.skip
+    try:
+        if "seccomp" in policy.skip:
+            raise OSError("skipped")
+        seccomp.install(executable)
+        report.applied["seccomp"] = True
+    except OSError as exc:
+        report.applied["seccomp"] = False
+        report.notes.append(f"seccomp: {exc}")
     return report

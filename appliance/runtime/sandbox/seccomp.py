@@ -60,7 +60,7 @@ ALLOWED = (
     "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "sched_yield",
     "sched_getaffinity", "getrandom", "getrusage", "getrlimit", "sysinfo", "uname", "getcwd",
     "sendto", "sendmsg", "recvfrom", "recvmsg", "getsockname", "getsockopt", "select", "pselect6", "poll", "ppoll",
-    "fcntl", "dup", "exit", "exit_group", "membarrier",
+    "fcntl", "dup", "exit", "exit_group", "membarrier", "restart_syscall",
 )
 REFUSED_EACCES = ("open", "openat", "openat2", "creat")
 
