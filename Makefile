@@ -14,7 +14,7 @@ IMAGE_TOOLS := mmdebstrap:mmdebstrap arch-test:arch-test update-binfmts:binfmt-s
 # Building the image needs root (mmdebstrap --mode=root, chroot, file ownership).
 AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench modules host-deps binfmt venv clean train-models image image-raw image-test image-deps lock cleanroom soak soak-long fuzz-config
+.PHONY: run test bench modules host-deps binfmt venv clean train-models image image-raw image-test image-deps lock cleanroom soak soak-long fuzz-config fuzz-modules
 
 # Install the Debian packages whose command ($(1): "command:package" pairs) is missing.
 define apt_ensure
@@ -103,6 +103,11 @@ soak-long: modules
 FUZZ_COUNT ?= 10000
 fuzz-config: modules
 	$(PY) benchmarks/fuzz_config.py --count $(FUZZ_COUNT)
+
+# Mutated modules through the real worker path (zygote, sandbox, wasm3): the supervisor survives
+# every one and no worker runs outside its sandbox.
+fuzz-modules: modules
+	$(PY) benchmarks/fuzz_modules.py --count $(FUZZ_COUNT)
 
 bench: modules
 	$(PY) benchmarks/bench.py
