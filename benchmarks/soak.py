@@ -71,12 +71,19 @@ def free_port() -> int:
 
 
 def children(pid: int) -> list[int]:
+    """Every descendant (the supervisor's zygote, and the zygote's workers)."""
     out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
         try:
-            out += [int(c) for c in (task / "children").read_text().split()]
+            direct = [int(c) for c in (task / "children").read_text().split()]
         except OSError:
-            pass
+            continue
+        for child in direct:
+            out += [child, *children(child)]
     return out
 
 
@@ -91,12 +98,16 @@ def label(pid: int, supervisor: int) -> str | None:
     if pid == supervisor:
         return "supervisor"
     try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
-    for item in env:
-        if item.startswith(b"AP_WORKER_MODULE="):
-            return "worker:" + item.split(b"=", 1)[1].decode()
+    if comm == "ap:spare":
+        return None   # replaced at each worker start; a start is a restart, which fails the soak anyway
+    if comm.startswith("ap:"):
+        return "worker:" + comm[3:]   # worker.name_process: the module's name, 12 characters at most
+    if b"appliance.runtime.zygote" in cmdline:
+        return "zygote"
     return None
 
 

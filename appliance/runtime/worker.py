@@ -78,6 +78,8 @@ _sigsys_report_fd = -1
 # Made once, in the zygote: a ctypes callback needs executable memory, which the sandbox forbids.
 _sigsys_handler = _SIGNAL_HANDLER(_on_sigsys)
 _sigaction = ctypes.CDLL(None, use_errno=True).sigaction
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+PR_SET_NAME = 15
 
 
 def report_sandbox_violations(sock_fd: int) -> None:
@@ -121,6 +123,7 @@ def run_forked(request: dict, fds: list[int]) -> int:
     """A worker's life in a child of the zygote, forked for this request (a host_nn module, or
     the drill): preload what its policy allows, then the sandbox, then the module."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
+    name_process(str(request.get("name", "")))
     libraries = preload(request)
     report, footprint, cap = enter_sandbox(request, (*fds, *libraries.values()))
     if not report.native_code:
@@ -289,10 +292,16 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
 
 
 
+def name_process(name: str) -> None:
+    """What `ps`, `top` and the soak see: ap:<module> (15 characters at most)."""
+    _prctl(PR_SET_NAME, f"ap:{name}".encode()[:15], 0, 0, 0)
+
+
 def run_spare(channel: socket.socket) -> int:
     """A worker forked ahead of need: it enters the default sandbox at once, then waits for its
     request and file descriptors on `channel` (from the zygote). A module's start then costs no
     fork and no sandbox set-up, only the module's own load."""
+    name_process("spare")
     footprint = private_memory_bytes()   # before the sandbox: /proc is shut afterwards
     report_sandbox_violations(channel.fileno())
     report = sandbox.enter(sandbox.Policy(), (channel.fileno(),))
@@ -302,6 +311,7 @@ def run_spare(channel: socket.socket) -> int:
         return 0   # the zygote is gone (or asked nothing): never used
     channel.close()
     request = json.loads(data)
+    name_process(str(request.get("name", "")))
     report_sandbox_violations(fds[0])
     budget = int(request["memory_budget_bytes"])
     footprint, cap = cap_memory(budget, final=True, footprint=footprint)

@@ -65,7 +65,8 @@ def preload() -> list[str]:
     from appliance.runtime.hostcalls import dsp, nn  # noqa: F401
     from appliance.runtime.sandbox import seccomp
     seccomp.preload()
-    np.fft.rfft(np.zeros(64, np.float32))
+    for n in (1 << k for k in range(6, 16)):   # the FFT sizes modules use: their plans made once, here
+        np.fft.irfft(np.fft.rfft(np.zeros(n, np.float32)), n)
     dsp.keep_heap()                  # malloc's settings carry over into every worker
     from appliance.runtime.sandbox import drop_bounding_set
     drop_bounding_set()              # the zygote switches identity (CAP_SETUID) but never execs

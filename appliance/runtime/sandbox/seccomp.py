@@ -19,6 +19,7 @@ ACT_TRAP = 0x00030000
 ACT_ALLOW = 0x7FFF0000
 CMP_EQ, CMP_MASKED_EQ = 4, 7
 CLONE_THREAD = 0x00010000
+PR_SET_NAME = 15
 
 
 def ACT_ERRNO(code: int) -> int:   # noqa: N802 (libseccomp's name)
@@ -78,7 +79,7 @@ def syscall_number(name: str) -> int:
 
 def preload() -> None:
     for name in (*ALLOWED, *REFUSED_EACCES, "ioctl", "clone3", "clone", "mmap", "mprotect", "kill", "tkill",
-                 "tgkill", "prlimit64", "setrlimit"):
+                 "tgkill", "prlimit64", "setrlimit", "prctl"):
         syscall_number(name)
 
 
@@ -141,6 +142,7 @@ def install(executable_mappings: bool = False) -> int:
         # sets its memory cap once it knows its module), and only its own (pid 0).
         add("prlimit64", ACT_ALLOW, (0, CMP_EQ, 0, 0))
         add("setrlimit")
+        add("prctl", ACT_ALLOW, (0, CMP_EQ, PR_SET_NAME, 0))   # its name in ps, once it knows its module
         rc = lib.seccomp_load(ctx)
         if rc < 0:
             raise OSError(-rc, f"seccomp_load: {os.strerror(-rc)}")
