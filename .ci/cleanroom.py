@@ -9,7 +9,7 @@ Debian and Python package itself, from the package registries, as on a new machi
 machine goes in but its network settings (resolv.conf and the certificate authorities it trusts, so
 the registries are reachable the same way) and the recorded data, read-only at ../shared/data.
 
-Needs root (mmdebstrap --mode=root, chroot, mounts); `make cleanroom` uses sudo when not root.
+Needs root (mmdebstrap --mode=root, pivot_root, mounts); `make cleanroom` uses sudo when not root.
 """
 from __future__ import annotations
 
@@ -99,7 +99,15 @@ def inside(root: Path, target: str) -> int:
     local_cas = Path("/usr/local/share/ca-certificates")
     if local_cas.is_dir():
         shutil.copytree(local_cas, root / "usr/local/share/ca-certificates", dirs_exist_ok=True)
-    return subprocess.run(["chroot", str(root), "env", "-i", *[f"{k}={v}" for k, v in ROOM_ENV.items()],
+    # pivot_root, not chroot: in a chroot the kernel refuses user namespaces, which every module
+    # worker's sandbox creates; after pivot_root the room is its mount namespace's own root.
+    run(["mount", "--rbind", str(root), str(root)])
+    (root / ".old-root").mkdir(exist_ok=True)
+    run(["pivot_root", str(root), str(root / ".old-root")])
+    os.chdir("/")
+    run(["umount", "-l", "/.old-root"])
+    os.rmdir("/.old-root")
+    return subprocess.run(["env", "-i", *[f"{k}={v}" for k, v in ROOM_ENV.items()],
                            "bash", "-c", f"cd /work/main && make {target}"]).returncode
 
 
@@ -116,7 +124,7 @@ def main() -> int:
     p.add_argument("--inside", type=Path, help=argparse.SUPPRESS)   # the namespaced half (see inside())
     args = p.parse_args()
     if os.geteuid() != 0:
-        sys.exit("cleanroom: needs root (mmdebstrap --mode=root, chroot, mounts); run it with sudo")
+        sys.exit("cleanroom: needs root (mmdebstrap --mode=root, pivot_root, mounts); run it with sudo")
     if args.inside:
         return inside(args.inside, args.target)
     t0 = time.monotonic()
