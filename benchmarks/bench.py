@@ -222,6 +222,9 @@ def main() -> None:
         for n, t in sorted(capacity["trials"].items()):
             print(f"  {n:>4} accelerometers: {'keeps up' if t['ok'] else 'falls behind'}: core {t['busy']:.0%} busy, "
                   f"{t['processed']}/{t['expected']} windows, {t['dropped']} dropped"
+                  + (f" ({', '.join(f'{v} {r}' for r, v in t['reasons'].items())})" if t["reasons"] else "")
+                  + (f"; {t['dropped_while_starting']} while the workers started" if t["dropped_while_starting"]
+                     else "")
                   + (", a worker restarted" if t["restarted"] else ""))
         print(f"=> one core keeps up with {capacity['max_ok']} three-axis accelerometers at 12.8 kHz in real time "
               f"(throughput alone would suggest {extrapolated:.0f}: per-source and per-worker costs are real)")
@@ -267,6 +270,14 @@ def realtime_trial(wasm: Path, n: int, seconds: float, cpu: int) -> dict:
                 except OSError:
                     return None
 
+            def drops() -> dict[str, float]:
+                return {r: sum(sup.metrics.registry.get_sample_value("appliance_module_windows_dropped_total",
+                                                                    {"module": h.name, "reason": r}) or 0
+                               for h in hosts) for r in ("overflow", "unavailable", "fault")}
+
+            # Windows lost while the workers were still starting (one core starting N of them while N
+            # sources already replay) are counted apart: the trial is about keeping up once running.
+            at_start = drops()
             first = sum(h.processed for h in hosts)
             cpu0 = cpu_now()
             t0 = time.monotonic()
@@ -275,16 +286,16 @@ def realtime_trial(wasm: Path, n: int, seconds: float, cpu: int) -> dict:
             cpu1 = cpu_now()
             busy = (cpu1 - cpu0) / wall if cpu0 is not None and cpu1 is not None else float("inf")
             processed = sum(h.processed for h in hosts) - first
-            dropped = sum(sup.metrics.registry.get_sample_value("appliance_module_windows_dropped_total",
-                                                               {"module": h.name, "reason": r}) or 0
-                          for h in hosts for r in ("overflow", "unavailable", "fault"))
+            reasons = {r: v - at_start[r] for r, v in drops().items()}
+            dropped = sum(reasons.values())
             same_workers = [h.worker_pid for h in hosts] == pids
         finally:
             sup.stop()
     expected = int(n * wall * fs / hop)
     ok = dropped == 0 and same_workers and processed >= 0.97 * expected and busy <= 0.9
     return {"ok": ok, "busy": busy, "processed": processed, "expected": expected, "dropped": int(dropped),
-            "restarted": not same_workers}
+            "restarted": not same_workers, "reasons": {r: int(v) for r, v in reasons.items() if v},
+            "dropped_while_starting": int(sum(at_start.values()))}
 
 
 def realtime_capacity(wasm: Path, limit: int = 256) -> dict:
