@@ -155,7 +155,11 @@ class EventsSection(StrictModel):
     attach_window: bool = Field(True, description="attach the triggering window's samples (window.npy) as evidence")
     attachment_max_kb: int = Field(256, ge=1, le=16384, description="size limit of one attachment")
     spool_max_mb: int = Field(64, ge=1, le=100_000, description="spool bound; then the oldest lowest-severity event goes")
-    spool_max_age_h: float = Field(720.0, gt=0, description="events older than this leave the spool (counted, logged)")
+    spool_max_age_h: float = Field(720.0, gt=0, description="events older than this leave the spool (counted, logged); "
+                                   "ages count running time, and wall time only once NTP has set the clock")
+    spool_durability: Literal["full", "off"] = Field("full", description="`off` is for the image rig's power-cut "
+                                                     "drill only (it proves the drill sees losses): refused unless "
+                                                     "the kernel command line has appliance.testrig")
     module_rate_per_min: float = Field(60.0, gt=0, le=60_000, description="events a module may raise per minute "
                                        "once its burst is spent; the rest are held back and counted")
     module_burst: int = Field(20, ge=1, le=10_000, description="events a module may raise at once")

@@ -23,6 +23,7 @@ from appliance.events.limit import EventBudget, Suppressed
 from appliance.events.record import Attachment, iso_time, make_event
 from appliance.events.spool import Spool
 from appliance.ops.metrics import Metrics, SourceCounters, WorkerResources
+from appliance.ops.system import in_test_rig
 from appliance.runtime import zygote
 from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState, severity_name
 from appliance.core.windowing import FrameWindower, Window, Windower
@@ -50,8 +51,12 @@ class Supervisor:
     def __init__(self, cfg: AppConfig) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
+        if cfg.events.spool_durability != "full" and not in_test_rig():
+            raise ValueError(f"events.spool_durability: {cfg.events.spool_durability!r} loses committed events at "
+                             "a power cut; it is only for the image rig (appliance.testrig on the kernel command line)")
         self.spool = Spool(cfg.gateway.data_dir / "spool.db", cfg.events.spool_max_mb << 20,
-                           on_evict=self.metrics.spool_evicted.inc)
+                           on_evict=self.metrics.spool_evicted.inc, recover=True,
+                           durability=cfg.events.spool_durability)
         m = self.metrics
         m.spool_depth.set_function(self.spool.depth)
         m.spool_bytes.set_function(lambda: self.spool.stats()["bytes"])
@@ -73,6 +78,8 @@ class Supervisor:
         self._metrics_server = None
         self.metrics_port: int | None = None
         self.forwarder = self._make_forwarder()
+        if self.spool.recovery is not None:
+            self._report_spool_recovery(self.spool.recovery)
 
         self._source_stops: dict[str, threading.Event] = {}
         self._source_threads: dict[str, threading.Thread] = {}
@@ -486,6 +493,15 @@ class Supervisor:
             log.error("module %s: evidence for window %d could not be made (%s: %s); the event goes without it",
                       host.name, window.seq, type(exc).__name__, exc)
             return []
+
+    def _report_spool_recovery(self, recovery) -> None:
+        self.metrics.spool_recoveries.inc()
+        self.metrics.spool_salvage_lost.inc(recovery.lost)
+        self.emit(make_event(gateway=self.cfg.gateway.name, source="gateway", module="spool", severity=2,
+                             score=float(recovery.lost), kind="spool_damaged", window={},
+                             features={"recovered": float(len(recovery.salvaged)), "lost": float(recovery.lost),
+                                       "evidence_lost": float(recovery.attachments_lost)},
+                             message=recovery.describe()))
 
     def _on_module_state(self, host: ModuleHost, state: ModuleState, reason: str) -> None:
         if state is ModuleState.QUARANTINED:

@@ -2,63 +2,153 @@
 
 An event counts as emitted only once its row is committed: SQLite in WAL mode with
 synchronous=FULL, so a power cut loses nothing that was reported as emitted.
+A damaged spool is moved aside and salvaged (events/salvage.py); ages are measured so that a
+clock jump cannot expire unsent events (events/clock.py).
 """
 from __future__ import annotations
 
 import json
 import logging
 import sqlite3
+import secrets
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
+from appliance.events import salvage
+from appliance.events.clock import SpoolClock
 from appliance.events.record import SEVERITIES, Attachment, encode_event
 
 log = logging.getLogger("appliance.events")
+
+# How hard a commit is pushed to the card. Only FULL keeps the promise above; OFF exists for the
+# image rig's power-cut drill, to prove that the drill notices lost events (refused elsewhere).
+DURABILITY = {"full": "FULL", "off": "OFF"}
+DAMAGED_CODES = (11, 26)    # SQLITE_CORRUPT ("disk image is malformed"), SQLITE_NOTADB ("not a database")
 
 
 class Spool:
     """Committed events, oldest first; bounded by size (oldest lowest-severity goes first)."""
 
     def __init__(self, path: Path, max_bytes: int, on_evict: Callable[[int], None] | None = None,
-                 connect: Callable[..., sqlite3.Connection] = sqlite3.connect) -> None:
-        """connect: how the database is opened (sqlite3.connect; tests inject failures there)."""
+                 connect: Callable[..., sqlite3.Connection] = sqlite3.connect, *, recover: bool = False,
+                 clock: SpoolClock | None = None, durability: str = "full") -> None:
+        """connect: how the database is opened (sqlite3.connect; tests inject failures there).
+        recover: a spool that fails to open or to pass quick_check is moved aside and salvaged
+        (the supervisor's spool; a command-line reader must not move the service's file).
+        After a recovery, `recovery` says what happened and the salvaged events are in."""
         self.path = Path(path)
         self._on_evict = on_evict
+        self._connect = connect
+        self._clock = clock or SpoolClock()
+        self._sync = DURABILITY[durability]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.evicted = 0
+        self.recovery: salvage.Recovery | None = None
         self._closed = False
         self._last_stats: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._db = connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        # SQLite's page cache grows with the file up to its bound (2 MB by default), which in a
-        # slow real-time run looks like a leak for an hour; half a megabyte holds the spool's hot
-        # pages (the newest rows and the indexes) and fills within minutes.
-        self._db.execute("PRAGMA cache_size=-512")
-        self._db.execute("""CREATE TABLE IF NOT EXISTS events (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            id TEXT NOT NULL UNIQUE,
-            priority INTEGER NOT NULL,
-            created_ns INTEGER NOT NULL,
-            body TEXT NOT NULL,
-            size INTEGER NOT NULL DEFAULT 0)""")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
-        if "size" not in columns:   # a spool written before attachments existed
-            self._db.execute("ALTER TABLE events ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
-            self._db.execute("UPDATE events SET size = LENGTH(body)")
-        if "parked" not in columns:  # the reason the far side refused it for good, if it did
-            self._db.execute("ALTER TABLE events ADD COLUMN parked TEXT")
-        self._db.execute("""CREATE TABLE IF NOT EXISTS attachments (
-            event_id TEXT NOT NULL,
-            name TEXT NOT NULL,
-            type TEXT NOT NULL,
-            data BLOB NOT NULL,
-            PRIMARY KEY (event_id, name))""")
+        self._db: sqlite3.Connection | None = None
+        try:
+            problem = salvage.foreign_wal(self.path) if recover else None
+            if problem is None:
+                self._db = self._open()
+                problem = salvage.health(self._db) if recover else None
+        except sqlite3.DatabaseError as exc:
+            # Only damage is salvaged; a full, read-only or missing disk is the caller's to report.
+            if not recover or (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in DAMAGED_CODES:
+                if self._db is not None:
+                    self._db.close()
+                raise
+            problem = str(exc)
+        if problem is not None:
+            self._recover(problem)
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM events").fetchone()[0]
+        # Run time (events/clock.py) carries on from where the last run left it.
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'run_ns'").fetchone()
+        self._run_base = int(row[0]) if row else 0
+        self._steady0 = self._clock.steady_ns()
+
+    def _open(self) -> sqlite3.Connection:
+        db = self._connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self._sync}")
+            # SQLite's page cache grows with the file up to its bound (2 MB by default), which in a
+            # slow real-time run looks like a leak for an hour; half a megabyte holds the spool's hot
+            # pages (the newest rows and the indexes) and fills within minutes.
+            db.execute("PRAGMA cache_size=-512")
+            db.execute("""CREATE TABLE IF NOT EXISTS events (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                id TEXT NOT NULL UNIQUE,
+                priority INTEGER NOT NULL,
+                created_ns INTEGER NOT NULL,
+                body TEXT NOT NULL,
+                size INTEGER NOT NULL DEFAULT 0)""")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+            if "size" not in columns:   # a spool written before attachments existed
+                db.execute("ALTER TABLE events ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE events SET size = LENGTH(body)")
+            if "parked" not in columns:  # the reason the far side refused it for good, if it did
+                db.execute("ALTER TABLE events ADD COLUMN parked TEXT")
+            if "run_ns" not in columns:  # a spool from before clock-safe ages: their run time starts now
+                db.execute("ALTER TABLE events ADD COLUMN run_ns INTEGER NOT NULL DEFAULT 0")
+                db.execute("ALTER TABLE events ADD COLUMN wall_synced INTEGER NOT NULL DEFAULT 0")
+            db.execute("""CREATE TABLE IF NOT EXISTS attachments (
+                event_id TEXT NOT NULL,
+                name TEXT NOT NULL,
+                type TEXT NOT NULL,
+                data BLOB NOT NULL,
+                PRIMARY KEY (event_id, name))""")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            # Who this spool is: a WAL that says otherwise came from another database (salvage.py).
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('spool_id', ?)",
+                       (secrets.randbits(62),))
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _recover(self, problem: str) -> None:
+        """Move the damaged file aside, open a new one, put in what can be read."""
+        if self._db is not None:
+            self._db.close()
+        log.error("spool %s is damaged (%s): moving it aside and salvaging what can be read", self.path, problem)
+        moved = salvage.move_aside(self.path)
+        wal = moved.with_name(moved.name + "-wal")
+        trust_wal = wal.exists() and "WAL belongs to another" not in problem
+        events, lost, attachments_lost, rebuilt = salvage.salvage(moved, wal if trust_wal else None)
+        self._db = self._open()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for item in events:
+                row = item.row
+                self._db.execute(
+                    "INSERT OR IGNORE INTO events (id, priority, created_ns, body, size, parked, run_ns, wall_synced) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row["id"], row.get("priority", 1), row.get("created_ns") or 0, row["body"],
+                     row.get("size") or len(row["body"]), row.get("parked"), row.get("run_ns") or 0,
+                     row.get("wall_synced") or 0))
+                for name, content_type, data in item.attachments:
+                    self._db.execute("INSERT OR IGNORE INTO attachments (event_id, name, type, data) "
+                                     "VALUES (?, ?, ?, ?)", (row["id"], name, content_type, data))
+            # The run clock goes on from the newest salvaged event (the old meta row may be gone).
+            self._save_run_locked(max((item.row.get("run_ns") or 0 for item in events), default=0))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self.recovery = salvage.Recovery(problem, moved, events, lost, attachments_lost, rebuilt)
+        log.error("%s", self.recovery.describe())
+
+    def run_ns(self) -> int:
+        """The appliance's running time as this spool has seen it (never jumps)."""
+        return self._run_base + self._clock.steady_ns() - self._steady0
+
+    def _save_run_locked(self, run: int) -> None:
+        self._db.execute("INSERT INTO meta (key, value) VALUES ('run_ns', ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)", (run,))
 
     def append(self, event: dict[str, Any], attachments: list[Attachment] | tuple = ()) -> None:
         """Commit one event with its attachments, all or nothing (raises sqlite3.Error/OSError
@@ -69,8 +159,11 @@ class Spool:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT INTO events (id, priority, created_ns, body, size) VALUES (?, ?, ?, ?, ?)",
-                                 (event["id"], priority, time.time_ns(), body, size))
+                run = self.run_ns()
+                self._db.execute("INSERT INTO events (id, priority, created_ns, body, size, run_ns, wall_synced) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?)", (event["id"], priority, self._clock.wall_ns(), body,
+                                                                  size, run, int(self._clock.synchronised())))
+                self._save_run_locked(run)
                 for a in attachments:
                     self._db.execute("INSERT INTO attachments (event_id, name, type, data) VALUES (?, ?, ?, ?)",
                                      (event["id"], a.name, a.content_type, a.data))
@@ -149,16 +242,27 @@ class Spool:
         with self._lock:
             return self._db.execute("UPDATE events SET parked = NULL WHERE parked IS NOT NULL").rowcount
 
+    def _age_sql(self) -> tuple[str, tuple]:
+        """An event's age in ns as SQL (events/clock.py): its run time, or its wall-clock age when
+        the clock was synchronised both when it was committed and now, whichever is larger."""
+        run, wall, synced = self.run_ns(), self._clock.wall_ns(), int(self._clock.synchronised())
+        return ("MAX(? - run_ns, CASE WHEN wall_synced = 1 AND ? = 1 THEN ? - created_ns ELSE 0 END)",
+                (run, synced, wall))
+
     def expire(self, max_age_s: float) -> int:
-        """The age bound: events older than max_age_s leave, counted and logged like evictions."""
-        cutoff = time.time_ns() - int(max_age_s * 1e9)
+        """The age bound: events older than max_age_s leave, counted and logged like evictions.
+        A wall clock that jumps (NTP after a boot without RTC) cannot make an event old."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                rows = self._db.execute("SELECT id, size FROM events WHERE created_ns < ?", (cutoff,)).fetchall()
+                self._anchor_locked()
+                age, params = self._age_sql()
+                rows = self._db.execute(f"SELECT id, size FROM events WHERE {age} > ?",
+                                        (*params, int(max_age_s * 1e9))).fetchall()
                 for event_id, _ in rows:
                     self._db.execute("DELETE FROM events WHERE id = ?", (event_id,))
                     self._db.execute("DELETE FROM attachments WHERE event_id = ?", (event_id,))
+                self._save_run_locked(self.run_ns())
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -171,13 +275,23 @@ class Spool:
             self._on_evict(len(rows))
         return len(rows)
 
+    def _anchor_locked(self) -> None:
+        """Once the clock is synchronised, events committed earlier in this run get their true
+        commit time back (now minus the run time since), so their wall-clock age counts too."""
+        if not self._clock.synchronised():
+            return
+        self._db.execute("UPDATE events SET created_ns = ? - (? - run_ns), wall_synced = 1 "
+                         "WHERE wall_synced = 0 AND run_ns >= ?",
+                         (self._clock.wall_ns(), self.run_ns(), self._run_base))
+
     def stats(self) -> dict[str, float]:
         with self._lock:
             if self._closed:   # a scrape after stop: the last figures, not an error
                 return dict(self._last_stats)
+            age_sql, params = self._age_sql()
             depth, parked, oldest = self._db.execute(
-                "SELECT COUNT(*), COUNT(parked), MIN(created_ns) FROM events").fetchone()
-        age = 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
+                f"SELECT COUNT(*), COUNT(parked), MAX({age_sql}) FROM events", params).fetchone()
+        age = 0.0 if oldest is None else max(0.0, oldest / 1e9)
         self._last_stats = {"depth": depth, "parked": parked, "bytes": self._bytes, "oldest_age_s": age}
         return dict(self._last_stats)
 
@@ -191,4 +305,8 @@ class Spool:
         self.stats()
         with self._lock:
             self._closed = True
+            try:
+                self._save_run_locked(self.run_ns())
+            except sqlite3.Error as exc:   # the disk is gone: the run time since the last commit is lost (ages only shrink)
+                log.warning("spool: run time not saved at close: %s", exc)
             self._db.close()

@@ -112,6 +112,10 @@ class Metrics:
                                     "in memory and retried)", registry=r)
         self.events_lost = Counter("appliance_events_lost", "Events that never reached the spool (written to "
                                    "the log instead)", registry=r)
+        self.spool_recoveries = Counter("appliance_spool_recoveries", "Damaged spools moved aside and salvaged "
+                                        "at start", registry=r)
+        self.spool_salvage_lost = Counter("appliance_spool_salvage_lost_events", "Events a damaged spool held that "
+                                          "could not be read back (an estimate)", registry=r)
         self.spool_depth = Gauge("appliance_spool_events", "Events held in the local spool", registry=r)
         self.spool_bytes = Gauge("appliance_spool_bytes", "Bytes of events and attachments in the spool", registry=r)
         self.spool_age = Gauge("appliance_spool_oldest_age_seconds", "Age of the oldest event waiting in the spool",

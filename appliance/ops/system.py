@@ -18,6 +18,14 @@ log = logging.getLogger("appliance.system")
 NETWORK_FILE = "10-appliance.network"
 
 
+def in_test_rig(cmdline: Path = Path("/proc/cmdline")) -> bool:
+    """Booted by the image's test rig (appliance.testrig on the kernel command line)."""
+    try:
+        return "appliance.testrig" in cmdline.read_text().split()
+    except OSError:
+        return False
+
+
 def hostname_for(network: NetworkSection, gateway_name: str) -> str:
     if network.hostname:
         return network.hostname

@@ -1,0 +1,304 @@
+"""A damaged spool never stops the gateway: move it aside, read what can be read, count the rest.
+
+SD cards corrupt files. When the spool fails to open or fails `PRAGMA quick_check`, the damaged
+file (with its WAL) is renamed `spool.db.damaged-<UTC time>` and every event that can still be
+read is copied into a new spool. Reading is done on a scratch copy, two ways, and the results
+merged by event id:
+
+- with the WAL (the newest commits live there until a checkpoint);
+- without it (a WAL that belongs to another database, or is itself damaged, can hide a good file).
+
+A header that SQLite no longer recognises is rebuilt on the copy first (the 100-byte header is
+mostly derivable: page size, page count, format numbers). Rows are read in blocks of sequence
+numbers; a block that raises is split in half until each unreadable row is isolated, so one
+zeroed page costs the rows on it and no more. Each row must decode (JSON whose id matches its
+row) to be kept. Rows that raise are the ones counted as lost: an estimate, as rows deleted
+after delivery leave gaps that a damaged page's range also covers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sqlite3
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("appliance.events")
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+HEADER_BYTES = 100
+BLOCK = 256                          # sequence numbers read per query before bisecting
+KEEP_DAMAGED = 3                     # damaged copies kept on the data partition (the newest)
+EMPTY_BLOCKS_PAST_END = 4096         # how far to look past the last readable row when the end is unknown
+EVENT_COLUMNS = ("seq", "id", "priority", "created_ns", "body", "size", "parked", "run_ns", "wall_synced")
+
+
+@dataclass
+class SalvagedEvent:
+    row: dict[str, Any]                                   # the events row (columns as above, missing = None)
+    attachments: list[tuple[str, str, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class Recovery:
+    """What opening a damaged spool did: said in an event, a metric and the log."""
+    reason: str
+    moved_to: Path
+    salvaged: list[SalvagedEvent]
+    lost: int                        # rows that could not be read (an estimate; see the module's doc)
+    attachments_lost: int
+    header_rebuilt: bool = False
+
+    def describe(self) -> str:
+        return (f"spool damaged ({self.reason}); moved aside to {self.moved_to.name}; "
+                f"{len(self.salvaged)} event(s) recovered, {self.lost} lost"
+                + (f", {self.attachments_lost} event(s) without some evidence" if self.attachments_lost else "")
+                + ("; its header was rebuilt" if self.header_rebuilt else ""))
+
+
+def _spool_id(path: Path, mode: str) -> int | None:
+    db = sqlite3.connect(f"file:{path}?{mode}", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
+        return int(row[0]) if row else None
+    finally:
+        db.close()
+
+
+def foreign_wal(path: Path) -> str | None:
+    """Why the WAL beside the spool must not be applied, or None.
+
+    SQLite applies any WAL whose own checksums hold, even one copied from another database, and
+    the next checkpoint writes its pages over the spool's. So before the spool is opened for
+    writing, the spool's id is read from the file alone (immutable: the WAL is ignored) and
+    through the WAL (read-only: nothing is checkpointed); they must agree."""
+    wal = path.with_name(path.name + "-wal")
+    if not wal.exists() or wal.stat().st_size == 0:
+        return None
+    try:
+        own = _spool_id(path, "immutable=1")
+    except sqlite3.DatabaseError:
+        return None     # the file itself is damaged: opening it will say so
+    if own is None:     # a spool whose first commits never reached the file: nothing to compare
+        return None
+    try:
+        seen = _spool_id(path, "mode=ro")
+    except sqlite3.DatabaseError as exc:
+        return f"its WAL does not read ({exc})"
+    if seen != own:
+        return f"its WAL belongs to another database (spool id {seen}, the file's {own})"
+    return None
+
+
+def health(db: sqlite3.Connection) -> str | None:
+    """None when the database passes quick_check, else what is wrong (the first problems)."""
+    rows = db.execute("PRAGMA quick_check(5)").fetchall()
+    verdict = "; ".join(str(r[0]) for r in rows)
+    return None if verdict == "ok" else verdict
+
+
+def move_aside(path: Path) -> Path:
+    """Rename the database and its WAL/shm under one timestamped name; keep the newest few."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    path.rename(target)
+    damaged = sorted((p for p in path.parent.glob(f"{path.name}.damaged-*") if not p.name.endswith(("-wal", "-shm"))),
+                     key=lambda p: p.stat().st_mtime)
+    for old in damaged[:-KEEP_DAMAGED]:
+        for f in (old, old.with_name(old.name + "-wal"), old.with_name(old.name + "-shm")):
+            f.unlink(missing_ok=True)
+    return target
+
+
+def rebuilt_header(data: bytes, wal_mode: bool) -> bytes | None:
+    """A plausible 100-byte header for a file whose own is gone, or None if page 1 is gone too.
+
+    The page size is taken from the damaged header if it still reads as one, else the first size
+    under which page 1 and page 2 look like b-tree pages. What cannot be derived is set so SQLite
+    trusts nothing stale: one change, no freelist (its pages are abandoned), schema format 4, UTF-8."""
+    def btree(byte: int) -> bool:
+        return byte in (0x02, 0x05, 0x0A, 0x0D)
+
+    if len(data) < 512 or not btree(data[HEADER_BYTES]):
+        return None
+    stated = struct.unpack(">H", data[16:18])[0]
+    stated = 65536 if stated == 1 else stated
+    candidates = [stated] if stated in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536) else []
+    candidates += [4096, 1024, 2048, 8192, 16384, 32768, 65536, 512]
+    for size in candidates:   # page 2 is a b-tree page, or an overflow/freelist page (starts with 0)
+        if len(data) == size or len(data) > size and (btree(data[size]) or data[size] == 0):
+            break
+    else:
+        return None
+    pages = -(-len(data) // size)
+    version = 2 if wal_mode else 1
+    header = bytearray(HEADER_BYTES)
+    header[0:16] = SQLITE_MAGIC
+    header[16:18] = struct.pack(">H", 1 if size == 65536 else size)
+    header[18], header[19] = version, version
+    header[20], header[21], header[22], header[23] = 0, 64, 32, 32
+    struct.pack_into(">IIIII", header, 24, 1, pages, 0, 0, 1)          # change counter, size, freelist, cookie
+    struct.pack_into(">IIIII", header, 44, 4, 0, 0, 1, 0)              # schema format, cache, vacuum, UTF-8, user
+    struct.pack_into(">II", header, 92, 1, sqlite3.sqlite_version_info[0] * 1_000_000
+                     + sqlite3.sqlite_version_info[1] * 1000 + sqlite3.sqlite_version_info[2])
+    return bytes(header)
+
+
+class _View:
+    """One way of reading the damaged copy; every query may raise sqlite3.DatabaseError."""
+
+    def __init__(self, db_file: Path, wal: Path | None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="spool-salvage-", dir=db_file.parent))
+        self.file = self.dir / "copy.db"
+        shutil.copyfile(db_file, self.file)
+        if wal is not None:
+            shutil.copyfile(wal, self.dir / "copy.db-wal")
+        self.header_rebuilt = False
+        data = self.file.read_bytes()[:1 << 17]
+        if not data.startswith(SQLITE_MAGIC):
+            header = rebuilt_header(self.file.read_bytes(), wal_mode=wal is not None)
+            if header is not None:
+                with open(self.file, "r+b") as f:
+                    f.write(header)
+                self.header_rebuilt = True
+        self.db = sqlite3.connect(self.file, isolation_level=None)
+        # Without it a schema that fails SQLite's checks (a file cut short) reads as nothing at all.
+        self.db.execute("PRAGMA writable_schema=ON")
+        self.columns: list[str] = []
+
+    def close(self) -> None:
+        self.db.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def open_table(self) -> bool:
+        try:
+            present = {r[1] for r in self.db.execute("PRAGMA table_info(events)")}
+        except sqlite3.DatabaseError:
+            return False
+        self.columns = [c for c in EVENT_COLUMNS if c in present]
+        return {"seq", "id", "body"} <= present
+
+    def bounds(self) -> tuple[int, int | None]:
+        lo = hi = None
+        try:
+            lo, hi = self.db.execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
+        except sqlite3.DatabaseError:
+            pass
+        if hi is None:
+            try:
+                row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+                hi = row[0] if row else None
+            except sqlite3.DatabaseError:
+                pass
+        return (lo if lo is not None else 1), hi
+
+    def rows(self, lo: int, hi: int) -> list[tuple]:
+        cols = ", ".join(self.columns)
+        if lo == hi:   # an equality seek: a range would step on into the next (maybe damaged) page
+            return self.db.execute(f"SELECT {cols} FROM events WHERE seq = ?", (lo,)).fetchall()
+        return self.db.execute(f"SELECT {cols} FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                               (lo, hi)).fetchall()
+
+    def read(self) -> tuple[dict[int, dict], set[int]]:
+        """(readable rows by seq, seqs that raised)."""
+        good: dict[int, dict] = {}
+        bad: set[int] = set()
+
+        def block(a: int, b: int) -> int:
+            try:
+                for values in self.rows(a, b):
+                    good[values[0]] = dict(zip(self.columns, values))
+                return len(good)
+            except sqlite3.DatabaseError:
+                if a == b:
+                    bad.add(a)
+                else:
+                    mid = (a + b) // 2
+                    block(a, mid)
+                    block(mid + 1, b)
+            return len(good)
+
+        lo, hi = self.bounds()
+        a, empty_run = lo, 0
+        while hi is None or a <= hi:
+            before = len(good), len(bad)
+            block(a, a + BLOCK - 1 if hi is None else min(a + BLOCK - 1, hi))
+            a += BLOCK
+            if hi is None:   # the end is unknown: stop once well past anything readable
+                empty_run = 0 if (len(good), len(bad)) != before else empty_run + 1
+                if empty_run >= EMPTY_BLOCKS_PAST_END:
+                    break
+        return good, bad
+
+    def attachments(self, event_id: str) -> list[tuple[str, str, bytes]]:
+        return [(n, t, bytes(d)) for n, t, d in self.db.execute(
+            "SELECT name, type, data FROM attachments WHERE event_id = ? ORDER BY name", (event_id,))]
+
+
+def _decodes(row: dict) -> bool:
+    try:
+        body = json.loads(row["body"])
+    except (TypeError, ValueError):
+        return False
+    return isinstance(body, dict) and body.get("id") == row["id"] and isinstance(row.get("priority", 0), int)
+
+
+def salvage(damaged: Path, wal: Path | None) -> tuple[list[SalvagedEvent], int, int, bool]:
+    """(events recovered in commit order, rows lost, events whose attachments were partly lost,
+    whether a header was rebuilt) from a damaged spool file and its WAL (either may be garbage)."""
+    found: dict[str, tuple[int, dict, _View]] = {}
+    unreadable: set[int] = set()
+    readable: set[int] = set()
+    views: list[_View] = []
+    header_rebuilt = False
+    try:
+        for wal_file in ([wal] if wal is not None else []) + [None]:
+            try:
+                view = _View(damaged, wal_file)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("spool salvage: cannot read a copy (%s)", exc)
+                continue
+            views.append(view)
+            if not view.open_table():
+                continue
+            header_rebuilt |= view.header_rebuilt
+            good, bad = view.read()
+            unreadable |= bad
+            for seq, row in good.items():
+                if not _decodes(row):
+                    unreadable.add(seq)
+                    continue
+                readable.add(seq)
+                found.setdefault(row["id"], (seq, row, view))   # the WAL view first: it is newer
+        events, attachments_lost = [], 0
+        for seq, row, view in sorted(found.values(), key=lambda item: item[0]):
+            event = SalvagedEvent(row)
+            try:
+                event.attachments = view.attachments(row["id"])
+            except sqlite3.DatabaseError:
+                pass
+            # The event lists its evidence (name, sha256): what is missing or altered is lost.
+            listed = {a.get("name"): a.get("sha256") for a in json.loads(row["body"]).get("attachments") or []}
+            event.attachments = [a for a in event.attachments
+                                 if a[0] in listed and hashlib.sha256(a[2]).hexdigest() == listed[a[0]]]
+            if len(event.attachments) < len(listed):
+                attachments_lost += 1
+            events.append(event)
+        return events, len(unreadable - readable), attachments_lost, header_rebuilt
+    finally:
+        for view in views:
+            view.close()
