@@ -213,6 +213,9 @@ def stage_rootfs(base: Path, work: Path) -> Path:
     in_root(root, "useradd", "--system", "--user-group", "--home-dir", "/data/appliance", "--no-create-home",
             "--shell", "/usr/sbin/nologin", "appliance")
     in_root(root, "systemctl", "enable", *UNITS)
+    uid, gid = passwd_ids(root, "appliance")
+    fstab = root / "etc/fstab"
+    fstab.write_text(fstab.read_text().replace("@APPLIANCE_UID@", str(uid)).replace("@APPLIANCE_GID@", str(gid)))
     for d in ("boot/firmware", "data"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "etc/machine-id").write_text("")     # read-only root: systemd makes a transient one

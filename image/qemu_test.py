@@ -32,6 +32,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from appliance.config.console import hash_password  # noqa: E402
+
 IMAGE_DIR = Path(__file__).resolve().parent
 REPO = IMAGE_DIR.parent
 UBOOT = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
@@ -83,13 +86,18 @@ def partitions(image: Path) -> list[dict]:
     return json.loads(out)["partitiontable"]["partitions"]
 
 
+RIG_PASSWORD = "rig-console-password"
+# pbkdf2 with few iterations: the rig's login must not cost seconds under TCG.
+RIG_PASSWORD_HASH = hash_password(RIG_PASSWORD, "pbkdf2_sha256", iterations=1000)
+
+
 def guest_config(mqtt_port: int) -> dict:
     """What the plant engineer would write for this machine: real drivers on the rig's devices."""
     return {
         "gateway": {"name": GATEWAY, "data_dir": "/data/appliance"},
         "metrics": {"listen": "0.0.0.0", "port": 9108},
         "runtime": {"zygote": "/run/appliance-zygote/zygote.sock"},
-        "console": {"device": "/dev/ttyS0"},
+        "console": {"device": "/dev/ttyS0", "password_hash": RIG_PASSWORD_HASH},
         "uplink": {"transport": "mqtt", "health_interval_s": 10,
                    "mqtt": {"host": "10.0.2.2", "port": mqtt_port, "topic_prefix": "factory"}},
         "sources": {
@@ -272,20 +280,19 @@ class SerialConsole:
                 pass
         return self.buffer.decode("ascii", "replace")
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, prompt: str) -> None:
         """Press Enter until a prompt comes back: what is sent before the guest's console has
         opened its port is lost, so a command typed too early would never be answered."""
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             self.buffer = b""
             self.sock.sendall(b"\r")
-            if f"{GATEWAY}> " in self.read_for(2.0):
+            if prompt in self.read_for(2.0):
                 return
         raise CheckFailed(f"console: no prompt within {timeout_s:.0f} s; got:\n{self.buffer.decode(errors='replace')}")
 
-    def command(self, line: str, expect: str, timeout_s: float = 30) -> str:
+    def command(self, line: str, expect: str, timeout_s: float = 30, prompt: str = f"{GATEWAY}> ") -> str:
         """Type a line; the text up to the next prompt, once it contains `expect`."""
-        prompt = f"{GATEWAY}> "
         self.buffer = b""
         self.sock.sendall(line.encode() + b"\r")
         end = time.monotonic() + timeout_s
@@ -432,8 +439,19 @@ def main() -> int:
             raise CheckFailed("the host's Modbus slave answered no request")
 
         con = SerialConsole(work / "console.sock")
-        con.wait_ready(120)
-        text = con.command("status", "source   line_plc")
+        guest = f"{GATEWAY} (guest)> "
+        con.wait_ready(120, guest)
+        # Without a login: status answers; loading a module or reloading the config does not.
+        text = con.command("status", "source   line_plc", prompt=guest)
+        for refused in ("modules load gearbox_stats /boot/firmware/x.wasm", "config reload"):
+            con.command(refused, "needs a login", prompt=guest)
+        con.command("login", "Password: ", prompt="Password:")
+        con.command(RIG_PASSWORD, f"Welcome to {GATEWAY}")
+        yaml_mode = re.search(r"testrig: yaml (\S+) (\d+)", console_log.read_text(errors="replace"))
+        if not yaml_mode or yaml_mode.groups() != ("appliance:appliance", "600"):
+            raise CheckFailed(f"the YAML on the FAT partition is not the appliance user's alone: "
+                              f"{yaml_mode.groups() if yaml_mode else 'no testrig line'}")
+        results["yaml_mode"] = " ".join(yaml_mode.groups())
         for needle in ("gearbox", "dock_camera", "plc_rules"):
             if needle not in text:
                 raise CheckFailed(f"console status lacks {needle}:\n{text}")

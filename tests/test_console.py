@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import select
+import shutil
 import socket
 import stat
 import subprocess
@@ -151,8 +152,16 @@ def test_console_session_on_a_serial_line(console_on_pty):
     host = sup.modules["stats"]
     wait_for(lambda: host.processed > 0 and sup.spool.depth() > 0, 60, "windows processed and an event")
 
-    # The banner names the gateway and version; a password is asked for, and not echoed.
+    # The banner names the gateway and version; without a login only status, sensors, version.
     kb.expect("appliance 0.1.0 console - gateway test-gw")
+    kb.expect("Without a login: status, sensors, version. Type 'login' for the rest.")
+    kb.expect("test-gw (guest)> ")
+    assert "gateway  test-gw, appliance 0.1.0" in kb.command("status", prompt="test-gw (guest)> ")
+    for refused in ("modules load stats x.wasm", "config reload", "modules restart stats", "config show"):
+        assert f"'{refused.split()[0]}' needs a login (type 'login')" in kb.command(refused, prompt="test-gw (guest)> ")
+    assert metric(sup, "appliance_module_restarts_total", module="stats") == 0
+    # A password is asked for, and not echoed.
+    kb.type("login\r")
     kb.expect("Password: ")
     kb.type("hunter2\r")
     assert "hunter2" not in kb.expect("Login incorrect.")
@@ -224,7 +233,7 @@ def test_console_session_on_a_serial_line(console_on_pty):
 
     kb.type("logout\r")
     kb.expect("bye")
-    kb.expect("Password: ")
+    kb.expect("test-gw (guest)> ")
 
     # Plain ASCII only: no escape sequences, nothing above 0x7e but what the editor sends.
     out = kb.everything()
@@ -248,6 +257,7 @@ def test_wrong_passwords_cost_a_delay_and_no_appliance_is_explained(tmp_path):
     thread.start()
     try:
         kb.expect("gateway gw-7")
+        kb.type("login\r")
         for attempt in ("a", "b", "c"):
             kb.expect("Password: ")
             kb.type(attempt + "\r")
@@ -278,7 +288,7 @@ def test_console_on_stdio(appliance):
     sup, _, path = appliance
     wait_for(lambda: sup.modules["stats"].state.value == "running", 60, "the module running")
     proc = subprocess.run([sys.executable, "-m", "appliance.ops.console", "--config", str(path), "--stdio"],
-                          input=f"{PASSWORD}\nversion\nmodules list\nexit\n", capture_output=True, text=True,
+                          input=f"login\n{PASSWORD}\nversion\nmodules list\nexit\n", capture_output=True, text=True,
                           cwd=REPO, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "Password: Welcome to test-gw" in proc.stdout
@@ -312,7 +322,19 @@ def test_control_socket_protocol(appliance):
         assert reply[0] == b"ERR" and b"unknown command 'nonsense'" in reply[1]
         reply = ask("config show")
         assert reply[0] == b"OK" and all(reply)        # no empty body line: only the end of a reply
-        assert ask("modules load stats /nowhere.wasm")[0] in (b"OK", b"ERR")   # answered either way
+        # modules load takes files from the modules' own folder, and nowhere else (links followed).
+        outside = sup.cfg.modules["stats"].wasm.parent.parent / "elsewhere"
+        outside.mkdir(exist_ok=True)
+        shutil.copy(sup.cfg.modules["stats"].wasm, outside / "stats.wasm")
+        link = sup.cfg.modules["stats"].wasm.parent / "link-out.wasm"
+        link.unlink(missing_ok=True)
+        link.symlink_to(outside / "stats.wasm")
+        for path in (outside / "stats.wasm", "../elsewhere/stats.wasm", link.name):
+            reply = ask(f"modules load stats {path}")
+            assert reply[0] == b"ERR" and b"modules load takes modules from" in reply[1], reply
+        link.unlink()
+        reply = ask(f"modules load stats {sup.cfg.modules['stats'].wasm.name}")
+        assert reply == [b"OK", f"module stats: loaded {sup.cfg.modules['stats'].wasm}".encode()], reply
         assert ask("events tail 0") == [b"ERR", b"'0' is not a count from 1 to 1000"]
 
     # A second server on the same path refuses while the first is alive.
@@ -365,3 +387,87 @@ def test_system_command_reports_this_machine(appliance):
     assert data["disks"]["data"]["path"] == str(sup.cfg.gateway.data_dir)
     assert 0 < data["disks"]["data"]["free"] <= data["disks"]["data"]["total"]
     assert data["uptime_s"] > 0
+
+
+class ScriptTerminal:
+    """A terminal for Console unit tests: what is typed comes from a list, what is sent is kept."""
+    echo = False
+
+    def __init__(self, typed: list[bytes]) -> None:
+        self.typed = list(typed)
+        self.sent = bytearray()
+
+    def read(self) -> bytes:
+        if not self.typed:
+            raise EOFError
+        time.sleep(0.01)
+        return self.typed.pop(0)
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+
+class Unreachable:
+    """No supervisor behind the console: these tests only need the console's own rules."""
+
+    def request(self, line: str):
+        from appliance.ops.control.protocol import ControlError
+        raise ControlError(f"sent {line!r}")
+
+
+def session(typed: list[str], **kw) -> str:
+    term = ScriptTerminal([t.encode() + b"\r" for t in typed])
+    Console(term, Unreachable(), gateway="gw", exit_on_logout=True, **kw).run(threading.Event())
+    return term.sent.decode()
+
+
+def test_wrong_password_delay_survives_reopening_the_port(tmp_path):
+    from appliance.ops.console import LoginThrottle
+    encoded = hash_password("pw", "pbkdf2_sha256", iterations=1000)
+    state = tmp_path / "console-login.json"
+    out = session(["login", "a", "b", "c"], password_hash=encoded, throttle=LoginThrottle(state, fail_delay_s=30))
+    assert "3 wrong passwords: wait 30 s." in out
+    # The port is reopened (or the service restarted): a new session, the same delay still running.
+    typed = ["login", "pw"]
+    term = ScriptTerminal([t.encode() + b"\r" for t in typed])
+    console = Console(term, Unreachable(), gateway="gw", password_hash=encoded, exit_on_logout=True,
+                      throttle=LoginThrottle(state, fail_delay_s=30))
+    thread = threading.Thread(target=console.run, args=(threading.Event(),), daemon=True)
+    thread.start()
+    thread.join(3)
+    assert "3 wrong passwords: wait" in term.sent.decode() and not console.authenticated
+    assert json.loads(state.read_text())["failures"] == 3
+
+
+def test_without_a_password_only_status_sensors_version_answer():
+    out = session(["modules load m /data/x.wasm", "config reload", "status", "login", "exit"])
+    assert "'modules' needs a login: no console password is set in appliance.yaml" in out
+    assert "'config' needs a login" in out
+    assert "sent 'status'" in out                      # passed on to the supervisor
+    assert "no console password is set: put console.password_hash" in out
+    assert "sent 'modules" not in out and "sent 'config" not in out
+    # `console.password: none`, said explicitly, opens every command without a login.
+    assert "sent 'config reload'" in session(["config reload", "exit"], open_access=True)
+
+
+def test_console_password_none_is_explicit(tmp_path):
+    assert ConsoleSection(password="none").password == "none"
+    with pytest.raises(ValueError, match="contradict each other"):
+        ConsoleSection(password="none", password_hash=hash_password("x", "pbkdf2_sha256", iterations=1000))
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("gateway:\n  name: gw\nconsole:\n  password: no\n")
+    with pytest.raises(SettingsError, match=r"a.yaml:4:\d+: console.password"):
+        read_settings(cfg)
+
+
+def test_config_show_hides_url_credentials_and_query_strings():
+    from appliance.ops.control.text import redact
+    shown = redact({"uplink": {"http": {"url": "https://ops:hunter2@hooks.example.com:8443/in?key=abc123#frag",
+                                        "headers": {"Authorization": "Bearer x"}},
+                               "mqtt": {"host": "broker", "password": "pw"}},
+                    "note": "plain text", "plain": "https://example.com/path"})
+    text = json.dumps(shown)
+    assert "hunter2" not in text and "abc123" not in text and "ops" not in text and "Bearer" not in text
+    assert shown["uplink"]["http"]["url"] == "https://<hidden>@hooks.example.com:8443/in?<hidden>#<hidden>"
+    assert shown["plain"] == "https://example.com/path" and shown["note"] == "plain text"
+

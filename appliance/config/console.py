@@ -15,7 +15,9 @@ import hashlib
 import hmac
 import secrets
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from hal.schema import StrictModel
 
@@ -118,7 +120,11 @@ class ConsoleSection(StrictModel):
     baudrate: int = Field(115200, gt=0, le=4_000_000, description="bits per second (8N1, no flow control)")
     password_hash: str | None = Field(None, description="ask for a password: a scrypt$... or "
                                       "pbkdf2_sha256$iterations$salt$hash string from `appliance console "
-                                      "hash-password`; none: no password")
+                                      "hash-password`; without one, only status, sensors and version "
+                                      "answer")
+    password: Literal["none"] | None = Field(None, description="`none`: no password at all, every command "
+                                             "answers on the console (say so explicitly: the default is a "
+                                             "console that needs a login to change anything)")
 
     @field_validator("password_hash")
     @classmethod
@@ -129,3 +135,10 @@ class ConsoleSection(StrictModel):
             except PasswordHashError as exc:
                 raise ValueError(f"not a usable password hash: {exc}") from None
         return value
+
+    @model_validator(mode="after")
+    def _one_or_the_other(self) -> "ConsoleSection":
+        if self.password == "none" and self.password_hash:
+            raise ValueError("password: none and a password_hash contradict each other: keep one")
+        return self
+

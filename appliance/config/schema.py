@@ -72,6 +72,9 @@ class RuntimeSection(StrictModel):
                                   description="memory each worker may add (RLIMIT_DATA) to its own footprint after "
                                               "its libraries load, besides the module's max_memory_mb")
     restart: RestartPolicy = Field(RestartPolicy(), description="restart and quarantine policy for every module")
+    modules_dir: ConfigPath | None = Field(None, description="where the console's `modules load` may take a "
+                                           "module from (nowhere else); none: the folders the configured "
+                                           "modules are in")
     zygote: Path | None = Field(None, description="unix socket of a zygote run as a service of its own (the "
                                 "image's appliance-zygote.service, docs/sandbox.md); none: that service's socket "
                                 "(/run/appliance-zygote/zygote.sock) if it exists, else the appliance starts its own")

@@ -4,8 +4,11 @@ to the running supervisor through its control socket (appliance/ops/control/; do
 For a laptop with a USB-serial cable and picocom or screen at 115200 8N1: plain ASCII out, no
 ANSI sequences; the console echoes what is typed and edits the line itself (Backspace as 0x08
 or 0x7f, Ctrl-U clears the line, Ctrl-W erases a word, Ctrl-C cancels it, CR or LF ends it,
-arrow keys are ignored). An optional password (`console.password_hash` in the YAML); three
-wrong tries in a row cost a delay that doubles with every further three, up to a minute.
+arrow keys are ignored). Without a login only status, sensors and version answer; `login` asks
+for the password (`console.password_hash` in the YAML), and the YAML's `console.password: none`
+opens everything without one. Three wrong tries in a row cost a delay that doubles with every
+further three, up to a minute, kept in <data_dir>/console-login.json across reopened ports and
+restarts.
 
 The console holds no appliance state: every command goes to the supervisor, so the console
 can run before the supervisor (it says so), across its restarts, and as its own service on
@@ -14,6 +17,7 @@ can run before the supervisor (it says so), across its restarts, and as its own 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import select
@@ -43,7 +47,7 @@ IDLE_LOGOUT_S = 900.0       # with a password: log out after this long without i
 READ_TIMEOUT_S = 0.2
 REOPEN_S = 2.0
 
-CONSOLE_HELP = ["console: logout (or exit, quit); Backspace erases, Ctrl-U clears the line, "
+CONSOLE_HELP = ["console: login, logout (or exit, quit); Backspace erases, Ctrl-U clears the line, "
                 "Ctrl-C cancels it"]
 
 # Characters the appliance's texts use that a plain ASCII terminal cannot show.
@@ -200,25 +204,90 @@ class LineEditor:
 
 # -------------------------------------------------------------------------------- console
 
+class LoginThrottle:
+    """Wrong passwords in a row and the delay they earned, kept in a file so that neither
+    reopening the port nor restarting the console service clears them. The delay is counted on
+    the boot clock (CLOCK_BOOTTIME), which a wall-clock change does not move."""
+
+    def __init__(self, path: Path | None = None, fail_delay_s: float = FAIL_DELAY_S) -> None:
+        self.path = path
+        self.fail_delay_s = fail_delay_s
+        self.failures = 0
+        self._until = 0.0
+        if path is not None:
+            try:
+                state = json.loads(path.read_text())
+                self.failures, self._until = int(state["failures"]), float(state["until"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            if self._until > self._now() + FAIL_DELAY_MAX_S:   # from an earlier boot: start counting again
+                self._until = self._now() + FAIL_DELAY_MAX_S
+
+    @staticmethod
+    def _now() -> float:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+    def remaining(self) -> float:
+        return max(0.0, self._until - self._now())
+
+    def failed(self) -> float:
+        """Count a wrong password; the delay it starts (0 for none)."""
+        self.failures += 1
+        delay = 0.0
+        if self.failures % FAIL_TRIES == 0:
+            delay = min(self.fail_delay_s * 2 ** (self.failures // FAIL_TRIES - 1), FAIL_DELAY_MAX_S)
+            self._until = self._now() + delay
+        self._save()
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures, self._until = 0, 0.0
+        self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps({"failures": self.failures, "until": self._until}))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("console: cannot keep the login delay in %s: %s", self.path, exc)
+
+
+# What answers without a login (docs/console.md): enough to see the machine, nothing to change it.
+GUEST_COMMANDS = ("status", "sensors", "version")
+SESSION_COMMANDS = ("help", "login", "logout", "exit", "quit")
+
+
 class Console:
     """One session loop on one terminal. run() returns when `stop` is set, or on logout/EOF
-    when exit_on_logout (stdio); a serial console instead shows the banner again."""
+    when exit_on_logout (stdio); a serial console instead shows the banner again.
+
+    Access: with a password hash, a session starts as a guest (only GUEST_COMMANDS) until
+    `login`; with open_access (the YAML's `console.password: none`) everything answers at once;
+    with neither, the console stays a guest's: there is no password to log in with."""
 
     def __init__(self, term: Terminal, client: ControlClient, *, gateway: str, password_hash: str | None = None,
-                 exit_on_logout: bool = False, fail_delay_s: float = FAIL_DELAY_S,
-                 idle_logout_s: float = IDLE_LOGOUT_S) -> None:
+                 open_access: bool = False, exit_on_logout: bool = False, fail_delay_s: float = FAIL_DELAY_S,
+                 idle_logout_s: float = IDLE_LOGOUT_S, throttle: LoginThrottle | None = None) -> None:
         self.term = term
         self.client = client
         self.gateway = gateway
         self.password_hash = password_hash
         self.exit_on_logout = exit_on_logout
-        self.fail_delay_s = fail_delay_s
         self.idle_logout_s = idle_logout_s
+        self.throttle = throttle or LoginThrottle(fail_delay_s=fail_delay_s)
         self.editor = LineEditor(term.write, echo=term.echo)
-        self.authenticated = password_hash is None
-        self.failures = 0
+        self.authenticated = open_access and password_hash is None
+        self.asking_password = False
         self._last_input = time.monotonic()
         self._done = False
+
+    @property
+    def failures(self) -> int:
+        return self.throttle.failures
 
     # ---- output
 
@@ -227,16 +296,22 @@ class Console:
             self.term.write(("\r\n".join(to_ascii(line) for line in lines) + "\r\n").encode("ascii"))
 
     def prompt(self) -> None:
-        if self.authenticated:
-            self.editor.reset()
-            self.term.write(to_ascii(f"{self.gateway}> ").encode("ascii"))
-        else:
+        if self.asking_password:
             self.editor.reset(hidden=True)
             self.term.write(b"Password: ")
+            return
+        self.editor.reset()
+        self.term.write(to_ascii(f"{self.gateway}{'' if self.authenticated else ' (guest)'}> ").encode("ascii"))
 
     def banner(self) -> None:
-        self.say("", f"appliance {__version__} console - gateway {self.gateway}",
-                 "Type 'help' for commands." if self.authenticated else "Log in with the console password.")
+        if self.authenticated:
+            hint = "Type 'help' for commands."
+        elif self.password_hash:
+            hint = f"Without a login: {', '.join(GUEST_COMMANDS)}. Type 'login' for the rest."
+        else:
+            hint = (f"Without a login: {', '.join(GUEST_COMMANDS)}. No console password is set: put "
+                    "console.password_hash (appliance console hash-password) in appliance.yaml to log in.")
+        self.say("", f"appliance {__version__} console - gateway {self.gateway}", hint)
 
     # ---- loop
 
@@ -267,53 +342,80 @@ class Console:
             self.logout()
             return None
         if result is CANCEL:
+            self.asking_password = False
             self.prompt()
             return None
-        if not self.authenticated:
+        if self.asking_password:
             return self._login(result)
         self.handle(result)
         if not self._done:
             self.prompt()
         return None
 
+    def _wait_out(self, delay: float) -> str | None:
+        """Drop whatever is typed until the delay is over."""
+        self.say(f"{self.throttle.failures} wrong passwords: wait {delay:.0f} s." if delay >= 1 else
+                 f"{self.throttle.failures} wrong passwords: wait {delay:g} s.")
+        end = time.monotonic() + delay
+        while time.monotonic() < end:
+            try:
+                self.term.read()
+            except EOFError:
+                self._done = True
+                return "flush"
+        return None
+
     def _login(self, password: str):
-        if not password:
+        if not password:   # an empty line: back to the guest prompt
+            self.asking_password = False
             self.prompt()
             return None
         if verify_password(password, self.password_hash):
             self.authenticated = True
-            self.failures = 0
+            self.asking_password = False
+            self.throttle.succeeded()
             log.info("console: logged in")
             self.say(f"Welcome to {self.gateway}. Type 'help' for commands.")
             self.prompt()
             return None
-        self.failures += 1
-        log.warning("console: wrong password (%d in a row)", self.failures)
+        delay = self.throttle.failed()
+        log.warning("console: wrong password (%d in a row)", self.throttle.failures)
         self.say("Login incorrect.")
-        if self.failures % FAIL_TRIES == 0:
-            delay = min(self.fail_delay_s * 2 ** (self.failures // FAIL_TRIES - 1), FAIL_DELAY_MAX_S)
-            self.say(f"{self.failures} wrong passwords: wait {delay:g} s.")
-            end = time.monotonic() + delay
-            while time.monotonic() < end:
-                try:
-                    self.term.read()   # typed during the delay: dropped
-                except EOFError:
-                    self._done = True
-                    return "flush"
+        if delay:
+            if self._wait_out(delay) == "flush":
+                return "flush"
             self.prompt()
             return "flush"
         self.prompt()
+        return None
+
+    def _start_login(self) -> str | None:
+        if self.authenticated:
+            self.say("already logged in")
+            return None
+        if not self.password_hash:
+            self.say("no console password is set: put console.password_hash (appliance console hash-password) "
+                     "in appliance.yaml, or console.password: none")
+            return None
+        left = self.throttle.remaining()
+        if left > 0 and self._wait_out(left) == "flush":
+            return "flush"
+        self.asking_password = True
         return None
 
     def logout(self) -> None:
         if self.exit_on_logout:
             self._done = True
             return
-        if self.password_hash:
-            self.authenticated = False
-            log.info("console: logged out")
+        self._drop_login()
         self.banner()
         self.prompt()
+
+    def _drop_login(self) -> None:
+        self.asking_password = False
+        if self.password_hash and self.authenticated:
+            self.authenticated = False
+            log.info("console: logged out")
 
     # ---- commands
 
@@ -328,6 +430,17 @@ class Console:
             else:
                 self.logout_quietly()
             return
+        if words == ["login"]:
+            self._start_login()
+            return
+        if not self.authenticated:
+            if words[0] == "help":
+                self.say(f"without a login: {', '.join(GUEST_COMMANDS)}; login; logout")
+                return
+            if words[0] not in GUEST_COMMANDS:
+                self.say(f"'{words[0]}' needs a login" + (" (type 'login')" if self.password_hash else
+                                                          ": no console password is set in appliance.yaml"))
+                return
         try:
             reply = self.client.request(line.strip())
         except ControlError as exc:
@@ -342,10 +455,8 @@ class Console:
         self.say(*lines)
 
     def logout_quietly(self) -> None:
-        """`logout` typed: back to the banner (and the password prompt, if there is one)."""
-        if self.password_hash:
-            self.authenticated = False
-            log.info("console: logged out")
+        """`logout` typed: back to the banner (a guest again, if there is a password)."""
+        self._drop_login()
         self.banner()
 
 
@@ -464,7 +575,9 @@ def console_main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     client = ControlClient(sock, hello=f"console {device or 'stdio'}")
-    common = {"gateway": settings.gateway, "password_hash": settings.console.password_hash}
+    common = {"gateway": settings.gateway, "password_hash": settings.console.password_hash,
+              "open_access": settings.console.password == "none",
+              "throttle": LoginThrottle(settings.data_dir / "console-login.json")}
     try:
         if args.stdio:
             term = StdioTerminal()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 
 def si(x: float) -> str:
@@ -40,8 +41,26 @@ def per_s(r: float | None) -> str:
 _SECRET_KEYS = {"password", "password_hash", "secret", "token"}
 
 
+def redact_url(text: str) -> str:
+    """A URL with its user:password@ and ?query (which may carry a key) hidden, as in the logs."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<hidden>"   # not a URL that parses: it may still hold a secret
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"<hidden>@{'[' + host + ']' if ':' in host else host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "<hidden>" if parts.query else "",
+                       "<hidden>" if parts.fragment else ""))
+
+
 def redact(value: Any, key: str = "") -> Any:
-    """The config as shown to an operator: passwords, tokens and HTTP header values hidden."""
+    """The config as shown to an operator: passwords, tokens, HTTP header values, and the
+    credentials and query strings of URLs hidden."""
     if isinstance(value, dict):
         return {k: ("<hidden>" if key == "headers" and v is not None else redact(v, str(k)))
                 for k, v in value.items()}
@@ -49,4 +68,6 @@ def redact(value: Any, key: str = "") -> Any:
         return [redact(v, key) for v in value]
     if key in _SECRET_KEYS and value is not None:
         return "<hidden>"
+    if isinstance(value, str):
+        return redact_url(value)
     return value

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from appliance.ops.control.protocol import CommandError, Reply
 from appliance.ops.control.samples import by_label, histogram, metric_samples, metric_value
@@ -102,6 +103,7 @@ class ModuleCommands:
             raise CommandError("modules load: not available in this build")
         if not path.endswith(".wasm"):
             raise CommandError(f"{path} is not a .wasm file")
+        path = str(self._in_modules_dir(path))
         from appliance.config.schema import ConfigError
         with self._changing:
             log.info("control: modules load %s %s (%s)", name, path, who or "operator")
@@ -126,3 +128,20 @@ def enable_module(host, reason: str = "enabled by operator") -> str:
     if done is False:
         raise CommandError(f"module {host.name} is {host.state.value}, not disabled")
     return done if isinstance(done, str) else f"module {host.name}: enabled, starting"
+
+    def _in_modules_dir(self, path: str) -> Path:
+        """A module file from the modules directory and nowhere else (a name there, or a path
+        that resolves inside it, links followed): the console must not run any readable file."""
+        cfg = self.sup.cfg
+        dirs = ([cfg.runtime.modules_dir] if cfg.runtime.modules_dir else
+                sorted({Path(m.wasm).resolve().parent for m in cfg.modules.values()}))
+        if not dirs:
+            raise CommandError("modules load: no modules directory (set runtime.modules_dir)")
+        allowed = [d.resolve() for d in dirs]
+        candidate = Path(path)
+        resolved = (candidate if candidate.is_absolute() else allowed[0] / candidate).resolve()
+        if not any(resolved.is_relative_to(d) for d in allowed):
+            raise CommandError(f"{path}: modules load takes modules from {', '.join(map(str, allowed))} only "
+                               "(runtime.modules_dir)")
+        return resolved
+
