@@ -4,7 +4,7 @@ the new lock is its own commit and must pass `make test` (README, "Moving a depe
 
     lock file       input                                       installed by
     build.txt       build.in (pip, setuptools, wheel)           every venv first, and the image
-    dev.txt         pyproject.toml [test] + tools/pyproject.toml make run / test / bench (.venv)
+    dev.txt         pyproject.toml [test,mat] + tools/pyproject.toml make run / test / bench (.venv)
     gateway.txt     pyproject.toml, no extras, at dev's pins    the image (aarch64 wheels)
     opencv4.txt     opencv4.in, at dev's pins                   .venv/opencv4 (tests under OpenCV 4)
     train.txt       train.in + torch (CPU build, see below)     make train-models (.venv-train)
@@ -93,7 +93,7 @@ def main() -> int:
         uv_compile(["requirements/build.in"], HERE / "build.txt", extra=extra)
         # The two local projects as editables, so the tools' dependency on the appliance resolves
         # here; neither is emitted (make installs both from the checkout).
-        scratch["dev.in"].write_text("-e .[test]\n-e ./tools\n")   # relative to the repo: uv runs there
+        scratch["dev.in"].write_text("-e .[test,mat]\n-e ./tools\n")   # relative to the repo: uv runs there
         uv_compile([f"requirements/{scratch['dev.in'].name}", "--no-emit-package", "factory-gateway-appliance",
                     "--no-emit-package", "factory-gateway-tools"], HERE / "dev.txt", extra=extra)
         dev_pins = pins_as_constraints(HERE / "dev.txt", scratch["dev-pins.txt"])

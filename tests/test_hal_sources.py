@@ -479,3 +479,35 @@ def test_replay_mat_variable_choice(tmp_path):
     src = replay(segments=[{"path": str(one), "sample_rate": 1}])
     src.open()
     assert src.frames_total == 20 and src.info.channels == ("ch0",)
+
+
+def test_replay_without_scipy_says_what_to_do(tmp_path, ramp_npy):
+    """The gateway's card leaves scipy out: a .mat recording or decimation then says why, and
+    .npy recordings still play."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    path, _ = ramp_npy
+    mat = tmp_path / "r.mat"
+    mat.write_bytes(b"MATLAB 5.0 MAT-file" + bytes(200))
+    code = f"""
+import sys
+sys.modules["scipy"] = None          # as on the image: import scipy fails
+sys.path.insert(0, {str(REPO)!r})
+from hal.sources.replay import ReplaySource, ReplayConfig
+def run(seg):
+    src = ReplaySource("rec", ReplayConfig.model_validate({{"type": "replay", "segments": [seg]}}))
+    try:
+        src.open()
+        print("opened", src.frames_total)
+    except ValueError as exc:
+        print("error", exc)
+run({{"path": {str(mat)!r}, "sample_rate": 1000}})
+run({{"path": {str(path)!r}, "sample_rate": 1000, "decimate": 2}})
+run({{"path": {str(path)!r}, "sample_rate": 1000}})
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert out[0].startswith("error") and "reading a .mat file needs scipy" in out[0] and "[mat]" in out[0]
+    assert out[1].startswith("error") and "decimate needs scipy" in out[1]
+    assert out[2] == "opened 5000"

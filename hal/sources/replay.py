@@ -66,11 +66,23 @@ class ReplayConfig(StrictModel):
     block_frames: int = Field(1024, ge=1)
 
 
+def _scipy(what: str, where: object):
+    """scipy, which .mat files and decimation need; the gateway's card goes without it."""
+    try:
+        import scipy.io
+        import scipy.signal
+    except ImportError:
+        raise ValueError(f"{where}: {what} needs scipy, which this installation does not have (the gateway "
+                         "image leaves it out): use a .npy, .csv or .wav recording, or install "
+                         "factory-gateway-appliance[mat]") from None
+    return scipy
+
+
 # ---------------------------------------------------------------- file readers
 # Each returns (data as float64 (frames, channels), the file's own sample rate or None).
 
 def _pick_mat_variable(path: Path, wanted: Optional[str]) -> str:
-    from scipy.io import whosmat
+    whosmat = _scipy("reading a .mat file", path).io.whosmat
 
     try:
         entries = whosmat(str(path))
@@ -99,7 +111,7 @@ def _pick_mat_variable(path: Path, wanted: Optional[str]) -> str:
 
 
 def _read_mat(seg: SegmentConfig) -> tuple[np.ndarray, Optional[float]]:
-    from scipy.io import loadmat
+    loadmat = _scipy("reading a .mat file", seg.path).io.loadmat
 
     name = _pick_mat_variable(seg.path, seg.variable)
     value = loadmat(str(seg.path), variable_names=[name])[name]
@@ -189,7 +201,7 @@ def load_segment(seg: SegmentConfig, index: int = 0) -> tuple[np.ndarray, float]
     data = np.ascontiguousarray(frames_ch.T, dtype=np.float64)
 
     if seg.decimate > 1:
-        from scipy.signal import decimate
+        decimate = _scipy("decimate", where).signal.decimate
 
         if data.shape[1] <= 1:
             raise ValueError(f"{where}: too few samples ({data.shape[1]}) to decimate")
