@@ -14,7 +14,7 @@ IMAGE_TOOLS := mmdebstrap:mmdebstrap arch-test:arch-test update-binfmts:binfmt-s
 # Building the image needs root (mmdebstrap --mode=root, chroot, file ownership).
 AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench modules host-deps binfmt venv clean train-models image image-raw image-test image-deps lock cleanroom soak soak-long fuzz-config fuzz-modules
+.PHONY: run test bench modules host-deps binfmt venv clean train-models image image-raw image-test image-powercut image-deps lock cleanroom soak soak-long fuzz-config fuzz-modules
 
 # Install the Debian packages whose command ($(1): "command:package" pairs) is missing.
 define apt_ensure
@@ -128,6 +128,13 @@ image-raw: modules image-deps binfmt
 # Boot the image under QEMU and check the appliance in it from the host (image/qemu_test.py).
 image-test: image-raw
 	$(PY) image/qemu_test.py
+
+# Pull the plug N times with events piling up in the spool; nothing committed may be lost
+# (image/powercut.py). DURABILITY=off proves the drill can fail: it must then see losses.
+N ?= 3
+DURABILITY ?= full
+image-powercut: image-raw
+	$(PY) image/powercut.py --pulls $(N) --durability $(DURABILITY) $(if $(filter off,$(DURABILITY)),--expect-loss)
 
 # The training stack for modules/models (torch, CPU only) in its own venv: `make test` never needs it.
 TRAIN_VENV ?= .venv-train

@@ -53,6 +53,19 @@ UNITS = ["appliance.service", "appliance-zygote.service", "appliance-console.ser
          "systemd-resolved.service", "systemd-timesyncd.service"]
 
 
+# What dpkg never unpacks on the card (nobody reads it there): manuals, translations, docs but
+# their licences, static libraries and headers, and the wabt tools besides wasm-validate.
+DPKG_SLIM = ["path-exclude=/usr/share/man/*", "path-exclude=/usr/share/info/*",
+             "path-exclude=/usr/share/locale/*", "path-include=/usr/share/locale/locale.alias",
+             "path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright",
+             "path-exclude=/usr/share/lintian/*", "path-exclude=/usr/include/*",
+             "path-exclude=/usr/lib/*/libwabt.a",
+             *[f"path-exclude=/usr/bin/{tool}" for tool in (
+                 "wasm2c", "wasm-interp", "spectest-interp", "wat2wasm", "wast2json", "wat-desugar",
+                 "wasm-decompile", "wasm2wat", "wasm-objdump", "wasm-strip", "wasm-stats", "wasm-opcodecnt",
+                 "wasm2wat-fuzz", "json-to-wasm-test")]]
+
+
 def say(msg: str) -> None:
     print(f"[image] {msg}", flush=True)
 
@@ -127,7 +140,7 @@ def download_wheels(wheelhouse: Path) -> None:
 
 def base_key() -> str:
     h = hashlib.sha256()
-    for part in [SUITE, *SOURCES, "\n".join(package_list()), *locked_requirements(),
+    for part in [SUITE, *SOURCES, "\n".join(package_list()), *DPKG_SLIM, *locked_requirements(),
                  (LOCKS / "pywasm3_fix.py").read_text()]:
         h.update(part.encode() + b"\0")
     for hook in sorted((IMAGE_DIR / "rootfs-hooks").iterdir()):
@@ -148,7 +161,7 @@ def build_base(cache: Path) -> tuple[Path, bool]:
         partial = Path(tmp) / "base.tar"
         hooks = IMAGE_DIR / "rootfs-hooks"
         run(["mmdebstrap", "--mode=root", "--arch=arm64", "--variant=apt", "--verbose",
-             f"--include={','.join(package_list())}",
+             f"--include={','.join(package_list())}", *[f"--dpkgopt={o}" for o in DPKG_SLIM],
              f"--setup-hook={hooks / 'setup.sh'} \"$1\"",
              f"--customize-hook={hooks / 'customize.sh'} \"$1\" {wheelhouse}",
              SUITE, str(partial), *SOURCES])

@@ -172,9 +172,9 @@ def prepare_overlay(image: Path, work: Path, config: dict) -> Path:
 class Broker:
     """mosquitto on 127.0.0.1 and a subscriber that keeps what the gateway publishes."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, port: int | None = None) -> None:
         import paho.mqtt.client as mqtt
-        self.port = free_port()
+        self.port = port or free_port()
         conf = work / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -205,7 +205,9 @@ class Broker:
 class ModbusSlave:
     """A pymodbus RTU server on the host end of the guest's second UART."""
 
-    def __init__(self, port: str) -> None:
+    def __init__(self, port: str, oil_temp=None) -> None:
+        """oil_temp: a function giving the raw register for each answer (the host drives the
+        line: the power-cut drill swings it across the rule's limit); default a constant."""
         from pymodbus.server import ModbusSerialServer
         from pymodbus.simulator import DataType, SimData, SimDevice
         regs = SimData(0, values=[OIL_TEMP_RAW, 0], datatype=DataType.REGISTERS)
@@ -217,6 +219,8 @@ class ModbusSlave:
         def trace(sending: bool, pdu):
             if not sending:
                 self.served += 1
+            elif oil_temp is not None and getattr(pdu, "registers", None):
+                pdu.registers[0] = oil_temp()
             return pdu
 
         self.loop = asyncio.new_event_loop()
@@ -324,6 +328,26 @@ def metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def virt_command(overlay: Path, work: Path, console_log: Path, metrics_port: int, cache: str = "writeback") -> list[str]:
+    """QEMU's virt machine with the card, the kernel console to a file, the appliance console on
+    the first PCI UART (a unix socket), the Modbus line on the second (a pty), /metrics forwarded.
+    cache: how the card's writes reach the host (the power-cut drill uses writethrough, so that a
+    killed QEMU leaves exactly what the guest was told was written)."""
+    # acpi=off: U-Boot boots the kernel with a device tree, and only then does QEMU put the
+    # power button (gpio-keys on a PL061) in it; with ACPI on it would be an ACPI event.
+    return ["qemu-system-aarch64", "-M", "virt,acpi=off", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024",
+            "-accel", "tcg,thread=multi", "-bios", str(UBOOT), "-display", "none", "-monitor", "none",
+            "-chardev", f"file,id=log,path={console_log}", "-serial", "chardev:log",
+            "-drive", f"if=none,id=card,file={overlay},format=qcow2,cache={cache}",
+            "-device", "virtio-blk-pci,drive=card",
+            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{metrics_port}-:9108",
+            "-device", "virtio-net-pci,netdev=net0,romfile=", "-device", "virtio-rng-pci",
+            "-chardev", f"socket,id=con,path={work / 'console.sock'},server=on,wait=off",
+            "-chardev", "pty,id=plc",
+            "-device", "pci-serial-2x,chardev1=con,chardev2=plc",
+            "-qmp", f"unix:{work / 'qmp.sock'},server=on,wait=off"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="boot the image under QEMU and test the appliance in it")
     p.add_argument("--image", type=Path, default=None, help="the raw image (default: the one in build/image)")
@@ -346,19 +370,7 @@ def main() -> int:
         check_config_here(guest_config(broker.port), work)
         overlay = prepare_overlay(image, work, guest_config(broker.port))
         metrics_port = free_port()
-        # acpi=off: U-Boot boots the kernel with a device tree, and only then does QEMU put the
-        # power button (gpio-keys on a PL061) in it; with ACPI on it would be an ACPI event.
-        cmd = ["qemu-system-aarch64", "-M", "virt,acpi=off", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024",
-               "-accel", "tcg,thread=multi", "-bios", str(UBOOT), "-display", "none", "-monitor", "none",
-               "-chardev", f"file,id=log,path={console_log}", "-serial", "chardev:log",
-               "-drive", f"if=none,id=card,file={overlay},format=qcow2",
-               "-device", "virtio-blk-pci,drive=card",
-               "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{metrics_port}-:9108",
-               "-device", "virtio-net-pci,netdev=net0,romfile=", "-device", "virtio-rng-pci",
-               "-chardev", f"socket,id=con,path={work / 'console.sock'},server=on,wait=off",
-               "-chardev", "pty,id=plc",
-               "-device", "pci-serial-2x,chardev1=con,chardev2=plc",
-               "-qmp", f"unix:{work / 'qmp.sock'},server=on,wait=off"]
+        cmd = virt_command(overlay, work, console_log, metrics_port)
         say(f"booting {image.name} (work dir {work})")
         qemu = subprocess.Popen(cmd, stdout=open(work / "qemu.out", "wb"), stderr=subprocess.STDOUT)
         qmp = wait_until("QEMU's QMP socket", 30, lambda: Qmp(work / "qmp.sock"), 0.2)

@@ -41,8 +41,53 @@ in_root /opt/appliance/venv/bin/pip check
 rm -rf "$root/tmp/wheelhouse"
 in_root /opt/appliance/venv/bin/python -c 'import wasm3, numpy, cv2, pydantic, smbus2, serial; print("venv ok: numpy", numpy.__version__, "opencv", cv2.__version__)'
 
+echo "== Raspberry Pi boot files (raspi-firmware, u-boot-rpi): unpacked, not installed"
+# Installed, raspi-firmware's kernel hooks would write to /boot/firmware at every kernel change;
+# the image build puts these files on the FAT partition itself (image/build.py pi_boot_files).
+pi=/usr/lib/appliance/pi-boot
+mkdir -p "$root$pi" "$root/tmp/pi-debs"
+in_root sh -c 'cd /tmp/pi-debs && apt-get download -qq raspi-firmware u-boot-rpi' 
+: > "$root$pi/VERSIONS"
+for deb in "$root"/tmp/pi-debs/*.deb; do
+    dpkg-deb -x "$deb" "$root$pi/unpacked"
+    echo "$(dpkg-deb -f "$deb" Package) $(dpkg-deb -f "$deb" Version)" >> "$root$pi/VERSIONS"
+done
+install -m 0644 "$root$pi"/unpacked/usr/lib/raspi-firmware/{bootcode.bin,start.elf,fixup.dat,start4.elf,fixup4.dat} "$root$pi/"
+install -m 0644 "$root$pi/unpacked/usr/lib/u-boot/rpi_arm64/u-boot.bin" "$root$pi/u-boot-rpi_arm64.bin"
+for pkg in raspi-firmware u-boot-rpi; do   # their licences travel with them
+    install -m 0644 "$root$pi/unpacked/usr/share/doc/$pkg/copyright" "$root$pi/$pkg.copyright"
+done
+rm -rf "$root$pi/unpacked" "$root/tmp/pi-debs"
+cat "$root$pi/VERSIONS"
+
 echo "== purge build tools"
-in_root apt-get purge -y -qq gcc make libc6-dev python3-dev linux-headers-arm64 linux-source-6.1 >/dev/null
+# By name: the versioned kernel headers (installed for i2c-stub) would keep gcc-12 and binutils.
+in_root sh -c 'apt-get purge -y -qq gcc make libc6-dev python3-dev linux-source-6.1 gcc-12 cpp-12 binutils \
+    $(dpkg-query -W -f "\${Package}\n" "linux-headers-*" "linux-kbuild-*" 2>/dev/null) >/dev/null'
 in_root apt-get autoremove -y -qq --purge >/dev/null
 in_root apt-get clean
 rm -rf "$root"/var/lib/apt/lists/* "$root"/usr/src/* "$root"/root/.cache
+
+echo "== kernel modules the gateway never loads"
+# Drivers for hardware no Pi or QEMU gateway has (GPUs, InfiniBand, SCSI HBAs, DVB, sound, most
+# network cards) and file systems it never mounts. Kept: everything a Pi 3/4/CM4 and QEMU boot,
+# USB serial/gadget/UVC, V4L2 (vivid), IIO, I2C, CAN, Broadcom Ethernet and Wi-Fi, ext4/vfat.
+mods="$root/lib/modules/$kver/kernel"
+before=$(du -sm "$root/lib/modules/$kver" | cut -f1)
+for d in sound drivers/gpu drivers/infiniband drivers/isdn drivers/staging drivers/target drivers/md \
+         drivers/ata drivers/firewire drivers/bluetooth drivers/nfc drivers/atm drivers/xen \
+         drivers/media/dvb-frontends drivers/media/dvb-core drivers/media/pci drivers/media/tuners \
+         drivers/media/rc drivers/media/firewire drivers/media/radio drivers/media/mmc drivers/media/spi \
+         drivers/input/touchscreen drivers/input/joystick drivers/input/tablet \
+         net/bluetooth net/ceph net/rds net/tipc net/sunrpc net/nfc net/9p net/batman-adv net/ieee802154 \
+         fs/xfs fs/btrfs fs/smb fs/ocfs2 fs/f2fs fs/nfs fs/nfsd fs/nfs_common fs/lockd fs/ceph fs/gfs2 \
+         fs/jfs fs/reiserfs fs/nilfs2 fs/ubifs fs/orangefs fs/afs fs/coda fs/dlm fs/ntfs3 fs/erofs \
+         fs/hfs fs/hfsplus fs/9p fs/cachefiles fs/netfs fs/fscache fs/gfs2 fs/omfs fs/ufs fs/minix; do
+    rm -rf "${mods:?}/$d"
+done
+find "$mods/drivers/scsi" -mindepth 1 -type d -prune -exec rm -rf {} +       # HBAs; scsi_mod, sd_mod stay
+find "$mods/drivers/net/wireless" -mindepth 1 -maxdepth 1 ! -name broadcom -exec rm -rf {} +
+find "$mods/drivers/net/ethernet" -mindepth 1 -maxdepth 1 ! -name broadcom -exec rm -rf {} +
+rm -f "$mods"/lib/test_*.ko
+in_root depmod "$kver"
+echo "kernel modules: ${before} MiB -> $(du -sm "$root/lib/modules/$kver" | cut -f1) MiB"
