@@ -10,7 +10,8 @@ HOST_TOOLS := git:git wasm-validate:wabt gcc:gcc mosquitto_passwd:mosquitto open
 # The SD-card image and its QEMU rig (make image, make image-test); files count as commands.
 IMAGE_TOOLS := mmdebstrap:mmdebstrap arch-test:arch-test update-binfmts:binfmt-support qemu-aarch64-static:qemu-user-static \
 	qemu-system-aarch64:qemu-system-arm qemu-img:qemu-utils /usr/lib/u-boot/qemu_arm64/u-boot.bin:u-boot-qemu \
-	mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk mkfs.ext4:e2fsprogs bmaptool:bmap-tools xz:xz-utils
+	mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk mkfs.ext4:e2fsprogs bmaptool:bmap-tools xz:xz-utils \
+	dtc:device-tree-compiler fdtoverlay:device-tree-compiler mkenvimage:u-boot-tools
 # Building the image needs root (mmdebstrap --mode=root, chroot, file ownership).
 AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -280,9 +280,42 @@ def boot_files(root: Path, extra_args: str = "") -> dict[str, bytes | Path]:
               "                Options: /opt/appliance/docs/configuration.md on the gateway, or docs/ in the repo.\r\n"
               "                The factory default is /opt/appliance/gateway.yaml on the gateway.\r\n"
               f"Image, initrd.img  Linux {version} (arm64)\r\n"
-              "extlinux/       U-Boot boot menu\r\n")
+              "extlinux/       U-Boot boot menu\r\n"
+              "config.txt, *.elf, *.dat, bootcode.bin, u-boot.bin, uboot.env, *.dtb\r\n"
+              "                Raspberry Pi boot firmware, U-Boot and device trees (docs/image.md)\r\n")
     return {"Image": image, "initrd.img": initrd, "extlinux/extlinux.conf": extlinux.encode(),
             "appliance.yaml": (REPO / "configs" / "gateway.yaml").read_bytes(), "README.txt": readme.encode()}
+
+
+PI_BOARDS = ["bcm2711-rpi-4-b", "bcm2711-rpi-400", "bcm2711-rpi-cm4-io", "bcm2837-rpi-3-b", "bcm2837-rpi-3-b-plus"]
+PI_FIRMWARE = ["start4.elf", "fixup4.dat",                      # Pi 4, Pi 400, CM4 (second stage in EEPROM)
+               "bootcode.bin", "start.elf", "fixup.dat"]        # Pi 3, 3+
+UBOOT_ENV_BYTES = 0x4000     # CONFIG_ENV_SIZE of u-boot-rpi's rpi_arm64 build
+
+
+def pi_boot_files(root: Path, work: Path) -> dict[str, bytes | Path]:
+    """What a Raspberry Pi reads before extlinux.conf: the firmware (raspi-firmware), U-Boot
+    (u-boot-rpi rpi_arm64), config.txt, the device trees from the image's own kernel with
+    image/boot/appliance-pi.dtso applied (fdtoverlay: Debian's trees have no overlay symbols for
+    the firmware's dtparam/dtoverlay), and U-Boot's environment (bootdelay -2: a noisy serial
+    line never stops the boot at U-Boot's prompt)."""
+    pi = root / "usr/lib/appliance/pi-boot"
+    files: dict[str, bytes | Path] = {name: pi / name for name in PI_FIRMWARE}
+    files["u-boot.bin"] = pi / "u-boot-rpi_arm64.bin"
+    files["config.txt"] = IMAGE_DIR / "boot" / "config.txt"
+    overlay = work / "appliance-pi.dtbo"
+    run(["dtc", "-q", "-@", "-I", "dts", "-O", "dtb", "-o", str(overlay), str(IMAGE_DIR / "boot" / "appliance-pi.dtso")])
+    trees = next((root / "usr/lib").glob("linux-image-*/broadcom"))
+    for board in PI_BOARDS:
+        out = work / f"{board}.dtb"
+        run(["fdtoverlay", "-i", str(trees / f"{board}.dtb"), "-o", str(out), str(overlay)])
+        files[f"{board}.dtb"] = out
+    env = work / "uboot.env"
+    run(["mkenvimage", "-s", str(UBOOT_ENV_BYTES), "-o", str(env), str(IMAGE_DIR / "boot" / "uboot-rpi-env.txt")])
+    files["uboot.env"] = env
+    for licence in ("raspi-firmware", "u-boot-rpi"):
+        files[f"licences/{licence}.copyright"] = pi / f"{licence}.copyright"
+    return files
 
 
 def assemble(root: Path, work: Path, out_img: Path) -> dict:
@@ -293,7 +326,7 @@ def assemble(root: Path, work: Path, out_img: Path) -> dict:
     root_img, boot_img, data_img = work / "root.ext4", work / "boot.vfat", work / "data.ext4"
     run(["mkfs.ext4", "-q", "-F", "-L", "APPROOT", "-d", str(root), "-E", "root_owner=0:0", str(root_img),
          f"{root_mib}M"])
-    make_fat(boot_img, boot_files(root))
+    make_fat(boot_img, {**boot_files(root), **pi_boot_files(root, work)})
     data_dir = work / "data"
     uid, gid = passwd_ids(root, "appliance")
     (data_dir / "appliance").mkdir(parents=True)

@@ -312,6 +312,21 @@ class SerialConsole:
 
 # ---------------------------------------------------------------------------------- the run
 
+class FirstSeen:
+    """When a pattern first shows in a growing log file (seconds from now), watched in a thread."""
+
+    def __init__(self, path: Path, pattern: str) -> None:
+        self.seconds: float | None = None
+        started = time.monotonic()
+
+        def watch() -> None:
+            while self.seconds is None:
+                if path.exists() and re.search(pattern, path.read_text(errors="replace")):
+                    self.seconds = round(time.monotonic() - started, 1)
+                time.sleep(0.5)
+        threading.Thread(target=watch, daemon=True).start()
+
+
 def metrics_text(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
@@ -349,6 +364,10 @@ def virt_command(overlay: Path, work: Path, console_log: Path, metrics_port: int
 
 
 def main() -> int:
+    # pi_boot uses this module's helpers: run as a script, this module is __main__, and pi_boot
+    # must get the same one (its CheckFailed is the one caught below).
+    sys.modules.setdefault("qemu_test", sys.modules[__name__])
+    import pi_boot
     p = argparse.ArgumentParser(description="boot the image under QEMU and test the appliance in it")
     p.add_argument("--image", type=Path, default=None, help="the raw image (default: the one in build/image)")
     p.add_argument("--timeout", type=float, default=420, help="boot-to-ready limit in seconds")
@@ -371,8 +390,10 @@ def main() -> int:
         overlay = prepare_overlay(image, work, guest_config(broker.port))
         metrics_port = free_port()
         cmd = virt_command(overlay, work, console_log, metrics_port)
+        results["pi_boot_files"] = pi_boot.static_check(image, work)["boards"]
         say(f"booting {image.name} (work dir {work})")
         qemu = subprocess.Popen(cmd, stdout=open(work / "qemu.out", "wb"), stderr=subprocess.STDOUT)
+        login_prompt = FirstSeen(console_log, r"login: ")
         qmp = wait_until("QEMU's QMP socket", 30, lambda: Qmp(work / "qmp.sock"), 0.2)
         pty = next(c["filename"] for c in qmp.command("query-chardev") if c["label"] == "plc")
         modbus = ModbusSlave(pty.removeprefix("pty:"))
@@ -476,12 +497,18 @@ def main() -> int:
         if not grown or not (grown.group(2) == "GiB" or (grown.group(2) == "MiB" and float(grown.group(1)) > 1024)):
             raise CheckFailed(f"the data partition did not grow to the card:\n{text}")
 
+        results["boot_to_login_prompt_s"] = login_prompt.seconds
+        say(f"virt: the console prompt (login:) {login_prompt.seconds} s after QEMU started")
         say("powering off")
         qmp.command("system_powerdown")
         try:
             qemu.wait(120)
         except subprocess.TimeoutExpired:
             raise CheckFailed("the guest did not power off within 120 s of the power button") from None
+        # The same card on the Pi machine Debian's QEMU has (image/pi_boot.py).
+        results["raspi3b"] = pi_boot.boot_raspi3b(overlay, image, work)
+        say(f"boot to the console prompt: virt {results['boot_to_login_prompt_s']} s, "
+            f"raspi3b {results['raspi3b']['boot_to_login_s']} s")
         results["total_s"] = round(time.monotonic() - started, 1)
         ok = True
     except CheckFailed as exc:

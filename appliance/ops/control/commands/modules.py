@@ -114,21 +114,6 @@ class ModuleCommands:
             except (OSError, ValueError, RuntimeError) as exc:
                 raise CommandError(f"modules load {name}: {exc}") from None
 
-
-def disable_module(host, reason: str = "disabled by operator") -> str:
-    """Stop a module's worker and keep it stopped; windows meant for it count as dropped."""
-    done = host.disable(reason)
-    if done is False:
-        raise CommandError(f"module {host.name} is {host.state.value}; not disabled")
-    return done if isinstance(done, str) else f"module {host.name}: disabled (until enabled or the appliance restarts)"
-
-
-def enable_module(host, reason: str = "enabled by operator") -> str:
-    done = host.enable(reason)
-    if done is False:
-        raise CommandError(f"module {host.name} is {host.state.value}, not disabled")
-    return done if isinstance(done, str) else f"module {host.name}: enabled, starting"
-
     def _in_modules_dir(self, path: str) -> Path:
         """A module file from the modules directory and nowhere else (a name there, or a path
         that resolves inside it, links followed): the console must not run any readable file."""
@@ -145,3 +130,17 @@ def enable_module(host, reason: str = "enabled by operator") -> str:
                                "(runtime.modules_dir)")
         return resolved
 
+
+def disable_module(host, reason: str = "disabled by operator") -> str:
+    """Stop a module's worker and keep it stopped; windows meant for it count as dropped."""
+    done = host.disable(reason)
+    if done is False:
+        raise CommandError(f"module {host.name} is {host.state.value}; not disabled")
+    return done if isinstance(done, str) else f"module {host.name}: disabled (until enabled or the appliance restarts)"
+
+
+def enable_module(host, reason: str = "enabled by operator") -> str:
+    done = host.enable(reason)
+    if done is False:
+        raise CommandError(f"module {host.name} is {host.state.value}, not disabled")
+    return done if isinstance(done, str) else f"module {host.name}: enabled, starting"
