@@ -226,6 +226,9 @@ def stage_rootfs(base: Path, work: Path) -> Path:
     in_root(root, "useradd", "--system", "--user-group", "--home-dir", "/data/appliance", "--no-create-home",
             "--shell", "/usr/sbin/nologin", "appliance")
     in_root(root, "systemctl", "enable", *UNITS)
+    # The header UART is the appliance console's (console.device); systemd would start a login
+    # getty on it too, being the kernel's console, and the two would fight over its input.
+    in_root(root, "systemctl", "mask", "serial-getty@ttyAMA0.service")
     uid, gid = passwd_ids(root, "appliance")
     fstab = root / "etc/fstab"
     fstab.write_text(fstab.read_text().replace("@APPLIANCE_UID@", str(uid)).replace("@APPLIANCE_GID@", str(gid)))

@@ -12,8 +12,11 @@ virtio_pci
 virtio_mmio
 virtio_blk
 sdhci_pci
-# Raspberry Pi 4 / CM4: EMMC2 (sdhci-iproc) and the legacy SD host (bcm2835)
+# Raspberry Pi 4 / CM4: EMMC2 (sdhci-iproc), which probes only once its supplies' regulator
+# drivers are in (regulator-fixed, regulator-gpio); Pi 3: the SD host (bcm2835 sdhost)
 sdhci_iproc
+fixed
+gpio_regulator
 bcm2835
 mmc_block
 # file systems of the card
