@@ -70,6 +70,16 @@ def test_every_documented_metric_exists(exposition):
     assert not missing, f"documented but not exported: {sorted(missing)}"
 
 
+def test_every_exported_metric_is_documented(exposition):
+    documented = set(re.findall(r"^\| `([a-z_]+)`", (REPO / "docs" / "metrics.md").read_text(), re.M))
+    ours = set()
+    for line in exposition.splitlines():                         # the families, as the docs name them
+        if line.startswith("# TYPE appliance_") and not line.split()[2].endswith("_created"):
+            name, kind = line.split()[2:4]
+            ours.add(name + "_total" if kind == "counter" and not name.endswith("_total") else name)
+    assert not ours - documented, f"exported but not in docs/metrics.md: {sorted(ours - documented)}"
+
+
 def test_dashboard_queries_use_existing_metrics(exposition):
     dash = json.loads((REPO / "docs" / "grafana" / "appliance.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
