@@ -54,11 +54,12 @@ UNITS = ["appliance.service", "appliance-zygote.service", "appliance-console.ser
 
 
 # What dpkg never unpacks on the card (nobody reads it there): manuals, translations, docs but
-# their licences, static libraries and headers, and the wabt tools besides wasm-validate.
+# their licences, wabt's static library and its tools besides wasm-validate. (Headers stay: the
+# base compiles i2c-stub and pywasm3, then purges the compilers and -dev packages with them.)
 DPKG_SLIM = ["path-exclude=/usr/share/man/*", "path-exclude=/usr/share/info/*",
              "path-exclude=/usr/share/locale/*", "path-include=/usr/share/locale/locale.alias",
              "path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright",
-             "path-exclude=/usr/share/lintian/*", "path-exclude=/usr/include/*",
+             "path-exclude=/usr/share/lintian/*",
              "path-exclude=/usr/lib/*/libwabt.a",
              *[f"path-exclude=/usr/bin/{tool}" for tool in (
                  "wasm2c", "wasm-interp", "spectest-interp", "wat2wasm", "wast2json", "wat-desugar",

@@ -77,7 +77,7 @@ before=$(du -sm "$root/lib/modules/$kver" | cut -f1)
 for d in sound drivers/gpu drivers/infiniband drivers/isdn drivers/staging drivers/target drivers/md \
          drivers/ata drivers/firewire drivers/bluetooth drivers/nfc drivers/atm drivers/xen \
          drivers/media/dvb-frontends drivers/media/dvb-core drivers/media/pci drivers/media/tuners \
-         drivers/media/rc drivers/media/firewire drivers/media/radio drivers/media/mmc drivers/media/spi \
+         drivers/media/firewire drivers/media/radio drivers/media/mmc drivers/media/spi \
          drivers/input/touchscreen drivers/input/joystick drivers/input/tablet \
          net/bluetooth net/ceph net/rds net/tipc net/sunrpc net/nfc net/9p net/batman-adv net/ieee802154 \
          fs/xfs fs/btrfs fs/smb fs/ocfs2 fs/f2fs fs/nfs fs/nfsd fs/nfs_common fs/lockd fs/ceph fs/gfs2 \
@@ -90,4 +90,11 @@ find "$mods/drivers/net/wireless" -mindepth 1 -maxdepth 1 ! -name broadcom -exec
 find "$mods/drivers/net/ethernet" -mindepth 1 -maxdepth 1 ! -name broadcom -exec rm -rf {} +
 rm -f "$mods"/lib/test_*.ko
 in_root depmod "$kver"
+# What the gateway and the rig load must still resolve, with every module it depends on.
+for m in vivid i2c_stub uvcvideo i2c_dev i2c_bcm2835 sdhci_iproc bcm2835 fixed gpio_regulator virtio_blk \
+         virtio_net ext4 vfat nls_cp437 nls_ascii genet smsc95xx lan78xx brcmfmac cdc_acm usb_f_acm \
+         ftdi_sio cp210x pl2303 ch341 can_raw vcan gpio_keys bcm2835_wdt; do
+    in_root modprobe -S "$kver" --show-depends "$m" >/dev/null \
+        || { echo "kernel module $m (or a module it needs) was pruned" >&2; exit 1; }
+done
 echo "kernel modules: ${before} MiB -> $(du -sm "$root/lib/modules/$kver" | cut -f1) MiB"
