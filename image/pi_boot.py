@@ -126,7 +126,8 @@ def boot_raspi3b(overlay: Path, image: Path, work: Path, timeout_s: float = 1200
            "-drive", f"if=sd,format=qcow2,file={overlay}", "-display", "none", "-monitor", "none",
            "-serial", f"file:{log}", "-no-reboot"]
     started = time.monotonic()
-    qemu = subprocess.Popen(cmd, stdout=open(work / "raspi3b-qemu.out", "wb"), stderr=subprocess.STDOUT)
+    qemu_out = open(work / "raspi3b-qemu.out", "wb")
+    qemu = subprocess.Popen(cmd, stdout=qemu_out, stderr=subprocess.STDOUT)
     marks = {"u_boot": r"U-Boot 20\d\d", "extlinux": r"Found /extlinux/extlinux.conf",
              "linux": r"Booting Linux on physical CPU", "root_mounted": r"EXT4-fs \(mmcblk0p2\): mounted",
              "console_prompt": r"\(guest\)> ", "appliance_running": r"appliance \S+ running gateway",
@@ -159,3 +160,4 @@ def boot_raspi3b(overlay: Path, image: Path, work: Path, timeout_s: float = 1200
     finally:
         qemu.send_signal(signal.SIGKILL)
         qemu.wait()
+        qemu_out.close()

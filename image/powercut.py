@@ -69,28 +69,36 @@ def guest_config(mqtt_port: int, durability: str) -> dict:
 
 
 class Guest:
-    """One boot of the card: QEMU, its QMP socket and the Modbus peer on its second UART."""
+    """One boot of the card: QEMU, its QMP socket and the Modbus peer on its second UART. Every
+    boot appends to the same console log; this boot's part starts at log_offset."""
 
     def __init__(self, overlay: Path, work: Path, console_log: Path) -> None:
         self.metrics_port = rig.free_port()
         self.console_log = console_log
         self.log_offset = console_log.stat().st_size if console_log.exists() else 0
-        # QEMU's file chardev truncates: keep what earlier boots said by appending it back after.
-        self.earlier = console_log.read_bytes() if console_log.exists() else b""
-        self.boot_log = work / "boot.log"
-        self.qemu = subprocess.Popen(rig.virt_command(overlay, work, self.boot_log, self.metrics_port,
-                                                      cache="writethrough"),
-                                     stdout=open(work / "qemu.out", "ab"), stderr=subprocess.STDOUT)
-        self.qmp = wait_until("QEMU's QMP socket", 30, lambda: rig.Qmp(work / "qmp.sock"), 0.2)
-        pty = next(c["filename"] for c in self.qmp.command("query-chardev") if c["label"] == "plc")
-        def oil_temp() -> int:   # the host drives the line: over the limit, back under, over...
-            self.polls += 1
-            return HIGH if self.polls % 2 else LOW
+        self.qmp = self.modbus = None
         self.polls = 0
-        self.modbus = rig.ModbusSlave(pty.removeprefix("pty:"), oil_temp=oil_temp)
+        self._closed = False
+        self._qemu_out = open(work / "qemu.out", "ab")
+        self.qemu = subprocess.Popen(rig.virt_command(overlay, work, console_log, self.metrics_port,
+                                                      cache="writethrough", append_log=True),
+                                     stdout=self._qemu_out, stderr=subprocess.STDOUT)
+        try:
+            self.qmp = wait_until("QEMU's QMP socket", 30, lambda: rig.Qmp(work / "qmp.sock"), 0.2)
+            pty = next(c["filename"] for c in self.qmp.command("query-chardev") if c["label"] == "plc")
+
+            def oil_temp() -> int:   # the host drives the line: over the limit, back under, over...
+                self.polls += 1
+                return HIGH if self.polls % 2 else LOW
+            self.modbus = rig.ModbusSlave(pty.removeprefix("pty:"), oil_temp=oil_temp)
+        except BaseException:
+            self.close()
+            raise
 
     def text(self) -> str:
-        return self.boot_log.read_text(errors="replace") if self.boot_log.exists() else ""
+        with open(self.console_log, "rb") as f:
+            f.seek(self.log_offset)
+            return f.read().decode(errors="replace")
 
     def committed(self) -> list[str]:
         return EVENT_LINE.findall(self.text())
@@ -119,16 +127,19 @@ class Guest:
         self.close()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for thing in (self.qmp, self.modbus):
             try:
-                thing.close()
+                if thing is not None:
+                    thing.close()
             except Exception:   # noqa: BLE001 - the guest may be gone already
                 pass
         if self.qemu.poll() is None:
             self.qemu.kill()
             self.qemu.wait()
-        with open(self.console_log, "wb") as f:   # every boot's console, in order
-            f.write(self.earlier + (self.boot_log.read_bytes() if self.boot_log.exists() else b""))
+        self._qemu_out.close()
 
 
 def check_data_partition(overlay: Path, image: Path, work: Path) -> dict:
@@ -264,6 +275,8 @@ def main() -> int:
             ok = not problems
     except CheckFailed as exc:
         problems.append(str(exc))
+    except Exception as exc:   # noqa: BLE001 - a tool failing (qemu-img, e2fsck) is a failed drill, said
+        problems.append(f"{type(exc).__name__}: {exc}")
     finally:
         if guest is not None:
             guest.close()

@@ -348,7 +348,8 @@ def metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def virt_command(overlay: Path, work: Path, console_log: Path, metrics_port: int, cache: str = "writeback") -> list[str]:
+def virt_command(overlay: Path, work: Path, console_log: Path, metrics_port: int, cache: str = "writeback",
+                 append_log: bool = False) -> list[str]:
     """QEMU's virt machine with the card, the kernel console to a file, the appliance console on
     the first PCI UART (a unix socket), the Modbus line on the second (a pty), /metrics forwarded.
     cache: how the card's writes reach the host (the power-cut drill uses writethrough, so that a
@@ -357,7 +358,7 @@ def virt_command(overlay: Path, work: Path, console_log: Path, metrics_port: int
     # power button (gpio-keys on a PL061) in it; with ACPI on it would be an ACPI event.
     return ["qemu-system-aarch64", "-M", "virt,acpi=off", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024",
             "-accel", "tcg,thread=multi", "-bios", str(UBOOT), "-display", "none", "-monitor", "none",
-            "-chardev", f"file,id=log,path={console_log}", "-serial", "chardev:log",
+            "-chardev", f"file,id=log,path={console_log}{',append=on' if append_log else ''}", "-serial", "chardev:log",
             "-drive", f"if=none,id=card,file={overlay},format=qcow2,cache={cache}",
             "-device", "virtio-blk-pci,drive=card",
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{metrics_port}-:9108",

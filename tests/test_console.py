@@ -471,3 +471,13 @@ def test_config_show_hides_url_credentials_and_query_strings():
     assert shown["uplink"]["http"]["url"] == "https://<hidden>@hooks.example.com:8443/in?<hidden>#<hidden>"
     assert shown["plain"] == "https://example.com/path" and shown["note"] == "plain text"
 
+
+
+def test_two_console_ports_share_one_count_of_wrong_passwords(tmp_path):
+    """The UART and the USB gadget port each run a console: two wrong tries on one and one on
+    the other are three, and the third earns the delay."""
+    from appliance.ops.console import LoginThrottle
+    uart = LoginThrottle(tmp_path / "console-login.json", fail_delay_s=30)
+    gadget = LoginThrottle(tmp_path / "console-login.json", fail_delay_s=30)
+    assert uart.failed() == 0 and uart.failed() == 0
+    assert gadget.failed() == 30 and uart.remaining() > 25

@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -259,4 +260,84 @@ def test_events_committed_before_ntp_get_their_time_once_it_syncs(tmp_path):
     clock.steady = 10**9
     spool = Spool(tmp_path / "spool.db", 1 << 26, clock=clock.spool_clock())
     assert spool.expire(MAX_AGE_S) == 1             # its true age, not its stale stamp, counted
+    spool.close()
+
+
+# ---- what the review found ------------------------------------------------------------------------
+
+def test_the_wal_survives_the_check_and_is_read_both_ways(tmp_path):
+    """A page zeroed in the file while the newest commits wait in the WAL: the read-only check
+    leaves the WAL in place, and salvage reads the file with it (the newest events) and without."""
+    path = tmp_path / "spool.db"
+    fill(path, 0, N)
+    fill(path, N, 20, crash=True)                    # events 200..219 live only in the WAL
+    on_page = zero_a_page(path)
+    spool = Spool(path, 1 << 26, recover=True)
+    r = spool.recovery
+    assert r is not None and r.moved_to.with_name(r.moved_to.name + "-wal").exists()
+    got = numbers(spool.tail(10 * N))
+    assert set(range(N, N + 20)) <= set(got), "the WAL's events were not read"
+    assert len(got) + r.lost == N + 20 and r.lost == on_page, r.describe()
+    spool.close()
+
+
+def test_a_spool_with_nothing_left_to_find_its_rows_by_ends_in_bounded_time(tmp_path):
+    """The table's root, its id index and sqlite_sequence zeroed: no bound on the sequence numbers
+    is readable. Before, salvage searched on without end and the gateway never started."""
+    path = tmp_path / "spool.db"
+    fill(path, 0, N)
+    data = bytearray(path.read_bytes())
+    for page in (2, 3, 4):                            # events, its id index, sqlite_sequence (1-based)
+        data[(page - 1) * PAGE:page * PAGE] = bytes(PAGE)
+    path.write_bytes(bytes(data))
+    code = f"""
+import sys
+import time
+sys.path.insert(0, {str(REPO)!r})
+from appliance.events.spool import Spool
+s = Spool({str(path)!r}, 1 << 26, recover=True)
+print(len(s.recovery.salvaged), s.recovery.lost)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    salvaged, lost = map(int, out.stdout.split())
+    assert salvaged + lost <= N
+
+
+def test_a_full_disk_during_salvage_still_gives_a_working_spool(tmp_path, monkeypatch):
+    path = tmp_path / "spool.db"
+    fill(path, 0, 30)
+    overwrite_header(path)
+
+    def no_space(*_a, **_k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(salvage.shutil, "copyfile", no_space)
+    spool = Spool(path, 1 << 26, recover=True)
+    r = spool.recovery
+    assert r is not None and r.incomplete and "No space left" in r.incomplete
+    assert "more may be lost" in r.describe()
+    assert not list(tmp_path.glob("spool-salvage-*")), "scratch copies left on the data partition"
+    spool.append(event(1))
+    assert spool.depth() == 1
+    spool.close()
+
+
+def test_a_damaged_copy_is_never_pruned_before_it_is_read(tmp_path):
+    """A Pi without a real-time clock stamps files out of order: older damaged copies may look
+    newer. The one just moved aside must still be read."""
+    path = tmp_path / "spool.db"
+    for _ in range(salvage.KEEP_DAMAGED):
+        fill(path, 0, 5)
+        overwrite_header(path)
+        Spool(path, 1 << 26, recover=True).close()
+    future = time.time() + 10 * 365 * 86_400
+    for old in tmp_path.glob("spool.db.damaged-*"):
+        os.utime(old, (future, future))
+    fill(path, 100, 50)
+    overwrite_header(path)
+    spool = Spool(path, 1 << 26, recover=True)
+    # Every event it held: the 50 new ones and the 5 each earlier salvage had carried over.
+    assert len(spool.recovery.salvaged) == 50 + 5 * salvage.KEEP_DAMAGED and spool.recovery.moved_to.exists()
+    kept = [p for p in tmp_path.glob("spool.db.damaged-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert len(kept) == salvage.KEEP_DAMAGED and spool.recovery.moved_to in kept
     spool.close()

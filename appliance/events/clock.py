@@ -27,17 +27,28 @@ _TIMEX_SIZE = 256            # struct timex is 208 bytes on 64-bit Linux; room t
 _MAXERROR_OFFSET = 24        # unsigned int modes (+pad), long offset, long freq, long maxerror
 
 
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+_SYNC_CACHE_S = 1.0          # a commit asks; the kernel's answer cannot change faster than NTP polls
+_last_answer: tuple[float, bool] = (-1e9, False)
+
+
 def _kernel_says_synchronised() -> bool:
     """adjtimex(2) read-only: what timedatectl shows as "System clock synchronized"."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    global _last_answer
+    now = time.monotonic()
+    if now - _last_answer[0] < _SYNC_CACHE_S:
+        return _last_answer[1]
+    answer = False
+    if _LIBC is not None:
         buf = ctypes.create_string_buffer(_TIMEX_SIZE)   # modes = 0: read, change nothing
-        if libc.adjtimex(buf) < 0:
-            return False
-        maxerror = ctypes.c_long.from_buffer(buf, _MAXERROR_OFFSET).value
-        return 0 <= maxerror < MAX_SYNC_ERROR_US
-    except (OSError, AttributeError):
-        return False
+        if _LIBC.adjtimex(buf) >= 0:
+            maxerror = ctypes.c_long.from_buffer(buf, _MAXERROR_OFFSET).value
+            answer = 0 <= maxerror < MAX_SYNC_ERROR_US
+    _last_answer = (now, answer)
+    return answer
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import logging
 import shutil
 import sqlite3
@@ -35,7 +36,9 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 HEADER_BYTES = 100
 BLOCK = 256                          # sequence numbers read per query before bisecting
 KEEP_DAMAGED = 3                     # damaged copies kept on the data partition (the newest)
-EMPTY_BLOCKS_PAST_END = 4096         # how far to look past the last readable row when the end is unknown
+BARREN_BLOCKS = 16                   # with the end unknown: blocks in a row without a readable row, then stop
+QUERY_BUDGET = 200_000               # queries one reading may make (a few seconds on a Pi)
+DAMAGED_CODES = (11, 26)             # SQLITE_CORRUPT ("disk image is malformed"), SQLITE_NOTADB ("not a database")
 EVENT_COLUMNS = ("seq", "id", "priority", "created_ns", "body", "size", "parked", "run_ns", "wall_synced")
 
 
@@ -54,12 +57,14 @@ class Recovery:
     lost: int                        # rows that could not be read (an estimate; see the module's doc)
     attachments_lost: int
     header_rebuilt: bool = False
+    incomplete: str | None = None    # why more may be lost than counted
 
     def describe(self) -> str:
         return (f"spool damaged ({self.reason}); moved aside to {self.moved_to.name}; "
                 f"{len(self.salvaged)} event(s) recovered, {self.lost} lost"
                 + (f", {self.attachments_lost} event(s) without some evidence" if self.attachments_lost else "")
-                + ("; its header was rebuilt" if self.header_rebuilt else ""))
+                + ("; its header was rebuilt" if self.header_rebuilt else "")
+                + (f"; more may be lost ({self.incomplete})" if self.incomplete else ""))
 
 
 def _spool_id(path: Path, mode: str) -> int | None:
@@ -84,16 +89,23 @@ def foreign_wal(path: Path) -> str | None:
     try:
         own = _spool_id(path, "immutable=1")
     except sqlite3.DatabaseError:
-        return None     # the file itself is damaged: opening it will say so
+        return None     # the file itself is damaged (or busy): the read-only check says which
     if own is None:     # a spool whose first commits never reached the file: nothing to compare
         return None
     try:
         seen = _spool_id(path, "mode=ro")
     except sqlite3.DatabaseError as exc:
+        if not is_damage(exc):
+            raise
         return f"its WAL does not read ({exc})"
     if seen != own:
         return f"its WAL belongs to another database (spool id {seen}, the file's {own})"
     return None
+
+
+def is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB: the file is damaged (not busy, full, missing or read-only)."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in DAMAGED_CODES
 
 
 def health(db: sqlite3.Connection) -> str | None:
@@ -103,25 +115,60 @@ def health(db: sqlite3.Connection) -> str | None:
     return None if verdict == "ok" else verdict
 
 
+def check_read_only(path: Path) -> str | None:
+    """quick_check on a read-only connection, before anything writes to the file: a read-write
+    open would create tables in a damaged file, and its close would checkpoint the WAL into it
+    (and delete the WAL, which salvage wants to read both with and without). None when sound or
+    absent; raises for errors that are not damage."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.DatabaseError as exc:
+        if is_damage(exc):
+            return str(exc)
+        raise
+    try:
+        return health(db)
+    except sqlite3.DatabaseError as exc:
+        if is_damage(exc):
+            return str(exc)
+        raise
+    finally:
+        db.close()
+
+
+def remove_scratch(folder: Path) -> None:
+    """Scratch copies a salvage interrupted (a power cut, a full disk) left behind."""
+    for stale in folder.glob("spool-salvage-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def move_aside(path: Path) -> Path:
-    """Rename the database and its WAL/shm under one timestamped name; keep the newest few."""
+    """Rename the database and its WAL/shm as spool.db.damaged-<n>-<UTC time>: n counts up, so
+    the order holds even when a Pi without a real-time clock stamps them out of order."""
+    numbers = [int(m.group(1)) for p in path.parent.glob(f"{path.name}.damaged-*")
+               if (m := re.match(rf"{re.escape(path.name)}\.damaged-(\d+)-", p.name))]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = path.with_name(f"{path.name}.damaged-{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    target = path.with_name(f"{path.name}.damaged-{max(numbers, default=0) + 1}-{stamp}")
     for suffix in ("-wal", "-shm"):
         side = path.with_name(path.name + suffix)
         if side.exists():
             side.rename(target.with_name(target.name + suffix))
     path.rename(target)
-    damaged = sorted((p for p in path.parent.glob(f"{path.name}.damaged-*") if not p.name.endswith(("-wal", "-shm"))),
-                     key=lambda p: p.stat().st_mtime)
-    for old in damaged[:-KEEP_DAMAGED]:
+    return target
+
+
+def prune_damaged(path: Path, keep: int = KEEP_DAMAGED) -> None:
+    """Keep the newest `keep` damaged copies (by their number), after the newest was salvaged."""
+    copies = []
+    for p in path.parent.glob(f"{path.name}.damaged-*"):
+        m = re.match(rf"{re.escape(path.name)}\.damaged-(\d+)-[^-]*$", p.name)
+        if m:
+            copies.append((int(m.group(1)), p))
+    for _, old in sorted(copies)[:-keep]:
         for f in (old, old.with_name(old.name + "-wal"), old.with_name(old.name + "-shm")):
             f.unlink(missing_ok=True)
-    return target
 
 
 def rebuilt_header(data: bytes, wal_mode: bool) -> bytes | None:
@@ -163,6 +210,13 @@ class _View:
 
     def __init__(self, db_file: Path, wal: Path | None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="spool-salvage-", dir=db_file.parent))
+        try:
+            self._copy(db_file, wal)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _copy(self, db_file: Path, wal: Path | None) -> None:
         self.file = self.dir / "copy.db"
         shutil.copyfile(db_file, self.file)
         if wal is not None:
@@ -179,6 +233,8 @@ class _View:
         # Without it a schema that fails SQLite's checks (a file cut short) reads as nothing at all.
         self.db.execute("PRAGMA writable_schema=ON")
         self.columns: list[str] = []
+        self.truncated = False
+        self.unknown_tail = False
 
     def close(self) -> None:
         self.db.close()
@@ -214,15 +270,20 @@ class _View:
                                (lo, hi)).fetchall()
 
     def read(self) -> tuple[dict[int, dict], set[int]]:
-        """(readable rows by seq, seqs that raised)."""
+        """(readable rows by seq, seqs that raised). Bounded: at most QUERY_BUDGET queries, and
+        with the table's end unknown, it stops after a run of blocks without a readable row
+        (errors past the last readable row then count as unknown, not as lost)."""
         good: dict[int, dict] = {}
         bad: set[int] = set()
+        budget = [QUERY_BUDGET]
 
-        def block(a: int, b: int) -> int:
+        def block(a: int, b: int) -> None:
+            if budget[0] <= 0:
+                return
+            budget[0] -= 1
             try:
                 for values in self.rows(a, b):
                     good[values[0]] = dict(zip(self.columns, values))
-                return len(good)
             except sqlite3.DatabaseError:
                 if a == b:
                     bad.add(a)
@@ -230,18 +291,22 @@ class _View:
                     mid = (a + b) // 2
                     block(a, mid)
                     block(mid + 1, b)
-            return len(good)
 
         lo, hi = self.bounds()
-        a, empty_run = lo, 0
-        while hi is None or a <= hi:
-            before = len(good), len(bad)
+        a, barren = lo, 0
+        while (hi is None or a <= hi) and budget[0] > 0:
+            before = len(good)
             block(a, a + BLOCK - 1 if hi is None else min(a + BLOCK - 1, hi))
             a += BLOCK
             if hi is None:   # the end is unknown: stop once well past anything readable
-                empty_run = 0 if (len(good), len(bad)) != before else empty_run + 1
-                if empty_run >= EMPTY_BLOCKS_PAST_END:
+                barren = 0 if len(good) > before else barren + 1
+                if barren >= BARREN_BLOCKS:
                     break
+        self.truncated = budget[0] <= 0
+        if hi is None:   # rows past the last readable one cannot be told from rows never written
+            last = max(good, default=lo - 1)
+            self.unknown_tail = any(seq > last for seq in bad)
+            bad = {seq for seq in bad if seq <= last}
         return good, bad
 
     def attachments(self, event_id: str) -> list[tuple[str, str, bytes]]:
@@ -257,26 +322,41 @@ def _decodes(row: dict) -> bool:
     return isinstance(body, dict) and body.get("id") == row["id"] and isinstance(row.get("priority", 0), int)
 
 
-def salvage(damaged: Path, wal: Path | None) -> tuple[list[SalvagedEvent], int, int, bool]:
-    """(events recovered in commit order, rows lost, events whose attachments were partly lost,
-    whether a header was rebuilt) from a damaged spool file and its WAL (either may be garbage)."""
+@dataclass
+class Salvage:
+    events: list[SalvagedEvent]
+    lost: int
+    attachments_lost: int
+    header_rebuilt: bool
+    incomplete: str | None           # why the count of lost rows may be short, if it may
+
+
+def salvage(damaged: Path, wal: Path | None) -> Salvage:
+    """What can be read from a damaged spool file and its WAL (either may be garbage), events in
+    commit order. Never raises for the file's sake: what it could not do is in `incomplete`."""
     found: dict[str, tuple[int, dict, _View]] = {}
     unreadable: set[int] = set()
     readable: set[int] = set()
     views: list[_View] = []
     header_rebuilt = False
+    incomplete: list[str] = []
     try:
         for wal_file in ([wal] if wal is not None else []) + [None]:
             try:
                 view = _View(damaged, wal_file)
             except (OSError, sqlite3.Error) as exc:
-                log.warning("spool salvage: cannot read a copy (%s)", exc)
+                log.warning("spool salvage: cannot make a copy to read (%s)", exc)
+                incomplete.append(f"no copy to read: {exc}")
                 continue
             views.append(view)
             if not view.open_table():
                 continue
             header_rebuilt |= view.header_rebuilt
             good, bad = view.read()
+            if view.truncated:
+                incomplete.append(f"reading stopped after {QUERY_BUDGET} queries")
+            if view.unknown_tail:
+                incomplete.append("the table's end is unreadable: rows past the last readable one are not counted")
             unreadable |= bad
             for seq, row in good.items():
                 if not _decodes(row):
@@ -284,6 +364,8 @@ def salvage(damaged: Path, wal: Path | None) -> tuple[list[SalvagedEvent], int, 
                     continue
                 readable.add(seq)
                 found.setdefault(row["id"], (seq, row, view))   # the WAL view first: it is newer
+        if not any(v.columns for v in views):
+            incomplete.append("its events table could not be read at all")
         events, attachments_lost = [], 0
         for seq, row, view in sorted(found.values(), key=lambda item: item[0]):
             event = SalvagedEvent(row)
@@ -298,7 +380,8 @@ def salvage(damaged: Path, wal: Path | None) -> tuple[list[SalvagedEvent], int, 
             if len(event.attachments) < len(listed):
                 attachments_lost += 1
             events.append(event)
-        return events, len(unreadable - readable), attachments_lost, header_rebuilt
+        return Salvage(events, len(unreadable - readable), attachments_lost, header_rebuilt,
+                       "; ".join(dict.fromkeys(incomplete)) or None)
     finally:
         for view in views:
             view.close()

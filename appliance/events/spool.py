@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ log = logging.getLogger("appliance.events")
 # How hard a commit is pushed to the card. Only FULL keeps the promise above; OFF exists for the
 # image rig's power-cut drill, to prove that the drill notices lost events (refused elsewhere).
 DURABILITY = {"full": "FULL", "off": "OFF"}
-DAMAGED_CODES = (11, 26)    # SQLITE_CORRUPT ("disk image is malformed"), SQLITE_NOTADB ("not a database")
+STATS_FOR_S = 1.0           # how long stats() figures stand when nothing changed
 
 
 class Spool:
@@ -50,24 +51,24 @@ class Spool:
         self._last_stats: dict[str, float] = {}
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
-        try:
-            problem = salvage.foreign_wal(self.path) if recover else None
-            if problem is None:
-                self._db = self._open()
-                problem = salvage.health(self._db) if recover else None
-        except sqlite3.DatabaseError as exc:
-            # Only damage is salvaged; a full, read-only or missing disk is the caller's to report.
-            if not recover or (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in DAMAGED_CODES:
-                if self._db is not None:
-                    self._db.close()
-                raise
-            problem = str(exc)
+        self._stats_at = -1.0
+        problem = None
+        if recover:
+            # Judged before anything opens it for writing (salvage.check_read_only says why);
+            # errors that are not damage (a full, read-only or missing disk) go to the caller.
+            salvage.remove_scratch(self.path.parent)
+            problem = salvage.foreign_wal(self.path) or salvage.check_read_only(self.path)
         if problem is not None:
             self._recover(problem)
+        else:
+            self._db = self._open()
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM events").fetchone()[0]
-        # Run time (events/clock.py) carries on from where the last run left it.
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'run_ns'").fetchone()
-        self._run_base = int(row[0]) if row else 0
+        # Run time (events/clock.py) carries on from where the last run left it: the saved figure,
+        # or the newest event's if the last run ended before it could save (a power cut).
+        saved = self._db.execute("SELECT value FROM meta WHERE key = 'run_ns'").fetchone()
+        newest = self._db.execute("SELECT MAX(run_ns) FROM events").fetchone()[0]
+        # One ns on, so this run's events (run_ns >= _run_base) are told from the last run's.
+        self._run_base = max(int(saved[0]) if saved else 0, newest or 0) + 1
         self._steady0 = self._clock.steady_ns()
 
     def _open(self) -> sqlite3.Connection:
@@ -111,18 +112,21 @@ class Spool:
         return db
 
     def _recover(self, problem: str) -> None:
-        """Move the damaged file aside, open a new one, put in what can be read."""
-        if self._db is not None:
-            self._db.close()
+        """Move the damaged file aside, open a new one, put in what can be read. Whatever goes
+        wrong while reading the damaged copy, the gateway gets a working spool and is told."""
         log.error("spool %s is damaged (%s): moving it aside and salvaging what can be read", self.path, problem)
         moved = salvage.move_aside(self.path)
         wal = moved.with_name(moved.name + "-wal")
         trust_wal = wal.exists() and "WAL belongs to another" not in problem
-        events, lost, attachments_lost, rebuilt = salvage.salvage(moved, wal if trust_wal else None)
+        try:
+            found = salvage.salvage(moved, wal if trust_wal else None)
+        except Exception as exc:   # noqa: BLE001 - a salvage bug must not stop the gateway either
+            log.exception("spool salvage failed")
+            found = salvage.Salvage([], 0, 0, False, f"salvage failed: {type(exc).__name__}: {exc}")
         self._db = self._open()
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for item in events:
+            for item in found.events:
                 row = item.row
                 self._db.execute(
                     "INSERT OR IGNORE INTO events (id, priority, created_ns, body, size, parked, run_ns, wall_synced) "
@@ -133,13 +137,13 @@ class Spool:
                 for name, content_type, data in item.attachments:
                     self._db.execute("INSERT OR IGNORE INTO attachments (event_id, name, type, data) "
                                      "VALUES (?, ?, ?, ?)", (row["id"], name, content_type, data))
-            # The run clock goes on from the newest salvaged event (the old meta row may be gone).
-            self._save_run_locked(max((item.row.get("run_ns") or 0 for item in events), default=0))
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        self.recovery = salvage.Recovery(problem, moved, events, lost, attachments_lost, rebuilt)
+        salvage.prune_damaged(self.path)
+        self.recovery = salvage.Recovery(problem, moved, found.events, found.lost, found.attachments_lost,
+                                         found.header_rebuilt, found.incomplete)
         log.error("%s", self.recovery.describe())
 
     def run_ns(self) -> int:
@@ -157,13 +161,13 @@ class Spool:
         size = len(body) + sum(len(a.data) for a in attachments)
         priority = SEVERITIES.index(event["severity"])
         with self._lock:
+            self._stats_at = -1.0   # the figures changed
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 run = self.run_ns()
                 self._db.execute("INSERT INTO events (id, priority, created_ns, body, size, run_ns, wall_synced) "
                                  "VALUES (?, ?, ?, ?, ?, ?, ?)", (event["id"], priority, self._clock.wall_ns(), body,
                                                                   size, run, int(self._clock.synchronised())))
-                self._save_run_locked(run)
                 for a in attachments:
                     self._db.execute("INSERT INTO attachments (event_id, name, type, data) VALUES (?, ?, ?, ?)",
                                      (event["id"], a.name, a.content_type, a.data))
@@ -220,6 +224,7 @@ class Spool:
     def delete(self, event_id: str) -> None:
         """The far side acknowledged it: it leaves the spool (durably, in one transaction)."""
         with self._lock:
+            self._stats_at = -1.0   # the figures changed
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute("SELECT size FROM events WHERE id = ?", (event_id,)).fetchone()
@@ -235,11 +240,13 @@ class Spool:
     def park(self, event_id: str, reason: str) -> None:
         """Refused for good upstream: kept (never silently dropped), not retried."""
         with self._lock:
+            self._stats_at = -1.0   # the figures changed
             self._db.execute("UPDATE events SET parked = ? WHERE id = ?", (reason[:500], event_id))
 
     def requeue_parked(self) -> int:
         """Give parked events another chance (after the uplink's config was fixed)."""
         with self._lock:
+            self._stats_at = -1.0   # the figures changed
             return self._db.execute("UPDATE events SET parked = NULL WHERE parked IS NOT NULL").rowcount
 
     def _age_sql(self) -> tuple[str, tuple]:
@@ -251,8 +258,10 @@ class Spool:
 
     def expire(self, max_age_s: float) -> int:
         """The age bound: events older than max_age_s leave, counted and logged like evictions.
-        A wall clock that jumps (NTP after a boot without RTC) cannot make an event old."""
+        A wall clock that jumps before NTP has synchronised it (a boot without RTC) cannot make
+        an event old (events/clock.py)."""
         with self._lock:
+            self._stats_at = -1.0   # the figures changed
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._anchor_locked()
@@ -285,15 +294,21 @@ class Spool:
                          (self._clock.wall_ns(), self.run_ns(), self._run_base))
 
     def stats(self) -> dict[str, float]:
+        """depth, parked, bytes, oldest_age_s. A scrape reads four gauges from it: the figures are
+        kept for a second unless the spool changed (its age query scans the table)."""
         with self._lock:
             if self._closed:   # a scrape after stop: the last figures, not an error
+                return dict(self._last_stats)
+            now = time.monotonic()
+            if self._stats_at >= 0 and now - self._stats_at < STATS_FOR_S:
                 return dict(self._last_stats)
             age_sql, params = self._age_sql()
             depth, parked, oldest = self._db.execute(
                 f"SELECT COUNT(*), COUNT(parked), MAX({age_sql}) FROM events", params).fetchone()
-        age = 0.0 if oldest is None else max(0.0, oldest / 1e9)
-        self._last_stats = {"depth": depth, "parked": parked, "bytes": self._bytes, "oldest_age_s": age}
-        return dict(self._last_stats)
+            age = 0.0 if oldest is None else max(0.0, oldest / 1e9)
+            self._last_stats = {"depth": depth, "parked": parked, "bytes": self._bytes, "oldest_age_s": age}
+            self._stats_at = now
+            return dict(self._last_stats)
 
     def attachment(self, event_id: str, name: str) -> bytes | None:
         with self._lock:

@@ -214,24 +214,33 @@ class LoginThrottle:
         self.fail_delay_s = fail_delay_s
         self.failures = 0
         self._until = 0.0
-        if path is not None:
-            try:
-                state = json.loads(path.read_text())
-                self.failures, self._until = int(state["failures"]), float(state["until"])
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-            if self._until > self._now() + FAIL_DELAY_MAX_S:   # from an earlier boot: start counting again
-                self._until = self._now() + FAIL_DELAY_MAX_S
+        self._load()
+
+    def _load(self) -> None:
+        """What the file says, when it says more: every console (the UART, the USB gadget port)
+        shares one count, so two ports do not give twice the tries."""
+        if self.path is None:
+            return
+        try:
+            state = json.loads(self.path.read_text())
+            failures, until = int(state["failures"]), float(state["until"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if until > self._now() + FAIL_DELAY_MAX_S:   # from an earlier boot: at most the longest delay
+            until = self._now() + FAIL_DELAY_MAX_S
+        self.failures, self._until = max(self.failures, failures), max(self._until, until)
 
     @staticmethod
     def _now() -> float:
         return time.clock_gettime(time.CLOCK_BOOTTIME)
 
     def remaining(self) -> float:
+        self._load()
         return max(0.0, self._until - self._now())
 
     def failed(self) -> float:
         """Count a wrong password; the delay it starts (0 for none)."""
+        self._load()
         self.failures += 1
         delay = 0.0
         if self.failures % FAIL_TRIES == 0:
@@ -249,7 +258,7 @@ class LoginThrottle:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"failures": self.failures, "until": self._until}))
             os.replace(tmp, self.path)
         except OSError as exc:
