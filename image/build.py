@@ -358,6 +358,37 @@ def assemble(root: Path, work: Path, out_img: Path) -> dict:
     return {"boot_mib": BOOT_MIB, "root_mib": root_mib, "data_mib": DATA_MIB, "image_mib": total}
 
 
+def size_report(root: Path, out: Path) -> list[str]:
+    """The root file system by what takes the room: each Debian package (its files as unpacked,
+    so dpkg's path-excludes count), the venv's Python packages, and the rest; largest first."""
+    owned: dict[str, str] = {}
+    for listing in (root / "var/lib/dpkg/info").glob("*.list"):
+        package = listing.stem.split(":")[0]
+        for line in listing.read_text(errors="replace").splitlines():
+            owned.setdefault(line, package)
+    sizes: dict[str, int] = {}
+    site = next((root / "opt/appliance/venv/lib").glob("python3*/site-packages"), None)
+    for path in root.rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        rel = "/" + str(path.relative_to(root))
+        if site is not None and path.is_relative_to(site):
+            top = path.relative_to(site).parts[0]
+            top = top.split("-")[0].removesuffix(".libs")
+            key = "python: " + {"cv2": "opencv_python_headless"}.get(top, top)
+        else:
+            # merged /usr: dpkg lists /lib/... for what lives in /usr/lib/...
+            key = (owned.get(rel) or owned.get(rel.removeprefix("/usr"))
+                   or ("(appliance)" if rel.startswith("/opt/appliance") else "(other)"))
+        sizes[key] = sizes.get(key, 0) + path.stat().st_size
+    ranked = sorted(sizes.items(), key=lambda kv: -kv[1])
+    total = sum(sizes.values())
+    lines = [f"{n / 2**20:8.1f} MiB  {key}" for key, n in ranked]
+    out.write_text(f"{total / 2**20:8.1f} MiB  root file system (files)\n" + "\n".join(lines) + "\n")
+    say("root file system, largest: " + ", ".join(f"{k} {n / 2**20:.0f} MiB" for k, n in ranked[:6]))
+    return lines
+
+
 def git_describe() -> str:
     """The commit the image was built from, '+dirty' when tracked files differed from it."""
     git = ["git", "-c", "safe.directory=*", "-C", str(REPO)]
@@ -408,12 +439,13 @@ def main() -> int:
         work = Path(tmp)
         root = stage_rootfs(base, work)
         changes = sbom.write(root, args.out, name, __version__, build_time(), args.record_manifest)
+        sizes = size_report(root, args.out / "rootfs-sizes.txt")
         layout = assemble(root, work, img)
     t_img = time.monotonic() - t0
     info = {"image": img.name, "version": __version__, "base": base.name, "base_cached": cached,
             "base_s": round(t_base, 1), "layout_mib": layout, "apparent_bytes": img.stat().st_size,
             "allocated_bytes": img.stat().st_blocks * 512, "packages_moved": changes,
-            "commit": git_describe()}
+            "commit": git_describe(), "rootfs_top": sizes[:10]}
     outputs = [img]
     if not args.raw_only:
         say("compressing (xz) and mapping (bmaptool)")
