@@ -109,7 +109,7 @@ def test_damaged_spool_is_salvaged_and_the_loss_counted(tmp_path, damage):
     assert len(got) >= N - 40                        # the damage costs what it touched, not the spool
     assert not any(n >= 10_000 for n in got), "another database's events were taken in"
     assert r.moved_to.exists() and r.moved_to.name.startswith("spool.db.damaged-")
-    assert salvage.health(spool._db) is None          # noqa: SLF001 (the new file is sound)
+    assert salvage.check_read_only(path) is None          # the new file is sound
     # The evidence of every recovered event whose attachment survived is byte for byte the same.
     kept_evidence = [i for i in got if i % 5 == 0]
     ids = {int(e["message"].split()[1]): e["id"] for e in spool.tail(10 * N)}
