@@ -46,7 +46,8 @@ echo "== Raspberry Pi boot files (raspi-firmware, u-boot-rpi): unpacked, not ins
 # the image build puts these files on the FAT partition itself (image/build.py pi_boot_files).
 pi=/usr/lib/appliance/pi-boot
 mkdir -p "$root$pi" "$root/tmp/pi-debs"
-in_root sh -c 'cd /tmp/pi-debs && apt-get download -qq raspi-firmware u-boot-rpi' 
+# Fetched by the host's apt with the chroot's sources and architecture (the chroot has no DNS).
+(cd "$root/tmp/pi-debs" && APT_CONFIG="$MMDEBSTRAP_APT_CONFIG" apt-get download -qq raspi-firmware u-boot-rpi)
 : > "$root$pi/VERSIONS"
 for deb in "$root"/tmp/pi-debs/*.deb; do
     dpkg-deb -x "$deb" "$root$pi/unpacked"
