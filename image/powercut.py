@@ -61,7 +61,7 @@ def guest_config(mqtt_port: int, durability: str) -> dict:
         },
         "modules": {
             "plc_rules": {"wasm": "/opt/appliance/modules/process.wasm", "source": "line_plc",
-                          "channels": ["oil_temp"], "window": {"size": 1}, "deadline_ms": 5000,
+                          "channels": ["oil_temp"], "window": {"size": 16, "hop": 1}, "deadline_ms": 5000,
                           "params": {"signal.0": {"name": "oil_temp", "min": -20, "max": 110},
                                      "clear_samples": 1}},
         },
