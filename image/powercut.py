@@ -250,6 +250,8 @@ def main() -> int:
             if damaged:
                 problems.append(f"pull {pull}: the guest found its spool damaged: {damaged[0]['message']}")
             row["lost_so_far"] = len(set(committed) - received)
+            say(f"pull {pull}: power back on in {row['boot_to_metrics_s']} s; {len(received & set(committed))} of "
+                f"{len(committed)} committed events upstream, {row['lost_so_far']} missing")
             pulls.append(row)
             broker.close()           # blocked again for the next pull
             broker = None
