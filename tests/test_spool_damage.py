@@ -102,7 +102,7 @@ def test_damaged_spool_is_salvaged_and_the_loss_counted(tmp_path, damage):
     r = spool.recovery
     assert r is not None, "the damage went unnoticed"
     got = numbers(spool.tail(10 * N))
-    assert len(got) == len(r.salvaged) == spool.depth()
+    assert len(got) == r.recovered == spool.depth()
     assert len(got) + r.lost == N, r.describe()
     if expected_lost >= 0:
         assert r.lost == expected_lost, r.describe()
@@ -296,7 +296,7 @@ import time
 sys.path.insert(0, {str(REPO)!r})
 from appliance.events.spool import Spool
 s = Spool({str(path)!r}, 1 << 26, recover=True)
-print(len(s.recovery.salvaged), s.recovery.lost)
+print(s.recovery.recovered, s.recovery.lost)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -337,7 +337,7 @@ def test_a_damaged_copy_is_never_pruned_before_it_is_read(tmp_path):
     overwrite_header(path)
     spool = Spool(path, 1 << 26, recover=True)
     # Every event it held: the 50 new ones and the 5 each earlier salvage had carried over.
-    assert len(spool.recovery.salvaged) == 50 + 5 * salvage.KEEP_DAMAGED and spool.recovery.moved_to.exists()
+    assert spool.recovery.recovered == 50 + 5 * salvage.KEEP_DAMAGED and spool.recovery.moved_to.exists()
     kept = [p for p in tmp_path.glob("spool.db.damaged-*") if not p.name.endswith(("-wal", "-shm"))]
     assert len(kept) == salvage.KEEP_DAMAGED and spool.recovery.moved_to in kept
     spool.close()

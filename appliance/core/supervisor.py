@@ -499,7 +499,7 @@ class Supervisor:
         self.metrics.spool_salvage_lost.inc(recovery.lost)
         self.emit(make_event(gateway=self.cfg.gateway.name, source="gateway", module="spool", severity=2,
                              score=float(recovery.lost), kind="spool_damaged", window={},
-                             features={"recovered": float(len(recovery.salvaged)), "lost": float(recovery.lost),
+                             features={"recovered": float(recovery.recovered), "lost": float(recovery.lost),
                                        "evidence_lost": float(recovery.attachments_lost)},
                              message=recovery.describe()))
 

@@ -53,7 +53,7 @@ class Recovery:
     """What opening a damaged spool did: said in an event, a metric and the log."""
     reason: str
     moved_to: Path
-    salvaged: list[SalvagedEvent]
+    recovered: int                   # events put into the new spool (the rows themselves are not kept)
     lost: int                        # rows that could not be read (an estimate; see the module's doc)
     attachments_lost: int
     header_rebuilt: bool = False
@@ -61,7 +61,7 @@ class Recovery:
 
     def describe(self) -> str:
         return (f"spool damaged ({self.reason}); moved aside to {self.moved_to.name}; "
-                f"{len(self.salvaged)} event(s) recovered, {self.lost} lost"
+                f"{self.recovered} event(s) recovered, {self.lost} lost"
                 + (f", {self.attachments_lost} event(s) without some evidence" if self.attachments_lost else "")
                 + ("; its header was rebuilt" if self.header_rebuilt else "")
                 + (f"; more may be lost ({self.incomplete})" if self.incomplete else ""))

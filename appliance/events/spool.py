@@ -142,7 +142,7 @@ class Spool:
             self._db.execute("ROLLBACK")
             raise
         salvage.prune_damaged(self.path)
-        self.recovery = salvage.Recovery(problem, moved, found.events, found.lost, found.attachments_lost,
+        self.recovery = salvage.Recovery(problem, moved, len(found.events), found.lost, found.attachments_lost,
                                          found.header_rebuilt, found.incomplete)
         log.error("%s", self.recovery.describe())
 

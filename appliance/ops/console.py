@@ -294,10 +294,6 @@ class Console:
         self._last_input = time.monotonic()
         self._done = False
 
-    @property
-    def failures(self) -> int:
-        return self.throttle.failures
-
     # ---- output
 
     def say(self, *lines: str) -> None:
