@@ -171,7 +171,7 @@ def prune_damaged(path: Path, keep: int = KEEP_DAMAGED) -> None:
             f.unlink(missing_ok=True)
 
 
-def rebuilt_header(data: bytes, wal_mode: bool) -> bytes | None:
+def rebuilt_header(data: bytes, file_size: int, wal_mode: bool) -> bytes | None:
     """A plausible 100-byte header for a file whose own is gone, or None if page 1 is gone too.
 
     The page size is taken from the damaged header if it still reads as one, else the first size
@@ -180,18 +180,19 @@ def rebuilt_header(data: bytes, wal_mode: bool) -> bytes | None:
     def btree(byte: int) -> bool:
         return byte in (0x02, 0x05, 0x0A, 0x0D)
 
-    if len(data) < 512 or not btree(data[HEADER_BYTES]):
+    # data: the file's first bytes (at least the largest page size and one more); file_size: all of it.
+    if file_size < 512 or len(data) <= HEADER_BYTES or not btree(data[HEADER_BYTES]):
         return None
     stated = struct.unpack(">H", data[16:18])[0]
     stated = 65536 if stated == 1 else stated
     candidates = [stated] if stated in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536) else []
     candidates += [4096, 1024, 2048, 8192, 16384, 32768, 65536, 512]
     for size in candidates:   # page 2 is a b-tree page, or an overflow/freelist page (starts with 0)
-        if len(data) == size or len(data) > size and (btree(data[size]) or data[size] == 0):
+        if file_size == size or len(data) > size and (btree(data[size]) or data[size] == 0):
             break
     else:
         return None
-    pages = -(-len(data) // size)
+    pages = -(-file_size // size)
     version = 2 if wal_mode else 1
     header = bytearray(HEADER_BYTES)
     header[0:16] = SQLITE_MAGIC
@@ -222,9 +223,10 @@ class _View:
         if wal is not None:
             shutil.copyfile(wal, self.dir / "copy.db-wal")
         self.header_rebuilt = False
-        data = self.file.read_bytes()[:1 << 17]
+        with open(self.file, "rb") as f:   # the header and page 2 at the largest page size: no more
+            data = f.read((1 << 16) + 1)
         if not data.startswith(SQLITE_MAGIC):
-            header = rebuilt_header(self.file.read_bytes(), wal_mode=wal is not None)
+            header = rebuilt_header(data, self.file.stat().st_size, wal_mode=wal is not None)
             if header is not None:
                 with open(self.file, "r+b") as f:
                     f.write(header)
