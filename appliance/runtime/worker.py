@@ -46,23 +46,22 @@ def private_memory_bytes() -> int:
     raise RuntimeError("no VmData in /proc/self/status")
 
 
-def cap_memory(budget: int, final: bool, footprint: int | None = None) -> tuple[int, int]:
+def cap_memory(budget: int, footprint: int | None = None) -> tuple[int, int]:
     """RLIMIT_DATA = what the worker holds now + budget: (footprint, cap).
 
     The cap bounds what the module and the host calls it makes can add, not what the libraries
     reserve when they load: numpy's and OpenCV's reservations differ by version (measured: import
     cv2 takes VmSize from 140 to 453 MB with OpenCV 4.14, 467 MB with 5.1), so a fixed
-    address-space cap let a library update starve a healthy worker. A provisional cap covers the
-    checks of the untrusted bytes; the final one, set once the kernels are imported and warmed
-    up, is the hard limit too, so nothing in the worker can lift it afterwards. A spare worker
-    measured its footprint before its sandbox shut /proc and passes it in."""
+    address-space cap let a library update starve a healthy worker. It is set before anything
+    untrusted is read, as the hard limit too, so nothing in the worker can lift it afterwards.
+    A spare worker measured its footprint before its sandbox shut /proc and passes it in."""
     if footprint is None:
         footprint = private_memory_bytes()
     cap = footprint + budget
     ceiling = resource.getrlimit(resource.RLIMIT_DATA)[1]   # a service's own limit stays the ceiling
     if ceiling != resource.RLIM_INFINITY:
         cap = min(cap, ceiling)
-    resource.setrlimit(resource.RLIMIT_DATA, (cap, cap if final else ceiling))
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     return footprint, cap
 
 
@@ -97,15 +96,14 @@ def sandbox_policy(request: dict) -> sandbox.Policy:
     """The supervisor decides what a worker may have beyond nothing: executable mappings for a
     host_nn module's verified native library (preloaded into a memfd, see preload())."""
     host_nn = bool(request.get("host_nn")) and bool(request.get("module_dir"))
-    return sandbox.Policy(uid=int(request.get("uid", sandbox.Policy.uid)), gid=int(request.get("gid", sandbox.Policy.gid)),
-                          executable_mappings=host_nn, skip=frozenset(request.get("skip_layers", ())))
+    return sandbox.Policy(executable_mappings=host_nn, skip=frozenset(request.get("skip_layers", ())))
 
 
 def enter_sandbox(request: dict, fds: tuple[int, ...]) -> tuple[sandbox.Report, int, int]:
     """What every worker goes through after the fork, before it reads anything untrusted (and
     what the escape drill goes through): memory cap, SIGSYS reporter, sandbox layers.
     Returns the sandbox report and the memory footprint and cap."""
-    footprint, cap = cap_memory(int(request["memory_budget_bytes"]), final=True)
+    footprint, cap = cap_memory(int(request["memory_budget_bytes"]))
     report_sandbox_violations(fds[0])
     return sandbox.enter(sandbox_policy(request), tuple(fds)), footprint, cap
 
@@ -314,14 +312,14 @@ def run_spare(channel: socket.socket) -> int:
     name_process(str(request.get("name", "")))
     report_sandbox_violations(fds[0])
     budget = int(request["memory_budget_bytes"])
-    footprint, cap = cap_memory(budget, final=True, footprint=footprint)
+    footprint, cap = cap_memory(budget, footprint=footprint)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])   # family given: no syscall to ask
     return serve(sock, fds[1], fds[2], budget=budget, footprint=footprint, cap=cap, report=report, libraries={})
 
 
 def spare_fits(request: dict) -> bool:
     """A spare runs the default policy: no native library, every layer."""
-    return not request.get("host_nn") and not request.get("skip_layers") and "uid" not in request
+    return not request.get("host_nn") and not request.get("skip_layers")
 
 
 # A module with one exported function `f` returning 7 and a one-page memory: enough to take wasm3,

@@ -44,8 +44,6 @@ START_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 10.0   # a zygote service that is starting or restarting
 FORK_TIMEOUT_S = 10.0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # where `appliance` imports from
-# Libraries that start thread pools read these before they load: the zygote must stay single-threaded.
-ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MAX_EXITS_KEPT = 4096
 SPARE_RETRIES = 5
 UNAVAILABLE_S = 5.0   # after the zygote could not be started or reached, starts fail fast this long
@@ -58,7 +56,8 @@ def preload() -> list[str]:
     """Import (and warm up) everything a worker may use, so that a worker imports nothing after
     it enters its sandbox. Returns what could not be loaded (OpenCV is optional)."""
     missing = []
-    os.environ.update(ONE_THREAD)   # before numpy and OpenCV load (a zygote service has no one to set them)
+    from appliance.runtime.hostcalls.dsp import ONE_THREAD
+    os.environ.update(ONE_THREAD)   # before numpy and OpenCV load, whatever the environment said
     import numpy as np
     import wasm3  # noqa: F401
     from appliance.runtime import worker  # noqa: F401
@@ -291,7 +290,7 @@ class Zygote:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p),
-               "AP_ZYGOTE_FD": str(theirs.fileno()), **ONE_THREAD}
+               "AP_ZYGOTE_FD": str(theirs.fileno())}
         try:
             proc = subprocess.Popen([sys.executable, "-m", "appliance.runtime.zygote"], pass_fds=(theirs.fileno(),),
                                     env=env, stdin=subprocess.DEVNULL, close_fds=True)

@@ -7,9 +7,19 @@ import struct
 
 from appliance.core import malloc
 
+# Libraries that start thread pools read these when they load. A worker is one core's worth of
+# work, and the zygote that forks workers must stay single-threaded.
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 MAX_FFT = 1 << 16
 MAX_SIGNAL = 1 << 24   # values per call of a batched ap.dsp_* kernel
 MAX_BANDS = 256
+
+
+def one_thread_libraries() -> None:
+    """Before numpy or OpenCV load, unless the environment already decided."""
+    for var, value in ONE_THREAD.items():
+        os.environ.setdefault(var, value)
 
 
 def keep_heap() -> None:
@@ -30,10 +40,9 @@ class HostDsp:
                "dsp_median")
 
     def __init__(self, memory, violation) -> None:
-        # One thread: a worker is one core's worth of work. numpy's OpenBLAS would otherwise start
-        # a pool whose threads spin ~0.1 s after start-up (measured: 90 ms of CPU per new worker).
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, "1")
+        # numpy's OpenBLAS would otherwise start a pool whose threads spin ~0.1 s after start-up
+        # (measured: 90 ms of CPU per new worker).
+        one_thread_libraries()
         import numpy as np   # imported only by workers whose module uses host DSP
         self.np, self.memory, self.violation = np, memory, violation
         self._weights: dict[tuple[int, int], object] = {}   # (n, p) -> k^p, each twice (re, im)

@@ -2,9 +2,7 @@
 memory (modules/ABI.md, "Host image kernels")."""
 from __future__ import annotations
 
-import os
-
-from appliance.runtime.hostcalls.dsp import keep_heap
+from appliance.runtime.hostcalls.dsp import keep_heap, one_thread_libraries
 
 
 class HostImage:
@@ -18,11 +16,10 @@ class HostImage:
     MAX_BLOBS_OUT = 4096
 
     def __init__(self, memory, violation) -> None:
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, "1")
+        one_thread_libraries()
         import numpy as np
         from hal.drivers.camera import kernels as imaging   # OpenCV: only in workers whose module uses these
-        imaging.configure(threads=1)
+        imaging.configure(threads=1)   # both once per process: a worker inherits them from the zygote
         imaging.warm_up()
         self.np, self.memory, self.violation = np, memory, violation
         self.kernels = imaging.ImageKernels()

@@ -20,14 +20,26 @@ BLUR_KERNELS = (1, 3, 5)              # 3x3 box, 3x3 and 5x5 binomial
 _SQUARES: dict[int, np.ndarray] = {}  # structuring elements of dilate, by side
 
 
+_threads: int | None = None
+_warmed_up = False
+
+
 def configure(threads: int = 1) -> None:
     """A worker is one core's worth of work: OpenCV's own thread pool would only add overhead."""
-    cv2.setNumThreads(threads)
+    global _threads
+    if _threads != threads:
+        cv2.setNumThreads(threads)
+        _threads = threads
 
 
 def warm_up() -> None:
     """Run each OpenCV routine the kernels use once on a small image, so that what OpenCV sets
-    up on first use is part of the worker's own footprint, measured before its memory cap."""
+    up on first use is part of the worker's own footprint, measured before its memory cap.
+    Once per process: a worker forked from the zygote inherits what the zygote set up."""
+    global _warmed_up
+    if _warmed_up:
+        return
+    _warmed_up = True
     img = np.zeros((32, 32), np.uint8)
     img[8:12, 8:12] = 255
     out = np.empty_like(img)
