@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("config")
     val.set_defaults(func=cmd_validate)
 
-    mod = sub.add_parser("module", help="build and inspect wasm modules")
+    mod = sub.add_parser("module", help="build, inspect, bundle and sign wasm modules")
     msub = mod.add_subparsers(dest="module_command", required=True)
     b = msub.add_parser("build", help="build modules from C (default: every module in modules/src)")
     b.add_argument("src", nargs="*", help="module directory (with module.yaml) or .c file")
@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     i = msub.add_parser("inspect", help="show a module's ABI, memory, imports and exports")
     i.add_argument("wasm")
     i.set_defaults(func=cmd_module_inspect)
+    from appliance.deploy.cli import add_parsers as add_deploy_parsers
+    add_deploy_parsers(msub, sub)   # module bundle|sign|verify, keys new
 
     ev = sub.add_parser("events", help="show events in the local spool")
     ev.add_argument("--config", default=str(DEFAULT_CONFIG))

@@ -171,9 +171,15 @@ def read_manifest(path: Path) -> Manifest | None:
     """The manifest embedded in a module file; None when it has none."""
     from appliance.runtime.validate import ModuleRejected, read_module
     try:
-        payload = find_custom_section(read_module(path), SECTION)
+        wasm = read_module(path)
     except ModuleRejected as exc:
         raise ManifestError(str(exc)) from None
+    return manifest_of(wasm)
+
+
+def manifest_of(wasm: bytes) -> Manifest | None:
+    """The manifest embedded in a module's bytes; None when it has none."""
+    payload = find_custom_section(wasm, SECTION)
     if payload is None:
         return None
     if len(payload) > MAX_MANIFEST_BYTES:

@@ -186,6 +186,25 @@ class UplinkSection(StrictModel):
         return self
 
 
+def _public_key_line(line: str) -> str:
+    from appliance.deploy.keys import parse_public
+    parse_public(line)   # raises with what is wrong
+    return line.strip()
+
+
+class DeploySection(StrictModel):
+    trusted_keys: list[Annotated[str, AfterValidator(_public_key_line)]] = Field(
+        [], description="public keys whose signed module bundles this gateway runs, each as `appliance keys new` "
+                        "writes it (`ed25519:<base64> name`)")
+    allow_unsigned: bool = Field(False, description="run unsigned bundles and bare .wasm files from `modules load` "
+                                 "(development only: the console and the metrics say so)")
+    probation_windows: int = Field(20, ge=1, le=1_000_000, description="windows a new module version must process "
+                                   "without a fault or a missed deadline before it is kept; a fault before that "
+                                   "rolls back to the previous version")
+    store_dir: ConfigPath | None = Field(None, description="where deployed versions live (<store>/<module>/<version>/); "
+                                         "none: <gateway.data_dir>/modules")
+
+
 class AppConfig(StrictModel):
     gateway: GatewaySection = GatewaySection()
     metrics: MetricsSection = MetricsSection()
@@ -194,6 +213,7 @@ class AppConfig(StrictModel):
     uplink: UplinkSection = UplinkSection()
     console: ConsoleSection = ConsoleSection()
     network: NetworkSection = NetworkSection()
+    deploy: DeploySection = DeploySection()
     sources: dict[Name, SourceSection] = Field(min_length=1)
     modules: dict[Name, ModuleSection] = {}
 

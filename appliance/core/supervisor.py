@@ -95,6 +95,8 @@ class Supervisor:
             self.metrics.declare_source(name)
         self.metrics.registry.register(SourceCounters(self.sources))
         self.metrics.registry.register(WorkerResources(self.modules))
+        from appliance.deploy.deployer import Deployer
+        self.deployer = Deployer(self)   # which deployed version each module runs, if any
         for name, mcfg in cfg.modules.items():
             pipe = self._build_pipeline(name, mcfg)
             self.modules[name] = pipe.module
@@ -102,8 +104,10 @@ class Supervisor:
 
     def _build_pipeline(self, name: str, mcfg, sources: dict[str, Source] | None = None,
                         cfg: AppConfig | None = None) -> Pipeline:
-        """A module's host and windower for its source (not started)."""
+        """A module's host and windower for its source (not started): the YAML's section, with
+        the file of the version deployed for it if there is one."""
         cfg = cfg or self.cfg
+        mcfg = self.deployer.effective(name, mcfg)
         info = (sources or self.sources)[mcfg.source].info
         missing = [c for c in (mcfg.channels or []) if c not in info.channels]
         if missing:
@@ -123,6 +127,7 @@ class Supervisor:
                           state_dir=cfg.gateway.data_dir / "state")
         pipe = Pipeline(host, windower, mcfg.source, names)
         host.pipeline = pipe   # results in flight after a reload retired it still find their source
+        self.deployer.attach(name, host)
         return pipe
 
     def _make_forwarder(self):
@@ -283,36 +288,53 @@ class Supervisor:
         log.info("config %s reloaded: %s", path, summary)
         return summary
 
-    def load_module(self, name: str, path: str | Path) -> str:
-        """Run another build of a module now (the console's `modules load`): checked in a
-        throwaway worker first, then swapped in like a reload. Until the YAML names the new file,
-        the next reload or start goes back to the configured one."""
+    def check_module_file(self, name: str, path: Path) -> None:
+        """Start `path` as module `name` in a throwaway worker (its params judged by ap_init) and
+        stop it; ValueError with the reason if it does not start."""
         from appliance.runtime.process import ModuleFault, WorkerProcess
         from appliance.runtime.wire import load_message
         from appliance.runtime.validate import ModuleRejected, read_module
         from appliance.config.schema import module_params_text
+        if name not in self.cfg.modules:
+            raise ValueError(f"no module {name!r} (modules: {', '.join(self.cfg.modules)})")
+        new = self.cfg.modules[name].model_copy(update={"wasm": path})
+        rt = self.cfg.runtime
+        try:
+            WorkerProcess(name, read_module(path), 4096, load_message(
+                path.name, module_params_text(new), backend=rt.backend, stack_bytes=rt.stack_kb * 1024,
+                max_memory_bytes=rt.max_memory_mb << 20, memory_budget_bytes=rt.worker_budget_bytes,
+                module_dir=str(path.parent), host_nn=new.host_nn,
+                host_dsp=new.host_dsp)).stop()
+        except (ModuleRejected, ModuleFault) as exc:
+            raise ValueError(f"{path} not loaded: {exc}") from None
+
+    def load_module(self, name: str, path: str | Path) -> str:
+        """Run another build of a module now (the console's `modules load` of a .wasm from the
+        modules directory): checked in a throwaway worker first, then swapped in like a reload.
+        Until the YAML names the new file, the next reload or start goes back to the configured
+        one. Bundles (.apb) take the deploy path instead (self.deployer.deploy)."""
         path = Path(path).resolve()
         with self._reload_lock:
-            if name not in self.cfg.modules:
-                raise ValueError(f"no module {name!r} (modules: {', '.join(self.cfg.modules)})")
-            old = self.cfg.modules[name]
-            new = old.model_copy(update={"wasm": path})
-            rt = self.cfg.runtime
-            try:
-                WorkerProcess(name, read_module(path), 4096, load_message(
-                    path.name, module_params_text(new), backend=rt.backend, stack_bytes=rt.stack_kb * 1024,
-                    max_memory_bytes=rt.max_memory_mb << 20,
-                    memory_budget_bytes=rt.worker_budget_bytes)).stop()
-            except (ModuleRejected, ModuleFault) as exc:
-                raise ValueError(f"{path} not loaded: {exc}") from None
-            self._retire_module(name, old.source)
+            self.check_module_file(name, path)
+            new = self.cfg.modules[name].model_copy(update={"wasm": path})
             self.cfg = self.cfg.model_copy(update={"modules": {**self.cfg.modules, name: new}})
-            pipe = self._build_pipeline(name, new)
-            self.modules[name] = pipe.module
-            pipe.module.start()
-            self.pipelines[pipe.source] = [*self.pipelines.get(pipe.source, []), pipe]
+            self._swap_pipeline(name)
         log.info("module %s: now running %s", name, path)
         return f"module {name}: loaded {path}"
+
+    def run_module_version(self, name: str):
+        """Rebuild module `name` with what the deployer says runs now; the new host."""
+        with self._reload_lock:
+            return self._swap_pipeline(name)
+
+    def _swap_pipeline(self, name: str):
+        mcfg = self.cfg.modules[name]
+        self._retire_module(name, mcfg.source)
+        pipe = self._build_pipeline(name, mcfg)
+        self.modules[name] = pipe.module
+        pipe.module.start()
+        self.pipelines[pipe.source] = [*self.pipelines.get(pipe.source, []), pipe]
+        return pipe.module
 
     def _retire_module(self, name: str, source: str) -> None:
         host = self.modules.pop(name)
@@ -442,6 +464,7 @@ class Supervisor:
         budget = self._event_budgets.get(host.name)
         if budget is not None:
             self._summarise_suppressed(host.name, host.cfg.source, budget.summary_due())
+        self.deployer.on_result(host, result)
         for subscriber in self._subscribers:
             try:
                 subscriber(host.name, window, result)
@@ -504,6 +527,7 @@ class Supervisor:
                              message=recovery.describe()))
 
     def _on_module_state(self, host: ModuleHost, state: ModuleState, reason: str) -> None:
+        self.deployer.on_state(host, state.value, reason)
         if state is ModuleState.QUARANTINED:
             # Operators must hear about a module that stopped watching its machine.
             self.emit(make_event(gateway=self.cfg.gateway.name, source=host.cfg.source, module=host.name,

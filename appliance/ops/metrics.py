@@ -116,6 +116,16 @@ class Metrics:
                                         "at start", registry=r)
         self.spool_salvage_lost = Counter("appliance_spool_salvage_lost_events", "Events a damaged spool held that "
                                           "could not be read back (an estimate)", registry=r)
+        self.deploys = Counter("appliance_module_deploys", "Module bundles by outcome: refused (verification or "
+                               "check failed, nothing changed), started (on probation), committed, rolled_back",
+                               ["module", "outcome"], registry=r)
+        self.on_probation = Gauge("appliance_module_on_probation", "1 while a deployed version is on probation",
+                                  ["module"], registry=r)
+        self.module_version = Gauge("appliance_module_version_info", "1 for the version each module runs and where "
+                                    "it came from (origin: config or deployed; signer: the key, or unsigned)",
+                                    ["module", "version", "origin", "signer"], registry=r)
+        self.allow_unsigned = Gauge("appliance_deploy_allow_unsigned", "1 when deploy.allow_unsigned lets unsigned "
+                                    "bundles run (development only)", registry=r)
         self.spool_depth = Gauge("appliance_spool_events", "Events held in the local spool", registry=r)
         self.spool_bytes = Gauge("appliance_spool_bytes", "Bytes of events and attachments in the spool", registry=r)
         self.spool_age = Gauge("appliance_spool_oldest_age_seconds", "Age of the oldest event waiting in the spool",

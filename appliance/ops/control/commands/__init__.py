@@ -36,7 +36,9 @@ HELP = [
     ("modules restart NAME", "restart now (also clears backoff and quarantine)"),
     ("modules disable NAME", "stop it until enabled (until the appliance restarts)"),
     ("modules enable NAME", "start a disabled module again"),
-    ("modules load NAME FILE", "replace the module's .wasm (checked first)"),
+    ("modules load NAME FILE", "deploy a signed bundle (.apb: checked, on probation, rolled back on a fault), "
+                               "or run a .wasm from the modules directory until the next start"),
+    ("modules revert NAME", "drop the deployed version: the module runs the file the config names"),
     ("events [tail N]", "the last N events, newest last (default 10)"),
     ("events show ID", "one event in full (its id, or 6+ characters of it)"),
     ("events requeue", "offer the events the upstream refused (parked) again, e.g. after fixing a token"),

@@ -15,8 +15,9 @@ class ModuleCommands:
 
     def cmd_modules(self, args: list[str], who: str) -> Reply:
         sub = args[0] if args else "list"
-        usage = "modules [list | stats NAME | restart NAME | disable NAME | enable NAME | load NAME FILE.wasm]"
-        need = {"list": 0, "stats": 1, "restart": 1, "disable": 1, "enable": 1, "load": 2}
+        usage = ("modules [list | stats NAME | restart NAME | disable NAME | enable NAME | load NAME FILE.apb|FILE.wasm"
+                 " | revert NAME]")
+        need = {"list": 0, "stats": 1, "restart": 1, "disable": 1, "enable": 1, "load": 2, "revert": 1}
         if sub not in need or len(args) - 1 != need[sub] and not (sub == "list" and len(args) <= 1):
             raise self._usage(usage)
         if sub == "list":
@@ -26,6 +27,10 @@ class ModuleCommands:
         if sub == "load":
             return self._module_load(args[1], args[2], who)
         host = self._module(args[1])
+        if sub == "revert":
+            with self._changing:
+                log.info("control: modules revert %s (%s)", host.name, who or "operator")
+                return Reply(True, [self.sup.deployer.revert(host.name, who)])
         with self._changing:
             log.info("control: modules %s %s (%s)", sub, host.name, who or "operator")
             if sub == "restart":
@@ -49,7 +54,8 @@ class ModuleCommands:
             rate = self._rate(f"m:{name}")
             data[name] = {"state": host.state.value, "reason": host.reason, "source": host.cfg.source,
                           "processed": host.processed, "windows_per_s": rate, "dropped": dropped, "faults": faults,
-                          "restarts": restarts, "last_fault": host.last_fault, "wasm": str(host.cfg.wasm)}
+                          "restarts": restarts, "last_fault": host.last_fault, "wasm": str(host.cfg.wasm),
+                          "deploy": self.sup.deployer.describe(name)}
             lines.append(f"{name:<16} {host.state.value:<11} {host.cfg.source:<12} {host.processed:>8} "
                          f"{per_s(rate):>6} {dropped:>7.0f} {faults:>6.0f} {restarts:>8.0f}")
             if host.last_fault:
@@ -74,9 +80,15 @@ class ModuleCommands:
                 "restarts": metric_value(m, "appliance_module_restarts_total", module=name),
                 "quarantined": bool(metric_value(m, "appliance_module_quarantined", module=name)),
                 "last_fault": host.last_fault, "features": features}
+        deployed = self.sup.deployer.describe(name)
+        data["deploy"] = deployed
         lines = [
             f"module     {name}: {host.state.value}" + (f" ({host.reason})" if host.reason else ""),
             f"wasm       {cfg.wasm}",
+            "version    " + (f"{deployed['version']} (deployed, signed by {deployed['signer']}" if deployed["version"]
+                             else "the configured file (no deployed version") + (
+                f"; on probation, {deployed['probation_left']} windows to go)" if deployed["probation_left"] is not None
+                else ")"),
             f"input      source {cfg.source}, {window}, deadline {cfg.deadline_ms:g} ms, queue {cfg.queue}",
             f"windows    {host.processed} processed ({per_s(rate)}/s), {data['rejected']:.0f} rejected",
             "dropped    " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(dropped.items())),
@@ -98,11 +110,22 @@ class ModuleCommands:
         return Reply(True, lines, data)
 
     def _module_load(self, name: str, path: str, who: str) -> Reply:
+        """A bundle (.apb) is deployed: verified, checked, swapped, on probation, rolled back on a
+        fault (docs/deploy.md). A bare .wasm from the modules directory runs until the next start."""
+        if path.endswith(".apb"):
+            from appliance.deploy.deployer import DeployRefused
+            bundle = self._in_modules_dir(path)
+            with self._changing:
+                log.info("control: modules load %s %s (%s)", name, bundle, who or "operator")
+                try:
+                    return Reply(True, [self.sup.deployer.deploy(bundle, who, module=name)])
+                except DeployRefused as exc:
+                    raise CommandError(f"modules load {name}: refused, nothing changed: {exc}") from None
         load = getattr(self.sup, "load_module", None)
         if load is None:
             raise CommandError("modules load: not available in this build")
         if not path.endswith(".wasm"):
-            raise CommandError(f"{path} is not a .wasm file")
+            raise CommandError(f"{path} is neither a module bundle (.apb) nor a .wasm file")
         path = str(self._in_modules_dir(path))
         from appliance.config.schema import ConfigError
         with self._changing:

@@ -23,7 +23,14 @@ class StatusCommands:
             lines.append(f"source   {name:<16} {s['health']:<9} {s['reason']}".rstrip())
         for name, m in st["modules"].items():
             note = m["reason"] if m["state"] != "running" else f"{m['processed']} windows, {m['reason']}"
-            lines.append(f"module   {name:<16} {m['state']:<9} {note}".rstrip())
+            deployed = sup.deployer.describe(name)
+            if deployed["version"]:
+                note = f"v{deployed['version']}" + (" on probation" if deployed["probation_left"] is not None
+                                                   else "") + (", UNSIGNED" if deployed["signer"] == "unsigned"
+                                                               else "") + f", {note}"
+            lines.append(f"module   {name:<16} {m['state']:<9} {note}".rstrip(" ,"))
+        if sup.cfg.deploy.allow_unsigned:
+            lines.append("deploy   UNSIGNED BUNDLES ALLOWED (deploy.allow_unsigned: development only)")
         age = f", oldest {duration(spool['oldest_age_s'])}" if spool["depth"] else ""
         parked = f", {int(spool['parked'])} parked" if spool["parked"] else ""
         lines.append(f"events   {st['events_emitted']} since start; spool {int(spool['depth'])} "

@@ -1,0 +1,1 @@
+"""Module bundles, signatures and deploys with probation and rollback (docs/deploy.md)."""

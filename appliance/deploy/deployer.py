@@ -1,0 +1,257 @@
+"""Deploying a module bundle on a running gateway: verify, stage, check, swap, probation,
+commit or roll back (docs/deploy.md). The console's `modules load NAME FILE.apb` and the fleet
+channel both come here.
+
+The supervisor owns the pipelines; the Deployer asks it to (re)build one with the version it
+names (Supervisor.run_module_version) and is told about every window result and module state.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance.deploy.bundle import Bundle, BundleRejected, open_bundle
+from appliance.deploy.keys import PublicKey, parse_public
+from appliance.deploy.store import Installed, ModuleStore
+from appliance.events.record import make_event
+
+if TYPE_CHECKING:
+    from appliance.config.schema import ModuleSection
+    from appliance.core.supervisor import Supervisor
+
+log = logging.getLogger("appliance.deploy")
+
+ROLLBACK_STATES = ("backoff", "quarantined")   # a fault, a missed deadline, or too many of them
+
+
+class DeployRefused(ValueError):
+    """Nothing changed; the reason says why (verification, the module, the check worker)."""
+
+
+@dataclass
+class Probation:
+    version: str
+    previous: str | None
+    left: int
+    host: object       # the ModuleHost running the version: states of an older host do not count
+
+
+class Deployer:
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+        cfg = sup.cfg
+        self.store = ModuleStore(cfg.deploy.store_dir or cfg.gateway.data_dir / "modules")
+        self.trusted: tuple[PublicKey, ...] = tuple(parse_public(line) for line in cfg.deploy.trusted_keys)
+        self.allow_unsigned = cfg.deploy.allow_unsigned
+        self._running: dict[str, Installed] = {}      # deployed versions that run, by module
+        self._probation: dict[str, Probation] = {}
+        self._published: dict[str, tuple] = {}         # the version_info labels set per module
+        self._lock = threading.RLock()                 # one deploy or rollback at a time
+        self._rollbacks: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        sup.metrics.allow_unsigned.set(1 if self.allow_unsigned else 0)
+        if self.allow_unsigned:
+            log.warning("deploy: deploy.allow_unsigned is on: unsigned module bundles run (development only)")
+        for name in cfg.modules:
+            installed, probation = self.store.resolve(name)
+            if installed is None:
+                continue
+            self._running[name] = installed
+            if probation is not None:
+                # The gateway stopped (or lost power) during probation: the new version is
+                # watched again from the start.
+                self._probation[name] = Probation(installed.version, probation.get("previous"),
+                                                  int(probation.get("windows") or cfg.deploy.probation_windows), None)
+            log.info("deploy: module %s runs deployed version %s%s", name, installed.version,
+                     " (on probation)" if probation else "")
+
+    # ---- what runs -----------------------------------------------------------------------------
+
+    def effective(self, name: str, mcfg: "ModuleSection") -> "ModuleSection":
+        """The module's config as it runs: the YAML's, with the deployed version's file if there is one."""
+        installed = self._running.get(name)
+        return mcfg if installed is None else mcfg.model_copy(update={"wasm": installed.wasm})
+
+    def describe(self, name: str) -> dict:
+        installed = self._running.get(name)
+        probation = self._probation.get(name)
+        return {"origin": "deployed" if installed else "config", "version": installed.version if installed else None,
+                "signer": (installed.signer or "unsigned") if installed else None,
+                "probation_left": probation.left if probation else None,
+                "rejected": self.store.rejected(name)}
+
+    def publish_versions(self, name: str, version: str) -> None:
+        """appliance_module_version_info for this module: one series, the one that runs."""
+        installed = self._running.get(name)
+        gauge = self.sup.metrics.module_version
+        old = self._published.pop(name, None)
+        if old is not None:
+            gauge.remove(*old)
+        labels = (name, installed.version if installed else version, "deployed" if installed else "config",
+                  (installed.signer or "unsigned") if installed else "")
+        gauge.labels(*labels).set(1)
+        self._published[name] = labels
+
+    # ---- deploying -------------------------------------------------------------------------------
+
+    def deploy(self, source: Path | bytes, who: str = "", *, module: str | None = None, force: bool = False) -> str:
+        """Verify, install, check in a throwaway worker, swap, start probation. DeployRefused if
+        anything fails before the swap: then nothing changed. `module`: the name the bundle must
+        carry (the console's `modules load NAME FILE.apb`)."""
+        label = str(source) if isinstance(source, Path) else f"bundle of {len(source)} bytes"
+        try:
+            bundle = open_bundle(source, trusted=self.trusted, allow_unsigned=self.allow_unsigned)
+        except BundleRejected as exc:
+            self._refused(module or "-", f"{label}: {exc}")
+        if module is not None and bundle.module != module:
+            self._refused(module, f"{label} is a bundle of module {bundle.module!r}, not {module!r}")
+        with self._lock:
+            return self._deploy(bundle, who, force)
+
+    def _deploy(self, bundle: Bundle, who: str, force: bool) -> str:
+        name = bundle.module
+        if name not in self.sup.cfg.modules:
+            self._refused(name, f"the config has no module {name!r} (modules: {', '.join(self.sup.cfg.modules)})")
+        running = self._running.get(name)
+        if running is not None and running.digest == bundle.digest and name not in self._probation:
+            return f"module {name}: version {bundle.version} already runs"
+        rejected = self.store.rejected(name).get(bundle.version)
+        if rejected and rejected.get("digest") == bundle.digest and not force:
+            self._refused(name, f"version {bundle.version} was rolled back before ({rejected.get('reason')}); "
+                          "deploy a new version")
+        try:
+            installed = self.store.install(bundle)
+        except (OSError, ValueError) as exc:
+            self._refused(name, f"version {bundle.version} could not be stored: {exc}")
+        try:
+            self.sup.check_module_file(name, installed.wasm)
+        except ValueError as exc:
+            self._refused(name, f"version {bundle.version} failed its check: {exc}")
+        windows = self.sup.cfg.deploy.probation_windows
+        old = self.store.activate(installed, probation_windows=windows)
+        self._running[name] = installed
+        host = self.sup.run_module_version(name)
+        self._probation[name] = Probation(installed.version, old.version if old else None, windows, host)
+        self.sup.metrics.deploys.labels(name, "started").inc()
+        self.sup.metrics.on_probation.labels(name).set(1)
+        self.publish_versions(name, installed.version)
+        signer = f"signed by {installed.signer}" if installed.signer else "UNSIGNED"
+        log.warning("deploy: module %s: version %s (%s) running, on probation for %d windows (was %s)%s", name,
+                    installed.version, signer, windows, old.version if old else "the config's file",
+                    f" ({who})" if who else "")
+        return (f"module {name}: version {installed.version} ({signer}) running, on probation for {windows} windows; "
+                f"it rolls back to {old.version if old else 'the configured file'} on a fault")
+
+    def _refused(self, name: str, reason: str):
+        self.sup.metrics.deploys.labels(name, "refused").inc()
+        log.error("deploy: refused, nothing changed: %s", reason)
+        raise DeployRefused(reason)
+
+    def revert(self, name: str, who: str = "") -> str:
+        """Back to the YAML's own file (the console's `modules revert`)."""
+        with self._lock:
+            if name not in self._running:
+                return f"module {name}: runs its configured file already"
+            was = self._running.pop(name).version
+            self._probation.pop(name, None)
+            self.store.drop(name)
+            self.sup.metrics.on_probation.labels(name).set(0)
+            self.sup.run_module_version(name)
+            self.publish_versions(name, "")
+            log.warning("deploy: module %s: deployed version %s dropped; the configured file runs%s", name, was,
+                        f" ({who})" if who else "")
+            return f"module {name}: deployed version {was} dropped, running {self.sup.cfg.modules[name].wasm}"
+
+    # ---- probation ------------------------------------------------------------------------------
+
+    def attach(self, name: str, host) -> None:
+        """The supervisor built a host for `name`: a probation from before the start watches it."""
+        probation = self._probation.get(name)
+        if probation is not None and probation.host is None:
+            probation.host = host
+            self.sup.metrics.on_probation.labels(name).set(1)
+        version = ""
+        if name not in self._running:
+            from appliance.config.params import ManifestError, read_manifest
+            try:
+                manifest = read_manifest(host.cfg.wasm)
+                version = manifest.version if manifest else ""
+            except ManifestError:
+                pass
+        self.publish_versions(name, version)
+
+    def on_result(self, host, result) -> None:
+        probation = self._probation.get(host.name)
+        if probation is None or probation.host is not host:
+            return
+        probation.left -= 1
+        if probation.left <= 0:
+            self._queue(("commit", host.name, probation))
+
+    def on_state(self, host, state: str, reason: str) -> None:
+        probation = self._probation.get(host.name)
+        if probation is None or probation.host is not host or state not in ROLLBACK_STATES:
+            return
+        self._queue(("rollback", host.name, probation, reason))
+
+    def _queue(self, action: tuple) -> None:
+        # Not on the module's own thread: a rollback stops that thread.
+        self._rollbacks.put(action)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._act, name="deploy", daemon=True)
+                self._thread.start()
+
+    def _act(self) -> None:
+        while True:
+            try:
+                action = self._rollbacks.get(timeout=5.0)
+            except queue.Empty:
+                return
+            try:
+                with self._lock:
+                    if action[0] == "commit":
+                        self._commit(*action[1:])
+                    else:
+                        self._roll_back(*action[1:])
+            except Exception:  # the deploy thread must survive to handle the next one
+                log.exception("deploy: %s of module %s failed", action[0], action[1])
+
+    def _commit(self, name: str, probation: Probation) -> None:
+        if self._probation.get(name) is not probation:
+            return
+        del self._probation[name]
+        self.store.commit(name)
+        self.sup.metrics.deploys.labels(name, "committed").inc()
+        self.sup.metrics.on_probation.labels(name).set(0)
+        log.warning("deploy: module %s: version %s passed probation; kept", name, probation.version)
+        self.sup.emit(self._event(name, 0, "module_deployed",
+                                  f"module {name}: version {probation.version} passed probation and is kept "
+                                  f"(was {probation.previous or 'the configured file'})", {}))
+
+    def _roll_back(self, name: str, probation: Probation, reason: str) -> None:
+        if self._probation.get(name) is not probation or self.sup.stopping:
+            return
+        del self._probation[name]
+        target = self.store.roll_back(name, reason)
+        if target is None:
+            self._running.pop(name, None)
+        else:
+            self._running[name] = target
+        self.sup.run_module_version(name)
+        self.sup.metrics.deploys.labels(name, "rolled_back").inc()
+        self.sup.metrics.on_probation.labels(name).set(0)
+        self.publish_versions(name, target.version if target else "")
+        back_to = target.version if target else f"the configured file {self.sup.cfg.modules[name].wasm}"
+        log.error("deploy: module %s: version %s rolled back to %s: %s", name, probation.version, back_to, reason)
+        self.sup.emit(self._event(name, 2, "module_rolled_back",
+                                  f"module {name}: version {probation.version} rolled back to {back_to} during "
+                                  f"probation: {reason}", {"windows_left": float(probation.left)}))
+
+    def _event(self, name: str, severity: int, kind: str, message: str, features: dict) -> dict:
+        return make_event(gateway=self.sup.cfg.gateway.name, source=self.sup.cfg.modules[name].source, module=name,
+                          severity=severity, score=0.0, kind=kind, message=message, window={}, features=features)
