@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/appliance.yaml
 # Debian packages the project needs, as "command-to-check:package".
 HOST_TOOLS := git:git wasm-validate:wabt gcc:gcc mosquitto_passwd:mosquitto openssl:openssl promtool:prometheus \
-	qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support update-ca-certificates:ca-certificates
+	qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support update-ca-certificates:ca-certificates \
+	nats-server:nats-server
 # The SD-card image and its QEMU rig (make image, make image-test); files count as commands.
 IMAGE_TOOLS := mmdebstrap:mmdebstrap arch-test:arch-test update-binfmts:binfmt-support qemu-aarch64-static:qemu-user-static \
 	qemu-system-aarch64:qemu-system-arm qemu-img:qemu-utils /usr/lib/u-boot/qemu_arm64/u-boot.bin:u-boot-qemu \

@@ -281,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         model.add_argument("rest", nargs=argparse.REMAINDER)
         model.set_defaults(func=lambda a: sys.exit(f"appliance model: {TOOLS_MISSING}"))
 
+    try:
+        from appliance_tools.fleet.cli import add_parser as add_fleet_parser
+        add_fleet_parser(sub)
+    except ModuleNotFoundError:   # a gateway: the fleet is run from an operator's machine
+        fleet = sub.add_parser("fleet", help="the operator's fleet tools (workstation tools)")
+        fleet.add_argument("rest", nargs=argparse.REMAINDER)
+        fleet.set_defaults(func=lambda a: sys.exit(f"appliance fleet: {TOOLS_MISSING}"))
+
     sub.add_parser("console", help="the service console on a serial line or stdio (appliance console --help)")
     base = sub.add_parser("baseline", help="learned baselines of modules")
     bsub = base.add_subparsers(dest="baseline_command", required=True)

@@ -205,6 +205,13 @@ class DeploySection(StrictModel):
                                          "none: <gateway.data_dir>/modules")
 
 
+class FleetSection(StrictModel):
+    enabled: bool = Field(False, description="take desired states from the fleet channel and report this "
+                          "gateway's state there (docs/fleet.md); needs uplink.transport: mqtt")
+    groups: list[Name] = Field([], description="the groups this gateway belongs to; a later group wins per module, "
+                               "and the gateway's own desired state wins over every group")
+
+
 class AppConfig(StrictModel):
     gateway: GatewaySection = GatewaySection()
     metrics: MetricsSection = MetricsSection()
@@ -214,8 +221,16 @@ class AppConfig(StrictModel):
     console: ConsoleSection = ConsoleSection()
     network: NetworkSection = NetworkSection()
     deploy: DeploySection = DeploySection()
+    fleet: FleetSection = FleetSection()
     sources: dict[Name, SourceSection] = Field(min_length=1)
     modules: dict[Name, ModuleSection] = {}
+
+    @model_validator(mode="after")
+    def _fleet_needs_mqtt(self):
+        if self.fleet.enabled and self.uplink.transport != "mqtt":
+            raise ValueError(f"fleet.enabled needs uplink.transport: mqtt (the fleet channel is the uplink's MQTT "
+                             f"connection); it is {self.uplink.transport!r}")
+        return self
 
 
 def flatten_params(params: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from appliance.config.schema import AppConfig
+from appliance.core import malloc
 from appliance.events import evidence
 from appliance.events.limit import EventBudget, Suppressed
 from appliance.events.record import Attachment, iso_time, make_event
@@ -78,6 +79,7 @@ class Supervisor:
         self._metrics_server = None
         self.metrics_port: int | None = None
         self.forwarder = self._make_forwarder()
+        self.fleet = None
         if self.spool.recovery is not None:
             self._report_spool_recovery(self.spool.recovery)
 
@@ -97,6 +99,9 @@ class Supervisor:
         self.metrics.registry.register(WorkerResources(self.modules))
         from appliance.deploy.deployer import Deployer
         self.deployer = Deployer(self)   # which deployed version each module runs, if any
+        if cfg.fleet.enabled:
+            from appliance.deploy.channel import FleetChannel
+            self.fleet = FleetChannel(self, self.forwarder.transport, cfg.fleet.groups)
         for name, mcfg in cfg.modules.items():
             pipe = self._build_pipeline(name, mcfg)
             self.modules[name] = pipe.module
@@ -167,6 +172,8 @@ class Supervisor:
         parked = self.spool.requeue_parked()
         if parked:   # refused before; the uplink's config may have been fixed since
             log.warning("spool: %d parked event(s) will be offered upstream again", parked)
+        if self.fleet is not None:
+            self.fleet.start()
         if self.forwarder is not None:
             self.forwarder.start()
         self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
@@ -212,6 +219,8 @@ class Supervisor:
         for name, budget in self._event_budgets.items():   # what was held back is said before the end
             host = self.modules.get(name)
             self._summarise_suppressed(name, host.cfg.source if host else "", budget.summary_due(force=True))
+        if self.fleet is not None:
+            self.fleet.stop()
         if self.forwarder is not None:
             self.forwarder.stop()
         if self._metrics_server is not None:
@@ -584,6 +593,9 @@ class Supervisor:
                     self._flush_unspooled()
             if time.monotonic() >= next_expiry:
                 next_expiry = time.monotonic() + 60.0
+                # Freed memory scattered through the heaps goes back to the kernel: the
+                # supervisor's resident size follows what it holds, not what it once held.
+                malloc.trim()
                 try:
                     self.spool.expire(self.cfg.events.spool_max_age_h * 3600)
                 except (sqlite3.Error, OSError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +51,8 @@ class Deployer:
         self._running: dict[str, Installed] = {}      # deployed versions that run, by module
         self._probation: dict[str, Probation] = {}
         self._published: dict[str, tuple] = {}         # the version_info labels set per module
+        self.listeners: list = []                      # called with (module, what, detail) after each change
+        self.last_rollback: dict | None = None
         self._lock = threading.RLock()                 # one deploy or rollback at a time
         self._rollbacks: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -127,10 +130,27 @@ class Deployer:
             installed = self.store.install(bundle)
         except (OSError, ValueError) as exc:
             self._refused(name, f"version {bundle.version} could not be stored: {exc}")
+        return self._start(installed, who)
+
+    def deploy_installed(self, name: str, version: str, who: str = "") -> str:
+        """Run a version that is already on the card (a fleet rollback names one without a bundle)."""
+        with self._lock:
+            if name not in self.sup.cfg.modules:
+                self._refused(name, f"the config has no module {name!r}")
+            running = self._running.get(name)
+            if running is not None and running.version == version:
+                return f"module {name}: version {version} already runs"
+            installed = self.store.installed(name, version)
+            if installed is None:
+                self._refused(name, f"version {version} is not on this gateway (send its bundle)")
+            return self._start(installed, who)
+
+    def _start(self, installed: Installed, who: str) -> str:
+        name = installed.module
         try:
             self.sup.check_module_file(name, installed.wasm)
         except ValueError as exc:
-            self._refused(name, f"version {bundle.version} failed its check: {exc}")
+            self._refused(name, f"version {installed.version} failed its check: {exc}")
         windows = self.sup.cfg.deploy.probation_windows
         old = self.store.activate(installed, probation_windows=windows)
         self._running[name] = installed
@@ -143,13 +163,22 @@ class Deployer:
         log.warning("deploy: module %s: version %s (%s) running, on probation for %d windows (was %s)%s", name,
                     installed.version, signer, windows, old.version if old else "the config's file",
                     f" ({who})" if who else "")
+        self._tell(name, "started", installed.version)
         return (f"module {name}: version {installed.version} ({signer}) running, on probation for {windows} windows; "
                 f"it rolls back to {old.version if old else 'the configured file'} on a fault")
 
     def _refused(self, name: str, reason: str):
         self.sup.metrics.deploys.labels(name, "refused").inc()
         log.error("deploy: refused, nothing changed: %s", reason)
+        self._tell(name, "refused", reason)
         raise DeployRefused(reason)
+
+    def _tell(self, name: str, what: str, detail: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(name, what, detail)
+            except Exception:   # a listener's bug must not undo a deploy
+                log.exception("deploy: listener %r failed", listener)
 
     def revert(self, name: str, who: str = "") -> str:
         """Back to the YAML's own file (the console's `modules revert`)."""
@@ -164,6 +193,7 @@ class Deployer:
             self.publish_versions(name, "")
             log.warning("deploy: module %s: deployed version %s dropped; the configured file runs%s", name, was,
                         f" ({who})" if who else "")
+            self._tell(name, "reverted", was)
             return f"module {name}: deployed version {was} dropped, running {self.sup.cfg.modules[name].wasm}"
 
     # ---- probation ------------------------------------------------------------------------------
@@ -229,6 +259,7 @@ class Deployer:
         self.sup.metrics.deploys.labels(name, "committed").inc()
         self.sup.metrics.on_probation.labels(name).set(0)
         log.warning("deploy: module %s: version %s passed probation; kept", name, probation.version)
+        self._tell(name, "committed", probation.version)
         self.sup.emit(self._event(name, 0, "module_deployed",
                                   f"module {name}: version {probation.version} passed probation and is kept "
                                   f"(was {probation.previous or 'the configured file'})", {}))
@@ -248,6 +279,9 @@ class Deployer:
         self.publish_versions(name, target.version if target else "")
         back_to = target.version if target else f"the configured file {self.sup.cfg.modules[name].wasm}"
         log.error("deploy: module %s: version %s rolled back to %s: %s", name, probation.version, back_to, reason)
+        self.last_rollback = {"module": name, "version": probation.version, "to": target.version if target else None,
+                              "reason": reason, "time": time.time()}
+        self._tell(name, "rolled_back", reason)
         self.sup.emit(self._event(name, 2, "module_rolled_back",
                                   f"module {name}: version {probation.version} rolled back to {back_to} during "
                                   f"probation: {reason}", {"windows_left": float(probation.left)}))

@@ -107,6 +107,11 @@ class ModuleStore:
             shutil.rmtree(staging, ignore_errors=True)
         return Installed(bundle.module, bundle.version, final, bundle.digest, bundle.signer)
 
+    def installed(self, module: str, version: str) -> Installed | None:
+        """A version already on the card (it verifies against its bundle.json), or None."""
+        folder = self.folder(module) / version
+        return self._read(module, folder) if version[:1].isdigit() and folder.is_dir() else None
+
     def _read(self, module: str, folder: Path) -> Installed | None:
         """A version folder whose files match its bundle.json (the signature was checked when it
         came in; this catches a card that lost or changed a file since)."""

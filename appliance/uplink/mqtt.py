@@ -4,6 +4,7 @@
     <prefix>/<gateway>/health                                 retained health summary
     <prefix>/<gateway>/events/<source>                        one event: its JSON exactly as spooled
     <prefix>/<gateway>/events/<source>/<event id>/<name>      an attachment's bytes
+    <prefix>/<gateway>/fleet/...                              the fleet channel (appliance/deploy/channel.py)
 
 send() publishes the attachments, waits for their PUBACKs, then publishes the event and waits
 for its PUBACK; any disconnect or missing PUBACK is a TransientError and the forwarder sends
@@ -17,11 +18,11 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any
+from typing import Annotated, Any, Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from appliance.events.record import Attachment, iso_time
 from appliance.uplink.transport import TransientError, Transport
@@ -54,9 +55,19 @@ class MqttTls(StrictModel):
         return self
 
 
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: write host:port, e.g. broker2.plant:1883")
+    return text
+
+
 class MqttConfig(StrictModel):
     host: str = Field(min_length=1, description="broker host name or address")
     port: int = Field(None, ge=1, le=65535, description="default 1883, or 8883 with tls")  # type: ignore[assignment]
+    also: list[Annotated[str, AfterValidator(_host_port)]] = Field(
+        [], description="other nodes of a clustered broker, as host:port: after a failed connect the next one "
+                        "is tried (in turn, host first)")
     client_id: str | None = Field(None, min_length=1, max_length=65535,
                                   description="stable MQTT client id (default: the gateway name), so the broker "
                                   "keeps the session")
@@ -159,7 +170,11 @@ class MqttTransport(Transport):
         self.status_topic = f"{base}/status"
         self.health_topic = f"{base}/health"
         self.events_base = f"{base}/events"
+        self.endpoints = [(config.host, config.port)] + [(h, int(p)) for h, _, p in (a.rpartition(":")
+                                                                                     for a in config.also)]
+        self._endpoint_index = 0
         self.endpoint = f"{config.host}:{config.port}"
+        self._listeners: list[tuple[tuple[str, ...], Callable[[str, bytes], None], Callable[[], None] | None]] = []
         self.bytes_sent = 0            # payload bytes acknowledged by the broker (events, attachments, health,
         self.attachments_skipped = 0   # status); attachments over max_attachment_bytes, not sent
         self._lock = threading.Lock()
@@ -192,6 +207,47 @@ class MqttTransport(Transport):
         """A fresh connection (any previous one is closed first); returns once the broker accepted it
         and the retained online status is acknowledged. Raises TransientError with the reason."""
         self._drop(graceful=True)
+        host, port = self.endpoints[self._endpoint_index]
+        self.endpoint = f"{host}:{port}"
+        try:
+            self._connect(host, port)
+        except TransientError:
+            # A clustered broker: the next attempt goes to the next node.
+            self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+            raise
+        for topics, _, on_connected in self._listeners:
+            self._subscribe(topics)
+            if on_connected is not None:
+                on_connected()
+
+    def listen(self, topics: list[str], on_message: Callable[[str, bytes], None],
+               on_connected: Callable[[], None] | None = None) -> None:
+        """Subscribe (QoS 1) to `topics` on every connection; on_message(topic, payload) runs on
+        paho's network thread (hand the work over, do not block it); on_connected after each
+        connect. Call before the forwarder starts."""
+        self._listeners.append((tuple(topics), on_message, on_connected))
+
+    def _subscribe(self, topics: tuple[str, ...]) -> None:
+        conn = self._live()
+        rc, _ = conn.client.subscribe([(t, QOS) for t in topics])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise TransientError(f"MQTT subscribe to {', '.join(topics)} failed: {mqtt.error_string(rc)}")
+
+    def _on_message(self, message) -> None:
+        for topics, on_message, _ in self._listeners:
+            if any(mqtt.topic_matches_sub(t, message.topic) for t in topics):
+                try:
+                    on_message(message.topic, bytes(message.payload))
+                except Exception:   # a listener's bug must not end paho's network thread
+                    log.exception("MQTT: handling a message on %s failed", message.topic)
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """A retained message (QoS 1), acknowledged; TransientError if not connected or not acked."""
+        conn = self._live()
+        self._await(conn, [(topic, self._publish(conn, topic, payload, retain=True))])
+        self.bytes_sent += len(payload)
+
+    def _connect(self, host: str, port: int) -> None:
         cfg = self.config
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
                              protocol=mqtt.MQTTv311, reconnect_on_failure=False)
@@ -208,13 +264,15 @@ class MqttTransport(Transport):
         client.on_connect = lambda c, u, flags, rc, props: self._on_connect(conn, rc)
         client.on_disconnect = lambda c, u, flags, rc, props: self._on_disconnect(conn, rc)
         client.on_log = lambda c, u, level, buf: self._on_log(conn, level, buf)
+        if self._listeners:
+            client.on_message = lambda c, u, message: self._on_message(message)
         try:
             try:
-                client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
+                client.connect(host, port, keepalive=cfg.keepalive_s)
             except BaseException:
                 if ctx is not None and ctx.wrapped is not None:   # a failed handshake leaves it open
                     ctx.wrapped.close()
-                client.on_connect = client.on_disconnect = client.on_log = None   # no reference cycle
+                client.on_connect = client.on_disconnect = client.on_log = client.on_message = None   # no reference cycle
                 raise
         except ssl.SSLCertVerificationError as exc:
             raise TransientError(f"MQTT broker {self.endpoint}: TLS certificate verification failed: "
@@ -231,7 +289,7 @@ class MqttTransport(Transport):
             raise TransientError(f"MQTT broker {self.endpoint} is unreachable: no answer within "
                                  f"{cfg.connect_timeout_s:g} s") from exc
         except socket.gaierror as exc:
-            raise TransientError(f"MQTT broker {self.endpoint}: cannot resolve {cfg.host!r}: {exc.strerror}") from exc
+            raise TransientError(f"MQTT broker {self.endpoint}: cannot resolve {host!r}: {exc.strerror}") from exc
         except OSError as exc:
             raise TransientError(f"MQTT broker {self.endpoint} is unreachable: {exc.strerror or exc}") from exc
         client.loop_start()
@@ -296,7 +354,7 @@ class MqttTransport(Transport):
                 pass
         # Break the client <-> callbacks cycle so the client is freed (and closes its internal socket
         # pair) as soon as nothing refers to it.
-        client.on_connect = client.on_disconnect = client.on_log = None
+        client.on_connect = client.on_disconnect = client.on_log = client.on_message = None
 
     def _password(self) -> str | None:
         cfg = self.config

@@ -8,12 +8,13 @@
 #define TRAP_AFTER 0
 
 static double gain;
-static uint32_t windows;
+static uint32_t windows, event_every;
 
 int32_t ap_init(const char *params, int32_t len) {
     if (ap_params_check(params, len) != 0) return -1;
     int bad = 0;
     gain = ap_param_f64(params, len, "gain", 1.0, &bad);
+    event_every = (uint32_t)ap_param_f64(params, len, "event_every", 0, &bad);
     if (bad) return -1;
     windows = 0;
     return 0;
@@ -30,5 +31,6 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     ap_feature("build", BUILD);
     ap_feature("windows", windows);
     ap_feature("mean", gain * sum / (h->frames ? h->frames : 1));
+    if (event_every && windows % event_every == 0) ap_event(0, (double)BUILD, "a regular event (window count)");
     return 0;
 }

@@ -1,0 +1,284 @@
+"""The fleet channel: desired state in, reported state out, over the uplink's MQTT connection
+(docs/fleet.md). Plain MQTT 3.1.1, so any broker serves it.
+
+    <prefix>/fleet/groups/<group>/desired   retained, by the operator: what a group should run
+    <prefix>/<gateway>/fleet/desired        retained, by the operator: this gateway's own (wins per module)
+    <prefix>/<gateway>/fleet/cmd            commands {"id", "op", ...}; replies on .../fleet/reply
+    <prefix>/<gateway>/fleet/reported       retained, by the gateway: what runs, probation, last rollback
+
+A desired state: {"revision": N, "modules": {NAME: {"version": V, "bundle": base64 | "url": URL,
+"sha256": of the bundle file}}}. Each topic's revision only goes up: an older one (a replay) is
+refused and reported, a repeated one changes nothing. Version "config" means the YAML's own file.
+The gateway converges whenever a desired state arrives, on each reconnect (the broker sends the
+retained ones again, so a gateway offline for days catches up) and after each probation ends.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.request
+from typing import TYPE_CHECKING
+
+from appliance.deploy.bundle import MAX_BUNDLE_BYTES
+from appliance.deploy.deployer import DeployRefused
+from appliance.uplink.mqtt import topic_level
+
+if TYPE_CHECKING:
+    from appliance.core.supervisor import Supervisor
+    from appliance.uplink.mqtt import MqttTransport
+
+log = logging.getLogger("appliance.fleet")
+
+MAX_DESIRED_BYTES = 4 * MAX_BUNDLE_BYTES // 3 + 65536   # one inline bundle, base64
+COMMANDS_KEPT = 200
+REFUSALS_KEPT = 20
+FETCH_TIMEOUT_S = 60.0
+
+
+class FleetChannel:
+    def __init__(self, sup: "Supervisor", transport: "MqttTransport", groups: list[str]) -> None:
+        self.sup, self.transport, self.groups = sup, transport, list(groups)
+        prefix, me = transport.config.topic_prefix, topic_level(transport.gateway)
+        self.own_topic = f"{prefix}/{me}/fleet/desired"
+        self.group_topics = {f"{prefix}/fleet/groups/{topic_level(g)}/desired": g for g in self.groups}
+        self.cmd_topic = f"{prefix}/{me}/fleet/cmd"
+        self.reply_topic = f"{prefix}/{me}/fleet/reply"
+        self.reported_topic = f"{prefix}/{me}/fleet/reported"
+        self.state_path = sup.cfg.gateway.data_dir / "fleet.json"
+        saved = self._load()
+        self.revisions: dict[str, int] = saved.get("revisions", {})   # topic -> last accepted revision
+        self.desired: dict[str, dict] = saved.get("desired", {})      # topic -> its accepted modules
+        self.replies: dict[str, dict] = saved.get("replies", {})      # command id -> its reply (idempotence)
+        self.refusals: list[dict] = saved.get("refusals", [])
+        self._work: queue.Queue = queue.Queue()
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+        transport.listen([self.own_topic, *self.group_topics, self.cmd_topic], self._on_message, self._on_connected)
+        sup.deployer.listeners.append(self._on_deploy_change)
+
+    # ---- persistence --------------------------------------------------------------------------
+
+    def _load(self) -> dict:
+        try:
+            doc = json.loads(self.state_path.read_bytes())
+            return doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _save(self) -> None:
+        doc = {"revisions": self.revisions, "desired": self.desired, "replies": self.replies,
+               "refusals": self.refusals[-REFUSALS_KEPT:]}
+        tmp = self.state_path.with_suffix(".tmp")
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+
+    # ---- threads ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._work.put(("stop", None, None))
+        self._thread.join(5.0)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self._work.put(("message", topic, payload))   # paho's thread: hand over, never block it
+
+    def _on_deploy_change(self, module: str, what: str, detail: str) -> None:
+        self._dirty.set()                          # the report says it
+        self._work.put(("converge", None, None))   # and a probation's end may allow the next step
+
+    def _on_connected(self) -> None:
+        self._dirty.set()
+        self._work.put(("converge", None, None))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                kind, topic, payload = self._work.get(timeout=5.0)
+            except queue.Empty:
+                kind = "tick"
+            try:
+                if kind == "stop":
+                    return
+                if kind == "message":
+                    if topic == self.cmd_topic:
+                        self._command(payload)
+                    else:
+                        self._desired(topic, payload)
+                    self._converge()
+                elif kind == "converge":
+                    self._converge()
+                if self._dirty.is_set() and self.transport.connected:
+                    self._report()
+            except Exception:   # the channel must outlive one bad message
+                log.exception("fleet: handling %s failed", kind)
+
+    # ---- desired state ------------------------------------------------------------------------
+
+    def _refuse(self, where: str, reason: str) -> None:
+        log.error("fleet: %s refused, nothing changed: %s", where, reason)
+        self.refusals.append({"where": where, "reason": reason, "time": time.time()})
+        self.refusals = self.refusals[-REFUSALS_KEPT:]
+        self._save()
+        self._dirty.set()
+
+    def _desired(self, topic: str, payload: bytes) -> None:
+        source = "gateway" if topic == self.own_topic else f"group {self.group_topics.get(topic, '?')}"
+        if not payload:   # the operator cleared it: that source no longer asks for anything
+            if self.desired.pop(topic, None) is not None:
+                self._save()
+            return
+        if len(payload) > MAX_DESIRED_BYTES:
+            return self._refuse(f"desired state ({source})", f"{len(payload)} bytes (at most {MAX_DESIRED_BYTES})")
+        try:
+            doc = json.loads(payload)
+            revision, modules = doc["revision"], doc["modules"]
+            if not isinstance(revision, int) or isinstance(revision, bool) or not isinstance(modules, dict) \
+                    or not all(isinstance(v, dict) and isinstance(v.get("version"), str) for v in modules.values()):
+                raise TypeError("revision must be an integer and modules a map of {version, ...}")
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._refuse(f"desired state ({source})", f"cannot be read: {exc}")
+        last = self.revisions.get(topic)
+        if last is not None and revision < last:
+            return self._refuse(f"desired state ({source}) revision {revision}",
+                                f"older than revision {last}, already applied (a replay?)")
+        if last == revision:
+            return   # the retained copy again (a reconnect): nothing new
+        unknown = sorted(set(modules) - set(self.sup.cfg.modules))
+        if unknown and topic == self.own_topic:
+            return self._refuse(f"desired state ({source}) revision {revision}",
+                                f"this gateway has no module {', '.join(unknown)}")
+        self.revisions[topic] = revision
+        self.desired[topic] = {n: m for n, m in modules.items() if n in self.sup.cfg.modules}
+        self._save()
+        self._dirty.set()
+        log.info("fleet: desired state from %s, revision %d: %s", source, revision,
+                 ", ".join(f"{n} {m['version']}" for n, m in modules.items()) or "nothing")
+
+    def wanted(self) -> dict[str, tuple[str, dict]]:
+        """module -> (source topic, entry): the groups in the order the YAML lists them, then the
+        gateway's own desired state, each later one winning per module."""
+        merged: dict[str, tuple[str, dict]] = {}
+        for topic in [*self.group_topics, self.own_topic]:
+            for name, entry in self.desired.get(topic, {}).items():
+                merged[name] = (topic, entry)
+        return merged
+
+    def _converge(self) -> None:
+        deployer = self.sup.deployer
+        for name, (topic, entry) in self.wanted().items():
+            want = entry["version"]
+            now = deployer.describe(name)
+            if now["probation_left"] is not None:
+                continue   # one change at a time: the next step after this probation ends
+            running = now["version"] or "config"
+            if want == running:
+                continue
+            rejected = now["rejected"].get(want)
+            where = f"module {name} {want} (revision {self.revisions.get(topic)})"
+            if rejected and not entry.get("force"):
+                if not any(r["where"] == where for r in self.refusals):
+                    self._refuse(where, f"rolled back here before: {rejected.get('reason')}")
+                continue
+            who = f"fleet revision {self.revisions.get(topic)}"
+            try:
+                if want == "config":
+                    deployer.revert(name, who)
+                elif "bundle" in entry or "url" in entry:
+                    deployer.deploy(self._fetch(entry), who, module=name, force=bool(entry.get("force")))
+                else:
+                    deployer.deploy_installed(name, want, who)
+            except (DeployRefused, ValueError, OSError) as exc:
+                if not any(r["where"] == where and r["reason"] == str(exc) for r in self.refusals):
+                    self._refuse(where, str(exc))
+            self._dirty.set()
+
+    def _fetch(self, entry: dict) -> bytes:
+        if "bundle" in entry:
+            try:
+                data = base64.b64decode(entry["bundle"], validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise ValueError("its inline bundle is not base64") from None
+        else:
+            url = str(entry["url"])
+            if not url.startswith(("https://", "http://")):
+                raise ValueError(f"bundle url {url[:80]!r}: http(s) only")
+            with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:
+                data = response.read(MAX_BUNDLE_BYTES + 1)
+            if len(data) > MAX_BUNDLE_BYTES:
+                raise ValueError(f"the bundle at {url} is larger than {MAX_BUNDLE_BYTES >> 20} MiB")
+        digest = entry.get("sha256")
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError("the bundle's sha256 differs from the desired state's (changed in transit?)")
+        return data
+
+    # ---- commands -------------------------------------------------------------------------------
+
+    def _command(self, payload: bytes) -> None:
+        try:
+            doc = json.loads(payload)
+            ident, op = str(doc["id"]), str(doc["op"])
+        except (ValueError, KeyError, TypeError):
+            return self._refuse("command", "cannot be read (it needs an id and an op)")
+        reply = self.replies.get(ident)
+        if reply is None:   # a command runs once, whatever number of times it arrives
+            reply = self._run_command(op, doc)
+            reply["id"] = ident
+            self.replies[ident] = reply
+            while len(self.replies) > COMMANDS_KEPT:
+                self.replies.pop(next(iter(self.replies)))
+            self._save()
+        with contextlib.suppress(Exception):
+            self.transport.publish_retained(self.reply_topic, json.dumps(reply, sort_keys=True).encode())
+        self._dirty.set()
+
+    def _run_command(self, op: str, doc: dict) -> dict:
+        try:
+            if op == "report":
+                return {"ok": True, "result": "reported"}
+            if op == "revert":
+                return {"ok": True, "result": self.sup.deployer.revert(str(doc["module"]), "fleet command")}
+            return {"ok": False, "error": f"unknown op {op!r} (report, revert)"}
+        except (KeyError, ValueError, DeployRefused) as exc:
+            return {"ok": False, "error": str(exc)}
+
+    # ---- reported state -------------------------------------------------------------------------
+
+    def report_doc(self) -> dict:
+        modules = {}
+        for name in self.sup.cfg.modules:
+            now = self.sup.deployer.describe(name)
+            host = self.sup.modules.get(name)
+            modules[name] = {"version": now["version"] or "config", "origin": now["origin"], "signer": now["signer"],
+                             "probation_left": now["probation_left"], "rejected": sorted(now["rejected"]),
+                             "state": host.state.value if host else "absent",
+                             "last_fault": host.last_fault if host else ""}
+        return {"gateway": self.transport.gateway, "groups": self.groups, "time": time.time(),
+                "revisions": {("gateway" if t == self.own_topic else self.group_topics.get(t, t)): r
+                              for t, r in self.revisions.items()},
+                "modules": modules, "last_rollback": self.sup.deployer.last_rollback,
+                "refusals": self.refusals[-5:], "health": self.sup.health_summary()}
+
+    def _report(self) -> None:
+        self._dirty.clear()
+        try:
+            self.transport.publish_retained(self.reported_topic,
+                                            json.dumps(self.report_doc(), sort_keys=True, default=str).encode())
+        except Exception as exc:   # not connected: the next connection reports
+            self._dirty.set()
+            log.debug("fleet: report not sent: %s", exc)

@@ -1,0 +1,204 @@
+"""The fleet channel on a real 3-node NATS cluster (JetStream, its MQTT listener), gateways on
+different nodes (docs/fleet.md): staged rollouts, a bad canary halting them, a node killed
+mid-rollout, an offline gateway converging, and tampered, untrusted and replayed desired states
+refused with nothing changed. The 20-gateway rollout is `make fleet-demo`."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from appliance.config.schema import load_config
+from appliance.core.supervisor import Supervisor
+from appliance_tools.fleet.cluster import NatsCluster
+from appliance_tools.fleet.operator import FleetOperator, bundle_entry, rollout
+
+from conftest import require_tool
+from support import FAST_RESTART, sim_source, wait_for
+from test_deploy import kit, rewrite_member  # noqa: F401  (the keys and bundles of the deploy tests)
+
+GROUP = "line1"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require_tool("nats-server", "nats-server")
+    c = NatsCluster(tmp_path_factory.mktemp("nats")).start()
+    yield c
+    c.stop()
+
+
+class EventTap:
+    """Every event the gateways deliver, by id (a duplicate is allowed, a loss is not)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ids: dict[str, set[str]] = {}
+        self.lock = threading.Lock()
+        host, _, port = endpoint.rpartition(":")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"tap-{time.time_ns()}", clean_session=False,
+                                  protocol=mqtt.MQTTv311)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("factory/+/events/+", qos=1)
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        doc = json.loads(message.payload)
+        with self.lock:
+            self.ids.setdefault(doc["gateway"], set()).add(doc["id"])
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def gateway(tmp_path: Path, kit, cluster, index: int) -> Supervisor:   # noqa: F811
+    name = f"gw{index:02d}"
+    endpoints = cluster.mqtt_endpoints
+    home = endpoints[index % len(endpoints)]
+    host, _, port = home.rpartition(":")
+    doc = {"gateway": {"name": name, "data_dir": str(tmp_path / name)}, "metrics": {"enabled": False},
+           "runtime": {"restart": FAST_RESTART},
+           "deploy": {"trusted_keys": [kit["public"]], "probation_windows": 20},
+           "fleet": {"enabled": True, "groups": [GROUP]},
+           "uplink": {"transport": "mqtt", "mqtt": {"host": host, "port": int(port), "keepalive_s": 2,
+                                                     "also": [e for e in endpoints if e != home]}},
+           "sources": {"a": sim_source()},
+           "modules": {"versioned": {"wasm": str(kit["wasm"]["1.0.0"]), "source": "a", "window": {"size": 256},
+                                     "params": {"event_every": 100}}}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return Supervisor(load_config(path))
+
+
+def running(sup) -> str:
+    return sup.deployer.describe("versioned")["version"] or "config"
+
+
+def test_a_staged_rollout_survives_a_dead_broker_node_and_reaches_an_offline_gateway(tmp_path, kit, cluster):  # noqa: F811
+    tap = EventTap(cluster.mqtt_endpoints[1])
+    gateways = [gateway(tmp_path, kit, cluster, i) for i in range(5)]
+    for sup in gateways:
+        sup.start()
+    away = gateways[4]
+    op = FleetOperator(cluster.mqtt_endpoints, client_id="test-operator")
+    try:
+        wait_for(lambda: len(op.gateways(GROUP, settle_s=0)) == 5, 30, "5 gateways reporting")
+        away.stop()   # offline during the rollout
+        wait_for(lambda: op.online.get("gw04") is False, 10, "gw04 offline")
+
+        def kill_a_node_after_the_canary(line: str) -> None:
+            print(line)
+            if line.startswith("  canary:") and cluster.nodes[0].proc is not None:
+                cluster.kill(cluster.nodes[0])   # gw00 and gw03 lived there
+                print("  (broker node n1 killed)")
+
+        t0 = time.monotonic()
+        result = rollout(op, kit["signed"]["1.1.0"], GROUP, canary=1, batch_pct=50, max_failures=0, timeout_s=60,
+                         progress=kill_a_node_after_the_canary)
+        print(result.table())
+        assert not result.halted, result.table()
+        assert [result.result_of(f"gw0{i}") for i in range(5)] == ["kept"] * 4 + ["offline"]
+        for sup in gateways[:4]:
+            assert running(sup) == "1.1.0"
+        print(f"rollout to 4 online gateways, one broker node killed after the canary: {time.monotonic() - t0:.1f} s")
+
+        # The offline gateway comes back (to a live node) and converges from the group's state.
+        cluster.start_node(cluster.nodes[0])
+        back = gateway(tmp_path, kit, cluster, 4)
+        gateways[4] = back
+        back.start()
+        wait_for(lambda: running(back) == "1.1.0" and back.deployer.describe("versioned")["probation_left"] is None,
+                 60, "gw04 converged to 1.1.0")
+
+        # Events flowed through it all, and none was lost.
+        for sup in gateways:
+            wait_for(lambda: sup.spool.depth() == 0, 60, f"{sup.cfg.gateway.name}'s spool drained")
+        time.sleep(1)
+        emitted: dict[str, int] = {}
+        for sup in [*gateways, away]:
+            emitted[sup.cfg.gateway.name] = emitted.get(sup.cfg.gateway.name, 0) + sup.events_emitted
+        with tap.lock:
+            received = {name: len(tap.ids.get(name, ())) for name in emitted}
+        print("events committed / received per gateway:", {n: (emitted[n], received[n]) for n in sorted(emitted)})
+        assert all(emitted.values()) and all(received[n] >= emitted[n] for n in emitted), (emitted, received)
+    finally:
+        op.close()
+        for sup in gateways:
+            if not sup.stopping:
+                sup.stop()
+        tap.close()
+
+
+def test_a_bad_canary_rolls_back_by_itself_and_halts_the_rollout(tmp_path, kit, cluster):  # noqa: F811
+    gateways = [gateway(tmp_path, kit, cluster, 10 + i) for i in range(3)]
+    for sup in gateways:
+        sup.start()
+    op = FleetOperator(cluster.mqtt_endpoints, client_id="test-operator-2")
+    try:
+        names = {s.cfg.gateway.name for s in gateways}
+        wait_for(lambda: names <= set(op.gateways(GROUP, settle_s=0)), 30, "3 gateways reporting")
+        t0 = time.monotonic()
+        result = rollout(op, kit["signed"]["1.2.0"], GROUP, canary=1, batch_pct=50, max_failures=0, timeout_s=60)
+        print(result.table())
+        canary = sorted(names)[0]
+        assert result.halted and result.result_of(canary) == "rolled_back", result.table()
+        assert not [o for o in result.outcomes if o.stage.startswith("batch")], "a batch ran after the bad canary"
+        for sup in gateways:
+            assert running(sup) in ("config", "1.1.0"), running(sup)
+        print(f"bad canary: rolled back and the rollout halted in {time.monotonic() - t0:.1f} s")
+    finally:
+        op.close()
+        for sup in gateways:
+            sup.stop()
+
+
+def test_tampered_untrusted_and_replayed_desired_states_change_nothing(tmp_path, kit, cluster):  # noqa: F811
+    sup = gateway(tmp_path, kit, cluster, 20)
+    sup.start()
+    op = FleetOperator(cluster.mqtt_endpoints, client_id="test-operator-3")
+    try:
+        wait_for(lambda: op.report("gw20") is not None, 30, "gw20 reporting")
+        module, version, entry = bundle_entry(kit["signed"]["1.1.0"])
+        good_revision = op.publish_desired({module: entry}, gateway="gw20")
+        wait_for(lambda: running(sup) == "1.1.0", 30, "1.1.0 from the fleet")
+        wait_for(lambda: sup.deployer.describe("versioned")["probation_left"] is None, 30, "1.1.0 kept")
+
+        def refused(where: str) -> bool:
+            return any(where in r["where"] for r in (op.report("gw20") or {}).get("refusals", []))
+
+        # One byte of the .wasm changed (the desired state's sha256 made to match the changed file).
+        changed = rewrite_member(kit["signed"]["1.3.0"], tmp_path / "tampered.apb", "module.wasm",
+                                 lambda d: d[:-1] + bytes([d[-1] ^ 1]))
+        raw = changed.read_bytes()   # what an attacker in the path would send: the operator's tool refuses it
+        tampered = {"version": "1.3.0", "bundle": base64.b64encode(raw).decode(), "sha256": hashlib.sha256(raw).hexdigest()}
+        op.publish_desired({module: tampered}, gateway="gw20")
+        wait_for(lambda: refused("module versioned 1.3.0"), 30, "the tampered bundle refused and reported")
+        # A bundle signed by a key the gateway does not trust.
+        from appliance.deploy.bundle import make_bundle, sign_bundle
+        from appliance.deploy.keys import load_private, new_pair
+        stranger_key, _ = new_pair("mallory", tmp_path / "mallory")
+        evil = make_bundle(kit["wasm"]["1.3.0"], tmp_path / "evil.apb")
+        sign_bundle(evil, load_private(stranger_key))
+        _, _, evil_entry = bundle_entry(evil)
+        op.publish_desired({module: evil_entry}, gateway="gw20")
+        wait_for(lambda: any("not among deploy.trusted_keys" in r["reason"]
+                             for r in op.report("gw20").get("refusals", [])), 30, "the untrusted key refused")
+        # An old desired state replayed (a lower revision).
+        op.publish_desired({module: {"version": "config"}}, gateway="gw20", revision=good_revision - 1)
+        wait_for(lambda: refused(f"revision {good_revision - 1}"), 30, "the replay refused")
+        time.sleep(1)
+        assert running(sup) == "1.1.0"
+        reasons = [r["reason"] for r in op.report("gw20")["refusals"]]
+        print("refused:", *reasons, sep="\n  ")
+    finally:
+        op.close()
+        sup.stop()

@@ -1,0 +1,75 @@
+"""`appliance fleet status | deploy | rollback` (docs/fleet.md)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _operator(args):
+    from appliance_tools.fleet.operator import FleetOperator
+    try:
+        return FleetOperator(args.broker, args.prefix)
+    except ConnectionError as exc:
+        sys.exit(f"appliance fleet: {exc}")
+
+
+def cmd_status(args) -> int:
+    from appliance_tools.fleet.operator import status_table
+    op = _operator(args)
+    try:
+        reports = op.gateways(args.group, settle_s=args.wait)
+    finally:
+        op.close()
+    print(json.dumps(reports, indent=1, sort_keys=True) if args.json else status_table(reports))
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from appliance_tools.fleet.operator import rollout
+    op = _operator(args)
+    try:
+        result = rollout(op, Path(args.bundle), args.group, canary=args.canary, batch_pct=args.batch,
+                         max_failures=args.max_failures, timeout_s=args.timeout)
+    finally:
+        op.close()
+    print(result.table())
+    return 1 if result.halted else 0
+
+
+def cmd_rollback(args) -> int:
+    from appliance_tools.fleet.operator import roll_back
+    op = _operator(args)
+    try:
+        revision = roll_back(op, args.group, args.module, args.to)
+    finally:
+        op.close()
+    print(f"group {args.group}: {args.module} {args.to} (revision {revision}); `appliance fleet status` shows "
+          "the gateways converging")
+    return 0
+
+
+def add_parser(sub) -> None:
+    fleet = sub.add_parser("fleet", help="the operator's fleet: status, staged deploys, rollback (docs/fleet.md)")
+    fleet.add_argument("--broker", action="append", required=True, metavar="HOST:PORT",
+                       help="an MQTT node of the fleet's broker (repeat for the others)")
+    fleet.add_argument("--prefix", default="factory", help="the gateways' uplink.mqtt.topic_prefix")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True)
+    s = fsub.add_parser("status", help="a table of gateways, their versions and health")
+    s.add_argument("--group")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--wait", type=float, default=2.0, help="seconds to collect the retained reports")
+    s.set_defaults(func=cmd_status)
+    d = fsub.add_parser("deploy", help="roll a signed bundle out to a group: canary, then batches")
+    d.add_argument("bundle")
+    d.add_argument("--group", required=True)
+    d.add_argument("--canary", type=int, default=1, help="gateways in the first stage")
+    d.add_argument("--batch", type=float, default=25.0, help="percent of the group per later stage")
+    d.add_argument("--max-failures", type=int, default=0, help="more than this many failures halt and revert")
+    d.add_argument("--timeout", type=float, default=300.0, help="seconds a gateway has to keep the new version")
+    d.set_defaults(func=cmd_deploy)
+    r = fsub.add_parser("rollback", help="a group back to an earlier version (on the cards) or to `config`")
+    r.add_argument("--group", required=True)
+    r.add_argument("--module", required=True)
+    r.add_argument("--to", required=True, help="a version, or config for the YAML's own file")
+    r.set_defaults(func=cmd_rollback)

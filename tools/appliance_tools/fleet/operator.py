@@ -1,0 +1,280 @@
+"""The operator's side of the fleet channel (docs/fleet.md): read what gateways report, publish
+desired states, roll a bundle out in stages. Plain MQTT 3.1.1 (paho), any node of the broker."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from appliance.deploy.bundle import open_bundle
+from appliance.uplink.mqtt import topic_level
+
+
+def revision_now() -> int:
+    """Revisions only go up (gateways refuse an older one): microseconds of wall time."""
+    return time.time_ns() // 1000
+
+
+class FleetOperator:
+    def __init__(self, endpoints: list[str], prefix: str = "factory", client_id: str = "fleet-operator") -> None:
+        self.endpoints = [(h, int(p)) for h, _, p in (e.rpartition(":") for e in endpoints)]
+        self.prefix = prefix
+        self.reports: dict[str, dict] = {}
+        self.online: dict[str, bool] = {}   # from each gateway's retained status (its last will says offline)
+        self.received: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._index = 0
+        self._stop = False
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{client_id}-{revision_now() % 10**9}",
+                                  clean_session=True, protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda c, u, f, rc, p: self._connected.clear()
+        self.client.on_message = self._on_message
+        self._thread = threading.Thread(target=self._keep_connected, name="fleet-operator", daemon=True)
+        self._thread.start()
+        if not self._connected.wait(30):
+            raise ConnectionError(f"no broker answered at {', '.join(endpoints)}")
+
+    def _keep_connected(self) -> None:
+        """One connection at a time, to the next node when one goes."""
+        while not self._stop:
+            host, port = self.endpoints[self._index % len(self.endpoints)]
+            try:
+                self.client.connect(host, port, keepalive=10)
+                self.client.loop_forever()
+            except OSError:
+                pass
+            if self._stop:
+                return
+            self._index += 1
+            time.sleep(0.3)
+
+    def _on_connect(self, client, userdata, flags, rc, props) -> None:
+        if rc.is_failure:
+            return
+        client.subscribe([(f"{self.prefix}/+/fleet/reported", 1), (f"{self.prefix}/+/status", 1)])
+        self._connected.set()
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            doc = json.loads(message.payload)
+        except ValueError:
+            return
+        if isinstance(doc, dict) and "gateway" in doc and message.topic.endswith("/status"):
+            with self._lock:
+                self.online[doc["gateway"]] = doc.get("state") == "online"
+        elif isinstance(doc, dict) and "gateway" in doc:
+            with self._lock:
+                self.reports[doc["gateway"]] = doc
+                self.received[doc["gateway"]] = time.time()
+
+    def close(self) -> None:
+        self._stop = True
+        self.client.disconnect()
+        self._thread.join(5)
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def gateways(self, group: str | None = None, settle_s: float = 2.0) -> dict[str, dict]:
+        """The latest report of each gateway (of one group); waits settle_s for retained reports."""
+        time.sleep(settle_s)
+        with self._lock:
+            return {g: d for g, d in sorted(self.reports.items()) if group is None or group in d.get("groups", [])}
+
+    def report(self, gateway: str) -> dict | None:
+        with self._lock:
+            return self.reports.get(gateway)
+
+    # ---- publishing ----------------------------------------------------------------------------
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        for _ in range(60):
+            if self._connected.wait(1):
+                info = self.client.publish(topic, payload, qos=1, retain=True)
+                try:
+                    info.wait_for_publish(10)
+                    if info.is_published():
+                        return
+                except (RuntimeError, ValueError):
+                    pass
+        raise ConnectionError(f"could not publish {topic}")
+
+    def desired_topic(self, gateway: str | None = None, group: str | None = None) -> str:
+        if gateway is not None:
+            return f"{self.prefix}/{topic_level(gateway)}/fleet/desired"
+        return f"{self.prefix}/fleet/groups/{topic_level(group)}/desired"
+
+    def publish_desired(self, modules: dict[str, dict], *, gateway: str | None = None, group: str | None = None,
+                        revision: int | None = None) -> int:
+        revision = revision or revision_now()
+        doc = {"revision": revision, "modules": modules}
+        self._publish(self.desired_topic(gateway, group), json.dumps(doc, sort_keys=True).encode())
+        return revision
+
+    def clear_desired(self, *, gateway: str | None = None, group: str | None = None) -> None:
+        self._publish(self.desired_topic(gateway, group), b"")
+
+
+def bundle_entry(path: Path) -> tuple[str, str, dict]:
+    """(module, version, desired entry with the bundle inline) for a bundle file."""
+    data = path.read_bytes()
+    bundle = open_bundle(data, trusted=(), allow_unsigned=True, ignore_signature=True)   # the gateways verify
+    return bundle.module, bundle.version, {"version": bundle.version, "bundle": base64.b64encode(data).decode(),
+                                           "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@dataclass
+class Outcome:
+    gateway: str
+    stage: str
+    result: str = "pending"      # kept, rolled_back, refused, timeout, reverted
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class Rollout:
+    module: str
+    version: str
+    group: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    halted: str = ""
+    seconds: float = 0.0
+
+    def result_of(self, gateway: str) -> str:
+        results = [o.result for o in self.outcomes if o.gateway == gateway]
+        return results[-1] if results else "absent"
+
+    @property
+    def failures(self) -> int:
+        return sum(o.result in ("rolled_back", "refused", "timeout") for o in self.outcomes)
+
+    def table(self) -> str:
+        lines = [f"rollout of {self.module} {self.version} to group {self.group}: "
+                 + (f"HALTED ({self.halted})" if self.halted else "complete") + f" in {self.seconds:.1f} s",
+                 f"{'gateway':<20} {'stage':<10} {'result':<12} {'s':>6}  detail"]
+        for o in self.outcomes:
+            lines.append(f"{o.gateway:<20} {o.stage:<10} {o.result:<12} {o.seconds:>6.1f}  {o.detail}")
+        return "\n".join(lines)
+
+
+def _judge(doc: dict | None, module: str, version: str, since: float) -> tuple[str, str] | None:
+    """A gateway's outcome from its report, once it has one newer than `since`."""
+    if not doc or doc.get("time", 0) < since:
+        return None
+    m = doc.get("modules", {}).get(module)
+    if m is None:
+        return "refused", f"no module {module}"
+    if version in m.get("rejected", []):
+        rb = doc.get("last_rollback") or {}
+        return "rolled_back", str(rb.get("reason", ""))[:80]
+    for r in doc.get("refusals", []):
+        if r.get("time", 0) >= since and f"module {module} {version}" in r.get("where", ""):
+            return "refused", str(r.get("reason", ""))[:80]
+    if m.get("version") == version and m.get("probation_left") is None and m.get("state") == "running":
+        return "kept", ""
+    return None
+
+
+def rollout(op: FleetOperator, bundle: Path, group: str, *, canary: int = 1, batch_pct: float = 25.0,
+            max_failures: int = 0, timeout_s: float = 120.0, progress: Callable[[str], None] = print) -> Rollout:
+    """Canary, then batches; each gateway must keep the new version (probation passed) within
+    timeout_s. More than max_failures failures halt the rollout and put every gateway that took
+    the new version back on the version it ran before. The end: the group's desired state names
+    the new version (gateways offline now converge when they return), per-gateway states cleared."""
+    t0 = time.monotonic()
+    module, version, entry = bundle_entry(bundle)
+    members = op.gateways(group)
+    result = Rollout(module, version, group)
+    offline = sorted(g for g in members if not op.online.get(g, False))
+    for g in offline:   # not waited for: the group's desired state reaches them when they return
+        result.outcomes.append(Outcome(g, "-", "offline", 0.0, "converges from the group's desired state"))
+        members.pop(g)
+    if not members:
+        result.halted = f"no gateway reports group {group}"
+        return result
+    before = {g: d.get("modules", {}).get(module, {}).get("version", "config") for g, d in members.items()}
+    names = sorted(members)
+    stages = [("canary", names[:canary])]
+    rest = names[canary:]
+    size = max(1, math.ceil(len(names) * batch_pct / 100))
+    for i in range(0, len(rest), size):
+        stages.append((f"batch {i // size + 1}", rest[i:i + size]))
+    progress(f"rollout {module} {version} to {len(names)} gateways of group {group}: "
+             + ", ".join(f"{s} {len(g)}" for s, g in stages))
+    took: list[str] = []
+    for stage, gateways in stages:
+        since = time.time()
+        started = time.monotonic()
+        pending = {g: Outcome(g, stage) for g in gateways}
+        for g in gateways:
+            op.publish_desired({module: entry}, gateway=g)
+        while pending and time.monotonic() - started < timeout_s:
+            for g in list(pending):
+                verdict = _judge(op.report(g), module, version, since)
+                if verdict is not None:
+                    o = pending.pop(g)
+                    o.result, o.detail = verdict
+                    o.seconds = time.monotonic() - started
+                    result.outcomes.append(o)
+                    if o.result == "kept":
+                        took.append(g)
+                    progress(f"  {stage}: {g} {o.result} after {o.seconds:.1f} s {o.detail}".rstrip())
+            time.sleep(0.1)
+        for g, o in pending.items():
+            o.result, o.seconds, o.detail = "timeout", timeout_s, "no report of the new version in time"
+            result.outcomes.append(o)
+            progress(f"  {stage}: {g} timeout")
+        if result.failures > max_failures:
+            result.halted = f"{result.failures} failure(s) in {stage}, more than {max_failures} allowed"
+            progress(f"HALT: {result.halted}; reverting {len(took)} gateway(s)")
+            for g in names:
+                op.clear_desired(gateway=g)   # the failed ones rolled back by themselves
+            for g in took:
+                op.publish_desired({module: {"version": before[g]}}, gateway=g)
+                result.outcomes.append(Outcome(g, "revert", "reverted", 0.0, f"back to {before[g]}"))
+            break
+    else:
+        op.publish_desired({module: entry}, group=group)
+        for g in names:
+            op.clear_desired(gateway=g)
+        progress(f"group {group} now asks for {module} {version}")
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def roll_back(op: FleetOperator, group: str, module: str, to: str) -> int:
+    """The group's desired state names an earlier version (on the gateways' cards already, or
+    `config` for the YAML's file), with a new revision; per-gateway states of the group cleared."""
+    members = op.gateways(group)
+    revision = op.publish_desired({module: {"version": to}}, group=group)
+    for g in members:
+        op.clear_desired(gateway=g)
+    return revision
+
+
+def status_table(reports: dict[str, dict]) -> str:
+    now = time.time()
+    lines = [f"{'gateway':<20} {'groups':<14} {'age':>6}  modules"]
+    for g, d in reports.items():
+        mods = []
+        for name, m in sorted(d.get("modules", {}).items()):
+            flag = "*" if m.get("probation_left") is not None else ""
+            state = "" if m.get("state") == "running" else f" ({m.get('state')})"
+            mods.append(f"{name} {m.get('version')}{flag}{state}")
+        rb = d.get("last_rollback")
+        extra = f"  last rollback: {rb['module']} {rb['version']}" if rb else ""
+        lines.append(f"{g:<20} {','.join(d.get('groups', [])):<14} {now - d.get('time', now):>5.0f}s  "
+                     f"{'; '.join(mods)}{extra}")
+    lines.append("(* on probation)")
+    return "\n".join(lines)
