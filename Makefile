@@ -16,7 +16,7 @@ IMAGE_TOOLS := mmdebstrap:mmdebstrap arch-test:arch-test update-binfmts:binfmt-s
 # Building the image needs root (mmdebstrap --mode=root, chroot, file ownership).
 AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench modules host-deps binfmt venv clean train-models image image-raw image-test image-powercut image-deps lock cleanroom soak soak-long fuzz-config fuzz-modules
+.PHONY: fleet-demo run test bench modules host-deps binfmt venv clean train-models image image-raw image-test image-powercut image-deps lock cleanroom soak soak-long fuzz-config fuzz-modules
 
 # Install the Debian packages whose command ($(1): "command:package" pairs) is missing.
 define apt_ensure
@@ -110,6 +110,10 @@ fuzz-config: modules
 # every one and no worker runs outside its sandbox.
 fuzz-modules: modules
 	$(PY) benchmarks/fuzz_modules.py --count $(FUZZ_COUNT)
+
+# 20 gateway processes on a 3-node NATS cluster: a staged rollout, a bad canary halted (docs/fleet.md).
+fleet-demo: modules host-deps
+	$(PY) -m appliance_tools.fleet.demo --gateways $(or $(GATEWAYS),20)
 
 bench: modules
 	$(PY) benchmarks/bench.py
