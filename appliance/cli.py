@@ -23,12 +23,12 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pymodbus").setLevel(logging.WARNING)   # its INFO lines say nothing to an operator
 
 
-def _load(path: str, check_modules: bool = False):
+def _load(path: str, check_modules: bool = False, base_dir: Path | None = None):
     """The validated config, or None after printing every problem with its file:line.
     check_modules: also let each module judge its params (a throwaway worker per module)."""
     from appliance.config.schema import ConfigError, load_config_document
     try:
-        doc, cfg = load_config_document(path)
+        doc, cfg = load_config_document(path, base_dir)
         if check_modules:
             from appliance.runtime.modcheck import check_modules as judge
             issues = judge(doc, cfg)
@@ -57,6 +57,15 @@ def cmd_run(args) -> int:
     cfg = _load(args.config, check_modules=True)
     if cfg is None:
         return 2
+    card, running = Path(args.config), Path(args.config)
+    from appliance.deploy.configs import ConfigStore
+    chosen = ConfigStore(cfg.gateway.data_dir / "config", card).choose()
+    if chosen != card:   # a config the fleet delivered, still over this card's YAML
+        delivered = _load(str(chosen), check_modules=True, base_dir=card.resolve().parent)
+        if delivered is not None:
+            cfg, running = delivered, chosen
+            logging.getLogger("appliance").warning("config: running %s, delivered by the fleet over %s", chosen,
+                                                   card)
     from appliance.core.supervisor import Supervisor
     log = logging.getLogger("appliance")
     try:
@@ -67,7 +76,7 @@ def cmd_run(args) -> int:
         return 1
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sup.request_stop())
-    sup.config_path = Path(args.config)
+    sup.use_config_files(card, running)
 
     def reload_on_hup(*_):
         # Not in the handler itself: a reload starts and stops threads and processes.
@@ -90,7 +99,7 @@ def cmd_run(args) -> int:
         sup.stop()
         return 1
     log.info("appliance %s running gateway %s (config %s); Ctrl-C stops", __version__, cfg.gateway.name,
-             args.config)
+             running)
     watchdog = systemd.Watchdog(sup.hang_problems)
     systemd.notify("READY=1", f"STATUS=running gateway {cfg.gateway.name}: {len(sup.sources)} sources, "
                               f"{len(sup.modules)} modules")

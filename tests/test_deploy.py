@@ -387,3 +387,68 @@ def test_the_console_deploys_a_bundle_from_the_modules_directory_and_reverts(tmp
     finally:
         client.close()
         sup.stop()
+
+
+# ---- configs delivered by the fleet ----------------------------------------------------------------
+
+def card_gateway(tmp_path: Path, kit, probation_s: float = 5.0, write: bool = True):
+    """A supervisor as `appliance run` makes one: the card's YAML (written unless write is
+    false: a restart), and the file chosen to run."""
+    from appliance.deploy.configs import ConfigStore
+    card = tmp_path / "appliance.yaml"
+    if write:
+        gateway_config(tmp_path, kit)
+        doc = yaml.safe_load(card.read_text())
+        doc["deploy"]["config_probation_s"] = probation_s
+        doc["modules"]["versioned"]["wasm"] = os.path.relpath(kit["wasm"]["1.0.0"], tmp_path)   # relative to the card
+        card.write_text(yaml.safe_dump(doc))
+    doc = yaml.safe_load(card.read_text())
+    chosen = ConfigStore(tmp_path / "var" / "config", card).choose()
+    from appliance.config.schema import load_config_document
+    sup = Supervisor(load_config_document(chosen, card.parent)[1])
+    sup.use_config_files(card, chosen)
+    return sup, card, doc
+
+
+def test_a_delivered_config_is_kept_when_healthy_and_rolled_back_when_not(tmp_path, kit):
+    sup, card, doc = card_gateway(tmp_path, kit)
+    sup.start()
+    try:
+        wait_for(lambda: build_running(sup) == 1, 20, "the card's config running")
+        # Not even YAML: refused with file:line, nothing changed.
+        with pytest.raises(ValueError, match=r"candidate.yaml:\d+:\d+: .*refused|refused, nothing changed: .*candidate"
+                                             r".yaml:\d+"):
+            sup.configs.apply(b"sources: [unclosed", "test")
+        # A good one (its relative module path resolves from the card's folder): kept.
+        good = json.loads(json.dumps(doc))
+        good["modules"]["versioned"]["params"] = {"gain": 2}
+        reply = sup.configs.apply(yaml.safe_dump(good).encode(), "test")
+        assert "on probation" in reply, reply
+        wait_for(lambda: spooled(sup, "config_deployed"), 20, "the delivered config kept")
+        assert sup.config_path == tmp_path / "var" / "config" / "current.yaml"
+        assert sup.configs.running()["source"] == "delivered"
+        # One whose new source never delivers: rolled back to the delivered good one within its probation.
+        bad = json.loads(json.dumps(good))
+        bad["sources"]["dead"] = {"type": "i2c_accel", "chip": "adxl345", "bus": 97}
+        bad["modules"]["second"] = {**bad["modules"]["versioned"], "source": "dead"}
+        t0 = time.monotonic()
+        sup.configs.apply(yaml.safe_dump(bad).encode(), "test")
+        wait_for(lambda: spooled(sup, "config_rolled_back"), 30, "the unhealthy config rolled back")
+        event = spooled(sup, "config_rolled_back")[0]
+        assert "not healthy within 5 s" in event["message"] and "source dead" in event["message"], event["message"]
+        assert "dead" not in sup.sources and "second" not in sup.modules
+        print(f"unhealthy config rolled back after {time.monotonic() - t0:.1f} s: {event['message']}")
+        with pytest.raises(ValueError, match="rolled back before"):
+            sup.configs.apply(yaml.safe_dump(bad).encode(), "test")
+    finally:
+        sup.stop()
+
+    # The delivered config runs after a restart, until the card's file is edited: then the card wins.
+    sup, card, doc = card_gateway(tmp_path, kit, write=False)
+    assert sup.config_path.name == "current.yaml" and sup.cfg.modules["versioned"].params == {"gain": 2}
+    sup.spool.close()
+    card.write_text(card.read_text().replace("probation_windows: 8", "probation_windows: 9"))
+    sup, card, doc = card_gateway(tmp_path, kit, write=False)
+    assert sup.config_path == card and sup.cfg.deploy.probation_windows == 9
+    assert (tmp_path / "var" / "config" / "superseded.yaml").exists()
+    sup.spool.close()

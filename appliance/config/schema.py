@@ -203,6 +203,9 @@ class DeploySection(StrictModel):
                                    "rolls back to the previous version")
     store_dir: ConfigPath | None = Field(None, description="where deployed versions live (<store>/<module>/<version>/); "
                                          "none: <gateway.data_dir>/modules")
+    config_probation_s: float = Field(60.0, gt=0, le=3600, description="a config delivered by the fleet is kept "
+                                      "once every source delivers and every module runs within this time; else "
+                                      "the previous config is applied again")
 
 
 class FleetSection(StrictModel):
@@ -508,12 +511,14 @@ def _channels_of(source: Any) -> list[str] | None:
     return None
 
 
-def parse_config(doc: YamlDocument) -> AppConfig:
+def parse_config(doc: YamlDocument, base_dir: Path | None = None) -> AppConfig:
+    """base_dir: where relative paths start (default: the file's own folder; a config delivered
+    by the fleet, kept on /data, resolves them from the card's YAML's folder like the card's own)."""
     if not isinstance(doc.data, dict):
         raise ConfigError([ConfigIssue(doc.path, Mark(1, 1), (), "the config must be a mapping of sections "
                                        "(gateway, metrics, runtime, events, sources, modules)")])
     try:
-        cfg = AppConfig.model_validate(doc.data, context={"base_dir": doc.path.resolve().parent})
+        cfg = AppConfig.model_validate(doc.data, context={"base_dir": base_dir or doc.path.resolve().parent})
     except ValidationError as exc:
         raise ConfigError([issue_from_pydantic(doc, e) for e in exc.errors()]) from None
     issues = _cross_checks(doc, cfg)
@@ -522,13 +527,14 @@ def parse_config(doc: YamlDocument) -> AppConfig:
     return cfg
 
 
-def load_config_document(path: str | Path = DEFAULT_CONFIG) -> tuple[YamlDocument, AppConfig]:
+def load_config_document(path: str | Path = DEFAULT_CONFIG,
+                         base_dir: Path | None = None) -> tuple[YamlDocument, AppConfig]:
     """Load and validate, keeping the document for line numbers; raises ConfigError only."""
     try:
         doc = load_yaml(path)
     except YamlError as exc:
         raise ConfigError([ConfigIssue(exc.path, exc.mark, (), exc.message)]) from None
-    return doc, parse_config(doc)
+    return doc, parse_config(doc, base_dir)
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG) -> AppConfig:

@@ -87,7 +87,9 @@ class Supervisor:
         self._source_threads: dict[str, threading.Thread] = {}
         self.control = None
         self._reload_lock = threading.Lock()
-        self.config_path: Path | None = None
+        self.config_path: Path | None = None   # the file that runs (the card's, or one the fleet delivered)
+        self.config_base: Path | None = None   # where relative paths start: the card's YAML's folder
+        self.configs = None                    # delivered configs (use_config_files)
         self.last_maintenance = time.monotonic()
         self._maintenance: threading.Thread | None = None
 
@@ -238,6 +240,14 @@ class Supervisor:
 
     LIVE_SECTIONS = ("sources", "modules")
 
+    def use_config_files(self, card: Path, running: Path) -> None:
+        """The card's YAML and the file that runs (cli: ConfigStore.choose() picked it); from here
+        the fleet may deliver configs, and `config reload` applies the same choice."""
+        from appliance.deploy.configs import ConfigDeployer, ConfigStore
+        self.config_path, self.config_base = running, card.resolve().parent
+        self.configs = ConfigDeployer(self, ConfigStore(self.cfg.gateway.data_dir / "config", card),
+                                      self.cfg.deploy.config_probation_s)
+
     def reload_config(self, path: Path | None = None) -> str:
         """Apply a new config file without a restart: validate it first (a bad file changes
         nothing and raises ConfigError with file:line), then restart only the sources and modules
@@ -245,8 +255,10 @@ class Supervisor:
         and lose no sample. Returns what was done, in words."""
         from appliance.config.schema import ConfigError, load_config_document
         from appliance.runtime.modcheck import check_modules
+        if path is None and self.configs is not None:
+            path = self.configs.store.choose()   # the card's file, if it was edited since a delivery
         path = Path(path or self.config_path or "")
-        doc, new = load_config_document(path)
+        doc, new = load_config_document(path, self.config_base)
         with self._reload_lock:
             if self._stop.is_set():
                 raise RuntimeError("the appliance is stopping; reload refused")

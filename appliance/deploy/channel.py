@@ -58,6 +58,7 @@ class FleetChannel:
         self.desired: dict[str, dict] = saved.get("desired", {})      # topic -> its accepted modules
         self.replies: dict[str, dict] = saved.get("replies", {})      # command id -> its reply (idempotence)
         self.refusals: list[dict] = saved.get("refusals", [])
+        self.configs_wanted: dict[str, dict] = saved.get("configs", {})   # topic -> {"yaml": text}
         self._work: queue.Queue = queue.Queue()
         self._dirty = threading.Event()
         self._stop = threading.Event()
@@ -75,7 +76,7 @@ class FleetChannel:
             return {}
 
     def _save(self) -> None:
-        doc = {"revisions": self.revisions, "desired": self.desired, "replies": self.replies,
+        doc = {"revisions": self.revisions, "desired": self.desired, "replies": self.replies, "configs": self.configs_wanted,
                "refusals": self.refusals[-REFUSALS_KEPT:]}
         tmp = self.state_path.with_suffix(".tmp")
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,8 @@ class FleetChannel:
     # ---- threads ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.sup.configs is not None:   # set by the time the supervisor starts (cli: use_config_files)
+            self.sup.configs.listeners.append(self._on_deploy_change)
         self._thread.start()
 
     def stop(self) -> None:
@@ -140,17 +143,19 @@ class FleetChannel:
     def _desired(self, topic: str, payload: bytes) -> None:
         source = "gateway" if topic == self.own_topic else f"group {self.group_topics.get(topic, '?')}"
         if not payload:   # the operator cleared it: that source no longer asks for anything
-            if self.desired.pop(topic, None) is not None:
+            if self.desired.pop(topic, None) is not None or self.configs_wanted.pop(topic, None) is not None:
                 self._save()
             return
         if len(payload) > MAX_DESIRED_BYTES:
             return self._refuse(f"desired state ({source})", f"{len(payload)} bytes (at most {MAX_DESIRED_BYTES})")
         try:
             doc = json.loads(payload)
-            revision, modules = doc["revision"], doc["modules"]
+            revision, modules, config = doc["revision"], doc.get("modules", {}), doc.get("config")
             if not isinstance(revision, int) or isinstance(revision, bool) or not isinstance(modules, dict) \
                     or not all(isinstance(v, dict) and isinstance(v.get("version"), str) for v in modules.values()):
                 raise TypeError("revision must be an integer and modules a map of {version, ...}")
+            if config is not None and not (isinstance(config, dict) and isinstance(config.get("yaml"), str)):
+                raise TypeError("config must be {\"yaml\": <the whole YAML text>}")
         except (ValueError, KeyError, TypeError) as exc:
             return self._refuse(f"desired state ({source})", f"cannot be read: {exc}")
         last = self.revisions.get(topic)
@@ -165,6 +170,10 @@ class FleetChannel:
                                 f"this gateway has no module {', '.join(unknown)}")
         self.revisions[topic] = revision
         self.desired[topic] = {n: m for n, m in modules.items() if n in self.sup.cfg.modules}
+        if config is not None:
+            self.configs_wanted[topic] = config
+        else:
+            self.configs_wanted.pop(topic, None)
         self._save()
         self._dirty.set()
         log.info("fleet: desired state from %s, revision %d: %s", source, revision,
@@ -179,7 +188,26 @@ class FleetChannel:
                 merged[name] = (topic, entry)
         return merged
 
+    def _converge_config(self) -> None:
+        """The gateway's own config wins over its groups' (the last group listed over the others)."""
+        configs = self.sup.configs
+        chosen = next((self.configs_wanted[t] for t in [self.own_topic, *reversed(list(self.group_topics))]
+                       if t in self.configs_wanted), None)
+        if chosen is None or configs is None or configs.on_probation is not None:
+            return
+        text = chosen["yaml"].encode()
+        sha = hashlib.sha256(text).hexdigest()
+        if configs.running().get("sha256") == sha or sha in configs.store.rejected():
+            return
+        where = f"config {sha[:12]}"
+        try:
+            configs.apply(text, "fleet")
+        except ValueError as exc:
+            self._refuse(where, str(exc))
+        self._dirty.set()
+
     def _converge(self) -> None:
+        self._converge_config()
         deployer = self.sup.deployer
         for name, (topic, entry) in self.wanted().items():
             want = entry["version"]
@@ -268,7 +296,10 @@ class FleetChannel:
                              "probation_left": now["probation_left"], "rejected": sorted(now["rejected"]),
                              "state": host.state.value if host else "absent",
                              "last_fault": host.last_fault if host else ""}
-        return {"gateway": self.transport.gateway, "groups": self.groups, "time": time.time(),
+        config = self.sup.configs.running() if self.sup.configs is not None else {}
+        if self.sup.configs is not None and self.sup.configs.on_probation is not None:
+            config["on_probation"] = self.sup.configs.on_probation["sha256"]
+        return {"gateway": self.transport.gateway, "groups": self.groups, "time": time.time(), "config": config,
                 "revisions": {("gateway" if t == self.own_topic else self.group_topics.get(t, t)): r
                               for t, r in self.revisions.items()},
                 "modules": modules, "last_rollback": self.sup.deployer.last_rollback,

@@ -19,8 +19,18 @@ class ConfigCommands:
             data = redact(self.sup.cfg.model_dump(mode="json"))
             where = f"# running configuration (from {self.config_path})" if self.config_path else \
                 "# running configuration"
+            head = [where]
+            configs = getattr(self.sup, "configs", None)
+            if configs is not None:
+                running = configs.running()
+                if running["source"] == "delivered":
+                    head.append(f"# delivered by the fleet (revision {running.get('revision')}, sha256 "
+                                f"{(running.get('sha256') or '?')[:12]}); the card's {running['card']} is not used "
+                                "until it is edited")
+                elif configs.on_probation is not None:
+                    head.append(f"# a delivered config ({configs.on_probation['sha256'][:12]}) is on probation")
             text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=78)
-            return Reply(True, [where, "# defaults filled in, secrets hidden", *text.rstrip().split("\n")], data)
+            return Reply(True, [*head, "# defaults filled in, secrets hidden", *text.rstrip().split("\n")], data)
         if sub == "validate" and len(args) <= 2:
             return self._validate(Path(args[1]) if len(args) == 2 else self.config_path)
         if sub == "reload" and len(args) == 1:
