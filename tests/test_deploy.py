@@ -129,12 +129,43 @@ def test_a_bundle_with_anything_but_plain_listed_files_is_refused(kit, tmp_path)
     escape.size = 1
     unlisted = tarfile.TarInfo("nn-0123456789abcdef-x86_64.so")
     unlisted.size = 4
-    for info, data, reason in ((link, b"", "not a regular file"), (escape, b"x", "unexpected file"),
+    for info, data, reason in ((link, b"", "not a plain file"), (escape, b"x", "unexpected file"),
                                (unlisted, b"\x7fELF", "not listed")):
         with pytest.raises(BundleRejected, match=reason):
             open_bundle(write(info, data), trusted=[parse_public(kit["public"])], allow_unsigned=False)
     with pytest.raises(BundleRejected, match="not a bundle"):
         open_bundle(b"\0asm\x01\0\0\0" + b"\0" * 600, trusted=(), allow_unsigned=True)
+
+    # A sparse member: a few hundred bytes that would expand to 64 MiB each in memory.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        bomb = tarfile.TarInfo("nn-0000000000000001-x86_64.so")
+        bomb.pax_headers = {"GNU.sparse.size": str(64 << 20), "GNU.sparse.numblocks": "1",
+                            "GNU.sparse.map": f"{(64 << 20) - 1},0"}
+        tar.addfile(bomb, io.BytesIO(b""))
+    with pytest.raises(BundleRejected, match="not a plain file|claim more bytes"):
+        open_bundle(buf.getvalue(), trusted=(), allow_unsigned=True)
+    # An index nested deeper than the parser's recursion limit.
+    deep = rewrite_member(base, tmp_path / "deep.apb", "bundle.json", lambda d: b"[" * 200_000)
+    with pytest.raises(BundleRejected, match="bundle.json cannot be read"):
+        open_bundle(deep, trusted=(), allow_unsigned=True)
+
+
+def test_the_store_never_leaves_its_folder_and_rechecks_what_it_holds(kit, tmp_path):
+    store = ModuleStore(tmp_path / "store")
+    bundle = open_bundle(kit["signed"]["1.1.0"], trusted=[parse_public(kit["public"])], allow_unsigned=False)
+    installed = store.install(bundle)
+    assert store.installed("versioned", "1.1.0") == installed
+    outside = tmp_path / "evil"
+    shutil.copytree(installed.folder, outside)
+    for version in ("1.1.0/../../../evil", "../evil", "1.1.0/.."):
+        assert store.installed("versioned", version) is None, version
+    # A folder whose bundle.json names another module or version is not that version.
+    shutil.copytree(installed.folder, store.folder("versioned") / "1.9.0")
+    assert store.installed("versioned", "1.9.0") is None
+    # A file changed on the card since: not run.
+    (installed.folder / "module.wasm").write_bytes(b"\0asm\x01\0\0\0")
+    assert store.installed("versioned", "1.1.0") is None
 
 
 def test_bundles_are_reproducible_and_carry_a_compiled_models_native_twins(tmp_path):
@@ -312,6 +343,7 @@ def test_a_kill_during_a_swap_leaves_the_old_or_the_new_version(tmp_path, kit):
     modules = tmp_path / "var" / "modules"
     store = ModuleStore(modules)
     run_deploy(config, kit["signed"]["1.1.0"], None)
+    store.commit("versioned")   # as if 1.1.0 had passed its probation
     before = tmp_path / "modules-1.1.0"
     shutil.copytree(modules, before, symlinks=True)
     whole = run_deploy(config, kit["signed"]["1.3.0"], None)   # how long a whole deploy takes here

@@ -102,9 +102,13 @@ def test_a_staged_rollout_survives_a_dead_broker_node_and_reaches_an_offline_gat
                 print("  (broker node n1 killed)")
 
         t0 = time.monotonic()
-        result = rollout(op, kit["signed"]["1.1.0"], GROUP, canary=1, batch_pct=50, max_failures=0, timeout_s=60,
+        result = rollout(op, kit["signed"]["1.1.0"], GROUP, canary=1, batch_pct=50, max_failures=0, timeout_s=120,
                          progress=kill_a_node_after_the_canary)
         print(result.table())
+        if result.halted:
+            for g in ("gw01", "gw02"):
+                d = op.report(g) or {}
+                print(g, d.get("revisions"), d.get("modules"), d.get("refusals"))
         assert not result.halted, result.table()
         assert [result.result_of(f"gw0{i}") for i in range(5)] == ["kept"] * 4 + ["offline"]
         for sup in gateways[:4]:

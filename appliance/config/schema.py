@@ -196,8 +196,8 @@ class DeploySection(StrictModel):
     trusted_keys: list[Annotated[str, AfterValidator(_public_key_line)]] = Field(
         [], description="public keys whose signed module bundles this gateway runs, each as `appliance keys new` "
                         "writes it (`ed25519:<base64> name`)")
-    allow_unsigned: bool = Field(False, description="run unsigned bundles and bare .wasm files from `modules load` "
-                                 "(development only: the console and the metrics say so)")
+    allow_unsigned: bool = Field(False, description="run unsigned module bundles, and bundles signed by keys not "
+                                 "in trusted_keys (development only: the console and the metrics say so)")
     probation_windows: int = Field(20, ge=1, le=1_000_000, description="windows a new module version must process "
                                    "without a fault or a missed deadline before it is kept; a fault before that "
                                    "rolls back to the previous version")

@@ -335,6 +335,10 @@ class Supervisor:
         Until the YAML names the new file, the next reload or start goes back to the configured
         one. Bundles (.apb) take the deploy path instead (self.deployer.deploy)."""
         path = Path(path).resolve()
+        running = self.deployer.describe(name)["version"] if name in self.cfg.modules else None
+        if running:
+            raise ValueError(f"module {name} runs deployed version {running}, which a .wasm would not replace: "
+                             f"`modules revert {name}` first, or load a bundle (.apb)")
         with self._reload_lock:
             self.check_module_file(name, path)
             new = self.cfg.modules[name].model_copy(update={"wasm": path})
@@ -346,6 +350,8 @@ class Supervisor:
     def run_module_version(self, name: str):
         """Rebuild module `name` with what the deployer says runs now; the new host."""
         with self._reload_lock:
+            if self._stop.is_set():
+                raise RuntimeError("the appliance is stopping")
             return self._swap_pipeline(name)
 
     def _swap_pipeline(self, name: str):

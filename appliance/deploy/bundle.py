@@ -49,6 +49,7 @@ class Bundle:
     files: dict[str, bytes] = field(repr=False)
     index: bytes = field(repr=False)    # bundle.json exactly as signed
     signer: str | None                  # the trusted key's name (or id) that signed it; None: unsigned
+    signature: bytes | None = field(default=None, repr=False)   # bundle.sig as it came (kept with the version)
 
     @property
     def digest(self) -> str:
@@ -100,7 +101,7 @@ def make_bundle(wasm_path: Path, out: Path | None = None, *, natives: bool = Tru
     if manifest is None:
         raise BundleRejected(f"{wasm_path} carries no manifest (name, version): build it with `appliance module "
                              "build`, which embeds module.yaml")
-    _check_names(manifest.name, manifest.version)
+    check_names(manifest.name, manifest.version)
     files = {MODULE: wasm, **(native_twins(wasm_path, wasm) if natives else {})}
     out = out or wasm_path.with_name(f"{manifest.name}-{manifest.version}{SUFFIX}")
     index = _index(manifest.name, manifest.version, files)
@@ -114,10 +115,11 @@ def sign_bundle(path: Path, key: PrivateKey) -> Bundle:
     signature = json.dumps({"key_id": key.public.key_id, "signature": base64.b64encode(key.sign(bundle.index)).decode()},
                            sort_keys=True).encode()
     _write(path, [(INDEX, bundle.index), *sorted(bundle.files.items()), (SIGNATURE, signature)])
-    return Bundle(bundle.module, bundle.version, bundle.files, bundle.index, key.public.name or key.public.key_id)
+    return Bundle(bundle.module, bundle.version, bundle.files, bundle.index, key.public.name or key.public.key_id,
+                  signature)
 
 
-def _check_names(module: str, version: str) -> None:
+def check_names(module: str, version: str) -> None:
     if not isinstance(module, str) or not _NAME.match(module):
         raise BundleRejected(f"module name {module!r}: lower-case letters, digits and '_', starting with a letter")
     if not isinstance(version, str) or not _VERSION.match(version):
@@ -129,13 +131,19 @@ def read_members(data: bytes) -> dict[str, bytes]:
     if len(data) > MAX_BUNDLE_BYTES:
         raise BundleRejected(f"{len(data)} bytes; a bundle may have {MAX_BUNDLE_BYTES >> 20} MiB at most")
     members: dict[str, bytes] = {}
+    total = 0
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for info in tar:
                 if len(members) >= MAX_MEMBERS:
                     raise BundleRejected(f"more than {MAX_MEMBERS} files")
-                if not info.isreg():
-                    raise BundleRejected(f"{info.name!r} is not a regular file (links and folders are refused)")
+                # Plain files only: a sparse member would expand to its declared size in memory.
+                if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None:
+                    raise BundleRejected(f"{info.name!r} is not a plain file (links, folders and sparse files are "
+                                         "refused)")
+                total += info.size
+                if total > len(data):
+                    raise BundleRejected(f"{info.name!r}: its files claim more bytes than the bundle has")
                 if info.name not in (INDEX, SIGNATURE) and not _FILE_NAME.match(info.name):
                     raise BundleRejected(f"unexpected file {info.name!r} (module.wasm, nn-<hash>-<arch>.so, "
                                          f"{INDEX} and {SIGNATURE} only)")
@@ -170,16 +178,18 @@ def open_bundle(source: Path | bytes, *, trusted: tuple[PublicKey, ...] | list[P
         raise BundleRejected(f"no {INDEX}")
     try:
         doc = json.loads(index)
+        if not isinstance(doc, dict):
+            raise TypeError("not an object")
         module, version, listed = doc["module"], doc["version"], doc["files"]
         if doc.get("format") != FORMAT:
             raise BundleRejected(f"bundle format {doc.get('format')!r}; this gateway reads format {FORMAT}")
         if not isinstance(listed, dict):
             raise TypeError("files")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         if isinstance(exc, BundleRejected):
             raise
-        raise BundleRejected(f"{INDEX} cannot be read ({type(exc).__name__}: {exc})") from None
-    _check_names(module, version)
+        raise BundleRejected(f"{INDEX} cannot be read ({type(exc).__name__})") from None
+    check_names(module, version)
     sig = members.pop(SIGNATURE, None)
     if set(listed) != set(members):
         extra, missing = sorted(set(members) - set(listed)), sorted(set(listed) - set(members))
@@ -193,8 +203,8 @@ def open_bundle(source: Path | bytes, *, trusted: tuple[PublicKey, ...] | list[P
     if MODULE not in members:
         raise BundleRejected(f"no {MODULE}")
     _check_manifest(members[MODULE], module, version)
-    signer = None if ignore_signature else _check_signature(sig, index, trusted, allow_unsigned)
-    return Bundle(module, version, members, index, signer)
+    signer = None if ignore_signature else check_signature(sig, index, trusted, allow_unsigned)
+    return Bundle(module, version, members, index, signer, sig)
 
 
 def _check_manifest(wasm: bytes, module: str, version: str) -> None:
@@ -209,7 +219,9 @@ def _check_manifest(wasm: bytes, module: str, version: str) -> None:
         raise BundleRejected(f"{MODULE} is {manifest.name} {manifest.version}, the index says {module} {version}")
 
 
-def _check_signature(sig: bytes | None, index: bytes, trusted, allow_unsigned: bool) -> str | None:
+def check_signature(sig: bytes | None, index: bytes, trusted, allow_unsigned: bool) -> str | None:
+    """The signer's name (None: unsigned, accepted because allow_unsigned); BundleRejected if
+    the signature is bad, from an untrusted key, or missing without allow_unsigned."""
     if sig is None:
         if allow_unsigned:
             return None
@@ -218,7 +230,7 @@ def _check_signature(sig: bytes | None, index: bytes, trusted, allow_unsigned: b
     try:
         doc = json.loads(sig)
         key_id, signature = str(doc["key_id"]), base64.b64decode(doc["signature"], validate=True)
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
         raise BundleRejected(f"{SIGNATURE} cannot be read") from None
     for key in trusted:
         if key.key_id == key_id:

@@ -59,6 +59,8 @@ class FleetChannel:
         self.replies: dict[str, dict] = saved.get("replies", {})      # command id -> its reply (idempotence)
         self.refusals: list[dict] = saved.get("refusals", [])
         self.configs_wanted: dict[str, dict] = saved.get("configs", {})   # topic -> {"yaml": text}
+        self._failed: set[tuple[str, int | None, str]] = set()   # (topic, revision, module) that failed
+        self._refused_revisions: set[tuple[str, int]] = set()     # retained messages already refused
         self._work: queue.Queue = queue.Queue()
         self._dirty = threading.Event()
         self._stop = threading.Event()
@@ -76,7 +78,10 @@ class FleetChannel:
             return {}
 
     def _save(self) -> None:
-        doc = {"revisions": self.revisions, "desired": self.desired, "replies": self.replies, "configs": self.configs_wanted,
+        # Inline bundles stay in memory only: the broker resends the retained message after a restart.
+        desired = {t: {n: {k: v for k, v in e.items() if k != "bundle"} for n, e in mods.items()}
+                   for t, mods in self.desired.items()}
+        doc = {"revisions": self.revisions, "desired": desired, "replies": self.replies, "configs": self.configs_wanted,
                "refusals": self.refusals[-REFUSALS_KEPT:]}
         tmp = self.state_path.with_suffix(".tmp")
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,10 +107,12 @@ class FleetChannel:
         self._work.put(("message", topic, payload))   # paho's thread: hand over, never block it
 
     def _on_deploy_change(self, module: str, what: str, detail: str) -> None:
-        self._dirty.set()                          # the report says it
-        self._work.put(("converge", None, None))   # and a probation's end may allow the next step
+        self._dirty.set()   # the report says it
+        if what != "refused":   # a refusal changes nothing: trying again would refuse again, forever
+            self._work.put(("converge", None, None))   # a probation's end may allow the next step
 
     def _on_connected(self) -> None:
+        self._failed.clear()   # after a reconnect, what failed may be tried once more (a url may answer now)
         self._dirty.set()
         self._work.put(("converge", None, None))
 
@@ -156,18 +163,26 @@ class FleetChannel:
                 raise TypeError("revision must be an integer and modules a map of {version, ...}")
             if config is not None and not (isinstance(config, dict) and isinstance(config.get("yaml"), str)):
                 raise TypeError("config must be {\"yaml\": <the whole YAML text>}")
-        except (ValueError, KeyError, TypeError) as exc:
-            return self._refuse(f"desired state ({source})", f"cannot be read: {exc}")
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            return self._refuse(f"desired state ({source})", f"cannot be read: {type(exc).__name__}: {exc}"[:300])
+        if (topic, revision) in self._refused_revisions:
+            return   # the same retained message again: refused once, reported once
         last = self.revisions.get(topic)
         if last is not None and revision < last:
+            self._refused_revisions.add((topic, revision))
             return self._refuse(f"desired state ({source}) revision {revision}",
                                 f"older than revision {last}, already applied (a replay?)")
         if last == revision:
-            return   # the retained copy again (a reconnect): nothing new
+            # The retained copy again (a reconnect, or after a restart): nothing new, but its
+            # inline bundles, which are not kept on disk, are in memory again.
+            self.desired[topic] = {n: m for n, m in modules.items() if n in self.sup.cfg.modules}
+            return
         unknown = sorted(set(modules) - set(self.sup.cfg.modules))
         if unknown and topic == self.own_topic:
+            self._refused_revisions.add((topic, revision))
             return self._refuse(f"desired state ({source}) revision {revision}",
                                 f"this gateway has no module {', '.join(unknown)}")
+        self._failed = {f for f in self._failed if f[0] != topic}
         self.revisions[topic] = revision
         self.desired[topic] = {n: m for n, m in modules.items() if n in self.sup.cfg.modules}
         if config is not None:
@@ -197,12 +212,14 @@ class FleetChannel:
             return
         text = chosen["yaml"].encode()
         sha = hashlib.sha256(text).hexdigest()
-        if configs.running().get("sha256") == sha or sha in configs.store.rejected():
+        if configs.running().get("sha256") == sha or sha in configs.store.rejected() \
+                or ("config", None, sha) in self._failed:
             return
         where = f"config {sha[:12]}"
         try:
             configs.apply(text, "fleet")
         except ValueError as exc:
+            self._failed.add(("config", None, sha))
             self._refuse(where, str(exc))
         self._dirty.set()
 
@@ -217,13 +234,16 @@ class FleetChannel:
             running = now["version"] or "config"
             if want == running:
                 continue
+            revision = self.revisions.get(topic)
+            if (topic, revision, name) in self._failed:
+                continue   # refused for this revision already: a new revision (or a reconnect) tries again
             rejected = now["rejected"].get(want)
-            where = f"module {name} {want} (revision {self.revisions.get(topic)})"
+            where = f"module {name} {want} (revision {revision})"
             if rejected and not entry.get("force"):
-                if not any(r["where"] == where for r in self.refusals):
-                    self._refuse(where, f"rolled back here before: {rejected.get('reason')}")
+                self._failed.add((topic, revision, name))
+                self._refuse(where, f"rolled back here before: {rejected.get('reason')}")
                 continue
-            who = f"fleet revision {self.revisions.get(topic)}"
+            who = f"fleet revision {revision}"
             try:
                 if want == "config":
                     deployer.revert(name, who)
@@ -231,9 +251,10 @@ class FleetChannel:
                     deployer.deploy(self._fetch(entry), who, module=name, force=bool(entry.get("force")))
                 else:
                     deployer.deploy_installed(name, want, who)
-            except (DeployRefused, ValueError, OSError) as exc:
-                if not any(r["where"] == where and r["reason"] == str(exc) for r in self.refusals):
-                    self._refuse(where, str(exc))
+            except Exception as exc:   # whatever it was, this module's step failed; the others go on
+                self._failed.add((topic, revision, name))
+                self._refuse(where, f"{exc}" if isinstance(exc, (DeployRefused, ValueError, OSError))
+                             else f"{type(exc).__name__}: {exc}")
             self._dirty.set()
 
     def _fetch(self, entry: dict) -> bytes:
@@ -261,7 +282,7 @@ class FleetChannel:
         try:
             doc = json.loads(payload)
             ident, op = str(doc["id"]), str(doc["op"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return self._refuse("command", "cannot be read (it needs an id and an op)")
         reply = self.replies.get(ident)
         if reply is None:   # a command runs once, whatever number of times it arrives
@@ -276,14 +297,10 @@ class FleetChannel:
         self._dirty.set()
 
     def _run_command(self, op: str, doc: dict) -> dict:
-        try:
-            if op == "report":
-                return {"ok": True, "result": "reported"}
-            if op == "revert":
-                return {"ok": True, "result": self.sup.deployer.revert(str(doc["module"]), "fleet command")}
-            return {"ok": False, "error": f"unknown op {op!r} (report, revert)"}
-        except (KeyError, ValueError, DeployRefused) as exc:
-            return {"ok": False, "error": str(exc)}
+        # Versions change through desired states only (a command could not outlast them).
+        if op == "report":
+            return {"ok": True, "result": "reported"}
+        return {"ok": False, "error": f"unknown op {op!r} (report; versions change through desired states)"}
 
     # ---- reported state -------------------------------------------------------------------------
 

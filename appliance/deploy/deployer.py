@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.deploy.bundle import Bundle, BundleRejected, open_bundle
+from appliance.deploy.bundle import Bundle, BundleRejected, check_signature, open_bundle
 from appliance.deploy.keys import PublicKey, parse_public
 from appliance.deploy.store import Installed, ModuleStore
 from appliance.events.record import make_event
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("appliance.deploy")
 
 ROLLBACK_STATES = ("backoff", "quarantined")   # a fault, a missed deadline, or too many of them
+MAX_PROBATION_STARTS = 3   # a version on probation across this many gateway starts is what keeps it restarting
 
 
 class DeployRefused(ValueError):
@@ -38,7 +39,6 @@ class Probation:
     version: str
     previous: str | None
     left: int
-    host: object       # the ModuleHost running the version: states of an older host do not count
 
 
 class Deployer:
@@ -54,8 +54,9 @@ class Deployer:
         self.listeners: list = []                      # called with (module, what, detail) after each change
         self.last_rollback: dict | None = None
         self._lock = threading.RLock()                 # one deploy or rollback at a time
-        self._rollbacks: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._actions: queue.Queue = queue.Queue()
+        # Commits and rollbacks run here, not on a module's own dispatcher thread (a rollback stops it).
+        threading.Thread(target=self._act, name="deploy", daemon=True).start()
         sup.metrics.allow_unsigned.set(1 if self.allow_unsigned else 0)
         if self.allow_unsigned:
             log.warning("deploy: deploy.allow_unsigned is on: unsigned module bundles run (development only)")
@@ -63,14 +64,41 @@ class Deployer:
             installed, probation = self.store.resolve(name)
             if installed is None:
                 continue
+            if not self.trusts(installed):
+                continue   # the YAML's own file runs; the store is left for an operator to see
+            if probation is not None:
+                starts = self.store.count_start(name)
+                if starts >= MAX_PROBATION_STARTS:
+                    reason = f"the gateway started {starts} times while it was on probation"
+                    target = self.store.roll_back(name, reason)
+                    log.error("deploy: module %s: version %s rolled back at start: %s", name, installed.version,
+                              reason)
+                    self.last_rollback = {"module": name, "version": installed.version,
+                                          "to": target.version if target else None, "reason": reason,
+                                          "time": time.time()}
+                    if target is None or not self.trusts(target):
+                        continue
+                    installed, probation = target, None
             self._running[name] = installed
             if probation is not None:
                 # The gateway stopped (or lost power) during probation: the new version is
                 # watched again from the start.
                 self._probation[name] = Probation(installed.version, probation.get("previous"),
-                                                  int(probation.get("windows") or cfg.deploy.probation_windows), None)
+                                                  int(probation.get("windows") or cfg.deploy.probation_windows))
             log.info("deploy: module %s runs deployed version %s%s", name, installed.version,
                      " (on probation)" if probation else "")
+
+    def trusts(self, installed: Installed) -> bool:
+        """A stored version runs only if today's trust settings accept its signature (a key taken
+        out of deploy.trusted_keys, or allow_unsigned turned off, applies to what is on the card)."""
+        try:
+            check_signature(installed.signature, installed.index, self.trusted, self.allow_unsigned)
+            return True
+        except BundleRejected as exc:
+            log.error("deploy: module %s version %s on the card is not run: %s", installed.module, installed.version,
+                      exc)
+            self.sup.metrics.deploys.labels(installed.module, "refused").inc()
+            return False
 
     # ---- what runs -----------------------------------------------------------------------------
 
@@ -120,8 +148,12 @@ class Deployer:
         if name not in self.sup.cfg.modules:
             self._refused(name, f"the config has no module {name!r} (modules: {', '.join(self.sup.cfg.modules)})")
         running = self._running.get(name)
-        if running is not None and running.digest == bundle.digest and name not in self._probation:
-            return f"module {name}: version {bundle.version} already runs"
+        if running is not None and running.digest == bundle.digest:
+            return f"module {name}: version {bundle.version} already runs" + (
+                " (on probation)" if name in self._probation else "")
+        if name in self._probation:
+            self._refused(name, f"version {self._probation[name].version} is on probation; deploy again once it is "
+                          "kept or rolled back")
         rejected = self.store.rejected(name).get(bundle.version)
         if rejected and rejected.get("digest") == bundle.digest and not force:
             self._refused(name, f"version {bundle.version} was rolled back before ({rejected.get('reason')}); "
@@ -140,13 +172,19 @@ class Deployer:
             running = self._running.get(name)
             if running is not None and running.version == version:
                 return f"module {name}: version {version} already runs"
+            if name in self._probation:
+                self._refused(name, f"version {self._probation[name].version} is on probation")
             installed = self.store.installed(name, version)
             if installed is None:
                 self._refused(name, f"version {version} is not on this gateway (send its bundle)")
+            if not self.trusts(installed):
+                self._refused(name, f"version {version} on this gateway is not signed by a trusted key")
             return self._start(installed, who)
 
     def _start(self, installed: Installed, who: str) -> str:
         name = installed.module
+        if self.sup.stopping:
+            self._refused(name, "the appliance is stopping")
         try:
             self.sup.check_module_file(name, installed.wasm)
         except ValueError as exc:
@@ -154,8 +192,13 @@ class Deployer:
         windows = self.sup.cfg.deploy.probation_windows
         old = self.store.activate(installed, probation_windows=windows)
         self._running[name] = installed
-        host = self.sup.run_module_version(name)
-        self._probation[name] = Probation(installed.version, old.version if old else None, windows, host)
+        # On probation before the new worker starts: a fault in its first window counts.
+        self._probation[name] = Probation(installed.version, old.version if old else None, windows)
+        try:
+            self.sup.run_module_version(name)
+        except RuntimeError as exc:   # stopping: the store says what runs at the next start
+            self._probation.pop(name, None)
+            raise DeployRefused(str(exc)) from None
         self.sup.metrics.deploys.labels(name, "started").inc()
         self.sup.metrics.on_probation.labels(name).set(1)
         self.publish_versions(name, installed.version)
@@ -199,10 +242,8 @@ class Deployer:
     # ---- probation ------------------------------------------------------------------------------
 
     def attach(self, name: str, host) -> None:
-        """The supervisor built a host for `name`: a probation from before the start watches it."""
-        probation = self._probation.get(name)
-        if probation is not None and probation.host is None:
-            probation.host = host
+        """The supervisor built a host for `name` (metrics of what it runs)."""
+        if name in self._probation:
             self.sup.metrics.on_probation.labels(name).set(1)
         version = ""
         if name not in self._running:
@@ -214,34 +255,32 @@ class Deployer:
                 pass
         self.publish_versions(name, version)
 
-    def on_result(self, host, result) -> None:
+    def _current(self, host) -> Probation | None:
+        """The probation `host` answers for: only the module's running host counts (a retired
+        one, or one a reload built but never started, does not)."""
         probation = self._probation.get(host.name)
-        if probation is None or probation.host is not host:
+        return probation if probation is not None and self.sup.modules.get(host.name) is host else None
+
+    def on_result(self, host, result) -> None:
+        probation = self._current(host)
+        if probation is None:
             return
         probation.left -= 1
         if probation.left <= 0:
             self._queue(("commit", host.name, probation))
 
     def on_state(self, host, state: str, reason: str) -> None:
-        probation = self._probation.get(host.name)
-        if probation is None or probation.host is not host or state not in ROLLBACK_STATES:
+        probation = self._current(host)
+        if probation is None or state not in ROLLBACK_STATES:
             return
         self._queue(("rollback", host.name, probation, reason))
 
     def _queue(self, action: tuple) -> None:
-        # Not on the module's own thread: a rollback stops that thread.
-        self._rollbacks.put(action)
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._act, name="deploy", daemon=True)
-                self._thread.start()
+        self._actions.put(action)   # never blocks a module's dispatcher thread
 
     def _act(self) -> None:
         while True:
-            try:
-                action = self._rollbacks.get(timeout=5.0)
-            except queue.Empty:
-                return
+            action = self._actions.get()
             try:
                 with self._lock:
                     if action[0] == "commit":

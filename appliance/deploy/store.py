@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.deploy.bundle import INDEX, MODULE, Bundle
+from appliance.deploy.bundle import INDEX, MODULE, SIGNATURE, Bundle, BundleRejected, check_names
 
 log = logging.getLogger("appliance.deploy")
 
@@ -39,6 +39,8 @@ class Installed:
     folder: Path
     digest: str        # sha256 of bundle.json
     signer: str | None
+    index: bytes = b""                  # bundle.json, and the signature as it came: the trust settings
+    signature: bytes | None = None      # of today are checked again before a stored version runs
 
     @property
     def wasm(self) -> Path:
@@ -100,17 +102,24 @@ class ModuleStore:
             _write_file(staging / INDEX, bundle.index)
             if bundle.signer is not None:
                 _write_file(staging / SIGNER, json.dumps({"signer": bundle.signer}).encode())
+            if bundle.signature is not None:
+                _write_file(staging / SIGNATURE, bundle.signature)
             _fsync_dir(staging)
             os.rename(staging, final)
             _fsync_dir(base)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return Installed(bundle.module, bundle.version, final, bundle.digest, bundle.signer)
+        return Installed(bundle.module, bundle.version, final, bundle.digest, bundle.signer, bundle.index,
+                         bundle.signature)
 
     def installed(self, module: str, version: str) -> Installed | None:
         """A version already on the card (it verifies against its bundle.json), or None."""
+        try:
+            check_names(module, version)   # a name from the fleet must not lead out of the store
+        except BundleRejected:
+            return None
         folder = self.folder(module) / version
-        return self._read(module, folder) if version[:1].isdigit() and folder.is_dir() else None
+        return self._read(module, folder) if folder.is_dir() and not folder.is_symlink() else None
 
     def _read(self, module: str, folder: Path) -> Installed | None:
         """A version folder whose files match its bundle.json (the signature was checked when it
@@ -118,15 +127,24 @@ class ModuleStore:
         try:
             index = (folder / INDEX).read_bytes()
             doc = json.loads(index)
+            if (doc["module"], doc["version"]) != (module, folder.name) or folder.is_symlink():
+                log.error("deploy: %s/%s holds %s %s; ignored", module, folder.name, doc["module"], doc["version"])
+                return None
             for name, entry in doc["files"].items():
+                if "/" in name or name.startswith("."):
+                    return None
                 if hashlib.sha256((folder / name).read_bytes()).hexdigest() != entry["sha256"]:
                     log.error("deploy: %s/%s: %s does not match its bundle.json", module, folder.name, name)
                     return None
             signer = None
             with contextlib.suppress(OSError, ValueError, KeyError):
                 signer = json.loads((folder / SIGNER).read_bytes())["signer"]
-            return Installed(module, str(doc["version"]), folder, hashlib.sha256(index).hexdigest(), signer)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            signature = None
+            with contextlib.suppress(OSError):
+                signature = (folder / SIGNATURE).read_bytes()
+            return Installed(module, str(doc["version"]), folder, hashlib.sha256(index).hexdigest(), signer, index,
+                             signature)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             log.error("deploy: %s/%s cannot be read: %s", module, folder.name, exc)
             return None
 
@@ -167,6 +185,15 @@ class ModuleStore:
             self._link(new.module, PREVIOUS, old.version)
         self._link(new.module, CURRENT, new.version)
         return old
+
+    def count_start(self, module: str) -> int:
+        """One more start of the gateway during this module's probation; how many so far."""
+        doc = self.probation(module)
+        if doc is None:
+            return 0
+        doc["starts"] = int(doc.get("starts", 0)) + 1
+        _write_json_atomically(self.folder(module) / PROBATION, doc)
+        return doc["starts"]
 
     def probation(self, module: str) -> dict | None:
         try:

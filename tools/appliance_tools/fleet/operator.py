@@ -30,6 +30,7 @@ class FleetOperator:
         self.prefix = prefix
         self.reports: dict[str, dict] = {}
         self.online: dict[str, bool] = {}   # from each gateway's retained status (its last will says offline)
+        self.group_states: dict[str, dict] = {}   # the groups' retained desired states, as published
         self.received: dict[str, float] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -62,10 +63,19 @@ class FleetOperator:
     def _on_connect(self, client, userdata, flags, rc, props) -> None:
         if rc.is_failure:
             return
-        client.subscribe([(f"{self.prefix}/+/fleet/reported", 1), (f"{self.prefix}/+/status", 1)])
+        client.subscribe([(f"{self.prefix}/+/fleet/reported", 1), (f"{self.prefix}/+/status", 1),
+                          (f"{self.prefix}/fleet/groups/+/desired", 1)])
         self._connected.set()
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.topic.startswith(f"{self.prefix}/fleet/groups/"):
+            group = message.topic.split("/")[-2]
+            with self._lock:
+                try:
+                    self.group_states[group] = json.loads(message.payload) if message.payload else {}
+                except ValueError:
+                    self.group_states[group] = {}
+            return
         try:
             doc = json.loads(message.payload)
         except ValueError:
@@ -116,8 +126,14 @@ class FleetOperator:
 
     def publish_desired(self, modules: dict[str, dict], *, gateway: str | None = None, group: str | None = None,
                         revision: int | None = None) -> int:
+        """A new revision; for a group, merged into what the group's state already asks (other
+        modules, its config) so that a gateway offline now still gets every change later."""
         revision = revision or revision_now()
         doc = {"revision": revision, "modules": modules}
+        if group is not None:
+            with self._lock:
+                old = dict(self.group_states.get(group) or {})
+            doc = {**old, "revision": revision, "modules": {**old.get("modules", {}), **modules}}
         self._publish(self.desired_topic(gateway, group), json.dumps(doc, sort_keys=True).encode())
         return revision
 
@@ -168,9 +184,10 @@ class Rollout:
         return "\n".join(lines)
 
 
-def _judge(doc: dict | None, module: str, version: str, since: float) -> tuple[str, str] | None:
-    """A gateway's outcome from its report, once it has one newer than `since`."""
-    if not doc or doc.get("time", 0) < since:
+def _judge(doc: dict | None, module: str, version: str, revision: int) -> tuple[str, str] | None:
+    """A gateway's outcome from its report, once the report shows it took `revision` of its own
+    desired state (the gateway's revision, not two machines' clocks)."""
+    if not doc or (doc.get("revisions") or {}).get("gateway", 0) < revision:
         return None
     m = doc.get("modules", {}).get(module)
     if m is None:
@@ -179,7 +196,7 @@ def _judge(doc: dict | None, module: str, version: str, since: float) -> tuple[s
         rb = doc.get("last_rollback") or {}
         return "rolled_back", str(rb.get("reason", ""))[:80]
     for r in doc.get("refusals", []):
-        if r.get("time", 0) >= since and f"module {module} {version}" in r.get("where", ""):
+        if r.get("where", "") == f"module {module} {version} (revision {revision})":
             return "refused", str(r.get("reason", ""))[:80]
     if m.get("version") == version and m.get("probation_left") is None and m.get("state") == "running":
         return "kept", ""
@@ -195,6 +212,7 @@ def rollout(op: FleetOperator, bundle: Path, group: str, *, canary: int = 1, bat
     t0 = time.monotonic()
     module, version, entry = bundle_entry(bundle)
     members = op.gateways(group)
+    everyone = sorted(members)   # offline ones too: their per-gateway states are cleared at the end
     result = Rollout(module, version, group)
     offline = sorted(g for g in members if not op.online.get(g, False))
     for g in offline:   # not waited for: the group's desired state reaches them when they return
@@ -212,23 +230,22 @@ def rollout(op: FleetOperator, bundle: Path, group: str, *, canary: int = 1, bat
         stages.append((f"batch {i // size + 1}", rest[i:i + size]))
     progress(f"rollout {module} {version} to {len(names)} gateways of group {group}: "
              + ", ".join(f"{s} {len(g)}" for s, g in stages))
-    took: list[str] = []
+    sent: list[str] = []
     for stage, gateways in stages:
-        since = time.time()
         started = time.monotonic()
         pending = {g: Outcome(g, stage) for g in gateways}
+        revisions = {}
         for g in gateways:
-            op.publish_desired({module: entry}, gateway=g)
+            revisions[g] = op.publish_desired({module: entry}, gateway=g)
+            sent.append(g)
         while pending and time.monotonic() - started < timeout_s:
             for g in list(pending):
-                verdict = _judge(op.report(g), module, version, since)
+                verdict = _judge(op.report(g), module, version, revisions[g])
                 if verdict is not None:
                     o = pending.pop(g)
                     o.result, o.detail = verdict
                     o.seconds = time.monotonic() - started
                     result.outcomes.append(o)
-                    if o.result == "kept":
-                        took.append(g)
                     progress(f"  {stage}: {g} {o.result} after {o.seconds:.1f} s {o.detail}".rstrip())
             time.sleep(0.1)
         for g, o in pending.items():
@@ -237,16 +254,21 @@ def rollout(op: FleetOperator, bundle: Path, group: str, *, canary: int = 1, bat
             progress(f"  {stage}: {g} timeout")
         if result.failures > max_failures:
             result.halted = f"{result.failures} failure(s) in {stage}, more than {max_failures} allowed"
-            progress(f"HALT: {result.halted}; reverting {len(took)} gateway(s)")
-            for g in names:
-                op.clear_desired(gateway=g)   # the failed ones rolled back by themselves
-            for g in took:
+            # Every gateway that was sent the bundle goes back, unless it rolled back or refused
+            # by itself (a timeout may still be on probation, and would keep the new version).
+            settled = {o.gateway for o in result.outcomes if o.result in ("rolled_back", "refused")}
+            back = [g for g in sent if g not in settled]
+            progress(f"HALT: {result.halted}; reverting {len(back)} gateway(s)")
+            for g in sent:
+                if g not in back:
+                    op.clear_desired(gateway=g)
+            for g in back:
                 op.publish_desired({module: {"version": before[g]}}, gateway=g)
                 result.outcomes.append(Outcome(g, "revert", "reverted", 0.0, f"back to {before[g]}"))
             break
     else:
         op.publish_desired({module: entry}, group=group)
-        for g in names:
+        for g in everyone:
             op.clear_desired(gateway=g)
         progress(f"group {group} now asks for {module} {version}")
     result.seconds = time.monotonic() - t0

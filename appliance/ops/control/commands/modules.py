@@ -28,6 +28,12 @@ class ModuleCommands:
             return self._module_load(args[1], args[2], who)
         host = self._module(args[1])
         if sub == "revert":
+            fleet = getattr(self.sup, "fleet", None)
+            wanted = fleet.wanted().get(host.name) if fleet is not None else None
+            if wanted is not None:
+                raise CommandError(f"module {host.name}: the fleet's desired state asks for version "
+                                   f"{wanted[1]['version']}, which would come back at once; change it there "
+                                   "(appliance fleet rollback)")
             with self._changing:
                 log.info("control: modules revert %s (%s)", host.name, who or "operator")
                 return Reply(True, [self.sup.deployer.revert(host.name, who)])
