@@ -22,7 +22,7 @@ from appliance_tools.fleet.cluster import NatsCluster
 from appliance_tools.fleet.operator import FleetOperator, bundle_entry, rollout
 
 from conftest import require_tool
-from support import FAST_RESTART, sim_source, wait_for
+from support import FAST_RESTART, metric, sim_source, wait_for
 from test_deploy import kit, rewrite_member  # noqa: F401  (the keys and bundles of the deploy tests)
 
 GROUP = "line1"
@@ -186,6 +186,18 @@ def test_tampered_untrusted_and_replayed_desired_states_change_nothing(tmp_path,
         tampered = {"version": "1.3.0", "bundle": base64.b64encode(raw).decode(), "sha256": hashlib.sha256(raw).hexdigest()}
         op.publish_desired({module: tampered}, gateway="gw20")
         wait_for(lambda: refused("module versioned 1.3.0"), 30, "the tampered bundle refused and reported")
+        time.sleep(2)   # a refusal is not tried again and again: once per revision
+        assert metric(sup, "appliance_module_deploys_total", module="versioned", outcome="refused") == 1
+        # A desired state nested deeper than the parser can follow: refused, reported, the channel goes on.
+        raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-publisher", protocol=mqtt.MQTTv311)
+        host, _, port = cluster.mqtt_endpoints[2].rpartition(":")
+        raw.connect(host, int(port))
+        raw.loop_start()
+        raw.publish(op.desired_topic(gateway="gw20"), b"[" * 100_000, qos=1).wait_for_publish(10)
+        raw.loop_stop()
+        raw.disconnect()
+        wait_for(lambda: any("RecursionError" in r["reason"] for r in op.report("gw20").get("refusals", [])), 30,
+                 "the deeply nested desired state refused")
         # A bundle signed by a key the gateway does not trust.
         from appliance.deploy.bundle import make_bundle, sign_bundle
         from appliance.deploy.keys import load_private, new_pair
