@@ -111,9 +111,10 @@ fuzz-config: modules
 fuzz-modules: modules
 	$(PY) benchmarks/fuzz_modules.py --count $(FUZZ_COUNT)
 
-# 20 gateway processes on a 3-node NATS cluster: a staged rollout, a bad canary halted (docs/fleet.md).
+# 20 gateway processes on a 3-node NATS cluster: a staged rollout with a broker node killed after
+# the canary, then a bad canary halted (docs/fleet.md).
 fleet-demo: modules host-deps
-	$(PY) -m appliance_tools.fleet.demo --gateways $(or $(GATEWAYS),20)
+	$(PY) -m appliance_tools.fleet.demo --gateways $(or $(GATEWAYS),20) --kill-node
 
 bench: modules
 	$(PY) benchmarks/bench.py

@@ -63,7 +63,7 @@ class NatsCluster:
                 f"jetstream {{ store_dir: \"{workdir / ('js-' + n.name)}\", max_memory_store: 64MB, "
                 f"max_file_store: 512MB }}\n"
                 f"cluster {{ name: fleet, listen: 127.0.0.1:{n.route_port}, routes: [{routes}] }}\n"
-                f"mqtt {{ listen: 127.0.0.1:{n.mqtt_port}, ack_wait: \"10s\" }}\n"
+                f"mqtt {{ listen: 127.0.0.1:{n.mqtt_port}, ack_wait: \"10s\", stream_replicas: 3, consumer_replicas: 3 }}\n"
                 "max_payload: 8MB\n")
 
     @property

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--canary", type=int, default=2)
     p.add_argument("--batch", type=float, default=25.0)
     p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--kill-node", action="store_true", help="kill broker node n1 once the first canary is judged")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fleet-demo-"))
     procs: list[subprocess.Popen] = []
@@ -126,8 +127,14 @@ def main(argv: list[str] | None = None) -> int:
             pass
         print(f"fleet demo: {len(op.gateways(GROUP, settle_s=0))} gateways on a 3-node NATS cluster "
               f"({', '.join(cluster.mqtt_endpoints)}), work {work}", flush=True)
+        def progress(line: str) -> None:
+            print(line, flush=True)
+            if args.kill_node and line.startswith("  canary:") and cluster.nodes[0].proc is not None:
+                cluster.kill(cluster.nodes[0])   # a third of the gateways were on it
+                print(f"  (broker node {cluster.nodes[0].name} killed)", flush=True)
+
         good = rollout(op, bundles["1.1.0"], GROUP, canary=args.canary, batch_pct=args.batch, max_failures=1,
-                       timeout_s=args.timeout, progress=lambda s: print(s, flush=True))
+                       timeout_s=args.timeout, progress=progress)
         print("\n" + good.table() + "\n", flush=True)
         t0 = time.monotonic()
         bad = rollout(op, bundles["1.2.0"], GROUP, canary=args.canary, batch_pct=args.batch, max_failures=0,
