@@ -484,3 +484,20 @@ def test_a_delivered_config_is_kept_when_healthy_and_rolled_back_when_not(tmp_pa
     assert sup.config_path == card and sup.cfg.deploy.probation_windows == 9
     assert (tmp_path / "var" / "config" / "superseded.yaml").exists()
     sup.spool.close()
+
+
+def test_signed_documents_hold_only_as_signed(tmp_path):
+    from appliance.deploy.keys import document_signer, sign_document
+    key_path, pub_path = new_pair("ops", tmp_path)
+    key, trusted = load_private(key_path), [parse_public(pub_path.read_text())]
+    doc = sign_document({"revision": 7, "modules": {"vibstats": {"version": "1.2.0"}}}, key)
+    assert document_signer(doc, trusted) == "ops"
+    downgraded = json.loads(json.dumps(doc))
+    downgraded["modules"]["vibstats"]["version"] = "1.0.0"
+    with pytest.raises(ValueError, match="bad signature"):
+        document_signer(downgraded, trusted)
+    with pytest.raises(ValueError, match="unsigned"):
+        document_signer({"revision": 8, "modules": {}}, trusted)
+    _, other = new_pair("other", tmp_path / "o")
+    with pytest.raises(ValueError, match="not among fleet.operator_keys"):
+        document_signer(doc, [parse_public(other.read_text())])

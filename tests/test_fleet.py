@@ -60,7 +60,7 @@ class EventTap:
         self.client.disconnect()
 
 
-def gateway(tmp_path: Path, kit, cluster, index: int) -> Supervisor:   # noqa: F811
+def gateway(tmp_path: Path, kit, cluster, index: int, operator_keys: list[str] = ()) -> Supervisor:   # noqa: F811
     name = f"gw{index:02d}"
     endpoints = cluster.mqtt_endpoints
     home = endpoints[index % len(endpoints)]
@@ -68,7 +68,7 @@ def gateway(tmp_path: Path, kit, cluster, index: int) -> Supervisor:   # noqa: F
     doc = {"gateway": {"name": name, "data_dir": str(tmp_path / name)}, "metrics": {"enabled": False},
            "runtime": {"restart": FAST_RESTART},
            "deploy": {"trusted_keys": [kit["public"]], "probation_windows": 20},
-           "fleet": {"enabled": True, "groups": [GROUP]},
+           "fleet": {"enabled": True, "groups": [GROUP], "operator_keys": list(operator_keys)},
            "uplink": {"transport": "mqtt", "mqtt": {"host": host, "port": int(port), "keepalive_s": 2,
                                                      "also": [e for e in endpoints if e != home]}},
            "sources": {"a": sim_source()},
@@ -156,9 +156,12 @@ def test_a_bad_canary_rolls_back_by_itself_and_halts_the_rollout(tmp_path, kit, 
 
 
 def test_tampered_untrusted_and_replayed_desired_states_change_nothing(tmp_path, kit, cluster):  # noqa: F811
-    sup = gateway(tmp_path, kit, cluster, 20)
+    from appliance.deploy.keys import load_private, new_pair
+    operator_key, operator_pub = new_pair("operator", tmp_path / "operator")
+    sup = gateway(tmp_path, kit, cluster, 20, operator_keys=[operator_pub.read_text().strip()])
     sup.start()
-    op = FleetOperator(cluster.mqtt_endpoints, client_id="test-operator-3")
+    op = FleetOperator(cluster.mqtt_endpoints, client_id="test-operator-3", key=load_private(operator_key))
+    stranger = FleetOperator(cluster.mqtt_endpoints, client_id="test-operator-unsigned")
     try:
         wait_for(lambda: op.report("gw20") is not None, 30, "gw20 reporting")
         module, version, entry = bundle_entry(kit["signed"]["1.1.0"])
@@ -190,7 +193,6 @@ def test_tampered_untrusted_and_replayed_desired_states_change_nothing(tmp_path,
                  "the deeply nested desired state refused")
         # A bundle signed by a key the gateway does not trust.
         from appliance.deploy.bundle import make_bundle, sign_bundle
-        from appliance.deploy.keys import load_private, new_pair
         stranger_key, _ = new_pair("mallory", tmp_path / "mallory")
         evil = make_bundle(kit["wasm"]["1.3.0"], tmp_path / "evil.apb")
         sign_bundle(evil, load_private(stranger_key))
@@ -198,6 +200,10 @@ def test_tampered_untrusted_and_replayed_desired_states_change_nothing(tmp_path,
         op.publish_desired({module: evil_entry}, gateway="gw20")
         wait_for(lambda: any("not among deploy.trusted_keys" in r["reason"]
                              for r in op.report("gw20").get("refusals", [])), 30, "the untrusted key refused")
+        # Desired states not signed by an operator key this gateway trusts.
+        stranger.publish_desired({module: {"version": "config"}}, gateway="gw20")
+        wait_for(lambda: any(r["reason"].startswith("unsigned") for r in op.report("gw20").get("refusals", [])), 30,
+                 "an unsigned desired state refused")
         # An old desired state replayed (a lower revision).
         op.publish_desired({module: {"version": "config"}}, gateway="gw20", revision=good_revision - 1)
         wait_for(lambda: refused(f"revision {good_revision - 1}"), 30, "the replay refused")
@@ -207,4 +213,5 @@ def test_tampered_untrusted_and_replayed_desired_states_change_nothing(tmp_path,
         print("refused:", *reasons, sep="\n  ")
     finally:
         op.close()
+        stranger.close()
         sup.stop()

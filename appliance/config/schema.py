@@ -213,6 +213,10 @@ class FleetSection(StrictModel):
                           "gateway's state there (docs/fleet.md); needs uplink.transport: mqtt")
     groups: list[Name] = Field([], description="the groups this gateway belongs to; a later group wins per module, "
                                "and the gateway's own desired state wins over every group")
+    operator_keys: list[Annotated[str, AfterValidator(_public_key_line)]] = Field(
+        [], description="public keys of the operators (`appliance keys new`): when set, a desired state must be "
+                        "signed by one of them (`appliance fleet --key`), else it is refused; empty: the broker's "
+                        "ACLs alone decide who may publish desired states")
 
 
 class AppConfig(StrictModel):

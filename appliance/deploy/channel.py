@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from appliance.deploy.bundle import MAX_BUNDLE_BYTES
 from appliance.deploy.deployer import DeployRefused
+from appliance.deploy.keys import document_signer, parse_public
 from appliance.uplink.mqtt import topic_level
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class FleetChannel:
         self.reply_topic = f"{prefix}/{me}/fleet/reply"
         self.reported_topic = f"{prefix}/{me}/fleet/reported"
         self.state_path = sup.cfg.gateway.data_dir / "fleet.json"
+        self.operator_keys = tuple(parse_public(k) for k in sup.cfg.fleet.operator_keys)
         saved = self._load()
         self.revisions: dict[str, int] = saved.get("revisions", {})   # topic -> last accepted revision
         self.desired: dict[str, dict] = saved.get("desired", {})      # topic -> its accepted modules
@@ -165,6 +167,14 @@ class FleetChannel:
                 raise TypeError("config must be {\"yaml\": <the whole YAML text>}")
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             return self._refuse(f"desired state ({source})", f"cannot be read: {type(exc).__name__}: {exc}"[:300])
+        if self.operator_keys:
+            try:
+                document_signer(doc, self.operator_keys)
+            except ValueError as exc:
+                if (topic, revision) in self._refused_revisions:
+                    return
+                self._refused_revisions.add((topic, revision))
+                return self._refuse(f"desired state ({source}) revision {revision}", str(exc))
         if (topic, revision) in self._refused_revisions:
             return   # the same retained message again: refused once, reported once
         last = self.revisions.get(topic)

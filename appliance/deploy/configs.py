@@ -160,10 +160,12 @@ class ConfigDeployer:
                         self.probation_s, who)
             return f"config {sha[:12]} applied ({summary}); on probation for {self.probation_s:.0f} s"
 
-    def _windows(self) -> dict[str, int]:
-        return {n: h.processed for n, h in self.sup.modules.items()}
+    def _windows(self) -> dict[str, tuple[object, int]]:
+        """Each module's host and its window count now: a module the reload restarted has a new
+        host, which must process a window of its own."""
+        return {n: (h, h.processed) for n, h in self.sup.modules.items()}
 
-    def problems(self, since: dict[str, int]) -> list[str]:
+    def problems(self, since: dict[str, tuple[object, int]]) -> list[str]:
         """What is not healthy: a source not delivering, a module not running or not yet fed."""
         out = []
         for name, source in list(self.sup.sources.items()):
@@ -175,8 +177,10 @@ class ConfigDeployer:
                 continue
             if host.state.value != "running":
                 out.append(f"module {name} {host.state.value}" + (f" ({host.reason})" if host.reason else ""))
-            elif host.processed <= since.get(name, 0) and host is not None:
-                out.append(f"module {name} has processed no window yet")
+            else:
+                before_host, before = since.get(name, (None, 0))
+                if host.processed <= (before if before_host is host else 0):
+                    out.append(f"module {name} has processed no window yet")
         return out
 
     def _watch(self, sha: str, previous: Path | None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -109,3 +110,33 @@ def load_private(path: Path) -> PrivateKey:
         raise KeyFileError(f"{path}: a {type(key).__name__}, bundles are signed with Ed25519 keys")
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return PrivateKey(key, PublicKey(raw, path.stem))
+
+
+def canonical(doc: dict) -> bytes:
+    """The bytes a signature over a JSON document covers: the document without its "signature"
+    member, keys sorted, no spaces."""
+    return json.dumps({k: v for k, v in doc.items() if k != "signature"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def sign_document(doc: dict, key: PrivateKey) -> dict:
+    return {**doc, "signature": {"key_id": key.public.key_id,
+                                 "signature": base64.b64encode(key.sign(canonical(doc))).decode()}}
+
+
+def document_signer(doc: dict, trusted: tuple[PublicKey, ...] | list[PublicKey]) -> str:
+    """The trusted key's name that signed `doc`; ValueError saying why not."""
+    sig = doc.get("signature")
+    if not isinstance(sig, dict):
+        raise ValueError("unsigned (this gateway takes desired states signed by fleet.operator_keys only)")
+    try:
+        raw = base64.b64decode(str(sig["signature"]), validate=True)
+        key_id = str(sig["key_id"])
+    except (KeyError, ValueError, binascii.Error):
+        raise ValueError("its signature cannot be read") from None
+    for key in trusted:
+        if key.key_id == key_id:
+            if key.verify(raw, canonical(doc)):
+                return key.name or key.key_id
+            raise ValueError(f"bad signature (key {key_id}): changed after signing?")
+    raise ValueError(f"signed by key {key_id}, which is not among fleet.operator_keys")

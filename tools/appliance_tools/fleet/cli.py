@@ -8,8 +8,15 @@ from pathlib import Path
 
 def _operator(args):
     from appliance_tools.fleet.operator import FleetOperator
+    key = None
+    if args.key:
+        from appliance.deploy.keys import KeyFileError, load_private
+        try:
+            key = load_private(Path(args.key))
+        except KeyFileError as exc:
+            sys.exit(f"appliance fleet: {exc}")
     try:
-        return FleetOperator(args.broker, args.prefix)
+        return FleetOperator(args.broker, args.prefix, key=key)
     except ConnectionError as exc:
         sys.exit(f"appliance fleet: {exc}")
 
@@ -54,6 +61,8 @@ def add_parser(sub) -> None:
     fleet.add_argument("--broker", action="append", required=True, metavar="HOST:PORT",
                        help="an MQTT node of the fleet's broker (repeat for the others)")
     fleet.add_argument("--prefix", default="factory", help="the gateways' uplink.mqtt.topic_prefix")
+    fleet.add_argument("--key", help="the operator's private key: desired states go out signed (gateways with "
+                       "fleet.operator_keys take no others)")
     fsub = fleet.add_subparsers(dest="fleet_command", required=True)
     s = fsub.add_parser("status", help="a table of gateways, their versions and health")
     s.add_argument("--group")

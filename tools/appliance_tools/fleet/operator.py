@@ -25,7 +25,9 @@ def revision_now() -> int:
 
 
 class FleetOperator:
-    def __init__(self, endpoints: list[str], prefix: str = "factory", client_id: str = "fleet-operator") -> None:
+    def __init__(self, endpoints: list[str], prefix: str = "factory", client_id: str = "fleet-operator",
+                 key=None) -> None:
+        self.key = key   # a PrivateKey (appliance.deploy.keys): desired states go out signed
         self.endpoints = [(h, int(p)) for h, _, p in (e.rpartition(":") for e in endpoints)]
         self.prefix = prefix
         self.reports: dict[str, dict] = {}
@@ -132,8 +134,11 @@ class FleetOperator:
         doc = {"revision": revision, "modules": modules}
         if group is not None:
             with self._lock:
-                old = dict(self.group_states.get(group) or {})
+                old = {k: v for k, v in (self.group_states.get(group) or {}).items() if k != "signature"}
             doc = {**old, "revision": revision, "modules": {**old.get("modules", {}), **modules}}
+        if self.key is not None:
+            from appliance.deploy.keys import sign_document
+            doc = sign_document(doc, self.key)
         self._publish(self.desired_topic(gateway, group), json.dumps(doc, sort_keys=True).encode())
         return revision
 
