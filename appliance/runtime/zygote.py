@@ -469,7 +469,8 @@ class Zygote:
             sock, proc = self._sock, self._proc
             self._sock = None
         if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):   # the reader may have closed it as the zygote went
+                sock.shutdown(socket.SHUT_RDWR)
         if proc is not None:
             try:
                 proc.wait(5.0)
