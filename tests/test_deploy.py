@@ -23,28 +23,10 @@ from appliance.deploy.bundle import BundleRejected, make_bundle, open_bundle, si
 from appliance.deploy.deployer import DeployRefused
 from appliance.deploy.keys import load_private, new_pair, parse_public
 from appliance.deploy.store import ModuleStore
-from appliance_tools.modbuild import build_module
+from appliance_tools.fleet.rig import build_version
 
 from conftest import REPO
 from support import FAST_RESTART, metric, sim_source, wait_for
-
-SOURCE = REPO / "tests" / "hostile_modules" / "versioned"
-
-
-def build_version(tmp: Path, version: str, build: int, trap_after: int = 0) -> Path:
-    """The versioned test module as release `version` (its BUILD feature says which runs)."""
-    src = tmp / f"src-{version}"
-    shutil.copytree(SOURCE, src)
-    manifest = (src / "module.yaml").read_text().replace("version: 1.0.0", f"version: {version}")
-    (src / "module.yaml").write_text(manifest)
-    code = (src / "versioned.c").read_text()
-    code = code.replace("#define BUILD 1", f"#define BUILD {build}").replace(
-        "#define TRAP_AFTER 0", f"#define TRAP_AFTER {trap_after}")
-    (src / "versioned.c").write_text(code)
-    result = build_module(src, tmp / f"v{version}" / "versioned.wasm")
-    assert result.ok, result.problems
-    return result.out
-
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):

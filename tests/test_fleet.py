@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from appliance.config.schema import load_config
 from appliance.core.supervisor import Supervisor
 from appliance_tools.fleet.cluster import NatsCluster
 from appliance_tools.fleet.operator import FleetOperator, bundle_entry, rollout
+from appliance_tools.fleet.rig import EventTap
 
 from conftest import require_tool
 from support import FAST_RESTART, metric, sim_source, wait_for
@@ -34,30 +33,6 @@ def cluster(tmp_path_factory):
     c = NatsCluster(tmp_path_factory.mktemp("nats")).start()
     yield c
     c.stop()
-
-
-class EventTap:
-    """Every event the gateways deliver, by id (a duplicate is allowed, a loss is not)."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ids: dict[str, set[str]] = {}
-        self.lock = threading.Lock()
-        host, _, port = endpoint.rpartition(":")
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"tap-{time.time_ns()}", clean_session=False,
-                                  protocol=mqtt.MQTTv311)
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("factory/+/events/+", qos=1)
-        self.client.connect(host, int(port))
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, message) -> None:
-        doc = json.loads(message.payload)
-        with self.lock:
-            self.ids.setdefault(doc["gateway"], set()).add(doc["id"])
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def gateway(tmp_path: Path, kit, cluster, index: int, operator_keys: list[str] = ()) -> Supervisor:   # noqa: F811
@@ -120,8 +95,7 @@ def test_a_staged_rollout_reaches_every_gateway_and_an_offline_one_when_it_retur
         emitted: dict[str, int] = {}
         for sup in [*gateways, away]:
             emitted[sup.cfg.gateway.name] = emitted.get(sup.cfg.gateway.name, 0) + sup.events_emitted
-        with tap.lock:
-            received = {name: len(tap.ids.get(name, ())) for name in emitted}
+        received = {name: len(tap.received(name)) for name in emitted}
         print("events committed / received per gateway:", {n: (emitted[n], received[n]) for n in sorted(emitted)})
         assert all(emitted.values()) and all(received[n] >= emitted[n] for n in emitted), (emitted, received)
     finally:

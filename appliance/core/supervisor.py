@@ -312,20 +312,13 @@ class Supervisor:
     def check_module_file(self, name: str, path: Path) -> None:
         """Start `path` as module `name` in a throwaway worker (its params judged by ap_init) and
         stop it; ValueError with the reason if it does not start."""
-        from appliance.runtime.process import ModuleFault, WorkerProcess
-        from appliance.runtime.wire import load_message
-        from appliance.runtime.validate import ModuleRejected, read_module
-        from appliance.config.schema import module_params_text
+        from appliance.runtime.modcheck import try_start
+        from appliance.runtime.process import ModuleFault
+        from appliance.runtime.validate import ModuleRejected
         if name not in self.cfg.modules:
             raise ValueError(f"no module {name!r} (modules: {', '.join(self.cfg.modules)})")
-        new = self.cfg.modules[name].model_copy(update={"wasm": path})
-        rt = self.cfg.runtime
         try:
-            WorkerProcess(name, read_module(path), 4096, load_message(
-                path.name, module_params_text(new), backend=rt.backend, stack_bytes=rt.stack_kb * 1024,
-                max_memory_bytes=rt.max_memory_mb << 20, memory_budget_bytes=rt.worker_budget_bytes,
-                module_dir=str(path.parent), host_nn=new.host_nn,
-                host_dsp=new.host_dsp)).stop()
+            try_start(name, self.cfg.modules[name].model_copy(update={"wasm": path}), self.cfg.runtime)
         except (ModuleRejected, ModuleFault) as exc:
             raise ValueError(f"{path} not loaded: {exc}") from None
 

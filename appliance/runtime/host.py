@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 
-from appliance.config.schema import ModuleSection, RestartPolicy, RuntimeSection, module_params_text
+from appliance.config.schema import ModuleSection, RestartPolicy, RuntimeSection
 from appliance.ops.metrics import Metrics
 from appliance.core.windowing import Window
 from appliance.runtime.process import LEVELS, ModuleFault, WorkerProcess
 from appliance.runtime.validate import ModuleRejected, read_module
-from appliance.runtime.wire import FORMATS, HEADER, load_message, pack_header
+from appliance.runtime.wire import FORMATS, HEADER, pack_header
+from appliance.runtime.modcheck import load_for
 
 log = logging.getLogger("appliance.module")
 
@@ -295,13 +296,7 @@ class ModuleHost:
             # Read here, check in the worker: the file is read once, so what was checked is
             # what runs, and the checking cost falls under the worker's limits.
             wasm = read_module(self.cfg.wasm)
-            rt = self.runtime
-            load = load_message(self.cfg.wasm.name, module_params_text(self.cfg), backend=rt.backend,
-                                stack_bytes=rt.stack_kb * 1024, max_memory_bytes=rt.max_memory_mb << 20,
-                                memory_budget_bytes=rt.worker_budget_bytes,
-                                state=self._saved_state(), module_dir=str(self.cfg.wasm.parent),
-                                host_nn=self.cfg.host_nn, host_dsp=self.cfg.host_dsp)
-            worker = WorkerProcess(self.name, wasm, self._shm_bytes, load)
+            worker = WorkerProcess(self.name, wasm, self._shm_bytes, load_for(self.cfg, self.runtime, self._saved_state()))
         except ModuleRejected as exc:
             self._fault(ModuleFault("load", str(exc)))
             return

@@ -6,32 +6,38 @@ its ap_init, and turn a refusal into a config error at the line of its params.
 """
 from __future__ import annotations
 
-from appliance.config.schema import AppConfig, ConfigIssue, module_params_text
+from appliance.config.schema import AppConfig, ConfigIssue, ModuleSection, RuntimeSection, module_params_text
 from appliance.runtime.wire import HEADER, load_message
 from appliance.runtime.process import ModuleFault, WorkerProcess
 from appliance.runtime.validate import ModuleRejected, read_module
 from appliance.config.yamlsource import YamlDocument
 
 
+def load_for(mod: ModuleSection, rt: RuntimeSection, state: bytes | None = None) -> dict:
+    """The load message of a module as its config says: every start, the real one or a check, sends this."""
+    return load_message(mod.wasm.name, module_params_text(mod), backend=rt.backend, stack_bytes=rt.stack_kb * 1024,
+                        max_memory_bytes=rt.max_memory_mb << 20, memory_budget_bytes=rt.worker_budget_bytes,
+                        state=state, module_dir=str(mod.wasm.parent), host_nn=mod.host_nn, host_dsp=mod.host_dsp)
+
+
+def try_start(name: str, mod: ModuleSection, rt: RuntimeSection) -> None:
+    """Start the module in a throwaway worker (its checks, ap_init with its params) and stop it;
+    ModuleRejected or ModuleFault say why it would not start."""
+    WorkerProcess(name, read_module(mod.wasm), HEADER.size, load_for(mod, rt)).stop()
+
+
 def check_modules(doc: YamlDocument, cfg: AppConfig) -> list[ConfigIssue]:
     issues = []
-    rt = cfg.runtime
     for name, mod in cfg.modules.items():
         if not mod.enabled:
             continue
         here = ("modules", name)
         try:
-            wasm = read_module(mod.wasm)
-            worker = WorkerProcess(name, wasm, HEADER.size, load_message(
-                mod.wasm.name, module_params_text(mod), backend=rt.backend, stack_bytes=rt.stack_kb * 1024,
-                max_memory_bytes=rt.max_memory_mb << 20,
-                memory_budget_bytes=rt.worker_budget_bytes))
+            try_start(name, mod, cfg.runtime)
         except ModuleRejected as exc:
             issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("wasm",)), here + ("wasm",), str(exc)))
             continue
         except ModuleFault as fault:
             where = here + (("params",) if fault.kind == "params" else ("wasm",))
             issues.append(ConfigIssue(doc.path, doc.mark_for(where, key=True), where, fault.reason))
-            continue
-        worker.stop()
     return issues

@@ -9,44 +9,25 @@ spool must be empty and every event it committed must have reached the broker.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.deploy.bundle import make_bundle, sign_bundle
 from appliance.deploy.keys import load_private, new_pair
 from appliance_tools.fleet.cluster import NatsCluster
 from appliance_tools.fleet.operator import FleetOperator, rollout
-from appliance_tools.modbuild import build_module
+from appliance_tools.fleet.rig import REPO, EventTap, build_version
 
-REPO = Path(__file__).resolve().parents[3]
-VERSIONED = REPO / "tests" / "hostile_modules" / "versioned"
 GROUP = "line1"
-
-
-def build_version(work: Path, version: str, build: int, trap_after: int = 0) -> Path:
-    src = work / f"src-{version}"
-    shutil.copytree(VERSIONED, src)
-    (src / "module.yaml").write_text((src / "module.yaml").read_text().replace("version: 1.0.0", f"version: {version}"))
-    code = (src / "versioned.c").read_text().replace("#define BUILD 1", f"#define BUILD {build}")
-    (src / "versioned.c").write_text(code.replace("#define TRAP_AFTER 0", f"#define TRAP_AFTER {trap_after}"))
-    result = build_module(src, work / f"v{version}" / "versioned.wasm")
-    if not result.ok:
-        raise SystemExit(f"building versioned {version}: {result.problems}")
-    return result.out
 
 
 def gateway_config(work: Path, index: int, cluster: NatsCluster, wasm: Path, recording: Path, public: str) -> Path:
@@ -66,28 +47,6 @@ def gateway_config(work: Path, index: int, cluster: NatsCluster, wasm: Path, rec
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-class EventTap:
-    def __init__(self, endpoint: str) -> None:
-        self.ids: dict[str, set[str]] = {}
-        self.lock = threading.Lock()
-        host, _, port = endpoint.rpartition(":")
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-tap", clean_session=False,
-                                  protocol=mqtt.MQTTv311)
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("factory/+/events/+", qos=1)
-        self.client.connect(host, int(port))
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, message) -> None:
-        doc = json.loads(message.payload)
-        with self.lock:
-            self.ids.setdefault(doc["gateway"], set()).add(doc["id"])
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             spool = Spool(work / name / "spool.db", 64 << 20)
             waiting = {e["id"] for e, _ in spool.pending(100_000)}
             spool.close()
-            with tap.lock:
-                got = tap.ids.get(name, set())
+            got = tap.received(name)
             committed += len(ids)
             received += len(ids & got)
             lost += len(ids - got - waiting)
