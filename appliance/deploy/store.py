@@ -264,19 +264,6 @@ class ModuleStore:
             probation = None
         return current, probation
 
-    def modules(self) -> list[str]:
-        try:
-            return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        except OSError:
-            return []
-
-    def versions(self, module: str) -> list[str]:
-        try:
-            return sorted(p.name for p in self.folder(module).iterdir()
-                          if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
-        except OSError:
-            return []
-
     def _prune(self, module: str) -> None:
         """Keep current, previous and the newest others up to KEEP_VERSIONS; leftovers of staging go."""
         base = self.folder(module)
