@@ -111,17 +111,25 @@ def label(pid: int, supervisor: int) -> str | None:
     return None
 
 
-def scrape(port: int) -> dict[str, float]:
-    """Sums per metric and module of the counters the soak judges."""
+def scrape(port: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Sums per metric and module of the counters the soak judges; and the supervisor's memory
+    by kind (appliance_supervisor_memory_bytes, _python_blocks), to say what grew."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
+    heap: dict[str, float] = {}
     for line in text.splitlines():
         m = re.match(r'(appliance_module_(?:windows|restarts|faults|windows_dropped)_total)\{([^}]*)\} (\S+)', line)
         if m:
             module = re.search(r'module="([^"]*)"', m[2])[1]
             key = f"{m[1]}:{module}"
             out[key] = out.get(key, 0.0) + float(m[3])
-    return out
+        m = re.match(r'appliance_supervisor_memory_bytes\{kind="([^"]*)"\} (\S+)', line)
+        if m:
+            heap[m[1]] = float(m[2])
+        m = re.match(r'appliance_supervisor_python_blocks (\S+)', line)
+        if m:
+            heap["python_blocks"] = float(m[1])
+    return out, heap
 
 
 def main() -> int:
@@ -174,9 +182,9 @@ def main() -> int:
                         continue
                     pids.setdefault(name, set()).add(pid)
                 try:
-                    row["counters"] = scrape(port)
+                    row["counters"], row["heap"] = scrape(port)
                 except OSError as exc:
-                    row["counters"] = {}
+                    row["counters"], row["heap"] = {}, {}
                     print(f"soak: metrics unreadable at {t:.0f} s: {exc}", flush=True)
                 if not counters0 and t >= warmup and row["counters"]:
                     counters0 = row["counters"]
@@ -200,9 +208,20 @@ def floor(values) -> float:
     return ordered[len(ordered) // 10]
 
 
+def supervisor_breakdown(after: list[dict], k: int) -> dict[str, tuple[float, float]]:
+    """The supervisor's memory by kind, start and end floors like the RSS figures."""
+    kinds = sorted({kind for s in after for kind in s.get("heap", {})})
+    out = {}
+    for kind in kinds:
+        series = [s["heap"][kind] for s in after if kind in s.get("heap", {})]
+        if len(series) >= 2 * k:
+            out[kind] = (floor(series[:k]), floor(series[-k:]))
+    return out
+
+
 def report(samples: list[dict], pids: dict[str, set[int]], counters0: dict, warmup: float, args, stamp: str,
            failure: str) -> int:
-    after = [s for s in samples if s["t"] >= warmup]
+    after = after_warmup = [s for s in samples if s["t"] >= warmup]
     problems = [failure] if failure else []
     if len(after) < 6:
         problems.append(f"only {len(after)} samples after the warm-up")
@@ -245,12 +264,18 @@ def report(samples: list[dict], pids: dict[str, set[int]], counters0: dict, warm
     total = sum(r["pss_end"] for r in rows)
     print(f"{'all processes (PSS)':<26} {'':>10} {'':>10} {'':>8} {sum(r['pss_start'] for r in rows) / 2**20:>9.1f}M "
           f"{total / 2**20:>9.1f}M")
+    heap_rows = supervisor_breakdown(after_warmup, k)
+    if heap_rows:
+        print("\nsupervisor by kind (floor of the first and last tenth after the warm-up):")
+        for kind, (a, b) in heap_rows.items():
+            unit = 1 if kind == "python_blocks" else 2**20
+            print(f"  {kind:<16} {a / unit:>12,.1f} -> {b / unit:>12,.1f}" + ("" if unit == 1 else " MiB"))
     print("\nwindows processed: " + ", ".join(f"{m} {int(n):,}" for m, n in windows.items()))
     restarts = sum(final.get(f"appliance_module_restarts_total:{m}", 0.0) for m in modules)
     print(f"restarts: {int(restarts)}")
     result = {"minutes": args.minutes, "warmup_minutes": warmup / 60, "max_growth": args.max_growth,
               "realtime": args.realtime,
-              "processes": rows, "windows": windows, "restarts": restarts, "problems": problems}
+              "processes": rows, "supervisor_by_kind": heap_rows, "windows": windows, "restarts": restarts, "problems": problems}
     (OUT / f"soak-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(OUT / f"soak-{stamp}.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -95,17 +95,22 @@ class WorkerProcess:
             wasm_fd = sealed_memfd(f"ap-wasm-{name}", wasm, 0, MODULE_SEALS)
             request = {"name": name, "memory_budget_bytes": load["memory_budget_bytes"],
                        "host_nn": load.get("host_nn", False), "module_dir": load.get("module_dir", "")}
+            # Queued before the fork: the worker finds it as soon as it looks, instead of waiting
+            # for the zygote's answer to reach this process first.
+            self._sock.send(json.dumps(load).encode())
             try:
                 self.pid, self._pidfd = self._zygote.fork(request, (child_sock.fileno(), shm_fd, wasm_fd))
             except zygote.ZygoteUnavailable as exc:
                 raise ModuleFault("load", f"no worker could be started: {exc}") from None
+        except BaseException:
+            self._sock.close()   # no worker holds the other end
+            raise
         finally:
             child_sock.close()
             for fd in (shm_fd, wasm_fd):
                 if fd >= 0:
                     os.close(fd)
         try:
-            self._sock.send(json.dumps(load).encode())
             reply = self._receive(LOAD_TIMEOUT_S, "load")
         except BaseException:
             self.kill()   # and close: its pidfd and socket must not outlive a failed load
