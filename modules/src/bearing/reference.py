@@ -1,8 +1,10 @@
 """numpy reference of the `bearing` module (bearing.c): the same analysis, in float64.
 
-`analyze(x, fs, params)` returns, for one window, every feature the module reports for it except
-the baseline ones ("score", "baseline.progress"); `Baseline` replays the learned baseline and the
-score; `fault_frequencies` gives the bearing defect frequencies. tests/test_bearing_module.py holds
+`analyze(x, fs, params, state)` returns, for one window, every feature the module reports for it
+except the baseline ones ("score", "baseline.progress"); `state` (a `State`) carries what the
+module carries from window to window (the speed track), so a sequence of windows needs one State
+passed to every call; `Baseline` replays the learned baseline and the score; `fault_frequencies`
+gives the bearing defect frequencies. tests/test_bearing_module.py holds
 the module to this file within documented tolerances, so keep the two in step.
 
 params is the module's flattened params mapping ({"bearing.balls": 9, ...}; values may be text).
@@ -80,12 +82,24 @@ def _median_floor(A: np.ndarray, n: int, bpfi_hz: float, bw: float) -> float:
     return float(np.median(seg)) if seg.size else 0.0
 
 
+class State:
+    """What the module keeps between windows besides the baseline: the last speed estimates."""
+
+    def __init__(self) -> None:
+        self.speeds: list[float] = []
+
+    def track(self, fr: float, windows: int) -> float:
+        """The median of the last `windows` estimates, this one included (bearing.c track_shaft)."""
+        self.speeds = (self.speeds + [fr])[-windows:]
+        return float(np.median(self.speeds))
+
+
 def iso_zone(velocity_rms: float, group: int = 2, foundation: str = "rigid") -> int:
     ab, bc, cd = ISO_20816_3[(int(group), foundation)]
     return 0 if velocity_rms < ab else 1 if velocity_rms < bc else 2 if velocity_rms < cd else 3
 
 
-def analyze(x: np.ndarray, fs: float, params: dict) -> dict:
+def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None) -> dict:
     """Features of one window x (channels, frames), as bearing.c reports them (plus the
     diagnosis the module reports only once its baseline is learned), and "_peaks":
     per channel and kind the envelope peak (Hz refined by _jacobsen, amplitude g, h=1 ratio)."""
@@ -127,6 +141,7 @@ def analyze(x: np.ndarray, fs: float, params: dict) -> dict:
     else:
         fr = estimate_shaft_hz(spectra[0], fs, n, _f(params, "shaft.rpm_min", 0) / 60,
                                _f(params, "shaft.rpm_max", 0) / 60)
+        fr = (state or State()).track(fr, int(_f(params, "shaft.track_windows", 8)))
     ff = fault_frequencies(fr, balls, ball_d, pitch_d, angle)
     out.update({"shaft_hz": fr, "bpfo_hz": ff["bpfo"], "bpfi_hz": ff["bpfi"], "bsf_hz": ff["bsf"],
                 "ftf_hz": ff["ftf"]})
