@@ -492,6 +492,8 @@ int32_t ap_process(const uint8_t *w, int32_t n) { (void)w; (void)n; return 0; }
 int main(void) {
     double xs[] = {1e-300, 4.9e-324, 1e-12, 0.5, 0.7071, 1, 1.4142, 2, 2.718281828459045, 10, 12345.678, 1e300};
     for (unsigned i = 0; i < sizeof xs / sizeof *xs; i++) printf("ln %.17g %.17g\n", xs[i], ap_ln(xs[i]));
+    double es[] = {-700, -50.5, -3.2, -0.7, -1e-9, 0, 1e-12, 0.3466, 1, 2.5, 17, 88.7, 700};
+    for (unsigned i = 0; i < sizeof es / sizeof *es; i++) printf("exp %.17g %.17g\n", es[i], ap_exp(es[i]));
     for (int i = -20; i <= 20; i++) {
         double s, c, x = i * 0.37;
         ap_sincos(x, &s, &c);
@@ -514,7 +516,7 @@ int main(void) {
 
 
 def test_sdk_scalar_helpers_and_median(tmp_path):
-    """ap_ln, ap_sincos and ap_median_f32 (new in ap_dsp.h) against libm / numpy, natively."""
+    """ap_ln, ap_exp, ap_sincos and ap_median_f32 (ap_dsp.h) against libm / numpy, natively."""
     cc = require_tool("gcc", "gcc")
     (tmp_path / "h.c").write_text(HELPERS_C)
     subprocess.run([cc, "-O2", "-Wall", f"-I{REPO / 'modules' / 'sdk'}", str(tmp_path / "h.c"), "-o",
@@ -525,6 +527,9 @@ def test_sdk_scalar_helpers_and_median(tmp_path):
         if kind == "ln":
             x, y = map(float, rest)
             assert y == pytest.approx(math.log(x), rel=4e-16, abs=4e-16), line
+        elif kind == "exp":
+            x, y = map(float, rest)
+            assert y == pytest.approx(math.exp(x), rel=5e-16), line
         elif kind == "sc":
             x, s, c = map(float, rest)
             assert abs(s - math.sin(x)) < 4e-16 and abs(c - math.cos(x)) < 4e-16, line
