@@ -44,10 +44,14 @@ def test_evaluation_on_cwru(bearing_wasm):
             assert len(r.alarms) == 1   # one fault, one event story (no storm)
 
 
-def cwru_windows(n_windows: int, size: int = 4096) -> list[np.ndarray]:
+def cwru_windows(n_windows: int, size: int = 4096, name: str = "outer_race_007_at6_0hp_12k.mat") -> list[np.ndarray]:
     import scipy.io
-    data = scipy.io.loadmat(shared_file("bearing", "cwru", "outer_race_007_at6_0hp_12k.mat"))
-    x = next(v for k, v in data.items() if k.endswith("_DE_time"))[:, 0].astype(np.float32)
+    import scipy.signal
+    data = scipy.io.loadmat(shared_file("bearing", "cwru", name))
+    x = next(v for k, v in data.items() if k.endswith("_DE_time"))[:, 0]
+    if name.endswith("_48k.mat"):   # to the 12 kHz of the fault recordings, as the replay decimates
+        x = scipy.signal.decimate(x, 4, ftype="fir", zero_phase=True)
+    x = x.astype(np.float32)
     return [x[i * size:(i + 1) * size][None] for i in range(n_windows)]
 
 
@@ -62,7 +66,8 @@ def test_host_dsp_and_wasm_fft_agree_through_the_worker(bearing_wasm):
         worker = WorkerProcess("bearing", bearing_wasm.read_bytes(), HEADER.size + 4 * 4096,
                                load_message("bearing.wasm", text))
         try:
-            for seq, w in enumerate(cwru_windows(5)):
+            # healthy windows for the baseline, then the outer-race fault: diagnosed windows
+            for seq, w in enumerate(cwru_windows(3, name="normal_0hp_48k.mat") + cwru_windows(3)):
                 header = pack_header(1, 4096, 12000.0, seq)
                 reply = worker.process(header, w, 10.0)
                 assert reply["rc"] == 0

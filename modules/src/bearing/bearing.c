@@ -26,7 +26,9 @@
  *   envelope.low_hz / envelope.high_hz                             default fs/8 / 3fs/8
  *   iso.group (1|2, default 2), iso.foundation (rigid|flexible, default rigid)
  *   baseline.windows (default 50, 2..1024), threshold (default 4), confirm (2), clear_ratio (0.7),
- *   clear_windows (5), min_spread (0.05), diagnosis.min_ratio (3), host.dsp (set by the host)
+ *   clear_windows (5), min_spread (0.05), host.dsp (set by the host)
+ *   diagnosis.band (kurtogram|fixed), diagnosis.prewhiten (none|cepstrum), diagnosis.envelope
+ *   (squared|magnitude), diagnosis.windows (8), diagnosis.min_confidence (0.3), diagnosis.margin (0.1)
  *
  * Score: the RMS of robust z-scores over the baseline vector (see baseline_vector()),
  * score = sqrt(sum z_i^2 / F), z_i = (v_i - median_i) / spread_i, spread_i = 1.4826 MAD_i floored
@@ -76,7 +78,9 @@ static struct {
     double env_lo, env_hi;
     int32_t iso_group, iso_flexible;
     int32_t baseline_windows, confirm, clear_windows;
-    double threshold, clear_ratio, min_spread, min_ratio;
+    double threshold, clear_ratio, min_spread;
+    int32_t diag_kurtogram, diag_whiten, diag_squared, diag_windows;
+    double min_conf, margin;
 } cfg;
 
 /* The persistent part of the state, exported as one self-contained blob (ap_state_ptr). */
@@ -106,7 +110,8 @@ static double column[MAX_BASELINE];
 /* Work buffers for all channels, one after another (the batches of ap_dsp.h): n floats per
  * signal, n + 2 per spectrum. */
 static float xd[AP_MAX_CHANNELS * N_MAX];            /* mean-removed signals, later their envelopes */
-static float spec[AP_MAX_CHANNELS * (N_MAX + 2)];    /* their spectra X, later the envelope spectra E */
+static float spec[AP_MAX_CHANNELS * (N_MAX + 2)];    /* their spectra X (kept for the diagnosis) */
+static float espec[AP_MAX_CHANNELS * (N_MAX + 2)];   /* envelope spectra E, then the diagnostic ones */
 #define AMP_ROW (N_MAX / 2 + 1)
 static float amp[AP_MAX_CHANNELS][AMP_ROW];   /* A_k = 2 |E_k| / n per channel */
 static float scratch[AMP_ROW];          /* the C median selects in a copy */
@@ -191,7 +196,9 @@ int32_t ap_init(const char *params, int32_t len) {
     cfg.clear_ratio = ap_param_f64(params, len, "clear_ratio", 0.7, &bad);
     double clear_windows = ap_param_f64(params, len, "clear_windows", 5, &bad);
     cfg.min_spread = ap_param_f64(params, len, "min_spread", 0.05, &bad);
-    cfg.min_ratio = ap_param_f64(params, len, "diagnosis.min_ratio", 3.0, &bad);
+    double diag_windows = ap_param_f64(params, len, "diagnosis.windows", 8, &bad);
+    cfg.min_conf = ap_param_f64(params, len, "diagnosis.min_confidence", 0.3, &bad);
+    cfg.margin = ap_param_f64(params, len, "diagnosis.margin", 0.1, &bad);
     if (bad) return param_error("a param is not a number");
 
     if (!(balls >= 1 && balls <= 1000) || balls != (double)(int32_t)balls)
@@ -229,7 +236,32 @@ int32_t ap_init(const char *params, int32_t len) {
     cfg.clear_windows = (int32_t)clear_windows;
     if (!(cfg.clear_ratio > 0 && cfg.clear_ratio <= 1)) return param_error("clear_ratio must be in (0, 1]");
     if (!(cfg.min_spread >= 0)) return param_error("min_spread must not be negative");
-    if (!(cfg.min_ratio > 0)) return param_error("diagnosis.min_ratio must be positive");
+    if (!(diag_windows >= 1 && diag_windows <= 64) || diag_windows != (double)(int32_t)diag_windows)
+        return param_error("diagnosis.windows must be a whole number from 1 to 64");
+    cfg.diag_windows = (int32_t)diag_windows;
+    if (!(cfg.min_conf > 0 && cfg.min_conf <= 1)) return param_error("diagnosis.min_confidence must be in (0, 1]");
+    if (!(cfg.margin >= 0 && cfg.margin < 1)) return param_error("diagnosis.margin must be in [0, 1)");
+    static const struct { const char *key, *on, *off; int32_t *dst; int32_t dflt; } choices[] = {
+        {"diagnosis.band", "kurtogram", "fixed", &cfg.diag_kurtogram, 1},
+        {"diagnosis.prewhiten", "cepstrum", "none", &cfg.diag_whiten, 0},
+        {"diagnosis.envelope", "squared", "magnitude", &cfg.diag_squared, 1},
+    };
+    for (int i = 0; i < 3; i++) {
+        *choices[i].dst = choices[i].dflt;
+        if (!has_param(params, len, choices[i].key)) continue;
+        if (param_is(params, len, choices[i].key, choices[i].on)) *choices[i].dst = 1;
+        else if (param_is(params, len, choices[i].key, choices[i].off)) *choices[i].dst = 0;
+        else {
+            char msg[96];
+            ap_text t = {msg, sizeof msg, 0};
+            ap_text_str(&t, choices[i].key);
+            ap_text_str(&t, " must be ");
+            ap_text_str(&t, choices[i].dflt ? choices[i].on : choices[i].off);
+            ap_text_str(&t, " or ");
+            ap_text_str(&t, choices[i].dflt ? choices[i].off : choices[i].on);
+            return param_error(msg);
+        }
+    }
 
     double s;
     ap_sincos(cfg.angle_deg * (AP_PI / 180), &s, &cfg.cos_a);
@@ -352,12 +384,28 @@ static double estimate_shaft(const float *X, int32_t n, double bw, double lo, do
 /* The speed the analysis uses: the median of the last track_windows estimates (this one
  * included). A shaft's speed changes slowly against a window of a fraction of a second, while a
  * single window's estimate scatters by 1-3 % (measured on the CWRU recordings: 5th to 95th
- * percentile of 1750-1846 rpm at 1796 rpm); BPFI x 3 multiplies that error. */
+ * percentile of 1750-1846 rpm at 1796 rpm); BPFI x 3 multiplies that error. A load step changes
+ * the speed at once, though (1796 to 1721 rpm from 0 to 3 hp): when the track is full and the
+ * last two estimates both lie on the same side of its median, further than 3 robust spreads of
+ * the track (1.4826 MAD, at least 0.5 %), the track restarts from those two. */
 static double track_shaft(double fr) {
+    double copy[MAX_TRACK], med = fr;
+    int32_t n = st.speeds_n;
+    if (n >= 3 && n == cfg.track_windows) {
+        for (int32_t i = 0; i < n; i++) copy[i] = st.speeds[i];
+        med = ap_median_f64(copy, n);
+        for (int32_t i = 0; i < n; i++) copy[i] = ap_fabs(st.speeds[i] - med);
+        double spread = 1.4826 * ap_median_f64(copy, n), step = 3 * spread > 0.005 * med ? 3 * spread : 0.005 * med;
+        double prev = st.speeds[(st.speeds_next + cfg.track_windows - 1) % cfg.track_windows];
+        if ((fr - med > step && prev - med > step) || (med - fr > step && med - prev > step)) {
+            st.speeds[0] = prev;
+            st.speeds_n = 1;
+            st.speeds_next = 1 % cfg.track_windows;
+        }
+    }
     st.speeds[st.speeds_next] = fr;
     st.speeds_next = (st.speeds_next + 1) % cfg.track_windows;
     if (st.speeds_n < cfg.track_windows) st.speeds_n++;
-    double copy[MAX_TRACK];
     for (int32_t i = 0; i < st.speeds_n; i++) copy[i] = st.speeds[i];
     return ap_median_f64(copy, st.speeds_n);
 }
@@ -419,13 +467,13 @@ static void spectral_stats(int32_t n, uint32_t channels, double bw, channel_resu
     }
 }
 
-/* Envelope spectra of the band [lo, hi] Hz of every channel (ap_envelope, then their FFTs): the
- * spectra in spec are replaced by the envelope spectra. */
+/* Envelope spectra of the band [lo, hi] Hz of every channel (ap_envelope, then their FFTs) into
+ * espec; spec keeps the spectra for the diagnosis. */
 static void envelope_spectra(int32_t n, uint32_t channels, double bw, double lo, double hi) {
     int32_t k0, k1;
     bin_range(lo, hi, bw, 0, n / 2, &k0, &k1);
     ap_envelope(spec, xd, n, (int32_t)channels, k0, k1);
-    ap_rfft_batch(xd, spec, n, (int32_t)channels);
+    ap_rfft_batch(xd, espec, n, (int32_t)channels);
 }
 
 /* Amplitudes A_k = 2 |E_k| / n into a[0..upto]: only the bins the floor and the harmonics
@@ -486,6 +534,281 @@ static void envelope_faults(const float *env, const float *amp, double floor, in
         }
         r->env_ratio[kd] = ratio_sum / HARMONICS;
     }
+}
+
+/* ---- diagnosis: the part's signature in the squared envelope spectrum ----------------------- */
+
+/* Once a window is anomalous, and for as long as its event story lasts, each window's diagnostic
+ * envelope spectrum (diagnosis.band: the envelope band, or the band of largest spectral kurtosis;
+ * diagnosis.prewhiten: cepstrum pre-whitening; diagnosis.envelope: squared or magnitude) joins a
+ * running mean of its power over up to diagnosis.windows windows (noise averages out, lines stay),
+ * and each part's signature is scored on that mean:
+ *
+ *   outer race  BPFO h = 1..3, its shaft-rate sidebands (+-fr) at least 6 dB below the carrier
+ *               (a defect on the stationary race is not modulated by the shaft's turn)
+ *   inner race  BPFI h = 1..3 with +-fr / +-2 fr sidebands present (the defect turns with the
+ *               shaft through the load zone)
+ *   ball        2 x BSF h = 1..3 with +-FTF sidebands present (the ball goes round with the cage)
+ *   cage        FTF h = 1..3, weak evidence on its own: half weight
+ *
+ * A line is the largest power within bw/2 + tol x f of its frequency f (tol 1 % for the races,
+ * 2 % for ball and cage, whose elements slip), over the median of the spectrum from bin 2 to
+ * 5 x BPFI (the floor): its ratio r^2. A line two parts both predict (3 x BPFO and 2 x BPFI lie
+ * 0.7 % apart) is evidence for neither and is left out. Presence of a group of lines: one minus
+ * the chance that noise alone puts its strongest line that high in that many bins, from the
+ * noise law of a K-window mean (power ~ Gamma(K, mean/K)). Confidence of a part: presence of its
+ * carriers x presence of the sidebands it needs (or the outer race's sideband test, or the
+ * cage's half weight) x the share of the spectrum's power above the floor (shaft harmonics aside:
+ * the machine's, not the bearing's) that its lines carry. A part is named when its confidence
+ * is at least diagnosis.min_confidence and beats the runner-up by diagnosis.margin. */
+
+#define DIAG_TOL_RACE 0.01
+#define DIAG_TOL_ELEMENT 0.02
+#define DIAG_LINES 64
+
+static float davg[AP_MAX_CHANNELS][AMP_ROW];   /* the running mean of the diagnostic spectra's power */
+static struct {
+    int32_t count;                      /* windows in the running mean (0: none) */
+    double speeds[64];                  /* their speed estimates (Hz), a ring of diagnosis.windows */
+    int32_t speeds_next;
+    int32_t n;
+    double fs;
+    int32_t k0[AP_MAX_CHANNELS], k1[AP_MAX_CHANNELS];   /* this window's diagnostic band */
+} dg;
+
+typedef struct {
+    double conf[N_KINDS], peak_hz[N_KINDS], peak_ratio[N_KINDS];
+} diag_channel;
+
+typedef struct {
+    int32_t kind, carrier, h;           /* carrier: 1, sideband: 0 */
+    double f, hw, mod;                  /* mod: a sideband's distance from its carrier */
+    int excluded;
+} diag_line;
+
+static void diag_reset(void) { dg.count = 0; }
+
+/* The probability that noise alone puts a K-window mean of one bin at r2 x the median or more:
+ * the Gamma(K, 1/K) tail at r2 m_K, m_K its median (ln 2 for K = 1, 1 - 1/(3K) beyond:
+ * Wilson-Hilferty), e^-x sum_{j<K} x^j/j!, x = K r2 m_K. */
+static double noise_tail(double r2, int32_t k) {
+    double mk = k == 1 ? 0.69314718055994530942 : 1 - 1.0 / (3.0 * k);
+    double x = k * r2 * mk, term = 1, sum = 0;
+    for (int32_t j = 0; j < k; j++) { sum += term; term *= x / (j + 1); }
+    return ap_exp(-x) * sum;
+}
+
+/* 1 - (bins) x the noise tail, at least 0: the strongest of a group of lines is not noise. */
+static double presence(double r2, int32_t bins, int32_t k) {
+    double p = 1 - bins * noise_tail(r2, k);
+    return p > 0 ? p : 0;
+}
+
+/* Every line the signatures test, with the ones two parts share marked excluded. */
+static int32_t diag_lines(const fault_freqs *ff, double bw, diag_line *out) {
+    int32_t n = 0;
+    for (int kd = 0; kd < N_KINDS; kd++) {
+        double tol = kd == K_OUTER || kd == K_INNER ? DIAG_TOL_RACE : DIAG_TOL_ELEMENT;
+        double mods[2];
+        int32_t nm = 0;
+        if (kd == K_OUTER) mods[nm++] = ff->fr;
+        if (kd == K_INNER) { mods[nm++] = ff->fr; mods[nm++] = 2 * ff->fr; }
+        if (kd == K_BALL) mods[nm++] = ff->ftf;
+        for (int32_t h = 1; h <= HARMONICS; h++) {
+            double f = h * ff->f[kd], hw = bw / 2 + tol * f;
+            out[n++] = (diag_line){kd, 1, h, f, hw, 0, 0};
+            for (int32_t m = 0; m < nm; m++) {
+                out[n++] = (diag_line){kd, 0, h, f - mods[m], hw, mods[m], 0};
+                out[n++] = (diag_line){kd, 0, h, f + mods[m], hw, mods[m], 0};
+            }
+        }
+    }
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t j = 0; j < n; j++)
+            if (out[j].carrier && out[j].kind != out[i].kind && ap_fabs(out[j].f - out[i].f) <= out[j].hw + out[i].hw)
+                out[i].excluded = 1;
+    return n;
+}
+
+/* The last bin the diagnosis reads: 5 x BPFI (the floor's top, past every tested line). */
+static int32_t diag_top(int32_t n, double bw, const fault_freqs *ff) {
+    int64_t top = floor_i(5 * ff->bpfi / bw);
+    return top > n / 2 - 1 ? n / 2 - 1 : top < 2 ? 2 : (int32_t)top;
+}
+
+/* The largest r2 within a line's window (bins 2..top), its bin and the window's size in bins.
+ * A sideband is measured against the larger of the floor and the spectrum half-way to its
+ * neighbours (mean of the bins at f - mod/2 and f + mod/2): a carrier broadened by slip has
+ * skirts that reach its sideband positions, and a skirt is not a sideband. */
+static int32_t line_peak(const float *p, double floor2, double bw, int32_t top, const diag_line *l, double *r2,
+                         int32_t *at) {
+    int32_t k0, k1;
+    bin_range(l->f - l->hw, l->f + l->hw, bw, 2, top, &k0, &k1);
+    *r2 = 0;
+    *at = -1;
+    for (int32_t k = k0; k <= k1; k++)
+        if (*at < 0 || p[k] > p[*at]) *at = k;
+    double ref = floor2;
+    if (!l->carrier) {
+        int64_t a = floor_i((l->f - l->mod / 2) / bw + 0.5), b = floor_i((l->f + l->mod / 2) / bw + 0.5);
+        a = a < 2 ? 2 : a > top ? top : a;
+        b = b < 2 ? 2 : b > top ? top : b;
+        double valley = 0.5 * ((double)p[a] + (double)p[b]);
+        if (valley > ref) ref = valley;
+    }
+    if (*at >= 0 && ref > 0) *r2 = p[*at] / ref;
+    return k1 >= k0 ? k1 - k0 + 1 : 0;
+}
+
+/* One channel's confidences from its running mean p (power per bin, bins 0..top). */
+static void diag_channel_eval(const float *p, double floor2, int32_t top, double bw, const fault_freqs *ff,
+                              const diag_line *lines, int32_t nlines, int32_t k, diag_channel *out) {
+    /* The power above the floor, bins 2..top, shaft harmonics aside. */
+    double total = 0;
+    for (int32_t b = 2; b <= top; b++) {
+        double f = b * bw;
+        int64_t h = floor_i(f / ff->fr + 0.5);
+        if (h >= 1 && ap_fabs(f - (double)h * ff->fr) <= bw / 2 + DIAG_TOL_RACE * (double)h * ff->fr) continue;
+        double r2 = floor2 > 0 ? p[b] / floor2 : 0;
+        if (r2 > 1) total += r2 - 1;
+    }
+    for (int kd = 0; kd < N_KINDS; kd++) {
+        double c_max = 0, s_max = 0, sum = 0, best_c = -1;
+        int32_t c_bins = 0, s_bins = 0, best_h = 0, at_best = -1;
+        double sb_amp[HARMONICS + 1] = {0}, c_amp[HARMONICS + 1] = {0};
+        int32_t sb_cnt[HARMONICS + 1] = {0};
+        for (int32_t i = 0; i < nlines; i++) {
+            const diag_line *l = &lines[i];
+            if (l->kind != kd || l->excluded) continue;
+            double r2;
+            int32_t at, w = line_peak(p, floor2, bw, top, l, &r2, &at);
+            if (!w) continue;
+            double excess = (r2 > 1 ? r2 - 1 : 0) * presence(r2, w, k);
+            if (l->carrier) {
+                c_bins += w;
+                if (r2 > c_max) c_max = r2;
+                sum += excess;
+                c_amp[l->h] = ap_sqrt(r2);
+                if (r2 > best_c) { best_c = r2; best_h = l->h; at_best = at; }
+            } else {
+                s_bins += w;
+                if (r2 > s_max) s_max = r2;
+                if (kd == K_INNER || kd == K_BALL) sum += excess;
+                sb_amp[l->h] += ap_sqrt(r2);
+                sb_cnt[l->h]++;
+            }
+        }
+        double factor = 1;
+        if (kd == K_INNER || kd == K_BALL) factor = s_bins ? presence(s_max, s_bins, k) : 0;
+        else if (kd == K_OUTER && best_h && sb_cnt[best_h] && c_amp[best_h] > 0) {
+            double sbr = sb_amp[best_h] / sb_cnt[best_h] / c_amp[best_h];
+            factor = sbr <= 0.5 ? 1 : sbr >= 1 ? 0 : 2 * (1 - sbr);
+        } else if (kd == K_CAGE) factor = 0.5;
+        double conf = c_bins && total > 0 ? presence(c_max, c_bins, k) * factor * sum / total : 0;
+        out->conf[kd] = conf > 1 ? 1 : conf;
+        out->peak_hz[kd] = at_best >= 0 ? at_best * bw : 0;
+        out->peak_ratio[kd] = best_c > 0 ? ap_sqrt(best_c) : 0;
+    }
+}
+
+/* The kurtogram's band per channel: the 1/3-binary tree of Antoni's fast kurtogram (1, 2, 3,
+ * 4, 6, 8, 12, ... equal bands over [0, fs/2)), bands at least 4 x BPFI wide (room for BPFI's
+ * first harmonic and its sidebands twice over), below fs/2.56 (the usable band of an
+ * acquisition whose anti-alias filter starts there) and within 10 dB of the usable band's mean
+ * power (SK ignores level: without that, a quiet band near the top that electrical spikes
+ * excite wins - it did on the CWRU 48 kHz recordings, 10-18 kHz at 40 dB below the bearing's
+ * resonance); the largest SK wins (ties: the wider, earlier band). Without such a band, the
+ * envelope band. */
+#define KURT_MIN_POWER 0.1
+static void kurtogram_bands(int32_t n, uint32_t channels, double bw, double fs, const fault_freqs *ff,
+                            int32_t k0_fixed, int32_t k1_fixed) {
+    static ap_band bands[AP_BANDS_MAX];
+    static double sk[AP_MAX_CHANNELS * AP_BANDS_MAX];
+    int32_t nb = 0, half = n / 2;
+    for (int32_t level = 0; level < 24 && nb < AP_BANDS_MAX - 1; level++) {
+        int32_t count = level == 0 ? 1 : (level & 1) ? 1 << ((level + 1) / 2) : 3 << (level / 2 - 1);
+        if (count > half || (double)half / count * bw < 4 * ff->bpfi) break;
+        for (int32_t i = 0; i < count && nb < AP_BANDS_MAX - 1; i++) {
+            int32_t k0 = (int32_t)((int64_t)i * half / count), k1 = (int32_t)((int64_t)(i + 1) * half / count) - 1;
+            if (k0 < 1) k0 = 1;
+            if (k1 > half - 1 || (k1 + 1) * bw > fs / 2.56 || k1 < k0) continue;
+            bands[nb++] = (ap_band){k0, k1, 0};
+        }
+    }
+    for (uint32_t c = 0; c < channels; c++) { dg.k0[c] = k0_fixed; dg.k1[c] = k1_fixed; }
+    int64_t ku = floor_i(fs / 2.56 / bw) - 1;                   /* usable: (k + 1) bw <= fs/2.56 */
+    if (!nb || ku < 1 || nb >= AP_BANDS_MAX) return;
+    static ap_band pb[AP_BANDS_MAX];
+    static double power[AP_MAX_CHANNELS * AP_BANDS_MAX];
+    for (int32_t b = 0; b < nb; b++) pb[b] = bands[b];
+    pb[nb] = (ap_band){1, ku > half - 1 ? half - 1 : (int32_t)ku, 0};
+    ap_band_power(spec, n, (int32_t)channels, pb, nb + 1, power);
+    ap_band_kurtosis(spec, n, (int32_t)channels, bands, nb, cfg.diag_whiten ? AP_ENV_WHITEN : 0, sk);
+    for (uint32_t c = 0; c < channels; c++) {
+        const double *pw = power + c * (nb + 1);
+        double ref = pw[nb] / (pb[nb].k1 - pb[nb].k0 + 1);
+        int32_t best = -1;
+        for (int32_t b = 0; b < nb; b++) {
+            if (pw[b] / (bands[b].k1 - bands[b].k0 + 1) < KURT_MIN_POWER * ref) continue;
+            if (best < 0 || sk[c * nb + b] > sk[c * nb + best]) best = b;
+        }
+        if (best < 0) continue;
+        dg.k0[c] = bands[best].k0;
+        dg.k1[c] = bands[best].k1;
+    }
+}
+
+/* This window's diagnostic spectra into the running mean, and each channel's confidences. The
+ * fault frequencies are those of the median speed estimate of the windows averaged (fr_window:
+ * this window's), not the longer track's: lines and speed come from the same stretch of time,
+ * so a load step just before a fault does not put the expected lines where the last minute's
+ * speed had them. */
+static void diag_update(int32_t n, uint32_t channels, double bw, double fs, double env_lo, double env_hi,
+                        double fr_window, fault_freqs *ff, diag_channel *out) {
+    int32_t k0, k1;
+    bin_range(env_lo, env_hi, bw, 0, n / 2, &k0, &k1);
+    if (cfg.diag_kurtogram) kurtogram_bands(n, channels, bw, fs, ff, k0, k1);
+    else for (uint32_t c = 0; c < channels; c++) { dg.k0[c] = k0; dg.k1[c] = k1; }
+    int32_t flags = (cfg.diag_squared ? AP_ENV_SQUARED : 0) | (cfg.diag_whiten ? AP_ENV_WHITEN : 0);
+    int same = 1;
+    for (uint32_t c = 1; c < channels; c++) same &= dg.k0[c] == dg.k0[0] && dg.k1[c] == dg.k1[0];
+    if (same) ap_envelope_ex(spec, xd, n, (int32_t)channels, dg.k0[0], dg.k1[0], flags);
+    else
+        for (uint32_t c = 0; c < channels; c++)
+            ap_envelope_ex(spec + (size_t)c * (n + 2), xd + (size_t)c * n, n, 1, dg.k0[c], dg.k1[c], flags);
+    ap_rfft_batch(xd, espec, n, (int32_t)channels);
+
+    if (dg.n != n || dg.fs != fs) { dg.count = 0; dg.n = n; dg.fs = fs; }
+    if (dg.count == 0) dg.speeds_next = 0;
+    if (dg.count < cfg.diag_windows) dg.count++;
+    dg.speeds[dg.speeds_next] = fr_window;
+    dg.speeds_next = (dg.speeds_next + 1) % cfg.diag_windows;
+    if (!cfg.fixed_rpm) {
+        double copy[64];
+        for (int32_t i = 0; i < dg.count; i++) copy[i] = dg.speeds[i];
+        fault_frequencies(ap_median_f64(copy, dg.count), ff);
+    }
+    int32_t top = diag_top(n, bw, ff);
+    /* The mean covers the bins any speed of the configured range reads (its top at the highest). */
+    fault_freqs fmax;
+    fault_frequencies(cfg.fixed_rpm ? cfg.rpm / 60 : cfg.rpm_max / 60, &fmax);
+    int32_t mtop = diag_top(n, bw, &fmax);
+    if (mtop < top) mtop = top;
+    float a = 1.0f / (float)dg.count, scale = 4.0f / ((float)n * (float)n);   /* (2 |E_k| / n)^2 */
+    for (uint32_t c = 0; c < channels; c++) {
+        const float *e = espec + (size_t)c * (n + 2);
+        float *m = davg[c];
+        for (int32_t k = 0; k <= mtop; k++) {
+            float pk = scale * (e[2 * k] * e[2 * k] + e[2 * k + 1] * e[2 * k + 1]);
+            m[k] = dg.count == 1 ? pk : m[k] + a * (pk - m[k]);
+        }
+    }
+    double floors[AP_MAX_CHANNELS];
+    ap_median_rows(&davg[0][2], top - 1, (int32_t)channels, AMP_ROW, floors, scratch);
+    diag_line lines[DIAG_LINES];
+    int32_t nlines = diag_lines(ff, bw, lines);
+    for (uint32_t c = 0; c < channels; c++)
+        diag_channel_eval(davg[c], floors[c], top, bw, ff, lines, nlines, dg.count, &out[c]);
 }
 
 /* ---- baseline and score ---------------------------------------------------------------------- */
@@ -552,8 +875,11 @@ static int32_t severity_for(double score) {
  * names are built once per shape. */
 static const char *const head_names[] = {"shaft_hz", "bpfo_hz", "bpfi_hz", "bsf_hz", "ftf_hz"};
 static const char *const learning_names[] = {"iso_zone", "baseline.progress"};
-static const char *const scoring_names[] = {"iso_zone", "score", "diagnosis", "diagnosis.ratio",
-                                            "diagnosis.peak_hz"};
+static const char *const scoring_names[] = {
+    "iso_zone", "score", "diagnosis", "diagnosis.confidence", "diagnosis.peak_hz", "diagnosis.method",
+    "diagnosis.windows", "diagnosis.band_lo_hz", "diagnosis.band_hi_hz", "conf.outer", "conf.inner", "conf.ball",
+    "conf.cage"};
+#define N_SCORING 13
 
 /* Per-channel feature names, in report order; "ch<c>." is prefixed once, in ap_init. */
 #define N_CH_FEATURES 23
@@ -577,7 +903,7 @@ static void make_names(void) {
         }
 }
 
-#define BATCH_MAX (5 + AP_MAX_CHANNELS * N_CH_FEATURES + 5)
+#define BATCH_MAX (5 + AP_MAX_CHANNELS * N_CH_FEATURES + N_SCORING)
 static char batch_names[BATCH_MAX * 24];
 static int32_t batch_names_len, batch_count, batch_key = -1;
 static double batch_values[BATCH_MAX];
@@ -596,7 +922,7 @@ static void batch_prepare(uint32_t channels, int learning) {
     for (int i = 0; i < 5; i++) batch_add_name(head_names[i], ap_strlen(head_names[i]));
     for (uint32_t c = 0; c < channels; c++)
         for (int i = 0; i < N_CH_FEATURES; i++) batch_add_name(ch_names[c][i], ch_name_len[c][i]);
-    int32_t tail = learning ? 2 : 5;
+    int32_t tail = learning ? 2 : N_SCORING;
     for (int32_t i = 0; i < tail; i++) {
         const char *name = learning ? learning_names[i] : scoring_names[i];
         batch_add_name(name, ap_strlen(name));
@@ -641,17 +967,16 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     }
     ap_rfft_batch(xd, spec, n, (int32_t)channels);
     fault_freqs ff;         /* the shaft speed comes from channel 0 (ap_window_open ensures one) */
-    fault_frequencies(cfg.fixed_rpm ? cfg.rpm / 60
-                                    : track_shaft(estimate_shaft(spec, n, bw, cfg.rpm_min / 60, cfg.rpm_max / 60)),
-                      &ff);
+    double fr_window = cfg.fixed_rpm ? cfg.rpm / 60 : estimate_shaft(spec, n, bw, cfg.rpm_min / 60, cfg.rpm_max / 60);
+    fault_frequencies(cfg.fixed_rpm ? fr_window : track_shaft(fr_window), &ff);
     spectral_stats(n, channels, bw, res);
     envelope_spectra(n, channels, bw, env_lo, env_hi);
     int32_t upto = amp_bins(n, bw, &ff);
-    for (uint32_t c = 0; c < channels; c++) envelope_amplitudes(spec + (size_t)c * (n + 2), n, upto, amp[c]);
+    for (uint32_t c = 0; c < channels; c++) envelope_amplitudes(espec + (size_t)c * (n + 2), n, upto, amp[c]);
     double floors[AP_MAX_CHANNELS];
     envelope_floors(n, channels, bw, &ff, floors);
     for (uint32_t c = 0; c < channels; c++)
-        envelope_faults(spec + (size_t)c * (n + 2), amp[c], floors[c], n, bw, &ff, &res[c]);
+        envelope_faults(espec + (size_t)c * (n + 2), amp[c], floors[c], n, bw, &ff, &res[c]);
 
     double *fv = batch_values;
     fv[0] = ff.fr; fv[1] = ff.bpfo; fv[2] = ff.bpfi; fv[3] = ff.bsf; fv[4] = ff.ftf;
@@ -697,32 +1022,50 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     double score = ap_sqrt(sum / nfeat);
     tail[1] = score;
 
-    /* Diagnosis: the kind whose mean ratio over channels is largest (ties: earlier kind),
-     * its evidence from the channel where it stands out most. */
-    int best = 0;
-    double best_mean = -1;
-    for (int k = 0; k < N_KINDS; k++) {
-        double s = 0;
-        for (uint32_t c = 0; c < channels; c++) s += res[c].env_ratio[k];
-        s /= channels;
-        if (s > best_mean) { best_mean = s; best = k; }
-    }
-    uint32_t best_c = 0;
-    for (uint32_t c = 1; c < channels; c++)
-        if (res[c].env_ratio[best] > res[best_c].env_ratio[best]) best_c = c;
-    int named = best_mean >= cfg.min_ratio;
-    tail[2] = named ? best + 1 : 0;
-    tail[3] = best_mean;
-    tail[4] = res[best_c].peak_hz[best];
-    batch_prepare(channels, 0);
-    ap_features(batch_names, batch_names_len, batch_values, batch_count);
-
     int32_t sev = severity_for(score);
     int what = ap_story_update(&st.story, score, cfg.threshold, sev, cfg.confirm, cfg.clear_ratio, cfg.clear_windows);
 
+    /* Diagnosis while the window is anomalous or its story open (see "diagnosis" above). */
+    diag_channel dc[AP_MAX_CHANNELS];
+    fault_freqs dff = ff;                       /* the diagnosis's own (see diag_update) */
+    double conf[N_KINDS] = {0};
+    int best = 0, runner = 1, named = 0, show = 0;
+    uint32_t best_c = 0, show_c = 0;
+    if (score >= cfg.threshold || st.story.active >= 0) {
+        diag_update(n, channels, bw, fs, env_lo, env_hi, fr_window, &dff, dc);
+        for (int k = 0; k < N_KINDS; k++)
+            for (uint32_t c = 0; c < channels; c++) if (dc[c].conf[k] > conf[k]) conf[k] = dc[c].conf[k];
+        for (int k = 1; k < N_KINDS; k++) if (conf[k] > conf[best]) best = k;
+        runner = best == 0 ? 1 : 0;
+        for (int k = 0; k < N_KINDS; k++) if (k != best && conf[k] > conf[runner]) runner = k;
+        for (uint32_t c = 1; c < channels; c++) if (dc[c].conf[best] > dc[best_c].conf[best]) best_c = c;
+        named = conf[best] >= cfg.min_conf && conf[best] - conf[runner] >= cfg.margin;
+        /* The line the event shows: the named part's, else the most prominent fault line. */
+        show = best;
+        show_c = best_c;
+        if (!named)
+            for (uint32_t c = 0; c < channels; c++)
+                for (int k = 0; k < N_KINDS; k++)
+                    if (dc[c].peak_ratio[k] > dc[show_c].peak_ratio[show]) { show = k; show_c = c; }
+    } else {
+        diag_reset();
+    }
+    int diagnosing = dg.count > 0;
+    tail[2] = named ? best + 1 : 0;
+    tail[3] = conf[best];
+    tail[4] = diagnosing ? dc[show_c].peak_hz[show] : 0;
+    tail[5] = named ? 1 : 0;                    /* 1: the envelope signature named it */
+    tail[6] = dg.count;
+    tail[7] = diagnosing ? dg.k0[show_c] * bw : 0;
+    tail[8] = diagnosing ? (dg.k1[show_c] + 1) * bw : 0;
+    for (int k = 0; k < N_KINDS; k++) tail[9 + k] = conf[k];
+    batch_prepare(channels, 0);
+    ap_features(batch_names, batch_names_len, batch_values, batch_count);
+    if (what == AP_STORY_CLEAR) diag_reset();
+
     static const char zones[] = "ABCD";
     char zone_txt[2] = {zones[zone], 0};
-    char msg[320];
+    char msg[480];
     ap_text t = {msg, sizeof msg, 0};
     if (what == AP_STORY_RAISE || what == AP_STORY_ESCALATE) {
         ap_text_str(&t, what == AP_STORY_RAISE ? "bearing anomaly (score " : "bearing anomaly escalated (score ");
@@ -732,29 +1075,40 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
         ap_text_str(&t, ", velocity ");
         ap_text_num(&t, vmax, 2);
         ap_text_str(&t, " mm/s): ");
-        const channel_result *r = &res[best_c];
+        const diag_channel *d = &dc[show_c];
         if (named) {
             ap_text_str(&t, kind_words[best]);
-            ap_text_str(&t, ", envelope peak ");
+            ap_text_str(&t, " (confidence ");
+            ap_text_num(&t, conf[best], 2);
+            ap_text_str(&t, ", envelope signature over ");
+            ap_text_int(&t, dg.count);
+            ap_text_str(&t, dg.count == 1 ? " window): " : " windows): ");
         } else {
-            ap_text_str(&t, "unspecified (no fault frequency stands out; strongest ");
-            ap_text_str(&t, kind_words[best]);
-            ap_text_str(&t, ": ");
+            ap_text_str(&t, "unspecified (no part's signature is clear enough; most prominent fault line: ");
         }
-        ap_text_num(&t, r->peak_hz[best], 1);
-        ap_text_str(&t, " Hz (");
-        ap_text_str(&t, kind_freq[best]);
+        ap_text_str(&t, kind_freq[show]);
         ap_text_str(&t, " ");
-        ap_text_num(&t, ff.f[best], 1);
-        ap_text_str(&t, " Hz) ");
-        ap_text_num(&t, r->env_amp[best], 4);
-        ap_text_str(&t, " g on ch");
-        ap_text_int(&t, best_c);
-        ap_text_str(&t, ", ");
-        ap_text_num(&t, r->peak_ratio[best], 1);
-        ap_text_str(&t, "x noise floor, ");
-        ap_text_num(&t, best_mean, 1);
-        ap_text_str(&t, "x over 3 harmonics");
+        ap_text_num(&t, dff.f[show], 1);
+        ap_text_str(&t, " Hz, line at ");
+        ap_text_num(&t, d->peak_hz[show], 1);
+        ap_text_str(&t, " Hz ");
+        ap_text_num(&t, d->peak_ratio[show], 1);
+        ap_text_str(&t, "x the floor on ch");
+        ap_text_int(&t, show_c);
+        ap_text_str(&t, named ? "; other candidates: " : "; candidates: ");
+        /* the other candidates, highest confidence first (stable: ties keep the kind order) */
+        int order[N_KINDS], no = 0;
+        for (int j = 0; j < N_KINDS; j++) if (!(named && j == best)) order[no++] = j;
+        for (int i = 1; i < no; i++)
+            for (int j = i; j > 0 && conf[order[j]] > conf[order[j - 1]]; j--) {
+                int tmp = order[j]; order[j] = order[j - 1]; order[j - 1] = tmp;
+            }
+        for (int i = 0; i < no; i++) {
+            if (i) ap_text_str(&t, ", ");
+            ap_text_str(&t, kind_words[order[i]]);
+            ap_text_str(&t, " ");
+            ap_text_num(&t, conf[order[i]], 2);
+        }
         if (!named) ap_text_str(&t, ")");
         ap_event(sev, score, msg);
     } else if (what == AP_STORY_CLEAR) {
