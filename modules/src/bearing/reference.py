@@ -250,10 +250,10 @@ def diag_lines(ff: dict, bw: float) -> list[dict]:
         for h in range(1, HARMONICS + 1):
             f = h * ff[kind]
             hw = bw / 2 + tol * f
-            lines.append({"kind": kind, "carrier": True, "h": h, "f": f, "hw": hw, "mod": 0.0})
-            for m in mods:
-                lines += [{"kind": kind, "carrier": False, "h": h, "f": f - m, "hw": hw, "mod": m},
-                          {"kind": kind, "carrier": False, "h": h, "f": f + m, "hw": hw, "mod": m}]
+            lines.append({"kind": kind, "carrier": True, "h": h, "f": f, "hw": hw, "spacing": 0.0})
+            for m in mods:   # the comb's spacing is its first modulation (fr, or FTF)
+                lines += [{"kind": kind, "carrier": False, "h": h, "f": f - m, "hw": hw, "spacing": mods[0]},
+                          {"kind": kind, "carrier": False, "h": h, "f": f + m, "hw": hw, "spacing": mods[0]}]
     for ln in lines:
         ln["excluded"] = any(c["carrier"] and c["kind"] != ln["kind"] and abs(c["f"] - ln["f"]) <= c["hw"] + ln["hw"]
                              for c in lines)
@@ -348,8 +348,8 @@ def channel_confidences(p: np.ndarray, top: int, bw: float, ff: dict, lines: lis
             at = int(ks[np.argmax(p[ks])])
             ref2 = floor2
             if not ln["carrier"]:   # a sideband against the floor or the spectrum half-way to its neighbours
-                a = min(max(math.floor((ln["f"] - ln["mod"] / 2) / bw + 0.5), 2), top)
-                b = min(max(math.floor((ln["f"] + ln["mod"] / 2) / bw + 0.5), 2), top)
+                a = min(max(math.floor((ln["f"] - ln["spacing"] / 2) / bw + 0.5), 2), top)
+                b = min(max(math.floor((ln["f"] + ln["spacing"] / 2) / bw + 0.5), 2), top)
                 ref2 = max(ref2, 0.5 * (float(p[a]) + float(p[b])))
             rr = float(p[at] / ref2) if ref2 > 0 else 0.0
             w = int(ks.size)
