@@ -198,14 +198,15 @@ def assert_matches_reference(got: dict, x: np.ndarray, fs: float, params: dict, 
         if name in ("score", "baseline.progress"):
             continue
         w = want[name]
-        if name in ("iso_zone", "diagnosis", "diagnosis.method", "diagnosis.windows"):
+        if name in ("iso_zone", "diagnosis", "diagnosis.method", "diagnosis.windows", "diagnosis.channel"):
             assert value == w, (name, value, w)
             continue
         if name.startswith("conf.") or name == "diagnosis.confidence":   # in [0, 1], may be 0
             assert abs(value - w) <= 1e-4, (name, value, w)
             continue
         err = abs(value - w) / max(abs(w), 1e-12)
-        fixed_speed = "shaft.rpm" in params and name in ("shaft_hz", "bpfo_hz", "bpfi_hz", "bsf_hz", "ftf_hz")
+        fixed_speed = "shaft.rpm" in params and name in ("shaft_hz", "bpfo_hz", "bpfi_hz", "bsf_hz", "ftf_hz",
+                                                         "diagnosis.shaft_hz")
         if name.split(".", 1)[-1] in TIME_DOMAIN or fixed_speed:
             assert err <= 1e-9 or abs(value - w) < 1e-12, (name, value, w)
         else:

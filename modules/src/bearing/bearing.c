@@ -934,8 +934,8 @@ static const char *const learning_names[] = {"iso_zone", "baseline.progress"};
 static const char *const scoring_names[] = {
     "iso_zone", "score", "diagnosis", "diagnosis.confidence", "diagnosis.peak_hz", "diagnosis.method",
     "diagnosis.windows", "diagnosis.band_lo_hz", "diagnosis.band_hi_hz", "conf.outer", "conf.inner", "conf.ball",
-    "conf.cage"};
-#define N_SCORING 13
+    "conf.cage", "diagnosis.channel", "diagnosis.shaft_hz"};
+#define N_SCORING 15
 static const char *const cnn_feature_names[] = {"cnn.normal", "cnn.inner", "cnn.outer", "cnn.ball", "cnn.slices"};
 #define N_CNN 5
 
@@ -1133,6 +1133,8 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     tail[7] = diagnosing ? dg.k0[show_c] * bw : 0;
     tail[8] = diagnosing ? (dg.k1[show_c] + 1) * bw : 0;
     for (int k = 0; k < N_KINDS; k++) tail[9 + k] = conf[k];
+    tail[13] = diagnosing ? show_c : 0;
+    tail[14] = diagnosing ? dff.fr : 0;          /* the speed the diagnosis's fault frequencies are of */
     if (cfg.cnn) {
         for (int k = 0; k < CNN_CLASSES; k++) tail[N_SCORING + k] = cnnp[k];
         tail[N_SCORING + CNN_CLASSES] = slices;

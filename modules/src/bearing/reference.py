@@ -214,6 +214,7 @@ def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, 
         state.diag_reset()
         out.update({"diagnosis": 0, "diagnosis.confidence": 0.0, "diagnosis.peak_hz": 0.0, "diagnosis.method": 0,
                     "diagnosis.windows": 0, "diagnosis.band_lo_hz": 0.0, "diagnosis.band_hi_hz": 0.0,
+                    "diagnosis.channel": 0, "diagnosis.shaft_hz": 0.0,
                     **{f"conf.{k}": 0.0 for k in KINDS}})
     out["_peaks"] = peaks
     return out
@@ -439,6 +440,7 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
             "diagnosis.peak_hz": per[show_c][show][1], "diagnosis.method": 1 if named else 0,
             "diagnosis.windows": cnt, "diagnosis.band_lo_hz": bands[show_c][0] * bw,
             "diagnosis.band_hi_hz": (bands[show_c][1] + 1) * bw, **{f"conf.{kd}": conf[kd] for kd in KINDS},
+            "diagnosis.channel": show_c, "diagnosis.shaft_hz": fr,
             "_diag": {"ff": ff, "per_channel": per, "named": best if named else None, "channel": show_c,
                       "shown": show}}
 
