@@ -127,3 +127,39 @@ def test_negative_speed_is_refused(tmp_path, bearing_wasm):
     with pytest.raises(ModuleFault) as info:
         WorkerProcess("bearing", bearing_wasm.read_bytes(), 4096, load_message("bearing.wasm", text))
     assert info.value.kind == "params" and "rpm" in info.value.reason
+
+
+def test_evaluation_exits_nonzero_on_a_wrong_part(bearing_wasm, capsys):
+    """The same evaluation with a naming rule that names whatever is strongest (confidence 0.01, no
+    margin): parts get named on the ball recordings that are not the ball, and the tool says so
+    with its exit status."""
+    from appliance_tools.evaluation import bearing as evaluation
+    data = shared_file("bearing", "cwru", "normal_0hp_48k.mat").parent
+    rc = evaluation.main(["--data", str(data), "--wasm", str(bearing_wasm), "--param", "diagnosis.min_confidence=0.01",
+                          "--param", "diagnosis.margin=0", "--param", "diagnosis.second_opinion=none"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "WRONG PART" in out and "named wrong 0" not in out, out
+
+
+def test_evaluation_of_an_ims_style_run(bearing_wasm, tmp_path, capsys):
+    """An IMS-style folder: tab-separated snapshots named by time, 20 kHz, the bearing in column 1;
+    healthy snapshots, then an outer-race fault. The first snapshots teach the baseline; the run is
+    flagged at the first faulty snapshot and the part named."""
+    from appliance_tools.evaluation import bearing as evaluation
+    from test_bearing_diagnosis import fault_signal
+    fs, seconds = 20000.0, 0.5
+    run = tmp_path / "1st_test"
+    run.mkdir()
+    for i in range(12):
+        kind = "healthy" if i < 8 else "outer"
+        bearing = fault_signal(kind, fs, seconds, seed=10 + i)
+        other = 0.05 * np.random.default_rng(i).standard_normal(len(bearing))
+        np.savetxt(run / f"2004.02.12.{10 + i:02d}.00.00", np.stack([other, bearing], axis=1), fmt="%.4f",
+                   delimiter="\t")
+    rc = evaluation.main(["--format", "ims", "--data", str(run), "--channels", "1", "--baseline-snapshots", "4",
+                          "--expect", "outer race", "--wasm", str(bearing_wasm),
+                          "--param", "shaft.rpm_max=1900", "--param", "diagnosis.second_opinion=none"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "first flagged at snapshot 2004.02.12.18.00.00" in out, out
+    assert "outer race   signature" in out, out
