@@ -47,7 +47,8 @@ def test_an_inner_race_event_carries_its_envelope_spectrum(wasm):
     assert (img == (0, 0, 220)).all(axis=2).sum() > 20      # the named line is circled in red
     # What the picture plots: the squared envelope spectrum of the module's band, whose strongest
     # line below 1 kHz is BPFI at the diagnosis's speed.
-    freqs, amp = evidence.envelope_spectrum(w[0], FS, features["diagnosis.band_lo_hz"], features["diagnosis.band_hi_hz"])
+    freqs, amp = evidence.envelope_spectrum(w[0], FS, features["diagnosis.band_lo_hz"], features["diagnosis.band_hi_hz"],
+                                            bool(features["diagnosis.squared"]))
     bpfi = features["bpfi_hz"] * features["diagnosis.shaft_hz"] / features["shaft_hz"]
     sel = (freqs > 20) & (freqs < 1000)
     assert abs(freqs[sel][np.argmax(amp[sel])] - bpfi) < 2 * (freqs[1] - freqs[0])

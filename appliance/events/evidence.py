@@ -64,28 +64,38 @@ def attachments(data: np.ndarray, image: tuple[int, int] | None, features: dict[
     return out
 
 
-def envelope_spectrum(x: np.ndarray, fs: float, lo_hz: float, hi_hz: float) -> tuple[np.ndarray, np.ndarray]:
-    """The squared envelope spectrum of the band [lo, hi) Hz of x, as the bearing module computes
-    its diagnostic one (the analytic signal of the band, |z|^2, mean removed): (Hz, amplitude)."""
+def envelope_spectrum(x: np.ndarray, fs: float, lo_hz: float, hi_hz: float, squared: bool = False,
+                      whitened: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The envelope spectrum of the band [lo, hi) Hz of x as the bearing module computes its
+    diagnostic one (the analytic signal of the band, whitened or not; |z| or |z|^2, mean removed):
+    (Hz, amplitude)."""
     n = len(x)
     X = np.fft.rfft(np.asarray(x, np.float64) - np.mean(x))
     bw = fs / n
     k0, k1 = max(1, int(round(lo_hz / bw))), min(n // 2 - 1, int(round(hi_hz / bw)) - 1)
+    band = X[k0:k1 + 1]
+    if whitened:
+        mag = np.abs(band)
+        band = np.where(mag > 0, band / np.where(mag > 0, mag, 1), 0)
     z = np.zeros(n, np.complex128)
-    z[k0:k1 + 1] = 2 * X[k0:k1 + 1]
-    e = np.abs(np.fft.ifft(z)) ** 2
+    z[k0:k1 + 1] = 2 * band
+    e = np.abs(np.fft.ifft(z))
+    if squared:
+        e = e * e
     E = np.abs(np.fft.rfft(e - e.mean())) * 2 / n
     return np.arange(len(E)) * bw, E
 
 
 def envelope_png(data: np.ndarray, fs: float, features: dict[str, float]) -> bytes:
-    """envelope.png: the triggering window's squared envelope spectrum in the band the module
-    chose, with the fault-frequency families at the diagnosis's speed and the named line."""
+    """envelope.png: the triggering window's envelope spectrum as the module made its diagnostic
+    one (band, squared or not, whitened or not), with the fault-frequency families at the
+    diagnosis's speed and the named line."""
     from hal.drivers.vibration.spectrum_png import EnvelopePlot, Marker, render_png   # OpenCV stays in hal/
     ch = int(features.get("diagnosis.channel", 0))
     ch = ch if 0 <= ch < data.shape[0] else 0
     lo, hi = features["diagnosis.band_lo_hz"], features["diagnosis.band_hi_hz"]
-    freqs, amp = envelope_spectrum(data[ch], fs, lo, hi)
+    squared, whitened = bool(features.get("diagnosis.squared", 0)), bool(features.get("diagnosis.whitened", 0))
+    freqs, amp = envelope_spectrum(data[ch], fs, lo, hi, squared, whitened)
     fr = features["diagnosis.shaft_hz"]
     scale = fr / features["shaft_hz"]                     # the module's frequencies at the diagnosis's speed
     f = {"BPFO": features["bpfo_hz"] * scale, "BPFI": features["bpfi_hz"] * scale,
@@ -112,7 +122,8 @@ def envelope_png(data: np.ndarray, fs: float, features: dict[str, float]) -> byt
     part = PART_WORDS.get(code, "unspecified")
     method = METHOD_WORDS.get(int(features.get("diagnosis.method", 0)), "")
     conf = features.get("diagnosis.confidence", 0.0)
-    title = f"bearing envelope spectrum, ch{ch}: {part}" + (f" ({method}, {conf:.2f})" if code else "")
+    kind = ("squared envelope" if squared else "envelope") + (" (cepstrum pre-whitened)" if whitened else "")
+    title = f"bearing {kind} spectrum, ch{ch}: {part}" + (f" ({method}, {conf:.2f})" if code else "")
     confs = ", ".join(f"{k} {features[f'conf.{k}']:.2f}" for k in ("outer", "inner", "ball", "cage")
                       if f"conf.{k}" in features)
     windows = int(features.get("diagnosis.windows", 1))

@@ -28,7 +28,7 @@
  *   baseline.windows (default 50, 2..1024), threshold (default 4), confirm (2), clear_ratio (0.7),
  *   clear_windows (5), min_spread (0.05), host.dsp (set by the host)
  *   diagnosis.band (kurtogram|fixed), diagnosis.prewhiten (none|cepstrum), diagnosis.envelope
- *   (squared|magnitude), diagnosis.windows (8), diagnosis.min_confidence (0.3), diagnosis.margin (0.1)
+ *   (magnitude|squared), diagnosis.windows (8), diagnosis.min_confidence (0.3), diagnosis.margin (0.1)
  *
  * Score: the RMS of robust z-scores over the baseline vector (see baseline_vector()),
  * score = sqrt(sum z_i^2 / F), z_i = (v_i - median_i) / spread_i, spread_i = 1.4826 MAD_i floored
@@ -251,7 +251,7 @@ int32_t ap_init(const char *params, int32_t len) {
     static const struct { const char *key, *on, *off; int32_t *dst; int32_t dflt; } choices[] = {
         {"diagnosis.band", "kurtogram", "fixed", &cfg.diag_kurtogram, 1},
         {"diagnosis.prewhiten", "cepstrum", "none", &cfg.diag_whiten, 0},
-        {"diagnosis.envelope", "squared", "magnitude", &cfg.diag_squared, 1},
+        {"diagnosis.envelope", "squared", "magnitude", &cfg.diag_squared, 0},
         {"diagnosis.second_opinion", "bearing_cnn", "none", &cfg.cnn, 0},
     };
     for (int i = 0; i < 4; i++) {
@@ -550,7 +550,7 @@ static void envelope_faults(const float *env, const float *amp, double floor, in
 
 /* Once a window is anomalous, and for as long as its event story lasts, each window's diagnostic
  * envelope spectrum (diagnosis.band: the envelope band, or the band of largest spectral kurtosis;
- * diagnosis.prewhiten: cepstrum pre-whitening; diagnosis.envelope: squared or magnitude) joins a
+ * diagnosis.prewhiten: cepstrum pre-whitening; diagnosis.envelope: magnitude or squared) joins a
  * running mean of its power over up to diagnosis.windows windows (noise averages out, lines stay),
  * and each part's signature is scored on that mean:
  *
@@ -934,8 +934,8 @@ static const char *const learning_names[] = {"iso_zone", "baseline.progress"};
 static const char *const scoring_names[] = {
     "iso_zone", "score", "diagnosis", "diagnosis.confidence", "diagnosis.peak_hz", "diagnosis.method",
     "diagnosis.windows", "diagnosis.band_lo_hz", "diagnosis.band_hi_hz", "conf.outer", "conf.inner", "conf.ball",
-    "conf.cage", "diagnosis.channel", "diagnosis.shaft_hz"};
-#define N_SCORING 15
+    "conf.cage", "diagnosis.channel", "diagnosis.shaft_hz", "diagnosis.squared", "diagnosis.whitened"};
+#define N_SCORING 17
 static const char *const cnn_feature_names[] = {"cnn.normal", "cnn.inner", "cnn.outer", "cnn.ball", "cnn.slices"};
 #define N_CNN 5
 
@@ -1135,6 +1135,8 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     for (int k = 0; k < N_KINDS; k++) tail[9 + k] = conf[k];
     tail[13] = diagnosing ? show_c : 0;
     tail[14] = diagnosing ? dff.fr : 0;          /* the speed the diagnosis's fault frequencies are of */
+    tail[15] = cfg.diag_squared;                 /* how its spectrum is made (for the host's picture) */
+    tail[16] = cfg.diag_whiten;
     if (cfg.cnn) {
         for (int k = 0; k < CNN_CLASSES; k++) tail[N_SCORING + k] = cnnp[k];
         tail[N_SCORING + CNN_CLASSES] = slices;

@@ -215,6 +215,8 @@ def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, 
         out.update({"diagnosis": 0, "diagnosis.confidence": 0.0, "diagnosis.peak_hz": 0.0, "diagnosis.method": 0,
                     "diagnosis.windows": 0, "diagnosis.band_lo_hz": 0.0, "diagnosis.band_hi_hz": 0.0,
                     "diagnosis.channel": 0, "diagnosis.shaft_hz": 0.0,
+                    "diagnosis.squared": int(params.get("diagnosis.envelope", "magnitude") == "squared"),
+                    "diagnosis.whitened": int(params.get("diagnosis.prewhiten", "none") == "cepstrum"),
                     **{f"conf.{k}": 0.0 for k in KINDS}})
     out["_peaks"] = peaks
     return out
@@ -390,7 +392,7 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
     geom = (int(_f(params, "bearing.balls", 0)), _f(params, "bearing.ball_diameter", 0),
             _f(params, "bearing.pitch_diameter", 0), _f(params, "bearing.contact_angle_deg", 0.0))
     windows = int(_f(params, "diagnosis.windows", 8))
-    squared = params.get("diagnosis.envelope", "squared") == "squared"
+    squared = params.get("diagnosis.envelope", "magnitude") == "squared"
     whiten = params.get("diagnosis.prewhiten", "none") == "cepstrum"
     kurtogram = params.get("diagnosis.band", "kurtogram") == "kurtogram"
     fixed = "shaft.rpm" in params
@@ -440,7 +442,8 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
             "diagnosis.peak_hz": per[show_c][show][1], "diagnosis.method": 1 if named else 0,
             "diagnosis.windows": cnt, "diagnosis.band_lo_hz": bands[show_c][0] * bw,
             "diagnosis.band_hi_hz": (bands[show_c][1] + 1) * bw, **{f"conf.{kd}": conf[kd] for kd in KINDS},
-            "diagnosis.channel": show_c, "diagnosis.shaft_hz": fr,
+            "diagnosis.channel": show_c, "diagnosis.shaft_hz": fr, "diagnosis.squared": int(squared),
+            "diagnosis.whitened": int(whiten),
             "_diag": {"ff": ff, "per_channel": per, "named": best if named else None, "channel": show_c,
                       "shown": show}}
 
