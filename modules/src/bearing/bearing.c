@@ -579,6 +579,7 @@ static void envelope_faults(const float *env, const float *amp, double floor, in
 static float davg[AP_MAX_CHANNELS][AMP_ROW];   /* the running mean of the diagnostic spectra's power */
 static struct {
     int32_t count;                      /* windows in the running mean (0: none) */
+    int32_t band_age;                   /* windows since the kurtogram chose the bands */
     double speeds[64];                  /* their speed estimates (Hz), a ring of diagnosis.windows */
     int32_t speeds_next;
     int32_t n;
@@ -777,8 +778,19 @@ static void diag_update(int32_t n, uint32_t channels, double bw, double fs, doub
                         double fr_window, fault_freqs *ff, diag_channel *out) {
     int32_t k0, k1;
     bin_range(env_lo, env_hi, bw, 0, n / 2, &k0, &k1);
-    if (cfg.diag_kurtogram) kurtogram_bands(n, channels, bw, fs, ff, k0, k1);
-    else for (uint32_t c = 0; c < channels; c++) { dg.k0[c] = k0; dg.k1[c] = k1; }
+    if (dg.n != n || dg.fs != fs) { dg.count = 0; dg.n = n; dg.fs = fs; }
+    /* The kurtogram chooses the band when the running mean starts and again each time it has
+     * turned over (diagnosis.windows windows): the mean averages one band's spectra, and the
+     * resonance a defect rings is the structure's, not the window's. */
+    if (cfg.diag_kurtogram) {
+        if (dg.count == 0 || dg.band_age >= cfg.diag_windows) {
+            kurtogram_bands(n, channels, bw, fs, ff, k0, k1);
+            dg.band_age = 0;
+        }
+        dg.band_age++;
+    } else {
+        for (uint32_t c = 0; c < channels; c++) { dg.k0[c] = k0; dg.k1[c] = k1; }
+    }
     int32_t flags = (cfg.diag_squared ? AP_ENV_SQUARED : 0) | (cfg.diag_whiten ? AP_ENV_WHITEN : 0);
     int same = 1;
     for (uint32_t c = 1; c < channels; c++) same &= dg.k0[c] == dg.k0[0] && dg.k1[c] == dg.k1[0];
@@ -788,7 +800,6 @@ static void diag_update(int32_t n, uint32_t channels, double bw, double fs, doub
             ap_envelope_ex(spec + (size_t)c * (n + 2), xd + (size_t)c * n, n, 1, dg.k0[c], dg.k1[c], flags);
     ap_rfft_batch(xd, espec, n, (int32_t)channels);
 
-    if (dg.n != n || dg.fs != fs) { dg.count = 0; dg.n = n; dg.fs = fs; }
     if (dg.count == 0) dg.speeds_next = 0;
     if (dg.count < cfg.diag_windows) dg.count++;
     dg.speeds[dg.speeds_next] = fr_window;

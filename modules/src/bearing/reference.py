@@ -92,6 +92,8 @@ class State:
         self.diag_speeds: list[float] = []
         self.diag_mean: np.ndarray | None = None     # (channels, bins) float32, as the module keeps it
         self.diag_shape: tuple | None = None
+        self.diag_bands: list = []
+        self.diag_band_age = 0
 
     def track(self, fr: float, windows: int) -> float:
         """The median of the last `windows` estimates, this one included, restarted from the last
@@ -209,7 +211,7 @@ def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, 
     out["iso_zone"] = iso_zone(vmax, group, foundation)
 
     if diagnose:
-        out.update(diagnosis(spectra, x.shape, fs, params, fr_window, state, env_lo, env_hi))
+        out.update(diagnosis(spectra, x.shape, fs, params, fr_window, state, env_lo, env_hi, ff))
     else:
         state.diag_reset()
         out.update({"diagnosis": 0, "diagnosis.confidence": 0.0, "diagnosis.peak_hz": 0.0, "diagnosis.method": 0,
@@ -385,7 +387,7 @@ def channel_confidences(p: np.ndarray, top: int, bw: float, ff: dict, lines: lis
 
 
 def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: float, state: State,
-              env_lo: float, env_hi: float) -> dict:
+              env_lo: float, env_hi: float, ff_track: dict) -> dict:
     """The diagnosis features of a diagnosed window (bearing.c diag_update and the naming rule)."""
     channels, n = shape
     bw = fs / n
@@ -401,16 +403,23 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
     band0 = (int(sel[0]), int(sel[-1])) if sel.size else (1, 0)
     if state.diag_shape != (n, fs):
         state.diag_count, state.diag_shape = 0, (n, fs)
-    if state.diag_count == 0:
+    new_mean = state.diag_count == 0
+    if new_mean:
         state.diag_speeds = []
     state.diag_count = min(state.diag_count + 1, windows)
     state.diag_speeds = (state.diag_speeds + [fr_window])[-windows:]
     fr = fr_window if fixed else float(np.median(state.diag_speeds))
     ff = fault_frequencies(fr, *geom)
     ff["fr"] = fr
-    bands = []
-    for c in range(channels):
-        bands.append(kurtogram_band(spectra[c], n, bw, fs, ff["bpfi"], whiten, band0) if kurtogram else band0)
+    if kurtogram:   # chosen when the running mean starts and each time it has turned over
+        if new_mean or state.diag_band_age >= windows or len(state.diag_bands) != channels:
+            state.diag_bands = [kurtogram_band(spectra[c], n, bw, fs, ff_track["bpfi"], whiten, band0)
+                                for c in range(channels)]
+            state.diag_band_age = 0
+        state.diag_band_age += 1
+        bands = state.diag_bands
+    else:
+        bands = [band0] * channels
     def top_of(bpfi: float) -> int:
         return int(min(max(math.floor(5 * bpfi / bw), 2), n // 2 - 1))
     top = top_of(ff["bpfi"])
