@@ -44,10 +44,14 @@ def test_evaluation_on_cwru(bearing_wasm):
             assert len(r.alarms) == 1   # one fault, one event story (no storm)
 
 
-def cwru_windows(n_windows: int, size: int = 4096) -> list[np.ndarray]:
+def cwru_windows(n_windows: int, size: int = 4096, name: str = "outer_race_007_at6_0hp_12k.mat") -> list[np.ndarray]:
     import scipy.io
-    data = scipy.io.loadmat(shared_file("bearing", "cwru", "outer_race_007_at6_0hp_12k.mat"))
-    x = next(v for k, v in data.items() if k.endswith("_DE_time"))[:, 0].astype(np.float32)
+    import scipy.signal
+    data = scipy.io.loadmat(shared_file("bearing", "cwru", name))
+    x = next(v for k, v in data.items() if k.endswith("_DE_time"))[:, 0]
+    if name.endswith("_48k.mat"):   # to the 12 kHz of the fault recordings, as the replay decimates
+        x = scipy.signal.decimate(x, 4, ftype="fir", zero_phase=True)
+    x = x.astype(np.float32)
     return [x[i * size:(i + 1) * size][None] for i in range(n_windows)]
 
 
@@ -62,7 +66,8 @@ def test_host_dsp_and_wasm_fft_agree_through_the_worker(bearing_wasm):
         worker = WorkerProcess("bearing", bearing_wasm.read_bytes(), HEADER.size + 4 * 4096,
                                load_message("bearing.wasm", text))
         try:
-            for seq, w in enumerate(cwru_windows(5)):
+            # healthy windows for the baseline, then the outer-race fault: diagnosed windows
+            for seq, w in enumerate(cwru_windows(3, name="normal_0hp_48k.mat") + cwru_windows(3)):
                 header = pack_header(1, 4096, 12000.0, seq)
                 reply = worker.process(header, w, 10.0)
                 assert reply["rc"] == 0
@@ -122,3 +127,39 @@ def test_negative_speed_is_refused(tmp_path, bearing_wasm):
     with pytest.raises(ModuleFault) as info:
         WorkerProcess("bearing", bearing_wasm.read_bytes(), 4096, load_message("bearing.wasm", text))
     assert info.value.kind == "params" and "rpm" in info.value.reason
+
+
+def test_evaluation_exits_nonzero_on_a_wrong_part(bearing_wasm, capsys):
+    """The same evaluation with a naming rule that names whatever is strongest (confidence 0.01, no
+    margin): parts get named on the ball recordings that are not the ball, and the tool says so
+    with its exit status."""
+    from appliance_tools.evaluation import bearing as evaluation
+    data = shared_file("bearing", "cwru", "normal_0hp_48k.mat").parent
+    rc = evaluation.main(["--data", str(data), "--wasm", str(bearing_wasm), "--param", "diagnosis.min_confidence=0.01",
+                          "--param", "diagnosis.margin=0", "--param", "diagnosis.second_opinion=none"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "WRONG PART" in out and "named wrong 0" not in out, out
+
+
+def test_evaluation_of_an_ims_style_run(bearing_wasm, tmp_path, capsys):
+    """An IMS-style folder: tab-separated snapshots named by time, 20 kHz, the bearing in column 1;
+    healthy snapshots, then an outer-race fault. The first snapshots teach the baseline; the run is
+    flagged at the first faulty snapshot and the part named."""
+    from appliance_tools.evaluation import bearing as evaluation
+    from test_bearing_diagnosis import fault_signal
+    fs, seconds = 20000.0, 0.5
+    run = tmp_path / "1st_test"
+    run.mkdir()
+    for i in range(12):
+        kind = "healthy" if i < 8 else "outer"
+        bearing = fault_signal(kind, fs, seconds, seed=10 + i)
+        other = 0.05 * np.random.default_rng(i).standard_normal(len(bearing))
+        np.savetxt(run / f"2004.02.12.{10 + i:02d}.00.00", np.stack([other, bearing], axis=1), fmt="%.4f",
+                   delimiter="\t")
+    rc = evaluation.main(["--format", "ims", "--data", str(run), "--channels", "1", "--baseline-snapshots", "4",
+                          "--expect", "outer race", "--wasm", str(bearing_wasm),
+                          "--param", "shaft.rpm_max=1900", "--param", "diagnosis.second_opinion=none"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "first flagged at snapshot 2004.02.12.18.00.00" in out, out
+    assert "outer race   signature" in out, out

@@ -13,6 +13,9 @@ the paths (measured worst of these cases in parentheses):
   ap_band_power    relative 1e-12 on the same float32 spectrum (float64 sums)
   ap_envelope      1e-6 of the largest envelope value (C 1.9e-7 with two float32 inverse real
                    FFTs, host 2.0e-7 with one complex64 inverse FFT, 2.5e-7 between them)
+  ap_envelope_ex   the same, of the largest value of what it computes (|z| or |z|^2, whitened or
+                   not): 1e-6 (squared 1e-5: a square doubles the relative error of each value)
+  ap_band_kurtosis relative 1e-4 on SK + 3 (float32 FFTs on both paths, float64 sums)
   ap_median_rows   equal
   ap_features      equal (one batch against one ap.feature call per name)
 """
@@ -58,6 +61,14 @@ AP_EXPORT(t_envelope) int32_t t_envelope(const float *spec, float *out, int32_t 
                                          int32_t k1) {
     return ap_envelope(spec, out, n, count, k0, k1);
 }
+AP_EXPORT(t_envelope_ex) int32_t t_envelope_ex(const float *spec, float *out, int32_t n, int32_t count, int32_t k0,
+                                               int32_t k1, int32_t flags) {
+    return ap_envelope_ex(spec, out, n, count, k0, k1, flags);
+}
+AP_EXPORT(t_band_kurtosis) int32_t t_band_kurtosis(const float *spec, int32_t n, int32_t count, const ap_band *bands,
+                                                   int32_t nbands, int32_t flags, double *out) {
+    return ap_band_kurtosis(spec, n, count, bands, nbands, flags, out);
+}
 AP_EXPORT(t_median) int32_t t_median(const float *in, int32_t n, int32_t count, int32_t stride, double *out) {
     return ap_median_rows(in, n, count, stride, out, median_scratch);
 }
@@ -91,6 +102,8 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
         case 5: return ap_envelope(buf, buf + 1000, 64, 1, 0, 10);
         case 6: return ap_median_rows(buf, 10, 2, 5, (double *)(buf + 1000), median_scratch);
         case 7: return ap_envelope(buf, buf + 1000, 64, 1 << 20, 1, 10);
+        case 8: return ap_envelope_ex(buf, buf + 1000, 64, 1, 1, 10, 4);
+        case 9: { static ap_band kb = {1, 32, 0}; return ap_band_kurtosis(buf, 64, 1, &kb, 1, 0, (double *)(buf + 1000)); }
         case 10: values[0] = 1.5; values[1] = -2; ap_features(names, 8, values, 2); return 0;
         case 11: ap_features(bad_name, 4, values, 1); return 0;
         case 12: ap_features(no_end, 3, values, 1); return 0;
@@ -384,6 +397,116 @@ def test_envelope_of_an_am_tone_is_its_modulation(k):
     assert np.abs(c - want)[200:-200].max() < 1e-3 and np.abs(h - want)[200:-200].max() < 1e-3
 
 
+# ---- ap_envelope_ex: squared, whitened ------------------------------------------------------------
+
+def envelope_ex_ref(spec: np.ndarray, n: int, k0: int, k1: int, flags: int) -> tuple[np.ndarray, np.ndarray]:
+    """What ap_envelope_ex computes, in float64: (mean-removed output, largest value per signal)."""
+    band = spec[:, k0:k1 + 1].astype(np.complex128)
+    if flags & 2:
+        mag = np.abs(band)
+        band = np.where(mag > 0, band / np.where(mag > 0, mag, 1), 0)
+    z = np.zeros((spec.shape[0], n), np.complex128)
+    z[:, k0:k1 + 1] = 2 * band
+    a = np.fft.ifft(z)
+    e = np.abs(a) ** 2 if flags & 1 else np.abs(a)
+    return e - e.mean(axis=1, keepdims=True), e.max(axis=1)
+
+
+@pytest.mark.parametrize("flags", [0, 1, 2, 3])
+@pytest.mark.parametrize("n,count,k0,k1", [(64, 2, 1, 31), (4096, 3, 512, 1535), (4096, 1, 1200, 1100)])
+def test_envelope_ex_host_matches_c(k, flags, n, count, k0, k1):
+    rng = np.random.default_rng(n + k0 + flags)
+    x = rng.standard_normal((count, n)).astype(np.float32)
+    spec = np.fft.rfft(x).astype(np.complex64)
+    spec[0, (k0 + k1) // 2] = 0                  # a zero bin stays zero when whitened
+    c, h = run_both(k, "envelope_ex", 1, [k.put(IN, spec), 0, n, count, k0, k1, flags], np.float32, n * count)
+    c, h = c.reshape(count, n), h.reshape(count, n)
+    if k1 < k0:
+        assert (c == 0).all() and (h == 0).all()
+        return
+    want, top = envelope_ex_ref(spec, n, k0, k1, flags)
+    tol = 1e-5 if flags & 1 else 1e-6
+    for i in range(count):
+        assert np.abs(c[i] - want[i]).max() <= tol * top[i], (i, np.abs(c[i] - want[i]).max() / top[i])
+        assert np.abs(h[i] - want[i]).max() <= tol * top[i], (i, np.abs(h[i] - want[i]).max() / top[i])
+    if flags == 0:   # ap_envelope_ex(..., 0) is ap_envelope
+        c0, _ = run_both(k, "envelope", 1, [k.put(IN, spec), 0, n, count, k0, k1], np.float32, n * count)
+        assert (c0.reshape(count, n) == c).all()
+
+
+def test_envelope_ex_squared_and_whitened_do_what_they_say(k):
+    """An AM tone: the squared envelope is (1 + m cos)^2; whitened, a tone in white-ish noise
+    loses its level (every bin magnitude 1)."""
+    n, fs = 4096, 12800.0
+    t = np.arange(n) / fs
+    x = ((1 + 0.5 * np.cos(2 * np.pi * 50 * t)) * np.cos(2 * np.pi * 1000 * t)).astype(np.float32)
+    spec = np.fft.rfft(x).astype(np.complex64)
+    c, h = run_both(k, "envelope_ex", 1, [k.put(IN, spec), 0, n, 1, 200, 440, 1], np.float32, n)
+    sq = (1 + 0.5 * np.cos(2 * np.pi * 50 * t)) ** 2
+    want = sq - sq.mean()
+    assert np.abs(c - want)[200:-200].max() < 2e-3 and np.abs(h - want)[200:-200].max() < 2e-3
+    big = (spec * 1000).astype(np.complex64)
+    w1, _ = run_both(k, "envelope_ex", 1, [k.put(IN, spec), 0, n, 1, 200, 440, 2], np.float32, n)
+    w2, _ = run_both(k, "envelope_ex", 1, [k.put(IN, big), 0, n, 1, 200, 440, 2], np.float32, n)
+    assert np.abs(w1 - w2).max() < 1e-5 * np.abs(w1).max()   # whitened: the level is gone
+
+
+# ---- ap_band_kurtosis -----------------------------------------------------------------------------
+
+def band_kurtosis_ref(spec: np.ndarray, bands: list[tuple[int, int]], flags: int) -> np.ndarray:
+    out = np.zeros((spec.shape[0], len(bands)))
+    for j, (k0, k1) in enumerate(bands):
+        if k1 < k0:
+            continue
+        m = max(4, 1 << (k1 - k0).bit_length())
+        z = np.zeros((spec.shape[0], m), np.complex128)
+        z[:, :k1 - k0 + 1] = spec[:, k0:k1 + 1]
+        if flags & 2:
+            mag = np.abs(z)
+            z = np.where(mag > 0, z / np.where(mag > 0, mag, 1), 0)
+        p = np.abs(np.fft.ifft(z)) ** 2
+        s2, s4 = p.sum(axis=1), (p * p).sum(axis=1)
+        out[:, j] = np.where(s2 > 0, m * s4 / np.where(s2 > 0, s2 * s2, 1) - 2, 0)
+    return out
+
+
+@pytest.mark.parametrize("flags", [0, 2])
+@pytest.mark.parametrize("n,count", [(8, 1), (64, 2), (4096, 4)])
+def test_band_kurtosis_host_matches_c(k, flags, n, count):
+    rng = np.random.default_rng(n + flags)
+    x = rng.standard_normal((count, n))
+    x[:, ::97] += 8                                   # impulses: some bands get a large SK
+    spec = np.fft.rfft(x.astype(np.float32)).astype(np.complex64)
+    m = n // 2
+    bands = [(1, m - 1), (1, 1), (m // 2, m - 1), (3, 2), (1, max(1, m // 3)), (max(1, m // 4), max(1, m // 4 + 2))]
+    p_bands = k.put(AUX, np.array([[a, b, 0] for a, b in bands], np.int32))
+    c, h = run_both(k, "band_kurtosis", 6, [k.put(IN, spec), n, count, p_bands, len(bands), flags, 0],
+                    np.float64, count * len(bands))
+    want = band_kurtosis_ref(spec, bands, flags)
+    for got in (c.reshape(count, -1), h.reshape(count, -1)):
+        np.testing.assert_allclose(got + 3, want + 3, rtol=1e-4)
+        assert (got[:, 3] == 0).all()                 # the empty band
+
+
+def test_band_kurtosis_of_noise_tone_and_impulses(k):
+    """SK about 0 for Gaussian noise, -1 for a tone, large where impulses ring a resonance (three
+    signals in one batch, one band: 2.5-3.5 kHz)."""
+    n, fs = 4096, 12000.0
+    rng = np.random.default_rng(1)
+    t = np.arange(n) / fs
+    ring = np.zeros(n)
+    for t0 in np.arange(0.003, t[-1], 1 / 100):
+        m = t >= t0
+        ring[m] += np.exp(-(t[m] - t0) * 800) * np.sin(2 * np.pi * 3000 * (t[m] - t0))
+    x = np.stack([rng.standard_normal(n), np.sin(2 * np.pi * 3001 * t), 0.05 * rng.standard_normal(n) + ring])
+    spec = np.fft.rfft(x.astype(np.float32)).astype(np.complex64)
+    bw = fs / n
+    p_bands = k.put(AUX, np.array([[int(2500 / bw), int(3500 / bw), 0]], np.int32))
+    c, h = run_both(k, "band_kurtosis", 6, [k.put(IN, spec), n, 3, p_bands, 1, 0, 0], np.float64, 3)
+    for sk in (c, h):
+        assert abs(sk[0]) < 0.3 and abs(sk[1] + 1) < 0.1 and sk[2] > 3, sk
+
+
 # ---- ap_median_rows ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,count,stride", [(0, 2, 3), (1, 1, 1), (2, 3, 2), (7, 2, 9), (258, 4, 2049), (1000, 1, 1000)])
@@ -450,6 +573,15 @@ def test_host_kernels_refuse_what_breaks_their_limits(k):
         "envelope spec": lambda: d.envelope(mem_len - 4 * 66 + 4, b + OUT_C, 64, 1, 1, 10),
         "envelope out": lambda: d.envelope(b, mem_len - 4 * 64 + 4, 64, 1, 1, 10),
         "envelope count": lambda: d.envelope(b, b + OUT_C, 64, 0, 1, 10),
+        "envelope_ex flags": lambda: d.envelope_ex(b, b + OUT_C, 64, 1, 1, 10, 4),
+        "envelope_ex k1 = n/2": lambda: d.envelope_ex(b, b + OUT_C, 64, 1, 1, 32, 1),
+        "band_kurtosis n": lambda: d.band_kurtosis(b, 63, 1, rec, 1, 0, b + OUT_C),
+        "band_kurtosis flags": lambda: d.band_kurtosis(b, 64, 1, rec, 1, -1, b + OUT_C),
+        "band_kurtosis nbands": lambda: d.band_kurtosis(b, 64, 1, rec, 0, 0, b + OUT_C),
+        "band_kurtosis k1 = n/2": lambda: d.band_kurtosis(b, 64, 1, k1_high, 1, 0, b + OUT_C),
+        "band_kurtosis k0 = 0": lambda: d.band_kurtosis(b, 64, 1, p_bin0, 1, 0, b + OUT_C),
+        "band_kurtosis out": lambda: d.band_kurtosis(b, 64, 2, rec, 1, 0, mem_len - 12),
+        "band_kurtosis bands": lambda: d.band_kurtosis(b, 64, 1, mem_len - 8, 1, 0, b + OUT_C),
         "median n": lambda: d.median(b, -1, 1, 1, b + OUT_C),
         "median count": lambda: d.median(b, 5, 0, 5, b + OUT_C),
         "median stride": lambda: d.median(b, 5, 2, 4, b + OUT_C),
@@ -497,6 +629,8 @@ def one_window(worker: WorkerProcess) -> dict:
     (5, "ap.dsp_envelope", "not within 1..31"),
     (6, "ap.dsp_median", "stride=5"),
     (7, "ap.dsp_envelope", "count=1048576"),
+    (8, "ap.dsp_envelope_ex", "flags=4"),
+    (9, "ap.dsp_band_kurtosis", "not within bins 1..31"),
     (11, "ap.features", "invalid name"),
     (12, "ap.features", "do not hold 1 names"),
     (13, "ap.features", "do not hold 3 names"),

@@ -170,7 +170,8 @@ def test_foreign_import(tmp_path):
     r = build_module(src, tmp_path / "foreign.wasm")
     assert r.problems == ["imports env.foo (i32) -> i32, which this host does not provide "
                           "(it provides: ap.log, ap.feature, ap.event, ap.dsp_rfft, ap.dsp_irfft, "
-                          "ap.dsp_rfft_batch, ap.dsp_moments, ap.dsp_band_power, ap.dsp_envelope, ap.dsp_median, "
+                          "ap.dsp_rfft_batch, ap.dsp_moments, ap.dsp_band_power, ap.dsp_envelope, ap.dsp_envelope_ex, "
+                          "ap.dsp_band_kurtosis, ap.dsp_median, "
                           "ap.features, ap.state_changed, ap.img_downscale, ap.img_blur, ap.img_bg_subtract, "
                           "ap.img_dilate, ap.img_blobs, ap.nn_run)"]
 

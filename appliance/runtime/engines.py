@@ -19,6 +19,8 @@ IMPORT_SIGNATURES = {
     ("ap", "dsp_moments"): "i(iiiii)",
     ("ap", "dsp_band_power"): "i(iiiiii)",
     ("ap", "dsp_envelope"): "i(iiiiii)",
+    ("ap", "dsp_envelope_ex"): "i(iiiiiii)",
+    ("ap", "dsp_band_kurtosis"): "i(iiiiiii)",
     ("ap", "dsp_median"): "i(iiiii)",
     ("ap", "features"): "v(iiii)",
     ("ap", "state_changed"): "v()",

@@ -36,6 +36,8 @@ HOST_IMPORTS: dict[tuple[str, str], str] = {
     ("ap", "dsp_moments"): "(i32, i32, i32, i32, i32) -> i32",
     ("ap", "dsp_band_power"): "(i32, i32, i32, i32, i32, i32) -> i32",
     ("ap", "dsp_envelope"): "(i32, i32, i32, i32, i32, i32) -> i32",
+    ("ap", "dsp_envelope_ex"): "(i32, i32, i32, i32, i32, i32, i32) -> i32",
+    ("ap", "dsp_band_kurtosis"): "(i32, i32, i32, i32, i32, i32, i32) -> i32",
     ("ap", "dsp_median"): "(i32, i32, i32, i32, i32) -> i32",
     ("ap", "features"): "(i32, i32, i32, i32) -> ()",
     ("ap", "state_changed"): "() -> ()",

@@ -2,9 +2,11 @@
  * ap_dsp.h: signal processing for modules, in plain C with no libm (freestanding wasm32).
  *
  * Real FFT of power-of-two length, its inverse, and the sine/cosine they need; moments of
- * signals, band powers of spectra, the envelope of a band, a median, and features reported in one
- * batch. Each of ap_rfft, ap_irfft, ap_rfft_batch, ap_moments, ap_band_power, ap_envelope,
- * ap_median_rows and ap_features has a host-accelerated twin behind an optional import (`ap.dsp_*`,
+ * signals, band powers of spectra, the envelope of a band (plain, squared or pre-whitened), the
+ * spectral kurtosis of bands, a median, and features reported in one batch. Each of ap_rfft,
+ * ap_irfft, ap_rfft_batch, ap_moments, ap_band_power, ap_envelope, ap_envelope_ex,
+ * ap_band_kurtosis, ap_median_rows and ap_features has a host-accelerated twin behind an optional
+ * import (`ap.dsp_*`,
  * `ap.features`; see modules/ABI.md, "Host DSP"): it uses the host when the host said so in the
  * params (`host.dsp=1`), and the C code here otherwise. Both paths agree within the tolerances
  * documented in ABI.md.
@@ -43,6 +45,11 @@ AP_IMPORT(dsp_band_power) int32_t ap_host_band_power(const float *spec, int32_t 
                                                      const ap_band *bands, int32_t nbands, double *out);
 AP_IMPORT(dsp_envelope) int32_t ap_host_envelope(const float *spec, float *out, int32_t n, int32_t count,
                                                  int32_t k0, int32_t k1);
+AP_IMPORT(dsp_envelope_ex) int32_t ap_host_envelope_ex(const float *spec, float *out, int32_t n, int32_t count,
+                                                       int32_t k0, int32_t k1, int32_t flags);
+AP_IMPORT(dsp_band_kurtosis) int32_t ap_host_band_kurtosis(const float *spec, int32_t n, int32_t count,
+                                                           const ap_band *bands, int32_t nbands, int32_t flags,
+                                                           double *out);
 AP_IMPORT(dsp_median) int32_t ap_host_median(const float *in, int32_t n, int32_t count, int32_t stride, double *out);
 AP_IMPORT(features) void ap_host_features(const char *names, int32_t names_len, const double *values,
                                           int32_t count);
@@ -63,6 +70,14 @@ __attribute__((weak)) int32_t ap_host_band_power(const float *spec, int32_t n, i
 __attribute__((weak)) int32_t ap_host_envelope(const float *spec, float *out, int32_t n, int32_t count, int32_t k0,
                                                int32_t k1) {
     (void)spec; (void)out; (void)n; (void)count; (void)k0; (void)k1; return -1;
+}
+__attribute__((weak)) int32_t ap_host_envelope_ex(const float *spec, float *out, int32_t n, int32_t count, int32_t k0,
+                                                  int32_t k1, int32_t flags) {
+    (void)spec; (void)out; (void)n; (void)count; (void)k0; (void)k1; (void)flags; return -1;
+}
+__attribute__((weak)) int32_t ap_host_band_kurtosis(const float *spec, int32_t n, int32_t count, const ap_band *bands,
+                                                    int32_t nbands, int32_t flags, double *out) {
+    (void)spec; (void)n; (void)count; (void)bands; (void)nbands; (void)flags; (void)out; return -1;
 }
 __attribute__((weak)) int32_t ap_host_median(const float *in, int32_t n, int32_t count, int32_t stride, double *out) {
     (void)in; (void)n; (void)count; (void)stride; (void)out; return -1;
@@ -336,7 +351,17 @@ static float ap_env_band[AP_DSP_MAX_N + 2];   /* X restricted to the band, then 
 static float ap_env_hil[AP_DSP_MAX_N];        /* its Hilbert transform */
 static int32_t ap_env_n, ap_env_k0, ap_env_k1 = -1;   /* ap_env_band is zero outside [k0, k1] */
 
-static void ap_envelope1_c(const float *spec, float *out, int32_t n, int32_t k0, int32_t k1) {
+/* flags of ap_envelope_ex and ap_band_kurtosis */
+enum { AP_ENV_SQUARED = 1,      /* |z|^2 (the squared envelope) instead of |z| */
+       AP_ENV_WHITEN = 2 };     /* each band bin divided by its magnitude first (X_k / |X_k|, 0 stays 0):
+                                   cepstrum pre-whitening, the whole real cepstrum but c_0 removed */
+
+static inline void ap_whiten_bin(float *re, float *im) {
+    float m = __builtin_sqrtf(*re * *re + *im * *im);
+    if (m > 0) { *re /= m; *im /= m; }
+}
+
+static void ap_envelope1_c(const float *spec, float *out, int32_t n, int32_t k0, int32_t k1, int32_t flags) {
     float *band = ap_env_band;
     if (ap_env_n != n) {
         for (int32_t k = 0; k < n + 2; k++) band[k] = 0;
@@ -346,7 +371,11 @@ static void ap_envelope1_c(const float *spec, float *out, int32_t n, int32_t k0,
     for (int32_t k = ap_env_k0; k <= ap_env_k1; k++) band[2 * k] = band[2 * k + 1] = 0;
     ap_env_k0 = k0;
     ap_env_k1 = k1;
-    for (int32_t k = k0; k <= k1; k++) { band[2 * k] = spec[2 * k]; band[2 * k + 1] = spec[2 * k + 1]; }
+    for (int32_t k = k0; k <= k1; k++) {
+        band[2 * k] = spec[2 * k];
+        band[2 * k + 1] = spec[2 * k + 1];
+        if (flags & AP_ENV_WHITEN) ap_whiten_bin(&band[2 * k], &band[2 * k + 1]);
+    }
     ap_irfft_c(band, out, n);                      /* band-passed signal */
     for (int32_t k = k0; k <= k1; k++) {           /* -i (a + ib) = b - ia: Hilbert transform */
         float re = band[2 * k];
@@ -356,7 +385,8 @@ static void ap_envelope1_c(const float *spec, float *out, int32_t n, int32_t k0,
     ap_irfft_c(band, ap_env_hil, n);
     double sum = 0;
     for (int32_t j = 0; j < n; j++) {
-        float e = __builtin_sqrtf(out[j] * out[j] + ap_env_hil[j] * ap_env_hil[j]);
+        float p = out[j] * out[j] + ap_env_hil[j] * ap_env_hil[j];
+        float e = (flags & AP_ENV_SQUARED) ? p : __builtin_sqrtf(p);
         out[j] = e;
         sum += e;
     }
@@ -372,7 +402,68 @@ static void ap_envelope1_c(const float *spec, float *out, int32_t n, int32_t k0,
 static inline int32_t ap_envelope(const float *spec, float *out, int32_t n, int32_t count, int32_t k0, int32_t k1) {
     if (ap_dsp_use_host) return ap_host_envelope(spec, out, n, count, k0, k1);
     if (!ap_is_pow2(n) || count < 1 || (k1 >= k0 && (k0 < 1 || k1 > n / 2 - 1))) return -1;
-    for (int32_t i = 0; i < count; i++) ap_envelope1_c(spec + (size_t)i * (n + 2), out + (size_t)i * n, n, k0, k1);
+    for (int32_t i = 0; i < count; i++) ap_envelope1_c(spec + (size_t)i * (n + 2), out + (size_t)i * n, n, k0, k1, 0);
+    return 0;
+}
+
+/* ap_envelope with flags (AP_ENV_SQUARED, AP_ENV_WHITEN; 0 is ap_envelope): the squared envelope
+ * |z_j|^2 instead of |z_j|, of the band whitened first (X_k / |X_k| on k0..k1), minus its mean.
+ * -1 on bad args (flags beyond 0..3 included). */
+static inline int32_t ap_envelope_ex(const float *spec, float *out, int32_t n, int32_t count, int32_t k0, int32_t k1,
+                                     int32_t flags) {
+    if (ap_dsp_use_host) return ap_host_envelope_ex(spec, out, n, count, k0, k1, flags);
+    if (!ap_is_pow2(n) || count < 1 || flags < 0 || flags > 3 || (k1 >= k0 && (k0 < 1 || k1 > n / 2 - 1))) return -1;
+    for (int32_t i = 0; i < count; i++)
+        ap_envelope1_c(spec + (size_t)i * (n + 2), out + (size_t)i * n, n, k0, k1, flags);
+    return 0;
+}
+
+/* ---- spectral kurtosis of bands -------------------------------------------------------------- */
+
+static float ap_kurt_z[AP_DSP_MAX_N];   /* one band's complex envelope: 2m floats, m <= max(n/2, 4) */
+
+static int32_t ap_band_kurtosis1_c(const float *spec, int32_t n, const ap_band *bands, int32_t nbands, int32_t flags,
+                                   double *out) {
+    ap_dsp_twiddles(n);
+    for (int32_t i = 0; i < nbands; i++) {
+        int32_t k0 = bands[i].k0, k1 = bands[i].k1;
+        if (k1 < k0) { out[i] = 0; continue; }
+        if (k0 < 1 || k1 > n / 2 - 1) return -1;
+        int32_t b = k1 - k0 + 1, m = 4;
+        while (m < b) m <<= 1;
+        for (int32_t j = 0; j < b; j++) {
+            float re = spec[2 * (k0 + j)], im = spec[2 * (k0 + j) + 1];
+            if (flags & AP_ENV_WHITEN) ap_whiten_bin(&re, &im);
+            ap_kurt_z[2 * j] = re;
+            ap_kurt_z[2 * j + 1] = im;
+        }
+        for (int32_t j = 2 * b; j < 2 * m; j++) ap_kurt_z[j] = 0;
+        ap_cfft(ap_kurt_z, m, 1, n);
+        double s2 = 0, s4 = 0;
+        for (int32_t j = 0; j < m; j++) {
+            double p = (double)ap_kurt_z[2 * j] * ap_kurt_z[2 * j] + (double)ap_kurt_z[2 * j + 1] * ap_kurt_z[2 * j + 1];
+            s2 += p;
+            s4 += p * p;
+        }
+        out[i] = s2 > 0 ? (double)m * s4 / (s2 * s2) - 2 : 0;
+    }
+    return 0;
+}
+
+/* Spectral kurtosis of bands (the kurtogram's measure, Antoni 2006/2007): for each of count
+ * spectra and each of nbands (1..AP_BANDS_MAX) bands {k0, k1, p} (p unused, 0), the complex
+ * envelope of the band at its own rate, z_j = sum over k0 <= k <= k1 of X_k e^{2 pi i j (k-k0)/m}
+ * for j < m (m the smallest power of two >= max(k1-k0+1, 4); whitened bins with AP_ENV_WHITEN),
+ * and SK = m sum |z_j|^4 / (sum |z_j|^2)^2 - 2 (0 for an all-zero band, and for an empty one,
+ * k1 < k0), float64 at out[i*nbands + j]. About 0 for Gaussian noise, -1 for a pure tone,
+ * large for a band that impulses excite. 1 <= k0, k1 <= n/2 - 1. -1 on bad args. */
+static inline int32_t ap_band_kurtosis(const float *spec, int32_t n, int32_t count, const ap_band *bands, int32_t nbands,
+                                       int32_t flags, double *out) {
+    if (ap_dsp_use_host) return ap_host_band_kurtosis(spec, n, count, bands, nbands, flags, out);
+    if (!ap_is_pow2(n) || count < 1 || nbands < 1 || nbands > AP_BANDS_MAX || flags < 0 || flags > 3) return -1;
+    for (int32_t i = 0; i < count; i++)
+        if (ap_band_kurtosis1_c(spec + (size_t)i * (n + 2), n, bands, nbands, flags, out + (size_t)i * nbands))
+            return -1;
     return 0;
 }
 
@@ -397,6 +488,24 @@ static inline double ap_ln(double x) {
     double s = (m - 1) / (m + 1), s2 = s * s, term = s, sum = 0;
     for (int i = 1; i <= 23; i += 2) { sum += term / i; term *= s2; }
     return 2 * sum + e * 0.69314718055994530942;
+}
+
+/* e^x: x = k ln2 + r, |r| <= ln2/2, Taylor to r^13 (error < 2e-16), times 2^k from the bits.
+ * 0 below -708 (no subnormals), +inf above 709.78, NaN stays NaN. */
+static inline double ap_exp(double x) {
+    if (x != x) return x;
+    if (x > 709.78) return __builtin_inf();
+    if (x < -708) return 0;
+    double kd = x * 1.44269504088896338700;
+    int32_t k = (int32_t)(kd < 0 ? kd - 0.5 : kd + 0.5);
+    double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;
+    static const double inv[] = {1.0 / 479001600, 1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880, 1.0 / 40320,
+                                 1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1, 1};
+    for (int i = 0; i < 13; i++) p = p * r + inv[i];
+    union { double d; uint64_t u; } s;
+    s.u = (uint64_t)(k + 1023) << 52;
+    return p * s.d;
 }
 
 /* sin and cos of x radians (moderate |x|: meant for angles, not for phase accumulators). */

@@ -37,7 +37,7 @@ class HostDsp:
     checked against linear memory first (AbiViolation, like any other host call)."""
 
     IMPORTS = ("dsp_rfft", "dsp_irfft", "dsp_rfft_batch", "dsp_moments", "dsp_band_power", "dsp_envelope",
-               "dsp_median")
+               "dsp_envelope_ex", "dsp_band_kurtosis", "dsp_median")
 
     def __init__(self, memory, violation) -> None:
         # numpy's OpenBLAS would otherwise start a pool whose threads spin ~0.1 s after start-up
@@ -192,9 +192,71 @@ class HostDsp:
     def envelope(self, spec_ptr: int, out_ptr: int, n: int, count: int, k0: int, k1: int) -> int:
         """Per spectrum: out = |analytic signal of bins k0..k1| minus its mean (f32), the analytic
         signal being the inverse FFT of 2 X on the band and 0 elsewhere."""
-        np, what = self.np, "ap.dsp_envelope"
+        return self._envelope("ap.dsp_envelope", spec_ptr, out_ptr, n, count, k0, k1, 0)
+
+    def envelope_ex(self, spec_ptr: int, out_ptr: int, n: int, count: int, k0: int, k1: int, flags: int) -> int:
+        """envelope() with flags: 1 the squared envelope |z|^2, 2 the band whitened first (X/|X|)."""
+        return self._envelope("ap.dsp_envelope_ex", spec_ptr, out_ptr, n, count, k0, k1, flags)
+
+    def _flags(self, what: str, flags: int) -> None:
+        if not 0 <= flags <= 3:
+            raise self.violation(f"{what}: flags={flags} (0..3: 1 squared, 2 whitened)")
+
+    def _whiten(self, z):
+        """X/|X| where |X| > 0, in place (complex64; the C path divides by sqrtf(re^2 + im^2))."""
+        np = self.np
+        m = np.abs(z)
+        np.divide(z, m, out=z, where=m > 0)
+
+    def band_kurtosis(self, spec_ptr: int, n: int, count: int, bands_ptr: int, nbands: int, flags: int,
+                      out_ptr: int) -> int:
+        """Spectral kurtosis per spectrum and band (k0, k1, p unused) into out (f64), as ap_dsp.h's
+        ap_band_kurtosis defines it: the band's bins from baseband, zero-padded to m (a power of two
+        >= max(bins, 4)), inverse FFT, m sum|z|^4 / (sum|z|^2)^2 - 2. Bands of one size go together."""
+        np, what = self.np, "ap.dsp_band_kurtosis"
         self._fft_size(what, n)
         self._batch(what, n, count)
+        self._flags(what, flags)
+        if nbands < 1 or nbands > MAX_BANDS:
+            raise self.violation(f"{what}: nbands={nbands} (1..{MAX_BANDS})")
+        mem = self.memory()
+        spec = self._f32(what, mem, spec_ptr, (n + 2) * count).view(np.complex64).reshape(count, n // 2 + 1)
+        self._span(what, mem, bands_ptr, 12 * nbands)
+        self._span(what, mem, out_ptr, 8 * count * nbands)
+        rec = struct.unpack_from(f"<{3 * nbands}i", mem, bands_ptr)
+        out = np.zeros((count, nbands))
+        by_size: dict[int, list[tuple[int, int, int]]] = {}
+        for j in range(nbands):
+            k0, k1 = rec[3 * j], rec[3 * j + 1]
+            if k1 < k0:
+                continue
+            if k0 < 1 or k1 > n // 2 - 1:
+                raise self.violation(f"{what}: band {j} (k0={k0}, k1={k1}) is not within bins 1..{n // 2 - 1}")
+            m = max(4, 1 << (k1 - k0).bit_length())
+            by_size.setdefault(m, []).append((j, k0, k1))
+        for m, group in by_size.items():
+            z = np.zeros((count, len(group), m), np.complex64)
+            for g, (j, k0, k1) in enumerate(group):
+                z[:, g, :k1 - k0 + 1] = spec[:, k0:k1 + 1]
+            if flags & 2:
+                self._whiten(z)
+            p = np.fft.ifft(z, axis=2)
+            p = (p.real.astype(np.float64) ** 2 + p.imag.astype(np.float64) ** 2)
+            s2, s4 = p.sum(axis=2), (p * p).sum(axis=2)
+            sk = np.zeros_like(s2)
+            np.divide(m * s4, s2 * s2, out=sk, where=s2 > 0)
+            sk[s2 > 0] -= 2
+            for g, (j, _, _) in enumerate(group):
+                out[:, j] = sk[:, g]
+        np.frombuffer(mem, np.float64, count * nbands, out_ptr)[:] = out.ravel()
+        return 0
+
+    def _envelope(self, what: str, spec_ptr: int, out_ptr: int, n: int, count: int, k0: int, k1: int,
+                  flags: int) -> int:
+        np = self.np
+        self._fft_size(what, n)
+        self._batch(what, n, count)
+        self._flags(what, flags)
         if k1 >= k0 and (k0 < 1 or k1 > n // 2 - 1):
             raise self.violation(f"{what}: bins {k0}..{k1} are not within 1..{n // 2 - 1}")
         mem = self.memory()
@@ -208,12 +270,20 @@ class HostDsp:
         if last is not None:
             z[:, last[0]:last[1] + 1] = 0
         np.multiply(spec[:, k0:k1 + 1], 2, out=z[:, k0:k1 + 1])
+        if flags & 2:                          # 2 X / |2 X|, then the analytic signal's 2 again
+            self._whiten(z[:, k0:k1 + 1])
+            z[:, k0:k1 + 1] *= 2
         self._env_bands[(count, n)] = (k0, k1)
         if self._fft_out:
             analytic = np.fft.ifft(z, out=self._buffer("env.a", (count, n), np.complex64))
         else:
             analytic = np.fft.ifft(z)
-        e = np.abs(analytic, out=self._buffer("env.e", (count, n), np.float32))
+        e = self._buffer("env.e", (count, n), np.float32)
+        if flags & 1:
+            np.multiply(analytic.real, analytic.real, out=e)
+            e += analytic.imag * analytic.imag
+        else:
+            np.abs(analytic, out=e)
         mean = e.sum(axis=1, dtype=np.float64)
         mean /= n
         np.subtract(e, mean.astype(np.float32)[:, None], out=out)

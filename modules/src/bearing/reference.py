@@ -1,8 +1,10 @@
 """numpy reference of the `bearing` module (bearing.c): the same analysis, in float64.
 
-`analyze(x, fs, params)` returns, for one window, every feature the module reports for it except
-the baseline ones ("score", "baseline.progress"); `Baseline` replays the learned baseline and the
-score; `fault_frequencies` gives the bearing defect frequencies. tests/test_bearing_module.py holds
+`analyze(x, fs, params, state)` returns, for one window, every feature the module reports for it
+except the baseline ones ("score", "baseline.progress"); `state` (a `State`) carries what the
+module carries from window to window (the speed track), so a sequence of windows needs one State
+passed to every call; `Baseline` replays the learned baseline and the score; `fault_frequencies`
+gives the bearing defect frequencies. tests/test_bearing_module.py holds
 the module to this file within documented tolerances, so keep the two in step.
 
 params is the module's flattened params mapping ({"bearing.balls": 9, ...}; values may be text).
@@ -80,15 +82,49 @@ def _median_floor(A: np.ndarray, n: int, bpfi_hz: float, bw: float) -> float:
     return float(np.median(seg)) if seg.size else 0.0
 
 
+class State:
+    """What the module keeps between windows besides the baseline: the last speed estimates, and
+    the diagnosis's running mean of its spectra over the event's windows."""
+
+    def __init__(self) -> None:
+        self.speeds: list[float] = []
+        self.diag_count = 0
+        self.diag_speeds: list[float] = []
+        self.diag_mean: np.ndarray | None = None     # (channels, bins) float32, as the module keeps it
+        self.diag_shape: tuple | None = None
+        self.diag_bands: list = []
+        self.diag_band_age = 0
+
+    def track(self, fr: float, windows: int) -> float:
+        """The median of the last `windows` estimates, this one included, restarted from the last
+        two when the track is full and both lie on one side of its median by more than 3 robust
+        spreads (at least 0.5 %): bearing.c track_shaft."""
+        if len(self.speeds) >= 3 and len(self.speeds) == windows:
+            med = float(np.median(self.speeds))
+            step = max(3 * 1.4826 * float(np.median(np.abs(np.array(self.speeds) - med))), 0.005 * med)
+            prev = self.speeds[-1]
+            if (fr - med > step and prev - med > step) or (med - fr > step and med - prev > step):
+                self.speeds = [prev]
+        self.speeds = (self.speeds + [fr])[-windows:]
+        return float(np.median(self.speeds))
+
+    def diag_reset(self) -> None:
+        self.diag_count = 0
+
+
 def iso_zone(velocity_rms: float, group: int = 2, foundation: str = "rigid") -> int:
     ab, bc, cd = ISO_20816_3[(int(group), foundation)]
     return 0 if velocity_rms < ab else 1 if velocity_rms < bc else 2 if velocity_rms < cd else 3
 
 
-def analyze(x: np.ndarray, fs: float, params: dict) -> dict:
-    """Features of one window x (channels, frames), as bearing.c reports them (plus the
-    diagnosis the module reports only once its baseline is learned), and "_peaks":
-    per channel and kind the envelope peak (Hz refined by _jacobsen, amplitude g, h=1 ratio)."""
+def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, diagnose: bool = False) -> dict:
+    """Features of one window x (channels, frames), as bearing.c reports them, and "_peaks":
+    per channel and kind the envelope peak (Hz refined by _jacobsen, amplitude g, h=1 ratio).
+    diagnose: the module's baseline is learned and this window is anomalous or its event story
+    open (the module decides that from its score): the diagnosis features of the scoring phase
+    ("diagnosis", "diagnosis.*", "conf.*") come from the running mean in `state`; otherwise they
+    are those of a window the module does not diagnose (zeros) and the running mean restarts."""
+    state = state or State()
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 1:
         x = x[None, :]
@@ -103,7 +139,6 @@ def analyze(x: np.ndarray, fs: float, params: dict) -> dict:
     ball_d = _f(params, "bearing.ball_diameter", 0)
     pitch_d = _f(params, "bearing.pitch_diameter", 0)
     angle = _f(params, "bearing.contact_angle_deg", 0.0)
-    min_ratio = _f(params, "diagnosis.min_ratio", 3.0)
     group = int(_f(params, "iso.group", 2))
     foundation = str(params.get("iso.foundation", "rigid"))
 
@@ -123,10 +158,11 @@ def analyze(x: np.ndarray, fs: float, params: dict) -> dict:
         spectra.append(np.fft.rfft(d.astype(np.float32).astype(np.float64)))
 
     if "shaft.rpm" in params:
-        fr = _f(params, "shaft.rpm", 0) / 60
+        fr = fr_window = _f(params, "shaft.rpm", 0) / 60
     else:
-        fr = estimate_shaft_hz(spectra[0], fs, n, _f(params, "shaft.rpm_min", 0) / 60,
-                               _f(params, "shaft.rpm_max", 0) / 60)
+        fr_window = estimate_shaft_hz(spectra[0], fs, n, _f(params, "shaft.rpm_min", 0) / 60,
+                                      _f(params, "shaft.rpm_max", 0) / 60)
+        fr = state.track(fr_window, int(_f(params, "shaft.track_windows", 8)))
     ff = fault_frequencies(fr, balls, ball_d, pitch_d, angle)
     out.update({"shaft_hz": fr, "bpfo_hz": ff["bpfo"], "bpfi_hz": ff["bpfi"], "bsf_hz": ff["bsf"],
                 "ftf_hz": ff["ftf"]})
@@ -174,16 +210,251 @@ def analyze(x: np.ndarray, fs: float, params: dict) -> dict:
         peaks.append(chpeaks)
     out["iso_zone"] = iso_zone(vmax, group, foundation)
 
-    # Diagnosis: the kind whose mean ratio over channels is largest; evidence from the channel
-    # where that kind stands out most. Ties go to the earlier kind (outer, inner, ball, cage).
-    means = {kind: float(np.mean([out[f"ch{c}.env.{kind}.ratio"] for c in range(channels)])) for kind in KINDS}
-    best = max(KINDS, key=lambda kd: (means[kd], -KINDS.index(kd)))
-    best_c = max(range(channels), key=lambda c: (out[f"ch{c}.env.{best}.ratio"], -c))
-    out["diagnosis"] = DIAGNOSIS_CODE[best] if means[best] >= min_ratio else 0
-    out["diagnosis.ratio"] = means[best]
-    out["diagnosis.peak_hz"] = peaks[best_c][best][0]
+    if diagnose:
+        out.update(diagnosis(spectra, x.shape, fs, params, fr_window, state, env_lo, env_hi, ff))
+    else:
+        state.diag_reset()
+        out.update({"diagnosis": 0, "diagnosis.confidence": 0.0, "diagnosis.peak_hz": 0.0, "diagnosis.method": 0,
+                    "diagnosis.windows": 0, "diagnosis.band_lo_hz": 0.0, "diagnosis.band_hi_hz": 0.0,
+                    "diagnosis.channel": 0, "diagnosis.shaft_hz": 0.0,
+                    "diagnosis.squared": int(params.get("diagnosis.envelope", "magnitude") == "squared"),
+                    "diagnosis.whitened": int(params.get("diagnosis.prewhiten", "none") == "cepstrum"),
+                    **{f"conf.{k}": 0.0 for k in KINDS}})
     out["_peaks"] = peaks
     return out
+
+
+# ---- diagnosis (bearing.c, "diagnosis: the part's signature in the squared envelope spectrum") --
+
+TOL_RACE, TOL_ELEMENT = 0.01, 0.02
+MODULATION = {"outer": ("fr",), "inner": ("fr", "2fr"), "ball": ("ftf",), "cage": ()}
+
+
+def _bins_in(lo: float, hi: float, bw: float, kmin: int, kmax: int) -> np.ndarray:
+    k = np.arange(kmin, kmax + 1)
+    return k[(k * bw >= lo) & (k * bw <= hi)]
+
+
+def noise_tail(r2: float, k: int) -> float:
+    """P(a K-window mean of one noise bin >= r2 x its median): the Gamma(K, 1/K) tail at r2 m_K."""
+    mk = math.log(2) if k == 1 else 1 - 1 / (3 * k)
+    x = k * r2 * mk
+    return math.exp(-x) * sum(x ** j / math.factorial(j) for j in range(k))
+
+
+def presence(r2: float, bins: int, k: int) -> float:
+    return max(0.0, 1 - bins * noise_tail(r2, k))
+
+
+def diag_lines(ff: dict, bw: float) -> list[dict]:
+    """Every tested line: kind, carrier (or sideband), harmonic, frequency, half-width, excluded."""
+    lines = []
+    for kind in KINDS:
+        tol = TOL_RACE if kind in ("outer", "inner") else TOL_ELEMENT
+        mods = [{"fr": ff["fr"], "2fr": 2 * ff["fr"], "ftf": ff["ftf"]}[m] for m in MODULATION[kind]]
+        for h in range(1, HARMONICS + 1):
+            f = h * ff[kind]
+            hw = bw / 2 + tol * f
+            lines.append({"kind": kind, "carrier": True, "h": h, "f": f, "hw": hw, "spacing": 0.0})
+            for m in mods:   # the comb's spacing is its first modulation (fr, or FTF)
+                lines += [{"kind": kind, "carrier": False, "h": h, "f": f - m, "hw": hw, "spacing": mods[0]},
+                          {"kind": kind, "carrier": False, "h": h, "f": f + m, "hw": hw, "spacing": mods[0]}]
+    for ln in lines:
+        ln["excluded"] = any(c["carrier"] and c["kind"] != ln["kind"] and abs(c["f"] - ln["f"]) <= c["hw"] + ln["hw"]
+                             for c in lines)
+    return lines
+
+
+def kurtogram_bands(n: int, bw: float, fs: float, bpfi: float) -> list[tuple[int, int]]:
+    """The 1/3-binary tree of the fast kurtogram: bands >= 4 BPFI wide, below fs/2.56."""
+    half, bands = n // 2, []
+    for level in range(24):
+        count = 1 if level == 0 else 1 << ((level + 1) // 2) if level & 1 else 3 << (level // 2 - 1)
+        if count > half or half / count * bw < 4 * bpfi:
+            break
+        for i in range(count):
+            k0, k1 = max(1, i * half // count), (i + 1) * half // count - 1
+            if k1 > half - 1 or (k1 + 1) * bw > fs / 2.56 or k1 < k0:
+                continue
+            bands.append((k0, k1))
+    return bands[:255]
+
+
+KURT_MIN_POWER = 0.1    # a candidate band's mean power within 10 dB of the usable band's
+
+
+def kurtogram_band(X: np.ndarray, n: int, bw: float, fs: float, bpfi: float, whiten: bool,
+                   fixed: tuple[int, int]) -> tuple[int, int]:
+    """bearing.c kurtogram_bands for one channel: the band of largest SK among those loud enough."""
+    cands = kurtogram_bands(n, bw, fs, bpfi)
+    ku = math.floor(fs / 2.56 / bw) - 1
+    if not cands or ku < 1:
+        return fixed
+    p = np.abs(X.astype(np.complex64).astype(np.complex128)) ** 2
+    ku = min(ku, n // 2 - 1)
+    ref_psd = p[1:ku + 1].sum() / ku
+    best, best_sk = None, 0.0
+    for k0, k1 in cands:
+        if p[k0:k1 + 1].sum() / (k1 - k0 + 1) < KURT_MIN_POWER * ref_psd:
+            continue
+        sk = band_kurtosis(X, k0, k1, whiten)
+        if best is None or sk > best_sk:
+            best, best_sk = (k0, k1), sk
+    return best or fixed
+
+
+def band_kurtosis(X: np.ndarray, k0: int, k1: int, whiten: bool) -> float:
+    m = max(4, 1 << (k1 - k0).bit_length())
+    z = np.zeros(m, np.complex128)
+    z[:k1 - k0 + 1] = X[k0:k1 + 1]
+    if whiten:
+        mag = np.abs(z)
+        z = np.where(mag > 0, z / np.where(mag > 0, mag, 1), 0)
+    p = np.abs(np.fft.ifft(z)) ** 2
+    s2 = p.sum()
+    return float(m * (p * p).sum() / (s2 * s2) - 2) if s2 > 0 else 0.0
+
+
+def diag_spectrum(X: np.ndarray, n: int, k0: int, k1: int, squared: bool, whiten: bool) -> np.ndarray:
+    """|E_k|^2 (2/n)^2 of the band's (squared) envelope, bins 0..n/2."""
+    band = X[k0:k1 + 1].astype(np.complex128)
+    if whiten:
+        mag = np.abs(band)
+        band = np.where(mag > 0, band / np.where(mag > 0, mag, 1), 0)
+    z = np.zeros(n, np.complex128)
+    z[k0:k1 + 1] = 2 * band
+    a = np.fft.ifft(z)
+    e = np.abs(a) ** 2 if squared else np.abs(a)
+    E = np.fft.rfft(e - e.mean())
+    return np.abs(E) ** 2 * (2.0 / n) ** 2
+
+
+def channel_confidences(p: np.ndarray, top: int, bw: float, ff: dict, lines: list[dict], k: int) -> dict:
+    """bearing.c diag_channel_eval: per kind its confidence, strongest carrier (Hz) and its ratio."""
+    floor2 = float(np.median(p[2:top + 1]))
+    b = np.arange(2, top + 1)
+    f = b * bw
+    h = np.floor(f / ff["fr"] + 0.5)
+    shaft = (h >= 1) & (np.abs(f - h * ff["fr"]) <= bw / 2 + TOL_RACE * h * ff["fr"])
+    r2 = p[2:top + 1] / floor2 if floor2 > 0 else np.zeros(len(b))
+    total = float(np.sum(np.where(~shaft & (r2 > 1), r2 - 1, 0.0)))
+    out = {}
+    for kind in KINDS:
+        c_max = s_max = acc = 0.0
+        c_bins = s_bins = 0
+        best_c, best_h, at_best = -1.0, 0, -1
+        c_amp, sb_amp, sb_cnt = {}, {}, {}
+        for ln in lines:
+            if ln["kind"] != kind or ln["excluded"]:
+                continue
+            ks = _bins_in(ln["f"] - ln["hw"], ln["f"] + ln["hw"], bw, 2, top)
+            if not ks.size:
+                continue
+            at = int(ks[np.argmax(p[ks])])
+            ref2 = floor2
+            if not ln["carrier"]:   # a sideband against the floor or the spectrum half-way to its neighbours
+                a = min(max(math.floor((ln["f"] - ln["spacing"] / 2) / bw + 0.5), 2), top)
+                b = min(max(math.floor((ln["f"] + ln["spacing"] / 2) / bw + 0.5), 2), top)
+                ref2 = max(ref2, 0.5 * (float(p[a]) + float(p[b])))
+            rr = float(p[at] / ref2) if ref2 > 0 else 0.0
+            w = int(ks.size)
+            excess = max(rr - 1, 0.0) * presence(rr, w, k)
+            if ln["carrier"]:
+                c_bins += w
+                c_max = max(c_max, rr)
+                acc += excess
+                c_amp[ln["h"]] = math.sqrt(rr)
+                if rr > best_c:
+                    best_c, best_h, at_best = rr, ln["h"], at
+            else:
+                s_bins += w
+                s_max = max(s_max, rr)
+                if kind in ("inner", "ball"):
+                    acc += excess
+                sb_amp[ln["h"]] = sb_amp.get(ln["h"], 0.0) + math.sqrt(rr)
+                sb_cnt[ln["h"]] = sb_cnt.get(ln["h"], 0) + 1
+        factor = 1.0
+        if kind in ("inner", "ball"):
+            factor = presence(s_max, s_bins, k) if s_bins else 0.0
+        elif kind == "outer" and best_h and sb_cnt.get(best_h) and c_amp.get(best_h, 0) > 0:
+            sbr = sb_amp[best_h] / sb_cnt[best_h] / c_amp[best_h]
+            factor = 1.0 if sbr <= 0.5 else 0.0 if sbr >= 1 else 2 * (1 - sbr)
+        elif kind == "cage":
+            factor = 0.5
+        conf = presence(c_max, c_bins, k) * factor * acc / total if c_bins and total > 0 else 0.0
+        out[kind] = (min(conf, 1.0), at_best * bw if at_best >= 0 else 0.0, math.sqrt(best_c) if best_c > 0 else 0.0)
+    return out
+
+
+def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: float, state: State,
+              env_lo: float, env_hi: float, ff_track: dict) -> dict:
+    """The diagnosis features of a diagnosed window (bearing.c diag_update and the naming rule)."""
+    channels, n = shape
+    bw = fs / n
+    geom = (int(_f(params, "bearing.balls", 0)), _f(params, "bearing.ball_diameter", 0),
+            _f(params, "bearing.pitch_diameter", 0), _f(params, "bearing.contact_angle_deg", 0.0))
+    windows = int(_f(params, "diagnosis.windows", 8))
+    squared = params.get("diagnosis.envelope", "magnitude") == "squared"
+    whiten = params.get("diagnosis.prewhiten", "none") == "cepstrum"
+    kurtogram = params.get("diagnosis.band", "kurtogram") == "kurtogram"
+    fixed = "shaft.rpm" in params
+    k = np.arange(n // 2 + 1)
+    sel = np.nonzero((k * bw >= env_lo) & (k * bw <= env_hi))[0]
+    band0 = (int(sel[0]), int(sel[-1])) if sel.size else (1, 0)
+    if state.diag_shape != (n, fs):
+        state.diag_count, state.diag_shape = 0, (n, fs)
+    new_mean = state.diag_count == 0
+    if new_mean:
+        state.diag_speeds = []
+    state.diag_count = min(state.diag_count + 1, windows)
+    state.diag_speeds = (state.diag_speeds + [fr_window])[-windows:]
+    fr = fr_window if fixed else float(np.median(state.diag_speeds))
+    ff = fault_frequencies(fr, *geom)
+    ff["fr"] = fr
+    if kurtogram:   # chosen when the running mean starts and each time it has turned over
+        if new_mean or state.diag_band_age >= windows or len(state.diag_bands) != channels:
+            state.diag_bands = [kurtogram_band(spectra[c], n, bw, fs, ff_track["bpfi"], whiten, band0)
+                                for c in range(channels)]
+            state.diag_band_age = 0
+        state.diag_band_age += 1
+        bands = state.diag_bands
+    else:
+        bands = [band0] * channels
+    def top_of(bpfi: float) -> int:
+        return int(min(max(math.floor(5 * bpfi / bw), 2), n // 2 - 1))
+    top = top_of(ff["bpfi"])
+    rpm_top = _f(params, "shaft.rpm", 0) if fixed else _f(params, "shaft.rpm_max", 0)
+    mtop = max(top, top_of(fault_frequencies(rpm_top / 60, *geom)["bpfi"]))   # the bins the mean covers
+    power = np.stack([diag_spectrum(spectra[c], n, *bands[c], squared, whiten)[:mtop + 1] for c in range(channels)])
+    cnt = state.diag_count
+    if cnt == 1 or state.diag_mean is None or state.diag_mean.shape != power.shape:
+        mean = power.astype(np.float32)
+    else:
+        prev = state.diag_mean.astype(np.float64)
+        mean = (prev + np.float32(1.0 / cnt) * (power - prev)).astype(np.float32)
+    state.diag_mean = mean
+    lines = diag_lines(ff, bw)
+    per = [channel_confidences(mean[c].astype(np.float64), top, bw, ff, lines, cnt) for c in range(channels)]
+    conf = {kd: max(pc[kd][0] for pc in per) for kd in KINDS}
+    best = max(KINDS, key=lambda kd: (conf[kd], -KINDS.index(kd)))
+    runner = max((kd for kd in KINDS if kd != best), key=lambda kd: (conf[kd], -KINDS.index(kd)))
+    best_c = max(range(channels), key=lambda c: (per[c][best][0], -c))
+    named = conf[best] >= _f(params, "diagnosis.min_confidence", 0.3) and \
+        conf[best] - conf[runner] >= _f(params, "diagnosis.margin", 0.1)
+    show, show_c = best, best_c            # the line the event shows: the named part's, else the most prominent
+    if not named:
+        for c in range(channels):
+            for kd in KINDS:
+                if per[c][kd][2] > per[show_c][show][2]:
+                    show, show_c = kd, c
+    return {"diagnosis": DIAGNOSIS_CODE[best] if named else 0, "diagnosis.confidence": conf[best],
+            "diagnosis.peak_hz": per[show_c][show][1], "diagnosis.method": 1 if named else 0,
+            "diagnosis.windows": cnt, "diagnosis.band_lo_hz": bands[show_c][0] * bw,
+            "diagnosis.band_hi_hz": (bands[show_c][1] + 1) * bw, **{f"conf.{kd}": conf[kd] for kd in KINDS},
+            "diagnosis.channel": show_c, "diagnosis.shaft_hz": fr, "diagnosis.squared": int(squared),
+            "diagnosis.whitened": int(whiten),
+            "_diag": {"ff": ff, "per_channel": per, "named": best if named else None, "channel": show_c,
+                      "shown": show}}
 
 
 def per_channel_layout(channels: int) -> tuple[int, int]:

@@ -1,12 +1,26 @@
 """`appliance eval bearing`: the bearing module on real recordings, through the real pipeline.
 
-For each CWRU-style recording (MATLAB files with a `*_DE_time` drive-end signal; the sample
-rate from the `_12k` / `_48k` in the name, as CWRU names them), one run of the supervisor
-replays [first half of the healthy recording (the baseline), then the recording] through the
-replay source, the worker and wasm3, and tallies what the module said about the recording's
-windows. The module's params come from configs/cwru-eval.yaml, one set for every file: no
-per-file tuning. The healthy recording is at 48 kHz: decimated by 4 for the 12 kHz files, and
-used as it is for the 48 kHz ones. Its second half is evaluated too, and must stay quiet.
+CWRU-style folders (`--format cwru`, the default): for each MATLAB file with a `*_DE_time`
+drive-end signal (the sample rate from the `_12k` / `_48k` in the name, as CWRU names them), one
+run of the supervisor replays [first half of the healthy recording (the baseline), then the
+recording] through the replay source, the worker and wasm3, and tallies what the module said about
+the recording's windows. The module's params come from configs/cwru-eval.yaml, one set for every
+file: no per-file tuning (`--param KEY=VALUE` changes one for the whole run, to compare methods).
+The healthy recording is at 48 kHz: decimated by 4 for the 12 kHz files, and used as it is for
+the 48 kHz ones. Its second half is evaluated too, and must stay quiet.
+
+What a maintenance planner cares about, per recording: was it flagged, and which part did the
+events name. A recording is "named wrong" when any of its alarms names a part other than the
+damaged one (a crew would be sent to change it), "named right" when an alarm names the damaged
+part and none names another, else "unspecified". The confusion table crosses the damaged part
+with the named one; the exit status is non-zero on any wrong name, any false alarm and any
+fault not flagged.
+
+IMS-style folders (`--format ims`): run-to-failure snapshots, one tab-separated text file per
+snapshot (a column per channel, `--fs` 20 kHz), in file-name (time) order; `--channels` picks the
+bearing's column(s). The first `--baseline-snapshots` files teach the baseline, then every file
+is replayed in turn; the report says when the module first flagged the run and which parts its
+alarms named (`--expect PART` checks them).
 """
 from __future__ import annotations
 
@@ -26,6 +40,8 @@ REPO = Path(__file__).resolve().parents[3]
 EVAL_CONFIG = REPO / "configs" / "cwru-eval.yaml"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "bearing" / "cwru"
 DIAGNOSES = {0: "unspecified", 1: "outer race", 2: "inner race", 3: "ball", 4: "cage"}
+PARTS = ("outer race", "inner race", "ball", "cage")
+METHODS = {0: "-", 1: "signature", 2: "bearing_cnn"}
 EXPECTED = (("inner", "inner race"), ("outer", "outer race"), ("ball", "ball"), ("normal", None))
 ZONES = "ABCD"
 
@@ -34,11 +50,16 @@ ZONES = "ABCD"
 class FileResult:
     name: str
     fs: int
-    expected: str | None            # None: healthy
+    expected: str | None            # None: healthy, or unknown (IMS without --expect)
     windows: int = 0
     anomalous: int = 0
     zones: collections.Counter = field(default_factory=collections.Counter)
     events: list[dict] = field(default_factory=list)
+    healthy: bool = True            # False: a fault recording (expected may still be unknown)
+    first_flagged: str = ""         # IMS: the snapshot of the first alarm
+    window_named: collections.Counter = field(default_factory=collections.Counter)   # per diagnosed window
+    conf_damaged: list = field(default_factory=list)    # per diagnosed window: the damaged part's confidence
+    conf_others: list = field(default_factory=list)     # ... and the largest of the other parts'
 
     @property
     def anomaly_rate(self) -> float:
@@ -49,11 +70,38 @@ class FileResult:
         return [e for e in self.events if e["severity"] != "info"]
 
     @property
+    def named_parts(self) -> list[tuple[str, str]]:
+        """(part, method) of every alarm that named a part, in order."""
+        out = []
+        for e in self.alarms:
+            code = int(e["features"].get("diagnosis", 0))
+            if code:
+                out.append((DIAGNOSES.get(code, "?"), METHODS.get(int(e["features"].get("diagnosis.method", 1)), "?")))
+        return out
+
+    @property
     def diagnosis(self) -> str:
+        """The part the recording's alarms named, as a planner would read them: a wrong part if any
+        alarm named one, else the damaged part if an alarm named it, else unspecified ("-": no
+        alarm)."""
         if not self.alarms:
             return "-"
-        votes = collections.Counter(DIAGNOSES.get(int(e["features"].get("diagnosis", 0)), "?") for e in self.alarms)
-        return votes.most_common(1)[0][0]
+        parts = [p for p, _ in self.named_parts]
+        if self.expected is not None:
+            wrong = [p for p in parts if p != self.expected]
+            if wrong:
+                return wrong[0]
+            if self.expected in parts:
+                return self.expected
+            return "unspecified"
+        return collections.Counter(parts).most_common(1)[0][0] if parts else "unspecified"
+
+    @property
+    def method(self) -> str:
+        """Which method named the part the verdict rests on (several: joined)."""
+        d = self.diagnosis
+        methods = sorted({m for p, m in self.named_parts if p == d})
+        return "+".join(methods) if methods else "-"
 
     @property
     def zone(self) -> str:
@@ -61,13 +109,15 @@ class FileResult:
 
     @property
     def verdict(self) -> str:
-        if self.expected is None:
+        if self.healthy:
             return "ok" if not self.alarms else "FALSE ALARM"
         if not self.alarms:
             return "MISSED"
-        if self.expected == "ball":   # ball faults are weak in this data set: flagging suffices
-            return "ok" if self.diagnosis == "ball" else "flagged"
-        return "ok" if self.diagnosis == self.expected else "WRONG DIAGNOSIS"
+        if self.expected is None:
+            return "flagged"
+        if self.diagnosis == self.expected:
+            return "ok"
+        return "flagged" if self.diagnosis == "unspecified" else "WRONG PART"
 
 
 def sample_rate_of(path: Path) -> int:
@@ -84,11 +134,79 @@ def expected_of(path: Path) -> str | None:
     return None
 
 
+def set_param(module: dict, key: str, value: str) -> None:
+    """module params are nested YAML; KEY is the flattened name (diagnosis.band). An empty value
+    removes the param (shaft.rpm_min= shaft.rpm_max= shaft.rpm=1797: a fixed speed instead)."""
+    node = module.setdefault("params", {})
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--param {key}: {p} is a value in the config, not a section")
+    if value == "":
+        node.pop(leaf, None)
+    else:
+        node[leaf] = yaml.safe_load(value)
+
+
+def _supervise(doc: dict, workdir: Path, cfg_name: str, first_target_segment: int, result: FileResult,
+               snapshot_of=None) -> FileResult:
+    """Runs one config to the end and tallies the windows and events of the segments from
+    first_target_segment on."""
+    from appliance.core.supervisor import Supervisor
+    from appliance.events.spool import Spool
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    doc["gateway"]["data_dir"] = str(workdir / "var")
+    cfg_path = workdir / cfg_name
+    cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    cfg = load_config(cfg_path)
+    (module_name, _), = doc["modules"].items()
+    (source_name, _), = doc["sources"].items()
+    sup = Supervisor(cfg)
+    size, hop = cfg.modules[module_name].window.size, cfg.modules[module_name].window.hop_frames
+    threshold = float(cfg.modules[module_name].params.get("threshold", 0))
+    src = sup.sources[source_name]
+
+    def target_from() -> int:
+        # Windows restart at each segment (a gap): the segments before give this many.
+        starts = list(src.segment_starts) + [src.frames_total]
+        return sum(max(0, (b - a - size) // hop + 1) for a, b in zip(starts[:first_target_segment],
+                                                                      starts[1:first_target_segment + 1]))
+
+    def tally(module, window, res):
+        if module == module_name and window.seq >= target_from():
+            result.windows += 1
+            result.anomalous += res.features.get("score", 0.0) > threshold
+            if "iso_zone" in res.features:
+                result.zones[int(res.features["iso_zone"])] += 1
+            f = res.features
+            if f.get("diagnosis.windows", 0) > 0:
+                result.window_named[DIAGNOSES.get(int(f.get("diagnosis", 0)), "?")] += 1
+                conf = {p: f.get(f"conf.{k}", 0.0) for p, k in zip(PARTS, ("outer", "inner", "ball", "cage"))}
+                if result.expected in conf:
+                    result.conf_damaged.append(conf[result.expected])
+                result.conf_others.append(max(v for p, v in conf.items() if p != result.expected))
+
+    sup.subscribe(tally)
+    sup.start()
+    try:
+        if not sup.wait_until_done(3600):
+            raise RuntimeError(f"{cfg_name}: the replay did not finish")
+    finally:
+        sup.stop()
+    boundary = target_from()
+    spool = Spool(cfg.gateway.data_dir / "spool.db", 1 << 26)
+    result.events = [e for e in spool.tail(100_000) if e["window"].get("seq", -1) >= boundary]
+    spool.close()
+    if snapshot_of and result.alarms:
+        result.first_flagged = snapshot_of(result.alarms[0]["window"]["seq"], src, size, hop)
+    return result
+
+
 def run_one(template: dict, healthy: Path, target: Path, start_s: float | None, fs: int, workdir: Path,
             wasm: Path | None = None) -> FileResult:
     """One supervisor run: baseline segment, then the target; tally the target's windows."""
-    from appliance.core.supervisor import Supervisor
-
     healthy_fs = sample_rate_of(healthy)
     decimate = healthy_fs // fs
     if decimate < 1 or healthy_fs % fs:
@@ -105,44 +223,11 @@ def run_one(template: dict, healthy: Path, target: Path, start_s: float | None, 
     module["wasm"] = str(wasm or (EVAL_CONFIG.parent / module["wasm"]).resolve())   # the copy lives elsewhere
     module["window"]["size"] = _window_for(fs, module["window"]["size"])
     module["window"]["hop"] = module["window"]["size"] // 2
-    workdir.mkdir(parents=True, exist_ok=True)
-    doc["gateway"]["data_dir"] = str(workdir / "var")
-    cfg_path = workdir / f"{target.stem}.yaml"
-    cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    cfg = load_config(cfg_path)
-
     healthy_half = start_s is not None
     result = FileResult(f"{target.stem} (2nd half at {fs // 1000}k)" if healthy_half else target.stem, fs,
-                        None if healthy_half else expected_of(target))
-    sup = Supervisor(cfg)
-    size, hop = cfg.modules[module_name].window.size, cfg.modules[module_name].window.hop_frames
-    threshold = float(cfg.modules[module_name].params.get("threshold", 0))
-    src = sup.sources[name]
-
-    def target_from() -> int:
-        # Windows restart at each segment (a gap): the baseline segment gives this many.
-        return (src.segment_starts[1] - size) // hop + 1
-
-    def tally(module, window, res):
-        if module == module_name and window.seq >= target_from():
-            result.windows += 1
-            result.anomalous += res.features.get("score", 0.0) > threshold
-            if "iso_zone" in res.features:
-                result.zones[int(res.features["iso_zone"])] += 1
-
-    sup.subscribe(tally)
-    sup.start()
-    try:
-        if not sup.wait_until_done(600):
-            raise RuntimeError(f"{target.name}: the replay did not finish")
-    finally:
-        sup.stop()
-    boundary_seq = target_from()
-    from appliance.events.spool import Spool
-    spool = Spool(cfg.gateway.data_dir / "spool.db", 1 << 26)
-    result.events = [e for e in spool.tail(100_000) if e["window"].get("seq", -1) >= boundary_seq]
-    spool.close()
-    return result
+                        None if healthy_half else expected_of(target), healthy=healthy_half or
+                        expected_of(target) is None)
+    return _supervise(doc, workdir, f"{target.stem}.yaml", 1, result)
 
 
 def _duration_s(path: Path) -> float:
@@ -158,11 +243,23 @@ def _window_for(fs: int, size_at_12k: int) -> int:
     return 1 << (size.bit_length() - 1)
 
 
-def evaluate(data_dir: Path, healthy_name: str = "normal_0hp_48k.mat", wasm: Path | None = None) -> list[FileResult]:
+def template_with(params: list[str] | None) -> dict:
+    template = yaml.safe_load(EVAL_CONFIG.read_text())
+    (_, module), = template["modules"].items()
+    for item in params or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: give KEY=VALUE (e.g. diagnosis.band=fixed)")
+        set_param(module, key.strip(), value.strip())
+    return template
+
+
+def evaluate(data_dir: Path, healthy_name: str = "normal_0hp_48k.mat", wasm: Path | None = None,
+             params: list[str] | None = None) -> list[FileResult]:
     healthy = data_dir / healthy_name
     if not healthy.exists():
         raise FileNotFoundError(f"healthy recording not found: {healthy}")
-    template = yaml.safe_load(EVAL_CONFIG.read_text())
+    template = template_with(params)
     results = []
     with tempfile.TemporaryDirectory(prefix="eval-bearing-") as tmp:
         workdir = Path(tmp)
@@ -175,29 +272,155 @@ def evaluate(data_dir: Path, healthy_name: str = "normal_0hp_48k.mat", wasm: Pat
     return results
 
 
+# ---- IMS-style run-to-failure folders ------------------------------------------------------------
+
+def ims_snapshots(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no snapshot files in {folder}")
+    return files
+
+
+def evaluate_ims(folder: Path, channels: list[int], fs: float = 20000.0, baseline_snapshots: int = 10,
+                 expect: str | None = None, wasm: Path | None = None, params: list[str] | None = None) -> FileResult:
+    """One run: the first baseline_snapshots files teach the baseline, then every file in turn."""
+    import numpy as np
+
+    files = ims_snapshots(folder)
+    if len(files) <= baseline_snapshots:
+        raise ValueError(f"{folder}: {len(files)} snapshots, but the baseline takes {baseline_snapshots}")
+    template = template_with(params)
+    with tempfile.TemporaryDirectory(prefix="eval-bearing-ims-") as tmp:
+        tmp = Path(tmp)
+        segments = []
+        for i, f in enumerate(files):
+            data = np.loadtxt(f, dtype=np.float32, ndmin=2)   # tab-separated: a row per sample
+            bad = [c for c in channels if c >= data.shape[1]]
+            if bad:
+                raise ValueError(f"{f.name}: channels {bad} do not exist; it has {data.shape[1]} column(s)")
+            npy = tmp / f"{i:06d}.npy"
+            np.save(npy, np.ascontiguousarray(data[:, channels]))
+            segments.append({"path": str(npy), "sample_rate": float(fs)})
+        doc = yaml.safe_load(yaml.safe_dump(template))
+        (_, source), = doc["sources"].items()
+        source["segments"] = segments
+        (_, module), = doc["modules"].items()
+        module["wasm"] = str(wasm or (EVAL_CONFIG.parent / module["wasm"]).resolve())
+        module["window"]["size"] = _window_for(int(fs), module["window"]["size"])
+        module["window"]["hop"] = module["window"]["size"] // 2
+
+        def snapshot_of(seq: int, src, size: int, hop: int) -> str:
+            starts = list(src.segment_starts) + [src.frames_total]
+            before = 0
+            for i, (a, b) in enumerate(zip(starts, starts[1:])):
+                k = max(0, (b - a - size) // hop + 1)
+                if seq < before + k:
+                    return files[i].name
+                before += k
+            return files[-1].name
+
+        result = FileResult(f"{folder.name} ch{','.join(map(str, channels))}", int(fs), expect, healthy=False)
+        return _supervise(doc, tmp / "run", "ims.yaml", baseline_snapshots, result, snapshot_of)
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
 def table(results: list[FileResult]) -> str:
     head = f"{'recording':<34} {'fs':>6} {'windows':>7} {'anomaly':>8} {'zone':>4} {'events':>6}  " \
-           f"{'diagnosis':<12} {'expected':<11} verdict"
+           f"{'named':<12} {'by':<11} {'expected':<11} verdict"
     lines = [head, "-" * len(head)]
     for r in results:
+        expected = "healthy" if r.healthy else r.expected or "?"
         lines.append(f"{r.name:<34} {r.fs // 1000:>5}k {r.windows:>7} {r.anomaly_rate:>7.0%} {r.zone:>4} "
-                     f"{len(r.alarms):>6}  {r.diagnosis:<12} {r.expected or 'healthy':<11} {r.verdict}")
+                     f"{len(r.alarms):>6}  {r.diagnosis:<12} {r.method:<11} {expected:<11} {r.verdict}")
     return "\n".join(lines)
+
+
+def confusion(results: list[FileResult]) -> str:
+    """Damaged part (rows) x the part the alarms named (columns), recordings counted."""
+    cols = list(PARTS) + ["unspecified", "not flagged"]
+    rows = [p for p in PARTS if any(r.expected == p for r in results)]
+    width = max(len(c) for c in cols) + 1
+    corner = "damaged / named"
+    lines = [f"{corner:<16}" + "".join(f"{c:>{width}}" for c in cols)]
+    for part in rows:
+        counts = collections.Counter("not flagged" if not r.alarms else r.diagnosis
+                                     for r in results if r.expected == part and not r.healthy)
+        lines.append(f"{part:<16}" + "".join(f"{counts.get(c, 0):>{width}}" for c in cols))
+    return "\n".join(lines)
+
+
+def totals(results: list[FileResult]) -> dict:
+    faults = [r for r in results if not r.healthy]
+    healthy = [r for r in results if r.healthy]
+    return {"fault recordings": len(faults), "flagged": sum(bool(r.alarms) for r in faults),
+            "named right": sum(r.verdict == "ok" for r in faults),
+            "named wrong": sum(r.verdict == "WRONG PART" for r in faults),
+            "healthy recordings": len(healthy), "false alarms": sum(r.verdict == "FALSE ALARM" for r in healthy)}
+
+
+def window_summary(results: list[FileResult]) -> str:
+    """Every diagnosed window (anomalous, or its story open) on its own: how often the running
+    diagnosis named the damaged part, another part, or none; the damaged part's lowest confidence
+    and the other parts' highest, per damaged part (how far from the naming rule's threshold)."""
+    lines = []
+    for part in PARTS:
+        rs = [r for r in results if r.expected == part and not r.healthy]
+        if not rs:
+            continue
+        named = sum((r.window_named for r in rs), collections.Counter())
+        n = sum(named.values())
+        if not n:
+            continue
+        right = named.get(part, 0)
+        wrong = n - right - named.get("unspecified", 0)
+        damaged = [c for r in rs for c in r.conf_damaged]
+        others = [c for r in rs for c in r.conf_others]
+        lines.append(f"  {part:<11} {n:>4} windows: named right {right / n:>4.0%}, wrong {wrong / n:>4.0%}, "
+                     f"unspecified {named.get('unspecified', 0) / n:>4.0%}; its confidence min {min(damaged):.2f} "
+                     f"median {sorted(damaged)[len(damaged) // 2]:.2f}, other parts' max {max(others):.2f}")
+    return "diagnosed windows (each on its running mean):\n" + "\n".join(lines) if lines else ""
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="appliance eval bearing", description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of CWRU-style .mat files")
-    p.add_argument("--healthy", default="normal_0hp_48k.mat", help="the healthy recording in that folder")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of CWRU-style .mat files (or IMS snapshots)")
+    p.add_argument("--format", choices=("cwru", "ims"), default="cwru", help="what the folder holds")
+    p.add_argument("--healthy", default="normal_0hp_48k.mat", help="cwru: the healthy recording in that folder")
+    p.add_argument("--channels", default="0", help="ims: the bearing's column(s), comma-separated (default 0)")
+    p.add_argument("--fs", type=float, default=20000.0, help="ims: sample rate in Hz (default 20000)")
+    p.add_argument("--baseline-snapshots", type=int, default=10, help="ims: snapshots that teach the baseline")
+    p.add_argument("--expect", choices=PARTS, help="ims: the part that failed in this run (checks the names)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a module param for every recording (repeatable), e.g. diagnosis.band=fixed")
     p.add_argument("--wasm", type=Path, help="the module to evaluate (default: the one configs/cwru-eval.yaml names)")
     args = p.parse_args(argv)
-    results = evaluate(args.data, args.healthy, args.wasm)
+    if args.format == "ims":
+        channels = [int(c) for c in args.channels.split(",") if c.strip()]
+        results = [evaluate_ims(args.data, channels, args.fs, args.baseline_snapshots, args.expect, args.wasm,
+                                args.param)]
+    else:
+        results = evaluate(args.data, args.healthy, args.wasm, args.param)
+    if args.param:
+        print("params changed for this run: " + ", ".join(args.param) + "\n")
     print(table(results))
     for r in results:
         for e in r.alarms[:3]:
             print(f"  {r.name}: {e['severity']}: {e['message']}")
-    bad = [r for r in results if r.verdict not in ("ok", "flagged")]
-    print(f"\n{len(results) - len(bad)} of {len(results)} recordings as expected")
+        if r.first_flagged:
+            print(f"  {r.name}: first flagged at snapshot {r.first_flagged}")
+    if any(r.expected for r in results):
+        print("\n" + confusion(results))
+    summary = window_summary(results)
+    if summary:
+        print("\n" + summary)
+    t = totals(results)
+    print(f"\nfault recordings {t['fault recordings']}: flagged {t['flagged']}, named right {t['named right']}, "
+          f"named wrong {t['named wrong']}; healthy recordings {t['healthy recordings']}: "
+          f"false alarms {t['false alarms']}")
+    bad = [r for r in results if r.verdict in ("FALSE ALARM", "WRONG PART", "MISSED")]
+    for r in bad:
+        print(f"FAILED: {r.name}: {r.verdict}" + (f" ({r.diagnosis})" if r.verdict == "WRONG PART" else ""))
     return 1 if bad else 0
 
 

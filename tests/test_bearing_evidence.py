@@ -1,0 +1,90 @@
+"""envelope.png, the picture of a bearing event (issue 18, item 4): drawn on the host from the
+triggering window and the module's features, beside window.npy; written by `appliance events
+--save-attachments`; never at the cost of the event's samples."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from appliance.events import evidence
+
+from conftest import REPO, shared_file
+from test_bearing_diagnosis import PARAMS, RPM, fault_signal
+from test_bearing_module import Bearing, wasm  # noqa: F401
+
+FS, N = 12000.0, 4096
+
+
+def event_window(wasm_bytes: bytes, kind: str) -> tuple[np.ndarray, dict]:
+    """A synthetic fault after a healthy baseline: the window of the first alarm and its features."""
+    m = Bearing(wasm_bytes, PARAMS, True)
+    seq = 0
+    for x in (fault_signal("healthy", FS, 11 * N / FS, seed=1), fault_signal(kind, FS, 8 * N / FS, seed=2)):
+        for i in range(0, len(x) - N + 1, N):
+            w = x[i:i + N][None].astype(np.float32)
+            before = len(m.events)
+            assert m.process(w, FS, seq) == 0
+            seq += 1
+            if len(m.events) > before:
+                return w, dict(m.features)
+    raise AssertionError("no event")
+
+
+def test_an_inner_race_event_carries_its_envelope_spectrum(wasm):
+    import cv2
+    w, features = event_window(wasm, "inner")
+    assert features["diagnosis"] == 2
+    atts = evidence.attachments(w, None, features, max_bytes=256 << 10, attach_window=True, sample_rate=FS)
+    assert [a.name for a in atts] == ["window.npy", "envelope.png"]
+    png = atts[1]
+    assert png.content_type == "image/png" and png.data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = cv2.imdecode(np.frombuffer(png.data, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (620, 1100, 3)
+    assert (img == (0, 0, 220)).all(axis=2).sum() > 20      # the named line is circled in red
+    # What the picture plots: the squared envelope spectrum of the module's band, whose strongest
+    # line below 1 kHz is BPFI at the diagnosis's speed.
+    freqs, amp = evidence.envelope_spectrum(w[0], FS, features["diagnosis.band_lo_hz"], features["diagnosis.band_hi_hz"],
+                                            bool(features["diagnosis.squared"]))
+    bpfi = features["bpfi_hz"] * features["diagnosis.shaft_hz"] / features["shaft_hz"]
+    sel = (freqs > 20) & (freqs < 1000)
+    assert abs(freqs[sel][np.argmax(amp[sel])] - bpfi) < 2 * (freqs[1] - freqs[0])
+    assert abs(features["diagnosis.peak_hz"] - bpfi) < 0.02 * bpfi
+    assert features["diagnosis.shaft_hz"] * 60 == pytest.approx(RPM, rel=0.01)
+
+
+def test_no_picture_without_a_diagnosis_and_no_lost_samples_when_it_fails(wasm, monkeypatch):
+    w, features = event_window(wasm, "outer")
+    plain = {k: v for k, v in features.items() if not k.startswith("diagnosis.band")}
+    assert [a.name for a in evidence.attachments(w, None, plain, max_bytes=256 << 10, attach_window=True,
+                                                 sample_rate=FS)] == ["window.npy"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no drawing today")
+    monkeypatch.setattr(evidence, "envelope_png", broken)
+    atts = evidence.attachments(w, None, features, max_bytes=256 << 10, attach_window=True, sample_rate=FS)
+    assert [a.name for a in atts] == ["window.npy"]
+
+
+def test_appliance_events_saves_the_picture(tmp_path):
+    """The CWRU config as it ships (baseline on the healthy recording, then the inner-race fault)
+    through `appliance run`, then `appliance events --save-attachments`."""
+    shared_file("bearing", "cwru", "inner_race_007_0hp_12k.mat")
+    doc = yaml.safe_load((REPO / "configs" / "cwru-eval.yaml").read_text())
+    data = REPO.parent / "shared" / "data" / "bearing" / "cwru"
+    for seg in doc["sources"]["drive_end"]["segments"]:
+        seg["path"] = str(data / seg["path"].rsplit("/", 1)[-1])
+    doc["modules"]["bearing"]["wasm"] = str(REPO / "modules" / "build" / "bearing.wasm")
+    doc["gateway"]["data_dir"] = str(tmp_path / "var")
+    cfg = tmp_path / "cwru.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    run = [sys.executable, "-m", "appliance"]
+    subprocess.run(run + ["run", "--config", str(cfg), "--until-end"], check=True, capture_output=True, timeout=300)
+    out = subprocess.run(run + ["events", "--config", str(cfg), "--save-attachments", str(tmp_path / "ev")],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    saved = sorted(p.name.split("-", 5)[-1] for p in (tmp_path / "ev").iterdir())
+    assert saved == ["envelope.png", "window.npy"], out
+    assert "inner race" in out
