@@ -34,7 +34,7 @@ def event_window(wasm_bytes: bytes, kind: str) -> tuple[np.ndarray, dict]:
     raise AssertionError("no event")
 
 
-def test_an_inner_race_event_carries_its_envelope_spectrum(wasm):
+def test_an_inner_race_event_carries_its_envelope_spectrum(wasm):  # noqa: F811
     import cv2
     w, features = event_window(wasm, "inner")
     assert features["diagnosis"] == 2
@@ -56,7 +56,7 @@ def test_an_inner_race_event_carries_its_envelope_spectrum(wasm):
     assert features["diagnosis.shaft_hz"] * 60 == pytest.approx(RPM, rel=0.01)
 
 
-def test_no_picture_without_a_diagnosis_and_no_lost_samples_when_it_fails(wasm, monkeypatch):
+def test_no_picture_without_a_diagnosis_and_no_lost_samples_when_it_fails(wasm, monkeypatch):  # noqa: F811
     w, features = event_window(wasm, "outer")
     plain = {k: v for k, v in features.items() if not k.startswith("diagnosis.band")}
     assert [a.name for a in evidence.attachments(w, None, plain, max_bytes=256 << 10, attach_window=True,
@@ -66,6 +66,19 @@ def test_no_picture_without_a_diagnosis_and_no_lost_samples_when_it_fails(wasm, 
         raise RuntimeError("no drawing today")
     monkeypatch.setattr(evidence, "envelope_png", broken)
     atts = evidence.attachments(w, None, features, max_bytes=256 << 10, attach_window=True, sample_rate=FS)
+    assert [a.name for a in atts] == ["window.npy"]
+
+
+@pytest.mark.parametrize("name, value", [("diagnosis.shaft_hz", 1e-9), ("shaft_hz", float("nan")),
+                                         ("bpfi_hz", 1e12), ("diagnosis.band_hi_hz", 1e9), ("ftf_hz", -1.0)])
+def test_a_module_s_numbers_cannot_make_the_supervisor_draw_forever(wasm, name, value):  # noqa: F811
+    """The features come from the sandbox and the picture is drawn in the supervisor: a shaft
+    rate of 1e-9 Hz would ask for 1e12 ticks. Refused with the reason; the event keeps its samples."""
+    w, features = event_window(wasm, "inner")
+    hostile = {**features, name: value}
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") if name != "diagnosis.band_hi_hz" else "band"):
+        evidence.check_drawable(hostile, FS)
+    atts = evidence.attachments(w, None, hostile, max_bytes=256 << 10, attach_window=True, sample_rate=FS)
     assert [a.name for a in atts] == ["window.npy"]
 
 

@@ -86,11 +86,41 @@ def envelope_spectrum(x: np.ndarray, fs: float, lo_hz: float, hi_hz: float, squa
     return np.arange(len(E)) * bw, E
 
 
+MAX_SHAFT_TICKS = 64          # shaft-rate ticks drawn at most (5.5 x BPFI is about 30 for common bearings)
+
+
+def check_drawable(features: dict[str, float], fs: float) -> None:
+    """The module's numbers, before the host draws with them: they come from the sandbox, and the
+    drawing runs in the supervisor, outside the worker's deadline and memory cap. ValueError with
+    what is wrong (the event then goes without the picture)."""
+    names = ("diagnosis.band_lo_hz", "diagnosis.band_hi_hz", "diagnosis.shaft_hz", "shaft_hz", "bpfo_hz",
+             "bpfi_hz", "bsf_hz", "ftf_hz")
+    for name in names:
+        value = features.get(name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"feature {name} is {value!r}, not a finite number")
+    nyquist = fs / 2
+    for name in ("diagnosis.shaft_hz", "shaft_hz"):
+        if not 0 < features[name] <= nyquist:
+            raise ValueError(f"feature {name} = {features[name]:g} Hz is outside (0, {nyquist:g}]")
+    if not 0.5 <= features["diagnosis.shaft_hz"] / features["shaft_hz"] <= 2:   # a tracked speed, not another machine
+        raise ValueError(f"feature diagnosis.shaft_hz = {features['diagnosis.shaft_hz']:g} Hz is far from the "
+                         f"window's shaft_hz = {features['shaft_hz']:g} Hz")
+    for name in ("bpfo_hz", "bpfi_hz", "bsf_hz", "ftf_hz"):   # geometry allows 0.05..50 x shaft for any bearing
+        ratio = features[name] / features["shaft_hz"]
+        if not 0.05 <= ratio <= 50:
+            raise ValueError(f"feature {name} is {ratio:g} x the shaft rate (0.05..50 expected)")
+    if not 0 < features["diagnosis.band_lo_hz"] < features["diagnosis.band_hi_hz"] <= nyquist:
+        raise ValueError(f"band {features['diagnosis.band_lo_hz']:g}-{features['diagnosis.band_hi_hz']:g} Hz "
+                         f"is not inside (0, {nyquist:g}]")
+
+
 def envelope_png(data: np.ndarray, fs: float, features: dict[str, float]) -> bytes:
     """envelope.png: the triggering window's envelope spectrum as the module made its diagnostic
     one (band, squared or not, whitened or not), with the fault-frequency families at the
     diagnosis's speed and the named line."""
     from hal.drivers.vibration.spectrum_png import EnvelopePlot, Marker, render_png   # OpenCV stays in hal/
+    check_drawable(features, fs)
     ch = int(features.get("diagnosis.channel", 0))
     ch = ch if 0 <= ch < data.shape[0] else 0
     lo, hi = features["diagnosis.band_lo_hz"], features["diagnosis.band_hi_hz"]
@@ -118,7 +148,7 @@ def envelope_png(data: np.ndarray, fs: float, features: dict[str, float]) -> byt
                     for s in (-1, 1)]
     elif code == 1:    # an outer-race fault has none: show where they would be
         markers += [Marker("BPFO", h * f["BPFO"] + s * fr, "", sideband=True) for h in (1, 2, 3) for s in (-1, 1)]
-    markers += [Marker("shaft", h * fr, "fr" if h == 1 else "") for h in range(1, int(top / fr) + 1)]
+    markers += [Marker("shaft", h * fr, "fr" if h == 1 else "") for h in range(1, min(int(top / fr), MAX_SHAFT_TICKS) + 1)]
     part = PART_WORDS.get(code, "unspecified")
     method = METHOD_WORDS.get(int(features.get("diagnosis.method", 0)), "")
     conf = features.get("diagnosis.confidence", 0.0)
