@@ -1,20 +1,24 @@
 """MQTT uplink against a real Mosquitto (tests/broker.py): topics and exact payloads, QoS 1, retained
 status and last will, password and TLS (CA, server name, client certificate), a stopped, hung and
-restarted broker. Layout: docs/uplink-mqtt.md."""
+restarted broker, subscriptions (listen) on every connection and a refused one subscribed again.
+Layout: docs/uplink-mqtt.md."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import cv2
 import jsonschema
 import numpy as np
+import paho.mqtt.client as mqtt
 import pydantic
 import pytest
 
@@ -340,6 +344,149 @@ def test_broker_stopped_then_restarted_on_the_same_port(start_broker, transports
     t.send(ev := event(), [])
     (msg,) = sub.wait_for(f"factory/{GW}/events/cam1")
     assert json.loads(msg.payload)["id"] == ev["id"]
+
+
+def test_listen_subscribes_on_every_connection_and_gets_the_retained_message(start_broker, transports):
+    """What the fleet channel relies on, on plain Mosquitto: the retained message on each (re)connect."""
+    broker = start_broker()
+    topic = f"factory/{GW}/fleet/desired"
+    raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="retainer", protocol=mqtt.MQTTv311)
+    raw.connect("127.0.0.1", broker.port)
+    raw.loop_start()
+    raw.publish(topic, b"rev 1", qos=1, retain=True).wait_for_publish(5)
+    raw.loop_stop()
+    raw.disconnect()
+    got: list[bytes] = []
+    t = transports(broker)
+    t.listen([topic], lambda tp, payload: got.append(payload))
+    t.connect()
+    wait(lambda: got == [b"rev 1"] and t.subscribed, 5, "the retained message")
+    broker.restart()
+    t.connect()   # what the forwarder does once it notices
+    wait(lambda: got == [b"rev 1", b"rev 1"] and t.subscribed, 5, "the retained message again")
+    assert t.subscriptions_refused == 0
+
+
+class RefusingBroker:
+    """A minimal MQTT 3.1.1 server, one client at a time: its SUBACK refuses (0x80) every filter the
+    first `refusals` times, then grants them and sends each filter's retained message. A clustered
+    broker does the same while it elects leaders after losing a node (NATS 2.9)."""
+
+    def __init__(self, refusals: int, retained: dict[str, bytes]) -> None:
+        self.refusals, self.retained = refusals, retained
+        self.subscribes: list[list[str]] = []
+        self.published: list[str] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(0.2)
+                try:
+                    self._session(conn)
+                except (OSError, ConnectionError):
+                    pass
+
+    @staticmethod
+    def _packet(kind: int, body: bytes) -> bytes:
+        size, length = len(body), b""
+        while True:
+            byte, size = size % 128, size // 128
+            length += bytes([byte | (128 if size else 0)])
+            if not size:
+                return bytes([kind]) + length + body
+
+    def _read(self, conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            try:
+                chunk = conn.recv(n - len(data))
+            except TimeoutError:
+                if self.stopping:
+                    raise ConnectionError("stopping") from None
+                continue
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def _session(self, conn: socket.socket) -> None:
+        while True:
+            header = self._read(conn, 1)[0]
+            size, shift = 0, 0
+            while True:
+                byte = self._read(conn, 1)[0]
+                size |= (byte & 127) << shift
+                shift += 7
+                if not byte & 128:
+                    break
+            body = self._read(conn, size)
+            kind = header >> 4
+            if kind == 1:     # CONNECT
+                conn.sendall(self._packet(0x20, b"\x00\x00"))
+            elif kind == 3:   # PUBLISH
+                n = int.from_bytes(body[:2], "big")
+                self.published.append(body[2:2 + n].decode())
+                if (header >> 1) & 3:
+                    conn.sendall(self._packet(0x40, body[2 + n:4 + n]))
+            elif kind == 8:   # SUBSCRIBE
+                pid, rest, filters = body[:2], body[2:], []
+                while rest:
+                    n = int.from_bytes(rest[:2], "big")
+                    filters.append(rest[2:2 + n].decode())
+                    rest = rest[3 + n:]
+                self.subscribes.append(filters)
+                granted = len(self.subscribes) > self.refusals
+                conn.sendall(self._packet(0x90, pid + bytes([1 if granted else 0x80] * len(filters))))
+                for f in filters if granted else ():
+                    if f in self.retained:
+                        conn.sendall(self._packet(0x31, len(f).to_bytes(2, "big") + f.encode() + self.retained[f]))
+            elif kind == 12:  # PINGREQ
+                conn.sendall(self._packet(0xD0, b""))
+            elif kind == 14:  # DISCONNECT
+                return
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+def wait(predicate, timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_a_refused_subscription_is_subscribed_again_until_granted():
+    desired, cmd = f"factory/{GW}/fleet/desired", f"factory/{GW}/fleet/cmd"
+    broker = RefusingBroker(refusals=2, retained={desired: b"rev 7"})
+    t = MqttTransport(MqttConfig(host="127.0.0.1", port=broker.port, ack_timeout_s=2.0, connect_timeout_s=3.0), GW)
+    got: list[bytes] = []
+    try:
+        t.listen([desired, cmd], lambda topic, payload: got.append(payload))
+        t.connect()
+        wait(lambda: t.subscriptions_refused == 2, 5, "the first SUBACK refusing both filters")
+        assert not t.subscribed
+        t.send(event(), [])   # events go on meanwhile
+        wait(lambda: got == [b"rev 7"], 10, "the retained message once the broker granted the subscription")
+        assert t.subscribed and t.subscriptions_refused == 4
+        assert broker.subscribes == [[desired, cmd], [cmd, desired], [cmd, desired]]   # 1 s, then 2 s later
+        assert f"factory/{GW}/events/cam1" in broker.published
+    finally:
+        t.close()
+        broker.stop()
 
 
 def test_hung_broker_send_fails_within_ack_timeout_then_recovers(start_broker, transports, subscribers):

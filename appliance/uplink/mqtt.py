@@ -9,6 +9,12 @@
 send() publishes the attachments, waits for their PUBACKs, then publishes the event and waits
 for its PUBACK; any disconnect or missing PUBACK is a TransientError and the forwarder sends
 the same event (same id) again: duplicates are possible, loss is not.
+
+Subscriptions (listen()) are made on every connection. A filter the SUBACK refuses (0x80) is
+subscribed again on the same connection after 1 s, 2 s, 4 s, then every 5 s until it is granted:
+a clustered broker refuses them while it elects new leaders after losing a node (NATS 2.9: the
+JetStream consumer behind the subscription was not made in time), an ACL until it is fixed.
+Events keep flowing meanwhile.
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ from hal.schema import ConfigPath, ExistingFile, StrictModel
 log = logging.getLogger("appliance.uplink.mqtt")
 
 QOS = 1
+SUBSCRIBE_RETRY_S = 1.0       # a refused subscription is tried again after this, doubling per refusal
+SUBSCRIBE_RETRY_MAX_S = 5.0
 
 
 class MqttTls(StrictModel):
@@ -155,6 +163,11 @@ class _Connection:
         self.refused: int | None = None      # CONNACK reason code, if refused
         self.last_error = ""                 # paho's last error log line (e.g. a TLS alert)
         self.status: bool | None = None      # last status published on this connection
+        self.sub_lock = threading.Lock()
+        self.subscribing: dict[int, tuple[str, ...]] = {}   # SUBSCRIBE packet id -> its filters, until the SUBACK
+        self.refused_filters: set[str] = set()   # filters a SUBACK refused: subscribed again later
+        self.retry_s = SUBSCRIBE_RETRY_S
+        self.retry: threading.Timer | None = None
 
 
 class MqttTransport(Transport):
@@ -177,6 +190,7 @@ class MqttTransport(Transport):
         self._listeners: list[tuple[tuple[str, ...], Callable[[str, bytes], None], Callable[[], None] | None]] = []
         self.bytes_sent = 0            # payload bytes acknowledged by the broker (events, attachments, health,
         self.attachments_skipped = 0   # status); attachments over max_attachment_bytes, not sent
+        self.subscriptions_refused = 0   # filters a SUBACK refused (each is subscribed again later)
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
 
@@ -202,6 +216,15 @@ class MqttTransport(Transport):
     def connected(self) -> bool:
         conn = self._conn
         return conn is not None and conn.settled.is_set() and conn.refused is None and not conn.lost.is_set()
+
+    @property
+    def subscribed(self) -> bool:
+        """Connected, and the broker granted every listen() filter on this connection."""
+        conn = self._conn
+        if not self.connected or conn is None:
+            return False
+        with conn.sub_lock:
+            return not conn.subscribing and not conn.refused_filters
 
     def connect(self) -> None:
         """A fresh connection (any previous one is closed first); returns once the broker accepted it
@@ -229,9 +252,55 @@ class MqttTransport(Transport):
 
     def _subscribe(self, topics: tuple[str, ...]) -> None:
         conn = self._live()
-        rc, _ = conn.client.subscribe([(t, QOS) for t in topics])
+        # Under the lock: the SUBACK (paho's thread) must find its packet id.
+        with conn.sub_lock:
+            rc, mid = conn.client.subscribe([(t, QOS) for t in topics])
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                conn.subscribing[mid] = tuple(topics)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransientError(f"MQTT subscribe to {', '.join(topics)} failed: {mqtt.error_string(rc)}")
+
+    def _on_subscribe(self, conn: _Connection, mid: int, reason_codes) -> None:
+        """paho's thread: the SUBACK. Refused filters (0x80, or missing from it) are subscribed
+        again later on this connection: a SUBSCRIBE is not retried by MQTT itself, and without it
+        the connection looks healthy while nothing arrives on those topics."""
+        with conn.sub_lock:
+            topics = conn.subscribing.pop(mid, None)
+            if topics is None:
+                return
+            codes = list(reason_codes)
+            refused = [t for i, t in enumerate(topics) if i >= len(codes) or codes[i].is_failure]
+            was_refused = bool(conn.refused_filters)
+            conn.refused_filters.difference_update(topics)
+            conn.refused_filters.update(refused)
+            if not refused:
+                if was_refused and not conn.refused_filters:
+                    log.info("MQTT broker %s granted the subscriptions it had refused", self.endpoint)
+                    conn.retry_s = SUBSCRIBE_RETRY_S
+                return
+            self.subscriptions_refused += len(refused)
+            first = not was_refused
+            delay = conn.retry_s
+            conn.retry_s = min(conn.retry_s * 2, SUBSCRIBE_RETRY_MAX_S)
+            if conn.retry is None and not conn.lost.is_set():
+                conn.retry = threading.Timer(delay, self._subscribe_refused, (conn,))
+                conn.retry.daemon = True
+                conn.retry.start()
+        log.log(logging.WARNING if first else logging.DEBUG,   # once, not every few seconds
+                "MQTT broker %s refused the subscription to %s (SUBACK %s); subscribing again in %.0f s",
+                self.endpoint, ", ".join(refused), [c.value for c in codes], delay)
+
+    def _subscribe_refused(self, conn: _Connection) -> None:
+        """A timer's thread: subscribe again to what the broker refused, if this connection lives."""
+        with conn.sub_lock:
+            conn.retry = None
+            topics = tuple(sorted(conn.refused_filters))
+        if not topics or conn.lost.is_set() or self._conn is not conn:
+            return
+        try:
+            self._subscribe(topics)
+        except TransientError as exc:   # the connection is going: the next one subscribes to everything
+            log.debug("MQTT: subscribing again failed: %s", exc)
 
     def _on_message(self, message) -> None:
         for topics, on_message, _ in self._listeners:
@@ -266,6 +335,7 @@ class MqttTransport(Transport):
         client.on_log = lambda c, u, level, buf: self._on_log(conn, level, buf)
         if self._listeners:
             client.on_message = lambda c, u, message: self._on_message(message)
+            client.on_subscribe = lambda c, u, mid, codes, props: self._on_subscribe(conn, mid, codes)
         try:
             try:
                 client.connect(host, port, keepalive=cfg.keepalive_s)
@@ -273,6 +343,7 @@ class MqttTransport(Transport):
                 if ctx is not None and ctx.wrapped is not None:   # a failed handshake leaves it open
                     ctx.wrapped.close()
                 client.on_connect = client.on_disconnect = client.on_log = client.on_message = None   # no reference cycle
+                client.on_subscribe = None
                 raise
         except ssl.SSLCertVerificationError as exc:
             raise TransientError(f"MQTT broker {self.endpoint}: TLS certificate verification failed: "
@@ -332,6 +403,10 @@ class MqttTransport(Transport):
             except TransientError:
                 pass
         conn.lost.set()   # from here on, waiters give up and a disconnect is no news
+        with conn.sub_lock:
+            if conn.retry is not None:
+                conn.retry.cancel()
+                conn.retry = None
         if graceful and live:
             client.disconnect()   # a clean DISCONNECT: the broker discards the last will
             conn.ended.wait(1.0)
@@ -355,6 +430,7 @@ class MqttTransport(Transport):
         # Break the client <-> callbacks cycle so the client is freed (and closes its internal socket
         # pair) as soon as nothing refers to it.
         client.on_connect = client.on_disconnect = client.on_log = client.on_message = None
+        client.on_subscribe = None
 
     def _password(self) -> str | None:
         cfg = self.config

@@ -19,6 +19,10 @@ from appliance.deploy.bundle import open_bundle
 from appliance.uplink.mqtt import topic_level
 
 
+SUBSCRIBE_RETRY_S = 1.0   # a subscription the broker refused is tried again after this (doubling, at most 5 s)
+SUBSCRIBE_RETRY_MAX_S = 5.0
+
+
 def revision_now() -> int:
     """Revisions only go up (gateways refuse an older one): microseconds of wall time."""
     return time.time_ns() // 1000
@@ -35,14 +39,24 @@ class FleetOperator:
         self.group_states: dict[str, dict] = {}   # the groups' retained desired states, as published
         self.received: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._connected = threading.Event()
+        self._connected = threading.Event()   # connected, and every subscription granted
         self._index = 0
+        self._generation = 0   # one per connection: a retry timer of an older one does nothing
+        self._sub_lock = threading.Lock()   # SUBSCRIBE packet ids and their SUBACKs
+        self._subscribing: dict[int, list[str]] = {}
+        self._retry_s = SUBSCRIBE_RETRY_S
+        self.subscriptions_refused = 0
         self._stop = False
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{client_id}-{revision_now() % 10**9}",
-                                  clean_session=True, protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+        # A session the broker keeps across this operator's reconnects (ended by close()): a
+        # clustered broker that lost a node has the subscriptions ready, where a clean session
+        # must have them made again while the cluster elects leaders (NATS refuses them then).
+        self.client_id = f"{client_id}-{revision_now() % 10**9}"
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                  clean_session=False, protocol=mqtt.MQTTv311, reconnect_on_failure=False)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda c, u, f, rc, p: self._connected.clear()
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self._thread = threading.Thread(target=self._keep_connected, name="fleet-operator", daemon=True)
         self._thread.start()
         if not self._connected.wait(30):
@@ -65,9 +79,43 @@ class FleetOperator:
     def _on_connect(self, client, userdata, flags, rc, props) -> None:
         if rc.is_failure:
             return
-        client.subscribe([(f"{self.prefix}/+/fleet/reported", 1), (f"{self.prefix}/+/status", 1),
-                          (f"{self.prefix}/fleet/groups/+/desired", 1)])
-        self._connected.set()
+        with self._sub_lock:
+            self._generation += 1
+            self._subscribing.clear()
+            self._retry_s = SUBSCRIBE_RETRY_S
+        self._subscribe([f"{self.prefix}/+/fleet/reported", f"{self.prefix}/+/status",
+                         f"{self.prefix}/fleet/groups/+/desired"])
+
+    def _subscribe(self, filters: list[str]) -> None:
+        with self._sub_lock:   # the SUBACK must find its packet id
+            rc, mid = self.client.subscribe([(f, 1) for f in filters])
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                self._subscribing[mid] = filters
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, props) -> None:
+        """Connected counts once the broker granted every filter. One it refused (0x80: a
+        clustered broker electing leaders after losing a node does) is subscribed again later:
+        without that, this connection would never see a report again."""
+        with self._sub_lock:
+            filters = self._subscribing.pop(mid, None)
+            if filters is None:
+                return
+            codes = list(reason_codes)
+            refused = [f for i, f in enumerate(filters) if i >= len(codes) or codes[i].is_failure]
+            if not refused:
+                if not self._subscribing:
+                    self._connected.set()
+                return
+            self.subscriptions_refused += len(refused)
+            delay, self._retry_s = self._retry_s, min(self._retry_s * 2, SUBSCRIBE_RETRY_MAX_S)
+            timer = threading.Timer(delay, self._subscribe_again, (self._generation, refused))
+        timer.daemon = True
+        timer.start()
+
+    def _subscribe_again(self, generation: int, filters: list[str]) -> None:
+        if self._stop or generation != self._generation or not self.client.is_connected():
+            return   # a newer connection subscribes to everything itself
+        self._subscribe(filters)
 
     def _on_message(self, client, userdata, message) -> None:
         if message.topic.startswith(f"{self.prefix}/fleet/groups/"):
@@ -94,6 +142,26 @@ class FleetOperator:
         self._stop = True
         self.client.disconnect()
         self._thread.join(5)
+        self._end_session()
+
+    def _end_session(self) -> None:
+        """A clean connection with the same client id makes the broker drop the kept session."""
+        for i in range(len(self.endpoints)):
+            host, port = self.endpoints[(self._index + i) % len(self.endpoints)]
+            done = threading.Event()
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
+                            protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+            c.on_connect = lambda cl, u, f, rc, p: done.set() if not rc.is_failure else None
+            try:
+                c.connect(host, port, keepalive=10)
+                c.loop_start()
+                if done.wait(5):
+                    c.disconnect()
+                    c.loop_stop()
+                    return
+            except OSError:
+                pass
+            c.loop_stop()
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -117,8 +185,8 @@ class FleetOperator:
                     info.wait_for_publish(10)
                     if info.is_published():
                         return
-                except (RuntimeError, ValueError):
-                    pass
+                except (RuntimeError, ValueError):   # not connected (any more): not in a tight loop
+                    time.sleep(0.5)
         raise ConnectionError(f"could not publish {topic}")
 
     def desired_topic(self, gateway: str | None = None, group: str | None = None) -> str:
