@@ -114,6 +114,12 @@ class MqttConfig(StrictModel):
         return self
 
 
+def refused_filters(filters, reason_codes) -> list[str]:
+    """The filters a SUBACK refused (a failure code, or none given for them), in order."""
+    codes = list(reason_codes)
+    return [f for i, f in enumerate(filters) if i >= len(codes) or codes[i].is_failure]
+
+
 def topic_level(name: str) -> str:
     """One topic level from a name: '/', '+', '#', '%' and NUL are %-escaped (%2F, %2B, %23, %25,
     %00), so a name can neither add levels nor act as a wildcard. Ordinary names are unchanged."""
@@ -269,7 +275,7 @@ class MqttTransport(Transport):
             if topics is None:
                 return
             codes = list(reason_codes)
-            refused = [t for i, t in enumerate(topics) if i >= len(codes) or codes[i].is_failure]
+            refused = refused_filters(topics, codes)
             was_refused = bool(conn.refused_filters)
             conn.refused_filters.difference_update(topics)
             conn.refused_filters.update(refused)

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.deploy.bundle import open_bundle
-from appliance.uplink.mqtt import topic_level
+from appliance.uplink.mqtt import refused_filters, topic_level
 
 
 SUBSCRIBE_RETRY_S = 1.0   # a subscription the broker refused is tried again after this (doubling, at most 5 s)
@@ -100,8 +100,7 @@ class FleetOperator:
             filters = self._subscribing.pop(mid, None)
             if filters is None:
                 return
-            codes = list(reason_codes)
-            refused = [f for i, f in enumerate(filters) if i >= len(codes) or codes[i].is_failure]
+            refused = refused_filters(filters, reason_codes)
             if not refused:
                 if not self._subscribing:
                     self._connected.set()
