@@ -183,14 +183,14 @@ TIME_DOMAIN = ("rms", "peak", "crest", "kurtosis", "skewness")
 
 
 def assert_matches_reference(got: dict, x: np.ndarray, fs: float, params: dict, rel: float,
-                             state: "ref.State | None" = None) -> float:
+                             state: "ref.State | None" = None, seq: int = 0) -> float:
     """Every feature the module reported equals the reference (state: the reference's between
     windows, one per sequence of windows); returns the worst relative error of the spectral ones
     (time-domain ones must agree to 1e-9, integers exactly)."""
     # The module diagnoses a window once it is anomalous or its story open: it says so in
     # diagnosis.windows; test_diagnosis_runs_while_anomalous checks when it does.
     diagnose = got.get("diagnosis.windows", 0) > 0
-    want = ref.analyze(np.asarray(x, np.float32), fs, params, state, diagnose)   # the samples the module saw
+    want = ref.analyze(np.asarray(x, np.float32), fs, params, state, diagnose, seq)   # the samples the module saw
     extra = set(got) - set(want) - {"score", "baseline.progress"}
     assert not extra, f"features the reference lacks: {sorted(extra)}"
     worst = 0.0
@@ -199,7 +199,7 @@ def assert_matches_reference(got: dict, x: np.ndarray, fs: float, params: dict, 
             continue
         w = want[name]
         if name in ("iso_zone", "diagnosis", "diagnosis.method", "diagnosis.windows", "diagnosis.channel",
-                    "diagnosis.squared", "diagnosis.whitened"):
+                    "diagnosis.squared", "diagnosis.whitened", "diagnosis.dof"):
             assert value == w, (name, value, w)
             continue
         if name.startswith("conf.") or name == "diagnosis.confidence":   # in [0, 1], may be 0
@@ -231,7 +231,7 @@ def test_features_match_reference_on_synthetic(wasm, host_dsp, channels, n, fs, 
     for seq in range(5):                     # 2 healthy learning windows, then 3 scored faulty ones
         x = synthetic(channels, n, fs, fr, seed=seq, fault=0.0 if seq < 2 else 1.0)
         assert m.process(x, fs, seq) == 0, m.logs
-        worst = max(worst, assert_matches_reference(m.features, x, fs, params, rel=5e-5, state=state))
+        worst = max(worst, assert_matches_reference(m.features, x, fs, params, rel=5e-5, state=state, seq=seq))
     assert m.features["diagnosis.windows"] == 3
     assert m.features["diagnosis"] == 1, "the impulse train at BPFO is an outer-race fault"
     assert len(m.features) <= 256
@@ -265,7 +265,8 @@ def test_features_match_reference_on_cwru_slice(wasm, host_dsp):
     state = ref.State()
     for seq, w in enumerate(windows(healthy_12k()[:WINDOW * 2]) + windows(x[:WINDOW * 3])):
         assert m.process(w, FS, seq) == 0
-        worst = max(worst, assert_matches_reference(m.features, w[None], FS, params, rel=5e-5, state=state))
+        worst = max(worst, assert_matches_reference(m.features, w[None], FS, params, rel=5e-5, state=state,
+                                                    seq=seq))
     assert m.features["diagnosis.windows"] == 5
     assert m.features["diagnosis"] == 1
     assert abs(m.features["shaft_hz"] - 1796 / 60) < 0.1
@@ -472,7 +473,7 @@ def test_cwru_detection_and_diagnosis(wasm, speed):
             scores.append(m.features["score"])
             diagnoses.append(m.features["diagnosis"])
             want = base.score(ref.analyze(w[None].astype(np.float32), FS, params, state,
-                                          m.features["diagnosis.windows"] > 0))
+                                          m.features["diagnosis.windows"] > 0, seq))
             if seq % 8 == 0:   # the score is the reference's (float32 FFT vs float64)
                 assert m.features["score"] == pytest.approx(want, rel=1e-4)
         results[label] = (scores, m.events)

@@ -12,8 +12,8 @@
  *   env.outer/inner/ball/cage (g, h = 1), env.<kind>.ratio (mean over h), env.floor.
  * Per window: shaft_hz (fixed, or estimated on channel 0 within a range and tracked: the median
  * of the last shaft.track_windows estimates), bpfo_hz, bpfi_hz,
- * bsf_hz, ftf_hz, iso_zone; baseline.progress while learning, then score, diagnosis,
- * diagnosis.ratio and diagnosis.peak_hz. modules/src/bearing/reference.py is the same analysis in
+ * bsf_hz, ftf_hz, iso_zone; baseline.progress while learning, then score and the diagnosis
+ * (diagnosis, diagnosis.*, conf.*: diagnosis.h). modules/src/bearing/reference.py is the same analysis in
  * numpy; tests/test_bearing_module.py holds the two together. The heavy loops are the SDK's
  * ap_dsp.h kernels (moments, FFTs, band powers, envelope, median, feature batch), which the host
  * runs natively when it offers them (host.dsp=1).
@@ -28,7 +28,11 @@
  *   baseline.windows (default 50, 2..1024), threshold (default 4), confirm (2), clear_ratio (0.7),
  *   clear_windows (5), min_spread (0.05), host.dsp (set by the host)
  *   diagnosis.band (kurtogram|fixed), diagnosis.prewhiten (none|cepstrum), diagnosis.envelope
- *   (magnitude|squared), diagnosis.windows (8), diagnosis.min_confidence (0.3), diagnosis.margin (0.1)
+ *   (magnitude|squared), diagnosis.windows (8), diagnosis.min_confidence (0.3), diagnosis.margin (0.1),
+ *   diagnosis.second_opinion (none|bearing_cnn), diagnosis.cnn_min_p (0.9)
+ *
+ * Files: features.h (the per-window analysis), diagnosis.h (the signature diagnosis),
+ * second_opinion.h (the embedded bearing_cnn), included once here: one translation unit.
  *
  * Score: the RMS of robust z-scores over the baseline vector (see baseline_vector()),
  * score = sqrt(sum z_i^2 / F), z_i = (v_i - median_i) / spread_i, spread_i = 1.4826 MAD_i floored
@@ -123,6 +127,7 @@ static float scratch[AMP_ROW];          /* the C median selects in a copy */
 /* ---- params -------------------------------------------------------------------------------- */
 
 static void make_names(void);
+static void diag_forget(void);          /* diagnosis.h */
 static int32_t batch_key;               /* the feature names' shape (defined with the names below) */
 
 static int param_error(const char *what) {
@@ -277,6 +282,7 @@ int32_t ap_init(const char *params, int32_t len) {
     reset_learning();
     st.speeds_n = st.speeds_next = 0;
     batch_key = -1;                             /* the feature names follow the params (diagnosis.second_opinion) */
+    diag_forget();                              /* the diagnosis's ring is sized for these params */
     return 0;
 }
 
@@ -393,8 +399,9 @@ static const char *const learning_names[] = {"iso_zone", "baseline.progress"};
 static const char *const scoring_names[] = {
     "iso_zone", "score", "diagnosis", "diagnosis.confidence", "diagnosis.peak_hz", "diagnosis.method",
     "diagnosis.windows", "diagnosis.band_lo_hz", "diagnosis.band_hi_hz", "conf.outer", "conf.inner", "conf.ball",
-    "conf.cage", "diagnosis.channel", "diagnosis.shaft_hz", "diagnosis.squared", "diagnosis.whitened"};
-#define N_SCORING 17
+    "conf.cage", "diagnosis.channel", "diagnosis.shaft_hz", "diagnosis.squared", "diagnosis.whitened",
+    "diagnosis.dof"};
+#define N_SCORING 18
 static const char *const cnn_feature_names[] = {"cnn.normal", "cnn.inner", "cnn.outer", "cnn.ball", "cnn.slices"};
 #define N_CNN 5
 
@@ -495,7 +502,7 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     double floors[AP_MAX_CHANNELS];
     envelope_floors(n, channels, bw, &ff, floors);
     for (uint32_t c = 0; c < channels; c++)
-        envelope_faults(espec + (size_t)c * (n + 2), amp[c], floors[c], n, bw, &ff, &res[c]);
+        envelope_faults(amp[c], floors[c], n, bw, &ff, &res[c]);
 
     double *fv = batch_values;
     fv[0] = ff.fr; fv[1] = ff.bpfo; fv[2] = ff.bpfi; fv[3] = ff.bsf; fv[4] = ff.ftf;
@@ -551,7 +558,9 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     int best = 0, runner = 1, named = 0, show = 0;
     uint32_t best_c = 0, show_c = 0;
     if (score >= cfg.threshold || st.story.active >= 0) {
-        diag_update(n, channels, bw, fs, env_lo, env_hi, fr_window, &dff, dc);
+        /* the window's start: the header's time, else (0: not given) its sequence at half-overlap */
+        double t = h->start_time_ns > 0 ? (double)h->start_time_ns * 1e-9 : (double)h->sequence * ((double)n / fs) / 2;
+        diag_update(n, channels, bw, fs, env_lo, env_hi, fr_window, t, &dff, &ff, dc);
         for (int k = 0; k < N_KINDS; k++)
             for (uint32_t c = 0; c < channels; c++) if (dc[c].conf[k] > conf[k]) conf[k] = dc[c].conf[k];
         for (int k = 1; k < N_KINDS; k++) if (conf[k] > conf[best]) best = k;
@@ -574,14 +583,16 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     /* The second opinion, when an event is raised or escalates (see "second opinion" above). */
     double cnnp[CNN_CLASSES] = {0};
     int32_t slices = 0;
-    int method = named ? 1 : 0, cnn_top = CNN_NORMAL, disagree = -1;
+    int method = named ? 1 : 0, cnn_top = CNN_NORMAL, cnn_listed = 0;
     if (cfg.cnn && diagnosing && (what == AP_STORY_RAISE || what == AP_STORY_ESCALATE)) {
         slices = cnn_probs(h, best_c, n, fs, &res[best_c], cnnp);
         for (int k = 1; k < CNN_CLASSES; k++) if (cnnp[k] > cnnp[cnn_top]) cnn_top = k;
         if (slices && cnn_top != CNN_NORMAL && cnnp[cnn_top] >= cfg.cnn_min_p) {
+            /* it names a part only where the signature named none and only the signature's own top
+             * candidate (ahead of the runner-up); else its vote is a candidate in the message */
             int kind = cnn_kind[cnn_top];
-            if (named && kind != best) { disagree = best; named = 0; method = 0; }
-            else if (!named) { named = 1; best = kind; method = 2; show = kind; show_c = best_c; }
+            if (!named && kind == best && conf[best] > conf[runner]) { named = 1; method = 2; show = kind; show_c = best_c; }
+            else cnn_listed = 1;
         }
     }
     tail[2] = named ? best + 1 : 0;
@@ -596,6 +607,7 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     tail[14] = diagnosing ? dff.fr : 0;          /* the speed the diagnosis's fault frequencies are of */
     tail[15] = cfg.diag_squared;                 /* how its spectrum is made (for the host's picture) */
     tail[16] = cfg.diag_whiten;
+    tail[17] = diagnosing ? dg.dof : 0;           /* the noise law's degrees of freedom (the ring's windows, overlap-corrected) */
     if (cfg.cnn) {
         for (int k = 0; k < CNN_CLASSES; k++) tail[N_SCORING + k] = cnnp[k];
         tail[N_SCORING + CNN_CLASSES] = slices;
@@ -629,17 +641,9 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
             ap_text_num(&t, cnnp[cnn_top], 2);
             ap_text_str(&t, " over ");
             ap_text_int(&t, slices);
-            ap_text_str(&t, " slices; the envelope signature named no part): ");
-        } else if (disagree >= 0) {
-            ap_text_str(&t, "unspecified (the envelope signature says ");
-            ap_text_str(&t, kind_words[disagree]);
-            ap_text_str(&t, " ");
-            ap_text_num(&t, conf[disagree], 2);
-            ap_text_str(&t, ", bearing_cnn says ");
-            ap_text_str(&t, cnn_names[cnn_top]);
-            ap_text_str(&t, " p ");
-            ap_text_num(&t, cnnp[cnn_top], 2);
-            ap_text_str(&t, "; most prominent fault line: ");
+            ap_text_str(&t, " slices, the envelope signature's top candidate at ");
+            ap_text_num(&t, conf[best], 2);
+            ap_text_str(&t, " but not named by it): ");
         } else {
             ap_text_str(&t, "unspecified (no part's signature is clear enough; most prominent fault line: ");
         }
@@ -667,8 +671,8 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
             ap_text_str(&t, " ");
             ap_text_num(&t, conf[order[i]], 2);
         }
-        if (slices && method != 2 && disagree < 0) {
-            ap_text_str(&t, "; bearing_cnn: ");
+        if (slices && method != 2) {
+            ap_text_str(&t, cnn_listed ? "; bearing_cnn's candidate: " : "; bearing_cnn: ");
             ap_text_str(&t, cnn_names[cnn_top]);
             ap_text_str(&t, " p ");
             ap_text_num(&t, cnnp[cnn_top], 2);

@@ -8,7 +8,6 @@
 typedef struct {
     double mean, rms, peak, crest, kurtosis, skewness, velocity, bands[8];
     double env_amp[N_KINDS], env_ratio[N_KINDS], env_floor;
-    double peak_hz[N_KINDS], peak_ratio[N_KINDS];     /* h = 1 evidence */
 } channel_result;
 
 typedef struct { double fr, bpfo, bpfi, bsf, ftf, f[N_KINDS]; } fault_freqs;
@@ -194,10 +193,9 @@ static int32_t amp_bins(int32_t n, double bw, const fault_freqs *ff) {
     return k >= n / 2 ? n / 2 : (int32_t)k;
 }
 
-/* Fault-frequency amplitudes (amp: this channel's A_k, env: its E_k), ratios to the median
- * floor, and the h = 1 evidence. */
-static void envelope_faults(const float *env, const float *amp, double floor, int32_t n, double bw,
-                            const fault_freqs *ff, channel_result *r) {
+/* Fault-frequency amplitudes (amp: this channel's A_k) and their ratios to the median floor. */
+static void envelope_faults(const float *amp, double floor, int32_t n, double bw, const fault_freqs *ff,
+                            channel_result *r) {
     int32_t m = n / 2;
     r->env_floor = floor;
     for (int kd = 0; kd < N_KINDS; kd++) {
@@ -215,13 +213,7 @@ static void envelope_faults(const float *env, const float *amp, double floor, in
             double a = best >= 0 ? amp[best] : 0;
             double ratio = floor > 0 ? a / floor : 0;
             ratio_sum += ratio;
-            if (h == 1) {
-                double hz = best >= 0 ? (double)best * bw : 0;
-                if (best >= 1 && best < m) hz = ((double)best + jacobsen(env, (int32_t)best)) * bw;
-                r->env_amp[kd] = a;
-                r->peak_hz[kd] = hz;
-                r->peak_ratio[kd] = ratio;
-            }
+            if (h == 1) r->env_amp[kd] = a;
         }
         r->env_ratio[kd] = ratio_sum / HARMONICS;
     }

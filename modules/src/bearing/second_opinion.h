@@ -8,8 +8,11 @@
  * channel the diagnosis looked at, over every 1024-sample slice of the window (at 12 kHz, or at a
  * whole multiple of it decimated in the spectrum: its bins up to 6 kHz, inverse transformed at
  * the lower rate, the mean added back). It names a part only where the envelope signature named
- * none, with its mean probability at least diagnosis.cnn_min_p; where it confidently names
- * another part than the signature, neither is named (a wrong part sends a crew to change it). */
+ * none, only the signature's own top candidate (ahead of the runner-up), and with its mean
+ * probability at least diagnosis.cnn_min_p: it confirms the signature's lead, it never names a
+ * part the signature's evidence does not point to (it says "ball" at p 0.94-0.97 on synthetic
+ * race faults), and it never un-names the signature's part. Any other vote is listed in the
+ * message as a candidate. */
 enum { CNN_NORMAL, CNN_INNER, CNN_OUTER, CNN_BALL, CNN_CLASSES };
 static const int cnn_kind[CNN_CLASSES] = {-1, K_INNER, K_OUTER, K_BALL};
 static const char *const cnn_names[CNN_CLASSES] = {"normal", "inner", "outer", "ball"};
