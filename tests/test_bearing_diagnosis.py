@@ -105,10 +105,7 @@ def test_each_fault_type_is_named(kind, fs):
           + f"\n  {msg}")
 
 
-@pytest.mark.parametrize("fs", [12000.0, pytest.param(48000.0, marks=pytest.mark.xfail(
-    strict=True, reason="open (review 1 follow-up): at 48 kHz over 2 windows a noise bump on the BPFI "
-    "carrier's jitter skirt passes as a +-fr sideband; a local-continuum reference fixed it but cost "
-    "the CWRU inner-race recordings their name"))], ids=["12k", "48k"])
+@pytest.mark.parametrize("fs", [12000.0, 48000.0], ids=["12k", "48k"])
 def test_a_bpfi_line_without_sidebands_is_not_an_inner_race_fault(fs):
     """The same impulses at BPFI, but unmodulated: the BPFI line stands out as much as in a real
     inner-race fault, yet nothing turns it with the shaft; the module must not name the inner

@@ -400,8 +400,8 @@ static const char *const scoring_names[] = {
     "iso_zone", "score", "diagnosis", "diagnosis.confidence", "diagnosis.peak_hz", "diagnosis.method",
     "diagnosis.windows", "diagnosis.band_lo_hz", "diagnosis.band_hi_hz", "conf.outer", "conf.inner", "conf.ball",
     "conf.cage", "diagnosis.channel", "diagnosis.shaft_hz", "diagnosis.squared", "diagnosis.whitened",
-    "diagnosis.dof"};
-#define N_SCORING 18
+    "diagnosis.dof", "diagnosis.signature_p"};
+#define N_SCORING 19
 static const char *const cnn_feature_names[] = {"cnn.normal", "cnn.inner", "cnn.outer", "cnn.ball", "cnn.slices"};
 #define N_CNN 5
 
@@ -554,12 +554,13 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     /* Diagnosis while the window is anomalous or its story open (see "diagnosis" above). */
     diag_channel dc[AP_MAX_CHANNELS];
     fault_freqs dff = ff;                       /* the diagnosis's own (see diag_update) */
-    double conf[N_KINDS] = {0};
+    double conf[N_KINDS] = {0}, signature = 0;
     int best = 0, runner = 1, named = 0, show = 0;
     uint32_t best_c = 0, show_c = 0;
     if (score >= cfg.threshold || st.story.active >= 0) {
-        /* the window's start: the header's time, else (0: not given) its sequence at half-overlap */
-        double t = h->start_time_ns > 0 ? (double)h->start_time_ns * 1e-9 : (double)h->sequence * ((double)n / fs) / 2;
+        /* the window's start: the header's time, else (0: not given) its sequence, as if the
+         * windows did not overlap */
+        double t = h->start_time_ns > 0 ? (double)h->start_time_ns * 1e-9 : (double)h->sequence * ((double)n / fs);
         diag_update(n, channels, bw, fs, env_lo, env_hi, fr_window, t, &dff, &ff, dc);
         for (int k = 0; k < N_KINDS; k++)
             for (uint32_t c = 0; c < channels; c++) if (dc[c].conf[k] > conf[k]) conf[k] = dc[c].conf[k];
@@ -567,7 +568,8 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
         runner = best == 0 ? 1 : 0;
         for (int k = 0; k < N_KINDS; k++) if (k != best && conf[k] > conf[runner]) runner = k;
         for (uint32_t c = 1; c < channels; c++) if (dc[c].conf[best] > dc[best_c].conf[best]) best_c = c;
-        named = conf[best] >= cfg.min_conf && conf[best] - conf[runner] >= cfg.margin;
+        signature = dc[best_c].signature[best];
+        named = signature >= SIGNATURE_LIKELY && conf[best] >= cfg.min_conf && conf[best] - conf[runner] >= cfg.margin;
         /* The line the event shows: the named part's, else the most prominent fault line. */
         show = best;
         show_c = best_c;
@@ -608,6 +610,7 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     tail[15] = cfg.diag_squared;                 /* how its spectrum is made (for the host's picture) */
     tail[16] = cfg.diag_whiten;
     tail[17] = diagnosing ? dg.dof : 0;           /* the noise law's degrees of freedom (the ring's windows, overlap-corrected) */
+    tail[18] = signature;                          /* how likely the top candidate's signature is there */
     if (cfg.cnn) {
         for (int k = 0; k < CNN_CLASSES; k++) tail[N_SCORING + k] = cnnp[k];
         tail[N_SCORING + CNN_CLASSES] = slices;

@@ -40,6 +40,7 @@
 #define DIAG_ELEMENT_HARMONICS 3        /* of the ball's and the cage's: slip widens their windows with h */
 #define DIAG_LINES (2 * DIAG_MAX_HARMONICS + 2 * DIAG_ELEMENT_HARMONICS)
 #define DIAG_RING_FLOATS (1 << 18)      /* the ring of spectra: at most this many floats (1 MiB) */
+#define SIGNATURE_LIKELY 0.5            /* a part is named only if its signature is more likely there than not */
 #define KURT_LOW_EDGE 6.0               /* x BPFI: a candidate band starts one BPFI above the top line */
 #define KURT_ABOVE_FLOOR 4.0            /* its mean power: 6 dB over the noise floor (judgement, bearing.md) */
 #define KURT_SK_SIGMAS 5.0              /* its SK: 5 x the noise std 2/sqrt(bins), else the fixed band */
@@ -59,10 +60,12 @@ static struct {
     int32_t dof;
     int warned;
 } dg;
+static fault_freqs dg_ff;                       /* the last diagnosed window's fault frequencies ... */
 
 typedef struct {
-    double conf[N_KINDS], peak_hz[N_KINDS], peak_ratio[N_KINDS];
+    double conf[N_KINDS], peak_hz[N_KINDS], peak_ratio[N_KINDS], signature[N_KINDS];
 } diag_channel;
+static diag_channel dg_out[AP_MAX_CHANNELS];    /* ... and its confidences */
 
 typedef struct {
     int32_t kind, h;
@@ -77,21 +80,16 @@ static void diag_forget(void) { dg.count = 0; dg.n = 0; dg.warned = 0; }
 
 /* The probability that noise alone puts a K-window mean of one bin at r2 x the median or more:
  * the Gamma(K, 1/K) tail at r2 m_K, m_K its median (ln 2 for K = 1, 1 - 1/(3K) beyond:
- * Wilson-Hilferty), e^-x sum_{j<K} x^j/j!, x = K r2 m_K, summed in log space (no overflow). */
+ * Wilson-Hilferty), e^-x sum_{j<K} x^j/j!, x = K r2 m_K. 0 beyond x = K + 40 sqrt(K), where the
+ * tail is below e^-40 (Chernoff; e^-205 at K = 64): there, and only there, the sum would
+ * overflow and e^-x underflow (inf x 0: NaN). */
 static double noise_tail(double r2, int32_t k) {
     double mk = k == 1 ? 0.69314718055994530942 : 1 - 1.0 / (3.0 * k);
     double x = k * r2 * mk;
-    if (!(x > 0)) return 1;
-    double lx = ap_ln(x), lt = 0, logs[64], top = 0;
-    logs[0] = 0;
-    for (int32_t j = 1; j < k; j++) {
-        lt += lx - ap_ln((double)j);
-        logs[j] = lt;
-        if (lt > top) top = lt;
-    }
-    double sum = 0;
-    for (int32_t j = 0; j < k; j++) sum += ap_exp(logs[j] - top);
-    return ap_exp(-x + top + ap_ln(sum));
+    if (x > k + 40 * ap_sqrt((double)k)) return 0;
+    double term = 1, sum = 0;
+    for (int32_t j = 0; j < k; j++) { sum += term; term *= x / (j + 1); }
+    return ap_exp(-x) * sum;
 }
 
 /* 1 - (bins) x the noise tail, at least 0: the strongest of a group of lines is not noise. */
@@ -156,16 +154,34 @@ static int32_t line_peak(const float *p, double bw, int32_t top, double centre, 
     return at;
 }
 
-/* A sideband's r2: its window's peak if that is a local maximum of the spectrum, else 0. */
-static double sideband(const float *p, double floor2, double bw, int32_t top, double centre, double hw, int32_t *w) {
+/* A sideband's r2 over the floor (return) and over its local continuum (*local): its window's
+ * peak, counted only if it is a local maximum of the spectrum that stands above its local
+ * continuum (the median of the bins within spacing/2 of it, at most SIDEBAND_LOCAL each side,
+ * and at least the floor): a bump on a carrier's skirt is not a line. */
+#define SIDEBAND_LOCAL 32
+static double sideband(const float *p, double floor2, double bw, int32_t top, double centre, double hw,
+                       double spacing, double *local, int32_t *w) {
     int32_t at = line_peak(p, bw, top, centre, hw, w);
+    *local = 0;
     if (at < 0 || !(floor2 > 0)) return 0;
-    int peak = p[at] > p[at - 1] && (at + 1 > dg.mtop || p[at] >= p[at + 1]);
-    return peak ? p[at] / floor2 : 0;
+    if (!(p[at] > p[at - 1] && (at + 1 > dg.mtop || p[at] >= p[at + 1]))) return 0;
+    int64_t half = floor_i(spacing / 2 / bw);
+    if (half > SIDEBAND_LOCAL) half = SIDEBAND_LOCAL;
+    double ref2 = floor2;
+    if (half >= 1 && at - half >= 1 && at + half <= dg.mtop) {
+        float copy[2 * SIDEBAND_LOCAL + 1];
+        int32_t m = 0;
+        for (int64_t k = at - half; k <= at + half; k++) copy[m++] = p[k];
+        double med = ap_median_f32(copy, m);
+        if (med > ref2) ref2 = med;
+    }
+    *local = p[at] / ref2;
+    return p[at] / floor2;
 }
 
 static double excess(double r2) { return r2 > 1 ? r2 - 1 : 0; }
 
+#define DIAG_SIDEBANDS (4 * DIAG_MAX_HARMONICS)
 /* One channel's confidences from the ring's mean p (power per bin, bins 0..mtop). */
 static void diag_channel_eval(const float *p, double floor2, int32_t top, double bw, const fault_freqs *ff,
                               const diag_line *lines, int32_t nlines, int32_t k, diag_channel *out) {
@@ -175,65 +191,78 @@ static void diag_channel_eval(const float *p, double floor2, int32_t top, double
         if (!bin_shaft[b] && !bin_shared[b] && r2 > 1) total += r2 - 1;
     }
     for (int kd = 0; kd < N_KINDS; kd++) {
-        double c_max = 0, acc = 0, best_c = -1, c_r2[DIAG_MAX_HARMONICS];
-        int32_t c_bins = 0, nc = 0, at_best = -1, c_at[DIAG_MAX_HARMONICS], c_h[DIAG_MAX_HARMONICS];
-        double c_tol = 0;
+        /* carriers: the part's own (not shared), and for the inner race its shared ones too (only
+         * for their sidebands: the +-fr comb is the inner race's alone) */
+        double c_r2[DIAG_MAX_HARMONICS], c_tol[DIAG_MAX_HARMONICS];
+        int32_t c_at[DIAG_MAX_HARMONICS], c_h[DIAG_MAX_HARMONICS], c_own[DIAG_MAX_HARMONICS], nc = 0;
+        double c_max = 0, acc = 0, best_c = -1;
+        int32_t c_bins = 0, at_best = -1;
         for (int32_t i = 0; i < nlines; i++) {
             const diag_line *l = &lines[i];
-            if (l->kind != kd || l->excluded) continue;
+            if (l->kind != kd || (l->excluded && kd != K_INNER)) continue;
             int32_t w, at = line_peak(p, bw, top, l->f, l->hw, &w);
             if (at < 0) continue;
             double r2 = floor2 > 0 ? p[at] / floor2 : 0;
+            c_r2[nc] = r2; c_at[nc] = at; c_h[nc] = l->h; c_tol[nc] = l->tol; c_own[nc] = !l->excluded; nc++;
+            if (l->excluded) continue;
             c_bins += w;
             if (r2 > c_max) c_max = r2;
             acc += excess(r2) * presence(r2, w, k);
             if (r2 > best_c) { best_c = r2; at_best = at; }
-            c_r2[nc] = r2; c_at[nc] = at; c_h[nc] = l->h; nc++;
-            c_tol = l->tol;
         }
         out->peak_hz[kd] = at_best >= 0 ? at_best * bw : 0;
         out->peak_ratio[kd] = best_c > 0 ? ap_sqrt(best_c) : 0;
-        if (!nc || !(total > 0)) { out->conf[kd] = 0; continue; }
-        /* sidebands at the measured carrier +- each modulation, in pairs (see above) */
+        out->conf[kd] = out->signature[kd] = 0;
+        if (at_best < 0 || !(total > 0)) continue;
+        /* sidebands at the measured carrier +- each modulation (a comb of spacing mods[0]); one on a
+         * line another part predicts is not tested */
         double mods[2];
         int32_t nm = 0;
         if (kd == K_OUTER) mods[nm++] = ff->fr;
         if (kd == K_INNER) { mods[nm++] = ff->fr; mods[nm++] = 2 * ff->fr; }
         if (kd == K_BALL) mods[nm++] = ff->ftf;
-        double lo[2 * DIAG_MAX_HARMONICS], hi[2 * DIAG_MAX_HARMONICS], rc[2 * DIAG_MAX_HARMONICS];
-        int32_t wl[2 * DIAG_MAX_HARMONICS], wu[2 * DIAG_MAX_HARMONICS], np = 0;
+        double s_r2[DIAG_SIDEBANDS], s_loc[DIAG_SIDEBANDS], s_pres[DIAG_SIDEBANDS];
+        int32_t s_c[DIAG_SIDEBANDS], s_m[DIAG_SIDEBANDS], s_side[DIAG_SIDEBANDS], s_w[DIAG_SIDEBANDS], ns = 0;
         for (int32_t c = 0; c < nc; c++)
             for (int32_t m = 0; m < nm; m++) {
-                double hw = bw + c_tol * mods[m], cap = mods[0] / 2 - bw;
+                double hw = bw + c_tol[c] * mods[m], cap = mods[0] / 2 - bw;
                 if (hw > cap) hw = cap;
                 if (hw < bw / 2) continue;                  /* the comb is not resolved */
-                double nominal = c_h[c] * ff->f[kd];
-                if (predicted_by_other(lines, nlines, kd, nominal - mods[m], hw) ||
-                    predicted_by_other(lines, nlines, kd, nominal + mods[m], hw)) continue;
-                lo[np] = sideband(p, floor2, bw, top, c_at[c] * bw - mods[m], hw, &wl[np]);
-                hi[np] = sideband(p, floor2, bw, top, c_at[c] * bw + mods[m], hw, &wu[np]);
-                rc[np] = c_r2[c];
-                if (wl[np] && wu[np]) np++;
-            }
-        double evidence = 0;
-        for (int32_t i = 0; i < np; i++) {
-            double pl = presence(lo[i], wl[i] * 2 * np, k), pu = presence(hi[i], wu[i] * 2 * np, k);
-            if (kd == K_INNER || kd == K_BALL) {
-                double e = kd == K_INNER ? (pl > pu ? pl : pu) : (pl < pu ? pl : pu);
-                if (e > evidence) evidence = e;
-                acc += excess(lo[i]) * pl + excess(hi[i]) * pu;
-            } else if (kd == K_OUTER) {
-                double ac = ap_sqrt(excess(rc[i]));
-                for (int s = 0; s < 2; s++) {
-                    double r = s ? hi[i] : lo[i], pr = s ? pu : pl;
-                    double depth = ac > 0 ? 2 * ap_sqrt(excess(r)) / ac : 1;
-                    if (depth > 1) depth = 1;
-                    if (pr * depth > evidence) evidence = pr * depth;
+                for (int side = -1; side <= 1; side += 2) {
+                    if (predicted_by_other(lines, nlines, kd, c_h[c] * ff->f[kd] + side * mods[m], hw)) continue;
+                    int32_t w;
+                    double loc, r = sideband(p, floor2, bw, top, c_at[c] * bw + side * mods[m], hw, mods[0], &loc, &w);
+                    if (!w) continue;
+                    s_r2[ns] = r; s_loc[ns] = loc; s_w[ns] = w; s_c[ns] = c; s_m[ns] = m; s_side[ns] = side; ns++;
                 }
             }
+        for (int32_t i = 0; i < ns; i++) s_pres[i] = presence(s_loc[i], s_w[i] * ns, k);   /* every window tried */
+        double evidence = 0;
+        if (kd == K_INNER || kd == K_BALL) {
+            for (int32_t i = 0; i < ns; i++) {
+                acc += excess(s_r2[i]) * s_pres[i];
+                if (kd == K_INNER) { if (s_pres[i] > evidence) evidence = s_pres[i]; continue; }
+                for (int32_t j = 0; j < ns; j++)   /* the ball: a -/+ pair at one carrier */
+                    if (s_c[j] == s_c[i] && s_m[j] == s_m[i] && s_side[i] < s_side[j]) {
+                        double e = s_pres[i] < s_pres[j] ? s_pres[i] : s_pres[j];
+                        if (e > evidence) evidence = e;
+                    }
+            }
+        } else if (kd == K_OUTER) {                          /* shaft-rate AM: a -/+ pair, its depth */
+            for (int32_t i = 0; i < ns; i++)
+                for (int32_t j = 0; j < ns; j++) {
+                    if (s_c[j] != s_c[i] || s_m[j] != s_m[i] || s_side[i] >= s_side[j]) continue;
+                    double ac = ap_sqrt(excess(c_r2[s_c[i]]));
+                    double depth = ac > 0 ? (ap_sqrt(excess(s_r2[i])) + ap_sqrt(excess(s_r2[j]))) / ac : 1;
+                    if (depth > 1) depth = 1;
+                    double e = (s_pres[i] < s_pres[j] ? s_pres[i] : s_pres[j]) * depth;
+                    if (e > evidence) evidence = e;
+                }
         }
-        double factor = kd == K_INNER || kd == K_BALL ? evidence : kd == K_OUTER ? 1 - evidence : 0.5;
-        double conf = presence(c_max, c_bins, k) * factor * acc / total;
+        double factor = kd == K_INNER || kd == K_BALL ? evidence : kd == K_OUTER ? 1 - evidence : 1;
+        double signature = presence(c_max, c_bins, k) * factor;     /* how likely the signature is there */
+        double conf = signature * (kd == K_CAGE ? 0.5 : 1) * acc / total;
+        out->signature[kd] = signature;
         out->conf[kd] = conf > 1 ? 1 : conf;
     }
 }
@@ -310,6 +339,15 @@ static void diag_update(int32_t n, uint32_t channels, double bw, double fs, doub
             dg.warned = 1;
         }
     }
+    /* A window that overlaps the last diagnosed one adds little (and is not independent of it:
+     * the noise law wants independent windows): the ring takes windows at least a window apart,
+     * and in between the last verdict stands. At the usual half-overlap, every other window. */
+    double window_s = (double)n / fs;
+    if (dg.count > 0 && t - dg.times[(dg.next + dg.capacity - 1) % dg.capacity] < window_s * (1 - 1e-9)) {
+        if (!cfg.fixed_rpm) *ff = dg_ff;
+        for (uint32_t c = 0; c < channels; c++) out[c] = dg_out[c];
+        return;
+    }
     /* The kurtogram chooses the band when the ring starts and again each time it has turned
      * over; a band other than the ring's restarts it (the mean averages one band's spectra). */
     if (cfg.diag_kurtogram) {
@@ -361,7 +399,7 @@ static void diag_update(int32_t n, uint32_t channels, double bw, double fs, doub
         }
     double floors[AP_MAX_CHANNELS];
     ap_median_rows(&davg[0][2], top - 1, (int32_t)channels, AMP_ROW, floors, scratch);
-    dg.dof = diagnosis_dof((double)n / fs);
+    dg.dof = diagnosis_dof(window_s);
     diag_line lines[DIAG_LINES];
     int32_t nlines = diag_lines(ff, bw, top, lines);
     for (int32_t b = 0; b <= top; b++) {           /* the machine's lines, and the ones two parts share */
@@ -376,6 +414,9 @@ static void diag_update(int32_t n, uint32_t channels, double bw, double fs, doub
         bin_range(lines[i].f - lines[i].hw, lines[i].f + lines[i].hw, bw, 0, top, &a, &z);
         for (int32_t b = a; b <= z; b++) bin_shared[b] = 1;
     }
-    for (uint32_t c = 0; c < channels; c++)
+    for (uint32_t c = 0; c < channels; c++) {
         diag_channel_eval(davg[c], floors[c], top, bw, ff, lines, nlines, dg.dof, &out[c]);
+        dg_out[c] = out[c];
+    }
+    dg_ff = *ff;
 }

@@ -92,6 +92,7 @@ class State:
         self.diag_shape: tuple | None = None
         self.diag_bands: list = []
         self.diag_band_age = 0
+        self.diag_last: dict | None = None                            # the last diagnosed window's features
 
     def track(self, fr: float, windows: int) -> float:
         """The median of the last `windows` estimates, this one included, restarted from the last
@@ -108,6 +109,7 @@ class State:
 
     def diag_reset(self) -> None:
         self.diag_ring = []
+        self.diag_last = None
 
 
 def iso_zone(velocity_rms: float, group: int = 2, foundation: str = "rigid") -> int:
@@ -209,6 +211,7 @@ def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, 
                     "diagnosis.channel": 0, "diagnosis.shaft_hz": 0.0,
                     "diagnosis.squared": int(params.get("diagnosis.envelope", "magnitude") == "squared"),
                     "diagnosis.whitened": int(params.get("diagnosis.prewhiten", "none") == "cepstrum"),
+                    "diagnosis.signature_p": 0.0,
                     **{f"conf.{k}": 0.0 for k in KINDS}})
     return out
 
@@ -218,6 +221,8 @@ def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, 
 TOL_RACE, TOL_ELEMENT = 0.01, 0.02
 MAX_HARMONICS = 16        # of a race's line (up to 5 x BPFI: 5 to 7 for common bearings)
 ELEMENT_HARMONICS = 3     # of the ball's and the cage's
+SIDEBAND_LOCAL = 32       # bins each side of a sideband for its local continuum, at most
+SIGNATURE_LIKELY = 0.5    # a part is named only if its signature is more likely there than not
 MODULATION = {"outer": ("fr",), "inner": ("fr", "2fr"), "ball": ("ftf",), "cage": ()}
 KURT_LOW_EDGE = 6.0       # x BPFI: a candidate band starts one BPFI above the highest analysed line (5 BPFI)
 SK_SIGMAS = 5.0           # the best band's SK must exceed 5 x its noise std (2 / sqrt(bins)), else the fixed band
@@ -232,17 +237,17 @@ def _bins_in(lo: float, hi: float, bw: float, kmin: int, kmax: int) -> np.ndarra
 
 def noise_tail(r2: float, k: int) -> float:
     """P(a K-window mean of one noise bin >= r2 x its median): the Gamma(K, 1/K) upper tail at r2 m_K,
-    e^-x sum_{j<K} x^j/j!, summed in log space (no overflow for any r2 and K)."""
+    e^-x sum_{j<K} x^j/j!. 0 beyond x = K + 40 sqrt(K), where the tail is below e^-40 (Chernoff;
+    e^-205 at K = 64): there, and only there, the sum would overflow and e^-x underflow."""
     mk = math.log(2) if k == 1 else 1 - 1 / (3 * k)
     x = k * r2 * mk
-    if not x > 0:
-        return 1.0
-    lx, lt, logs = math.log(x), 0.0, [0.0]
-    for j in range(1, k):
-        lt += lx - math.log(j)
-        logs.append(lt)
-    top = max(logs)
-    return math.exp(-x + top + math.log(sum(math.exp(v - top) for v in logs)))
+    if x > k + 40 * math.sqrt(k):
+        return 0.0
+    term, total = 1.0, 0.0
+    for j in range(k):
+        total += term
+        term *= x / (j + 1)
+    return math.exp(-x) * total
 
 
 def presence(r2: float, bins: int, k: int) -> float:
@@ -354,18 +359,30 @@ def diag_spectrum(X: np.ndarray, n: int, k0: int, k1: int, squared: bool, whiten
     return np.abs(E) ** 2 * (2.0 / n) ** 2
 
 
-def _sideband(p: np.ndarray, shaft: np.ndarray, floor2: float, bw: float, top: int, centre: float,
-              hw: float) -> tuple[float, int]:
-    """(r2, bins) of a sideband: the largest bin within hw of centre (bins 2..top, shaft harmonics
-    aside), counted only if it is a local maximum of the spectrum (a carrier's skirt falls away
-    from it: not a line)."""
+def _peak(p: np.ndarray, shaft: np.ndarray, bw: float, top: int, centre: float, hw: float) -> tuple[int, int]:
+    """(bin, bins looked at) of the largest p within hw of centre (bins 2..top, shaft harmonics
+    aside); bin -1 when there is none."""
     ks = _bins_in(centre - hw, centre + hw, bw, 2, top)
     ks = ks[~shaft[ks]]
-    if not ks.size or not floor2 > 0:
-        return 0.0, int(ks.size)
-    at = int(ks[np.argmax(p[ks])])
-    peak = p[at] > p[at - 1] and (at + 1 >= len(p) or p[at] >= p[at + 1])
-    return (float(p[at] / floor2) if peak else 0.0), int(ks.size)
+    return (int(ks[np.argmax(p[ks])]) if ks.size else -1), int(ks.size)
+
+
+def _sideband(p: np.ndarray, shaft: np.ndarray, floor2: float, bw: float, top: int, centre: float,
+              hw: float, spacing: float) -> tuple[float, float, int]:
+    """(r2 over the floor, r2 over the local continuum, bins) of a sideband: its window's peak,
+    counted only if it is a local maximum of the spectrum that stands above its local continuum
+    (the median of the bins within spacing/2 of it, at most SIDEBAND_LOCAL each side, and at least
+    the floor): a bump on a carrier's skirt is not a line."""
+    at, w = _peak(p, shaft, bw, top, centre, hw)
+    if at < 0 or not floor2 > 0:
+        return 0.0, 0.0, w
+    if not (p[at] > p[at - 1] and (at + 1 >= len(p) or p[at] >= p[at + 1])):
+        return 0.0, 0.0, w
+    half = min(int(math.floor(spacing / 2 / bw)), SIDEBAND_LOCAL)
+    ref2 = floor2
+    if half >= 1 and at - half >= 1 and at + half < len(p):
+        ref2 = max(ref2, float(np.median(p[at - half:at + half + 1])))
+    return float(p[at] / floor2), float(p[at] / ref2), w
 
 
 def channel_confidences(p: np.ndarray, top: int, bw: float, ff: dict, lines: list[dict], predicted: list,
@@ -384,60 +401,64 @@ def channel_confidences(p: np.ndarray, top: int, bw: float, ff: dict, lines: lis
     mods_of = {"fr": ff["fr"], "2fr": 2 * ff["fr"], "ftf": ff["ftf"]}
     out = {}
     for kind in KINDS:
-        carriers = []                            # (h, r2, bins, at)
+        carriers = []                            # (h, r2, bins, at, tol, excluded)
         for ln in lines:
-            if ln["kind"] != kind or ln["excluded"]:
+            if ln["kind"] != kind or (ln["excluded"] and kind != "inner"):
                 continue
-            ks = _bins_in(ln["f"] - ln["hw"], ln["f"] + ln["hw"], bw, 2, top)
-            ks = ks[~shaft[ks]]
-            if not ks.size:
-                continue
-            at = int(ks[np.argmax(p[ks])])
-            carriers.append((ln["h"], float(p[at] / floor2) if floor2 > 0 else 0.0, int(ks.size), at, ln["tol"]))
-        if not carriers:
-            out[kind] = (0.0, 0.0, 0.0)
+            at, w = _peak(p, shaft, bw, top, ln["f"], ln["hw"])
+            if at >= 0:
+                carriers.append((ln["h"], float(p[at] / floor2) if floor2 > 0 else 0.0, w, at, ln["tol"],
+                                 ln["excluded"]))
+        own = [c for c in carriers if not c[5]]
+        if not own:
+            out[kind] = (0.0, 0.0, 0.0, 0.0)
             continue
-        _, rb, _, atb, _ = max(carriers, key=lambda c: (c[1], -c[0]))
+        _, rb, _, atb, _, _ = max(own, key=lambda c: (c[1], -c[0]))
         if not total > 0:
-            out[kind] = (0.0, atb * bw, math.sqrt(rb) if rb > 0 else 0.0)
+            out[kind] = (0.0, atb * bw, math.sqrt(rb) if rb > 0 else 0.0, 0.0)
             continue
-        c_bins = sum(c[2] for c in carriers)
-        c_max = max(c[1] for c in carriers)
-        acc = sum(max(r - 1, 0.0) * presence(r, w, k) for _, r, w, _, _ in carriers)
-        # sidebands at the measured carrier +- each modulation (a comb of spacing mods[0]), in pairs
+        c_bins = sum(c[2] for c in own)
+        c_max = max(c[1] for c in own)
+        acc = sum(max(r - 1, 0.0) * presence(r, w, k) for _, r, w, _, _, _ in own)
+        # sidebands at the measured carrier +- each modulation (a comb of spacing mods[0]); one on
+        # a line another part predicts is not tested; the inner race's also around its shared carriers
         mods = [mods_of[m] for m in MODULATION[kind]]
-        pairs = []                               # (r2 lower, bins, r2 upper, bins, carrier r2)
-        for hh, rc, _, at, tol in carriers:
+        tested = []                              # (carrier index, side, r2, local r2, bins)
+        for ci, (hh, rc, _, at, tol, _) in enumerate(carriers):
             for m in mods:
                 hw = min(bw + tol * m, mods[0] / 2 - bw)
                 if hw < bw / 2:
                     continue                     # the comb is not resolved at this bin width
-                nominal = hh * ff[kind]
-                if _predicted_by_other(predicted, kind, nominal - m, hw) or \
-                        _predicted_by_other(predicted, kind, nominal + m, hw):
-                    continue
-                lo, wl = _sideband(p, shaft, floor2, bw, top, at * bw - m, hw)
-                hi, wu = _sideband(p, shaft, floor2, bw, top, at * bw + m, hw)
-                if wl and wu:
-                    pairs.append((lo, wl, hi, wu, rc))
-        n_sb = 2 * len(pairs)                    # the look-elsewhere of the sideband test: every window tried
+                for side in (-1, 1):
+                    if _predicted_by_other(predicted, kind, hh * ff[kind] + side * m, hw):
+                        continue
+                    r, loc, w = _sideband(p, shaft, floor2, bw, top, at * bw + side * m, hw, mods[0])
+                    if w:
+                        tested.append((ci, side, m, r, loc, w))
+        n_sb = len(tested)                       # the look-elsewhere of the sideband test: every window tried
+        pres = [presence(loc, w * n_sb, k) for _, _, _, _, loc, w in tested]
         evidence = 0.0
-        for lo, wl, hi, wu, rc in pairs:
-            pl, pu = presence(lo, wl * n_sb, k), presence(hi, wu * n_sb, k)
-            if kind == "inner":                  # load-zone modulation: a sideband (often one-sided)
-                evidence = max(evidence, pl, pu)
-                acc += max(lo - 1, 0.0) * pl + max(hi - 1, 0.0) * pu
-            elif kind == "ball":                 # FTF sidebands a few bins off the carrier: both, at one harmonic
-                evidence = max(evidence, min(pl, pu))
-                acc += max(lo - 1, 0.0) * pl + max(hi - 1, 0.0) * pu
-            elif kind == "outer":                # shaft-rate modulation: presence x depth (2 a_sb / a_carrier)
-                ac = math.sqrt(max(rc - 1, 0.0))
-                for r, pr in ((lo, pl), (hi, pu)):
-                    depth = 1.0 if not ac > 0 else min(1.0, 2 * math.sqrt(max(r - 1, 0.0)) / ac)
-                    evidence = max(evidence, pr * depth)
-        factor = evidence if kind in ("inner", "ball") else 1.0 - evidence if kind == "outer" else 0.5
-        conf = presence(c_max, c_bins, k) * factor * acc / total
-        out[kind] = (min(conf, 1.0), atb * bw, math.sqrt(rb) if rb > 0 else 0.0)
+        if kind == "inner":                      # load-zone modulation: a sideband (often one-sided)
+            evidence = max(pres, default=0.0)
+            acc += sum(max(t[3] - 1, 0.0) * pr for t, pr in zip(tested, pres))
+        elif kind == "ball":                     # FTF sidebands a few bins off the carrier: both, at one harmonic
+            for i, ti in enumerate(tested):
+                for j, tj in enumerate(tested):
+                    if ti[0] == tj[0] and ti[2] == tj[2] and ti[1] < tj[1]:
+                        evidence = max(evidence, min(pres[i], pres[j]))
+            acc += sum(max(t[3] - 1, 0.0) * pr for t, pr in zip(tested, pres))
+        elif kind == "outer":                    # shaft-rate AM: a -/+ pair's presence x depth ((a_lo + a_hi) / a_carrier)
+            for i, ti in enumerate(tested):
+                for j, tj in enumerate(tested):
+                    if ti[0] == tj[0] and ti[2] == tj[2] and ti[1] < tj[1]:
+                        ac = math.sqrt(max(carriers[ti[0]][1] - 1, 0.0))
+                        amp = math.sqrt(max(ti[3] - 1, 0.0)) + math.sqrt(max(tj[3] - 1, 0.0))
+                        depth = 1.0 if not ac > 0 else min(1.0, amp / ac)
+                        evidence = max(evidence, min(pres[i], pres[j]) * depth)
+        factor = evidence if kind in ("inner", "ball") else 1.0 - evidence if kind == "outer" else 1.0
+        signature = presence(c_max, c_bins, k) * factor          # how likely the signature is there
+        conf = signature * (0.5 if kind == "cage" else 1.0) * acc / total
+        out[kind] = (min(conf, 1.0), atb * bw, math.sqrt(rb) if rb > 0 else 0.0, signature)
     return out
 
 
@@ -464,6 +485,10 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
     capacity = max(1, min(windows, RING_FLOATS // (channels * (mtop + 1))))
     if state.diag_shape != (n, fs, channels):
         state.diag_ring, state.diag_shape, state.diag_bands = [], (n, fs, channels), []
+    window_s = n / fs
+    t = start_ns / 1e9 if start_ns > 0 else seq * window_s     # no start times: windows taken as not overlapping
+    if state.diag_ring and state.diag_last and t - state.diag_ring[-1][2] < window_s * (1 - 1e-9):
+        return dict(state.diag_last)    # overlaps the last diagnosed window: its verdict stands
     if kurtogram:   # chosen when the ring starts and each time it has turned over; a new band restarts it
         if not state.diag_ring or state.diag_band_age >= capacity or len(state.diag_bands) != channels:
             bands = [kurtogram_band(spectra[c], n, bw, fs, ff_track["bpfi"], whiten, band0) for c in range(channels)]
@@ -474,8 +499,6 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
         bands = state.diag_bands
     else:
         bands = [band0] * channels
-    window_s = n / fs
-    t = start_ns / 1e9 if start_ns > 0 else seq * window_s / 2     # unknown start times: half-overlapping windows
     power = np.stack([diag_spectrum(spectra[c], n, *bands[c], squared, whiten)[:mtop + 1]
                       for c in range(channels)]).astype(np.float32)
     state.diag_ring = (state.diag_ring + [(power, fr_window, t)])[-capacity:]
@@ -493,7 +516,8 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
     best = max(KINDS, key=lambda kd: (conf[kd], -KINDS.index(kd)))
     runner = max((kd for kd in KINDS if kd != best), key=lambda kd: (conf[kd], -KINDS.index(kd)))
     best_c = max(range(channels), key=lambda c: (per[c][best][0], -c))
-    named = conf[best] >= _f(params, "diagnosis.min_confidence", 0.3) and \
+    signature = per[best_c][best][3]
+    named = signature >= SIGNATURE_LIKELY and conf[best] >= _f(params, "diagnosis.min_confidence", 0.3) and \
         conf[best] - conf[runner] >= _f(params, "diagnosis.margin", 0.1)
     show, show_c = best, best_c            # the line the event shows: the named part's, else the most prominent
     if not named:
@@ -501,12 +525,13 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
             for kd in KINDS:
                 if per[c][kd][2] > per[show_c][show][2]:
                     show, show_c = kd, c
-    return {"diagnosis": DIAGNOSIS_CODE[best] if named else 0, "diagnosis.confidence": conf[best],
+    state.diag_last = {"diagnosis": DIAGNOSIS_CODE[best] if named else 0, "diagnosis.confidence": conf[best],
             "diagnosis.peak_hz": per[show_c][show][1], "diagnosis.method": 1 if named else 0,
             "diagnosis.windows": cnt, "diagnosis.dof": dof, "diagnosis.band_lo_hz": bands[show_c][0] * bw,
             "diagnosis.band_hi_hz": (bands[show_c][1] + 1) * bw, **{f"conf.{kd}": conf[kd] for kd in KINDS},
             "diagnosis.channel": show_c, "diagnosis.shaft_hz": fr, "diagnosis.squared": int(squared),
-            "diagnosis.whitened": int(whiten)}
+            "diagnosis.whitened": int(whiten), "diagnosis.signature_p": signature}
+    return dict(state.diag_last)
 
 
 def per_channel_layout(channels: int) -> tuple[int, int]:
