@@ -561,7 +561,7 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
         /* the window's start: the header's time, else (0: not given) its sequence, as if the
          * windows did not overlap */
         double t = h->start_time_ns > 0 ? (double)h->start_time_ns * 1e-9 : (double)h->sequence * ((double)n / fs);
-        diag_update(n, channels, bw, fs, env_lo, env_hi, fr_window, t, &dff, &ff, dc);
+        diag_update(h, res, n, channels, bw, fs, env_lo, env_hi, fr_window, t, &dff, &ff, dc);
         for (int k = 0; k < N_KINDS; k++)
             for (uint32_t c = 0; c < channels; c++) if (dc[c].conf[k] > conf[k]) conf[k] = dc[c].conf[k];
         for (int k = 1; k < N_KINDS; k++) if (conf[k] > conf[best]) best = k;

@@ -275,10 +275,49 @@ static void diag_channel_eval(const float *p, double floor2, int32_t top, double
  * there). Among those whose mean power is at least KURT_ABOVE_FLOOR x the noise floor (the
  * median bin power from KURT_LOW_EDGE x BPFI to fs/2.56: a resonance that impacts ring stands
  * above it; a quiet band where electrical spikes are impulsive does not), the largest SK wins
- * (ties: the wider, earlier band) if it is significant: KURT_SK_SIGMAS x the SK's noise std
- * 2/sqrt(bins) (Gaussian noise). Otherwise the envelope band. */
+ * (ties: the wider, earlier band) if it is significant: over the taper's 2r - 2 by KURT_SK_SIGMAS x
+ * the SK's noise std 2/sqrt(bins) (Gaussian noise). Otherwise the envelope band. The spectra it
+ * reads are of the tapered windows (tapered_spectra). */
+#define KURT_TAPER 0.05                 /* the kurtogram's window: cosine ramps over 5 % of it at each end */
+static float taper[(int32_t)(KURT_TAPER * N_MAX) + 1];
+static int32_t taper_n, taper_len;
+static double taper_r;                  /* n sum w^4 / (sum w^2)^2: tapered complex Gaussian noise has SK 2r - 2 */
+
+static void taper_for(int32_t n) {
+    if (taper_n == n) return;
+    taper_len = (int32_t)(KURT_TAPER * n);
+    double s2 = n - 2 * taper_len, s4 = s2;
+    for (int32_t j = 0; j < taper_len; j++) {
+        double sn, cs;
+        ap_sincos(AP_PI * j / taper_len, &sn, &cs);
+        double w = 0.5 * (1 - cs);
+        taper[j] = (float)w;
+        s2 += 2 * w * w;
+        s4 += 2 * w * w * w * w;
+    }
+    taper_r = n * s4 / (s2 * s2);
+    taper_n = n;
+}
+
+/* The spectra the kurtogram reads, into espec (free by then): each channel's mean-removed window,
+ * tapered (a rectangular window's edges make loud low-frequency vibration leak into the bands
+ * above it as one impulse per window, at the wrap: a high SK that is no bearing's). */
+static void tapered_spectra(const ap_window_header *h, const channel_result *r, int32_t n, uint32_t channels) {
+    taper_for(n);
+    for (uint32_t c = 0; c < channels; c++) {
+        const float *x = ap_window_channel(h, c);
+        float *out = xd + (size_t)c * n;
+        double mean = r[c].mean;
+        for (int32_t j = 0; j < n; j++) {
+            double w = j < taper_len ? taper[j] : j >= n - taper_len ? taper[n - 1 - j] : 1;
+            out[j] = (float)(((double)x[j] - mean) * w);
+        }
+    }
+    ap_rfft_batch(xd, espec, n, (int32_t)channels);
+}
+
 static void kurtogram_bands(int32_t n, uint32_t channels, double bw, double fs, const fault_freqs *ff,
-                            int32_t k0_fixed, int32_t k1_fixed) {
+                            int32_t k0_fixed, int32_t k1_fixed, const ap_window_header *h, const channel_result *res) {
     static ap_band bands[AP_BANDS_MAX];
     static double sk[AP_MAX_CHANNELS * AP_BANDS_MAX], power[AP_MAX_CHANNELS * AP_BANDS_MAX];
     int32_t nb = 0, half = n / 2;
@@ -298,10 +337,11 @@ static void kurtogram_bands(int32_t n, uint32_t channels, double bw, double fs, 
     if (ku > half - 1) ku = half - 1;
     if (kl < 1) kl = 1;
     if (!nb || ku < kl) return;
-    ap_band_power(spec, n, (int32_t)channels, bands, nb, power);
-    ap_band_kurtosis(spec, n, (int32_t)channels, bands, nb, cfg.diag_whiten ? AP_ENV_WHITEN : 0, sk);
+    tapered_spectra(h, res, n, channels);
+    ap_band_power(espec, n, (int32_t)channels, bands, nb, power);
+    ap_band_kurtosis(espec, n, (int32_t)channels, bands, nb, cfg.diag_whiten ? AP_ENV_WHITEN : 0, sk);
     for (uint32_t c = 0; c < channels; c++) {
-        const float *X = spec + (size_t)c * (n + 2);
+        const float *X = espec + (size_t)c * (n + 2);
         for (int64_t k = kl; k <= ku; k++) kpow[k] = (float)ap_bin_power(X, (int32_t)k);
         double floor;
         ap_median_rows(&kpow[kl], (int32_t)(ku - kl + 1), 1, (int32_t)(ku - kl + 1), &floor, scratch);
@@ -309,7 +349,7 @@ static void kurtogram_bands(int32_t n, uint32_t channels, double bw, double fs, 
         for (int32_t b = 0; b < nb; b++) {
             int32_t bins = bands[b].k1 - bands[b].k0 + 1;
             if (power[c * nb + b] / bins < KURT_ABOVE_FLOOR * floor) continue;
-            if (sk[c * nb + b] < KURT_SK_SIGMAS * 2 / ap_sqrt((double)bins)) continue;
+            if (sk[c * nb + b] < 2 * taper_r - 2 + KURT_SK_SIGMAS * 2 / ap_sqrt((double)bins)) continue;
             if (best < 0 || sk[c * nb + b] > sk[c * nb + best]) best = b;
         }
         if (best < 0) continue;
@@ -322,7 +362,8 @@ static void kurtogram_bands(int32_t n, uint32_t channels, double bw, double fs, 
  * confidences. The fault frequencies are those of the median speed estimate of the windows in
  * the ring (fr_window: this window's), not the longer track's: lines and speed come from the
  * same stretch of time. t: the window's start (s). */
-static void diag_update(int32_t n, uint32_t channels, double bw, double fs, double env_lo, double env_hi,
+static void diag_update(const ap_window_header *h, const channel_result *res, int32_t n, uint32_t channels,
+                        double bw, double fs, double env_lo, double env_hi,
                         double fr_window, double t, fault_freqs *ff, const fault_freqs *ff_track, diag_channel *out) {
     int32_t k0, k1;
     bin_range(env_lo, env_hi, bw, 0, n / 2, &k0, &k1);
@@ -354,7 +395,7 @@ static void diag_update(int32_t n, uint32_t channels, double bw, double fs, doub
         if (dg.count == 0 || dg.band_age >= dg.capacity) {
             int32_t old0[AP_MAX_CHANNELS], old1[AP_MAX_CHANNELS];
             for (uint32_t c = 0; c < channels; c++) { old0[c] = dg.k0[c]; old1[c] = dg.k1[c]; }
-            kurtogram_bands(n, channels, bw, fs, ff_track, k0, k1);
+            kurtogram_bands(n, channels, bw, fs, ff_track, k0, k1, h, res);
             for (uint32_t c = 0; c < channels; c++)
                 if (old0[c] != dg.k0[c] || old1[c] != dg.k1[c]) dg.count = 0;
             dg.band_age = 0;

@@ -203,7 +203,7 @@ def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, 
     out["iso_zone"] = iso_zone(vmax, group, foundation)
 
     if diagnose:
-        out.update(diagnosis(spectra, x.shape, fs, params, fr_window, state, env_lo, env_hi, ff, seq, start_ns))
+        out.update(diagnosis(spectra, x.shape, fs, params, fr_window, state, env_lo, env_hi, ff, seq, start_ns, x))
     else:
         state.diag_reset()
         out.update({"diagnosis": 0, "diagnosis.confidence": 0.0, "diagnosis.peak_hz": 0.0, "diagnosis.method": 0,
@@ -227,6 +227,7 @@ MODULATION = {"outer": ("fr",), "inner": ("fr", "2fr"), "ball": ("ftf",), "cage"
 KURT_LOW_EDGE = 6.0       # x BPFI: a candidate band starts one BPFI above the highest analysed line (5 BPFI)
 SK_SIGMAS = 5.0           # the best band's SK must exceed 5 x its noise std (2 / sqrt(bins)), else the fixed band
 KURT_ABOVE_FLOOR = 4.0    # a candidate band's mean power: at least 4 x (6 dB over) the noise floor (judgement, see bearing.md)
+KURT_TAPER = 0.05         # the kurtogram's window: cosine ramps over 5 % of it at each end
 RING_FLOATS = 1 << 18     # the running mean's ring of spectra (bearing.c's pool): at most this many floats
 
 
@@ -306,12 +307,33 @@ def kurtogram_bands(n: int, bw: float, fs: float, bpfi: float) -> list[tuple[int
     return bands[:255]
 
 
+def tukey(n: int) -> tuple[np.ndarray, float]:
+    """The kurtogram's taper (cosine ramps over KURT_TAPER of the window at each end), float32, and
+    r = n sum w^4 / (sum w^2)^2 of it (in float64): complex Gaussian noise so tapered has SK 2r - 2."""
+    length = int(KURT_TAPER * n)
+    w = np.ones(n)
+    j = np.arange(length)
+    w[:length] = 0.5 * (1 - np.cos(np.pi * j / length))
+    w[n - length:] = w[:length][::-1]
+    return w.astype(np.float32), float(n * np.sum(w ** 4) / np.sum(w ** 2) ** 2)
+
+
+def tapered_spectrum(x: np.ndarray) -> np.ndarray:
+    """The spectrum the kurtogram reads: the mean-removed window, tapered (a rectangular window's
+    edges make loud low-frequency vibration leak into the bands above it as one impulse per
+    window, at the wrap: a high SK that is no bearing's)."""
+    w, _ = tukey(len(x))
+    d = np.asarray(x, np.float64)
+    return np.fft.rfft(((d - d.mean()) * w.astype(np.float64)).astype(np.float32).astype(np.float64))
+
+
 def kurtogram_band(X: np.ndarray, n: int, bw: float, fs: float, bpfi: float, whiten: bool,
                    fixed: tuple[int, int]) -> tuple[int, int]:
     """bearing.c kurtogram_bands for one channel: among the candidate bands whose mean power is at
     least KURT_ABOVE_FLOOR x the noise floor (the median bin power from KURT_LOW_EDGE x BPFI to
     fs/2.56: a resonance that impacts ring stands above it), the one of
-    largest SK, if that SK is significant (SK_SIGMAS noise std); else the fixed band."""
+    largest SK, if that SK is significant (over the taper's 2r - 2 by SK_SIGMAS noise std); else
+    the fixed band. X: the tapered window's spectrum (tapered_spectrum)."""
     cands = kurtogram_bands(n, bw, fs, bpfi)
     ku = min(math.floor(fs / 2.56 / bw) - 1, n // 2 - 1)
     kl = max(1, math.ceil(KURT_LOW_EDGE * bpfi / bw))
@@ -326,7 +348,7 @@ def kurtogram_band(X: np.ndarray, n: int, bw: float, fs: float, bpfi: float, whi
         if p[k0:k1 + 1].sum() / b < KURT_ABOVE_FLOOR * floor:
             continue
         sk = band_kurtosis(X, k0, k1, whiten)
-        if sk < SK_SIGMAS * 2 / math.sqrt(b):
+        if sk < 2 * tukey(n)[1] - 2 + SK_SIGMAS * 2 / math.sqrt(b):
             continue
         if best is None or sk > best_sk:
             best, best_sk = (k0, k1), sk
@@ -463,7 +485,8 @@ def channel_confidences(p: np.ndarray, top: int, bw: float, ff: dict, lines: lis
 
 
 def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: float, state: State,
-              env_lo: float, env_hi: float, ff_track: dict, seq: int = 0, start_ns: int = 0) -> dict:
+              env_lo: float, env_hi: float, ff_track: dict, seq: int = 0, start_ns: int = 0,
+              x: np.ndarray | None = None) -> dict:
     """The diagnosis features of a diagnosed window (bearing.c diag_update and the naming rule)."""
     channels, n = shape
     bw = fs / n
@@ -491,7 +514,8 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
         return dict(state.diag_last)    # overlaps the last diagnosed window: its verdict stands
     if kurtogram:   # chosen when the ring starts and each time it has turned over; a new band restarts it
         if not state.diag_ring or state.diag_band_age >= capacity or len(state.diag_bands) != channels:
-            bands = [kurtogram_band(spectra[c], n, bw, fs, ff_track["bpfi"], whiten, band0) for c in range(channels)]
+            tapered = [tapered_spectrum(x[c]) for c in range(channels)]
+            bands = [kurtogram_band(tapered[c], n, bw, fs, ff_track["bpfi"], whiten, band0) for c in range(channels)]
             if bands != state.diag_bands:
                 state.diag_ring = []
             state.diag_bands, state.diag_band_age = bands, 0
