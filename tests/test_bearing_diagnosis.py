@@ -421,3 +421,29 @@ def test_kurtogram_ignores_spikes_in_a_quiet_band():
     f = m.features
     assert f["diagnosis.band_hi_hz"] <= 12000, (f["diagnosis.band_lo_hz"], f["diagnosis.band_hi_hz"])
     assert f["diagnosis"] == ref.DIAGNOSIS_CODE["outer"], [e[2] for e in m.events]
+
+
+def test_the_ring_takes_windows_a_window_apart():
+    """Half-overlapping windows (their start times in the header): the ring takes every other one
+    (independent spectra: the Gamma(K) noise law holds, review 1 finding 7), so its degrees of
+    freedom equal its windows; in between, the last verdict stands. Without start times the
+    windows are taken as not overlapping."""
+    from test_bearing_module import assert_matches_reference
+    fs, n = 12000.0, 4096
+    hop_ns = int(n / 2 / fs * 1e9)
+    m = Bearing(wasm_bytes(), PARAMS, True)
+    state = ref.State()
+    healthy = fault_signal("healthy", fs, (PARAMS["baseline.windows"] + 2) * n / fs, seed=1)
+    faulty = fault_signal("outer", fs, 7 * n / fs, seed=2)
+    wins = [healthy[i:i + n] for i in range(0, (2 * PARAMS["baseline.windows"] + 1) * n // 2, n // 2)][:2 * PARAMS["baseline.windows"]] \
+        + [faulty[i:i + n] for i in range(0, 12 * n // 2, n // 2)]
+    counts, dofs = [], []
+    for seq, w in enumerate(wins):
+        start = (seq + 1) * hop_ns
+        assert m.process(w[None], fs, seq, start) == 0
+        assert_matches_reference(m.features, w[None], fs, PARAMS, rel=5e-5, state=state, seq=seq, start_ns=start)
+        if m.features.get("diagnosis.windows", 0) > 0:
+            counts.append(int(m.features["diagnosis.windows"]))
+            dofs.append(int(m.features["diagnosis.dof"]))
+    assert counts[:8] == [1, 1, 2, 2, 3, 3, 4, 4], counts
+    assert dofs == counts

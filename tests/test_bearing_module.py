@@ -131,9 +131,9 @@ class Bearing:
         self.state_changes += 1
 
     # -- windows --
-    def process(self, x: np.ndarray, fs: float, seq: int = 0) -> int:
+    def process(self, x: np.ndarray, fs: float, seq: int = 0, start_ns: int = 0) -> int:
         x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
-        data = pack_header(x.shape[0], x.shape[1], fs, seq) + x.tobytes()
+        data = pack_header(x.shape[0], x.shape[1], fs, seq, start_ns) + x.tobytes()
         wp = self.call("ap_buffer", 1, len(data))
         assert wp, "module refused the window size"
         self.mem()[wp:wp + len(data)] = data
@@ -183,14 +183,14 @@ TIME_DOMAIN = ("rms", "peak", "crest", "kurtosis", "skewness")
 
 
 def assert_matches_reference(got: dict, x: np.ndarray, fs: float, params: dict, rel: float,
-                             state: "ref.State | None" = None, seq: int = 0) -> float:
+                             state: "ref.State | None" = None, seq: int = 0, start_ns: int = 0) -> float:
     """Every feature the module reported equals the reference (state: the reference's between
     windows, one per sequence of windows); returns the worst relative error of the spectral ones
     (time-domain ones must agree to 1e-9, integers exactly)."""
     # The module diagnoses a window once it is anomalous or its story open: it says so in
     # diagnosis.windows; test_diagnosis_runs_while_anomalous checks when it does.
     diagnose = got.get("diagnosis.windows", 0) > 0
-    want = ref.analyze(np.asarray(x, np.float32), fs, params, state, diagnose, seq)   # the samples the module saw
+    want = ref.analyze(np.asarray(x, np.float32), fs, params, state, diagnose, seq, start_ns)   # the samples the module saw
     extra = set(got) - set(want) - {"score", "baseline.progress"}
     assert not extra, f"features the reference lacks: {sorted(extra)}"
     worst = 0.0

@@ -384,7 +384,9 @@ static void diag_update(const ap_window_header *h, const channel_result *res, in
      * the noise law wants independent windows): the ring takes windows at least a window apart,
      * and in between the last verdict stands. At the usual half-overlap, every other window. */
     double window_s = (double)n / fs;
-    if (dg.count > 0 && t - dg.times[(dg.next + dg.capacity - 1) % dg.capacity] < window_s * (1 - 1e-9)) {
+    double since = dg.count > 0 ? t - dg.times[(dg.next + dg.capacity - 1) % dg.capacity] : -1;
+    if (since >= 0 && since < window_s - 0.5 / fs) {   /* half a sample: the header's times are whole ns; a
+                                                          clock that went back is not skipped (diagnosis_dof) */
         if (!cfg.fixed_rpm) *ff = dg_ff;
         for (uint32_t c = 0; c < channels; c++) out[c] = dg_out[c];
         return;

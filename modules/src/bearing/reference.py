@@ -510,7 +510,7 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
         state.diag_ring, state.diag_shape, state.diag_bands = [], (n, fs, channels), []
     window_s = n / fs
     t = start_ns / 1e9 if start_ns > 0 else seq * window_s     # no start times: windows taken as not overlapping
-    if state.diag_ring and state.diag_last and t - state.diag_ring[-1][2] < window_s * (1 - 1e-9):
+    if state.diag_ring and state.diag_last and 0 <= t - state.diag_ring[-1][2] < window_s - 0.5 / fs:   # whole-ns times
         return dict(state.diag_last)    # overlaps the last diagnosed window: its verdict stands
     if kurtogram:   # chosen when the ring starts and each time it has turned over; a new band restarts it
         if not state.diag_ring or state.diag_band_age >= capacity or len(state.diag_bands) != channels:
