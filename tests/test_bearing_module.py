@@ -363,6 +363,19 @@ def test_fault_frequencies_match_cwru_readme(wasm):
     ({"shaft.track_windows": 0}, "shaft.track_windows must be a whole number from 1 to 64"),
     ({"shaft.track_windows": 2.5}, "shaft.track_windows must be a whole number from 1 to 64"),
     ({"bearing.balls": "nine"}, "not a number"),
+    ({"diagnosis.band": "wide"}, "diagnosis.band must be kurtogram or fixed"),
+    ({"diagnosis.prewhiten": "yes"}, "diagnosis.prewhiten must be none or cepstrum"),
+    ({"diagnosis.envelope": "cubed"}, "diagnosis.envelope must be magnitude or squared"),
+    ({"diagnosis.second_opinion": "gpt"}, "diagnosis.second_opinion must be none or bearing_cnn"),
+    ({"diagnosis.windows": 0}, "diagnosis.windows must be a whole number from 1 to 64"),
+    ({"diagnosis.windows": 65}, "diagnosis.windows must be a whole number from 1 to 64"),
+    ({"diagnosis.windows": 2.5}, "diagnosis.windows must be a whole number from 1 to 64"),
+    ({"diagnosis.min_confidence": 0}, "diagnosis.min_confidence must be in (0, 1]"),
+    ({"diagnosis.min_confidence": 1.5}, "diagnosis.min_confidence must be in (0, 1]"),
+    ({"diagnosis.margin": -0.1}, "diagnosis.margin must be in [0, 1)"),
+    ({"diagnosis.margin": 1}, "diagnosis.margin must be in [0, 1)"),
+    ({"diagnosis.cnn_min_p": 0.25}, "diagnosis.cnn_min_p must be in (0.25, 1]"),
+    ({"diagnosis.cnn_min_p": 2}, "diagnosis.cnn_min_p must be in (0.25, 1]"),
 ])
 def test_impossible_config_is_refused_with_a_clear_message(wasm, change, message):
     params = {**GEOMETRY, "shaft.rpm": 1797, **change}
