@@ -45,13 +45,16 @@
 #define KURT_ABOVE_FLOOR 4.0            /* its mean power: 6 dB over the noise floor (judgement, bearing.md) */
 #define KURT_SK_SIGMAS 5.0              /* its SK: 5 x the noise std 2/sqrt(bins), else the fixed band */
 
+static uint8_t sb_skip[N_KINDS][DIAG_MAX_HARMONICS + 1][2][2];   /* [kind][h][modulation][upper]: on another part's carrier */
 static float ring[DIAG_RING_FLOATS];            /* the last spectra: slot s, channel c at (s*channels + c)*(mtop+1) */
 static float davg[AP_MAX_CHANNELS][AMP_ROW];    /* their mean (power per bin) */
+static double dsum[AP_MAX_CHANNELS][AMP_ROW];   /* their sum, kept as spectra come and go */
 static uint8_t bin_shaft[AMP_ROW], bin_shared[AMP_ROW];
 static float kpow[AMP_ROW];                     /* the kurtogram's bin powers */
 static struct {
     int32_t count, next, capacity;      /* spectra in the ring, the slot the next one takes, its size */
     int32_t band_age;                   /* windows since the kurtogram chose the bands */
+    int32_t band_confirmed;             /* two choices in a row agreed: the band holds for the event */
     double speeds[64], times[64];       /* per slot: the window's speed estimate (Hz), its start (s) */
     int32_t n, mtop;
     uint32_t channels;
@@ -94,6 +97,7 @@ static double noise_tail(double r2, int32_t k) {
 
 /* 1 - (bins) x the noise tail, at least 0: the strongest of a group of lines is not noise. */
 static double presence(double r2, int32_t bins, int32_t k) {
+    if (r2 <= 1 && bins >= 3) return 0;    /* at or under the median the tail is >= ~0.49: 1 - 3 x 0.49 < 0 */
     double p = 1 - bins * noise_tail(r2, k);
     return p > 0 ? p : 0;
 }
@@ -154,17 +158,22 @@ static int32_t line_peak(const float *p, double bw, int32_t top, double centre, 
     return at;
 }
 
-/* A sideband's r2 over the floor (return) and over its local continuum (*local): its window's
- * peak, counted only if it is a local maximum of the spectrum that stands above its local
- * continuum (the median of the bins within spacing/2 of it, at most SIDEBAND_LOCAL each side,
- * and at least the floor): a bump on a carrier's skirt is not a line. */
-#define SIDEBAND_LOCAL 32
+/* A sideband's r2 over the floor: its window's peak (*at) if that is a local maximum of the
+ * spectrum (a carrier's skirt falls away from it: not a line), else 0. */
 static double sideband(const float *p, double floor2, double bw, int32_t top, double centre, double hw,
-                       double spacing, double *local, int32_t *w) {
-    int32_t at = line_peak(p, bw, top, centre, hw, w);
-    *local = 0;
-    if (at < 0 || !(floor2 > 0)) return 0;
-    if (!(p[at] > p[at - 1] && (at + 1 > dg.mtop || p[at] >= p[at + 1]))) return 0;
+                       int32_t *at, int32_t *w) {
+    *at = line_peak(p, bw, top, centre, hw, w);
+    if (*at < 0 || !(floor2 > 0)) return 0;
+    int32_t a = *at;
+    if (!(p[a] > p[a - 1] && (a + 1 > dg.mtop || p[a] >= p[a + 1]))) return 0;
+    return p[a] / floor2;
+}
+
+/* The r2 of the peak at bin `at` over its local continuum: the median of the bins within
+ * spacing/2 of it (at most SIDEBAND_LOCAL each side), at least the floor. A line on a carrier's
+ * skirt must stand above the skirt. Never more than the r2 over the floor. */
+#define SIDEBAND_LOCAL 32
+static double over_continuum(const float *p, double floor2, double bw, int32_t at, double spacing) {
     int64_t half = floor_i(spacing / 2 / bw);
     if (half > SIDEBAND_LOCAL) half = SIDEBAND_LOCAL;
     double ref2 = floor2;
@@ -175,8 +184,7 @@ static double sideband(const float *p, double floor2, double bw, int32_t top, do
         double med = ap_median_f32(copy, m);
         if (med > ref2) ref2 = med;
     }
-    *local = p[at] / ref2;
-    return p[at] / floor2;
+    return p[at] / ref2;
 }
 
 static double excess(double r2) { return r2 > 1 ? r2 - 1 : 0; }
@@ -214,6 +222,8 @@ static void diag_channel_eval(const float *p, double floor2, int32_t top, double
         out->peak_ratio[kd] = best_c > 0 ? ap_sqrt(best_c) : 0;
         out->conf[kd] = out->signature[kd] = 0;
         if (at_best < 0 || !(total > 0)) continue;
+        double carriers_present = presence(c_max, c_bins, k);
+        if (!(carriers_present > 0)) continue;          /* no carrier: confidence 0 whatever the sidebands */
         /* sidebands at the measured carrier +- each modulation (a comb of spacing mods[0]); one on a
          * line another part predicts is not tested */
         double mods[2];
@@ -221,22 +231,26 @@ static void diag_channel_eval(const float *p, double floor2, int32_t top, double
         if (kd == K_OUTER) mods[nm++] = ff->fr;
         if (kd == K_INNER) { mods[nm++] = ff->fr; mods[nm++] = 2 * ff->fr; }
         if (kd == K_BALL) mods[nm++] = ff->ftf;
-        double s_r2[DIAG_SIDEBANDS], s_loc[DIAG_SIDEBANDS], s_pres[DIAG_SIDEBANDS];
-        int32_t s_c[DIAG_SIDEBANDS], s_m[DIAG_SIDEBANDS], s_side[DIAG_SIDEBANDS], s_w[DIAG_SIDEBANDS], ns = 0;
+        double s_r2[DIAG_SIDEBANDS], s_pres[DIAG_SIDEBANDS];
+        int32_t s_c[DIAG_SIDEBANDS], s_m[DIAG_SIDEBANDS], s_side[DIAG_SIDEBANDS], s_w[DIAG_SIDEBANDS], s_at[DIAG_SIDEBANDS];
+        int32_t ns = 0;
         for (int32_t c = 0; c < nc; c++)
             for (int32_t m = 0; m < nm; m++) {
                 double hw = bw + c_tol[c] * mods[m], cap = mods[0] / 2 - bw;
                 if (hw > cap) hw = cap;
                 if (hw < bw / 2) continue;                  /* the comb is not resolved */
                 for (int side = -1; side <= 1; side += 2) {
-                    if (predicted_by_other(lines, nlines, kd, c_h[c] * ff->f[kd] + side * mods[m], hw)) continue;
-                    int32_t w;
-                    double loc, r = sideband(p, floor2, bw, top, c_at[c] * bw + side * mods[m], hw, mods[0], &loc, &w);
+                    if (sb_skip[kd][c_h[c]][m][side > 0]) continue;   /* on another part's carrier */
+                    int32_t w, at;
+                    double r = sideband(p, floor2, bw, top, c_at[c] * bw + side * mods[m], hw, &at, &w);
                     if (!w) continue;
-                    s_r2[ns] = r; s_loc[ns] = loc; s_w[ns] = w; s_c[ns] = c; s_m[ns] = m; s_side[ns] = side; ns++;
+                    s_r2[ns] = r; s_at[ns] = at; s_w[ns] = w; s_c[ns] = c; s_m[ns] = m; s_side[ns] = side; ns++;
                 }
             }
-        for (int32_t i = 0; i < ns; i++) s_pres[i] = presence(s_loc[i], s_w[i] * ns, k);   /* every window tried */
+        for (int32_t i = 0; i < ns; i++) {   /* every window tried; over the local continuum (<= over the floor) */
+            s_pres[i] = presence(s_r2[i], s_w[i] * ns, k);
+            if (s_pres[i] > 0) s_pres[i] = presence(over_continuum(p, floor2, bw, s_at[i], mods[0]), s_w[i] * ns, k);
+        }
         double evidence = 0;
         if (kd == K_INNER || kd == K_BALL) {
             for (int32_t i = 0; i < ns; i++) {
@@ -260,7 +274,7 @@ static void diag_channel_eval(const float *p, double floor2, int32_t top, double
                 }
         }
         double factor = kd == K_INNER || kd == K_BALL ? evidence : kd == K_OUTER ? 1 - evidence : 1;
-        double signature = presence(c_max, c_bins, k) * factor;     /* how likely the signature is there */
+        double signature = carriers_present * factor;               /* how likely the signature is there */
         double conf = signature * (kd == K_CAGE ? 0.5 : 1) * acc / total;
         out->signature[kd] = signature;
         out->conf[kd] = conf > 1 ? 1 : conf;
@@ -392,14 +406,19 @@ static void diag_update(const ap_window_header *h, const channel_result *res, in
         return;
     }
     /* The kurtogram chooses the band when the ring starts and again each time it has turned
-     * over; a band other than the ring's restarts it (the mean averages one band's spectra). */
+     * over, until two choices in a row agree (then the band holds for the event: the resonance a
+     * defect rings is the structure's); a band other than the ring's restarts it (the mean
+     * averages one band's spectra). */
+    int kurtogram_ran = 0;
     if (cfg.diag_kurtogram) {
-        if (dg.count == 0 || dg.band_age >= dg.capacity) {
-            int32_t old0[AP_MAX_CHANNELS], old1[AP_MAX_CHANNELS];
+        if (dg.count == 0 || (!dg.band_confirmed && dg.band_age >= dg.capacity)) {
+            kurtogram_ran = 1;
+            int32_t old0[AP_MAX_CHANNELS], old1[AP_MAX_CHANNELS], changed = 0, turnover = dg.count > 0;
             for (uint32_t c = 0; c < channels; c++) { old0[c] = dg.k0[c]; old1[c] = dg.k1[c]; }
             kurtogram_bands(n, channels, bw, fs, ff_track, k0, k1, h, res);
-            for (uint32_t c = 0; c < channels; c++)
-                if (old0[c] != dg.k0[c] || old1[c] != dg.k1[c]) dg.count = 0;
+            for (uint32_t c = 0; c < channels; c++) changed |= old0[c] != dg.k0[c] || old1[c] != dg.k1[c];
+            if (changed) dg.count = 0;
+            dg.band_confirmed = turnover && !changed;
             dg.band_age = 0;
         }
         dg.band_age++;
@@ -409,19 +428,32 @@ static void diag_update(const ap_window_header *h, const channel_result *res, in
     int32_t flags = (cfg.diag_squared ? AP_ENV_SQUARED : 0) | (cfg.diag_whiten ? AP_ENV_WHITEN : 0);
     int same = 1;
     for (uint32_t c = 1; c < channels; c++) same &= dg.k0[c] == dg.k0[0] && dg.k1[c] == dg.k1[0];
-    if (same) ap_envelope_ex(spec, xd, n, (int32_t)channels, dg.k0[0], dg.k1[0], flags);
+    /* The envelope band, plain: espec already holds those spectra (the window's features), unless
+     * the kurtogram used it just now. */
+    int reuse = same && flags == 0 && !kurtogram_ran && dg.k0[0] == k0 && dg.k1[0] == k1;
+    if (reuse) {
+    } else if (same) ap_envelope_ex(spec, xd, n, (int32_t)channels, dg.k0[0], dg.k1[0], flags);
     else
         for (uint32_t c = 0; c < channels; c++)
             ap_envelope_ex(spec + (size_t)c * (n + 2), xd + (size_t)c * n, n, 1, dg.k0[c], dg.k1[c], flags);
-    ap_rfft_batch(xd, espec, n, (int32_t)channels);
+    if (!reuse) ap_rfft_batch(xd, espec, n, (int32_t)channels);
 
-    if (dg.count == 0) dg.next = 0;
-    int32_t slot = dg.next, row = mtop + 1;
+    if (dg.count == 0) {                           /* a new ring: its sums from nothing */
+        dg.next = 0;
+        for (uint32_t c = 0; c < channels; c++)
+            for (int32_t k = 0; k <= mtop; k++) dsum[c][k] = 0;
+    }
+    int32_t slot = dg.next, row = mtop + 1, full = dg.count == dg.capacity;
     float scale = 4.0f / ((float)n * (float)n);   /* (2 |E_k| / n)^2 */
-    for (uint32_t c = 0; c < channels; c++) {
+    for (uint32_t c = 0; c < channels; c++) {      /* the new spectrum in, the one it replaces out of the sums */
         const float *e = espec + (size_t)c * (n + 2);
         float *r = ring + ((size_t)slot * channels + c) * row;
-        for (int32_t k = 0; k <= mtop; k++) r[k] = scale * (e[2 * k] * e[2 * k] + e[2 * k + 1] * e[2 * k + 1]);
+        double *sum = dsum[c];
+        for (int32_t k = 0; k <= mtop; k++) {
+            float pk = scale * (e[2 * k] * e[2 * k] + e[2 * k + 1] * e[2 * k + 1]);
+            sum[k] += full ? (double)pk - r[k] : (double)pk;
+            r[k] = pk;
+        }
     }
     dg.speeds[slot] = fr_window;
     dg.times[slot] = t;
@@ -435,11 +467,7 @@ static void diag_update(const ap_window_header *h, const channel_result *res, in
     int32_t top = diag_top(n, bw, ff);
     if (top > mtop) top = mtop;
     for (uint32_t c = 0; c < channels; c++)
-        for (int32_t k = 0; k <= mtop; k++) {
-            double s = 0;
-            for (int32_t i = 0; i < dg.count; i++) s += ring[((size_t)i * channels + c) * row + k];
-            davg[c][k] = (float)(s / dg.count);
-        }
+        for (int32_t k = 0; k <= mtop; k++) davg[c][k] = (float)(dsum[c][k] / dg.count);
     double floors[AP_MAX_CHANNELS];
     ap_median_rows(&davg[0][2], top - 1, (int32_t)channels, AMP_ROW, floors, scratch);
     dg.dof = diagnosis_dof(window_s);
@@ -456,6 +484,17 @@ static void diag_update(const ap_window_header *h, const channel_result *res, in
         int32_t a, z;
         bin_range(lines[i].f - lines[i].hw, lines[i].f + lines[i].hw, bw, 0, top, &a, &z);
         for (int32_t b = a; b <= z; b++) bin_shared[b] = 1;
+    }
+    for (int32_t i = 0; i < nlines; i++) {         /* the sidebands that sit on another part's carrier */
+        const diag_line *l = &lines[i];
+        double mods[2] = {l->kind == K_BALL ? ff->ftf : ff->fr, 2 * ff->fr};
+        for (int m = 0; m < 2; m++) {
+            double hw = bw + l->tol * mods[m], cap = mods[0] / 2 - bw;
+            if (hw > cap) hw = cap;
+            for (int up = 0; up < 2; up++)
+                sb_skip[l->kind][l->h][m][up] = (uint8_t)predicted_by_other(lines, nlines, l->kind,
+                                                                            l->f + (up ? 1 : -1) * mods[m], hw);
+        }
     }
     for (uint32_t c = 0; c < channels; c++) {
         diag_channel_eval(davg[c], floors[c], top, bw, ff, lines, nlines, dg.dof, &out[c]);

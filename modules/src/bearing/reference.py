@@ -92,6 +92,7 @@ class State:
         self.diag_shape: tuple | None = None
         self.diag_bands: list = []
         self.diag_band_age = 0
+        self.diag_band_confirmed = False
         self.diag_last: dict | None = None                            # the last diagnosed window's features
 
     def track(self, fr: float, windows: int) -> float:
@@ -512,12 +513,17 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
     t = start_ns / 1e9 if start_ns > 0 else seq * window_s     # no start times: windows taken as not overlapping
     if state.diag_ring and state.diag_last and 0 <= t - state.diag_ring[-1][2] < window_s - 0.5 / fs:   # whole-ns times
         return dict(state.diag_last)    # overlaps the last diagnosed window: its verdict stands
-    if kurtogram:   # chosen when the ring starts and each time it has turned over; a new band restarts it
-        if not state.diag_ring or state.diag_band_age >= capacity or len(state.diag_bands) != channels:
+    if kurtogram:   # chosen when the ring starts and each time it has turned over until two choices agree;
+        # a new band restarts the ring
+        if not state.diag_ring or len(state.diag_bands) != channels or \
+                (not state.diag_band_confirmed and state.diag_band_age >= capacity):
+            turnover = bool(state.diag_ring)
             tapered = [tapered_spectrum(x[c]) for c in range(channels)]
             bands = [kurtogram_band(tapered[c], n, bw, fs, ff_track["bpfi"], whiten, band0) for c in range(channels)]
-            if bands != state.diag_bands:
+            changed = bands != state.diag_bands
+            if changed:
                 state.diag_ring = []
+            state.diag_band_confirmed = turnover and not changed
             state.diag_bands, state.diag_band_age = bands, 0
         state.diag_band_age += 1
         bands = state.diag_bands
