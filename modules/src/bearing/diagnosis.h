@@ -292,14 +292,14 @@ static void diag_channel_eval(const float *p, double floor2, int32_t top, double
  * (ties: the wider, earlier band) if it is significant: over the taper's 2r - 2 by KURT_SK_SIGMAS x
  * the SK's noise std 2/sqrt(bins) (Gaussian noise). Otherwise the envelope band. The spectra it
  * reads are of the tapered windows (tapered_spectra). */
-#define KURT_TAPER 0.05                 /* the kurtogram's window: cosine ramps over 5 % of it at each end */
-static float taper[(int32_t)(KURT_TAPER * N_MAX) + 1];
+#define KURT_TAPER 20                   /* the kurtogram's window: cosine ramps over n/20 (5 %) at each end */
+static float taper[N_MAX / KURT_TAPER + 1];
 static int32_t taper_n, taper_len;
 static double taper_r;                  /* n sum w^4 / (sum w^2)^2: tapered complex Gaussian noise has SK 2r - 2 */
 
 static void taper_for(int32_t n) {
     if (taper_n == n) return;
-    taper_len = (int32_t)(KURT_TAPER * n);
+    taper_len = n / KURT_TAPER;
     double s2 = n - 2 * taper_len, s4 = s2;
     for (int32_t j = 0; j < taper_len; j++) {
         double sn, cs;

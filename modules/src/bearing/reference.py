@@ -228,7 +228,7 @@ MODULATION = {"outer": ("fr",), "inner": ("fr", "2fr"), "ball": ("ftf",), "cage"
 KURT_LOW_EDGE = 6.0       # x BPFI: a candidate band starts one BPFI above the highest analysed line (5 BPFI)
 SK_SIGMAS = 5.0           # the best band's SK must exceed 5 x its noise std (2 / sqrt(bins)), else the fixed band
 KURT_ABOVE_FLOOR = 4.0    # a candidate band's mean power: at least 4 x (6 dB over) the noise floor (judgement, see bearing.md)
-KURT_TAPER = 0.05         # the kurtogram's window: cosine ramps over 5 % of it at each end
+KURT_TAPER = 20           # the kurtogram's window: cosine ramps over n/20 (5 %) of it at each end
 RING_FLOATS = 1 << 18     # the running mean's ring of spectra (bearing.c's pool): at most this many floats
 
 
@@ -309,9 +309,9 @@ def kurtogram_bands(n: int, bw: float, fs: float, bpfi: float) -> list[tuple[int
 
 
 def tukey(n: int) -> tuple[np.ndarray, float]:
-    """The kurtogram's taper (cosine ramps over KURT_TAPER of the window at each end), float32, and
+    """The kurtogram's taper (cosine ramps over n // KURT_TAPER samples at each end), float32, and
     r = n sum w^4 / (sum w^2)^2 of it (in float64): complex Gaussian noise so tapered has SK 2r - 2."""
-    length = int(KURT_TAPER * n)
+    length = n // KURT_TAPER
     w = np.ones(n)
     j = np.arange(length)
     w[:length] = 0.5 * (1 - np.cos(np.pi * j / length))
