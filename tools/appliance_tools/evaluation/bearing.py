@@ -444,7 +444,7 @@ def window_summary(results: list[FileResult]) -> str:
         lines.append(f"  {part:<11} {n:>4} windows: named right {right / n:>4.0%}, wrong {wrong / n:>4.0%}, "
                      f"unspecified {named.get('unspecified', 0) / n:>4.0%}; its confidence min {min(damaged):.2f} "
                      f"median {sorted(damaged)[len(damaged) // 2]:.2f}, other parts' max {max(others):.2f}")
-    return "diagnosed windows (each on its running mean):\n" + "\n".join(lines) if lines else ""
+    return "diagnosed windows (each on the mean of its ring of spectra):\n" + "\n".join(lines) if lines else ""
 
 
 def main(argv: list[str] | None = None) -> int:
