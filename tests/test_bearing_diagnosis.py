@@ -190,7 +190,7 @@ def test_cage_alone_is_weak_evidence():
 
 
 def test_diagnosis_runs_while_anomalous():
-    """Healthy windows are not diagnosed; from the first anomalous window the running mean grows
+    """Healthy windows are not diagnosed; from the first anomalous window the ring of spectra grows
     to diagnosis.windows (8) and stays there while the story is open; once the story clears it
     starts over."""
     fs, n = 12000.0, 4096
@@ -207,7 +207,7 @@ def test_diagnosis_runs_while_anomalous():
     assert counts[10:20] == [0] * 10                       # healthy and scored: not diagnosed
     assert counts[20:32] == [1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8, 8]
     assert [e[0] for e in m.events][-1] == 0               # the story cleared ...
-    assert counts[-1] == 0                                 # ... and the running mean with it
+    assert counts[-1] == 0                                 # ... and the ring with it
 
 
 def learned(params: dict, fs: float, n: int) -> tuple[Bearing, int]:
@@ -247,7 +247,7 @@ def test_64_windows_of_a_clear_fault_keep_their_confidence():
 
 
 def test_the_ring_restarts_when_the_kurtogram_moves_the_band():
-    """The running mean holds one band's spectra (review 1, finding 7): the resonance the impulses
+    """The ring holds one band's spectra (review 1, finding 7): the resonance the impulses
     ring moves from 2.5 to 4 kHz; when the ring has turned over (diagnosis.windows = 3) the
     kurtogram picks the new band and the ring starts again, and the mean is the true mean of the
     ring's spectra (the reference's) all along."""

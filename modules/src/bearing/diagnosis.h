@@ -1,38 +1,42 @@
 /* bearing: the diagnosis - each part's signature in the envelope spectrum, its confidence, the
- * kurtogram's band and the running mean of the event's spectra. Part of bearing.c (one
+ * kurtogram's band and the ring of the event's spectra. Part of bearing.c (one
  * translation unit, included once after features.h). reference.py is the same in numpy. */
 
 /* ---- diagnosis: the part's signature in the envelope spectrum -------------------------------- */
 
-/* Once a window is anomalous, and for as long as its event story lasts, each window's diagnostic
- * envelope spectrum (diagnosis.band: the envelope band, or the kurtogram's; diagnosis.prewhiten:
- * cepstrum pre-whitening; diagnosis.envelope: magnitude or squared) goes into a ring of the last
- * diagnosis.windows spectra, and each part's signature is scored on their mean (noise averages
- * out, lines stay):
+/* Once a window is anomalous, and for as long as its event story lasts, each diagnosed window's
+ * diagnostic envelope spectrum (diagnosis.band: the envelope band, or the kurtogram's;
+ * diagnosis.prewhiten: cepstrum pre-whitening; diagnosis.envelope: magnitude or squared) goes
+ * into a ring of the last diagnosis.windows spectra, windows at least a window apart (overlapping
+ * ones are not independent: in between, the last verdict stands), and each part's signature is
+ * scored on the ring's mean (noise averages out, lines stay):
  *
- *   outer race  BPFO and its harmonics up to 5 BPFI, x (1 - shaft-rate modulation): a sideband at
- *               +-fr, present (noise law) and as deep as 2 x its amplitude over the carrier's
- *               (above the floor), takes that share off (a stationary defect is not modulated)
- *   inner race  BPFI and its harmonics up to 5 BPFI, x the presence of a +-fr / +-2 fr sideband
- *               (the defect turns with the shaft through the load zone)
+ *   outer race  BPFO and its harmonics up to 5 BPFI, x (1 - shaft-rate AM): a -/+ fr pair's
+ *               presence x its depth (a_lo + a_hi) / a_carrier (amplitudes over the floor, at most
+ *               1) takes that share off (a stationary defect is not modulated by the shaft's turn)
+ *   inner race  BPFI and its harmonics up to 5 BPFI (its shared ones only for their sidebands),
+ *               x the presence of a +-fr / +-2 fr sideband (the defect turns with the shaft
+ *               through the load zone; often one-sided)
  *   ball        2 x BSF h = 1..3, x the presence of a -FTF / +FTF pair at one harmonic (both: the
- *               sidebands sit a few bins off the carrier, where a slipping carrier's skirt is)
- *   cage        FTF h = 1..3, weak evidence on its own: half weight
+ *               sidebands sit a few bins off the carrier, where a skirt or a stray line is)
+ *   cage        FTF h = 1..3, x 1, weak evidence on its own: its confidence halved
  *
  * A carrier is the largest power within bw/2 + tol x f of its frequency f (tol 1 % for the races,
  * 2 % for ball and cage, whose elements slip), shaft harmonics aside (the machine's lines), over
  * the median of the mean from bin 2 to 5 x BPFI (the floor): its ratio r2. A carrier two parts
  * both predict (3 x BPFO and 2 x BPFI lie 0.7 % apart) is evidence for neither and is left out,
  * of the part's lines and of the total. A sideband is looked for at the measured carrier +- the
- * modulation, within min(bw + tol x m, spacing/2 - bw) (spacing: the comb's, fr or FTF), shaft
- * harmonics aside, and counts only as a local maximum of the spectrum (a skirt falls away from
- * the carrier: not a line), against the same floor as the carrier. Presence of a group of lines: one minus the chance that noise alone
+ * modulation, within min(bw + tol x m, spacing/2 - bw) (spacing: the comb's, fr or FTF), not on
+ * another part's carrier, shaft harmonics aside, and counts only as a local maximum of the
+ * spectrum (a skirt falls away from the carrier: not a line) that stands above its local
+ * continuum (a bump on the skirt must clear the skirt); its share of power and depth are over the
+ * floor, like the carrier's. Presence of a group of lines: one minus the chance that noise alone
  * puts its strongest line that high in that many bins (every window tried), from the noise law
- * of the mean of K_eff windows (power ~ Gamma(K_eff, mean/K_eff); K_eff corrects K for the
- * windows' overlap). Confidence of a part: presence of its carriers x its sideband factor x the
- * share of the spectrum's unambiguous power above the floor that its lines carry. A part is
- * named when its confidence is at least diagnosis.min_confidence and beats the runner-up by
- * diagnosis.margin. */
+ * of the mean of K windows (power ~ Gamma(K, mean/K); K = diagnosis.dof). The signature
+ * probability of a part (diagnosis.signature_p) is the presence of its carriers x its rule; its
+ * confidence that x the share of the spectrum's unambiguous power above the floor that its lines
+ * carry. A part is named when its signature is more likely there than not (SIGNATURE_LIKELY), its
+ * confidence is at least diagnosis.min_confidence and beats the runner-up by diagnosis.margin. */
 
 #define DIAG_TOL_RACE 0.01
 #define DIAG_TOL_ELEMENT 0.02

@@ -84,7 +84,7 @@ def _median_floor(A: np.ndarray, n: int, bpfi_hz: float, bw: float) -> float:
 
 class State:
     """What the module keeps between windows besides the baseline: the last speed estimates, and
-    the diagnosis's running mean of its spectra over the event's windows."""
+    the diagnosis's ring of spectra over the event's windows."""
 
     def __init__(self) -> None:
         self.speeds: list[float] = []
@@ -123,8 +123,8 @@ def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, 
     """Features of one window x (channels, frames), as bearing.c reports them.
     diagnose: the module's baseline is learned and this window is anomalous or its event story
     open (the module decides that from its score): the diagnosis features of the scoring phase
-    ("diagnosis", "diagnosis.*", "conf.*") come from the running mean in `state`; otherwise they
-    are those of a window the module does not diagnose (zeros) and the running mean restarts.
+    ("diagnosis", "diagnosis.*", "conf.*") come from the ring's mean in `state`; otherwise they
+    are those of a window the module does not diagnose (zeros) and the ring restarts.
     seq, start_ns: the window header's (when the windows overlap, see diagnosis_dof)."""
     state = state or State()
     x = np.asarray(x, dtype=np.float64)
@@ -229,7 +229,7 @@ KURT_LOW_EDGE = 6.0       # x BPFI: a candidate band starts one BPFI above the h
 SK_SIGMAS = 5.0           # the best band's SK must exceed 5 x its noise std (2 / sqrt(bins)), else the fixed band
 KURT_ABOVE_FLOOR = 4.0    # a candidate band's mean power: at least 4 x (6 dB over) the noise floor (judgement, see bearing.md)
 KURT_TAPER = 20           # the kurtogram's window: cosine ramps over n/20 (5 %) of it at each end
-RING_FLOATS = 1 << 18     # the running mean's ring of spectra (bearing.c's pool): at most this many floats
+RING_FLOATS = 1 << 18     # the ring of spectra (diagnosis.h's pool): at most this many floats
 
 
 def _bins_in(lo: float, hi: float, bw: float, kmin: int, kmax: int) -> np.ndarray:
