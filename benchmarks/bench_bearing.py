@@ -6,9 +6,11 @@
   numpy              modules/src/bearing/reference.py (the tests' reference implementation)
 
 Windows: CHANNELS channels x 4096 frames at 12.8 kHz, after the baseline is learned. The healthy
-rows score windows like the baseline's (no diagnosis runs); the "diagnosing" row feeds windows with
-an outer-race impulse train after a healthy baseline, so that every window is anomalous and the
-diagnosis (kurtogram, squared envelope, signature) runs on each, as it does for a faulty machine.
+rows score windows like the baseline's (no diagnosis runs); the "diagnosing" column feeds windows
+with an outer-race impulse train after a healthy baseline, so that every window is anomalous and
+the diagnosis (envelope of the kurtogram's band, its spectrum into the ring, the signature) runs on
+each, as it does for a faulty machine whose windows do not overlap (the headers carry no start
+times: taken as not overlapping; at half-overlap the ring takes every other window).
 """
 from __future__ import annotations
 

@@ -101,3 +101,35 @@ def test_appliance_events_saves_the_picture(tmp_path):
     saved = sorted(p.name.split("-", 5)[-1] for p in (tmp_path / "ev").iterdir())
     assert saved == ["envelope.png", "window.npy"], out
     assert "inner race" in out
+
+
+def test_the_picture_marks_what_the_diagnosis_tests_and_says_what_it_shows(wasm):  # noqa: F811
+    """Review 1, finding 11: for an inner race the +-2 fr sidebands the rule uses are drawn too
+    (the strongest one, BPFI - 2 fr, sat unmarked 5 Hz from the BPFO marker); the races' harmonics
+    up to 5 x BPFI, as the rule tests them; the labels each on their family's row, FTF's harmonics
+    unlabelled (they overlapped); the picture says it shows one window while the verdict rests on
+    the mean of several."""
+    w, features = event_window(wasm, "inner")
+    plot = evidence.envelope_plot(w, FS, features)
+    fr = features["diagnosis.shaft_hz"]
+    bpfi = features["bpfi_hz"] * fr / features["shaft_hz"]
+    sidebands = sorted(m.hz for m in plot.markers if m.sideband and m.family == "BPFI")
+    for h in range(1, 6):
+        for k in (-2, -1, 1, 2):
+            assert any(abs(hz - (h * bpfi + k * fr)) < 1e-6 for hz in sidebands), (h, k)
+    assert [m.label for m in plot.markers if m.family == "BPFI" and not m.sideband] == ["BPFI", "2x", "3x", "4x", "5x"]
+    assert [m.label for m in plot.markers if m.family == "FTF"] == ["FTF", "", ""]
+    assert all(not m.label for m in plot.markers if m.family == "shaft")
+    several = {**features, "diagnosis.windows": 8}
+    assert "the verdict rests on the mean of 8 windows' spectra, not drawn" in evidence.envelope_plot(w, FS, several).lines[0]
+    assert "spectrum alone" in plot.lines[0]
+
+
+def test_a_picture_over_the_size_limit_is_said_and_counted(wasm, caplog):  # noqa: F811
+    """Review 1, finding 11: a PNG over the attachment limit was dropped without a word."""
+    w, features = event_window(wasm, "inner")
+    told = []
+    atts = evidence.attachments(w, None, features, max_bytes=32 << 10, attach_window=False, sample_rate=FS,
+                                dropped=lambda name, why: told.append((name, why)))
+    assert atts == [] and told == [("envelope.png", "too_large")]
+    assert "over the attachment limit" in caplog.text

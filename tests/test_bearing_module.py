@@ -131,9 +131,9 @@ class Bearing:
         self.state_changes += 1
 
     # -- windows --
-    def process(self, x: np.ndarray, fs: float, seq: int = 0) -> int:
+    def process(self, x: np.ndarray, fs: float, seq: int = 0, start_ns: int = 0) -> int:
         x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
-        data = pack_header(x.shape[0], x.shape[1], fs, seq) + x.tobytes()
+        data = pack_header(x.shape[0], x.shape[1], fs, seq, start_ns) + x.tobytes()
         wp = self.call("ap_buffer", 1, len(data))
         assert wp, "module refused the window size"
         self.mem()[wp:wp + len(data)] = data
@@ -183,14 +183,14 @@ TIME_DOMAIN = ("rms", "peak", "crest", "kurtosis", "skewness")
 
 
 def assert_matches_reference(got: dict, x: np.ndarray, fs: float, params: dict, rel: float,
-                             state: "ref.State | None" = None) -> float:
+                             state: "ref.State | None" = None, seq: int = 0, start_ns: int = 0) -> float:
     """Every feature the module reported equals the reference (state: the reference's between
     windows, one per sequence of windows); returns the worst relative error of the spectral ones
     (time-domain ones must agree to 1e-9, integers exactly)."""
     # The module diagnoses a window once it is anomalous or its story open: it says so in
     # diagnosis.windows; test_diagnosis_runs_while_anomalous checks when it does.
     diagnose = got.get("diagnosis.windows", 0) > 0
-    want = ref.analyze(np.asarray(x, np.float32), fs, params, state, diagnose)   # the samples the module saw
+    want = ref.analyze(np.asarray(x, np.float32), fs, params, state, diagnose, seq, start_ns)   # the samples the module saw
     extra = set(got) - set(want) - {"score", "baseline.progress"}
     assert not extra, f"features the reference lacks: {sorted(extra)}"
     worst = 0.0
@@ -199,7 +199,7 @@ def assert_matches_reference(got: dict, x: np.ndarray, fs: float, params: dict, 
             continue
         w = want[name]
         if name in ("iso_zone", "diagnosis", "diagnosis.method", "diagnosis.windows", "diagnosis.channel",
-                    "diagnosis.squared", "diagnosis.whitened"):
+                    "diagnosis.squared", "diagnosis.whitened", "diagnosis.dof"):
             assert value == w, (name, value, w)
             continue
         if name.startswith("conf.") or name == "diagnosis.confidence":   # in [0, 1], may be 0
@@ -231,7 +231,7 @@ def test_features_match_reference_on_synthetic(wasm, host_dsp, channels, n, fs, 
     for seq in range(5):                     # 2 healthy learning windows, then 3 scored faulty ones
         x = synthetic(channels, n, fs, fr, seed=seq, fault=0.0 if seq < 2 else 1.0)
         assert m.process(x, fs, seq) == 0, m.logs
-        worst = max(worst, assert_matches_reference(m.features, x, fs, params, rel=5e-5, state=state))
+        worst = max(worst, assert_matches_reference(m.features, x, fs, params, rel=5e-5, state=state, seq=seq))
     assert m.features["diagnosis.windows"] == 3
     assert m.features["diagnosis"] == 1, "the impulse train at BPFO is an outer-race fault"
     assert len(m.features) <= 256
@@ -265,7 +265,8 @@ def test_features_match_reference_on_cwru_slice(wasm, host_dsp):
     state = ref.State()
     for seq, w in enumerate(windows(healthy_12k()[:WINDOW * 2]) + windows(x[:WINDOW * 3])):
         assert m.process(w, FS, seq) == 0
-        worst = max(worst, assert_matches_reference(m.features, w[None], FS, params, rel=5e-5, state=state))
+        worst = max(worst, assert_matches_reference(m.features, w[None], FS, params, rel=5e-5, state=state,
+                                                    seq=seq))
     assert m.features["diagnosis.windows"] == 5
     assert m.features["diagnosis"] == 1
     assert abs(m.features["shaft_hz"] - 1796 / 60) < 0.1
@@ -362,6 +363,19 @@ def test_fault_frequencies_match_cwru_readme(wasm):
     ({"shaft.track_windows": 0}, "shaft.track_windows must be a whole number from 1 to 64"),
     ({"shaft.track_windows": 2.5}, "shaft.track_windows must be a whole number from 1 to 64"),
     ({"bearing.balls": "nine"}, "not a number"),
+    ({"diagnosis.band": "wide"}, "diagnosis.band must be kurtogram or fixed"),
+    ({"diagnosis.prewhiten": "yes"}, "diagnosis.prewhiten must be none or cepstrum"),
+    ({"diagnosis.envelope": "cubed"}, "diagnosis.envelope must be magnitude or squared"),
+    ({"diagnosis.second_opinion": "gpt"}, "diagnosis.second_opinion must be none or bearing_cnn"),
+    ({"diagnosis.windows": 0}, "diagnosis.windows must be a whole number from 1 to 64"),
+    ({"diagnosis.windows": 65}, "diagnosis.windows must be a whole number from 1 to 64"),
+    ({"diagnosis.windows": 2.5}, "diagnosis.windows must be a whole number from 1 to 64"),
+    ({"diagnosis.min_confidence": 0}, "diagnosis.min_confidence must be in (0, 1]"),
+    ({"diagnosis.min_confidence": 1.5}, "diagnosis.min_confidence must be in (0, 1]"),
+    ({"diagnosis.margin": -0.1}, "diagnosis.margin must be in [0, 1)"),
+    ({"diagnosis.margin": 1}, "diagnosis.margin must be in [0, 1)"),
+    ({"diagnosis.cnn_min_p": 0.25}, "diagnosis.cnn_min_p must be in (0.25, 1]"),
+    ({"diagnosis.cnn_min_p": 2}, "diagnosis.cnn_min_p must be in (0.25, 1]"),
 ])
 def test_impossible_config_is_refused_with_a_clear_message(wasm, change, message):
     params = {**GEOMETRY, "shaft.rpm": 1797, **change}
@@ -472,7 +486,7 @@ def test_cwru_detection_and_diagnosis(wasm, speed):
             scores.append(m.features["score"])
             diagnoses.append(m.features["diagnosis"])
             want = base.score(ref.analyze(w[None].astype(np.float32), FS, params, state,
-                                          m.features["diagnosis.windows"] > 0))
+                                          m.features["diagnosis.windows"] > 0, seq))
             if seq % 8 == 0:   # the score is the reference's (float32 FFT vs float64)
                 assert m.features["score"] == pytest.approx(want, rel=1e-4)
         results[label] = (scores, m.events)

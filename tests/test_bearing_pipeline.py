@@ -156,10 +156,81 @@ def test_evaluation_of_an_ims_style_run(bearing_wasm, tmp_path, capsys):
         other = 0.05 * np.random.default_rng(i).standard_normal(len(bearing))
         np.savetxt(run / f"2004.02.12.{10 + i:02d}.00.00", np.stack([other, bearing], axis=1), fmt="%.4f",
                    delimiter="\t")
-    rc = evaluation.main(["--format", "ims", "--data", str(run), "--channels", "1", "--baseline-snapshots", "4",
-                          "--expect", "outer race", "--wasm", str(bearing_wasm),
-                          "--param", "shaft.rpm_max=1900", "--param", "diagnosis.second_opinion=none"])
+    args = ["--format", "ims", "--data", str(run), "--channels", "1", "--baseline-snapshots", "4",
+            "--expect", "outer race", "--wasm", str(bearing_wasm)]
+    # an IMS rig is not the CWRU one: geometry and speed are required, and said
+    assert evaluation.main(args) == 2 and "--geometry" in capsys.readouterr().err
+    assert evaluation.main(args + ["--geometry", "9,0.3126,1.537"]) == 2 and "--rpm" in capsys.readouterr().err
+    rc = evaluation.main(args + ["--geometry", "9,0.3126,1.537", "--rpm-range", "1700,1900"])
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert "IMS run: bearing of 9 rolling elements, diameter 0.3126, pitch 1.537, contact angle 0 deg; " \
+           "shaft 1700-1900 rpm (estimated)" in out, out
     assert "first flagged at snapshot 2004.02.12.18.00.00" in out, out
     assert "outer race   signature" in out, out
+
+
+def test_evaluation_labels_cwru_names_and_refuses_unlabelled_files(tmp_path, capsys):
+    """CWRU's own names say the part (IR014_0_12k, B021_1_12k, OR007@6_0_12k); a file the tool
+    cannot label is refused before anything runs: a missed fault must not pass for a quiet healthy
+    recording (review 1, finding 8)."""
+    from appliance_tools.evaluation import bearing as evaluation
+    for name, part in [("IR014_0_12k", "inner race"), ("B021_1_12k", "ball"), ("OR007@6_0_12k", "outer race"),
+                       ("OR021@12_3_48k", "outer race"), ("Normal_0_48k", None), ("ball_007_1hp_12k", "ball"),
+                       ("inner_race_007_0hp_12k", "inner race"), ("normal_0hp_48k", None)]:
+        assert evaluation.expected_of(tmp_path / f"{name}.mat") == part, name
+    for name in ("105_12k", "drive_end_12k", "inner_outer_12k"):
+        with pytest.raises(ValueError, match="cannot tell what it holds"):
+            evaluation.expected_of(tmp_path / f"{name}.mat")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "normal_0hp_48k.mat").symlink_to(shared_file("bearing", "cwru", "normal_0hp_48k.mat"))
+    (data / "105_12k.mat").symlink_to(shared_file("bearing", "cwru", "inner_race_007_0hp_12k.mat"))
+    assert evaluation.main(["--data", str(data)]) == 2
+    assert "105_12k.mat: cannot tell what it holds" in capsys.readouterr().err
+
+
+def small_cwru_folder(tmp_path, **targets):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "normal_0hp_48k.mat").symlink_to(shared_file("bearing", "cwru", "normal_0hp_48k.mat"))
+    for name, source in targets.items():
+        (data / f"{name}.mat").symlink_to(shared_file("bearing", "cwru", source))
+    return data
+
+
+def test_evaluation_exits_nonzero_on_a_false_alarm(bearing_wasm, tmp_path, capsys):
+    """A threshold under the healthy data's scores: the healthy half alarms, the tool says FALSE
+    ALARM and exits 1 (review 1, finding 8)."""
+    from appliance_tools.evaluation import bearing as evaluation
+    data = small_cwru_folder(tmp_path, IR007_0_12k="inner_race_007_1hp_12k.mat")
+    rc = evaluation.main(["--data", str(data), "--wasm", str(bearing_wasm), "--param", "threshold=0.3",
+                          "--param", "confirm=1"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAILED: normal_0hp_48k (2nd half at 12k): FALSE ALARM" in out, out
+    assert "IR007_0_12k" in out and "inner race" in out
+
+
+def test_evaluation_exits_nonzero_on_a_missed_fault(bearing_wasm, tmp_path, capsys):
+    """A threshold no window reaches: the fault is not flagged, the tool says MISSED and exits 1
+    (before, a fault under a name it could not label counted as a quiet healthy recording)."""
+    from appliance_tools.evaluation import bearing as evaluation
+    data = small_cwru_folder(tmp_path, OR007_6_1_12k="outer_race_007_at6_1hp_12k.mat")
+    rc = evaluation.main(["--data", str(data), "--wasm", str(bearing_wasm), "--param", "threshold=1000"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAILED: OR007_6_1_12k: MISSED" in out, out
+
+
+def test_evaluation_marks_what_the_cnn_trained_on(bearing_wasm, tmp_path, capsys):
+    """With the learned second opinion voting, a recording it trained on (report.json) is marked and
+    left out of the counts (review 1, finding 3); one it never saw is counted."""
+    from appliance_tools.evaluation import bearing as evaluation
+    data = small_cwru_folder(tmp_path, inner_race_007_0hp_12k="inner_race_007_0hp_12k.mat",
+                             inner_race_007_2hp_12k="inner_race_007_2hp_12k.mat")
+    evaluation.main(["--data", str(data), "--wasm", str(bearing_wasm), "--param", "diagnosis.second_opinion=bearing_cnn"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("inner_race", "normal"))}
+    assert rows["inner_race_007_0hp_12k"].endswith("(trained on)"), out
+    assert rows["inner_race_007_2hp_12k"].endswith("ok"), out
+    assert "fault recordings 1: flagged 1, named right 1, named wrong 0; healthy recordings 1" in out, out
+    assert "are marked (trained on) and left out of every count" in out

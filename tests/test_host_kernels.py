@@ -582,6 +582,11 @@ def test_host_kernels_refuse_what_breaks_their_limits(k):
         "band_kurtosis k0 = 0": lambda: d.band_kurtosis(b, 64, 1, p_bin0, 1, 0, b + OUT_C),
         "band_kurtosis out": lambda: d.band_kurtosis(b, 64, 2, rec, 1, 0, mem_len - 12),
         "band_kurtosis bands": lambda: d.band_kurtosis(b, 64, 1, mem_len - 8, 1, 0, b + OUT_C),
+        "band_kurtosis spec": lambda: d.band_kurtosis(mem_len - 200, 64, 1, rec, 1, 0, b + OUT_C),
+        "band_kurtosis spec of a batch": lambda: d.band_kurtosis(mem_len - 4 * 66 * 2, 64, 3, rec, 1, 0, b + OUT_C),
+        "envelope_ex spec": lambda: d.envelope_ex(mem_len - 4 * 66 + 4, b + OUT_C, 64, 1, 1, 10, 1),
+        "envelope_ex out": lambda: d.envelope_ex(b, mem_len - 4 * 64 + 4, 64, 1, 1, 10, 2),
+        "envelope_ex spec negative": lambda: d.envelope_ex(-8, b + OUT_C, 64, 1, 1, 10, 0),
         "median n": lambda: d.median(b, -1, 1, 1, b + OUT_C),
         "median count": lambda: d.median(b, 5, 0, 5, b + OUT_C),
         "median stride": lambda: d.median(b, 5, 2, 4, b + OUT_C),
@@ -596,6 +601,42 @@ def test_host_kernels_refuse_what_breaks_their_limits(k):
             call()
         assert "ap.dsp_" in str(info.value), what
     assert bytes(k.mem()) == before   # nothing was written by a refused call
+
+
+def test_band_kurtosis_work_is_bounded(k):
+    """ap.dsp_band_kurtosis transforms count x sum(m) values (m: a band's padded size). Like the
+    other kernels it refuses more than MAX_SIGNAL per call (review 1, finding 9: 256 full-width
+    bands of 16384-point spectra asked for 128 x the limit), and it works in chunks: the largest
+    allowed call keeps its temporaries to a few MB."""
+    import tracemalloc
+    from appliance.runtime.hostcalls.dsp import KURT_CHUNK, MAX_SIGNAL
+    n = 16384
+    mem = bytearray(8 << 20)
+    dsp = HostDsp(lambda: memoryview(mem), AbiViolation)
+    spec = np.random.default_rng(0).standard_normal(9 * (n + 2)).astype(np.float32)
+    mem[:spec.nbytes] = spec.tobytes()
+    bands_at, out_at = 1 << 20, 2 << 20
+    full = np.array([[1, n // 2 - 1, 0]] * 256, np.int32)            # 256 bands of 8192 padded bins
+    mem[bands_at:bands_at + full.nbytes] = full.tobytes()
+    assert 9 * 256 * 8192 > MAX_SIGNAL >= 8 * 256 * 8192
+    with pytest.raises(AbiViolation, match="at most"):
+        dsp.band_kurtosis(0, n, 9, bands_at, 256, 0, out_at)         # 9 spectra x 2 M values: refused
+    tracemalloc.start()
+    assert dsp.band_kurtosis(0, n, 1, bands_at, 256, 0, out_at) == 0  # 2 M values: allowed, in chunks
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 48 * KURT_CHUNK, peak         # ~8.5 MB: a chunk's temporaries, not count x nbands x m (~70 MB) at once
+    got = np.frombuffer(mem, np.float64, 256, out_at)
+    want = ref_band_kurtosis(np.frombuffer(mem, np.complex64, n // 2 + 1, 0), 1, n // 2 - 1)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def ref_band_kurtosis(X, k0, k1):
+    m = max(4, 1 << (k1 - k0).bit_length())
+    z = np.zeros(m, np.complex128)
+    z[:k1 - k0 + 1] = X[k0:k1 + 1]
+    p = np.abs(np.fft.ifft(z)) ** 2
+    return m * (p * p).sum() / p.sum() ** 2 - 2
 
 
 def test_host_kernels_accept_their_limits(k):

@@ -240,3 +240,36 @@ int main(int argc, char **argv) {
         assert ok == "1" and float(value) == float(text), text
     for text, (ok, _) in zip(refused, rows[len(exact):]):
         assert ok == "0", text
+
+
+def test_the_params_table_has_as_many_cells_in_every_row():
+    """A choice's range is joined with "|" (kurtogram | fixed): in a markdown table it must be
+    escaped, or the row gets cells the header has not (review 1, finding 13)."""
+    import re
+    manifest = load_manifest(REPO / "modules" / "src" / "bearing").params
+    rows = schema.table(manifest).splitlines()
+    cells = [len(re.split(r"(?<!\\)\|", row)) for row in rows]
+    assert len(set(cells)) == 1, [r for r, c in zip(rows, cells) if c != cells[0]]
+    assert r"kurtogram \| fixed" in schema.table(manifest)
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("band", "wide", "diagnosis.band is one of kurtogram, fixed"),
+    ("prewhiten", "yes", "diagnosis.prewhiten is one of none, cepstrum"),
+    ("envelope", "cubed", "diagnosis.envelope is one of magnitude, squared"),
+    ("windows", 0, "diagnosis.windows must be >= 1"),
+    ("windows", 65, "diagnosis.windows must be >= 1, <= 64"),
+    ("windows", 2.5, "diagnosis.windows is a whole number"),
+    ("min_confidence", 0, "diagnosis.min_confidence must be > 0"),
+    ("min_confidence", 1.5, "diagnosis.min_confidence must be > 0, <= 1"),
+    ("margin", -0.1, "diagnosis.margin must be >= 0"),
+    ("margin", 1, "diagnosis.margin must be >= 0, < 1"),
+    ("second_opinion", "gpt", "diagnosis.second_opinion is one of none, bearing_cnn"),
+    ("cnn_min_p", 0.25, "diagnosis.cnn_min_p must be > 0.25"),
+    ("cnn_min_p", 2, "diagnosis.cnn_min_p must be > 0.25, <= 1"),
+])
+def test_bad_diagnosis_params_are_refused_by_the_host(tmp_path, built, key, value, problem):
+    """The eight diagnosis.* params of the bearing module, judged at config load (the module's
+    own refusal of the same values: tests/test_bearing_module.py)."""
+    path = write(tmp_path, built["bearing"], {**BEARING, "diagnosis": {key: value}})
+    assert any(problem in p for p in issues(path)), issues(path)

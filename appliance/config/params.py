@@ -325,6 +325,11 @@ def table(manifest: Manifest) -> str:
     rows = ["| param | type | default | range | unit | meaning |", "|---|---|---|---|---|---|"]
     for key, spec in manifest.params.items():
         default = "required" if spec.required else "–" if spec.default is None else f"`{spec.default}`"
-        rows.append(f"| `{key}` | {spec.type} | {default} | {spec.range_text() or '–'} | {spec.unit or '–'} | "
-                    f"{spec.description} |")
+        rows.append(f"| `{key}` | {spec.type} | {default} | {_cell(spec.range_text() or '–')} | "
+                    f"{_cell(spec.unit or '–')} | {_cell(spec.description)} |")
     return "\n".join(rows)
+
+
+def _cell(text: str) -> str:
+    """A markdown table cell: a "|" in it (choices are joined with one) would start another cell."""
+    return text.replace("|", "\\|")

@@ -531,7 +531,9 @@ class Supervisor:
             return evidence.attachments(window.data, window.image, result.features,
                                         max_bytes=self.cfg.events.attachment_max_kb << 10,
                                         attach_window=self.cfg.events.attach_window,
-                                        sample_rate=window.sample_rate)
+                                        sample_rate=window.sample_rate,
+                                        dropped=lambda name, why: self.metrics.host_errors.labels(
+                                            host.name, "evidence").inc())
         except Exception as exc:   # evidence is the host's job: never the module's fault, never a lost event
             self.metrics.host_errors.labels(host.name, "evidence").inc()
             log.error("module %s: evidence for window %d could not be made (%s: %s); the event goes without it",

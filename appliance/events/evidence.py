@@ -36,10 +36,11 @@ def boxes_from_features(features: dict[str, float], limit: int = 16) -> list[tup
 
 
 def attachments(data: np.ndarray, image: tuple[int, int] | None, features: dict[str, float], *, max_bytes: int,
-                attach_window: bool, sample_rate: float = 0.0) -> list[Attachment]:
+                attach_window: bool, sample_rate: float = 0.0, dropped=None) -> list[Attachment]:
     """data: the window as the module got it (channels, frames), image: its (height, width) for
     a camera frame. A snapshot for a frame; the middle of the window as window.npy otherwise, and
-    envelope.png where the features hold a bearing diagnosis (ENVELOPE_FEATURES)."""
+    envelope.png where the features hold a bearing diagnosis (ENVELOPE_FEATURES). dropped(name,
+    reason), if given, is told of a picture the event goes without (the supervisor counts it)."""
     if image is not None:
         from hal.drivers.camera.jpeg import jpeg_snapshot   # OpenCV stays in hal/
         jpg = jpeg_snapshot(data, image, boxes_from_features(features), max_bytes=max_bytes)
@@ -59,8 +60,15 @@ def attachments(data: np.ndarray, image: tuple[int, int] | None, features: dict[
             png = envelope_png(data, sample_rate, features)
             if len(png) <= max_bytes:
                 out.append(Attachment("envelope.png", "image/png", png))
+            else:
+                log.warning("envelope.png is %d bytes, over the attachment limit of %d; the event goes without it",
+                            len(png), max_bytes)
+                if dropped:
+                    dropped("envelope.png", "too_large")
         except Exception as exc:
             log.error("envelope.png could not be drawn (%s: %s); the event goes without it", type(exc).__name__, exc)
+            if dropped:
+                dropped("envelope.png", "failed")
     return out
 
 
@@ -119,7 +127,13 @@ def envelope_png(data: np.ndarray, fs: float, features: dict[str, float]) -> byt
     """envelope.png: the triggering window's envelope spectrum as the module made its diagnostic
     one (band, squared or not, whitened or not), with the fault-frequency families at the
     diagnosis's speed and the named line."""
-    from hal.drivers.vibration.spectrum_png import EnvelopePlot, Marker, render_png   # OpenCV stays in hal/
+    from hal.drivers.vibration.spectrum_png import render_png   # OpenCV stays in hal/
+    return render_png(envelope_plot(data, fs, features))
+
+
+def envelope_plot(data: np.ndarray, fs: float, features: dict[str, float]):
+    """What envelope.png draws (hal.drivers.vibration.spectrum_png.EnvelopePlot)."""
+    from hal.drivers.vibration.spectrum_png import EnvelopePlot, Marker
     check_drawable(features, fs)
     ch = int(features.get("diagnosis.channel", 0))
     ch = ch if 0 <= ch < data.shape[0] else 0
@@ -136,19 +150,23 @@ def envelope_png(data: np.ndarray, fs: float, features: dict[str, float]) -> byt
     floor_bins = (freqs >= 2 * bw) & (freqs <= 5 * f["BPFI"])
     floor = float(np.median(amp[floor_bins])) if floor_bins.any() else float(np.median(amp[1:]))
     db = 20 * np.log10(np.maximum(amp[keep], 1e-30) / max(floor, 1e-30))
+    # the lines the diagnosis tests: a race's harmonics up to 5 x BPFI, the ball's and the cage's first three
     markers = []
     for name, base in f.items():
-        for h in (1, 2, 3):
-            markers.append(Marker(name, h * base, name if h == 1 else f"{h}x"))
+        hmax = max(1, int(5 * f["BPFI"] / base)) if name in ("BPFO", "BPFI") else 3
+        for h in range(1, hmax + 1):
+            markers.append(Marker(name, h * base, name if h == 1 else "" if name == "FTF" else f"{h}x"))
     code = int(features.get("diagnosis", 0))
-    if code == 2:      # the named part's sidebands, for the eye to check
-        markers += [Marker("BPFI", h * f["BPFI"] + s * fr, "", sideband=True) for h in (1, 2, 3) for s in (-1, 1)]
+    if code == 2:      # the named part's sidebands, for the eye to check: +-fr and +-2 fr at each harmonic
+        markers += [Marker("BPFI", m.hz + s * k * fr, "", sideband=True) for m in list(markers) if m.family == "BPFI"
+                    for k in (1, 2) for s in (-1, 1)]
     elif code == 3:
         markers += [Marker("2xBSF", h * f["2xBSF"] + s * f["FTF"], "", sideband=True) for h in (1, 2, 3)
                     for s in (-1, 1)]
     elif code == 1:    # an outer-race fault has none: show where they would be
-        markers += [Marker("BPFO", h * f["BPFO"] + s * fr, "", sideband=True) for h in (1, 2, 3) for s in (-1, 1)]
-    markers += [Marker("shaft", h * fr, "fr" if h == 1 else "") for h in range(1, min(int(top / fr), MAX_SHAFT_TICKS) + 1)]
+        markers += [Marker("BPFO", m.hz + s * fr, "", sideband=True) for m in list(markers) if m.family == "BPFO"
+                    for s in (-1, 1)]
+    markers += [Marker("shaft", h * fr, "") for h in range(1, min(int(top / fr), MAX_SHAFT_TICKS) + 1)]
     part = PART_WORDS.get(code, "unspecified")
     method = METHOD_WORDS.get(int(features.get("diagnosis.method", 0)), "")
     conf = features.get("diagnosis.confidence", 0.0)
@@ -157,7 +175,8 @@ def envelope_png(data: np.ndarray, fs: float, features: dict[str, float]) -> byt
     confs = ", ".join(f"{k} {features[f'conf.{k}']:.2f}" for k in ("outer", "inner", "ball", "cage")
                       if f"conf.{k}" in features)
     windows = int(features.get("diagnosis.windows", 1))
-    lines = [f"the triggering window ({data.shape[1]} samples at {fs:g} Hz; the diagnosis averaged {windows}), "
+    averaged = "" if windows <= 1 else f"; the verdict rests on the mean of {windows} windows' spectra, not drawn"
+    lines = [f"this window's spectrum alone ({data.shape[1]} samples at {fs:g} Hz{averaged}), "
              f"band {lo:.0f}-{hi:.0f} Hz, shaft {fr:.2f} Hz ({fr * 60:.0f} rpm); 0 dB: median up to 5 x BPFI",
              f"BPFO {f['BPFO']:.1f}  BPFI {f['BPFI']:.1f}  2xBSF {f['2xBSF']:.1f}  FTF {f['FTF']:.2f} Hz;  "
              f"signature confidences: {confs}"]
@@ -168,4 +187,4 @@ def envelope_png(data: np.ndarray, fs: float, features: dict[str, float]) -> byt
     label = f"{peak:.1f} Hz" if peak > 0 else ""
     if not math.isfinite(peak):
         peak = 0.0
-    return render_png(EnvelopePlot(freqs[keep], db, markers, title, lines, peak or None, label))
+    return EnvelopePlot(freqs[keep], db, markers, title, lines, peak or None, label)

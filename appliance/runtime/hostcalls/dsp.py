@@ -14,6 +14,7 @@ ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THRE
 MAX_FFT = 1 << 16
 MAX_SIGNAL = 1 << 24   # values per call of a batched ap.dsp_* kernel
 MAX_BANDS = 256
+KURT_CHUNK = 1 << 18   # ap.dsp_band_kurtosis: values transformed at once (a few MB of temporaries)
 
 
 def one_thread_libraries() -> None:
@@ -212,7 +213,9 @@ class HostDsp:
                       out_ptr: int) -> int:
         """Spectral kurtosis per spectrum and band (k0, k1, p unused) into out (f64), as ap_dsp.h's
         ap_band_kurtosis defines it: the band's bins from baseband, zero-padded to m (a power of two
-        >= max(bins, 4)), inverse FFT, m sum|z|^4 / (sum|z|^2)^2 - 2. Bands of one size go together."""
+        >= max(bins, 4)), inverse FFT, m sum|z|^4 / (sum|z|^2)^2 - 2. The work, count x sum(m), is
+        bounded like the other kernels' (MAX_SIGNAL values per call: more is an ABI violation) and
+        done in chunks of at most KURT_CHUNK values, so the memory it takes stays small."""
         np, what = self.np, "ap.dsp_band_kurtosis"
         self._fft_size(what, n)
         self._batch(what, n, count)
@@ -224,8 +227,8 @@ class HostDsp:
         self._span(what, mem, bands_ptr, 12 * nbands)
         self._span(what, mem, out_ptr, 8 * count * nbands)
         rec = struct.unpack_from(f"<{3 * nbands}i", mem, bands_ptr)
-        out = np.zeros((count, nbands))
         by_size: dict[int, list[tuple[int, int, int]]] = {}
+        work = 0
         for j in range(nbands):
             k0, k1 = rec[3 * j], rec[3 * j + 1]
             if k1 < k0:
@@ -234,20 +237,28 @@ class HostDsp:
                 raise self.violation(f"{what}: band {j} (k0={k0}, k1={k1}) is not within bins 1..{n // 2 - 1}")
             m = max(4, 1 << (k1 - k0).bit_length())
             by_size.setdefault(m, []).append((j, k0, k1))
+            work += count * m
+        if work > MAX_SIGNAL:
+            raise self.violation(f"{what}: {count} spectra x the bands' {work // count} padded bins = {work} values "
+                                 f"(at most {MAX_SIGNAL} per call)")
+        out = np.zeros((count, nbands))
         for m, group in by_size.items():
-            z = np.zeros((count, len(group), m), np.complex64)
-            for g, (j, k0, k1) in enumerate(group):
-                z[:, g, :k1 - k0 + 1] = spec[:, k0:k1 + 1]
-            if flags & 2:
-                self._whiten(z)
-            p = np.fft.ifft(z, axis=2)
-            p = (p.real.astype(np.float64) ** 2 + p.imag.astype(np.float64) ** 2)
-            s2, s4 = p.sum(axis=2), (p * p).sum(axis=2)
-            sk = np.zeros_like(s2)
-            np.divide(m * s4, s2 * s2, out=sk, where=s2 > 0)
-            sk[s2 > 0] -= 2
-            for g, (j, _, _) in enumerate(group):
-                out[:, j] = sk[:, g]
+            per = max(1, KURT_CHUNK // (count * m))      # bands of this size per chunk
+            for g0 in range(0, len(group), per):
+                chunk = group[g0:g0 + per]
+                z = np.zeros((count, len(chunk), m), np.complex64)
+                for g, (j, k0, k1) in enumerate(chunk):
+                    z[:, g, :k1 - k0 + 1] = spec[:, k0:k1 + 1]
+                if flags & 2:
+                    self._whiten(z)
+                p = np.fft.ifft(z, axis=2)
+                p = (p.real.astype(np.float64) ** 2 + p.imag.astype(np.float64) ** 2)
+                s2, s4 = p.sum(axis=2), (p * p).sum(axis=2)
+                sk = np.zeros_like(s2)
+                np.divide(m * s4, s2 * s2, out=sk, where=s2 > 0)
+                sk[s2 > 0] -= 2
+                for g, (j, _, _) in enumerate(chunk):
+                    out[:, j] = sk[:, g]
         np.frombuffer(mem, np.float64, count * nbands, out_ptr)[:] = out.ravel()
         return 0
 

@@ -80,7 +80,7 @@ def render_png(plot: EnvelopePlot) -> bytes:
         else:
             for y in range(y0, y1, 6):
                 cv2.line(img, (x, y), (x, min(y + 3, y1)), color, 2)
-            row = {"BPFO": 0, "BPFI": 1, "2xBSF": 2, "FTF": 0, "shaft": 2}.get(m.family, 0)
+            row = {"BPFO": 0, "BPFI": 1, "2xBSF": 2, "FTF": 3}.get(m.family, 0)   # a row each: labels never overlap
             cv2.putText(img, m.label, (x + 3, y0 + 14 + 14 * row), FONT, 0.42, color, 1, cv2.LINE_AA)
 
     pts = np.stack([[px(f) for f in plot.freqs], [py(d) for d in plot.db]], axis=1).astype(np.int32)

@@ -12,8 +12,8 @@
  *   env.outer/inner/ball/cage (g, h = 1), env.<kind>.ratio (mean over h), env.floor.
  * Per window: shaft_hz (fixed, or estimated on channel 0 within a range and tracked: the median
  * of the last shaft.track_windows estimates), bpfo_hz, bpfi_hz,
- * bsf_hz, ftf_hz, iso_zone; baseline.progress while learning, then score, diagnosis,
- * diagnosis.ratio and diagnosis.peak_hz. modules/src/bearing/reference.py is the same analysis in
+ * bsf_hz, ftf_hz, iso_zone; baseline.progress while learning, then score and the diagnosis
+ * (diagnosis, diagnosis.*, conf.*: diagnosis.h). modules/src/bearing/reference.py is the same analysis in
  * numpy; tests/test_bearing_module.py holds the two together. The heavy loops are the SDK's
  * ap_dsp.h kernels (moments, FFTs, band powers, envelope, median, feature batch), which the host
  * runs natively when it offers them (host.dsp=1).
@@ -28,7 +28,11 @@
  *   baseline.windows (default 50, 2..1024), threshold (default 4), confirm (2), clear_ratio (0.7),
  *   clear_windows (5), min_spread (0.05), host.dsp (set by the host)
  *   diagnosis.band (kurtogram|fixed), diagnosis.prewhiten (none|cepstrum), diagnosis.envelope
- *   (magnitude|squared), diagnosis.windows (8), diagnosis.min_confidence (0.3), diagnosis.margin (0.1)
+ *   (magnitude|squared), diagnosis.windows (8), diagnosis.min_confidence (0.3), diagnosis.margin (0.1),
+ *   diagnosis.second_opinion (none|bearing_cnn), diagnosis.cnn_min_p (0.9)
+ *
+ * Files: features.h (the per-window analysis), diagnosis.h (the signature diagnosis),
+ * second_opinion.h (the embedded bearing_cnn), included once here: one translation unit.
  *
  * Score: the RMS of robust z-scores over the baseline vector (see baseline_vector()),
  * score = sqrt(sum z_i^2 / F), z_i = (v_i - median_i) / spread_i, spread_i = 1.4826 MAD_i floored
@@ -123,6 +127,7 @@ static float scratch[AMP_ROW];          /* the C median selects in a copy */
 /* ---- params -------------------------------------------------------------------------------- */
 
 static void make_names(void);
+static void diag_forget(void);          /* diagnosis.h */
 static int32_t batch_key;               /* the feature names' shape (defined with the names below) */
 
 static int param_error(const char *what) {
@@ -277,6 +282,7 @@ int32_t ap_init(const char *params, int32_t len) {
     reset_learning();
     st.speeds_n = st.speeds_next = 0;
     batch_key = -1;                             /* the feature names follow the params (diagnosis.second_opinion) */
+    diag_forget();                              /* the diagnosis's ring is sized for these params */
     return 0;
 }
 
@@ -322,561 +328,9 @@ AP_EXPORT(ap_state_loaded) int32_t ap_state_loaded(void) {
     return 0;
 }
 
-/* ---- analysis ------------------------------------------------------------------------------- */
-
-typedef struct {
-    double mean, rms, peak, crest, kurtosis, skewness, velocity, bands[8];
-    double env_amp[N_KINDS], env_ratio[N_KINDS], env_floor;
-    double peak_hz[N_KINDS], peak_ratio[N_KINDS];     /* h = 1 evidence */
-} channel_result;
-
-typedef struct { double fr, bpfo, bpfi, bsf, ftf, f[N_KINDS]; } fault_freqs;
-
-static void fault_frequencies(double fr, fault_freqs *ff) {
-    double r = cfg.ball_d / cfg.pitch_d * cfg.cos_a;
-    ff->fr = fr;
-    ff->ftf = fr / 2 * (1 - r);
-    ff->bpfo = cfg.balls * fr / 2 * (1 - r);
-    ff->bpfi = cfg.balls * fr / 2 * (1 + r);
-    ff->bsf = cfg.pitch_d * fr / (2 * cfg.ball_d) * (1 - r * r);
-    ff->f[K_OUTER] = ff->bpfo;
-    ff->f[K_INNER] = ff->bpfi;
-    ff->f[K_BALL] = 2 * ff->bsf;        /* a ball defect strikes both races once per spin */
-    ff->f[K_CAGE] = ff->ftf;
-}
-
-/* floor() as an integer, saturating: wasm traps on an out-of-range conversion, and absurd but
- * finite params (shaft.rpm=1e30) must give empty bin ranges, not a trap. */
-static int64_t floor_i(double v) {
-    if (!(v > -1e15)) return v != v ? 0 : -1000000000000000ll;
-    if (v > 1e15) return 1000000000000000ll;
-    int64_t i = (int64_t)v;
-    return (double)i > v ? i - 1 : i;
-}
-
-/* Fractional offset of a spectral peak at bin k from the complex bins around it (Jacobsen:
- * delta = Re[(X_k-1 - X_k+1) / (2 X_k - X_k-1 - X_k+1)], clamped to half a bin). Nearly unbiased
- * for the rectangular window, where a parabola through |X| is off by up to half a bin. */
-static double jacobsen(const float *X, int32_t k) {
-    double ar = X[2 * k - 2], ai = X[2 * k - 1], br = X[2 * k], bi = X[2 * k + 1];
-    double cr = X[2 * k + 2], ci = X[2 * k + 3];
-    double nr = ar - cr, ni = ai - ci, dr = 2 * br - ar - cr, di = 2 * bi - ai - ci;
-    double den = dr * dr + di * di;
-    if (!(den > 0)) return 0;
-    double delta = (nr * dr + ni * di) / den;     /* Re(num / den) */
-    return delta < -0.5 ? -0.5 : delta > 0.5 ? 0.5 : delta;
-}
-
-/* Shaft frequency: the largest |X_k| in [lo, hi] Hz, refined by jacobsen() (a parabola through
- * |X| would be off by up to half a bin, which BPFI x 3 multiplies). */
-static double estimate_shaft(const float *X, int32_t n, double bw, double lo, double hi) {
-    int64_t klo = -floor_i(-lo / bw), khi = floor_i(hi / bw), k;
-    if (klo < 1) klo = 1;
-    if (khi > n / 2 - 1) khi = n / 2 - 1;
-    if (klo > khi) {
-        k = floor_i((lo + hi) / 2 / bw + 0.5);
-        if (k < 1) k = 1;
-        if (k > n / 2 - 1) k = n / 2 - 1;
-    } else {
-        double best = -1;
-        k = klo;
-        for (int64_t j = klo; j <= khi; j++) {
-            double m = (double)X[2 * j] * X[2 * j] + (double)X[2 * j + 1] * X[2 * j + 1];
-            if (m > best) { best = m; k = j; }
-        }
-    }
-    double delta = jacobsen(X, (int32_t)k);
-    double f = ((double)k + delta) * bw;
-    return f < lo ? lo : f > hi ? hi : f;
-}
-
-/* The speed the analysis uses: the median of the last track_windows estimates (this one
- * included). A shaft's speed changes slowly against a window of a fraction of a second, while a
- * single window's estimate scatters by 1-3 % (measured on the CWRU recordings: 5th to 95th
- * percentile of 1750-1846 rpm at 1796 rpm); BPFI x 3 multiplies that error. A load step changes
- * the speed at once, though (1796 to 1721 rpm from 0 to 3 hp): when the track is full and the
- * last two estimates both lie on the same side of its median, further than 3 robust spreads of
- * the track (1.4826 MAD, at least 0.5 %), the track restarts from those two. */
-static double track_shaft(double fr) {
-    double copy[MAX_TRACK], med = fr;
-    int32_t n = st.speeds_n;
-    if (n >= 3 && n == cfg.track_windows) {
-        for (int32_t i = 0; i < n; i++) copy[i] = st.speeds[i];
-        med = ap_median_f64(copy, n);
-        for (int32_t i = 0; i < n; i++) copy[i] = ap_fabs(st.speeds[i] - med);
-        double spread = 1.4826 * ap_median_f64(copy, n), step = 3 * spread > 0.005 * med ? 3 * spread : 0.005 * med;
-        double prev = st.speeds[(st.speeds_next + cfg.track_windows - 1) % cfg.track_windows];
-        if ((fr - med > step && prev - med > step) || (med - fr > step && med - prev > step)) {
-            st.speeds[0] = prev;
-            st.speeds_n = 1;
-            st.speeds_next = 1 % cfg.track_windows;
-        }
-    }
-    st.speeds[st.speeds_next] = fr;
-    st.speeds_next = (st.speeds_next + 1) % cfg.track_windows;
-    if (st.speeds_n < cfg.track_windows) st.speeds_n++;
-    for (int32_t i = 0; i < st.speeds_n; i++) copy[i] = st.speeds[i];
-    return ap_median_f64(copy, st.speeds_n);
-}
-
-/* Bins k in [kmin, kmax] with lo <= k*bw <= hi, as [*k0, *k1] (empty: *k0 > *k1). The same
- * comparisons as a per-bin test, so the reference's masks give the same bins. */
-static void bin_range(double lo, double hi, double bw, int32_t kmin, int32_t kmax, int32_t *k0, int32_t *k1) {
-    double a = lo / bw, b = hi / bw;
-    int64_t i = a < kmin ? kmin : a > kmax + 1 ? kmax + 1 : floor_i(a);
-    while (i > kmin && (double)(i - 1) * bw >= lo) i--;
-    while (i <= kmax && (double)i * bw < lo) i++;
-    int64_t j = b > kmax ? kmax : b < kmin - 1 ? kmin - 1 : floor_i(b) + 1;
-    while (j >= kmin && (double)j * bw > hi) j--;
-    while (j < kmax && (double)(j + 1) * bw <= hi) j++;
-    *k0 = (int32_t)i;
-    *k1 = (int32_t)j;
-}
-
-/* Time-domain statistics of every channel (x: the planar samples) by one ap_moments; leaves
- * the mean-removed signals in xd. 0 if a sample is not finite. */
-static int time_stats(const float *x, int32_t n, uint32_t channels, channel_result *res) {
-    double mom[AP_MAX_CHANNELS][AP_MOM_COUNT];
-    ap_moments(x, xd, n, (int32_t)channels, &mom[0][0]);
-    for (uint32_t c = 0; c < channels; c++) {
-        const double *m = mom[c];
-        channel_result *r = &res[c];
-        if (!ap_isfinite(m[AP_MOM_MEAN])) return 0;
-        double m2 = m[AP_MOM_M2], m3 = m[AP_MOM_M3], m4 = m[AP_MOM_M4];
-        double peak = m[AP_MOM_MAX] > -m[AP_MOM_MIN] ? m[AP_MOM_MAX] : -m[AP_MOM_MIN];
-        r->mean = m[AP_MOM_MEAN];
-        r->rms = ap_sqrt(m2);
-        r->peak = peak;
-        r->crest = r->rms > 0 ? peak / r->rms : 0;
-        r->kurtosis = m2 > 0 ? m4 / (m2 * m2) : 0;
-        r->skewness = m2 > 0 ? m3 / (m2 * ap_sqrt(m2)) : 0;
-        if (!(ap_isfinite(r->kurtosis) && ap_isfinite(r->skewness))) return 0;
-    }
-    return 1;
-}
-
-/* Velocity RMS and band energies from the spectra (one-sided Parseval), in one ap_band_power. */
-static void spectral_stats(int32_t n, uint32_t channels, double bw, channel_result *res) {
-    ap_band bands[9];
-    double e[AP_MAX_CHANNELS][9];
-    double scale = 2.0 / ((double)n * n);
-    for (int b = 0; b < 8; b++) {           /* b n/16 <= k < (b+1) n/16, exact for any n */
-        bands[b].k0 = b ? (b * n + 15) / 16 : 1;
-        bands[b].k1 = ((b + 1) * n + 15) / 16 - 1;
-        bands[b].p = 0;
-    }
-    /* V_k = X_k G / (2 pi f_k): g -> mm/s^2, then / (2 pi f) integrates to velocity; the
-     * 1/f^2 is 1/(k bw)^2, so the band sums |X_k|^2 k^-2. */
-    bin_range(cfg.vel_lo, cfg.vel_hi, bw, 1, n / 2 - 1, &bands[8].k0, &bands[8].k1);
-    bands[8].p = -2;
-    ap_band_power(spec, n, (int32_t)channels, bands, 9, &e[0][0]);
-    double g = G_TO_MM_S2 / (2 * AP_PI * bw);
-    for (uint32_t c = 0; c < channels; c++) {
-        for (int b = 0; b < 8; b++) res[c].bands[b] = ap_sqrt(scale * e[c][b]);
-        res[c].velocity = ap_sqrt(scale * e[c][8] * g * g);
-    }
-}
-
-/* Envelope spectra of the band [lo, hi] Hz of every channel (ap_envelope, then their FFTs) into
- * espec; spec keeps the spectra for the diagnosis. */
-static void envelope_spectra(int32_t n, uint32_t channels, double bw, double lo, double hi) {
-    int32_t k0, k1;
-    bin_range(lo, hi, bw, 0, n / 2, &k0, &k1);
-    ap_envelope(spec, xd, n, (int32_t)channels, k0, k1);
-    ap_rfft_batch(xd, espec, n, (int32_t)channels);
-}
-
-/* Amplitudes A_k = 2 |E_k| / n into a[0..upto]: only the bins the floor and the harmonics
- * look at. */
-static void envelope_amplitudes(const float *env, int32_t n, int32_t upto, float *a) {
-    double scale = 2.0 / n;
-    for (int32_t k = 0; k <= upto; k++) a[k] = (float)(scale * ap_sqrt(ap_bin_power(env, k)));
-}
-
-/* The noise floor of each channel's envelope spectrum: the median of A_k over 2 <= k <= 5 BPFI,
- * all channels in one ap_median_rows. */
-static void envelope_floors(int32_t n, uint32_t channels, double bw, const fault_freqs *ff, double *floors) {
-    int64_t top = floor_i(5 * ff->bpfi / bw);
-    int32_t hi = top < n / 2 ? (int32_t)top : n / 2, cnt = hi - 2 + 1;
-    if (cnt < 0) cnt = 0;
-    ap_median_rows(&amp[0][2], cnt, (int32_t)channels, AMP_ROW, floors, scratch);
-}
-
-/* The last envelope bin envelope_faults() reads: the floor's top and the highest harmonic. */
-static int32_t amp_bins(int32_t n, double bw, const fault_freqs *ff) {
-    double top = 5 * ff->bpfi;
-    for (int kd = 0; kd < N_KINDS; kd++) {
-        double t = HARMONICS * ff->f[kd], tol = bw > 0.01 * t ? bw : 0.01 * t;
-        if (t + tol > top) top = t + tol;
-    }
-    double k = top / bw + 2;
-    return k >= n / 2 ? n / 2 : (int32_t)k;
-}
-
-/* Fault-frequency amplitudes (amp: this channel's A_k, env: its E_k), ratios to the median
- * floor, and the h = 1 evidence. */
-static void envelope_faults(const float *env, const float *amp, double floor, int32_t n, double bw,
-                            const fault_freqs *ff, channel_result *r) {
-    int32_t m = n / 2;
-    r->env_floor = floor;
-    for (int kd = 0; kd < N_KINDS; kd++) {
-        double ratio_sum = 0;
-        for (int h = 1; h <= HARMONICS; h++) {
-            double t = h * ff->f[kd], tol = bw > 0.01 * t ? bw : 0.01 * t;
-            int64_t k0 = floor_i((t - tol) / bw), k1 = floor_i((t + tol) / bw) + 1;   /* widened */
-            if (k0 < 1) k0 = 1;
-            if (k1 > m) k1 = m;
-            int64_t best = -1;
-            for (int64_t k = k0; k <= k1; k++) {
-                double d = (double)k * bw - t;
-                if (ap_fabs(d) <= tol && (best < 0 || amp[k] > amp[best])) best = k;
-            }
-            double a = best >= 0 ? amp[best] : 0;
-            double ratio = floor > 0 ? a / floor : 0;
-            ratio_sum += ratio;
-            if (h == 1) {
-                double hz = best >= 0 ? (double)best * bw : 0;
-                if (best >= 1 && best < m) hz = ((double)best + jacobsen(env, (int32_t)best)) * bw;
-                r->env_amp[kd] = a;
-                r->peak_hz[kd] = hz;
-                r->peak_ratio[kd] = ratio;
-            }
-        }
-        r->env_ratio[kd] = ratio_sum / HARMONICS;
-    }
-}
-
-/* ---- diagnosis: the part's signature in the squared envelope spectrum ----------------------- */
-
-/* Once a window is anomalous, and for as long as its event story lasts, each window's diagnostic
- * envelope spectrum (diagnosis.band: the envelope band, or the band of largest spectral kurtosis;
- * diagnosis.prewhiten: cepstrum pre-whitening; diagnosis.envelope: magnitude or squared) joins a
- * running mean of its power over up to diagnosis.windows windows (noise averages out, lines stay),
- * and each part's signature is scored on that mean:
- *
- *   outer race  BPFO h = 1..3, its shaft-rate sidebands (+-fr) at least 6 dB below the carrier
- *               (a defect on the stationary race is not modulated by the shaft's turn)
- *   inner race  BPFI h = 1..3 with +-fr / +-2 fr sidebands present (the defect turns with the
- *               shaft through the load zone)
- *   ball        2 x BSF h = 1..3 with +-FTF sidebands present (the ball goes round with the cage)
- *   cage        FTF h = 1..3, weak evidence on its own: half weight
- *
- * A line is the largest power within bw/2 + tol x f of its frequency f (tol 1 % for the races,
- * 2 % for ball and cage, whose elements slip), over the median of the spectrum from bin 2 to
- * 5 x BPFI (the floor): its ratio r^2. A line two parts both predict (3 x BPFO and 2 x BPFI lie
- * 0.7 % apart) is evidence for neither and is left out. Presence of a group of lines: one minus
- * the chance that noise alone puts its strongest line that high in that many bins, from the
- * noise law of a K-window mean (power ~ Gamma(K, mean/K)). Confidence of a part: presence of its
- * carriers x presence of the sidebands it needs (or the outer race's sideband test, or the
- * cage's half weight) x the share of the spectrum's power above the floor (shaft harmonics aside:
- * the machine's, not the bearing's) that its lines carry. A part is named when its confidence
- * is at least diagnosis.min_confidence and beats the runner-up by diagnosis.margin. */
-
-#define DIAG_TOL_RACE 0.01
-#define DIAG_TOL_ELEMENT 0.02
-#define DIAG_LINES 64
-
-static float davg[AP_MAX_CHANNELS][AMP_ROW];   /* the running mean of the diagnostic spectra's power */
-static struct {
-    int32_t count;                      /* windows in the running mean (0: none) */
-    int32_t band_age;                   /* windows since the kurtogram chose the bands */
-    double speeds[64];                  /* their speed estimates (Hz), a ring of diagnosis.windows */
-    int32_t speeds_next;
-    int32_t n;
-    double fs;
-    int32_t k0[AP_MAX_CHANNELS], k1[AP_MAX_CHANNELS];   /* this window's diagnostic band */
-} dg;
-
-typedef struct {
-    double conf[N_KINDS], peak_hz[N_KINDS], peak_ratio[N_KINDS];
-} diag_channel;
-
-typedef struct {
-    int32_t kind, carrier, h;           /* carrier: 1, sideband: 0 */
-    double f, hw, spacing;              /* spacing: of a sideband comb (fr, or FTF for the ball) */
-    int excluded;
-} diag_line;
-
-static void diag_reset(void) { dg.count = 0; }
-
-/* The probability that noise alone puts a K-window mean of one bin at r2 x the median or more:
- * the Gamma(K, 1/K) tail at r2 m_K, m_K its median (ln 2 for K = 1, 1 - 1/(3K) beyond:
- * Wilson-Hilferty), e^-x sum_{j<K} x^j/j!, x = K r2 m_K. */
-static double noise_tail(double r2, int32_t k) {
-    double mk = k == 1 ? 0.69314718055994530942 : 1 - 1.0 / (3.0 * k);
-    double x = k * r2 * mk, term = 1, sum = 0;
-    for (int32_t j = 0; j < k; j++) { sum += term; term *= x / (j + 1); }
-    return ap_exp(-x) * sum;
-}
-
-/* 1 - (bins) x the noise tail, at least 0: the strongest of a group of lines is not noise. */
-static double presence(double r2, int32_t bins, int32_t k) {
-    double p = 1 - bins * noise_tail(r2, k);
-    return p > 0 ? p : 0;
-}
-
-/* Every line the signatures test, with the ones two parts share marked excluded. */
-static int32_t diag_lines(const fault_freqs *ff, double bw, diag_line *out) {
-    int32_t n = 0;
-    for (int kd = 0; kd < N_KINDS; kd++) {
-        double tol = kd == K_OUTER || kd == K_INNER ? DIAG_TOL_RACE : DIAG_TOL_ELEMENT;
-        double mods[2];
-        int32_t nm = 0;
-        if (kd == K_OUTER) mods[nm++] = ff->fr;
-        if (kd == K_INNER) { mods[nm++] = ff->fr; mods[nm++] = 2 * ff->fr; }
-        if (kd == K_BALL) mods[nm++] = ff->ftf;
-        for (int32_t h = 1; h <= HARMONICS; h++) {
-            double f = h * ff->f[kd], hw = bw / 2 + tol * f;
-            out[n++] = (diag_line){kd, 1, h, f, hw, 0, 0};
-            for (int32_t m = 0; m < nm; m++) {
-                out[n++] = (diag_line){kd, 0, h, f - mods[m], hw, mods[0], 0};
-                out[n++] = (diag_line){kd, 0, h, f + mods[m], hw, mods[0], 0};
-            }
-        }
-    }
-    for (int32_t i = 0; i < n; i++)
-        for (int32_t j = 0; j < n; j++)
-            if (out[j].carrier && out[j].kind != out[i].kind && ap_fabs(out[j].f - out[i].f) <= out[j].hw + out[i].hw)
-                out[i].excluded = 1;
-    return n;
-}
-
-/* The last bin the diagnosis reads: 5 x BPFI (the floor's top, past every tested line). */
-static int32_t diag_top(int32_t n, double bw, const fault_freqs *ff) {
-    int64_t top = floor_i(5 * ff->bpfi / bw);
-    return top > n / 2 - 1 ? n / 2 - 1 : top < 2 ? 2 : (int32_t)top;
-}
-
-/* The largest r2 within a line's window (bins 2..top), its bin and the window's size in bins.
- * A sideband is measured against the larger of the floor and the spectrum half-way to its
- * neighbours in the comb (mean of the bins at f -+ spacing/2): a carrier broadened by slip has
- * skirts that reach its sideband positions, and a skirt is not a sideband. */
-static int32_t line_peak(const float *p, double floor2, double bw, int32_t top, const diag_line *l, double *r2,
-                         int32_t *at) {
-    int32_t k0, k1;
-    bin_range(l->f - l->hw, l->f + l->hw, bw, 2, top, &k0, &k1);
-    *r2 = 0;
-    *at = -1;
-    for (int32_t k = k0; k <= k1; k++)
-        if (*at < 0 || p[k] > p[*at]) *at = k;
-    double ref = floor2;
-    if (!l->carrier) {
-        int64_t a = floor_i((l->f - l->spacing / 2) / bw + 0.5), b = floor_i((l->f + l->spacing / 2) / bw + 0.5);
-        a = a < 2 ? 2 : a > top ? top : a;
-        b = b < 2 ? 2 : b > top ? top : b;
-        double valley = 0.5 * ((double)p[a] + (double)p[b]);
-        if (valley > ref) ref = valley;
-    }
-    if (*at >= 0 && ref > 0) *r2 = p[*at] / ref;
-    return k1 >= k0 ? k1 - k0 + 1 : 0;
-}
-
-/* One channel's confidences from its running mean p (power per bin, bins 0..top). */
-static void diag_channel_eval(const float *p, double floor2, int32_t top, double bw, const fault_freqs *ff,
-                              const diag_line *lines, int32_t nlines, int32_t k, diag_channel *out) {
-    /* The power above the floor, bins 2..top, shaft harmonics aside. */
-    double total = 0;
-    for (int32_t b = 2; b <= top; b++) {
-        double f = b * bw;
-        int64_t h = floor_i(f / ff->fr + 0.5);
-        if (h >= 1 && ap_fabs(f - (double)h * ff->fr) <= bw / 2 + DIAG_TOL_RACE * (double)h * ff->fr) continue;
-        double r2 = floor2 > 0 ? p[b] / floor2 : 0;
-        if (r2 > 1) total += r2 - 1;
-    }
-    for (int kd = 0; kd < N_KINDS; kd++) {
-        double c_max = 0, s_max = 0, sum = 0, best_c = -1;
-        int32_t c_bins = 0, s_bins = 0, best_h = 0, at_best = -1;
-        double sb_amp[HARMONICS + 1] = {0}, c_amp[HARMONICS + 1] = {0};
-        int32_t sb_cnt[HARMONICS + 1] = {0};
-        for (int32_t i = 0; i < nlines; i++) {
-            const diag_line *l = &lines[i];
-            if (l->kind != kd || l->excluded) continue;
-            double r2;
-            int32_t at, w = line_peak(p, floor2, bw, top, l, &r2, &at);
-            if (!w) continue;
-            double excess = (r2 > 1 ? r2 - 1 : 0) * presence(r2, w, k);
-            if (l->carrier) {
-                c_bins += w;
-                if (r2 > c_max) c_max = r2;
-                sum += excess;
-                c_amp[l->h] = ap_sqrt(r2);
-                if (r2 > best_c) { best_c = r2; best_h = l->h; at_best = at; }
-            } else {
-                s_bins += w;
-                if (r2 > s_max) s_max = r2;
-                if (kd == K_INNER || kd == K_BALL) sum += excess;
-                sb_amp[l->h] += ap_sqrt(r2);
-                sb_cnt[l->h]++;
-            }
-        }
-        double factor = 1;
-        if (kd == K_INNER || kd == K_BALL) factor = s_bins ? presence(s_max, s_bins, k) : 0;
-        else if (kd == K_OUTER && best_h && sb_cnt[best_h] && c_amp[best_h] > 0) {
-            double sbr = sb_amp[best_h] / sb_cnt[best_h] / c_amp[best_h];
-            factor = sbr <= 0.5 ? 1 : sbr >= 1 ? 0 : 2 * (1 - sbr);
-        } else if (kd == K_CAGE) factor = 0.5;
-        double conf = c_bins && total > 0 ? presence(c_max, c_bins, k) * factor * sum / total : 0;
-        out->conf[kd] = conf > 1 ? 1 : conf;
-        out->peak_hz[kd] = at_best >= 0 ? at_best * bw : 0;
-        out->peak_ratio[kd] = best_c > 0 ? ap_sqrt(best_c) : 0;
-    }
-}
-
-/* The kurtogram's band per channel: the 1/3-binary tree of Antoni's fast kurtogram (1, 2, 3,
- * 4, 6, 8, 12, ... equal bands over [0, fs/2)), bands at least 4 x BPFI wide (room for BPFI's
- * first harmonic and its sidebands twice over), below fs/2.56 (the usable band of an
- * acquisition whose anti-alias filter starts there) and within 10 dB of the usable band's mean
- * power (SK ignores level: without that, a quiet band near the top that electrical spikes
- * excite wins - it did on the CWRU 48 kHz recordings, 10-18 kHz at 40 dB below the bearing's
- * resonance); the largest SK wins (ties: the wider, earlier band). Without such a band, the
- * envelope band. */
-#define KURT_MIN_POWER 0.1
-static void kurtogram_bands(int32_t n, uint32_t channels, double bw, double fs, const fault_freqs *ff,
-                            int32_t k0_fixed, int32_t k1_fixed) {
-    static ap_band bands[AP_BANDS_MAX];
-    static double sk[AP_MAX_CHANNELS * AP_BANDS_MAX];
-    int32_t nb = 0, half = n / 2;
-    for (int32_t level = 0; level < 24 && nb < AP_BANDS_MAX - 1; level++) {
-        int32_t count = level == 0 ? 1 : (level & 1) ? 1 << ((level + 1) / 2) : 3 << (level / 2 - 1);
-        if (count > half || (double)half / count * bw < 4 * ff->bpfi) break;
-        for (int32_t i = 0; i < count && nb < AP_BANDS_MAX - 1; i++) {
-            int32_t k0 = (int32_t)((int64_t)i * half / count), k1 = (int32_t)((int64_t)(i + 1) * half / count) - 1;
-            if (k0 < 1) k0 = 1;
-            if (k1 > half - 1 || (k1 + 1) * bw > fs / 2.56 || k1 < k0) continue;
-            bands[nb++] = (ap_band){k0, k1, 0};
-        }
-    }
-    for (uint32_t c = 0; c < channels; c++) { dg.k0[c] = k0_fixed; dg.k1[c] = k1_fixed; }
-    int64_t ku = floor_i(fs / 2.56 / bw) - 1;                   /* usable: (k + 1) bw <= fs/2.56 */
-    if (!nb || ku < 1 || nb >= AP_BANDS_MAX) return;
-    static ap_band pb[AP_BANDS_MAX];
-    static double power[AP_MAX_CHANNELS * AP_BANDS_MAX];
-    for (int32_t b = 0; b < nb; b++) pb[b] = bands[b];
-    pb[nb] = (ap_band){1, ku > half - 1 ? half - 1 : (int32_t)ku, 0};
-    ap_band_power(spec, n, (int32_t)channels, pb, nb + 1, power);
-    ap_band_kurtosis(spec, n, (int32_t)channels, bands, nb, cfg.diag_whiten ? AP_ENV_WHITEN : 0, sk);
-    for (uint32_t c = 0; c < channels; c++) {
-        const double *pw = power + c * (nb + 1);
-        double ref = pw[nb] / (pb[nb].k1 - pb[nb].k0 + 1);
-        int32_t best = -1;
-        for (int32_t b = 0; b < nb; b++) {
-            if (pw[b] / (bands[b].k1 - bands[b].k0 + 1) < KURT_MIN_POWER * ref) continue;
-            if (best < 0 || sk[c * nb + b] > sk[c * nb + best]) best = b;
-        }
-        if (best < 0) continue;
-        dg.k0[c] = bands[best].k0;
-        dg.k1[c] = bands[best].k1;
-    }
-}
-
-/* This window's diagnostic spectra into the running mean, and each channel's confidences. The
- * fault frequencies are those of the median speed estimate of the windows averaged (fr_window:
- * this window's), not the longer track's: lines and speed come from the same stretch of time,
- * so a load step just before a fault does not put the expected lines where the last minute's
- * speed had them. */
-static void diag_update(int32_t n, uint32_t channels, double bw, double fs, double env_lo, double env_hi,
-                        double fr_window, fault_freqs *ff, diag_channel *out) {
-    int32_t k0, k1;
-    bin_range(env_lo, env_hi, bw, 0, n / 2, &k0, &k1);
-    if (dg.n != n || dg.fs != fs) { dg.count = 0; dg.n = n; dg.fs = fs; }
-    /* The kurtogram chooses the band when the running mean starts and again each time it has
-     * turned over (diagnosis.windows windows): the mean averages one band's spectra, and the
-     * resonance a defect rings is the structure's, not the window's. */
-    if (cfg.diag_kurtogram) {
-        if (dg.count == 0 || dg.band_age >= cfg.diag_windows) {
-            kurtogram_bands(n, channels, bw, fs, ff, k0, k1);
-            dg.band_age = 0;
-        }
-        dg.band_age++;
-    } else {
-        for (uint32_t c = 0; c < channels; c++) { dg.k0[c] = k0; dg.k1[c] = k1; }
-    }
-    int32_t flags = (cfg.diag_squared ? AP_ENV_SQUARED : 0) | (cfg.diag_whiten ? AP_ENV_WHITEN : 0);
-    int same = 1;
-    for (uint32_t c = 1; c < channels; c++) same &= dg.k0[c] == dg.k0[0] && dg.k1[c] == dg.k1[0];
-    if (same) ap_envelope_ex(spec, xd, n, (int32_t)channels, dg.k0[0], dg.k1[0], flags);
-    else
-        for (uint32_t c = 0; c < channels; c++)
-            ap_envelope_ex(spec + (size_t)c * (n + 2), xd + (size_t)c * n, n, 1, dg.k0[c], dg.k1[c], flags);
-    ap_rfft_batch(xd, espec, n, (int32_t)channels);
-
-    if (dg.count == 0) dg.speeds_next = 0;
-    if (dg.count < cfg.diag_windows) dg.count++;
-    dg.speeds[dg.speeds_next] = fr_window;
-    dg.speeds_next = (dg.speeds_next + 1) % cfg.diag_windows;
-    if (!cfg.fixed_rpm) {
-        double copy[64];
-        for (int32_t i = 0; i < dg.count; i++) copy[i] = dg.speeds[i];
-        fault_frequencies(ap_median_f64(copy, dg.count), ff);
-    }
-    int32_t top = diag_top(n, bw, ff);
-    /* The mean covers the bins any speed of the configured range reads (its top at the highest). */
-    fault_freqs fmax;
-    fault_frequencies(cfg.fixed_rpm ? cfg.rpm / 60 : cfg.rpm_max / 60, &fmax);
-    int32_t mtop = diag_top(n, bw, &fmax);
-    if (mtop < top) mtop = top;
-    float a = 1.0f / (float)dg.count, scale = 4.0f / ((float)n * (float)n);   /* (2 |E_k| / n)^2 */
-    for (uint32_t c = 0; c < channels; c++) {
-        const float *e = espec + (size_t)c * (n + 2);
-        float *m = davg[c];
-        for (int32_t k = 0; k <= mtop; k++) {
-            float pk = scale * (e[2 * k] * e[2 * k] + e[2 * k + 1] * e[2 * k + 1]);
-            m[k] = dg.count == 1 ? pk : m[k] + a * (pk - m[k]);
-        }
-    }
-    double floors[AP_MAX_CHANNELS];
-    ap_median_rows(&davg[0][2], top - 1, (int32_t)channels, AMP_ROW, floors, scratch);
-    diag_line lines[DIAG_LINES];
-    int32_t nlines = diag_lines(ff, bw, lines);
-    for (uint32_t c = 0; c < channels; c++)
-        diag_channel_eval(davg[c], floors[c], top, bw, ff, lines, nlines, dg.count, &out[c]);
-}
-
-/* ---- second opinion: the trained bearing_cnn ------------------------------------------------- */
-
-/* The CNN knows one rig (the CWRU drive-end bearing at 1720-1800 rpm), 1024 samples at 12 kHz,
- * and four classes; it runs only when an event is raised or escalates (diagnosis.second_opinion=bearing_cnn), on the
- * channel the diagnosis looked at, over every 1024-sample slice of the window (at 12 kHz, or at a
- * whole multiple of it decimated in the spectrum: its bins up to 6 kHz, inverse transformed at
- * the lower rate, the mean added back). It names a part only where the envelope signature named
- * none, with its mean probability at least diagnosis.cnn_min_p; where it confidently names
- * another part than the signature, neither is named (a wrong part sends a crew to change it). */
-enum { CNN_NORMAL, CNN_INNER, CNN_OUTER, CNN_BALL, CNN_CLASSES };
-static const int cnn_kind[CNN_CLASSES] = {-1, K_INNER, K_OUTER, K_BALL};
-static const char *const cnn_names[CNN_CLASSES] = {"normal", "inner", "outer", "ball"};
-static float cnn_half[N_MAX / 2 + 2];    /* the decimated signal's half spectrum */
-static float cnn_sig[N_MAX];             /* the channel at 12 kHz */
-
-/* Mean probabilities over the slices into p; the number of slices (0: the CNN cannot look). */
-static int32_t cnn_probs(const ap_window_header *h, uint32_t c, int32_t n, double fs, const channel_result *r,
-                         double *p) {
-    for (int k = 0; k < CNN_CLASSES; k++) p[k] = 0;
-    double ratio = fs / 12000.0;
-    int32_t d = (int32_t)(ratio + 0.5);
-    if (d < 1 || ap_fabs(ratio - d) > 1e-9 * ratio || n / d < NN_INPUT_FLOATS) return 0;
-    int32_t m = n / d;
-    const float *x = ap_window_channel(h, c);
-    if (d > 1) {
-        const float *X = spec + (size_t)c * (n + 2);
-        float scale = (float)m / (float)n;
-        for (int32_t k = 0; k <= m / 2; k++) { cnn_half[2 * k] = X[2 * k] * scale; cnn_half[2 * k + 1] = X[2 * k + 1] * scale; }
-        cnn_half[m + 1] = 0;                          /* the new Nyquist bin is real */
-        ap_irfft(cnn_half, cnn_sig, m);
-        for (int32_t j = 0; j < m; j++) cnn_sig[j] += (float)r->mean;
-        x = cnn_sig;
-    }
-    int32_t slices = m / NN_INPUT_FLOATS;
-    float out[NN_OUTPUT_FLOATS];
-    for (int32_t s = 0; s < slices; s++) {
-        float *in = nn_input();
-        for (int32_t j = 0; j < NN_INPUT_FLOATS; j++) in[j] = x[s * NN_INPUT_FLOATS + j];
-        nn_forward();
-        nn_collect(out);
-        for (int k = 0; k < CNN_CLASSES; k++) p[k] += out[k];
-    }
-    for (int k = 0; k < CNN_CLASSES; k++) p[k] /= slices;
-    return slices;
-}
+#include "features.h"
+#include "diagnosis.h"
+#include "second_opinion.h"
 
 /* ---- baseline and score ---------------------------------------------------------------------- */
 
@@ -945,8 +399,9 @@ static const char *const learning_names[] = {"iso_zone", "baseline.progress"};
 static const char *const scoring_names[] = {
     "iso_zone", "score", "diagnosis", "diagnosis.confidence", "diagnosis.peak_hz", "diagnosis.method",
     "diagnosis.windows", "diagnosis.band_lo_hz", "diagnosis.band_hi_hz", "conf.outer", "conf.inner", "conf.ball",
-    "conf.cage", "diagnosis.channel", "diagnosis.shaft_hz", "diagnosis.squared", "diagnosis.whitened"};
-#define N_SCORING 17
+    "conf.cage", "diagnosis.channel", "diagnosis.shaft_hz", "diagnosis.squared", "diagnosis.whitened",
+    "diagnosis.dof", "diagnosis.signature_p"};
+#define N_SCORING 19
 static const char *const cnn_feature_names[] = {"cnn.normal", "cnn.inner", "cnn.outer", "cnn.ball", "cnn.slices"};
 #define N_CNN 5
 
@@ -1047,7 +502,7 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     double floors[AP_MAX_CHANNELS];
     envelope_floors(n, channels, bw, &ff, floors);
     for (uint32_t c = 0; c < channels; c++)
-        envelope_faults(espec + (size_t)c * (n + 2), amp[c], floors[c], n, bw, &ff, &res[c]);
+        envelope_faults(amp[c], floors[c], n, bw, &ff, &res[c]);
 
     double *fv = batch_values;
     fv[0] = ff.fr; fv[1] = ff.bpfo; fv[2] = ff.bpfi; fv[3] = ff.bsf; fv[4] = ff.ftf;
@@ -1099,18 +554,22 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     /* Diagnosis while the window is anomalous or its story open (see "diagnosis" above). */
     diag_channel dc[AP_MAX_CHANNELS];
     fault_freqs dff = ff;                       /* the diagnosis's own (see diag_update) */
-    double conf[N_KINDS] = {0};
+    double conf[N_KINDS] = {0}, signature = 0;
     int best = 0, runner = 1, named = 0, show = 0;
     uint32_t best_c = 0, show_c = 0;
     if (score >= cfg.threshold || st.story.active >= 0) {
-        diag_update(n, channels, bw, fs, env_lo, env_hi, fr_window, &dff, dc);
+        /* the window's start: the header's time, else (0: not given) its sequence, as if the
+         * windows did not overlap */
+        double t = h->start_time_ns > 0 ? (double)h->start_time_ns * 1e-9 : (double)h->sequence * ((double)n / fs);
+        diag_update(h, res, n, channels, bw, fs, env_lo, env_hi, fr_window, t, &dff, &ff, dc);
         for (int k = 0; k < N_KINDS; k++)
             for (uint32_t c = 0; c < channels; c++) if (dc[c].conf[k] > conf[k]) conf[k] = dc[c].conf[k];
         for (int k = 1; k < N_KINDS; k++) if (conf[k] > conf[best]) best = k;
         runner = best == 0 ? 1 : 0;
         for (int k = 0; k < N_KINDS; k++) if (k != best && conf[k] > conf[runner]) runner = k;
         for (uint32_t c = 1; c < channels; c++) if (dc[c].conf[best] > dc[best_c].conf[best]) best_c = c;
-        named = conf[best] >= cfg.min_conf && conf[best] - conf[runner] >= cfg.margin;
+        signature = dc[best_c].signature[best];
+        named = signature >= SIGNATURE_LIKELY && conf[best] >= cfg.min_conf && conf[best] - conf[runner] >= cfg.margin;
         /* The line the event shows: the named part's, else the most prominent fault line. */
         show = best;
         show_c = best_c;
@@ -1126,14 +585,16 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     /* The second opinion, when an event is raised or escalates (see "second opinion" above). */
     double cnnp[CNN_CLASSES] = {0};
     int32_t slices = 0;
-    int method = named ? 1 : 0, cnn_top = CNN_NORMAL, disagree = -1;
+    int method = named ? 1 : 0, cnn_top = CNN_NORMAL, cnn_listed = 0;
     if (cfg.cnn && diagnosing && (what == AP_STORY_RAISE || what == AP_STORY_ESCALATE)) {
         slices = cnn_probs(h, best_c, n, fs, &res[best_c], cnnp);
         for (int k = 1; k < CNN_CLASSES; k++) if (cnnp[k] > cnnp[cnn_top]) cnn_top = k;
         if (slices && cnn_top != CNN_NORMAL && cnnp[cnn_top] >= cfg.cnn_min_p) {
+            /* it names a part only where the signature named none and only the signature's own top
+             * candidate (ahead of the runner-up); else its vote is a candidate in the message */
             int kind = cnn_kind[cnn_top];
-            if (named && kind != best) { disagree = best; named = 0; method = 0; }
-            else if (!named) { named = 1; best = kind; method = 2; show = kind; show_c = best_c; }
+            if (!named && kind == best && conf[best] > conf[runner]) { named = 1; method = 2; show = kind; show_c = best_c; }
+            else cnn_listed = 1;
         }
     }
     tail[2] = named ? best + 1 : 0;
@@ -1148,6 +609,8 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
     tail[14] = diagnosing ? dff.fr : 0;          /* the speed the diagnosis's fault frequencies are of */
     tail[15] = cfg.diag_squared;                 /* how its spectrum is made (for the host's picture) */
     tail[16] = cfg.diag_whiten;
+    tail[17] = diagnosing ? dg.dof : 0;           /* the noise law's degrees of freedom (the ring's windows, overlap-corrected) */
+    tail[18] = signature;                          /* how likely the top candidate's signature is there */
     if (cfg.cnn) {
         for (int k = 0; k < CNN_CLASSES; k++) tail[N_SCORING + k] = cnnp[k];
         tail[N_SCORING + CNN_CLASSES] = slices;
@@ -1181,17 +644,9 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
             ap_text_num(&t, cnnp[cnn_top], 2);
             ap_text_str(&t, " over ");
             ap_text_int(&t, slices);
-            ap_text_str(&t, " slices; the envelope signature named no part): ");
-        } else if (disagree >= 0) {
-            ap_text_str(&t, "unspecified (the envelope signature says ");
-            ap_text_str(&t, kind_words[disagree]);
-            ap_text_str(&t, " ");
-            ap_text_num(&t, conf[disagree], 2);
-            ap_text_str(&t, ", bearing_cnn says ");
-            ap_text_str(&t, cnn_names[cnn_top]);
-            ap_text_str(&t, " p ");
-            ap_text_num(&t, cnnp[cnn_top], 2);
-            ap_text_str(&t, "; most prominent fault line: ");
+            ap_text_str(&t, " slices, the envelope signature's top candidate at ");
+            ap_text_num(&t, conf[best], 2);
+            ap_text_str(&t, " but not named by it): ");
         } else {
             ap_text_str(&t, "unspecified (no part's signature is clear enough; most prominent fault line: ");
         }
@@ -1219,8 +674,8 @@ int32_t ap_process(const uint8_t *window, int32_t len) {
             ap_text_str(&t, " ");
             ap_text_num(&t, conf[order[i]], 2);
         }
-        if (slices && method != 2 && disagree < 0) {
-            ap_text_str(&t, "; bearing_cnn: ");
+        if (slices && method != 2) {
+            ap_text_str(&t, cnn_listed ? "; bearing_cnn's candidate: " : "; bearing_cnn: ");
             ap_text_str(&t, cnn_names[cnn_top]);
             ap_text_str(&t, " p ");
             ap_text_num(&t, cnnp[cnn_top], 2);

@@ -84,16 +84,16 @@ def _median_floor(A: np.ndarray, n: int, bpfi_hz: float, bw: float) -> float:
 
 class State:
     """What the module keeps between windows besides the baseline: the last speed estimates, and
-    the diagnosis's running mean of its spectra over the event's windows."""
+    the diagnosis's ring of spectra over the event's windows."""
 
     def __init__(self) -> None:
         self.speeds: list[float] = []
-        self.diag_count = 0
-        self.diag_speeds: list[float] = []
-        self.diag_mean: np.ndarray | None = None     # (channels, bins) float32, as the module keeps it
+        self.diag_ring: list[tuple[np.ndarray, float, float]] = []   # (power (channels, bins) f32, speed, start s)
         self.diag_shape: tuple | None = None
         self.diag_bands: list = []
         self.diag_band_age = 0
+        self.diag_band_confirmed = False
+        self.diag_last: dict | None = None                            # the last diagnosed window's features
 
     def track(self, fr: float, windows: int) -> float:
         """The median of the last `windows` estimates, this one included, restarted from the last
@@ -109,7 +109,8 @@ class State:
         return float(np.median(self.speeds))
 
     def diag_reset(self) -> None:
-        self.diag_count = 0
+        self.diag_ring = []
+        self.diag_last = None
 
 
 def iso_zone(velocity_rms: float, group: int = 2, foundation: str = "rigid") -> int:
@@ -117,13 +118,14 @@ def iso_zone(velocity_rms: float, group: int = 2, foundation: str = "rigid") -> 
     return 0 if velocity_rms < ab else 1 if velocity_rms < bc else 2 if velocity_rms < cd else 3
 
 
-def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, diagnose: bool = False) -> dict:
-    """Features of one window x (channels, frames), as bearing.c reports them, and "_peaks":
-    per channel and kind the envelope peak (Hz refined by _jacobsen, amplitude g, h=1 ratio).
+def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, diagnose: bool = False,
+            seq: int = 0, start_ns: int = 0) -> dict:
+    """Features of one window x (channels, frames), as bearing.c reports them.
     diagnose: the module's baseline is learned and this window is anomalous or its event story
     open (the module decides that from its score): the diagnosis features of the scoring phase
-    ("diagnosis", "diagnosis.*", "conf.*") come from the running mean in `state`; otherwise they
-    are those of a window the module does not diagnose (zeros) and the running mean restarts."""
+    ("diagnosis", "diagnosis.*", "conf.*") come from the ring's mean in `state`; otherwise they
+    are those of a window the module does not diagnose (zeros) and the ring restarts.
+    seq, start_ns: the window header's (when the windows overlap, see diagnosis_dof)."""
     state = state or State()
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 1:
@@ -170,7 +172,6 @@ def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, 
     k = np.arange(n // 2 + 1)
     vel_band = (k >= 1) & (k < n // 2) & (f >= vel_lo) & (f <= vel_hi)
     env_band = (f >= env_lo) & (f <= env_hi)
-    peaks = []
     vmax = 0.0
     for c, X in enumerate(spectra):
         p = f"ch{c}."
@@ -188,46 +189,47 @@ def analyze(x: np.ndarray, fs: float, params: dict, state: State | None = None, 
         A = 2 * np.abs(E) / n
         floor = _median_floor(A, n, ff["bpfi"], bw)
         out[p + "env.floor"] = floor
-        chpeaks = {}
         for kind in KINDS:
             ratios = []
             for h in range(1, HARMONICS + 1):
                 t = h * ff[kind]
                 tol = max(bw, 0.01 * t)
                 sel = np.nonzero((k >= 1) & (np.abs(f - t) <= tol))[0]
-                if sel.size:
-                    kk = int(sel[np.argmax(A[sel])])
-                    amp = float(A[kk])
-                else:
-                    kk, amp = -1, 0.0
+                amp = float(A[sel].max()) if sel.size else 0.0
                 ratio = amp / floor if floor > 0 else 0.0
                 ratios.append(ratio)
                 if h == 1:
                     out[p + f"env.{kind}"] = amp
-                    hz = (kk + _jacobsen(E, kk)) * bw if 1 <= kk < n // 2 else kk * bw
-                    chpeaks[kind] = (hz if kk >= 0 else 0.0, amp, ratio)
             out[p + f"env.{kind}.ratio"] = float(np.mean(ratios))
-        peaks.append(chpeaks)
     out["iso_zone"] = iso_zone(vmax, group, foundation)
 
     if diagnose:
-        out.update(diagnosis(spectra, x.shape, fs, params, fr_window, state, env_lo, env_hi, ff))
+        out.update(diagnosis(spectra, x.shape, fs, params, fr_window, state, env_lo, env_hi, ff, seq, start_ns, x))
     else:
         state.diag_reset()
         out.update({"diagnosis": 0, "diagnosis.confidence": 0.0, "diagnosis.peak_hz": 0.0, "diagnosis.method": 0,
-                    "diagnosis.windows": 0, "diagnosis.band_lo_hz": 0.0, "diagnosis.band_hi_hz": 0.0,
+                    "diagnosis.windows": 0, "diagnosis.dof": 0, "diagnosis.band_lo_hz": 0.0, "diagnosis.band_hi_hz": 0.0,
                     "diagnosis.channel": 0, "diagnosis.shaft_hz": 0.0,
                     "diagnosis.squared": int(params.get("diagnosis.envelope", "magnitude") == "squared"),
                     "diagnosis.whitened": int(params.get("diagnosis.prewhiten", "none") == "cepstrum"),
+                    "diagnosis.signature_p": 0.0,
                     **{f"conf.{k}": 0.0 for k in KINDS}})
-    out["_peaks"] = peaks
     return out
 
 
-# ---- diagnosis (bearing.c, "diagnosis: the part's signature in the squared envelope spectrum") --
+# ---- diagnosis (diagnosis.h: "the part's signature in the envelope spectrum") ------------------
 
 TOL_RACE, TOL_ELEMENT = 0.01, 0.02
+MAX_HARMONICS = 16        # of a race's line (up to 5 x BPFI: 5 to 7 for common bearings)
+ELEMENT_HARMONICS = 3     # of the ball's and the cage's
+SIDEBAND_LOCAL = 32       # bins each side of a sideband for its local continuum, at most
+SIGNATURE_LIKELY = 0.5    # a part is named only if its signature is more likely there than not
 MODULATION = {"outer": ("fr",), "inner": ("fr", "2fr"), "ball": ("ftf",), "cage": ()}
+KURT_LOW_EDGE = 6.0       # x BPFI: a candidate band starts one BPFI above the highest analysed line (5 BPFI)
+SK_SIGMAS = 5.0           # the best band's SK must exceed 5 x its noise std (2 / sqrt(bins)), else the fixed band
+KURT_ABOVE_FLOOR = 4.0    # a candidate band's mean power: at least 4 x (6 dB over) the noise floor (judgement, see bearing.md)
+KURT_TAPER = 20           # the kurtogram's window: cosine ramps over n/20 (5 %) of it at each end
+RING_FLOATS = 1 << 18     # the ring of spectra (diagnosis.h's pool): at most this many floats
 
 
 def _bins_in(lo: float, hi: float, bw: float, kmin: int, kmax: int) -> np.ndarray:
@@ -236,37 +238,63 @@ def _bins_in(lo: float, hi: float, bw: float, kmin: int, kmax: int) -> np.ndarra
 
 
 def noise_tail(r2: float, k: int) -> float:
-    """P(a K-window mean of one noise bin >= r2 x its median): the Gamma(K, 1/K) tail at r2 m_K."""
+    """P(a K-window mean of one noise bin >= r2 x its median): the Gamma(K, 1/K) upper tail at r2 m_K,
+    e^-x sum_{j<K} x^j/j!. 0 beyond x = K + 40 sqrt(K), where the tail is below e^-40 (Chernoff;
+    e^-205 at K = 64): there, and only there, the sum would overflow and e^-x underflow."""
     mk = math.log(2) if k == 1 else 1 - 1 / (3 * k)
     x = k * r2 * mk
-    return math.exp(-x) * sum(x ** j / math.factorial(j) for j in range(k))
+    if x > k + 40 * math.sqrt(k):
+        return 0.0
+    term, total = 1.0, 0.0
+    for j in range(k):
+        total += term
+        term *= x / (j + 1)
+    return math.exp(-x) * total
 
 
 def presence(r2: float, bins: int, k: int) -> float:
+    """1 - (bins) x the noise tail, at least 0: the strongest of `bins` bins is not noise."""
     return max(0.0, 1 - bins * noise_tail(r2, k))
 
 
-def diag_lines(ff: dict, bw: float) -> list[dict]:
-    """Every tested line: kind, carrier (or sideband), harmonic, frequency, half-width, excluded."""
-    lines = []
+def diagnosis_dof(times: list[float], window_s: float) -> int:
+    """Degrees of freedom of the mean of the ring's spectra: K^2 / sum_ij rho_ij, rho_ij the
+    squared overlap fraction of windows i and j (rectangular windows: the correlation of their
+    periodograms), floored to a whole number >= 1 (a Gamma(K_eff) with the same variance)."""
+    k = len(times)
+    s = sum(max(0.0, 1 - abs(a - b) / window_s) ** 2 for a in times for b in times)
+    return max(1, int(math.floor(k * k / s + 1e-9)))
+
+
+def diag_carriers(ff: dict, bw: float, top: int) -> list[dict]:
+    """Every tested carrier: kind, harmonic, frequency, half-width, excluded. A race's harmonics
+    up to the analysed top (5 x BPFI); the ball's and the cage's first ELEMENT_HARMONICS (their
+    2 % slip tolerance widens a window with h: at h = 3 the ball's is nearly as wide as its FTF
+    sideband spacing, and the cage's comb is dense). A carrier is excluded when a line another part
+    predicts (its carriers) is within both windows: evidence for neither."""
+    lines, predicted = [], []
     for kind in KINDS:
         tol = TOL_RACE if kind in ("outer", "inner") else TOL_ELEMENT
-        mods = [{"fr": ff["fr"], "2fr": 2 * ff["fr"], "ftf": ff["ftf"]}[m] for m in MODULATION[kind]]
-        for h in range(1, HARMONICS + 1):
+        hmax = MAX_HARMONICS if kind in ("outer", "inner") else ELEMENT_HARMONICS
+        for h in range(1, hmax + 1):
             f = h * ff[kind]
+            if h > 1 and f > top * bw:
+                break
             hw = bw / 2 + tol * f
-            lines.append({"kind": kind, "carrier": True, "h": h, "f": f, "hw": hw, "spacing": 0.0})
-            for m in mods:   # the comb's spacing is its first modulation (fr, or FTF)
-                lines += [{"kind": kind, "carrier": False, "h": h, "f": f - m, "hw": hw, "spacing": mods[0]},
-                          {"kind": kind, "carrier": False, "h": h, "f": f + m, "hw": hw, "spacing": mods[0]}]
+            lines.append({"kind": kind, "h": h, "f": f, "hw": hw, "tol": tol})
+            predicted.append((kind, f, hw))
     for ln in lines:
-        ln["excluded"] = any(c["carrier"] and c["kind"] != ln["kind"] and abs(c["f"] - ln["f"]) <= c["hw"] + ln["hw"]
-                             for c in lines)
-    return lines
+        ln["excluded"] = _predicted_by_other(predicted, ln["kind"], ln["f"], ln["hw"])
+    return lines, predicted
+
+
+def _predicted_by_other(predicted: list, kind: str, f: float, hw: float) -> bool:
+    return any(k != kind and abs(g - f) <= w + hw for k, g, w in predicted)
 
 
 def kurtogram_bands(n: int, bw: float, fs: float, bpfi: float) -> list[tuple[int, int]]:
-    """The 1/3-binary tree of the fast kurtogram: bands >= 4 BPFI wide, below fs/2.56."""
+    """The 1/3-binary tree of the fast kurtogram: bands >= 4 BPFI wide, below fs/2.56, starting at
+    or above KURT_LOW_EDGE x BPFI."""
     half, bands = n // 2, []
     for level in range(24):
         count = 1 if level == 0 else 1 << ((level + 1) // 2) if level & 1 else 3 << (level // 2 - 1)
@@ -274,30 +302,55 @@ def kurtogram_bands(n: int, bw: float, fs: float, bpfi: float) -> list[tuple[int
             break
         for i in range(count):
             k0, k1 = max(1, i * half // count), (i + 1) * half // count - 1
-            if k1 > half - 1 or (k1 + 1) * bw > fs / 2.56 or k1 < k0:
+            if k1 > half - 1 or (k1 + 1) * bw > fs / 2.56 or k1 < k0 or k0 * bw < KURT_LOW_EDGE * bpfi:
                 continue
             bands.append((k0, k1))
     return bands[:255]
 
 
-KURT_MIN_POWER = 0.1    # a candidate band's mean power within 10 dB of the usable band's
+def tukey(n: int) -> tuple[np.ndarray, float]:
+    """The kurtogram's taper (cosine ramps over n // KURT_TAPER samples at each end), float32, and
+    r = n sum w^4 / (sum w^2)^2 of it (in float64): complex Gaussian noise so tapered has SK 2r - 2."""
+    length = n // KURT_TAPER
+    w = np.ones(n)
+    j = np.arange(length)
+    w[:length] = 0.5 * (1 - np.cos(np.pi * j / length))
+    w[n - length:] = w[:length][::-1]
+    return w.astype(np.float32), float(n * np.sum(w ** 4) / np.sum(w ** 2) ** 2)
+
+
+def tapered_spectrum(x: np.ndarray) -> np.ndarray:
+    """The spectrum the kurtogram reads: the mean-removed window, tapered (a rectangular window's
+    edges make loud low-frequency vibration leak into the bands above it as one impulse per
+    window, at the wrap: a high SK that is no bearing's)."""
+    w, _ = tukey(len(x))
+    d = np.asarray(x, np.float64)
+    return np.fft.rfft(((d - d.mean()) * w.astype(np.float64)).astype(np.float32).astype(np.float64))
 
 
 def kurtogram_band(X: np.ndarray, n: int, bw: float, fs: float, bpfi: float, whiten: bool,
                    fixed: tuple[int, int]) -> tuple[int, int]:
-    """bearing.c kurtogram_bands for one channel: the band of largest SK among those loud enough."""
+    """bearing.c kurtogram_bands for one channel: among the candidate bands whose mean power is at
+    least KURT_ABOVE_FLOOR x the noise floor (the median bin power from KURT_LOW_EDGE x BPFI to
+    fs/2.56: a resonance that impacts ring stands above it), the one of
+    largest SK, if that SK is significant (over the taper's 2r - 2 by SK_SIGMAS noise std); else
+    the fixed band. X: the tapered window's spectrum (tapered_spectrum)."""
     cands = kurtogram_bands(n, bw, fs, bpfi)
-    ku = math.floor(fs / 2.56 / bw) - 1
-    if not cands or ku < 1:
+    ku = min(math.floor(fs / 2.56 / bw) - 1, n // 2 - 1)
+    kl = max(1, math.ceil(KURT_LOW_EDGE * bpfi / bw))
+    if not cands or ku < kl:
         return fixed
-    p = np.abs(X.astype(np.complex64).astype(np.complex128)) ** 2
-    ku = min(ku, n // 2 - 1)
-    ref_psd = p[1:ku + 1].sum() / ku
+    X32 = X.astype(np.complex64)
+    p = X32.real.astype(np.float64) ** 2 + X32.imag.astype(np.float64) ** 2
+    floor = float(np.median(p[kl:ku + 1].astype(np.float32).astype(np.float64)))
     best, best_sk = None, 0.0
     for k0, k1 in cands:
-        if p[k0:k1 + 1].sum() / (k1 - k0 + 1) < KURT_MIN_POWER * ref_psd:
+        b = k1 - k0 + 1
+        if p[k0:k1 + 1].sum() / b < KURT_ABOVE_FLOOR * floor:
             continue
         sk = band_kurtosis(X, k0, k1, whiten)
+        if sk < 2 * tukey(n)[1] - 2 + SK_SIGMAS * 2 / math.sqrt(b):
+            continue
         if best is None or sk > best_sk:
             best, best_sk = (k0, k1), sk
     return best or fixed
@@ -329,65 +382,112 @@ def diag_spectrum(X: np.ndarray, n: int, k0: int, k1: int, squared: bool, whiten
     return np.abs(E) ** 2 * (2.0 / n) ** 2
 
 
-def channel_confidences(p: np.ndarray, top: int, bw: float, ff: dict, lines: list[dict], k: int) -> dict:
-    """bearing.c diag_channel_eval: per kind its confidence, strongest carrier (Hz) and its ratio."""
+def _peak(p: np.ndarray, shaft: np.ndarray, bw: float, top: int, centre: float, hw: float) -> tuple[int, int]:
+    """(bin, bins looked at) of the largest p within hw of centre (bins 2..top, shaft harmonics
+    aside); bin -1 when there is none."""
+    ks = _bins_in(centre - hw, centre + hw, bw, 2, top)
+    ks = ks[~shaft[ks]]
+    return (int(ks[np.argmax(p[ks])]) if ks.size else -1), int(ks.size)
+
+
+def _sideband(p: np.ndarray, shaft: np.ndarray, floor2: float, bw: float, top: int, centre: float,
+              hw: float, spacing: float) -> tuple[float, float, int]:
+    """(r2 over the floor, r2 over the local continuum, bins) of a sideband: its window's peak,
+    counted only if it is a local maximum of the spectrum that stands above its local continuum
+    (the median of the bins within spacing/2 of it, at most SIDEBAND_LOCAL each side, and at least
+    the floor): a bump on a carrier's skirt is not a line."""
+    at, w = _peak(p, shaft, bw, top, centre, hw)
+    if at < 0 or not floor2 > 0:
+        return 0.0, 0.0, w
+    if not (p[at] > p[at - 1] and (at + 1 >= len(p) or p[at] >= p[at + 1])):
+        return 0.0, 0.0, w
+    half = min(int(math.floor(spacing / 2 / bw)), SIDEBAND_LOCAL)
+    ref2 = floor2
+    if half >= 1 and at - half >= 1 and at + half < len(p):
+        ref2 = max(ref2, float(np.median(p[at - half:at + half + 1])))
+    return float(p[at] / floor2), float(p[at] / ref2), w
+
+
+def channel_confidences(p: np.ndarray, top: int, bw: float, ff: dict, lines: list[dict], predicted: list,
+                        k: int) -> dict:
+    """bearing.c diag_channel_eval: per kind (confidence, strongest carrier's Hz, its amplitude ratio)."""
     floor2 = float(np.median(p[2:top + 1]))
-    b = np.arange(2, top + 1)
-    f = b * bw
+    f = np.arange(top + 1) * bw
     h = np.floor(f / ff["fr"] + 0.5)
-    shaft = (h >= 1) & (np.abs(f - h * ff["fr"]) <= bw / 2 + TOL_RACE * h * ff["fr"])
-    r2 = p[2:top + 1] / floor2 if floor2 > 0 else np.zeros(len(b))
-    total = float(np.sum(np.where(~shaft & (r2 > 1), r2 - 1, 0.0)))
+    shaft = (h >= 1) & (np.abs(f - h * ff["fr"]) <= bw / 2 + TOL_RACE * h * ff["fr"])   # the machine's lines
+    r2 = p[2:top + 1] / floor2 if floor2 > 0 else np.zeros(top - 1)
+    shared = np.zeros(top + 1, bool)         # lines two parts predict: evidence for neither, nor against
+    for ln in lines:
+        if ln["excluded"]:
+            shared[_bins_in(ln["f"] - ln["hw"], ln["f"] + ln["hw"], bw, 0, top)] = True
+    total = float(np.sum(np.where(~shaft[2:] & ~shared[2:] & (r2 > 1), r2 - 1, 0.0)))
+    mods_of = {"fr": ff["fr"], "2fr": 2 * ff["fr"], "ftf": ff["ftf"]}
     out = {}
     for kind in KINDS:
-        c_max = s_max = acc = 0.0
-        c_bins = s_bins = 0
-        best_c, best_h, at_best = -1.0, 0, -1
-        c_amp, sb_amp, sb_cnt = {}, {}, {}
+        carriers = []                            # (h, r2, bins, at, tol, excluded)
         for ln in lines:
-            if ln["kind"] != kind or ln["excluded"]:
+            if ln["kind"] != kind or (ln["excluded"] and kind != "inner"):
                 continue
-            ks = _bins_in(ln["f"] - ln["hw"], ln["f"] + ln["hw"], bw, 2, top)
-            if not ks.size:
-                continue
-            at = int(ks[np.argmax(p[ks])])
-            ref2 = floor2
-            if not ln["carrier"]:   # a sideband against the floor or the spectrum half-way to its neighbours
-                a = min(max(math.floor((ln["f"] - ln["spacing"] / 2) / bw + 0.5), 2), top)
-                b = min(max(math.floor((ln["f"] + ln["spacing"] / 2) / bw + 0.5), 2), top)
-                ref2 = max(ref2, 0.5 * (float(p[a]) + float(p[b])))
-            rr = float(p[at] / ref2) if ref2 > 0 else 0.0
-            w = int(ks.size)
-            excess = max(rr - 1, 0.0) * presence(rr, w, k)
-            if ln["carrier"]:
-                c_bins += w
-                c_max = max(c_max, rr)
-                acc += excess
-                c_amp[ln["h"]] = math.sqrt(rr)
-                if rr > best_c:
-                    best_c, best_h, at_best = rr, ln["h"], at
-            else:
-                s_bins += w
-                s_max = max(s_max, rr)
-                if kind in ("inner", "ball"):
-                    acc += excess
-                sb_amp[ln["h"]] = sb_amp.get(ln["h"], 0.0) + math.sqrt(rr)
-                sb_cnt[ln["h"]] = sb_cnt.get(ln["h"], 0) + 1
-        factor = 1.0
-        if kind in ("inner", "ball"):
-            factor = presence(s_max, s_bins, k) if s_bins else 0.0
-        elif kind == "outer" and best_h and sb_cnt.get(best_h) and c_amp.get(best_h, 0) > 0:
-            sbr = sb_amp[best_h] / sb_cnt[best_h] / c_amp[best_h]
-            factor = 1.0 if sbr <= 0.5 else 0.0 if sbr >= 1 else 2 * (1 - sbr)
-        elif kind == "cage":
-            factor = 0.5
-        conf = presence(c_max, c_bins, k) * factor * acc / total if c_bins and total > 0 else 0.0
-        out[kind] = (min(conf, 1.0), at_best * bw if at_best >= 0 else 0.0, math.sqrt(best_c) if best_c > 0 else 0.0)
+            at, w = _peak(p, shaft, bw, top, ln["f"], ln["hw"])
+            if at >= 0:
+                carriers.append((ln["h"], float(p[at] / floor2) if floor2 > 0 else 0.0, w, at, ln["tol"],
+                                 ln["excluded"]))
+        own = [c for c in carriers if not c[5]]
+        if not own:
+            out[kind] = (0.0, 0.0, 0.0, 0.0)
+            continue
+        _, rb, _, atb, _, _ = max(own, key=lambda c: (c[1], -c[0]))
+        if not total > 0:
+            out[kind] = (0.0, atb * bw, math.sqrt(rb) if rb > 0 else 0.0, 0.0)
+            continue
+        c_bins = sum(c[2] for c in own)
+        c_max = max(c[1] for c in own)
+        acc = sum(max(r - 1, 0.0) * presence(r, w, k) for _, r, w, _, _, _ in own)
+        # sidebands at the measured carrier +- each modulation (a comb of spacing mods[0]); one on
+        # a line another part predicts is not tested; the inner race's also around its shared carriers
+        mods = [mods_of[m] for m in MODULATION[kind]]
+        tested = []                              # (carrier index, side, r2, local r2, bins)
+        for ci, (hh, rc, _, at, tol, _) in enumerate(carriers):
+            for m in mods:
+                hw = min(bw + tol * m, mods[0] / 2 - bw)
+                if hw < bw / 2:
+                    continue                     # the comb is not resolved at this bin width
+                for side in (-1, 1):
+                    if _predicted_by_other(predicted, kind, hh * ff[kind] + side * m, hw):
+                        continue
+                    r, loc, w = _sideband(p, shaft, floor2, bw, top, at * bw + side * m, hw, mods[0])
+                    if w:
+                        tested.append((ci, side, m, r, loc, w))
+        n_sb = len(tested)                       # the look-elsewhere of the sideband test: every window tried
+        pres = [presence(loc, w * n_sb, k) for _, _, _, _, loc, w in tested]
+        evidence = 0.0
+        if kind == "inner":                      # load-zone modulation: a sideband (often one-sided)
+            evidence = max(pres, default=0.0)
+            acc += sum(max(t[3] - 1, 0.0) * pr for t, pr in zip(tested, pres))
+        elif kind == "ball":                     # FTF sidebands a few bins off the carrier: both, at one harmonic
+            for i, ti in enumerate(tested):
+                for j, tj in enumerate(tested):
+                    if ti[0] == tj[0] and ti[2] == tj[2] and ti[1] < tj[1]:
+                        evidence = max(evidence, min(pres[i], pres[j]))
+            acc += sum(max(t[3] - 1, 0.0) * pr for t, pr in zip(tested, pres))
+        elif kind == "outer":                    # shaft-rate AM: a -/+ pair's presence x depth ((a_lo + a_hi) / a_carrier)
+            for i, ti in enumerate(tested):
+                for j, tj in enumerate(tested):
+                    if ti[0] == tj[0] and ti[2] == tj[2] and ti[1] < tj[1]:
+                        ac = math.sqrt(max(carriers[ti[0]][1] - 1, 0.0))
+                        amp = math.sqrt(max(ti[3] - 1, 0.0)) + math.sqrt(max(tj[3] - 1, 0.0))
+                        depth = 1.0 if not ac > 0 else min(1.0, amp / ac)
+                        evidence = max(evidence, min(pres[i], pres[j]) * depth)
+        factor = evidence if kind in ("inner", "ball") else 1.0 - evidence if kind == "outer" else 1.0
+        signature = presence(c_max, c_bins, k) * factor          # how likely the signature is there
+        conf = signature * (0.5 if kind == "cage" else 1.0) * acc / total
+        out[kind] = (min(conf, 1.0), atb * bw, math.sqrt(rb) if rb > 0 else 0.0, signature)
     return out
 
 
 def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: float, state: State,
-              env_lo: float, env_hi: float, ff_track: dict) -> dict:
+              env_lo: float, env_hi: float, ff_track: dict, seq: int = 0, start_ns: int = 0,
+              x: np.ndarray | None = None) -> dict:
     """The diagnosis features of a diagnosed window (bearing.c diag_update and the naming rule)."""
     channels, n = shape
     bw = fs / n
@@ -401,45 +501,53 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
     k = np.arange(n // 2 + 1)
     sel = np.nonzero((k * bw >= env_lo) & (k * bw <= env_hi))[0]
     band0 = (int(sel[0]), int(sel[-1])) if sel.size else (1, 0)
-    if state.diag_shape != (n, fs):
-        state.diag_count, state.diag_shape = 0, (n, fs)
-    new_mean = state.diag_count == 0
-    if new_mean:
-        state.diag_speeds = []
-    state.diag_count = min(state.diag_count + 1, windows)
-    state.diag_speeds = (state.diag_speeds + [fr_window])[-windows:]
-    fr = fr_window if fixed else float(np.median(state.diag_speeds))
-    ff = fault_frequencies(fr, *geom)
-    ff["fr"] = fr
-    if kurtogram:   # chosen when the running mean starts and each time it has turned over
-        if new_mean or state.diag_band_age >= windows or len(state.diag_bands) != channels:
-            state.diag_bands = [kurtogram_band(spectra[c], n, bw, fs, ff_track["bpfi"], whiten, band0)
-                                for c in range(channels)]
-            state.diag_band_age = 0
+
+    def top_of(bpfi: float) -> int:
+        return int(min(max(math.floor(5 * bpfi / bw), 2), n // 2 - 1))
+    rpm_top = _f(params, "shaft.rpm", 0) if fixed else _f(params, "shaft.rpm_max", 0)
+    mtop = top_of(fault_frequencies(rpm_top / 60, *geom)["bpfi"])
+    capacity = max(1, min(windows, RING_FLOATS // (channels * (mtop + 1))))
+    if state.diag_shape != (n, fs, channels):
+        state.diag_ring, state.diag_shape, state.diag_bands = [], (n, fs, channels), []
+    window_s = n / fs
+    t = start_ns / 1e9 if start_ns > 0 else seq * window_s     # no start times: windows taken as not overlapping
+    if state.diag_ring and state.diag_last and 0 <= t - state.diag_ring[-1][2] < window_s - 0.5 / fs:   # whole-ns times
+        return dict(state.diag_last)    # overlaps the last diagnosed window: its verdict stands
+    if kurtogram:   # chosen when the ring starts and each time it has turned over until two choices agree;
+        # a new band restarts the ring
+        if not state.diag_ring or len(state.diag_bands) != channels or \
+                (not state.diag_band_confirmed and state.diag_band_age >= capacity):
+            turnover = bool(state.diag_ring)
+            tapered = [tapered_spectrum(x[c]) for c in range(channels)]
+            bands = [kurtogram_band(tapered[c], n, bw, fs, ff_track["bpfi"], whiten, band0) for c in range(channels)]
+            changed = bands != state.diag_bands
+            if changed:
+                state.diag_ring = []
+            state.diag_band_confirmed = turnover and not changed
+            state.diag_bands, state.diag_band_age = bands, 0
         state.diag_band_age += 1
         bands = state.diag_bands
     else:
         bands = [band0] * channels
-    def top_of(bpfi: float) -> int:
-        return int(min(max(math.floor(5 * bpfi / bw), 2), n // 2 - 1))
-    top = top_of(ff["bpfi"])
-    rpm_top = _f(params, "shaft.rpm", 0) if fixed else _f(params, "shaft.rpm_max", 0)
-    mtop = max(top, top_of(fault_frequencies(rpm_top / 60, *geom)["bpfi"]))   # the bins the mean covers
-    power = np.stack([diag_spectrum(spectra[c], n, *bands[c], squared, whiten)[:mtop + 1] for c in range(channels)])
-    cnt = state.diag_count
-    if cnt == 1 or state.diag_mean is None or state.diag_mean.shape != power.shape:
-        mean = power.astype(np.float32)
-    else:
-        prev = state.diag_mean.astype(np.float64)
-        mean = (prev + np.float32(1.0 / cnt) * (power - prev)).astype(np.float32)
-    state.diag_mean = mean
-    lines = diag_lines(ff, bw)
-    per = [channel_confidences(mean[c].astype(np.float64), top, bw, ff, lines, cnt) for c in range(channels)]
+    power = np.stack([diag_spectrum(spectra[c], n, *bands[c], squared, whiten)[:mtop + 1]
+                      for c in range(channels)]).astype(np.float32)
+    state.diag_ring = (state.diag_ring + [(power, fr_window, t)])[-capacity:]
+    cnt = len(state.diag_ring)
+    fr = fr_window if fixed else float(np.median([s for _, s, _ in state.diag_ring]))
+    ff = fault_frequencies(fr, *geom)
+    ff["fr"] = fr
+    top = min(top_of(ff["bpfi"]), mtop)
+    mean = (np.sum([p.astype(np.float64) for p, _, _ in state.diag_ring], axis=0) / cnt).astype(np.float32)
+    dof = diagnosis_dof([tt for _, _, tt in state.diag_ring], window_s)
+    lines, predicted = diag_carriers(ff, bw, top)
+    per = [channel_confidences(mean[c].astype(np.float64), top, bw, ff, lines, predicted, dof)
+           for c in range(channels)]
     conf = {kd: max(pc[kd][0] for pc in per) for kd in KINDS}
     best = max(KINDS, key=lambda kd: (conf[kd], -KINDS.index(kd)))
     runner = max((kd for kd in KINDS if kd != best), key=lambda kd: (conf[kd], -KINDS.index(kd)))
     best_c = max(range(channels), key=lambda c: (per[c][best][0], -c))
-    named = conf[best] >= _f(params, "diagnosis.min_confidence", 0.3) and \
+    signature = per[best_c][best][3]
+    named = signature >= SIGNATURE_LIKELY and conf[best] >= _f(params, "diagnosis.min_confidence", 0.3) and \
         conf[best] - conf[runner] >= _f(params, "diagnosis.margin", 0.1)
     show, show_c = best, best_c            # the line the event shows: the named part's, else the most prominent
     if not named:
@@ -447,14 +555,13 @@ def diagnosis(spectra: list, shape: tuple, fs: float, params: dict, fr_window: f
             for kd in KINDS:
                 if per[c][kd][2] > per[show_c][show][2]:
                     show, show_c = kd, c
-    return {"diagnosis": DIAGNOSIS_CODE[best] if named else 0, "diagnosis.confidence": conf[best],
+    state.diag_last = {"diagnosis": DIAGNOSIS_CODE[best] if named else 0, "diagnosis.confidence": conf[best],
             "diagnosis.peak_hz": per[show_c][show][1], "diagnosis.method": 1 if named else 0,
-            "diagnosis.windows": cnt, "diagnosis.band_lo_hz": bands[show_c][0] * bw,
+            "diagnosis.windows": cnt, "diagnosis.dof": dof, "diagnosis.band_lo_hz": bands[show_c][0] * bw,
             "diagnosis.band_hi_hz": (bands[show_c][1] + 1) * bw, **{f"conf.{kd}": conf[kd] for kd in KINDS},
             "diagnosis.channel": show_c, "diagnosis.shaft_hz": fr, "diagnosis.squared": int(squared),
-            "diagnosis.whitened": int(whiten),
-            "_diag": {"ff": ff, "per_channel": per, "named": best if named else None, "channel": show_c,
-                      "shown": show}}
+            "diagnosis.whitened": int(whiten), "diagnosis.signature_p": signature}
+    return dict(state.diag_last)
 
 
 def per_channel_layout(channels: int) -> tuple[int, int]:

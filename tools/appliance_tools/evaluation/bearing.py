@@ -14,18 +14,26 @@ events name. A recording is "named wrong" when any of its alarms names a part ot
 damaged one (a crew would be sent to change it), "named right" when an alarm names the damaged
 part and none names another, else "unspecified". The confusion table crosses the damaged part
 with the named one; the exit status is non-zero on any wrong name, any false alarm and any
-fault not flagged.
+fault not flagged. Every file must say what it holds (CWRU's names: IR014_0_12k, B021_1_12k,
+OR007@6_0_12k, Normal_0, or words: inner, outer, ball, normal): a file the tool cannot label is
+refused, since a missed fault would pass for a quiet healthy recording.
+
+The headline is the envelope signature alone (configs/cwru-eval.yaml: no second opinion). When a
+learned method votes (`--param diagnosis.second_opinion=bearing_cnn`), the recordings it was
+trained on (modules/models/bearing_cnn/report.json) are marked and left out of every count.
 
 IMS-style folders (`--format ims`): run-to-failure snapshots, one tab-separated text file per
 snapshot (a column per channel, `--fs` 20 kHz), in file-name (time) order; `--channels` picks the
-bearing's column(s). The first `--baseline-snapshots` files teach the baseline, then every file
-is replayed in turn; the report says when the module first flagged the run and which parts its
-alarms named (`--expect PART` checks them).
+bearing's column(s). The bearing's geometry and speed are required (`--geometry`, `--rpm` or
+`--rpm-range`: an IMS rig is not the CWRU one) and printed. The first `--baseline-snapshots` files
+teach the baseline, then every file is replayed in turn; the report says when the module first
+flagged the run and which parts its alarms named (`--expect PART` checks them).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import sys
 import tempfile
@@ -42,8 +50,9 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "bearing" / "cwru"
 DIAGNOSES = {0: "unspecified", 1: "outer race", 2: "inner race", 3: "ball", 4: "cage"}
 PARTS = ("outer race", "inner race", "ball", "cage")
 METHODS = {0: "-", 1: "signature", 2: "bearing_cnn"}
-EXPECTED = (("inner", "inner race"), ("outer", "outer race"), ("ball", "ball"), ("normal", None))
 ZONES = "ABCD"
+CNN_REPORT = REPO / "modules" / "models" / "bearing_cnn" / "report.json"
+LEARNED = ("bearing_cnn",)        # second opinions that learnt from recordings
 
 
 @dataclass
@@ -60,6 +69,7 @@ class FileResult:
     window_named: collections.Counter = field(default_factory=collections.Counter)   # per diagnosed window
     conf_damaged: list = field(default_factory=list)    # per diagnosed window: the damaged part's confidence
     conf_others: list = field(default_factory=list)     # ... and the largest of the other parts'
+    trained: bool = False           # a learned method voting was trained on this recording: not counted
 
     @property
     def anomaly_rate(self) -> float:
@@ -109,6 +119,8 @@ class FileResult:
 
     @property
     def verdict(self) -> str:
+        if self.trained:
+            return "(trained on)"
         if self.healthy:
             return "ok" if not self.alarms else "FALSE ALARM"
         if not self.alarms:
@@ -128,10 +140,29 @@ def sample_rate_of(path: Path) -> int:
 
 
 def expected_of(path: Path) -> str | None:
-    for word, diagnosis in EXPECTED:
-        if word in path.stem:
-            return diagnosis
-    return None
+    """The damaged part a CWRU-style file name says (None: healthy). CWRU's own codes (IR014_0_12k,
+    OR007@6_0_12k, B021_1_12k, Normal_0) or words (inner_race_..., outer_race_..., ball_...,
+    normal_...). ValueError for a name that says neither: a fault must not pass for healthy."""
+    stem = path.stem.lower()
+    codes = (("ir", "inner race"), ("or", "outer race"), ("b", "ball"))
+    for code, part in codes:
+        if re.match(rf"{code}\d", stem):
+            return part
+    words = set(re.split(r"[^a-z]+", stem))
+    found = [part for word, part in (("inner", "inner race"), ("outer", "outer race"), ("ball", "ball"))
+             if word in words]
+    healthy = bool(words & {"normal", "healthy"})
+    if len(found) + healthy == 1:
+        return found[0] if found else None
+    raise ValueError(f"{path.name}: cannot tell what it holds; name CWRU files by their code (IR014_0_12k, "
+                     f"OR007@6_0_12k, B021_1_12k, Normal_0_12k) or with one of inner, outer, ball, normal")
+
+
+def training_recordings() -> dict[str, float]:
+    """The recordings bearing_cnn trained on, with the seconds of each it trained on (from its
+    start): modules/models/bearing_cnn/report.json."""
+    report = json.loads(CNN_REPORT.read_text())
+    return {name: float(r["split_s"]) for name, r in report["split"]["recordings"].items()}
 
 
 def set_param(module: dict, key: str, value: str) -> None:
@@ -227,6 +258,11 @@ def run_one(template: dict, healthy: Path, target: Path, start_s: float | None, 
     result = FileResult(f"{target.stem} (2nd half at {fs // 1000}k)" if healthy_half else target.stem, fs,
                         None if healthy_half else expected_of(target), healthy=healthy_half or
                         expected_of(target) is None)
+    params = module.get("params", {})
+    if (params.get("diagnosis") or {}).get("second_opinion", "none") in LEARNED:
+        trained = training_recordings()
+        # the replayed stretch overlaps what the CNN trained on (a healthy half starts at start_s)
+        result.trained = target.name in trained and (start_s or 0.0) < trained[target.name]
     return _supervise(doc, workdir, f"{target.stem}.yaml", 1, result)
 
 
@@ -264,6 +300,9 @@ def evaluate(data_dir: Path, healthy_name: str = "normal_0hp_48k.mat", wasm: Pat
     with tempfile.TemporaryDirectory(prefix="eval-bearing-") as tmp:
         workdir = Path(tmp)
         targets = sorted(p for p in data_dir.glob("*.mat") if p != healthy)
+        for p in targets:                 # every file labelled before anything runs
+            expected_of(p)
+            sample_rate_of(p)
         for fs in sorted({sample_rate_of(p) for p in targets}):
             results.append(run_one(template, healthy, healthy, _duration_s(healthy) / 2, fs, workdir / f"h{fs}", wasm))
         for target in targets:
@@ -323,6 +362,32 @@ def evaluate_ims(folder: Path, channels: list[int], fs: float = 20000.0, baselin
         return _supervise(doc, tmp / "run", "ims.yaml", baseline_snapshots, result, snapshot_of)
 
 
+def ims_params(geometry: str | None, rpm: float | None, rpm_range: str | None) -> list[str]:
+    """--param items for an IMS run's bearing and speed. Both are required: the eval config's are
+    the CWRU rig's (a 6205 at 1700-1850 rpm), not an IMS rig's."""
+    if not geometry:
+        raise ValueError("--format ims needs the bearing: --geometry BALLS,BALL_D,PITCH_D[,ANGLE] "
+                         "(e.g. 16,0.331,2.815,15.17 for the IMS rig's Rexnord ZA-2115)")
+    if (rpm is None) == (rpm_range is None):
+        raise ValueError("--format ims needs the shaft speed: --rpm RPM or --rpm-range MIN,MAX (e.g. --rpm 2000)")
+    parts = [v.strip() for v in geometry.split(",")]
+    if len(parts) not in (3, 4):
+        raise ValueError(f"--geometry {geometry!r}: give BALLS,BALL_D,PITCH_D[,ANGLE]")
+    keys = ("bearing.balls", "bearing.ball_diameter", "bearing.pitch_diameter", "bearing.contact_angle_deg")
+    out = [f"{k}={v}" for k, v in zip(keys, parts + ["0"] * (4 - len(parts)))]
+    if rpm is not None:
+        return out + [f"shaft.rpm={rpm:g}", "shaft.rpm_min=", "shaft.rpm_max="]
+    lo, _, hi = rpm_range.partition(",")
+    return out + ["shaft.rpm=", f"shaft.rpm_min={lo.strip()}", f"shaft.rpm_max={hi.strip()}"]
+
+
+def describe_ims(params: list[str]) -> str:
+    p = dict(item.partition("=")[::2] for item in params)
+    speed = f"{p['shaft.rpm']} rpm" if p.get("shaft.rpm") else f"{p['shaft.rpm_min']}-{p['shaft.rpm_max']} rpm (estimated)"
+    return (f"IMS run: bearing of {p['bearing.balls']} rolling elements, diameter {p['bearing.ball_diameter']}, pitch "
+            f"{p['bearing.pitch_diameter']}, contact angle {p['bearing.contact_angle_deg']} deg; shaft {speed}\n")
+
+
 # ---- report ----------------------------------------------------------------------------------------
 
 def table(results: list[FileResult]) -> str:
@@ -339,20 +404,20 @@ def table(results: list[FileResult]) -> str:
 def confusion(results: list[FileResult]) -> str:
     """Damaged part (rows) x the part the alarms named (columns), recordings counted."""
     cols = list(PARTS) + ["unspecified", "not flagged"]
-    rows = [p for p in PARTS if any(r.expected == p for r in results)]
+    rows = [p for p in PARTS if any(r.expected == p and not r.trained for r in results)]
     width = max(len(c) for c in cols) + 1
     corner = "damaged / named"
     lines = [f"{corner:<16}" + "".join(f"{c:>{width}}" for c in cols)]
     for part in rows:
         counts = collections.Counter("not flagged" if not r.alarms else r.diagnosis
-                                     for r in results if r.expected == part and not r.healthy)
+                                     for r in results if r.expected == part and not r.healthy and not r.trained)
         lines.append(f"{part:<16}" + "".join(f"{counts.get(c, 0):>{width}}" for c in cols))
     return "\n".join(lines)
 
 
 def totals(results: list[FileResult]) -> dict:
-    faults = [r for r in results if not r.healthy]
-    healthy = [r for r in results if r.healthy]
+    faults = [r for r in results if not r.healthy and not r.trained]
+    healthy = [r for r in results if r.healthy and not r.trained]
     return {"fault recordings": len(faults), "flagged": sum(bool(r.alarms) for r in faults),
             "named right": sum(r.verdict == "ok" for r in faults),
             "named wrong": sum(r.verdict == "WRONG PART" for r in faults),
@@ -365,7 +430,7 @@ def window_summary(results: list[FileResult]) -> str:
     and the other parts' highest, per damaged part (how far from the naming rule's threshold)."""
     lines = []
     for part in PARTS:
-        rs = [r for r in results if r.expected == part and not r.healthy]
+        rs = [r for r in results if r.expected == part and not r.healthy and not r.trained]
         if not rs:
             continue
         named = sum((r.window_named for r in rs), collections.Counter())
@@ -379,7 +444,7 @@ def window_summary(results: list[FileResult]) -> str:
         lines.append(f"  {part:<11} {n:>4} windows: named right {right / n:>4.0%}, wrong {wrong / n:>4.0%}, "
                      f"unspecified {named.get('unspecified', 0) / n:>4.0%}; its confidence min {min(damaged):.2f} "
                      f"median {sorted(damaged)[len(damaged) // 2]:.2f}, other parts' max {max(others):.2f}")
-    return "diagnosed windows (each on its running mean):\n" + "\n".join(lines) if lines else ""
+    return "diagnosed windows (each on the mean of its ring of spectra):\n" + "\n".join(lines) if lines else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,15 +459,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a module param for every recording (repeatable), e.g. diagnosis.band=fixed")
     p.add_argument("--wasm", type=Path, help="the module to evaluate (default: the one configs/cwru-eval.yaml names)")
+    p.add_argument("--geometry", metavar="BALLS,BALL_D,PITCH_D[,ANGLE]",
+                   help="ims (required): the bearing's rolling elements, their and the pitch diameter, contact angle")
+    p.add_argument("--rpm", type=float, help="ims: the shaft's fixed speed (or --rpm-range)")
+    p.add_argument("--rpm-range", metavar="MIN,MAX", help="ims: the range the speed is estimated in")
     args = p.parse_args(argv)
-    if args.format == "ims":
-        channels = [int(c) for c in args.channels.split(",") if c.strip()]
-        results = [evaluate_ims(args.data, channels, args.fs, args.baseline_snapshots, args.expect, args.wasm,
-                                args.param)]
-    else:
-        results = evaluate(args.data, args.healthy, args.wasm, args.param)
+    try:
+        if args.format == "ims":
+            channels = [int(c) for c in args.channels.split(",") if c.strip()]
+            params = args.param + ims_params(args.geometry, args.rpm, args.rpm_range)
+            print(describe_ims(params))
+            results = [evaluate_ims(args.data, channels, args.fs, args.baseline_snapshots, args.expect, args.wasm,
+                                    params)]
+        else:
+            results = evaluate(args.data, args.healthy, args.wasm, args.param)
+    except ValueError as exc:
+        print(f"appliance eval bearing: {exc}", file=sys.stderr)
+        return 2
     if args.param:
         print("params changed for this run: " + ", ".join(args.param) + "\n")
+    if any(r.trained for r in results):
+        print("a learned method votes: the recordings it was trained on (modules/models/bearing_cnn/report.json) "
+              "are marked (trained on) and left out of every count\n")
     print(table(results))
     for r in results:
         for e in r.alarms[:3]:
