@@ -9,7 +9,8 @@ each worker, and scrapes /metrics for windows, restarts and faults.
 After the warm-up, each process's memory at the end (the 10th percentile of its last tenth of
 samples) is compared with its memory at the start (the same of its first tenth): more than
 --max-growth (1 %) fails, and so does any restart or fault. A percentile low in the range reads
-the floor a leak raises, not the spikes of short-lived arrays. The figures go to stdout and to build/soak/ (JSON and CSV).
+the floor a leak raises, not the spikes of short-lived arrays. The figures go to stdout and to build/soak/ (JSON, CSV,
+and the supervisor's memory by kind over time in -supervisor.csv).
 
     python benchmarks/soak.py --minutes 10          # make soak (CI)
     python benchmarks/soak.py --minutes 120         # make soak-long (the closing-note figure)
@@ -284,6 +285,13 @@ def report(samples: list[dict], pids: dict[str, set[int]], counters0: dict, warm
             for n in names:
                 if n in s:
                     w.writerow([s["t"], n, *s[n]])
+    with open(OUT / f"soak-{stamp}-supervisor.csv", "w", newline="") as f:
+        kinds = sorted({kind for s in samples for kind in s.get("heap", {})})
+        w = csv.writer(f)
+        w.writerow(["t", *kinds])
+        for s in samples:
+            if s.get("heap"):
+                w.writerow([s["t"], *(s["heap"].get(kind, "") for kind in kinds)])
     if problems:
         print("\nSOAK FAILED:\n  " + "\n  ".join(problems))
         return 1

@@ -87,3 +87,25 @@ def test_dashboard_queries_use_existing_metrics(exposition):
     exported = names_in(exposition)
     used = {m for e in exprs for m in re.findall(r"\b((?:appliance|process)_[a-z_]+)\b", e)}
     assert used and not used - exported, f"dashboard uses unknown metrics: {sorted(used - exported)}"
+
+
+def test_the_supervisors_memory_by_kind_counts_the_spools_sqlite_cache(tmp_path):
+    """The soak names what grew from these kinds; SQLite's share must be its own, live count."""
+    from appliance.events.record import make_event
+    from appliance.events.spool import Spool, sqlite_memory_used
+    from appliance.ops.metrics import Metrics
+
+    def kinds() -> dict[str, float]:
+        text = generate_latest(Metrics().registry).decode()
+        return {m[1]: float(m[2]) for m in re.finditer(r'appliance_supervisor_memory_bytes\{kind="(\w+)"\} (\S+)', text)}
+
+    before = kinds()
+    assert {"rss_anon", "rss_file", "malloc_in_use", "malloc_free", "sqlite"} <= set(before)
+    spool = Spool(tmp_path / "spool.db", 64 << 20)
+    for i in range(200):
+        spool.append(make_event(gateway="gw", source="s", module="m", severity=1, score=1.0, message="x" * 2000,
+                                window={"seq": i}, features={}))
+    after = kinds()
+    assert after["sqlite"] - before["sqlite"] > 100_000, (before["sqlite"], after["sqlite"])
+    assert after["sqlite"] == pytest.approx(sqlite_memory_used(), rel=0.2)
+    spool.close()

@@ -7,6 +7,9 @@ clock jump cannot expire unsent events (events/clock.py).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 import sqlite3
@@ -26,6 +29,25 @@ log = logging.getLogger("appliance.events")
 # image rig's power-cut drill, to prove that the drill notices lost events (refused elsewhere).
 DURABILITY = {"full": "FULL", "off": "OFF"}
 STATS_FOR_S = 1.0           # how long stats() figures stand when nothing changed
+
+
+def sqlite_memory_used() -> int | None:
+    """Bytes SQLite holds in this process (page caches, statements), or None where the library
+    that the sqlite3 module uses cannot be asked (the metric of the supervisor's memory by kind)."""
+    try:
+        lib = _sqlite_library()
+    except OSError:
+        return None
+    return int(lib.sqlite3_memory_used())
+
+
+@functools.cache
+def _sqlite_library() -> ctypes.CDLL:
+    # dlopen of the soname the sqlite3 module is linked to returns that same loaded library, so
+    # its counters are this process's; one handle (a CDLL per call leaves garbage for the GC).
+    lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+    lib.sqlite3_memory_used.restype = ctypes.c_int64
+    return lib
 
 
 class Spool:

@@ -15,6 +15,7 @@ import sys
 
 from appliance import __version__
 from appliance.core import malloc
+from appliance.events.spool import sqlite_memory_used
 
 # Round trip of one window through a worker; wasm3 calls range from ~20 µs to the deadline.
 CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -80,7 +81,8 @@ class SupervisorMemory:
 
     def collect(self):
         memory = GaugeMetricFamily("appliance_supervisor_memory_bytes", "The supervisor process's memory by kind: "
-                                   "rss_anon, rss_file, rss_shmem (resident), malloc_in_use, malloc_free",
+                                   "rss_anon, rss_file, rss_shmem (resident), malloc_in_use, malloc_free, sqlite "
+                                   "(SQLite's own count, part of malloc_in_use)",
                                    labels=["kind"])
         try:
             for line in open("/proc/self/status"):
@@ -93,6 +95,9 @@ class SupervisorMemory:
         if heap is not None:
             memory.add_metric(["malloc_in_use"], heap["in_use"])
             memory.add_metric(["malloc_free"], heap["free"])
+        in_sqlite = sqlite_memory_used()
+        if in_sqlite is not None:
+            memory.add_metric(["sqlite"], in_sqlite)
         yield memory
         yield GaugeMetricFamily("appliance_supervisor_python_blocks", "Memory blocks the supervisor's Python "
                                 "interpreter has allocated (sys.getallocatedblocks)", value=sys.getallocatedblocks())
