@@ -248,3 +248,22 @@ def test_tampered_untrusted_and_replayed_desired_states_change_nothing(tmp_path,
         op.close()
         stranger.close()
         sup.stop()
+
+
+def test_commands_over_a_broker_without_mqtt5_use_the_plain_reply_topic(tmp_path, kit, cluster):  # noqa: F811
+    """NATS 2.9 refuses an MQTT 5 CONNECT: gateway and operator speak 3.1.1 to it, and a command's
+    reply is found by its id on the gateway's retained reply topic (test_fleet_commands.py: MQTT 5)."""
+    sup = gateway(tmp_path, kit, cluster, 21)
+    sup.start()
+    op = FleetOperator(cluster.mqtt_endpoints, client_id="test-operator-commands")
+    try:
+        wait_for(lambda: op.report("gw21") is not None, 30, "gw21 reporting")
+        assert op.protocol == "3.1.1" and sup.forwarder.transport.protocol == "3.1.1"
+        reply = op.command("gw21", "report", ident="nats-1", timeout_s=20)
+        assert reply["ok"] and reply["id"] == "nats-1" and reply["route"] == "plain reply topic"
+        op.replies.clear()
+        assert op.command("gw21", "report", ident="nats-1", timeout_s=20)["ok"]   # answered again, run once
+        assert list(sup.fleet.replies) == ["nats-1"]
+    finally:
+        op.close()
+        sup.stop()

@@ -358,7 +358,7 @@ def test_listen_subscribes_on_every_connection_and_gets_the_retained_message(sta
     raw.disconnect()
     got: list[bytes] = []
     t = transports(broker)
-    t.listen([topic], lambda tp, payload: got.append(payload))
+    t.listen([topic], lambda tp, payload, request: got.append(payload))
     t.connect()
     wait(lambda: got == [b"rev 1"] and t.subscribed, 5, "the retained message")
     broker.restart()
@@ -376,6 +376,7 @@ class RefusingBroker:
         self.refusals, self.retained = refusals, retained
         self.subscribes: list[list[str]] = []
         self.published: list[str] = []
+        self.levels: list[int] = []   # each CONNECT's protocol level
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
@@ -431,8 +432,9 @@ class RefusingBroker:
                     break
             body = self._read(conn, size)
             kind = header >> 4
-            if kind == 1:     # CONNECT
-                conn.sendall(self._packet(0x20, b"\x00\x00"))
+            if kind == 1:     # CONNECT: 3.1.1 (level 4) only, like NATS 2.9
+                self.levels.append(body[6])
+                conn.sendall(self._packet(0x20, b"\x00\x00" if body[6] == 4 else b"\x00\x01"))
             elif kind == 3:   # PUBLISH
                 n = int.from_bytes(body[:2], "big")
                 self.published.append(body[2:2 + n].decode())
@@ -475,7 +477,7 @@ def test_a_refused_subscription_is_subscribed_again_until_granted():
     t = MqttTransport(MqttConfig(host="127.0.0.1", port=broker.port, ack_timeout_s=2.0, connect_timeout_s=3.0), GW)
     got: list[bytes] = []
     try:
-        t.listen([desired, cmd], lambda topic, payload: got.append(payload))
+        t.listen([desired, cmd], lambda topic, payload, request: got.append(payload))
         t.connect()
         wait(lambda: t.subscriptions_refused == 2, 5, "the first SUBACK refusing both filters")
         assert not t.subscribed
@@ -484,6 +486,7 @@ def test_a_refused_subscription_is_subscribed_again_until_granted():
         assert t.subscribed and t.subscriptions_refused == 4
         assert broker.subscribes == [[desired, cmd], [cmd, desired], [cmd, desired]]   # 1 s, then 2 s later
         assert f"factory/{GW}/events/cam1" in broker.published
+        assert broker.levels == [5, 4] and t.protocol == "3.1.1"   # MQTT 5 refused: 3.1.1 on the same node
     finally:
         t.close()
         broker.stop()
@@ -538,3 +541,28 @@ def test_config_defaults_and_rules(pki, tmp_path):
     for doc in bad:
         with pytest.raises(pydantic.ValidationError):
             MqttConfig.model_validate(doc)
+
+
+def test_protocol_setting(start_broker):
+    """auto by default; 5 and 3.1.1 force one (YAML's bare 5 is read as "5"); a forced 5 that the
+    broker refuses is an error in words, not a silent fallback."""
+    assert MqttConfig(host="b").protocol == "auto"
+    assert MqttConfig(host="b", protocol=5).protocol == "5"
+    with pytest.raises(ValueError):
+        MqttConfig(host="b", protocol="4")
+    broker = start_broker()
+    t = MqttTransport(MqttConfig(host="127.0.0.1", port=broker.port, protocol="3.1.1"), GW)
+    try:
+        t.connect()
+        assert t.protocol == "3.1.1"
+    finally:
+        t.close()
+    refusing = RefusingBroker(refusals=0, retained={})
+    t = MqttTransport(MqttConfig(host="127.0.0.1", port=refusing.port, protocol="5", connect_timeout_s=3.0), GW)
+    try:
+        with pytest.raises(TransientError, match="does not speak MQTT 5"):
+            t.connect()
+        assert refusing.levels == [5]
+    finally:
+        t.close()
+        refusing.stop()

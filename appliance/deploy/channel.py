@@ -1,9 +1,12 @@
 """The fleet channel: desired state in, reported state out, over the uplink's MQTT connection
-(docs/fleet.md). Plain MQTT 3.1.1, so any broker serves it.
+(docs/fleet.md). Plain MQTT 3.1.1 topics, so any broker serves it; MQTT 5's request/response
+where the connection speaks it.
 
     <prefix>/fleet/groups/<group>/desired   retained, by the operator: what a group should run
     <prefix>/<gateway>/fleet/desired        retained, by the operator: this gateway's own (wins per module)
-    <prefix>/<gateway>/fleet/cmd            commands {"id", "op", ...}; replies on .../fleet/reply
+    <prefix>/<gateway>/fleet/cmd            commands {"id", "op", ...}; replies on .../fleet/reply (retained),
+                                            or, for an MQTT 5 command with a Response Topic, there,
+                                            with its Correlation Data (under <prefix>/fleet/replies/)
     <prefix>/<gateway>/fleet/reported       retained, by the gateway: what runs, probation, last rollback
 
 A desired state: {"revision": N, "modules": {NAME: {"version": V, "bundle": base64 | "url": URL,
@@ -34,7 +37,7 @@ from appliance.uplink.mqtt import topic_level
 
 if TYPE_CHECKING:
     from appliance.core.supervisor import Supervisor
-    from appliance.uplink.mqtt import MqttTransport
+    from appliance.uplink.mqtt import MqttTransport, Request
 
 log = logging.getLogger("appliance.fleet")
 
@@ -53,6 +56,7 @@ class FleetChannel:
         self.cmd_topic = f"{prefix}/{me}/fleet/cmd"
         self.reply_topic = f"{prefix}/{me}/fleet/reply"
         self.reported_topic = f"{prefix}/{me}/fleet/reported"
+        self.response_space = f"{prefix}/fleet/replies/"   # where an MQTT 5 Response Topic may point
         self.state_path = sup.cfg.gateway.data_dir / "fleet.json"
         self.operator_keys = tuple(parse_public(k) for k in sup.cfg.fleet.operator_keys)
         saved = self._load()
@@ -102,26 +106,26 @@ class FleetChannel:
 
     def stop(self) -> None:
         self._stop.set()
-        self._work.put(("stop", None, None))
+        self._work.put(("stop", None, None, None))
         self._thread.join(5.0)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        self._work.put(("message", topic, payload))   # paho's thread: hand over, never block it
+    def _on_message(self, topic: str, payload: bytes, request: "Request | None" = None) -> None:
+        self._work.put(("message", topic, payload, request))   # paho's thread: hand over, never block it
 
     def _on_deploy_change(self, module: str, what: str, detail: str) -> None:
         self._dirty.set()   # the report says it
         if what != "refused":   # a refusal changes nothing: trying again would refuse again, forever
-            self._work.put(("converge", None, None))   # a probation's end may allow the next step
+            self._work.put(("converge", None, None, None))   # a probation's end may allow the next step
 
     def _on_connected(self) -> None:
         self._failed.clear()   # after a reconnect, what failed may be tried once more (a url may answer now)
         self._dirty.set()
-        self._work.put(("converge", None, None))
+        self._work.put(("converge", None, None, None))
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                kind, topic, payload = self._work.get(timeout=5.0)
+                kind, topic, payload, request = self._work.get(timeout=5.0)
             except queue.Empty:
                 kind = "tick"
             try:
@@ -129,7 +133,7 @@ class FleetChannel:
                     return
                 if kind == "message":
                     if topic == self.cmd_topic:
-                        self._command(payload)
+                        self._command(payload, request)
                     else:
                         self._desired(topic, payload)
                     self._converge()
@@ -288,12 +292,22 @@ class FleetChannel:
 
     # ---- commands -------------------------------------------------------------------------------
 
-    def _command(self, payload: bytes) -> None:
+    def _command(self, payload: bytes, request: "Request | None" = None) -> None:
         try:
             doc = json.loads(payload)
             ident, op = str(doc["id"]), str(doc["op"])
         except (ValueError, KeyError, TypeError, RecursionError):
             return self._refuse("command", "cannot be read (it needs an id and an op)")
+        if request is not None and not self._answerable(request.response_topic):
+            # Anyone who may send commands must not make the gateway publish into other topics
+            # (another gateway's desired state, an event stream) under its own name.
+            self._refuse("command", f"{ident}: response topic {request.response_topic!r} is not under "
+                                    f"{self.response_space}")
+            request = None
+            reply = {"ok": False, "id": ident, "error": f"response topic not under {self.response_space}"}
+            with contextlib.suppress(Exception):
+                self.transport.publish_retained(self.reply_topic, json.dumps(reply, sort_keys=True).encode())
+            return
         reply = self.replies.get(ident)
         if reply is None:   # a command runs once, whatever number of times it arrives
             reply = self._run_command(op, doc)
@@ -302,9 +316,17 @@ class FleetChannel:
             while len(self.replies) > COMMANDS_KEPT:
                 self.replies.pop(next(iter(self.replies)))
             self._save()
-        with contextlib.suppress(Exception):
-            self.transport.publish_retained(self.reply_topic, json.dumps(reply, sort_keys=True).encode())
+        body = json.dumps(reply, sort_keys=True).encode()
+        with contextlib.suppress(Exception):   # not connected: the sender asks again (same id, same reply)
+            if request is not None:
+                self.transport.answer(request, body)
+            else:
+                self.transport.publish_retained(self.reply_topic, body)
         self._dirty.set()
+
+    def _answerable(self, topic: str) -> bool:
+        rest = topic[len(self.response_space):]
+        return topic.startswith(self.response_space) and bool(rest) and not any(c in topic for c in "+#\0")
 
     def _run_command(self, op: str, doc: dict) -> dict:
         # Versions change through desired states only (a command could not outlast them).

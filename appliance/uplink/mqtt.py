@@ -1,4 +1,4 @@
-"""MQTT uplink (paho-mqtt 2, MQTT 3.1.1, QoS 1). Topic layout and payloads: docs/uplink-mqtt.md.
+"""MQTT uplink (paho-mqtt 2, MQTT 5 or 3.1.1, QoS 1). Topic layout and payloads: docs/uplink-mqtt.md.
 
     <prefix>/<gateway>/status                                 retained online/offline (last will)
     <prefix>/<gateway>/health                                 retained health summary
@@ -15,6 +15,11 @@ subscribed again on the same connection after 1 s, 2 s, 4 s, then every 5 s unti
 a clustered broker refuses them while it elects new leaders after losing a node (NATS 2.9: the
 JetStream consumer behind the subscription was not made in time), an ACL until it is fixed.
 Events keep flowing meanwhile.
+
+MQTT 5 where the broker speaks it (protocol: auto): the session outlives a disconnect by
+SESSION_EXPIRY_S, and a message that asks for an answer (a Response Topic, MQTT 5's request and
+response) reaches the listener with that topic and its Correlation Data. A broker that answers an
+MQTT 5 CONNECT with "unsupported protocol version" (NATS 2.9) is spoken to in 3.1.1 from then on.
 """
 from __future__ import annotations
 
@@ -24,11 +29,14 @@ import socket
 import ssl
 import threading
 import time
-from typing import Annotated, Any, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from pydantic import AfterValidator, Field, model_validator
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from appliance.events.record import Attachment, iso_time
 from appliance.uplink.transport import TransientError, Transport
@@ -39,6 +47,20 @@ log = logging.getLogger("appliance.uplink.mqtt")
 QOS = 1
 SUBSCRIBE_RETRY_S = 1.0       # a refused subscription is tried again after this, doubling per refusal
 SUBSCRIBE_RETRY_MAX_S = 5.0
+# MQTT 5: how long the broker keeps the session (subscriptions, queued QoS 1 messages) after the
+# connection ends. MQTT 3.1.1 has no bound; a week covers a gateway off over a long weekend
+# without the broker holding sessions of gateways taken out of service forever.
+SESSION_EXPIRY_S = 7 * 24 * 3600
+UNSUPPORTED_PROTOCOL_VERSION = 132   # CONNACK: MQTT 5's 0x84 (3.1.1's return code 1, as paho reports it)
+PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+
+
+@dataclass(frozen=True)
+class Request:
+    """An MQTT 5 message's request properties: where its answer goes (Response Topic) and the
+    bytes that tie the answer to it (Correlation Data, empty if none was given)."""
+    response_topic: str
+    correlation: bytes
 
 
 class MqttTls(StrictModel):
@@ -93,6 +115,13 @@ class MqttConfig(StrictModel):
                                  "(and is retried)")
     max_attachment_bytes: int = Field(256 * 1024, ge=0, description="larger attachments are not sent (logged "
                                       "and counted); the event still lists them")
+    protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT version: auto tries 5 and falls "
+                                                    "back to 3.1.1 on a broker that refuses it (NATS 2.9)")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
     @model_validator(mode="before")
     @classmethod
@@ -161,8 +190,9 @@ class _Connection:
     """State of one network connection (one paho client); callbacks of an old client cannot touch a
     newer one."""
 
-    def __init__(self, client: mqtt.Client) -> None:
+    def __init__(self, client: mqtt.Client, protocol: str) -> None:
         self.client = client
+        self.protocol = protocol             # "5" or "3.1.1"
         self.settled = threading.Event()     # CONNACK arrived or the connection ended first
         self.lost = threading.Event()        # the connection ended (or we ended it)
         self.ended = threading.Event()       # paho reported the disconnect
@@ -197,6 +227,8 @@ class MqttTransport(Transport):
         self.bytes_sent = 0            # payload bytes acknowledged by the broker (events, attachments, health,
         self.attachments_skipped = 0   # status); attachments over max_attachment_bytes, not sent
         self.subscriptions_refused = 0   # filters a SUBACK refused (each is subscribed again later)
+        self.protocol: str | None = None   # "5" or "3.1.1": what the current (or last) connection speaks
+        self._speaks_311_only: set[tuple[str, int]] = set()   # endpoints that refused MQTT 5 (auto)
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
 
@@ -249,11 +281,12 @@ class MqttTransport(Transport):
             if on_connected is not None:
                 on_connected()
 
-    def listen(self, topics: list[str], on_message: Callable[[str, bytes], None],
+    def listen(self, topics: list[str], on_message: Callable[[str, bytes, Request | None], None],
                on_connected: Callable[[], None] | None = None) -> None:
-        """Subscribe (QoS 1) to `topics` on every connection; on_message(topic, payload) runs on
-        paho's network thread (hand the work over, do not block it); on_connected after each
-        connect. Call before the forwarder starts."""
+        """Subscribe (QoS 1) to `topics` on every connection; on_message(topic, payload, request)
+        runs on paho's network thread (hand the work over, do not block it); request is the
+        message's MQTT 5 Response Topic and Correlation Data, None when it asks for no answer (and
+        always on MQTT 3.1.1). on_connected after each connect. Call before the forwarder starts."""
         self._listeners.append((tuple(topics), on_message, on_connected))
 
     def _subscribe(self, topics: tuple[str, ...]) -> None:
@@ -309,10 +342,15 @@ class MqttTransport(Transport):
             log.debug("MQTT: subscribing again failed: %s", exc)
 
     def _on_message(self, message) -> None:
+        request = None
+        props = getattr(message, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        if response_topic:
+            request = Request(str(response_topic), bytes(getattr(props, "CorrelationData", b"") or b""))
         for topics, on_message, _ in self._listeners:
             if any(mqtt.topic_matches_sub(t, message.topic) for t in topics):
                 try:
-                    on_message(message.topic, bytes(message.payload))
+                    on_message(message.topic, bytes(message.payload), request)
                 except Exception:   # a listener's bug must not end paho's network thread
                     log.exception("MQTT: handling a message on %s failed", message.topic)
 
@@ -322,11 +360,44 @@ class MqttTransport(Transport):
         self._await(conn, [(topic, self._publish(conn, topic, payload, retain=True))])
         self.bytes_sent += len(payload)
 
+    def answer(self, request: Request, payload: bytes) -> None:
+        """The answer to an MQTT 5 request: to its Response Topic with its Correlation Data, QoS 1,
+        not retained, acknowledged. TransientError if not connected or not acked."""
+        conn = self._live()
+        if conn.protocol != "5":   # the request came on an MQTT 5 connection that has since gone
+            raise TransientError(f"cannot answer on {request.response_topic}: this connection speaks MQTT "
+                                 f"{conn.protocol}")
+        props = Properties(PacketTypes.PUBLISH)
+        if request.correlation:
+            props.CorrelationData = request.correlation
+        self._await(conn, [(request.response_topic,
+                            self._publish(conn, request.response_topic, payload, properties=props))])
+        self.bytes_sent += len(payload)
+
     def _connect(self, host: str, port: int) -> None:
+        wanted = self.config.protocol
+        if wanted == "auto":
+            wanted = "3.1.1" if (host, port) in self._speaks_311_only else "5"
+        try:
+            self._connect_as(host, port, wanted)
+        except _ProtocolRefused:
+            if self.config.protocol != "auto":
+                raise TransientError(f"MQTT broker {self.endpoint} refused the connection: it does not speak "
+                                     f"MQTT {wanted} (set uplink.mqtt.protocol: auto)") from None
+            log.info("MQTT broker %s does not speak MQTT 5: speaking 3.1.1 to it", self.endpoint)
+            self._speaks_311_only.add((host, port))
+            self._connect_as(host, port, "3.1.1")
+
+    def _connect_as(self, host: str, port: int, protocol: str) -> None:
         cfg = self.config
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
-                             protocol=mqtt.MQTTv311, reconnect_on_failure=False)
-        conn = _Connection(client)
+        v5 = protocol == "5"
+        if v5:   # MQTT 5 has no clean_session: clean_start=False and a session expiry instead
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
+                                 reconnect_on_failure=False)
+        else:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
+                                 protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+        conn = _Connection(client, protocol)
         client.connect_timeout = cfg.connect_timeout_s
         if cfg.username is not None:
             client.username_pw_set(cfg.username, self._password())
@@ -344,7 +415,12 @@ class MqttTransport(Transport):
             client.on_subscribe = lambda c, u, mid, codes, props: self._on_subscribe(conn, mid, codes)
         try:
             try:
-                client.connect(host, port, keepalive=cfg.keepalive_s)
+                if v5:
+                    props = Properties(PacketTypes.CONNECT)
+                    props.SessionExpiryInterval = SESSION_EXPIRY_S
+                    client.connect(host, port, keepalive=cfg.keepalive_s, clean_start=False, properties=props)
+                else:
+                    client.connect(host, port, keepalive=cfg.keepalive_s)
             except BaseException:
                 if ctx is not None and ctx.wrapped is not None:   # a failed handshake leaves it open
                     ctx.wrapped.close()
@@ -378,6 +454,8 @@ class MqttTransport(Transport):
                                  f"{cfg.connect_timeout_s:g} s")
         if conn.refused is not None:
             self._drop(graceful=False)
+            if v5 and conn.refused == UNSUPPORTED_PROTOCOL_VERSION:
+                raise _ProtocolRefused()
             words = _REFUSALS.get(conn.refused, f"reason code {conn.refused}")
             raise TransientError(f"MQTT broker {self.endpoint} refused the connection: {words}")
         if conn.lost.is_set():
@@ -385,12 +463,13 @@ class MqttTransport(Transport):
             self._drop(graceful=False)
             raise TransientError(f"MQTT broker {self.endpoint} closed the connection before accepting it: "
                                  f"{detail}{self._tls_hint(detail)}")
+        self.protocol = protocol
         try:
             self._publish_status(conn, True)
         except TransientError:
             self._drop(graceful=False)
             raise
-        log.info("MQTT connected to %s as %s", self.endpoint, self.client_id)
+        log.info("MQTT connected to %s as %s (MQTT %s)", self.endpoint, self.client_id, protocol)
 
     def close(self) -> None:
         """Says offline (unless this connection already did) and disconnects cleanly."""
@@ -513,8 +592,9 @@ class MqttTransport(Transport):
             raise TransientError(f"not connected to MQTT broker {self.endpoint}")
         return conn
 
-    def _publish(self, conn: _Connection, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
-        info = conn.client.publish(topic, payload, qos=QOS, retain=retain)
+    def _publish(self, conn: _Connection, topic: str, payload: bytes, retain: bool = False,
+                 properties: Properties | None = None) -> mqtt.MQTTMessageInfo:
+        info = conn.client.publish(topic, payload, qos=QOS, retain=retain, properties=properties)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             # NO_CONN: the connection ended between our check and the publish.
             raise TransientError(f"MQTT publish to {topic} failed: {mqtt.error_string(info.rc)}")
@@ -587,6 +667,10 @@ class MqttTransport(Transport):
         self._await(conn, [(self.health_topic, self._publish(conn, self.health_topic, payload, retain=True))])
         self.bytes_sent += len(payload)
         return len(payload)
+
+
+class _ProtocolRefused(Exception):
+    """The broker answered an MQTT 5 CONNECT with 'unsupported protocol version'."""
 
 
 class _NamedSSLContext(ssl.SSLContext):

@@ -1,8 +1,9 @@
-"""`appliance fleet status | deploy | rollback` (docs/fleet.md)."""
+"""`appliance fleet status | deploy | rollback | command` (docs/fleet.md)."""
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -16,7 +17,7 @@ def _operator(args):
         except KeyFileError as exc:
             sys.exit(f"appliance fleet: {exc}")
     try:
-        return FleetOperator(args.broker, args.prefix, key=key)
+        return FleetOperator(args.broker, args.prefix, key=key, protocol=args.protocol)
     except ConnectionError as exc:
         sys.exit(f"appliance fleet: {exc}")
 
@@ -56,6 +57,23 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_command(args) -> int:
+    from appliance_tools.fleet.operator import CommandFailed
+    op = _operator(args)
+    try:
+        started = time.monotonic()
+        reply = op.command(args.gateway, args.op, ident=args.id, timeout_s=args.timeout)
+        took = time.monotonic() - started
+    except CommandFailed as exc:
+        sys.exit(f"appliance fleet: {exc}")
+    finally:
+        op.close()
+    print(json.dumps(reply, indent=1, sort_keys=True))
+    print(f"{args.gateway}: reply in {took * 1000:.0f} ms by the {reply['route']} (MQTT {op.protocol})",
+          file=sys.stderr)
+    return 0 if reply.get("ok") else 1
+
+
 def add_parser(sub) -> None:
     fleet = sub.add_parser("fleet", help="the operator's fleet: status, staged deploys, rollback (docs/fleet.md)")
     fleet.add_argument("--broker", action="append", required=True, metavar="HOST:PORT",
@@ -63,6 +81,8 @@ def add_parser(sub) -> None:
     fleet.add_argument("--prefix", default="factory", help="the gateways' uplink.mqtt.topic_prefix")
     fleet.add_argument("--key", help="the operator's private key: desired states go out signed (gateways with "
                        "fleet.operator_keys take no others)")
+    fleet.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto",
+                       help="MQTT version (auto: 5 where the broker speaks it)")
     fsub = fleet.add_subparsers(dest="fleet_command", required=True)
     s = fsub.add_parser("status", help="a table of gateways, their versions and health")
     s.add_argument("--group")
@@ -82,3 +102,10 @@ def add_parser(sub) -> None:
     r.add_argument("--module", required=True)
     r.add_argument("--to", required=True, help="a version, or config for the YAML's own file")
     r.set_defaults(func=cmd_rollback)
+    c = fsub.add_parser("command", help="send one command to a gateway and print its reply (ops: report)")
+    c.add_argument("gateway")
+    c.add_argument("op", help="report: the gateway publishes its reported state now")
+    c.add_argument("--id", help="the command's id (default: a new one); the same id again gets the same reply "
+                   "and is not run twice")
+    c.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+    c.set_defaults(func=cmd_command)

@@ -1,5 +1,7 @@
 """The operator's side of the fleet channel (docs/fleet.md): read what gateways report, publish
-desired states, roll a bundle out in stages. Plain MQTT 3.1.1 (paho), any node of the broker."""
+desired states, roll a bundle out in stages, send commands. MQTT 5 where the broker speaks it
+(commands then use its request/response: a Response Topic and Correlation Data), else 3.1.1 and
+the plain reply topic; any node of the broker."""
 from __future__ import annotations
 
 import base64
@@ -8,15 +10,18 @@ import json
 import math
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from appliance.deploy.bundle import open_bundle
-from appliance.uplink.mqtt import refused_filters, topic_level
+from appliance.uplink.mqtt import SESSION_EXPIRY_S, UNSUPPORTED_PROTOCOL_VERSION, refused_filters, topic_level
 
 
 SUBSCRIBE_RETRY_S = 1.0   # a subscription the broker refused is tried again after this (doubling, at most 5 s)
@@ -28,9 +33,13 @@ def revision_now() -> int:
     return time.time_ns() // 1000
 
 
+class CommandFailed(Exception):
+    pass
+
+
 class FleetOperator:
     def __init__(self, endpoints: list[str], prefix: str = "factory", client_id: str = "fleet-operator",
-                 key=None) -> None:
+                 key=None, protocol: str = "auto") -> None:
         self.key = key   # a PrivateKey (appliance.deploy.keys): desired states go out signed
         self.endpoints = [(h, int(p)) for h, _, p in (e.rpartition(":") for e in endpoints)]
         self.prefix = prefix
@@ -47,44 +56,74 @@ class FleetOperator:
         self._retry_s = SUBSCRIBE_RETRY_S
         self.subscriptions_refused = 0
         self._stop = False
+        self.wanted_protocol = protocol   # auto | 5 | 3.1.1
+        self._speaks_311_only: set[tuple[str, int]] = set()
+        self._refused_v5 = False   # the last CONNECT (MQTT 5) was answered "unsupported protocol version"
+        self.replies: dict[str, dict] = {}   # command id -> its reply (either route)
+        self._replied = threading.Condition(self._lock)
         # A session the broker keeps across this operator's reconnects (ended by close()): a
         # clustered broker that lost a node has the subscriptions ready, where a clean session
         # must have them made again while the cluster elects leaders (NATS refuses them then).
         self.client_id = f"{client_id}-{revision_now() % 10**9}"
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                  clean_session=False, protocol=mqtt.MQTTv311, reconnect_on_failure=False)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda c, u, f, rc, p: self._connected.clear()
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
+        self.replies_topic = f"{prefix}/fleet/replies/{topic_level(self.client_id)}"
+        self.protocol = ""
+        self.client = self._client("3.1.1" if protocol == "3.1.1" else "5")
         self._thread = threading.Thread(target=self._keep_connected, name="fleet-operator", daemon=True)
         self._thread.start()
         if not self._connected.wait(30):
             raise ConnectionError(f"no broker answered at {', '.join(endpoints)}")
 
+    def _client(self, protocol: str) -> mqtt.Client:
+        if protocol == "5":
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
+                                 reconnect_on_failure=False)
+        else:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
+                                 protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+        client.on_connect = self._on_connect
+        client.on_disconnect = lambda c, u, f, rc, p: self._connected.clear()
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self.protocol = protocol
+        return client
+
     def _keep_connected(self) -> None:
         """One connection at a time, to the next node when one goes."""
         while not self._stop:
-            host, port = self.endpoints[self._index % len(self.endpoints)]
+            host, port = endpoint = self.endpoints[self._index % len(self.endpoints)]
+            protocol = "3.1.1" if self.wanted_protocol == "3.1.1" or endpoint in self._speaks_311_only else "5"
+            if protocol != self.protocol:   # paho's client speaks one version for its life
+                self.client = self._client(protocol)
+            self._refused_v5 = False
             try:
-                self.client.connect(host, port, keepalive=10)
+                if protocol == "5":
+                    props = Properties(PacketTypes.CONNECT)
+                    props.SessionExpiryInterval = SESSION_EXPIRY_S
+                    self.client.connect(host, port, keepalive=10, clean_start=False, properties=props)
+                else:
+                    self.client.connect(host, port, keepalive=10)
                 self.client.loop_forever()
             except OSError:
                 pass
             if self._stop:
                 return
+            if self._refused_v5 and self.wanted_protocol == "auto":
+                self._speaks_311_only.add(endpoint)   # the same node again, in 3.1.1
+                continue
             self._index += 1
             time.sleep(0.3)
 
     def _on_connect(self, client, userdata, flags, rc, props) -> None:
         if rc.is_failure:
+            self._refused_v5 = self.protocol == "5" and rc.value == UNSUPPORTED_PROTOCOL_VERSION
             return
         with self._sub_lock:
             self._generation += 1
             self._subscribing.clear()
             self._retry_s = SUBSCRIBE_RETRY_S
         self._subscribe([f"{self.prefix}/+/fleet/reported", f"{self.prefix}/+/status",
-                         f"{self.prefix}/fleet/groups/+/desired"])
+                         f"{self.prefix}/fleet/groups/+/desired", f"{self.prefix}/+/fleet/reply",
+                         self.replies_topic])
 
     def _subscribe(self, filters: list[str]) -> None:
         with self._sub_lock:   # the SUBACK must find its packet id
@@ -117,6 +156,9 @@ class FleetOperator:
         self._subscribe(filters)
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.topic == self.replies_topic or message.topic.endswith("/fleet/reply"):
+            self._on_reply(message)
+            return
         if message.topic.startswith(f"{self.prefix}/fleet/groups/"):
             group = message.topic.split("/")[-2]
             with self._lock:
@@ -137,6 +179,45 @@ class FleetOperator:
                 self.reports[doc["gateway"]] = doc
                 self.received[doc["gateway"]] = time.time()
 
+    def _on_reply(self, message) -> None:
+        """A command's reply: on our MQTT 5 response topic, its id in the Correlation Data; on a
+        gateway's plain reply topic (retained: an older command's may come first), the id in it."""
+        try:
+            doc = json.loads(message.payload)
+        except ValueError:
+            return
+        if not isinstance(doc, dict):
+            return
+        ident = doc.get("id")
+        if message.topic == self.replies_topic:
+            correlation = getattr(getattr(message, "properties", None), "CorrelationData", None)
+            ident = bytes(correlation).decode("utf-8", "replace") if correlation else ident
+            doc = {**doc, "route": "mqtt5 response topic"}
+        else:
+            doc = {**doc, "route": "plain reply topic"}
+        if isinstance(ident, str):
+            with self._replied:
+                self.replies[ident] = doc
+                self._replied.notify_all()
+
+    def command(self, gateway: str, op: str, *, ident: str | None = None, timeout_s: float = 30.0) -> dict:
+        """Send one command and wait for its reply. MQTT 5: with a Response Topic (ours) and the
+        id as Correlation Data; 3.1.1: plain, the reply found on the gateway's reply topic by id.
+        The same id sent again gets the same reply and the gateway does not run it twice."""
+        ident = ident or uuid.uuid4().hex
+        doc = {"id": ident, "op": op, "time": time.time()}
+        props = None
+        if self.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = self.replies_topic
+            props.CorrelationData = ident.encode()
+        self._publish(f"{self.prefix}/{topic_level(gateway)}/fleet/cmd", json.dumps(doc, sort_keys=True).encode(),
+                      retain=False, properties=props)
+        with self._replied:
+            if not self._replied.wait_for(lambda: ident in self.replies, timeout_s):
+                raise CommandFailed(f"no reply from {gateway} to {op!r} (id {ident}) within {timeout_s:g} s")
+            return self.replies[ident]
+
     def close(self) -> None:
         self._stop = True
         self.client.disconnect()
@@ -148,11 +229,16 @@ class FleetOperator:
         for i in range(len(self.endpoints)):
             host, port = self.endpoints[(self._index + i) % len(self.endpoints)]
             done = threading.Event()
-            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
-                            protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+            v5 = self.protocol == "5"
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, reconnect_on_failure=False,
+                            **({"protocol": mqtt.MQTTv5} if v5 else {"clean_session": True,
+                                                                      "protocol": mqtt.MQTTv311}))
             c.on_connect = lambda cl, u, f, rc, p: done.set() if not rc.is_failure else None
             try:
-                c.connect(host, port, keepalive=10)
+                if v5:   # a clean start whose session ends with the connection (expiry 0, the default)
+                    c.connect(host, port, keepalive=10, clean_start=True)
+                else:
+                    c.connect(host, port, keepalive=10)
                 c.loop_start()
                 if done.wait(5):
                     c.disconnect()
@@ -176,10 +262,12 @@ class FleetOperator:
 
     # ---- publishing ----------------------------------------------------------------------------
 
-    def _publish(self, topic: str, payload: bytes) -> None:
+    def _publish(self, topic: str, payload: bytes, retain: bool = True, properties: Properties | None = None) -> None:
         for _ in range(60):
             if self._connected.wait(1):
-                info = self.client.publish(topic, payload, qos=1, retain=True)
+                if properties is not None and self.protocol != "5":
+                    properties = None   # reconnected to a 3.1.1 node: the plain reply topic answers
+                info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
                 try:
                     info.wait_for_publish(10)
                     if info.is_published():
