@@ -106,14 +106,16 @@ class Broker:
     """Mosquitto on 127.0.0.1:<free port> with a config generated in `workdir`.
 
     users: {name: password} -> allow_anonymous false and a mosquitto_passwd file.
+    acl_file: Mosquitto ACLs (with users).
     pki: serve TLS with its server certificate; require_certificate: clients must show one
     signed by pki.ca (and it is then the only authentication asked for)."""
 
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, pki: Pki | None = None,
-                 require_certificate: bool = False) -> None:
+                 require_certificate: bool = False, acl_file: Path | None = None) -> None:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.users, self.pki, self.require_certificate = users or {}, pki, require_certificate
+        self.acl_file = acl_file
         if require_certificate and pki is None:
             raise ValueError("require_certificate needs a pki")
         self.port = free_port()
@@ -140,6 +142,8 @@ class Broker:
                 subprocess.run([_tool("mosquitto_passwd"), *args, str(pw), name, password], check=True,
                                capture_output=True, timeout=30)
             lines += ["allow_anonymous false", f"password_file {pw}"]
+            if self.acl_file is not None:
+                lines.append(f"acl_file {self.acl_file}")
         elif self.require_certificate:
             lines += ["allow_anonymous false", "use_identity_as_username true"]
         else:

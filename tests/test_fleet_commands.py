@@ -72,7 +72,7 @@ def test_a_response_topic_outside_the_replies_space_is_refused(setup):
     """A command may not make the gateway publish under its name anywhere it likes (another
     gateway's desired state, an event stream): its answer goes to the plain reply topic, refused."""
     broker, sup, op = setup
-    target = f"factory/{GW}/events/spindle"
+    target = f"factory/{GW}/events/spindle"   # its own topics, but not its replies
     watch = Subscriber(broker, [target, f"factory/{GW}/fleet/reply"]).start()
     raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-v5", protocol=mqtt.MQTTv5)
     connected = threading.Event()
@@ -97,3 +97,65 @@ def test_a_response_topic_outside_the_replies_space_is_refused(setup):
         raw.loop_stop()
         raw.disconnect()
         watch.stop()
+
+
+def test_the_documented_mosquitto_acls_let_the_fleet_work_and_nothing_more(tmp_path: Path, vibstats_wasm):
+    """configs/broker/mosquitto-fleet.acl, as docs/fleet.md gives it: the gateway reads its group's
+    desired state and its commands and answers them; as its user, another gateway's commands
+    cannot be read nor its desired state written."""
+    from conftest import REPO
+    users = {"gw-acl-1": "pw1", "fleet-operator": "pw-op"}
+    broker = Broker(tmp_path / "broker", users=users, acl_file=REPO / "configs/broker/mosquitto-fleet.acl").start()
+    doc = {"gateway": {"name": "gw-acl-1", "data_dir": str(tmp_path / "data")}, "metrics": {"enabled": False},
+           "fleet": {"enabled": True, "groups": ["line1"]},
+           "uplink": {"transport": "mqtt", "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive_s": 5,
+                                                     "username": "gw-acl-1", "password": "pw1"}},
+           "sources": {"a": sim_source()},
+           "modules": {"stats": {"wasm": str(vibstats_wasm), "source": "a", "window": {"size": 256}}}}
+    (tmp_path / "gw.yaml").write_text(yaml.safe_dump(doc))
+    sup = Supervisor(load_config(tmp_path / "gw.yaml"))
+    sup.start()
+    op = FleetOperator([f"127.0.0.1:{broker.port}"], client_id="fleet-operator", username="fleet-operator",
+                       password="pw-op")
+    intruder = None
+    try:
+        wait_for(lambda: op.report("gw-acl-1") is not None, 30, "the gateway's report through the ACLs")
+        assert sup.forwarder.transport.subscribed and sup.forwarder.transport.subscriptions_refused == 0
+        revision = op.publish_desired({"stats": {"version": "config"}}, group="line1")
+        wait_for(lambda: op.report("gw-acl-1").get("revisions", {}).get("line1") == revision, 30,
+                 "the group's desired state read by the gateway")
+        own = op.publish_desired({"stats": {"version": "config"}}, gateway="gw-acl-1")
+        wait_for(lambda: op.report("gw-acl-1").get("revisions", {}).get("gateway") == own, 30,
+                 "its own desired state read by the gateway")
+        assert op.command("gw-acl-1", "report", timeout_s=10)["route"] == "mqtt5 response topic"
+        # The gateway's user cannot read another gateway's commands or write its desired state.
+        # (Mosquitto grants the SUBSCRIBE and then withholds what the ACL does not let it read.)
+        def client(name: str, user: str, password: str, got: list) -> mqtt.Client:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+            c.username_pw_set(user, password)
+            c.on_message = lambda cl, u, m: got.append((m.topic, m.payload))
+            done = threading.Event()
+            c.on_subscribe = lambda *a: done.set()
+            c.connect("127.0.0.1", broker.port)
+            c.loop_start()
+            c.subscribe("factory/gw-acl-2/#", qos=1)
+            assert done.wait(5)
+            return c
+        stolen: list = []
+        seen: list = []
+        intruder = client("gw-acl-1-intruder", "gw-acl-1", "pw1", stolen)
+        watch = client("watch", "fleet-operator", "pw-op", seen)
+        intruder.publish("factory/gw-acl-2/fleet/desired", b'{"revision": 1}', qos=1, retain=True).wait_for_publish(5)
+        op._publish("factory/gw-acl-2/fleet/cmd", b'{"id": "x", "op": "report"}', retain=False)
+        wait_for(lambda: seen, 10, "the operator's command to gw-acl-2, seen by an operator")
+        time.sleep(0.5)
+        assert [t for t, _ in seen] == ["factory/gw-acl-2/fleet/cmd"]   # the intruder's desired state was dropped
+        assert stolen == []
+        watch.loop_stop()
+        watch.disconnect()
+    finally:
+        if intruder is not None:
+            intruder.loop_stop()
+        op.close()
+        sup.stop()
+        broker.stop()

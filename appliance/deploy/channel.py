@@ -6,7 +6,7 @@ where the connection speaks it.
     <prefix>/<gateway>/fleet/desired        retained, by the operator: this gateway's own (wins per module)
     <prefix>/<gateway>/fleet/cmd            commands {"id", "op", ...}; replies on .../fleet/reply (retained),
                                             or, for an MQTT 5 command with a Response Topic, there,
-                                            with its Correlation Data (under <prefix>/fleet/replies/)
+                                            with its Correlation Data (under .../fleet/replies/)
     <prefix>/<gateway>/fleet/reported       retained, by the gateway: what runs, probation, last rollback
 
 A desired state: {"revision": N, "modules": {NAME: {"version": V, "bundle": base64 | "url": URL,
@@ -56,7 +56,9 @@ class FleetChannel:
         self.cmd_topic = f"{prefix}/{me}/fleet/cmd"
         self.reply_topic = f"{prefix}/{me}/fleet/reply"
         self.reported_topic = f"{prefix}/{me}/fleet/reported"
-        self.response_space = f"{prefix}/fleet/replies/"   # where an MQTT 5 Response Topic may point
+        # Where an MQTT 5 Response Topic may point: under the gateway's own topics, which its ACL lets
+        # it write (docs/fleet.md), and nowhere else.
+        self.response_space = f"{prefix}/{me}/fleet/replies/"
         self.state_path = sup.cfg.gateway.data_dir / "fleet.json"
         self.operator_keys = tuple(parse_public(k) for k in sup.cfg.fleet.operator_keys)
         saved = self._load()

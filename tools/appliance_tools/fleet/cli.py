@@ -16,8 +16,15 @@ def _operator(args):
             key = load_private(Path(args.key))
         except KeyFileError as exc:
             sys.exit(f"appliance fleet: {exc}")
+    password = None
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            sys.exit(f"appliance fleet: cannot read --password-file {args.password_file}: {exc.strerror or exc}")
     try:
-        return FleetOperator(args.broker, args.prefix, key=key, protocol=args.protocol)
+        return FleetOperator(args.broker, args.prefix, key=key, protocol=args.protocol, username=args.username,
+                             password=password)
     except ConnectionError as exc:
         sys.exit(f"appliance fleet: {exc}")
 
@@ -81,6 +88,8 @@ def add_parser(sub) -> None:
     fleet.add_argument("--prefix", default="factory", help="the gateways' uplink.mqtt.topic_prefix")
     fleet.add_argument("--key", help="the operator's private key: desired states go out signed (gateways with "
                        "fleet.operator_keys take no others)")
+    fleet.add_argument("--username", help="the operator's MQTT user (docs/fleet.md: ACLs)")
+    fleet.add_argument("--password-file", help="file holding that user's password (one line)")
     fleet.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto",
                        help="MQTT version (auto: 5 where the broker speaks it)")
     fsub = fleet.add_subparsers(dest="fleet_command", required=True)

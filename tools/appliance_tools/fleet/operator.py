@@ -39,7 +39,7 @@ class CommandFailed(Exception):
 
 class FleetOperator:
     def __init__(self, endpoints: list[str], prefix: str = "factory", client_id: str = "fleet-operator",
-                 key=None, protocol: str = "auto") -> None:
+                 key=None, protocol: str = "auto", username: str | None = None, password: str | None = None) -> None:
         self.key = key   # a PrivateKey (appliance.deploy.keys): desired states go out signed
         self.endpoints = [(h, int(p)) for h, _, p in (e.rpartition(":") for e in endpoints)]
         self.prefix = prefix
@@ -57,6 +57,7 @@ class FleetOperator:
         self.subscriptions_refused = 0
         self._stop = False
         self.wanted_protocol = protocol   # auto | 5 | 3.1.1
+        self.credentials = (username, password) if username is not None else None
         self._speaks_311_only: set[tuple[str, int]] = set()
         self._refused_v5 = False   # the last CONNECT (MQTT 5) was answered "unsupported protocol version"
         self.replies: dict[str, dict] = {}   # command id -> its reply (either route)
@@ -65,7 +66,7 @@ class FleetOperator:
         # clustered broker that lost a node has the subscriptions ready, where a clean session
         # must have them made again while the cluster elects leaders (NATS refuses them then).
         self.client_id = f"{client_id}-{revision_now() % 10**9}"
-        self.replies_topic = f"{prefix}/fleet/replies/{topic_level(self.client_id)}"
+        self.replies_level = topic_level(self.client_id)   # <prefix>/<gateway>/fleet/replies/<this>
         self.protocol = ""
         self.client = self._client("3.1.1" if protocol == "3.1.1" else "5")
         self._thread = threading.Thread(target=self._keep_connected, name="fleet-operator", daemon=True)
@@ -80,6 +81,8 @@ class FleetOperator:
         else:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
                                  protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+        if self.credentials is not None:
+            client.username_pw_set(*self.credentials)
         client.on_connect = self._on_connect
         client.on_disconnect = lambda c, u, f, rc, p: self._connected.clear()
         client.on_message = self._on_message
@@ -123,7 +126,7 @@ class FleetOperator:
             self._retry_s = SUBSCRIBE_RETRY_S
         self._subscribe([f"{self.prefix}/+/fleet/reported", f"{self.prefix}/+/status",
                          f"{self.prefix}/fleet/groups/+/desired", f"{self.prefix}/+/fleet/reply",
-                         self.replies_topic])
+                         f"{self.prefix}/+/fleet/replies/{self.replies_level}"])
 
     def _subscribe(self, filters: list[str]) -> None:
         with self._sub_lock:   # the SUBACK must find its packet id
@@ -156,7 +159,7 @@ class FleetOperator:
         self._subscribe(filters)
 
     def _on_message(self, client, userdata, message) -> None:
-        if message.topic == self.replies_topic or message.topic.endswith("/fleet/reply"):
+        if message.topic.endswith(f"/fleet/replies/{self.replies_level}") or message.topic.endswith("/fleet/reply"):
             self._on_reply(message)
             return
         if message.topic.startswith(f"{self.prefix}/fleet/groups/"):
@@ -189,7 +192,7 @@ class FleetOperator:
         if not isinstance(doc, dict):
             return
         ident = doc.get("id")
-        if message.topic == self.replies_topic:
+        if not message.topic.endswith("/fleet/reply"):
             correlation = getattr(getattr(message, "properties", None), "CorrelationData", None)
             ident = bytes(correlation).decode("utf-8", "replace") if correlation else ident
             doc = {**doc, "route": "mqtt5 response topic"}
@@ -209,7 +212,7 @@ class FleetOperator:
         props = None
         if self.protocol == "5":
             props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = self.replies_topic
+            props.ResponseTopic = f"{self.prefix}/{topic_level(gateway)}/fleet/replies/{self.replies_level}"
             props.CorrelationData = ident.encode()
         self._publish(f"{self.prefix}/{topic_level(gateway)}/fleet/cmd", json.dumps(doc, sort_keys=True).encode(),
                       retain=False, properties=props)
@@ -233,6 +236,8 @@ class FleetOperator:
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, reconnect_on_failure=False,
                             **({"protocol": mqtt.MQTTv5} if v5 else {"clean_session": True,
                                                                       "protocol": mqtt.MQTTv311}))
+            if self.credentials is not None:
+                c.username_pw_set(*self.credentials)
             c.on_connect = lambda cl, u, f, rc, p: done.set() if not rc.is_failure else None
             try:
                 if v5:   # a clean start whose session ends with the connection (expiry 0, the default)
