@@ -21,11 +21,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from appliance.deploy.bundle import open_bundle
-from appliance.uplink.mqtt import SESSION_EXPIRY_S, UNSUPPORTED_PROTOCOL_VERSION, refused_filters, topic_level
+from appliance.uplink.mqtt import UNSUPPORTED_PROTOCOL_VERSION, refused_filters, topic_level
 
 
 SUBSCRIBE_RETRY_S = 1.0   # a subscription the broker refused is tried again after this (doubling, at most 5 s)
 SUBSCRIBE_RETRY_MAX_S = 5.0
+# MQTT 5: the broker drops this tool's session this long after its connection ends, also when the
+# tool was killed before close() could end it (MQTT 3.1.1 has no such bound: close() ends it).
+SESSION_EXPIRY_S = 300
 
 
 def revision_now() -> int:
