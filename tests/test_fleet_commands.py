@@ -159,3 +159,14 @@ def test_the_documented_mosquitto_acls_let_the_fleet_work_and_nothing_more(tmp_p
         op.close()
         sup.stop()
         broker.stop()
+
+
+def test_the_reported_state_is_published_again_when_nothing_changed(setup, monkeypatch):
+    """A report the broker acknowledged may still miss an operator; the next one heals that."""
+    from appliance.deploy import channel
+    broker, sup, op = setup
+    monkeypatch.setattr(channel, "REPORT_AGAIN_S", 0.5)
+    with Subscriber(broker, [f"factory/{GW}/fleet/reported"]) as sub:
+        got = sub.wait(lambda ms: len(ms) >= 4, 10, "reports again and again")
+    times = [json.loads(m.payload)["time"] for m in got]
+    assert times == sorted(times) and len(set(times)) == len(times)

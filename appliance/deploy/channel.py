@@ -45,6 +45,10 @@ MAX_DESIRED_BYTES = 4 * MAX_BUNDLE_BYTES // 3 + 65536   # one inline bundle, bas
 COMMANDS_KEPT = 200
 REFUSALS_KEPT = 20
 FETCH_TIMEOUT_S = 60.0
+# The reported state is published again this long after the last one even when nothing changed:
+# a report the broker acknowledged can still miss an operator (a clustered broker losing a node
+# dropped one in 71 runs here), and the report's health and time go stale otherwise.
+REPORT_AGAIN_S = 60.0
 
 
 class FleetChannel:
@@ -71,6 +75,7 @@ class FleetChannel:
         self._refused_revisions: set[tuple[str, int]] = set()     # retained messages already refused
         self._work: queue.Queue = queue.Queue()
         self._dirty = threading.Event()
+        self._reported_at = float("-inf")   # monotonic time of the last report the broker acknowledged
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
         transport.listen([self.own_topic, *self.group_topics, self.cmd_topic], self._on_message, self._on_connected)
@@ -127,7 +132,7 @@ class FleetChannel:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                kind, topic, payload, request = self._work.get(timeout=5.0)
+                kind, topic, payload, request = self._work.get(timeout=min(5.0, REPORT_AGAIN_S))
             except queue.Empty:
                 kind = "tick"
             try:
@@ -141,7 +146,8 @@ class FleetChannel:
                     self._converge()
                 elif kind == "converge":
                     self._converge()
-                if self._dirty.is_set() and self.transport.connected:
+                stale = time.monotonic() - self._reported_at >= REPORT_AGAIN_S
+                if (self._dirty.is_set() or stale) and self.transport.connected:
                     self._report()
             except Exception:   # the channel must outlive one bad message
                 log.exception("fleet: handling %s failed", kind)
@@ -361,6 +367,7 @@ class FleetChannel:
         try:
             self.transport.publish_retained(self.reported_topic,
                                             json.dumps(self.report_doc(), sort_keys=True, default=str).encode())
+            self._reported_at = time.monotonic()
         except Exception as exc:   # not connected: the next connection reports
             self._dirty.set()
             log.debug("fleet: report not sent: %s", exc)
