@@ -1,4 +1,5 @@
-"""pywasm3 0.5.0, built from its locked sdist with its two leaks mended (installed as 0.5.0+ap1).
+"""pywasm3 0.5.0, built from its locked sdist with its two leaks mended and linear memory
+allocated lazily (installed as 0.5.0+ap2).
 
 pywasm3 has no wheel anywhere and its upstream is in minimal maintenance, so every target builds
 it from the sdist whose sha256 the lock holds. Measured in the worker (benchmarks/soak.py):
@@ -6,8 +7,13 @@ it from the sdist whose sha256 the lock holds. Measured in the worker (benchmark
   (CallImport never releases them): about 125 bytes a call, 200,000 calls +25 MB RSS, so every
   worker grew by megabytes a minute;
 - every Runtime.get_memory() leaks its Py_buffer (80 bytes a call).
-Both are mended here by edits at named places in m3module.c; each place must appear exactly
-once, so a different sdist stops the build instead of being patched blindly.
+Both are mended here by edits at named places in m3module.c. And wasm3 allocates a module's
+linear memory with realloc() and then memset()s all of it: every page of it (1 MiB for vibstats,
+4 MiB for bearing) was faulted in and zeroed at each worker start, used or not (0.4 ms of a
+vibstats worker's 1.3 ms instantiation here, and resident memory the module never touched). A
+first allocation now goes through calloc(), which leaves pages fresh from the kernel untouched
+(they are zero already). Each place must appear exactly once, so a different sdist stops the
+build instead of being patched blindly.
 
     python3 requirements/pywasm3_fix.py DEST [--python PY]   fetch (hash-checked), unpack, mend
 """
@@ -26,18 +32,29 @@ sys.path.insert(0, str(HERE))
 import lockfile  # noqa: E402
 
 NAME = "pywasm3"
-LOCAL_LABEL = "ap1"   # PEP 440 local version: 0.5.0 matches ==0.5.0 in every lock and range
+LOCAL_LABEL = "ap2"   # PEP 440 local version: 0.5.0 matches ==0.5.0 in every lock and range
 
-# (what the place reads in 0.5.0, what it reads after): each a whole statement or two.
+# (file, what the place reads in 0.5.0, what it reads after): each a whole statement or two.
 EDITS = [
+    # m3_Realloc (malloc'd heap): a first allocation is calloc's, zero without touching fresh pages.
+    ("wasm3/m3_core.c",
+     "    if (UNLIKELY(i_newSize == i_oldSize)) return i_ptr;\n"
+     "\n"
+     "    void * newPtr = realloc (i_ptr, i_newSize);\n",
+     "    if (UNLIKELY(i_newSize == i_oldSize)) return i_ptr;\n"
+     "    if (!i_ptr) return calloc (i_newSize, 1);\n"
+     "\n"
+     "    void * newPtr = realloc (i_ptr, i_newSize);\n"),
     # CallImport: release the argument tuple once the call returned ...
-    ("    PyObject * pRets = PyObject_CallObject(pFunc, pArgs);\n"
+    ("m3module.c",
+     "    PyObject * pRets = PyObject_CallObject(pFunc, pArgs);\n"
      "    if (!pRets) m3ApiTrap(trapException);\n",
      "    PyObject * pRets = PyObject_CallObject(pFunc, pArgs);\n"
      "    Py_DECREF(pArgs);\n"
      "    if (!pRets) m3ApiTrap(trapException);\n"),
     # ... and the return value once it is on the wasm stack.
-    ("            put_arg_on_stack(&_sp[0], m3_GetRetType(f, 0), pRets);\n"
+    ("m3module.c",
+     "            put_arg_on_stack(&_sp[0], m3_GetRetType(f, 0), pRets);\n"
      "        } else {\n"
      "            m3ApiTrap(\"python call: should return a tuple\");\n"
      "        }\n"
@@ -52,7 +69,8 @@ EDITS = [
      "    m3ApiSuccess();\n"),
     # get_memory: the memoryview copies the Py_buffer; free ours (the runtime keeps the
     # reference PyBuffer_FillInfo took, so no view outlives it).
-    ("    PyBuffer_FillInfo(pybuff, (PyObject *)runtime, mem, size, 0, PyBUF_WRITABLE);\n"
+    ("m3module.c",
+     "    PyBuffer_FillInfo(pybuff, (PyObject *)runtime, mem, size, 0, PyBUF_WRITABLE);\n"
      "    return PyMemoryView_FromBuffer(pybuff);\n",
      "    PyBuffer_FillInfo(pybuff, (PyObject *)runtime, mem, size, 0, PyBUF_WRITABLE);\n"
      "    PyObject *view = PyMemoryView_FromBuffer(pybuff);\n"
@@ -62,15 +80,14 @@ EDITS = [
 
 
 def mend(src: Path, version: str) -> None:
-    """Apply EDITS to src/m3module.c and give the package its local version label."""
-    c = src / "m3module.c"
-    text = c.read_text()
-    for before, after in EDITS:
+    """Apply EDITS to the sources and give the package its local version label."""
+    for name, before, after in EDITS:
+        c = src / name
+        text = c.read_text()
         count = text.count(before)
         if count != 1:
             raise SystemExit(f"pywasm3_fix: {c} holds {count} copies of the place to mend, expected 1:\n{before}")
-        text = text.replace(before, after)
-    c.write_text(text)
+        c.write_text(text.replace(before, after))
     for meta in (src / "setup.py", src / "PKG-INFO"):
         old = meta.read_text()
         new = old.replace(f'version      = "{version}"', f'version      = "{version}+{LOCAL_LABEL}"') \

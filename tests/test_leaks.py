@@ -62,3 +62,17 @@ def test_memory_views_do_not_leak(tmp_path_factory):
     for _ in range(200_000):   # 15.7 MB with the unmended binding
         runtime.get_memory(0)
     assert rss_kb() - before < 2048
+
+
+def test_linear_memory_is_not_touched_until_the_module_uses_it(tmp_path_factory):
+    """wasm3 memset() all of a module's linear memory at instantiation: every page resident at each
+    worker start, used or not (requirements/pywasm3_fix.py has it calloc'd). 64 MiB declared, a
+    few pages used: resident memory grows by the pages used, and the memory still reads as zero."""
+    wasm = build_inline_module(tmp_path_factory, "roomy", CALLER, 64 << 10)
+    before = rss_kb()
+    inst = Wasm3Backend().instantiate(wasm, 64 << 10, {})
+    grown = rss_kb() - before
+    memory = inst.memory()
+    assert len(memory) == 64 << 20
+    assert grown < 8 * 1024, f"instantiating a 64 MiB module made {grown} kB resident"
+    assert not any(memory[i] for i in range(0, len(memory), 4096 * 97))   # zero, pages far apart
