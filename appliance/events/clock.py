@@ -25,6 +25,9 @@ from typing import Callable
 MAX_SYNC_ERROR_US = 16_000_000
 _TIMEX_SIZE = 256            # struct timex is 208 bytes on 64-bit Linux; room to spare
 _MAXERROR_OFFSET = 24        # unsigned int modes (+pad), long offset, long freq, long maxerror
+# One array type for the process: ctypes keeps c_char * n types only weakly, so a
+# create_string_buffer per call made a type that died as garbage for the cyclic collector.
+_TIMEX_BUFFER = ctypes.c_char * _TIMEX_SIZE
 
 
 try:
@@ -43,7 +46,7 @@ def _kernel_says_synchronised() -> bool:
         return _last_answer[1]
     answer = False
     if _LIBC is not None:
-        buf = ctypes.create_string_buffer(_TIMEX_SIZE)   # modes = 0: read, change nothing
+        buf = _TIMEX_BUFFER()   # zeroed, modes = 0: read, change nothing
         if _LIBC.adjtimex(buf) >= 0:
             maxerror = ctypes.c_long.from_buffer(buf, _MAXERROR_OFFSET).value
             answer = 0 <= maxerror < MAX_SYNC_ERROR_US
