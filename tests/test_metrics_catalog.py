@@ -57,7 +57,7 @@ def test_promtool_accepts_the_exposition(exposition, tmp_path):
     proc = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
-    for needed in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+    for needed in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_gc_collections_total",
                    'appliance_module_memory_bytes{module="stats"}', 'appliance_module_cpu_seconds_total{module="stats"}',
                    'appliance_module_call_seconds_bucket{le="0.001",module="stats"}'):
         assert needed in exposition, needed
@@ -109,3 +109,22 @@ def test_the_supervisors_memory_by_kind_counts_the_spools_sqlite_cache(tmp_path)
     assert after["sqlite"] - before["sqlite"] > 100_000, (before["sqlite"], after["sqlite"])
     assert after["sqlite"] == pytest.approx(sqlite_memory_used(), rel=0.2)
     spool.close()
+
+
+def test_the_supervisor_collects_reference_cycles_on_its_own_schedule(tmp_path, monkeypatch):
+    """CPython's own full collections come hours apart in a quiet supervisor; the maintenance
+    tick runs one every FULL_COLLECTION_EVERY_S (here 0.1 s, automatic collection off)."""
+    import gc
+    import appliance.core.supervisor as supervisor_mod
+    monkeypatch.setattr(supervisor_mod, "FULL_COLLECTION_EVERY_S", 0.1)
+    monkeypatch.setattr(supervisor_mod, "MAINTENANCE_TICK_S", 0.05)
+    cfg = write_config(tmp_path, {"spindle": sim_source()}, {})
+    sup = Supervisor(cfg)
+    gc.disable()
+    try:
+        before = gc.get_stats()[2]["collections"]
+        sup.start()
+        wait_for(lambda: gc.get_stats()[2]["collections"] >= before + 2, 10, "full collections by the supervisor")
+    finally:
+        sup.stop()
+        gc.enable()

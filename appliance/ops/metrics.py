@@ -7,7 +7,7 @@ names come from the config file, the reasons and kinds from fixed lists in this 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client import ProcessCollector
+from prometheus_client import GCCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import os
@@ -107,6 +107,7 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)   # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        GCCollector(registry=r)        # python_gc_{objects_collected,objects_uncollectable,collections}_total
         r.register(SupervisorMemory())
         self.build = Info("appliance_build", "Version of the appliance software", registry=r)
         self.build.info({"version": __version__})
