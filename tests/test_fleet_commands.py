@@ -146,8 +146,8 @@ def test_the_documented_mosquitto_acls_let_the_fleet_work_and_nothing_more(tmp_p
         intruder = client("gw-acl-1-intruder", "gw-acl-1", "pw1", stolen)
         watch = client("watch", "fleet-operator", "pw-op", seen)
         intruder.publish("factory/gw-acl-2/fleet/desired", b'{"revision": 1}', qos=1, retain=True).wait_for_publish(5)
-        op._publish("factory/gw-acl-2/fleet/cmd", b'{"id": "x", "op": "report"}', retain=False)
-        wait_for(lambda: seen, 10, "the operator's command to gw-acl-2, seen by an operator")
+        watch.publish("factory/gw-acl-2/fleet/cmd", b'{"id": "x", "op": "report"}', qos=1).wait_for_publish(5)
+        wait_for(lambda: seen, 10, "an operator's command to gw-acl-2, seen by an operator")
         time.sleep(0.5)
         assert [t for t, _ in seen] == ["factory/gw-acl-2/fleet/cmd"]   # the intruder's desired state was dropped
         assert stolen == []
