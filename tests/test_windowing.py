@@ -65,3 +65,24 @@ def test_reset_continues_sequence():
     again = run(w, total=20, block=20)
     assert [x.seq for x in first + again] == [0, 1, 2, 3]
     assert int(again[0].data[0, 0]) == 0   # fresh stream after the reset, no leftover frames
+
+
+@pytest.mark.parametrize("hop", [128, 256, 400])
+def test_a_burst_grows_the_buffer_only_until_it_is_cut(hop):
+    """A source that fell behind delivers one large block; the buffer grows for it and gives the
+    memory back once the windows are cut (a kept high-water mark reads as a leak over months),
+    and the windows are the same as without the burst."""
+    def feed(sizes):
+        w, out, index, caps = Windower(size=256, hop=hop, sample_rate=FS), [], 0, []
+        for n in sizes:
+            data = np.vstack([np.arange(index, index + n, dtype=np.float32) + 1e5 * c for c in range(2)])
+            out.extend(w.push(Block(data=data, start_ns=T0 + round(index * 1e9 / FS), index=index)))
+            index += n
+            caps.append(w.buffer_frames)
+        return out, caps
+    steady, steady_caps = feed([64] * 100)
+    burst, caps = feed([64] * 40 + [5000] + [64] * 100)
+    assert caps[40] == caps[-1] == steady_caps[-1] == 256 + max(hop, 64)   # back at once, after the cut
+    assert [w.seq for w in burst[:len(steady)]] == [w.seq for w in steady]
+    for a, b in zip(steady, burst):
+        np.testing.assert_array_equal(a.data, b.data)

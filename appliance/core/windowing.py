@@ -26,6 +26,7 @@ class Windower:
         self.size, self.hop, self.sample_rate = size, hop, sample_rate
         self.channels = channels           # indices into the source's channels; None = all
         self._buf: np.ndarray | None = None
+        self._capacity = 0                 # _buf's frames in the steady state (it grows for a burst)
         self._fill = 0                     # frames held in _buf
         self._buf_index = 0                # absolute index of _buf[:, 0]
         self._skip = 0                     # frames still to discard when hop > size
@@ -36,13 +37,19 @@ class Windower:
     def windows_cut(self) -> int:
         return self._next_seq
 
+    @property
+    def buffer_frames(self) -> int:
+        """Frames the buffer has room for now."""
+        return 0 if self._buf is None else self._buf.shape[1]
+
     def push(self, block: Block) -> list[Window]:
         if block.gap:
             self.reset()   # a window across the gap would mix unrelated samples
         data = block.data if self.channels is None else block.data[self.channels]
         self._ref = (block.index, block.start_ns)
         if self._buf is None:
-            self._buf = np.empty((data.shape[0], self.size + max(self.hop, block.frames)), dtype=np.float32)
+            self._capacity = self.size + max(self.hop, block.frames)
+            self._buf = np.empty((data.shape[0], self._capacity), dtype=np.float32)
             self._buf_index = block.index
         start = 0
         if self._skip:
@@ -73,6 +80,11 @@ class Windower:
             self._buf[:, :remaining] = self._buf[:, consumed:self._fill]
             self._fill = remaining
             self._buf_index += consumed
+        if self._buf.shape[1] > self._capacity and self._fill <= self.size:
+            # A late source's burst grew the buffer; once it is cut, the memory goes back. Kept,
+            # every hiccup's high-water mark would stay for months (the real-time soak saw the
+            # supervisor step up by a buffer and stay there).
+            self._buf = self._buf[:, :self._capacity].copy()
         return windows
 
     def reset(self) -> None:
