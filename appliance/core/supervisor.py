@@ -131,7 +131,8 @@ class Supervisor:
             windower = Windower(mcfg.window.size, mcfg.window.hop_frames, info.sample_rate, picked)
         host = ModuleHost(name, mcfg, cfg.runtime, window_bytes, self.metrics,
                           on_result=self._on_result, on_state=self._on_module_state,
-                          state_dir=cfg.gateway.data_dir / "state")
+                          state_dir=cfg.gateway.data_dir / "state",
+                          cache_dir=cfg.gateway.data_dir / "cache")
         pipe = Pipeline(host, windower, mcfg.source, names)
         host.pipeline = pipe   # results in flight after a reload retired it still find their source
         self.deployer.attach(name, host)

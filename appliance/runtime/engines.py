@@ -1,10 +1,14 @@
-"""Wasm engines behind one small interface, so wasm3 can be swapped (it is in minimal maintenance).
+"""Wasm engines behind one small interface: wasm3 (interpreter, the default) and wasmtime
+(Cranelift JIT, a module's `engine: wasmtime`; docs/engines.md).
 
 An engine loads validated bytes, links the host imports of ABI v1 and calls exports. It runs
 only inside a worker process: a crash, a hang or a leak in it takes down that worker, no more.
 """
 from __future__ import annotations
 
+import ctypes
+import threading
+import time
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -31,6 +35,23 @@ IMPORT_SIGNATURES = {
     ("ap", "img_blobs"): "i(iiiiii)",
     ("ap", "nn_run"): "i(iiiiii)",
 }
+
+
+class EngineTrap(RuntimeError):
+    """A call that the engine stopped: kind 'trap' (the module's own fault) or 'deadline' (the
+    window's time or fuel ran out; the worker carries on with a fresh instance)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"[trap] {message}")
+        self.kind = kind
+
+
+class EngineLoadError(RuntimeError):
+    """The engine could not compile or instantiate the module: kind 'load' or 'memory'."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Instance(ABC):
@@ -89,4 +110,193 @@ class Wasm3Backend(Backend):
         return Wasm3Instance(env, rt, module)
 
 
-BACKENDS: dict[str, type[Backend]] = {"wasm3": Wasm3Backend}
+# ---- wasmtime ------------------------------------------------------------------------------------
+
+_WASMTIME_TYPES = {"i": "i32", "I": "i64", "f": "f32", "F": "f64"}
+INIT_DEADLINE_S = 5.0   # ap_init and the state calls: under the supervisor's 10 s load timeout
+
+
+def wasmtime_func_type(wasmtime, signature: str):
+    """pywasm3's "r(pp)" signature as a wasmtime FuncType."""
+    result, params = signature[0], signature[2:-1]
+    valtype = wasmtime.ValType
+    return wasmtime.FuncType([getattr(valtype, _WASMTIME_TYPES[c])() for c in params],
+                             [] if result == "v" else [getattr(valtype, _WASMTIME_TYPES[result])()])
+
+
+class EpochTicker:
+    """Ends a call that overruns its deadline: a thread that bumps the engine's epoch once the
+    armed deadline passes (the JIT'd code checks the epoch at function entries and loop heads
+    and traps). Python runs no signal handler while native code runs, so a thread it is.
+
+    It sleeps while nothing is armed. A call wakes it only when the new deadline comes before
+    the one it sleeps towards: a window every few ms against a 250 ms deadline costs a wake-up
+    every 250 ms, not two a window."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._until: float | None = None
+        self._sleeping_until: float | None = None   # None: idle, waiting to be armed
+        self._thread = threading.Thread(target=self._run, name="epoch", daemon=True)
+        self._thread.start()
+
+    def arm(self, seconds: float) -> None:
+        with self._cond:
+            self._until = until = time.monotonic() + seconds
+            if self._sleeping_until is None or until < self._sleeping_until:
+                self._cond.notify()
+
+    def disarm(self) -> None:
+        self._until = None   # a plain store: the ticker reads it under its lock when it wakes
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                until = self._until
+                if until is None:
+                    self._sleeping_until = None
+                    self._cond.wait()
+                    continue
+                left = until - time.monotonic()
+                if left > 0:
+                    self._sleeping_until = until
+                    self._cond.wait(left)
+                    continue
+                self._until = None
+                self._engine.increment_epoch()
+
+
+class WasmtimeInstance(Instance):
+    def __init__(self, backend: "WasmtimeBackend", store, instance) -> None:
+        self._backend = backend
+        self._store = store
+        self._exports = instance.exports(store)
+        self._functions: dict = {}
+        memory = self._exports.get("memory")   # ABI v1: exported as "memory" (checked before load)
+        if not isinstance(memory, backend.wasmtime.Memory):
+            raise EngineLoadError("load", "the module exports no memory")
+        # ABI v1 memories never grow (minimum == maximum): the base address holds for the instance's life.
+        size = memory.data_len(store)
+        base = ctypes.addressof(memory.data_ptr(store).contents)
+        self._memory = memoryview((ctypes.c_ubyte * size).from_address(base)).cast("B")
+
+    def call(self, export: str, *args):
+        fn = self._functions.get(export)
+        if fn is None:
+            fn = self._functions[export] = self._exports[export]
+        backend, store = self._backend, self._store
+        if backend.fuel is not None:
+            store.set_fuel(backend.fuel)
+        store.set_epoch_deadline(1)
+        backend.ticker.arm(backend.deadline_s if export == "ap_process" else INIT_DEADLINE_S)
+        try:
+            return fn(store, *args)
+        except backend.wasmtime.Trap as exc:
+            raise backend.trap(exc, export) from None
+        except backend.wasmtime.WasmtimeError as exc:
+            raise EngineTrap("trap", f"{export}: {exc}") from None
+        finally:
+            backend.ticker.disarm()
+
+    def memory(self) -> memoryview:
+        return self._memory
+
+
+class WasmtimeBackend(Backend):
+    """Cranelift-compiled modules. One engine per worker, made after the fork (an engine may
+    start threads for compilation; this one is told not to). The compiled module is kept: a
+    fresh instance after a deadline costs an instantiation, not a compilation.
+
+    artifact: a compiled module from the cache (docs/engines.md); when it does not load, the
+    module is compiled and `artifact_out` holds the new one for the supervisor to keep."""
+
+    name = "wasmtime"
+
+    def __init__(self, *, simd: bool = False, fuel: int | None = None, deadline_s: float = 0.25,
+                 memory_bytes: int = 64 << 20, stack_bytes: int = 512 << 10) -> None:
+        import wasmtime   # imported by the zygote; the engine itself is made here, after the fork
+        self.wasmtime = wasmtime
+        self.fuel, self.deadline_s, self.memory_bytes = fuel, deadline_s, memory_bytes
+        self.engine = wasmtime.Engine(wasmtime_config(wasmtime, simd=simd, fuel=fuel is not None,
+                                                      stack_bytes=stack_bytes))
+        self.ticker = EpochTicker(self.engine)
+        self._module = None
+        self.artifact_out: bytes | None = None
+        self.artifact_note = ""
+
+    def load(self, wasm: bytes, artifact: bytes = b"") -> None:
+        """Deserialize the cached artifact, or compile (and keep the artifact for the cache)."""
+        wt = self.wasmtime
+        if artifact:
+            try:
+                self._module = wt.Module.deserialize(self.engine, artifact)
+                return
+            except wt.WasmtimeError as exc:
+                self.artifact_note = f"cached artifact refused ({str(exc).splitlines()[0][:200]}); compiled again"
+        try:
+            self._module = wt.Module(self.engine, bytes(wasm))
+        except wt.WasmtimeError as exc:
+            raise EngineLoadError("load", f"wasmtime could not compile the module: {str(exc).splitlines()[0]}") \
+                from None
+        self.artifact_out = bytes(self._module.serialize())
+
+    def instantiate(self, wasm: bytes, stack_bytes: int, imports) -> Instance:
+        wt = self.wasmtime
+        if self._module is None:
+            self.load(wasm)
+        store = wt.Store(self.engine)
+        # The worker's memory cap, enforced by wasmtime too: one instance, one memory, one table.
+        store.set_limits(memory_size=self.memory_bytes, instances=1, memories=1, tables=1,
+                         table_elements=1 << 20)
+        linker = wt.Linker(self.engine)
+        wanted = {(imp.module, imp.name) for imp in self._module.imports}
+        for key, fn in imports.items():
+            if key in wanted:
+                linker.define_func(key[0], key[1], wasmtime_func_type(wt, IMPORT_SIGNATURES[key]), fn)
+        if self.fuel is not None:
+            store.set_fuel(self.fuel)
+        store.set_epoch_deadline(1)
+        self.ticker.arm(INIT_DEADLINE_S)   # a start function runs during instantiation
+        try:
+            instance = linker.instantiate(store, self._module)
+        except wt.Trap as exc:
+            raise self.trap(exc, "start") from None
+        except wt.WasmtimeError as exc:
+            text = str(exc).splitlines()[0]
+            kind = "memory" if "memory" in text and ("limit" in text or "exceed" in text) else "load"
+            raise EngineLoadError(kind, f"wasmtime could not instantiate the module: {text}") from None
+        finally:
+            self.ticker.disarm()
+        return WasmtimeInstance(self, store, instance)
+
+    def trap(self, exc, export: str) -> EngineTrap:
+        code = self.wasmtime.TrapCode
+        text = str(exc).splitlines()[0] if str(exc) else "trap"
+        if exc.trap_code == code.INTERRUPT:
+            limit = self.deadline_s if export == "ap_process" else INIT_DEADLINE_S
+            return EngineTrap("deadline", f"{export} ran past its deadline of {limit * 1000:.0f} ms "
+                                          "(stopped by wasmtime's epoch interruption)")
+        if exc.trap_code == code.OUT_OF_FUEL:
+            return EngineTrap("deadline", f"{export} ran out of fuel ({self.fuel} units a call)")
+        return EngineTrap("trap", f"{export}: {text}")
+
+
+def wasmtime_config(wasmtime, *, simd: bool, fuel: bool, stack_bytes: int):
+    """The engine's settings. A compiled artifact holds them: the cache key names them (cache.py)."""
+    cfg = wasmtime.Config()
+    cfg.epoch_interruption = True
+    cfg.consume_fuel = fuel
+    cfg.wasm_simd = simd
+    cfg.wasm_relaxed_simd = False
+    cfg.wasm_threads = False
+    cfg.parallel_compilation = False   # no compiler threads in a worker (RLIMIT_NPROC)
+    # Copy-on-write memory images need memfd_create, which the sandbox refuses: an fd mapped
+    # twice (writable, and executable) would undo the JIT's W^X rule. Data segments are copied.
+    cfg.memory_init_cow = False
+    cfg.cranelift_opt_level = "speed"
+    cfg.max_wasm_stack = max(stack_bytes, 512 << 10)
+    return cfg
+
+
+BACKENDS: dict[str, type[Backend]] = {"wasm3": Wasm3Backend, "wasmtime": WasmtimeBackend}

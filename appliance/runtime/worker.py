@@ -23,7 +23,7 @@ import struct
 import time
 
 from appliance.runtime import sandbox
-from appliance.runtime.engines import BACKENDS
+from appliance.runtime.engines import BACKENDS, EngineLoadError, EngineTrap, WasmtimeBackend
 from appliance.runtime.hostcalls.abi import MAX_LOG_BYTES, MAX_LOGS_PER_CALL, MAX_STATE_BYTES, AbiViolation
 from appliance.runtime.hostcalls import abi
 from appliance.runtime.hostcalls.core import Calls, CoreCalls
@@ -94,9 +94,13 @@ def report_sandbox_violations(sock_fd: int) -> None:
 
 def sandbox_policy(request: dict) -> sandbox.Policy:
     """The supervisor decides what a worker may have beyond nothing: executable mappings for a
-    host_nn module's verified native library (preloaded into a memfd, see preload())."""
+    host_nn module's verified native library (preloaded into a memfd, see preload()); for a
+    wasmtime module, code its JIT made (never writable and executable at once) and one thread
+    (the epoch ticker that ends an overrunning call)."""
     host_nn = bool(request.get("host_nn")) and bool(request.get("module_dir"))
-    return sandbox.Policy(executable_mappings=host_nn, skip=frozenset(request.get("skip_layers", ())))
+    jit = request.get("engine") == "wasmtime"
+    return sandbox.Policy(executable_mappings=host_nn, jit=jit, threads=2 if jit else 1,
+                          skip=frozenset(request.get("skip_layers", ())))
 
 
 def enter_sandbox(request: dict, fds: tuple[int, ...]) -> tuple[sandbox.Report, int, int]:
@@ -129,11 +133,49 @@ def run_forked(request: dict, fds: list[int]) -> int:
             os.close(fd)
         libraries = {}
     return serve(sock, fds[1], fds[2], budget=int(request["memory_budget_bytes"]), footprint=footprint, cap=cap,
-                 report=report, libraries=libraries)
+                 report=report, libraries=libraries, artifact_fd=fds[3] if len(fds) > 3 else -1)
+
+
+def read_all(fd: int) -> bytes:
+    """A memfd's whole content, from its start (without closing it)."""
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def make_backend(load: dict, wasm: bytes, artifact_fd: int):
+    """The module's engine, its code loaded: wasm3 parses at instantiation; wasmtime takes the
+    cached artifact the supervisor handed over (artifact_fd) or compiles, and then leaves the
+    new artifact in that memfd for the supervisor to keep (its length goes in the load reply)."""
+    if load.get("backend") != "wasmtime":
+        return BACKENDS["wasm3"](), {}
+    backend = WasmtimeBackend(simd=bool(load.get("simd")), fuel=load.get("fuel"),
+                              deadline_s=float(load.get("deadline_s", 0.25)),
+                              memory_bytes=int(load["max_memory_bytes"]), stack_bytes=int(load["stack_bytes"]))
+    artifact = read_all(artifact_fd) if artifact_fd >= 0 else b""
+    backend.load(wasm, artifact)
+    news: dict = {}
+    if backend.artifact_out is not None and artifact_fd >= 0:
+        write_all(artifact_fd, backend.artifact_out)
+        news["art"] = len(backend.artifact_out)
+    if backend.artifact_note:
+        news["art_note"] = backend.artifact_note
+    return backend, news
 
 
 def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footprint: int, cap: int,
-          report: sandbox.Report, libraries: dict[str, int]) -> int:
+          report: sandbox.Report, libraries: dict[str, int], artifact_fd: int = -1) -> int:
     shm = mmap.mmap(shm_fd, 0)
     shm_view = memoryview(shm)   # windows are copied from it into linear memory without a bytes copy
     with os.fdopen(wasm_fd, "rb") as f:
@@ -181,14 +223,15 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
         return ptr
 
     try:
-        info = check_module(wasm, load["label"], int(load["max_memory_bytes"]), validated=True)
+        info = check_module(wasm, load["label"], int(load["max_memory_bytes"]), validated=True,
+                            simd=load.get("backend") == "wasmtime" and bool(load.get("simd")))
     except ModuleRejected as exc:
         return fault("load", str(exc))
     except MemoryError:
         return fault("memory", f"out of memory while checking the module ({capped()})")
 
     try:
-        backend = BACKENDS[load["backend"]]()
+        backend, artifact_news = make_backend(load, wasm, artifact_fd)
         imports = CoreCalls(lambda: inst.memory(), calls).imports()
         wanted = {(i.module, i.name) for i in info.imports}
         if wanted & {("ap", name) for name in HostDsp.IMPORTS}:
@@ -238,12 +281,17 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
         return fault("abi", str(exc))
     except MemoryError:
         return fault("memory", f"out of memory while loading ({capped()})")
+    except (EngineTrap, EngineLoadError) as exc:
+        return fault(exc.kind, str(exc))
     except RuntimeError as exc:
         if "allocation failed" in str(exc):
             return fault("memory", f"{exc} ({capped()})")
         return fault("trap" if "[trap]" in str(exc) else "load", str(exc))
     sock.send(json.dumps({"ok": True, "l": calls.logs, "st": state_note, "mem": [footprint, cap],
-                          "sb": report.applied}).encode())
+                          "sb": report.applied, **artifact_news}).encode())
+    # The state a fresh instance resumes from after a deadline (wasmtime): the last one the
+    # supervisor was sent, which is what it would hand a new worker.
+    last_state = base64.b64decode(load["state"]) if load.get("state") and state_note == "accepted" else b""
 
     window_ptrs: dict[int, int] = {}
     sent_names: tuple[str, ...] = ()   # the feature names the supervisor holds
@@ -267,6 +315,25 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
             return fault("abi", str(exc))
         except MemoryError:
             return fault("memory", f"out of memory ({capped()})")
+        except EngineTrap as exc:
+            if exc.kind != "deadline":
+                return fault(exc.kind, str(exc))
+            # Stopped by the engine, not killed: the instance's memory may be half-way through
+            # an update, so a fresh one takes over (the compiled code is kept), from the last
+            # state the supervisor holds; the worker, its pid and its sandbox stay.
+            window_ptrs.clear()
+            calls.reset()
+            try:
+                problem = start_instance()
+                if problem:
+                    return fault(*problem)
+                if last_state and has_state:
+                    restore_state(last_state)
+            except (AbiViolation, EngineTrap, EngineLoadError, MemoryError, RuntimeError) as again:
+                return fault("deadline", f"{exc}; a fresh instance did not start: {again}")
+            sock.send(json.dumps({"fault": "deadline", "error": abi.text(str(exc).encode())[:1000],
+                                  "l": calls.logs, "alive": True}, ensure_ascii=False).encode())
+            continue
         except RuntimeError as exc:
             return fault("trap" if "[trap]" in str(exc) else "engine", str(exc))
         extra: dict = {}
@@ -276,9 +343,12 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
             extra["l"] = calls.logs
         if calls.state_changed and has_state:
             try:
-                extra["s"] = base64.b64encode(state_blob()).decode()
+                last_state = state_blob()
+                extra["s"] = base64.b64encode(last_state).decode()
             except AbiViolation as exc:
                 return fault("abi", str(exc))
+            except EngineTrap as exc:
+                return fault(exc.kind, str(exc))
         names = tuple(calls.features)
         packed_names = b""
         if names != sent_names:
@@ -318,8 +388,8 @@ def run_spare(channel: socket.socket) -> int:
 
 
 def spare_fits(request: dict) -> bool:
-    """A spare runs the default policy: no native library, every layer."""
-    return not request.get("host_nn") and not request.get("skip_layers")
+    """A spare runs the default policy: no native library, no JIT, every layer."""
+    return not request.get("host_nn") and not request.get("skip_layers") and request.get("engine", "wasm3") == "wasm3"
 
 
 # A module with one exported function `f` returning 7 and a one-page memory: enough to take wasm3,

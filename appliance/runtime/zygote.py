@@ -9,9 +9,10 @@ Requests and answers are JSON datagrams; file descriptors travel as SCM_RIGHTS:
                         already in its sandbox (worker.run_spare); the supervisor starts a module
                         by sending {"op": "fork", ...} + the module's fds down that channel, then
                         asks for the next spare with {"op": "spare"}
-  supervisor -> zygote  {"op": "fork", "name", "memory_budget_bytes", "host_nn", "module_dir"} + fds
-                        (worker socket, window memfd, module memfd): a worker forked for a request
-                        a spare cannot serve (a host_nn module's native library is read first)
+  supervisor -> zygote  {"op": "fork", "name", "memory_budget_bytes", "host_nn", "module_dir", "engine"}
+                        + fds (worker socket, window memfd, module memfd[, wasmtime's artifact memfd]):
+                        a worker forked for a request a spare cannot serve (a host_nn module's native
+                        library is read first; a wasmtime module's sandbox allows its JIT)
   zygote -> supervisor  {"pid": n} + a pidfd of the worker, or {"error": text}
                         {"exit": pid, "status": wait status}   when a worker ends (it reaps them)
 
@@ -60,6 +61,7 @@ def preload() -> list[str]:
     os.environ.update(ONE_THREAD)   # before numpy and OpenCV load, whatever the environment said
     import numpy as np
     import wasm3  # noqa: F401
+    import wasmtime  # noqa: F401  (its library and its ctypes callbacks; engines are made after the fork)
     from appliance.runtime import worker  # noqa: F401
     from appliance.runtime.hostcalls import dsp, nn  # noqa: F401
     from appliance.runtime.sandbox import seccomp
@@ -162,7 +164,7 @@ def _serve(control: socket.socket, wake_r: int, wake_w: int, children: set[int])
             if request.get("op") == "spare":
                 hand_over_a_spare()
                 continue
-            if request.get("op") != "fork" or len(fds) != 3:
+            if request.get("op") != "fork" or len(fds) not in (3, 4):
                 raise ValueError(f"unexpected request {str(request)[:80]} with {len(fds)} fds")
             pid = _fork_child(lambda: worker.run_forked(request, fds), [control, wake_r, wake_w])
             children.add(pid)
