@@ -279,7 +279,16 @@ class WasmtimeBackend(Backend):
                                           "(stopped by wasmtime's epoch interruption)")
         if exc.trap_code == code.OUT_OF_FUEL:
             return EngineTrap("deadline", f"{export} ran out of fuel ({self.fuel} units a call)")
-        return EngineTrap("trap", f"{export}: {text}")
+        if exc.trap_code is not None:   # in wasm3's words, so a trap reads the same on both engines
+            text = _TRAP_TEXT.get(exc.trap_code.name, exc.trap_code.name.lower().replace("_", " "))
+        return EngineTrap("trap", f"{text} (in {export})")
+
+
+_TRAP_TEXT = {"STACK_OVERFLOW": "stack overflow", "MEMORY_OUT_OF_BOUNDS": "out of bounds memory access",
+              "INTEGER_DIVISION_BY_ZERO": "integer divide by zero", "UNREACHABLE": "unreachable executed",
+              "INTEGER_OVERFLOW": "integer overflow", "BAD_CONVERSION_TO_INTEGER": "invalid conversion to integer",
+              "INDIRECT_CALL_TO_NULL": "indirect call to a null table entry",
+              "BAD_SIGNATURE": "indirect call signature mismatch", "TABLE_OUT_OF_BOUNDS": "undefined table element"}
 
 
 def wasmtime_config(wasmtime, *, simd: bool, fuel: bool, stack_bytes: int):
