@@ -31,13 +31,18 @@ ENGINES = ("wasm3", "wasmtime")
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory) -> dict[str, bytes]:
+def shipped(tmp_path_factory) -> dict[str, tuple[bytes, bytes]]:
+    """Each shipped module's build and its SIMD build (what `make modules` writes)."""
     out = tmp_path_factory.mktemp("shipped")
     built = {}
     for name in ("vibstats", "bearing", "motion", "process"):
-        result = build_module(REPO / "modules" / "src" / name, out / f"{name}.wasm")
-        assert result.ok, result.problems
-        built[name] = result.out.read_bytes()
+        pair = []
+        for simd in (False, True):
+            result = build_module(REPO / "modules" / "src" / name, out / f"{name}{'.simd' if simd else ''}.wasm",
+                                  simd=simd)
+            assert result.ok, result.problems
+            pair.append(result.out.read_bytes())
+        built[name] = tuple(pair)
     return built
 
 
@@ -75,8 +80,9 @@ CASES = {
 }
 
 
-def run(wasm: bytes, engine: str, params: str, windows, shm: int, deadline_s: float = 10.0) -> list[dict]:
-    worker = WorkerProcess("parity", wasm, shm, load_message("m.wasm", params, backend=engine))
+def run(wasm: bytes, engine: str, params: str, windows, shm: int, deadline_s: float = 10.0,
+        simd: bool = False) -> list[dict]:
+    worker = WorkerProcess("parity", wasm, shm, load_message("m.wasm", params, backend=engine, simd=simd))
     try:
         return [worker.process(header, data, deadline_s) for header, data in windows]
     finally:
@@ -90,10 +96,16 @@ def test_shipped_modules_agree_on_both_engines(shipped, module, host_dsp):
     params, windows, shm = CASES[module]
     text = params + f"host.dsp={host_dsp}\n"
     data = windows()
-    replies = {engine: run(shipped[module], engine, text, data, shm) for engine in ENGINES}
-    a, b = replies["wasm3"], replies["wasmtime"]
-    assert len(a) == len(b) == len(data)
-    events = 0
+    plain, simd = shipped[module]
+    a = run(plain, "wasm3", text, data, shm)
+    events = sum(len(x["e"]) for x in a)
+    assert events > 0 or module == "bearing", f"{module}: the data raised no event, so events were not compared"
+    for b in (run(plain, "wasmtime", text, data, shm), run(simd, "wasmtime", text, data, shm, simd=True)):
+        assert_same(module, a, b)
+
+
+def assert_same(module: str, a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
     for seq, (x, y) in enumerate(zip(a, b)):
         assert x["rc"] == y["rc"], seq
         assert list(x["f"]) == list(y["f"]), seq
@@ -101,8 +113,6 @@ def test_shipped_modules_agree_on_both_engines(shipped, module, host_dsp):
                                    err_msg=f"{module} window {seq}")
         assert [(s, m) for s, _, m in x["e"]] == [(s, m) for s, _, m in y["e"]], seq
         np.testing.assert_allclose([sc for _, sc, _ in y["e"]], [sc for _, sc, _ in x["e"]], rtol=1e-6)
-        events += len(x["e"])
-    assert events > 0 or module == "bearing", f"{module}: the data raised no event, so events were not compared"
 
 
 # What each hostile module is counted as, per engine. wasm3 segfaults on deep recursion and deep
