@@ -57,10 +57,12 @@ def bench_windows(channels: int, fault: bool = False) -> list[np.ndarray]:
     return wins
 
 
-def worker_rate(wasm: bytes, host_dsp: bool, channels: int, n: int, fault: bool = False) -> float:
+def worker_rate(wasm: bytes, host_dsp: bool, channels: int, n: int, fault: bool = False,
+                engine: str = "wasm3", simd: bool = False) -> float:
     healthy, wins = bench_windows(channels), bench_windows(channels, fault)
-    worker = WorkerProcess("bench", wasm, HEADER.size + wins[0].nbytes, load_message("bearing.wasm",
-                                                                                      params_text(host_dsp)))
+    worker = WorkerProcess("bench", wasm, HEADER.size + wins[0].nbytes, load_message("bearing.wasm" if not simd else "bearing.simd.wasm",
+                                                                                      params_text(host_dsp),
+                                                                                      backend=engine, simd=simd))
     try:
         def run(count, first, windows):
             for seq in range(first, first + count):

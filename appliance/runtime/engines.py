@@ -6,7 +6,6 @@ only inside a worker process: a crash, a hang or a leak in it takes down that wo
 """
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -112,16 +111,7 @@ class Wasm3Backend(Backend):
 
 # ---- wasmtime ------------------------------------------------------------------------------------
 
-_WASMTIME_TYPES = {"i": "i32", "I": "i64", "f": "f32", "F": "f64"}
 INIT_DEADLINE_S = 5.0   # ap_init and the state calls: under the supervisor's 10 s load timeout
-
-
-def wasmtime_func_type(wasmtime, signature: str):
-    """pywasm3's "r(pp)" signature as a wasmtime FuncType."""
-    result, params = signature[0], signature[2:-1]
-    valtype = wasmtime.ValType
-    return wasmtime.FuncType([getattr(valtype, _WASMTIME_TYPES[c])() for c in params],
-                             [] if result == "v" else [getattr(valtype, _WASMTIME_TYPES[result])()])
 
 
 class EpochTicker:
@@ -168,34 +158,34 @@ class EpochTicker:
 
 
 class WasmtimeInstance(Instance):
-    def __init__(self, backend: "WasmtimeBackend", store, instance) -> None:
+    def __init__(self, backend: "WasmtimeBackend", store, context: int, instance) -> None:
+        c = backend.c
         self._backend = backend
-        self._store = store
-        self._exports = instance.exports(store)
+        self._store = store   # keep alive: the context and the instance belong to it
+        self._context = context
+        self._instance = instance
         self._functions: dict = {}
-        memory = self._exports.get("memory")   # ABI v1: exported as "memory" (checked before load)
-        if not isinstance(memory, backend.wasmtime.Memory):
-            raise EngineLoadError("load", "the module exports no memory")
-        # ABI v1 memories never grow (minimum == maximum): the base address holds for the instance's life.
-        size = memory.data_len(store)
-        base = ctypes.addressof(memory.data_ptr(store).contents)
-        self._memory = memoryview((ctypes.c_ubyte * size).from_address(base)).cast("B")
+        try:
+            # ABI v1: exported as "memory" (checked before load); it never grows, so the base holds.
+            self._memory = c.memory_view(context, c.export(context, instance, "memory"))
+        except KeyError:
+            raise EngineLoadError("load", "the module exports no memory") from None
 
     def call(self, export: str, *args):
+        backend = self._backend
         fn = self._functions.get(export)
         if fn is None:
-            fn = self._functions[export] = self._exports[export]
-        backend, store = self._backend, self._store
+            params, results = backend.export_types[export]
+            fn = self._functions[export] = backend.c.Export(self._context, backend.c.export(
+                self._context, self._instance, export), params, results)
         if backend.fuel is not None:
-            store.set_fuel(backend.fuel)
-        store.set_epoch_deadline(1)
+            self._store.set_fuel(backend.fuel)
+        backend.c.set_epoch_deadline(self._context, 1)
         backend.ticker.arm(backend.deadline_s if export == "ap_process" else INIT_DEADLINE_S)
         try:
-            return fn(store, *args)
-        except backend.wasmtime.Trap as exc:
+            return fn(*args)
+        except backend.c.CallError as exc:
             raise backend.trap(exc, export) from None
-        except backend.wasmtime.WasmtimeError as exc:
-            raise EngineTrap("trap", f"{export}: {exc}") from None
         finally:
             backend.ticker.disarm()
 
@@ -203,12 +193,16 @@ class WasmtimeInstance(Instance):
         return self._memory
 
 
+_KINDS = {"i32": "i", "i64": "I", "f32": "f", "f64": "F"}
+
+
 class WasmtimeBackend(Backend):
     """Cranelift-compiled modules. One engine per worker, made after the fork (an engine may
     start threads for compilation; this one is told not to). The compiled module is kept: a
-    fresh instance after a deadline costs an instantiation, not a compilation.
+    fresh instance after a deadline costs an instantiation, not a compilation. Calls go through
+    wasmtime_c (the C API's unchecked calls): wasmtime-py's own cost more than the module.
 
-    artifact: a compiled module from the cache (docs/engines.md); when it does not load, the
+    load(): a compiled artifact from the cache (docs/engines.md); when it does not load, the
     module is compiled and `artifact_out` holds the new one for the supervisor to keep."""
 
     name = "wasmtime"
@@ -216,11 +210,15 @@ class WasmtimeBackend(Backend):
     def __init__(self, *, simd: bool = False, fuel: int | None = None, deadline_s: float = 0.25,
                  memory_bytes: int = 64 << 20, stack_bytes: int = 512 << 10) -> None:
         import wasmtime   # imported by the zygote; the engine itself is made here, after the fork
-        self.wasmtime = wasmtime
+        from appliance.runtime import wasmtime_c
+        self.wasmtime, self.c = wasmtime, wasmtime_c
         self.fuel, self.deadline_s, self.memory_bytes = fuel, deadline_s, memory_bytes
         self.engine = wasmtime.Engine(wasmtime_config(wasmtime, simd=simd, fuel=fuel is not None,
                                                       stack_bytes=stack_bytes))
         self.ticker = EpochTicker(self.engine)
+        self.host = wasmtime_c.HostTable()
+        wasmtime_c.install_table(self.host)
+        self.export_types: dict[str, tuple[str, str]] = {}
         self._module = None
         self.artifact_out: bytes | None = None
         self.artifact_note = ""
@@ -228,18 +226,24 @@ class WasmtimeBackend(Backend):
     def load(self, wasm: bytes, artifact: bytes = b"") -> None:
         """Deserialize the cached artifact, or compile (and keep the artifact for the cache)."""
         wt = self.wasmtime
+        module = None
         if artifact:
             try:
-                self._module = wt.Module.deserialize(self.engine, artifact)
-                return
+                module = wt.Module.deserialize(self.engine, artifact)
             except wt.WasmtimeError as exc:
                 self.artifact_note = f"cached artifact refused ({str(exc).splitlines()[0][:200]}); compiled again"
-        try:
-            self._module = wt.Module(self.engine, bytes(wasm))
-        except wt.WasmtimeError as exc:
-            raise EngineLoadError("load", f"wasmtime could not compile the module: {str(exc).splitlines()[0]}") \
-                from None
-        self.artifact_out = bytes(self._module.serialize())
+        if module is None:
+            try:
+                module = wt.Module(self.engine, bytes(wasm))
+            except wt.WasmtimeError as exc:
+                raise EngineLoadError("load", f"wasmtime could not compile the module: {str(exc).splitlines()[0]}") \
+                    from None
+            self.artifact_out = bytes(module.serialize())
+        for ex in module.exports:
+            if isinstance(ex.type, wt.FuncType):
+                self.export_types[ex.name] = ("".join(_KINDS[str(t)] for t in ex.type.params),
+                                              "".join(_KINDS[str(t)] for t in ex.type.results))
+        self._module = module
 
     def instantiate(self, wasm: bytes, stack_bytes: int, imports) -> Instance:
         wt = self.wasmtime
@@ -249,38 +253,40 @@ class WasmtimeBackend(Backend):
         # The worker's memory cap, enforced by wasmtime too: one instance, one memory, one table.
         store.set_limits(memory_size=self.memory_bytes, instances=1, memories=1, tables=1,
                          table_elements=1 << 20)
-        linker = wt.Linker(self.engine)
         wanted = {(imp.module, imp.name) for imp in self._module.imports}
-        for key, fn in imports.items():
-            if key in wanted:
-                linker.define_func(key[0], key[1], wasmtime_func_type(wt, IMPORT_SIGNATURES[key]), fn)
+        linked = {key: (fn, IMPORT_SIGNATURES[key]) for key, fn in imports.items() if key in wanted}
         if self.fuel is not None:
             store.set_fuel(self.fuel)
         store.set_epoch_deadline(1)
         self.ticker.arm(INIT_DEADLINE_S)   # a start function runs during instantiation
         try:
-            instance = linker.instantiate(store, self._module)
-        except wt.Trap as exc:
-            raise self.trap(exc, "start") from None
-        except wt.WasmtimeError as exc:
-            text = str(exc).splitlines()[0]
+            context, instance = self.c.link_and_instantiate(self.engine, store, self._module, linked, self.host)
+        except self.c.CallError as exc:
+            if exc.code is not None:
+                raise self.trap(exc, "start") from None
+            text = str(exc).splitlines()[0] if str(exc) else "instantiation failed"
             kind = "memory" if "memory" in text and ("limit" in text or "exceed" in text) else "load"
             raise EngineLoadError(kind, f"wasmtime could not instantiate the module: {text}") from None
         finally:
             self.ticker.disarm()
-        return WasmtimeInstance(self, store, instance)
+        return WasmtimeInstance(self, store, context, instance)
 
-    def trap(self, exc, export: str) -> EngineTrap:
-        code = self.wasmtime.TrapCode
-        text = str(exc).splitlines()[0] if str(exc) else "trap"
-        if exc.trap_code == code.INTERRUPT:
+    def trap(self, exc, export: str) -> Exception:
+        """What a call that did not return becomes: a host call's own exception (AbiViolation,
+        MemoryError) raised again, or an EngineTrap."""
+        if self.host.pending is not None:
+            pending, self.host.pending = self.host.pending, None
+            return pending
+        names = {v.value: k for k, v in self.wasmtime.TrapCode.__members__.items()}
+        code = names.get(exc.code)
+        if code == "INTERRUPT":
             limit = self.deadline_s if export == "ap_process" else INIT_DEADLINE_S
             return EngineTrap("deadline", f"{export} ran past its deadline of {limit * 1000:.0f} ms "
                                           "(stopped by wasmtime's epoch interruption)")
-        if exc.trap_code == code.OUT_OF_FUEL:
+        if code == "OUT_OF_FUEL":
             return EngineTrap("deadline", f"{export} ran out of fuel ({self.fuel} units a call)")
-        if exc.trap_code is not None:   # in wasm3's words, so a trap reads the same on both engines
-            text = _TRAP_TEXT.get(exc.trap_code.name, exc.trap_code.name.lower().replace("_", " "))
+        # In wasm3's words, so a trap reads the same on both engines.
+        text = _TRAP_TEXT.get(code, code.lower().replace("_", " ")) if code else (str(exc).splitlines() or ["trap"])[0]
         return EngineTrap("trap", f"{text} (in {export})")
 
 

@@ -62,6 +62,7 @@ def preload() -> list[str]:
     import numpy as np
     import wasm3  # noqa: F401
     import wasmtime  # noqa: F401  (its library and its ctypes callbacks; engines are made after the fork)
+    from appliance.runtime import wasmtime_c  # noqa: F401  (its host-call trampoline: a ctypes callback)
     from appliance.runtime import worker  # noqa: F401
     from appliance.runtime.hostcalls import dsp, nn  # noqa: F401
     from appliance.runtime.sandbox import seccomp
