@@ -365,17 +365,25 @@ def name_process(name: str) -> None:
     _prctl(PR_SET_NAME, f"ap:{name}".encode()[:15], 0, 0, 0)
 
 
-def run_spare(channel: socket.socket) -> int:
-    """A worker forked ahead of need: it enters the default sandbox at once, then waits for its
+SPARE_KINDS = ("wasm3", "wasmtime")
+
+
+def spare_policy(kind: str) -> sandbox.Policy:
+    """A spare's sandbox: the default, or a wasmtime worker's (sandbox_policy, for its engine)."""
+    return sandbox_policy({"engine": kind})
+
+
+def run_spare(channel: socket.socket, kind: str = "wasm3") -> int:
+    """A worker forked ahead of need: it enters its kind's sandbox at once, then waits for its
     request and file descriptors on `channel` (from the zygote). A module's start then costs no
     fork and no sandbox set-up, only the module's own load."""
     name_process("spare")
     footprint = private_memory_bytes()   # before the sandbox: /proc is shut afterwards
     report_sandbox_violations(channel.fileno())
-    report = sandbox.enter(sandbox.Policy(), (channel.fileno(),))
-    _warm_up()
+    report = sandbox.enter(spare_policy(kind), (channel.fileno(),))
+    _warm_up(kind)
     data, fds, _, _ = socket.recv_fds(channel, 65536, 4)
-    if not data or len(fds) != 3:
+    if not data or len(fds) != (4 if kind == "wasmtime" else 3):
         return 0   # the zygote is gone (or asked nothing): never used
     channel.close()
     request = json.loads(data)
@@ -384,12 +392,17 @@ def run_spare(channel: socket.socket) -> int:
     budget = int(request["memory_budget_bytes"])
     footprint, cap = cap_memory(budget, footprint=footprint)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])   # family given: no syscall to ask
-    return serve(sock, fds[1], fds[2], budget=budget, footprint=footprint, cap=cap, report=report, libraries={})
+    return serve(sock, fds[1], fds[2], budget=budget, footprint=footprint, cap=cap, report=report, libraries={},
+                 artifact_fd=fds[3] if len(fds) > 3 else -1)
 
 
-def spare_fits(request: dict) -> bool:
-    """A spare runs the default policy: no native library, no JIT, every layer."""
-    return not request.get("host_nn") and not request.get("skip_layers") and request.get("engine", "wasm3") == "wasm3"
+def spare_kind(request: dict) -> str | None:
+    """The spare that can serve a request (its engine's sandbox, every layer, no native library),
+    or None: fork one for it."""
+    if request.get("host_nn") or request.get("skip_layers"):
+        return None
+    engine = request.get("engine", "wasm3")
+    return engine if engine in SPARE_KINDS else None
 
 
 # A module with one exported function `f` returning 7 and a one-page memory: enough to take wasm3,
@@ -398,15 +411,26 @@ _WARM_UP_MODULE = bytes.fromhex("0061736d01000000010501600001 7f0302010005030100
                                 .replace(" ", ""))
 
 
-def _warm_up() -> None:
+def _warm_up(kind: str = "wasm3") -> None:
     """Run once, in a spare, what every module start runs: the pages this touches are copied from
-    the zygote now (copy-on-write) instead of during a module's start."""
+    the zygote now (copy-on-write) instead of during a module's start. A wasmtime spare makes an
+    engine and compiles the little module: wasmtime's one-time set-up (its signal handlers, CPU
+    features) is done before a module waits for it (no epoch thread: the module's engine has it)."""
     from appliance.runtime.wasm_binary import WasmFormatError, parse
     try:
         parse(_WARM_UP_MODULE)
-        instance = BACKENDS["wasm3"]().instantiate(_WARM_UP_MODULE, 64 << 10, {})
-        instance.call("f")
+        if kind == "wasmtime":
+            import wasmtime
+            from appliance.runtime.engines import wasmtime_config
+            engine = wasmtime.Engine(wasmtime_config(wasmtime, simd=True, fuel=False, stack_bytes=0))
+            module = wasmtime.Module(engine, _WARM_UP_MODULE)
+            wasmtime.Module.deserialize(engine, module.serialize())
+        else:
+            instance = BACKENDS["wasm3"]().instantiate(_WARM_UP_MODULE, 64 << 10, {})
+            instance.call("f")
     except (WasmFormatError, RuntimeError):
+        pass
+    except Exception:   # noqa: BLE001 (a warm-up: the module's own start reports what fails)
         pass
     CoreCalls(lambda: memoryview(b""), Calls()).imports()
     HostDsp(lambda: memoryview(b""), AbiViolation).imports()
