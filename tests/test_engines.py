@@ -428,3 +428,31 @@ def test_the_zygote_stays_single_threaded_with_wasmtime_imported():
             "print(threading.active_count(), len(os.listdir('/proc/self/task')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["1", "1"], out.stderr
+
+
+# ---- the compiled models --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from appliance_tools.evaluation import nn as evaluation_nn
+    return evaluation_nn.build(tmp_path_factory.mktemp("nn-models"), native=False)
+
+
+def model_inputs(name: str):
+    rng = np.random.default_rng(7)
+    if name.startswith("people"):   # 96x96 gray frames, one a window
+        return [(pack_header(1, 96 * 96, 10.0, i, start_ns=int(i * 1e8), sample_format=2, width=96, height=96),
+                 rng.integers(0, 256, (1, 96 * 96), dtype=np.uint8)) for i in range(6)], HEADER.size + 96 * 96
+    return [(pack_header(1, 1024, 12000.0, i), (0.1 * rng.standard_normal((1, 1024))).astype(np.float32))
+            for i in range(6)], HEADER.size + 4 * 1024
+
+
+@pytest.mark.parametrize("name", ["bearing_cnn", "bearing_cnn_int8", "people_cnn", "people_cnn_int8"])
+def test_compiled_models_agree_on_both_engines(models, name):
+    windows, shm = model_inputs(name)
+    wasm = models[name].read_bytes()
+    a = run(wasm, "wasm3", "", windows, shm)
+    b = run(wasm, "wasmtime", "", windows, shm)
+    assert all(x["rc"] == 0 for x in a), a[0]
+    assert a[0]["f"], "the model emitted no features"
+    assert_same(name, a, b)
