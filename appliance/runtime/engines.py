@@ -265,7 +265,8 @@ class WasmtimeBackend(Backend):
             if exc.code is not None:
                 raise self.trap(exc, "start") from None
             text = str(exc).splitlines()[0] if str(exc) else "instantiation failed"
-            kind = "memory" if "memory" in text and ("limit" in text or "exceed" in text) else "load"
+            # Out of memory: the store's limit, or the worker's RLIMIT_DATA (ENOMEM, os error 12).
+            kind = "memory" if any(w in text for w in ("limit", "exceed", "os error 12")) and "memory" in text else "load"
             raise EngineLoadError(kind, f"wasmtime could not instantiate the module: {text}") from None
         finally:
             self.ticker.disarm()

@@ -282,7 +282,7 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
     except MemoryError:
         return fault("memory", f"out of memory while loading ({capped()})")
     except (EngineTrap, EngineLoadError) as exc:
-        return fault(exc.kind, str(exc))
+        return fault(exc.kind, f"{exc} ({capped()})" if exc.kind == "memory" else str(exc))
     except RuntimeError as exc:
         if "allocation failed" in str(exc):
             return fault("memory", f"{exc} ({capped()})")
