@@ -27,6 +27,7 @@ from appliance.ops.metrics import Metrics, SourceCounters, WorkerResources
 from appliance.ops.system import in_test_rig
 from appliance.runtime import zygote
 from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState, severity_name
+from appliance.runtime.process import deadline_grace_s
 from appliance.core.windowing import FrameWindower, Window, Windower
 from hal.registry import open_source
 from hal.source import Health, Source
@@ -630,7 +631,8 @@ class Supervisor:
                 problems.append(f"maintenance thread silent for {age:.0f} s")
         for name, host in list(self.modules.items()):
             stuck = host.hung_for()
-            if stuck > HANG_AFTER_S + host.cfg.deadline_ms / 1000:
+            deadline = host.cfg.deadline_ms / 1000
+            if stuck > HANG_AFTER_S + deadline + deadline_grace_s(deadline):   # wasmtime's window may run past it
                 problems.append(f"module {name} dispatcher stuck for {stuck:.0f} s")
         return problems
 
