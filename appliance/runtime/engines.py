@@ -255,6 +255,7 @@ class WasmtimeBackend(Backend):
                          table_elements=1 << 20)
         wanted = {(imp.module, imp.name) for imp in self._module.imports}
         linked = {key: (fn, IMPORT_SIGNATURES[key]) for key, fn in imports.items() if key in wanted}
+        self.host.clear()   # the previous instance (if any) is dropped: its host functions with it
         if self.fuel is not None:
             store.set_fuel(self.fuel)
         store.set_epoch_deadline(1)

@@ -114,11 +114,17 @@ def raise_trap(trap: int) -> None:
 
 class HostTable:
     """The host functions of one worker, by index (the callback's env): fn, param kinds, result kind.
-    A Python exception in one is kept here and raised again once the wasm call has unwound."""
+    A Python exception in one is kept here and raised again once the wasm call has unwound.
+    One table a process (install_table): a worker has one engine, and one instance at a time."""
 
     def __init__(self) -> None:
         self.entries: list[tuple[Callable, struct.Struct, struct.Struct | None]] = []
         self.pending: BaseException | None = None
+
+    def clear(self) -> None:
+        """A new instance replaces the old one (after a deadline): its functions replace the old ones."""
+        self.entries.clear()
+        self.pending = None
 
     def add(self, fn: Callable, signature: str) -> int:
         """signature: pywasm3's "r(pp)" (engines.IMPORT_SIGNATURES)."""
