@@ -4,6 +4,8 @@ ends the call and the worker lives on (same pid), fuel, compiled artifacts cache
 when damaged, the SIMD build beside a module, and the sandbox's JIT exception."""
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 import subprocess
 import sys
@@ -278,6 +280,41 @@ def test_an_artifact_wasmtime_refuses_is_compiled_again_and_replaced(tmp_path, v
     assert worker.artifact_note == "compiled (cache entry refused)"
     assert "cached artifact refused" in caplog.text
     assert start(wasm, cache).artifact_note == "cached"
+
+
+def test_only_a_sealed_artifact_of_a_sane_length_is_taken_from_a_worker():
+    """The artifact memfd is the worker's to write: the supervisor takes its bytes only once the
+    worker sealed it (before any guest code ran), and only of a length that fits."""
+    from appliance.runtime.process import sealed_memfd, take_artifact
+    from appliance.runtime.wire import ARTIFACT_SEALS, MAX_ARTIFACT_BYTES
+    body = b"compiled code" * 100
+    fd = sealed_memfd("art", body, 0, 0)   # as the supervisor hands it over: writable, unsealed
+    try:
+        data, why = take_artifact(fd, len(body))
+        assert data is None and "did not seal" in why   # a module could still be writing it
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARTIFACT_SEALS)
+        assert take_artifact(fd, len(body)) == (body, "")
+        assert take_artifact(fd, 10) == (body[:10], "")
+        for length in (-1, 0, len(body) + 1, MAX_ARTIFACT_BYTES + 1, True, "12", 1.5, None):
+            data, why = take_artifact(fd, length)
+            assert data is None and why, length
+    finally:
+        os.close(fd)
+
+
+def test_a_worker_seals_the_artifact_it_hands_over(tmp_path, vibstats_wasm, monkeypatch):
+    from appliance.runtime import process
+    seen = []
+    real = process.take_artifact
+
+    def spy(fd, length):
+        seen.append(fcntl.fcntl(fd, fcntl.F_GET_SEALS))
+        return real(fd, length)
+    monkeypatch.setattr(process, "take_artifact", spy)
+    assert start(vibstats_wasm.read_bytes(), ArtifactCache(tmp_path / "cache")).artifact_note == "compiled"
+    from appliance.runtime.wire import ARTIFACT_SEALS
+    assert seen and seen[0] & ARTIFACT_SEALS == ARTIFACT_SEALS
+    assert len(list((tmp_path / "cache").glob("*.cwasm"))) == 1
 
 
 # ---- the SIMD build beside a module --------------------------------------------------------------

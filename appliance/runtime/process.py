@@ -18,7 +18,7 @@ import numpy as np
 from appliance.runtime import zygote
 from appliance.runtime.artifacts import ArtifactCache
 from appliance.runtime.validate import ModuleRejected, wasm_validate_once
-from appliance.runtime.wire import REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
+from appliance.runtime.wire import ARTIFACT_SEALS, MAX_ARTIFACT_BYTES, REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
 
 log = logging.getLogger("appliance.module")
 
@@ -73,6 +73,26 @@ def sealed_memfd(name: str, data: bytes | None, size: int, seals: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def take_artifact(fd: int, length) -> tuple[bytes | None, str]:
+    """The artifact a worker compiled, from its memfd: (bytes, "") or (None, why not). Only from
+    a memfd the worker sealed before any guest code ran (ARTIFACT_SEALS), and of a length that
+    fits the memfd and MAX_ARTIFACT_BYTES: the length comes from the worker, which may be a
+    module's by then."""
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= MAX_ARTIFACT_BYTES:
+        return None, f"an artifact length of {str(length)[:40]!r}"
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        size = os.fstat(fd).st_size
+        if seals & ARTIFACT_SEALS != ARTIFACT_SEALS:
+            return None, "an artifact in a memfd the worker did not seal before running the module"
+        if length > size:
+            return None, f"an artifact length of {length} in a memfd of {size} bytes"
+        data = os.pread(fd, length, 0)
+    except OSError as exc:
+        return None, f"an artifact that cannot be read ({exc.strerror or exc})"
+    return (data, "") if len(data) == length else (None, "a short artifact")
 
 
 class WorkerProcess:
@@ -148,7 +168,11 @@ class WorkerProcess:
                 log.warning("module %s: wasmtime %s", name, reply["art_note"])
                 self.artifact_note = "compiled (cache entry refused)"
             if "art" in reply and artifact_cache is not None and art_key:
-                artifact_cache.put(art_key, os.pread(art_fd, int(reply["art"]), 0))
+                artifact, refused = take_artifact(art_fd, reply["art"])
+                if artifact is None:
+                    log.warning("module %s: its worker handed over %s: not cached", name, refused)
+                else:
+                    artifact_cache.put(art_key, artifact)
         finally:
             if art_fd >= 0:
                 os.close(art_fd)

@@ -22,6 +22,7 @@ Protocol (one datagram per message):
 from __future__ import annotations
 
 import base64
+import fcntl
 import struct
 
 import numpy as np
@@ -32,6 +33,10 @@ WINDOW_MAGIC = 0x31575041
 # Window reply header: b"R", rc, ns, logs dropped, features, names bytes, JSON bytes.
 REPLY = struct.Struct("<1siqIIII")
 SANDBOX_VIOLATION = struct.Struct("<1si")
+# A wasmtime worker seals the memfd of the artifact it compiled before any guest code runs; the
+# supervisor caches an artifact only from a memfd so sealed (process.take_artifact).
+ARTIFACT_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+MAX_ARTIFACT_BYTES = 256 << 20   # far above any ABI v1 module's (16 MiB of wasm at most)
 SOCKET_BUFFER = 1 << 20   # > the largest reply the limits of ABI v1 allow (~170 KB)
 
 

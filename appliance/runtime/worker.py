@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import fcntl
 import json
 import mmap
 import os
@@ -30,7 +31,7 @@ from appliance.runtime.hostcalls.core import Calls, CoreCalls
 from appliance.runtime.hostcalls.dsp import HostDsp
 from appliance.runtime.hostcalls.image import HostImage
 from appliance.runtime.validate import ModuleRejected, check_module
-from appliance.runtime.wire import REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
+from appliance.runtime.wire import ARTIFACT_SEALS, REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
 
 SANDBOX_EXIT = 159   # the worker's exit status after a system call outside its allow-list
 _SIGNAL_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
@@ -154,6 +155,15 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def seal_artifact(fd: int, data: bytes) -> None:
+    """Write the new artifact and seal the memfd (no write, no resize, no unsealing) before any
+    guest code runs: what the supervisor caches is what the compiler produced, not what a module
+    that took over its worker in ap_init could write there later (process.take_artifact checks
+    the seals)."""
+    write_all(fd, data)   # (a longer refused entry's tail may stay: the reply gives the length)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARTIFACT_SEALS)
+
+
 def make_backend(load: dict, wasm: bytes, artifact_fd: int):
     """The module's engine, its code loaded: wasm3 parses at instantiation; wasmtime takes the
     cached artifact the supervisor handed over (artifact_fd) or compiles, and then leaves the
@@ -167,7 +177,7 @@ def make_backend(load: dict, wasm: bytes, artifact_fd: int):
     backend.load(wasm, artifact)
     news: dict = {}
     if backend.artifact_out is not None and artifact_fd >= 0:
-        write_all(artifact_fd, backend.artifact_out)
+        seal_artifact(artifact_fd, backend.artifact_out)
         news["art"] = len(backend.artifact_out)
     if backend.artifact_note:
         news["art_note"] = backend.artifact_note
