@@ -317,6 +317,33 @@ def test_a_worker_seals_the_artifact_it_hands_over(tmp_path, vibstats_wasm, monk
     assert len(list((tmp_path / "cache").glob("*.cwasm"))) == 1
 
 
+@pytest.mark.parametrize("what", ["entry", "directory", "symlink"])
+def test_a_cache_entry_others_could_have_written_is_refused(tmp_path, vibstats_wasm, what, caplog):
+    """The checksum tells damage, not forgery: an entry someone else could have written (its mode,
+    its directory's, a symlink) is never handed to a worker."""
+    cache = ArtifactCache(tmp_path / "cache")
+    wasm = vibstats_wasm.read_bytes()
+    start(wasm, cache)
+    (entry,) = (tmp_path / "cache").glob("*.cwasm")
+    assert entry.stat().st_mode & 0o777 == 0o600 and (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+    if what == "entry":
+        entry.chmod(0o666)
+    elif what == "directory":
+        (tmp_path / "cache").chmod(0o777)
+    else:
+        target = tmp_path / "elsewhere.cwasm"
+        target.write_bytes(entry.read_bytes())
+        entry.unlink()
+        entry.symlink_to(target)
+    assert cache.get(entry.stem) == b""
+    assert "wasmtime cache" in caplog.text
+    assert start(wasm, cache).artifact_note == "compiled"
+    if what == "directory":   # nothing is kept in a directory others may write
+        assert not entry.exists()
+        (tmp_path / "cache").chmod(0o700)
+    assert start(wasm, cache).artifact_note == ("compiled" if what == "directory" else "cached")
+
+
 # ---- the SIMD build beside a module --------------------------------------------------------------
 
 SIMD_MODULE = r"""

@@ -7,14 +7,22 @@ a compiled module holds (SIMD, fuel, stack). Its content is a header with the bo
 a truncated or damaged file is noticed here, never handed to wasmtime (whose deserialisation
 trusts its input); an entry wasmtime itself refuses (say, a version the key did not tell apart)
 is compiled again by the worker and replaced. Writes are atomic: a temporary file, then rename.
+
+The checksum tells damage, not forgery: whoever can write an entry chooses the native code a
+module's worker runs. So the directory is the supervisor's alone (0700) and its entries 0600,
+and an entry (or a directory) owned by another user, or writable by group or others, is refused
+and removed (`trusted`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
 import os
+import stat
+import threading
 from pathlib import Path
 
 log = logging.getLogger("appliance.module")
@@ -54,15 +62,28 @@ class ArtifactCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.cwasm"
 
+    def trusted(self, st: os.stat_result) -> bool:
+        """Owned by this process's user and writable by no one else."""
+        return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
     def get(self, key: str) -> bytes:
-        """The artifact, or b"" when there is none or it is damaged (then the file goes)."""
+        """The artifact, or b"" when there is none, or it is damaged or not trusted (then the file goes)."""
         path = self.path(key)
         try:
-            data = path.read_bytes()
+            with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as f:
+                st = os.fstat(f.fileno())
+                if not (stat.S_ISREG(st.st_mode) and self.trusted(st) and self.trusted(self.root.stat())):
+                    log.warning("wasmtime cache: %s (or its directory) is not the supervisor's alone (owner uid "
+                                "%d, mode %o); discarded, compiling again", path, st.st_uid, st.st_mode & 0o7777)
+                    self.discard(key)
+                    return b""
+                data = f.read()
         except FileNotFoundError:
             return b""
         except OSError as exc:
             log.warning("wasmtime cache: cannot read %s (%s); compiling", path, exc.strerror)
+            if exc.errno == errno.ELOOP:
+                self.discard(key)   # a symlink where an entry should be
             return b""
         head = len(MAGIC) + 64
         if data[:len(MAGIC)] == MAGIC and len(data) > head + 1 and \
@@ -75,10 +96,15 @@ class ArtifactCache:
     def put(self, key: str, artifact: bytes) -> None:
         """Keep an artifact (atomic). A failure (full or read-only /data) costs only the next compile."""
         path = self.path(key)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")   # modules start in threads
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.trusted(self.root.stat()):
+                log.warning("wasmtime cache: %s is not the supervisor's alone (writable by others, or another "
+                            "owner): nothing is cached there", self.root)
+                return
+            tmp.unlink(missing_ok=True)   # left by a crash
+            with open(tmp, "wb", opener=lambda p, flags: os.open(p, flags | os.O_EXCL | os.O_NOFOLLOW, 0o600)) as f:
                 f.write(MAGIC + hashlib.sha256(artifact).hexdigest().encode() + b"\n" + artifact)
                 f.flush()
                 os.fsync(f.fileno())
