@@ -22,7 +22,7 @@ from appliance.runtime.modcheck import load_for, module_file
 from appliance.runtime.process import ModuleFault, WorkerProcess
 from appliance.runtime.validate import read_module
 from appliance.runtime.wire import HEADER, load_message, pack_header
-from appliance_tools.modbuild import build_module, compile_command, load_manifest, run_compiler, with_manifest
+from appliance_tools.modbuild import bind_simd, build_module, compile_command, load_manifest, run_compiler, with_manifest
 
 from conftest import REPO
 from hostile_modules.hostile import build_hostile
@@ -399,6 +399,7 @@ def simd_pair(tmp_path_factory) -> Path:
     (out / "sumx.simd.wasm").write_bytes(with_manifest(raw, m.params) if m.params else raw)
     (out / "sumx.simd.raw.wasm").unlink()
     assert b"\xfd" in (out / "sumx.simd.wasm").read_bytes()   # SIMD opcodes are there
+    bind_simd(out / "sumx.simd.wasm", (out / "sumx.wasm").read_bytes())   # as `make modules` does
     return out / "sumx.wasm"
 
 
@@ -429,6 +430,33 @@ def test_the_simd_build_runs_on_wasmtime_only(tmp_path, simd_pair, module, expec
         acc = acc + row
     expected = np.float32(np.float32(acc[0] + acc[1]) + acc[2]) + acc[3]
     assert reply["f"]["sum"] == float(expected)
+
+
+@pytest.mark.parametrize("sibling", ["stale", "foreign", "unbound"])
+def test_a_simd_build_of_another_plain_build_is_not_run(tmp_path, simd_pair, sibling, caplog):
+    """X.simd.wasm runs only when it names the X.wasm beside it: not one left from an earlier
+    build of X, not another module's, not one that names nothing."""
+    d = tmp_path / "mods"
+    d.mkdir()
+    plain = simd_pair.read_bytes()
+    simd = simd_pair.with_name("sumx.simd.wasm").read_bytes()
+    if sibling == "stale":   # X.wasm rebuilt (here: one custom section more), X.simd.wasm not
+        plain = plain + bytes([0, 2, 1, ord("x")])
+    elif sibling == "foreign":   # another module's SIMD build, bound to that module
+        other = tmp_path / "other.simd.wasm"
+        other.write_bytes(simd[:simd.rindex(b"ap.simd_of") - 3])
+        bind_simd(other, plain + b"\0")
+        simd = other.read_bytes()
+    else:   # built by hand, never bound
+        simd = simd[:simd.rindex(b"ap.simd_of") - 3]
+    (d / "sumx.wasm").write_bytes(plain)
+    (d / "sumx.simd.wasm").write_bytes(simd)
+    cfg = simd_config(tmp_path, d / "sumx.wasm", engine="wasmtime")
+    mod, rt = cfg.modules["m"], cfg.runtime
+    assert module_file(mod, rt) == d / "sumx.wasm"
+    assert "is not the SIMD build of" in caplog.text
+    assert ("names no plain build" in caplog.text) == (sibling == "unbound")
+    assert load_for(mod, rt)["simd"] is False and load_for(mod, rt)["label"] == "sumx.wasm"
 
 
 def test_wasm3_refuses_a_simd_build(simd_pair):

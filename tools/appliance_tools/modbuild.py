@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from appliance.config.params import SECTION as MANIFEST_SECTION
+from appliance.config.params import SECTION as MANIFEST_SECTION, SIMD_OF_SECTION, find_custom_section
 from appliance.config.params import Manifest as ParamsManifest
 
 from appliance.runtime.inspect import DEFAULT_MAX_MEMORY_BYTES, all_problems, check_file
@@ -183,6 +183,19 @@ def with_manifest(wasm: bytes, manifest: ParamsManifest) -> bytes:
 SIMD_FEATURES = ("-msimd128", "-mnontrapping-fptoint", "-mbulk-memory", "-msign-ext")
 
 
+def bind_simd(simd_path: Path, plain: bytes) -> None:
+    """Tie a SIMD build to its plain twin: a custom section (SIMD_OF_SECTION) with the sha256 of
+    X.wasm's bytes. The runtime runs X.simd.wasm only when it names the X.wasm it sits beside
+    (modcheck.simd_file), so a stale or foreign SIMD build is never picked."""
+    data = Path(simd_path).read_bytes()
+    if find_custom_section(data, SIMD_OF_SECTION) is not None:
+        raise BuildError(f"{simd_path} is already bound to a plain build")
+    tmp = Path(simd_path).with_name(f".{Path(simd_path).name}.bind.tmp")
+    tmp.write_bytes(data + custom_section(SIMD_OF_SECTION, hashlib.sha256(plain).hexdigest().encode()))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, simd_path)
+
+
 def compile_command(m: Manifest, out: Path, params_h: Path | None = None, simd: bool = False) -> list[str]:
     mem = m.memory_kb * 1024
     extra = [f"-ffile-prefix-map={params_h.parent}=gen", "-include", str(params_h)] if params_h else []
@@ -271,7 +284,11 @@ def build_all(src_root: Path = DEFAULT_SRC_ROOT, out_dir: Path = DEFAULT_OUT_DIR
     for d in sorted(Path(src_root).iterdir()):
         if (d / "module.yaml").is_file():
             name = load_manifest(d).name
-            results.append(build_module(d, Path(out_dir) / f"{name}.wasm", max_memory_bytes))
+            plain = Path(out_dir) / f"{name}.wasm"
+            sibling = Path(out_dir) / f"{name}.simd.wasm"
+            sibling.unlink(missing_ok=True)   # a failed SIMD build must not leave the previous one beside the new X.wasm
+            results.append(build_module(d, plain, max_memory_bytes))
             if simd:
-                results.append(build_module(d, Path(out_dir) / f"{name}.simd.wasm", max_memory_bytes, simd=True))
+                results.append(build_module(d, sibling, max_memory_bytes, simd=True))
+                bind_simd(sibling, plain.read_bytes())
     return results
