@@ -488,17 +488,23 @@ def test_engine_options_are_checked_with_file_and_line(tmp_path, vibstats_wasm):
 # ---- the sandbox's JIT exception --------------------------------------------------------------------
 
 PROBE = r"""
-import ctypes, mmap, sys
+import ctypes, mmap, os, sys
 from appliance.runtime.sandbox import seccomp
 libc = ctypes.CDLL(None, use_errno=True)
 seccomp.preload()
 assert libc.prctl(38, 1, 0, 0, 0) == 0   # no_new_privs
-seccomp.install(jit=sys.argv[1] == "jit")
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+fd = os.memfd_create("code")   # before the filter: a memfd the worker holds, writable
+os.ftruncate(fd, 4096)
+seccomp.install(jit=sys.argv[1] == "jit")
 prot = {"rx": mmap.PROT_READ | mmap.PROT_EXEC, "rwx": mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC,
-        "rw": mmap.PROT_READ | mmap.PROT_WRITE}[sys.argv[2]]
-p = libc.mmap(None, 4096, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        "rw": mmap.PROT_READ | mmap.PROT_WRITE, "rx-file": mmap.PROT_READ | mmap.PROT_EXEC,
+        "rw-file": mmap.PROT_READ | mmap.PROT_WRITE}[sys.argv[2]]
+if sys.argv[2].endswith("-file"):
+    p = libc.mmap(None, 4096, prot, mmap.MAP_SHARED, fd, 0)
+else:
+    p = libc.mmap(None, 4096, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
 sys.exit(0 if p not in (None, ctypes.c_void_p(-1).value) else 3)
 """
 
@@ -506,6 +512,7 @@ sys.exit(0 if p not in (None, ctypes.c_void_p(-1).value) else 3)
 @pytest.mark.parametrize("policy, prot, allowed", [
     ("strict", "rw", True), ("strict", "rx", False), ("strict", "rwx", False),
     ("jit", "rw", True), ("jit", "rx", True), ("jit", "rwx", False),
+    ("jit", "rw-file", True), ("jit", "rx-file", False),   # code in anonymous memory only
 ])
 def test_the_jit_may_map_code_but_never_writable_code(policy, prot, allowed):
     proc = subprocess.run([sys.executable, "-c", PROBE, policy, prot], cwd=REPO, capture_output=True, timeout=60)

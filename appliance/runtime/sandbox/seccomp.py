@@ -140,8 +140,11 @@ def install(executable_mappings: bool = False, jit: bool = False) -> int:
             add("mmap", ACT_ALLOW, (2, CMP_MASKED_EQ, mmap.PROT_EXEC, 0))
             add("mprotect", ACT_ALLOW, (2, CMP_MASKED_EQ, mmap.PROT_EXEC, 0))
             if jit:
+                # Code only in anonymous memory: a file (a memfd the worker holds) mapped
+                # executable could be written through its descriptor meanwhile.
                 wx = mmap.PROT_WRITE | mmap.PROT_EXEC
-                add("mmap", ACT_ALLOW, (2, CMP_MASKED_EQ, wx, mmap.PROT_EXEC))
+                add("mmap", ACT_ALLOW, (2, CMP_MASKED_EQ, wx, mmap.PROT_EXEC),
+                    (3, CMP_MASKED_EQ, mmap.MAP_ANONYMOUS, mmap.MAP_ANONYMOUS))
                 add("mprotect", ACT_ALLOW, (2, CMP_MASKED_EQ, wx, mmap.PROT_EXEC))
         pid = os.getpid()
         for name in ("kill", "tkill"):   # raise() and abort() signal only this process
