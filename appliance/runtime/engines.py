@@ -138,7 +138,10 @@ class EpochTicker:
                 self._cond.notify()
 
     def disarm(self) -> None:
-        self._until = None   # a plain store: the ticker reads it under its lock when it wakes
+        # Under the lock: the ticker reads an expired deadline and bumps the epoch in one hold of
+        # it, so a bump for this call cannot land after the next call set its epoch deadline.
+        with self._cond:
+            self._until = None
 
     def _run(self) -> None:
         with self._cond:
@@ -263,7 +266,7 @@ class WasmtimeBackend(Backend):
         try:
             context, instance = self.c.link_and_instantiate(self.engine, store, self._module, linked, self.host)
         except self.c.CallError as exc:
-            if exc.code is not None:
+            if exc.code is not None or self.host.pending is not None:   # a trap, or a host call's exception
                 raise self.trap(exc, "start") from None
             text = str(exc).splitlines()[0] if str(exc) else "instantiation failed"
             # Out of memory: the store's limit, or the worker's RLIMIT_DATA (ENOMEM, os error 12).
