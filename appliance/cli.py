@@ -152,7 +152,7 @@ def cmd_module_build(args) -> int:
                 out = Path(args.output) if args.output else REPO / "modules" / "build" / f"{src.stem}.wasm"
                 results.append(build_module(src, out))
         else:
-            results = build_all()
+            results = build_all(simd=True)   # X.wasm for every engine, X.simd.wasm for wasmtime
     except BuildError as exc:
         print(exc, file=sys.stderr)
         return 1

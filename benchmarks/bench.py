@@ -4,9 +4,12 @@
              supervisor; CPU of the supervisor and the worker together, so "per core" is honest
   worker     the same module fed directly through one WorkerProcess (no source, no windower)
   wasm3      in-process wasm3 calls, no worker boundary
+  wasmtime   the same two on wasmtime, running vibstats.simd.wasm (docs/engines.md)
   native     the same C source compiled with gcc -O2, fed the same windows and params
   numpy      the same statistics in numpy
-  cold start spawn worker + validate + load + first window result
+  cold start spawn worker + validate + load + first window result; on wasmtime with the compiled
+             artifact cached (a restart) and without (the worker compiles)
+  worker PSS one running vibstats worker on each engine (proportional set size: shared pages split)
   real time  how many 3-axis accelerometers at 12.8 kHz (each its own source and vibstats
              module) one core keeps up with: supervisor and workers pinned to one CPU, the
              sources replaying at their real rate, no window dropped and the core at most 90 % busy
@@ -31,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from appliance_tools.modbuild import build_module  # noqa: E402
 from common import cpu_of, native_rate, self_cpu  # noqa: E402
-from appliance.runtime.engines import Wasm3Backend  # noqa: E402
+from appliance.runtime.artifacts import ArtifactCache  # noqa: E402
+from appliance.runtime.engines import Wasm3Backend, WasmtimeBackend  # noqa: E402
 from appliance.runtime.wire import HEADER, load_message, pack_header  # noqa: E402
 from appliance.runtime.process import WorkerProcess  # noqa: E402
 from appliance.runtime.validate import read_module  # noqa: E402
@@ -88,8 +92,9 @@ def bench_pipeline(wasm: Path, seconds_of_data: float = 300.0) -> dict:
     return {"samples_per_cpu_s": samples / cpu, "samples_per_wall_s": samples / wall, "windows": processed}
 
 
-def bench_worker(wasm: bytes, wins: list[np.ndarray]) -> dict:
-    worker = WorkerProcess("bench", wasm, HEADER.size + wins[0].nbytes, load_message("vibstats.wasm", PARAMS))
+def bench_worker(wasm: bytes, wins: list[np.ndarray], engine: str = "wasm3", simd: bool = False) -> dict:
+    worker = WorkerProcess("bench", wasm, HEADER.size + wins[0].nbytes, load_message("vibstats.wasm", PARAMS,
+                                                                                      backend=engine, simd=simd))
     try:
         cpu0, wcpu0, t0 = self_cpu(), cpu_of(worker.pid), time.perf_counter()
         lat = []
@@ -106,8 +111,8 @@ def bench_worker(wasm: bytes, wins: list[np.ndarray]) -> dict:
             "p50_ms": 1e3 * float(np.median(lat)), "p99_ms": 1e3 * float(np.percentile(lat, 99))}
 
 
-def bench_wasm3_inprocess(wasm: bytes, wins: list[np.ndarray]) -> dict:
-    inst = Wasm3Backend().instantiate(wasm, 128 << 10, {
+def bench_wasm3_inprocess(wasm: bytes, wins: list[np.ndarray], backend=None) -> dict:
+    inst = (backend or Wasm3Backend()).instantiate(wasm, 128 << 10, {
         ("ap", "log"): lambda *a: None, ("ap", "feature"): lambda *a: None, ("ap", "event"): lambda *a: None})
     p = inst.call("ap_buffer", 0, len(PARAMS))
     inst.memory()[p:p + len(PARAMS)] = PARAMS.encode()
@@ -140,18 +145,26 @@ def bench_numpy(wins: list[np.ndarray]) -> dict:
     return {"samples_per_cpu_s": len(wins) * FRAMES * CHANNELS / cpu}
 
 
-def bench_cold_start(path: Path, repeats: int = 31, params: str = PARAMS) -> dict:
+def bench_cold_start(path: Path, repeats: int = 31, params: str = PARAMS, engine: str = "wasm3",
+                     cache: str = "") -> dict:
     """Request -> first result for a fresh worker: the zygote forks it, it enters its sandbox,
     checks and instantiates the module, and answers its first window. The first start of a
-    module also runs wasm-validate (a process); later ones (restarts, reloads) find its verdict."""
+    module also runs wasm-validate (a process); later ones (restarts, reloads) find its verdict.
+    wasmtime: cache "warm" (the artifact of the first start is loaded by the others) or "none"
+    (every start compiles in its worker)."""
     from appliance.runtime import zygote
     zygote.shared().ensure_started()   # the supervisor's zygote is up before any module starts
     w = windows(1)[0]
     totals, loads = [], []
+    simd = path.name.endswith(".simd.wasm")
+    tmp = tempfile.TemporaryDirectory()
+    artifacts = ArtifactCache(Path(tmp.name)) if cache == "warm" else None
     for _ in range(repeats):
         t0 = time.perf_counter()
         wasm = read_module(path)
-        worker = WorkerProcess("cold", wasm, HEADER.size + w.nbytes, load_message(path.name, params))
+        worker = WorkerProcess("cold", wasm, HEADER.size + w.nbytes, load_message(path.name, params, backend=engine,
+                                                                                   simd=simd),
+                               artifact_cache=artifacts)
         t1 = time.perf_counter()
         assert worker.process(header(0), w, 5.0)["rc"] == 0
         t2 = time.perf_counter()
@@ -159,9 +172,10 @@ def bench_cold_start(path: Path, repeats: int = 31, params: str = PARAMS) -> dic
         loads.append(t1 - t0)
         totals.append(t2 - t0)
         time.sleep(0.01)   # the zygote has its next spare ready (a restart follows a backoff of 0.5 s or more)
+    tmp.cleanup()
     inproc = []
     wasm = path.read_bytes()
-    for _ in range(repeats if params == PARAMS else 0):   # vibstats only: its imports are linked here
+    for _ in range(repeats if params == PARAMS and engine == "wasm3" else 0):   # vibstats only: its imports are linked here
         t0 = time.perf_counter()
         bench_wasm3_inprocess(wasm, windows(1))
         inproc.append(time.perf_counter() - t0)
@@ -171,11 +185,28 @@ def bench_cold_start(path: Path, repeats: int = 31, params: str = PARAMS) -> dic
             "in_process_ms": 1e3 * float(np.median(inproc)) if inproc else float("nan")}
 
 
+def worker_pss(wasm: bytes, engine: str, simd: bool = False) -> float:
+    """PSS (MB) of one running vibstats worker after 50 windows (the zygote's spare and the
+    others idle: shared library pages are split between the processes that map them)."""
+    from footprint import pss_kb
+    wins = windows(4)
+    worker = WorkerProcess("pss", wasm, HEADER.size + wins[0].nbytes, load_message("vibstats.wasm", PARAMS,
+                                                                                    backend=engine, simd=simd))
+    try:
+        for seq in range(50):
+            worker.process(header(seq), wins[seq % 4], 5.0)
+        return pss_kb(worker.pid) / 1024
+    finally:
+        worker.stop()
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         built = build_module(REPO / "modules" / "src" / "vibstats", Path(tmp) / "vibstats.wasm")
         wasm_path = Path(tmp) / "vibstats.wasm"
         wasm = built.out.read_bytes()
+        simd_path = Path(tmp) / "vibstats.simd.wasm"
+        simd = build_module(REPO / "modules" / "src" / "vibstats", simd_path, simd=True).out.read_bytes()
         wins = windows(300)
         print(f"vibstats ({len(wasm)} bytes), windows of {CHANNELS} ch x {FRAMES} frames float32; "
               f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}\n")
@@ -183,10 +214,12 @@ def main() -> None:
             ("pipeline: replay -> supervisor -> worker -> wasm3", bench_pipeline(wasm_path)),
             ("worker round trip (memfd + socket) -> wasm3", bench_worker(wasm, wins)),
             ("wasm3 in-process (no isolation)", bench_wasm3_inprocess(wasm, wins)),
+            ("worker round trip -> wasmtime (vibstats.simd.wasm)", bench_worker(simd, wins, "wasmtime", True)),
+            ("wasmtime in-process (no isolation)", bench_wasm3_inprocess(simd, wins, WasmtimeBackend(simd=True))),
             ("native C (gcc -O2), same source and windows", bench_native(wins)),
             ("numpy reference", bench_numpy(wins)),
         ]
-        native = rows[3][1].get("samples_per_cpu_s")
+        native = rows[5][1].get("samples_per_cpu_s")
         print(f"{'path':<52} {'Msamples/s/core':>16} {'vs native':>10}  notes")
         for label, r in rows:
             if "error" in r:
@@ -198,13 +231,20 @@ def main() -> None:
                 notes.append(f"wall {r['samples_per_wall_s'] / 1e6:.1f} Ms/s")
             if "p50_ms" in r:
                 notes.append(f"round trip p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms")
-            print(f"{label:<52} {rate / 1e6:>16.1f} {native / rate if native else float('nan'):>9.1f}x  "
+            print(f"{label:<52} {rate / 1e6:>16.1f} {native / rate if native else float('nan'):>9.2f}x  "
                   f"{', '.join(notes)}")
+        print("(vs native: how many times native C is faster; issue 19's target for wasmtime: at most 2x)")
         cold = bench_cold_start(wasm_path)
         print(f"\ncold start, request -> first result ({len(wasm) // 1024} KB module): sandboxed worker forked by "
               f"the zygote {cold['worker_ms']:.1f} ms median, p90 {cold['p90_ms']:.1f} ms (fork + sandbox + check + load {cold['spawn_validate_load_ms']:.1f}"
               f" ms; a module's first start, with wasm-validate: {cold['first_ms']:.1f} ms); "
               f"in-process wasm3 {cold['in_process_ms']:.2f} ms")
+        for label, cache in (("artifact cached (a restart)", "warm"), ("no artifact: compiled in the worker", "none")):
+            cold = bench_cold_start(simd_path, repeats=21, engine="wasmtime", cache=cache)
+            print(f"cold start on wasmtime, {label}: {cold['worker_ms']:.1f} ms median, p90 {cold['p90_ms']:.1f} ms "
+                  f"(fork + sandbox + check + engine + load {cold['spawn_validate_load_ms']:.1f} ms)")
+        print(f"worker PSS, vibstats running: wasm3 {worker_pss(wasm, 'wasm3'):.1f} MB, "
+              f"wasmtime {worker_pss(simd, 'wasmtime', True):.1f} MB")
         from bench_bearing import params_text as bearing_params
         bearing = REPO / "modules" / "build" / "bearing.wasm"
         cold = bench_cold_start(bearing, params=bearing_params(True))

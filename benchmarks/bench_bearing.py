@@ -2,6 +2,8 @@
 
   wasm3, C FFT       the module alone in a worker, its own FFT (host_dsp: false)
   wasm3 + host DSP   the module in a worker, FFTs by the host (numpy on the module's memory)
+  wasmtime C FFT     the module on wasmtime (bearing.simd.wasm, docs/engines.md), its own FFT
+  wasmtime + host    the same with the host's FFTs
   native C           the same bearing.c, gcc -O2, on the same windows with the same params (its C FFT)
   numpy              modules/src/bearing/reference.py (the tests' reference implementation)
 
@@ -57,10 +59,12 @@ def bench_windows(channels: int, fault: bool = False) -> list[np.ndarray]:
     return wins
 
 
-def worker_rate(wasm: bytes, host_dsp: bool, channels: int, n: int, fault: bool = False) -> float:
+def worker_rate(wasm: bytes, host_dsp: bool, channels: int, n: int, fault: bool = False,
+                engine: str = "wasm3", simd: bool = False) -> float:
     healthy, wins = bench_windows(channels), bench_windows(channels, fault)
-    worker = WorkerProcess("bench", wasm, HEADER.size + wins[0].nbytes, load_message("bearing.wasm",
-                                                                                      params_text(host_dsp)))
+    worker = WorkerProcess("bench", wasm, HEADER.size + wins[0].nbytes, load_message("bearing.wasm" if not simd else "bearing.simd.wasm",
+                                                                                      params_text(host_dsp),
+                                                                                      backend=engine, simd=simd))
     try:
         def run(count, first, windows):
             for seq in range(first, first + count):
@@ -96,22 +100,29 @@ def numpy_rate(channels: int, n: int) -> float:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        wasm = build_module(REPO / "modules" / "src" / "bearing", Path(tmp) / "bearing.wasm").out.read_bytes()
+        src = REPO / "modules" / "src" / "bearing"
+        wasm = build_module(src, Path(tmp) / "bearing.wasm").out.read_bytes()
+        simd = build_module(src, Path(tmp) / "bearing.simd.wasm", simd=True).out.read_bytes()
     print(f"\nbearing: full analysis (features, velocity, bands, envelope spectrum, baseline score), "
           f"windows of {FRAMES} frames at {FS / 1000:g} kHz; M samples per CPU-second, one core")
-    print(f"{'channels':>8}  {'wasm3 C FFT':>12} {'wasm3+host':>11} {'native C':>9} {'numpy':>7}   "
-          f"{'host/native':>11} {'host/C-FFT':>10}  {'diagnosing, wasm3+host':>22}")
+    print(f"{'channels':>8}  {'wasm3 C FFT':>12} {'wasm3+host':>11} {'wasmtime C FFT':>15} {'wasmtime+host':>14} "
+          f"{'native C':>9} {'numpy':>7}   {'host/native':>11} {'host/C-FFT':>10} {'wasmtime C/native':>17}  "
+          f"{'diagnosing, wasm3+host':>22}")
     for channels in (1, 4):
         c = worker_rate(wasm, False, channels, 20)
         host = worker_rate(wasm, True, channels, 200)
+        wt_c = worker_rate(simd, False, channels, 400, engine="wasmtime", simd=True)
+        wt_host = worker_rate(simd, True, channels, 400, engine="wasmtime", simd=True)
         native = native_c_rate(channels, 2000)
         ref = numpy_rate(channels, 100)
         nat = f"{native / 1e6:9.1f}" if native else f"{'-':>9}"
         ratio = f"{host / native:10.2f}x" if native else f"{'-':>11}"
+        wt_ratio = f"{wt_c / native:16.2f}x" if native else f"{'-':>17}"
         diag = worker_rate(wasm, True, channels, 200, fault=True)
-        print(f"{channels:>8}  {c / 1e6:>12.2f} {host / 1e6:>11.2f} {nat} {ref / 1e6:>7.2f}   {ratio} "
-              f"{host / c:>9.1f}x  {diag / 1e6:>22.2f}")
-    print("target (issue 3): wasm3 + host DSP >= 0.5x native and >= 20 M samples/s per core")
+        print(f"{channels:>8}  {c / 1e6:>12.2f} {host / 1e6:>11.2f} {wt_c / 1e6:>15.2f} {wt_host / 1e6:>14.2f} "
+              f"{nat} {ref / 1e6:>7.2f}   {ratio} {host / c:>9.1f}x {wt_ratio}  {diag / 1e6:>22.2f}")
+    print("target (issue 3): wasm3 + host DSP >= 0.5x native and >= 20 M samples/s per core; "
+          "(issue 19): wasmtime C FFT >= 0.5x native C")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
   wasm3            the module in a worker, its own C kernels (host_dsp: false)
   wasm3 + host     the module in a worker, the per-pixel kernels by the host (ap.img_*: OpenCV and
                    numpy on the module's memory)
+  wasmtime, wasmtime + host   the same on wasmtime, running motion.simd.wasm (docs/engines.md)
+  native C         motion.c with gcc -O2, its own C kernels, the same frames and params (one process)
 
 CPU of both processes (the supervisor side that sends the frames and the worker) is counted, as
 in bench_bearing.py. Frames: vtest.avi resized to 640x480 when ../shared/data/video has it, else a
@@ -25,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from appliance_tools.modbuild import build_module  # noqa: E402
-from common import cpu_of, self_cpu  # noqa: E402
+from common import cpu_of, native_rate, self_cpu  # noqa: E402
 from appliance.runtime.wire import HEADER, load_message, pack_header  # noqa: E402
 from appliance.runtime.process import WorkerProcess  # noqa: E402
 
@@ -88,10 +90,11 @@ def load_frames(count: int = 100) -> tuple[list[np.ndarray], str]:
     return frames, f"synthetic {W}x{H} scene ({VIDEO} not found)"
 
 
-def worker_rate(wasm: bytes, frames: list[np.ndarray], host_dsp: bool, n: int) -> tuple[float, float]:
+def worker_rate(wasm: bytes, frames: list[np.ndarray], host_dsp: bool, n: int, engine: str = "wasm3",
+                simd: bool = False) -> tuple[float, float]:
     """Frames per CPU-second (both processes) and the share of that CPU spent in the worker."""
     worker = WorkerProcess("bench", wasm, HEADER.size + W * H,
-                           load_message("motion.wasm", f"host.dsp={int(host_dsp)}\n"))
+                           load_message("motion.wasm", f"host.dsp={int(host_dsp)}\n", backend=engine, simd=simd))
     try:
         def run(count, first):
             for seq in range(first, first + count):
@@ -182,15 +185,26 @@ def kernel_profile(frames: list[np.ndarray], tmp: Path) -> list[tuple[str, float
 def main() -> None:
     frames, what = load_frames()
     with tempfile.TemporaryDirectory() as tmp:
-        wasm = build_module(REPO / "modules" / "src" / "motion", Path(tmp) / "motion.wasm").out.read_bytes()
+        src = REPO / "modules" / "src" / "motion"
+        wasm = build_module(src, Path(tmp) / "motion.wasm").out.read_bytes()
+        simd = build_module(src, Path(tmp) / "motion.simd.wasm", simd=True).out.read_bytes()
         c, c_share = worker_rate(wasm, frames, False, 150)
         host, host_share = worker_rate(wasm, frames, True, 1500)
+        wt_c, _ = worker_rate(simd, frames, False, 1500, engine="wasmtime", simd=True)
+        wt_host, _ = worker_rate(simd, frames, True, 1500, engine="wasmtime", simd=True)
+        native = native_rate([src / "motion.c"], "host.dsp=0\n", [f.reshape(1, -1) for f in frames], 10.0,
+                             warmup=10, count=1500, image=(W, H)).get("samples_per_cpu_s")
+        native = native / (W * H) if native else None
         profile = kernel_profile(frames, Path(tmp))
     print(f"\nmotion: {W}x{H} gray frames ({what}), default params (scale 2, gauss5, dilate 2); "
-          f"frames per CPU-second, one core, both processes counted")
-    print(f"{'wasm3 C kernels':>16} {'wasm3+host':>11} {'host/C':>7}   {'worker share (C, host)':>22}")
-    print(f"{c:>16.0f} {host:>11.0f} {host / c:>6.1f}x   {c_share:>10.0%} {host_share:>10.0%}")
-    print("target (issue 5): >= 60 fps per core with host imports")
+          f"frames per CPU-second, one core, both processes counted (native: its one process)")
+    print(f"{'wasm3 C kernels':>16} {'wasm3+host':>11} {'host/C':>7}   {'worker share (C, host)':>22}   "
+          f"{'wasmtime C':>10} {'wasmtime+host':>13} {'native C':>9} {'wasmtime C/native':>17}")
+    nat = f"{native:>9.0f}" if native else f"{'-':>9}"
+    ratio = f"{wt_c / native:>16.2f}x" if native else f"{'-':>17}"
+    print(f"{c:>16.0f} {host:>11.0f} {host / c:>6.1f}x   {c_share:>10.0%} {host_share:>10.0%}   "
+          f"{wt_c:>10.0f} {wt_host:>13.0f} {nat} {ratio}")
+    print("target (issue 5): >= 60 fps per core with host imports; (issue 19): wasmtime C >= 0.5x native C")
     print(f"\nper kernel, ms per call ({W}x{H} in, {W // 2}x{H // 2} after the downscale)")
     print(f"{'kernel':<24} {'C (wasm3)':>10} {'host':>8} {'C/host':>7}")
     for label, cms, hms in profile:

@@ -5,7 +5,9 @@ wasm-validate), then a worker from the zygote, in its sandbox, that parses it, i
 in wasm3, runs ap_init and one window. wasm3 is known to crash on mutated input; that must cost
 one worker, never the supervisor (this process), and no worker may run outside its sandbox.
 
-    python benchmarks/fuzz_modules.py [--count 10000] [--seed N]
+    python benchmarks/fuzz_modules.py [--count 10000] [--seed N] [--engine wasm3|wasmtime]
+
+(--engine wasmtime: the mutants are compiled by Cranelift in the worker's sandbox instead.)
 
 Mutations: flip bits, set random bytes, overwrite with interesting values (0, 0xff, 0x80, LEB128
 continuation bytes), delete or duplicate a span, truncate, swap two spans. Findings (a worker
@@ -77,6 +79,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=20261206)
+    ap.add_argument("--engine", choices=("wasm3", "wasmtime"), default="wasm3")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     originals = {name: (REPO / "modules" / "build" / f"{name}.wasm").read_bytes() for name in SOURCES}
@@ -91,7 +94,7 @@ def main() -> int:
         wasm = mutate(originals[name], rng, spans[name])
         try:
             worker = WorkerProcess(f"fuzz{case}", wasm, HEADER.size + (1 << 16), load_message(
-                f"{name}.wasm", SOURCES[name], memory_budget_bytes=256 << 20))
+                f"{name}.wasm", SOURCES[name], memory_budget_bytes=256 << 20, backend=args.engine))
         except ModuleFault as fault:
             outcomes[f"refused: {fault.kind}"] += 1
             continue
@@ -112,7 +115,7 @@ def main() -> int:
             worker.stop(0.2)
         if (case + 1) % 1000 == 0:
             print(f"{case + 1} cases, {time.monotonic() - started:.0f} s: {dict(outcomes)}", flush=True)
-    print(f"\n{args.count} mutated modules (seed {args.seed}) in {time.monotonic() - started:.0f} s; "
+    print(f"\n{args.count} mutated modules (seed {args.seed}, {args.engine}) in {time.monotonic() - started:.0f} s; "
           f"the supervisor survived every one")
     for what, n in sorted(outcomes.items()):
         print(f"  {n:6d}  {what}")

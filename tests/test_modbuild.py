@@ -117,6 +117,27 @@ def test_build_all(tmp_path):
     assert (tmp_path / "build" / "vibstats.wasm").is_file()
 
 
+def test_build_all_binds_the_simd_build_and_never_leaves_a_stale_one(tmp_path, monkeypatch):
+    from appliance.config.params import SIMD_OF_SECTION, find_custom_section
+    from appliance_tools import modbuild
+    root = tmp_path / "src"
+    shutil.copytree(VIBSTATS, root / "vibstats")
+    out = tmp_path / "build"
+    build_all(root, out, simd=True)
+    plain, simd = (out / "vibstats.wasm").read_bytes(), (out / "vibstats.simd.wasm").read_bytes()
+    assert find_custom_section(simd, SIMD_OF_SECTION) == hashlib.sha256(plain).hexdigest().encode()
+    real = modbuild.build_module
+
+    def simd_fails(src, dst, *args, simd=False, **kw):
+        if simd:
+            raise BuildError("the SIMD build failed")
+        return real(src, dst, *args, **kw)
+    monkeypatch.setattr(modbuild, "build_module", simd_fails)
+    with pytest.raises(BuildError):
+        build_all(root, out, simd=True)
+    assert (out / "vibstats.wasm").is_file() and not (out / "vibstats.simd.wasm").exists()
+
+
 def test_single_c_file_defaults(tmp_path):
     r = build_module(REPO / "tests" / "hostile_modules" / "trap.c", tmp_path / "trap.wasm")
     assert (r.name, r.memory_kb, r.stack_kb) == ("trap", 1024, 64)

@@ -30,6 +30,8 @@ from hal.schema import StrictModel
 log = logging.getLogger("appliance.config")
 
 SECTION = "ap.manifest"
+# In X.simd.wasm: the sha256 (hex) of the X.wasm it was built beside (docs/engines.md).
+SIMD_OF_SECTION = "ap.simd_of"
 MAX_MANIFEST_BYTES = 64 << 10
 KEY = re.compile(r"^(?:[A-Za-z0-9_\-]+|<n>|<name>)(?:\.(?:[A-Za-z0-9_\-]+|<n>|<name>))*$")
 ParamType = Literal["number", "integer", "boolean", "string", "choice", "list", "points"]

@@ -65,9 +65,11 @@ class RestartPolicy(StrictModel):
 
 
 class RuntimeSection(StrictModel):
-    backend: Literal["wasm3"] = Field("wasm3", description="wasm engine in the workers")
+    backend: Literal["wasm3", "wasmtime"] = Field("wasm3", description="wasm engine of the modules that do not set "
+                                                  "their own `engine` (docs/engines.md)")
     max_memory_mb: int = Field(64, ge=1, le=1024, description="largest linear memory a module may declare")
-    stack_kb: int = Field(128, ge=16, le=512, description="wasm3 stack per module (about 1 MB crashes wasm3)")
+    stack_kb: int = Field(128, ge=16, le=512, description="wasm3 stack per module (about 1 MB crashes wasm3); "
+                          "wasmtime's is this or 512 KiB, whichever is larger")
     worker_memory_mb: int = Field(256, ge=64, le=4096,
                                   description="memory each worker may add (RLIMIT_DATA) to its own footprint after "
                                               "its libraries load, besides the module's max_memory_mb")
@@ -126,7 +128,17 @@ class ModuleSection(StrictModel):
     window: WindowSection | None = Field(None, description="how the stream is cut into windows (required for "
                                          "sample sources; for cameras each frame is a window and `hop` "
                                          "takes every n-th frame)")
-    deadline_ms: float = Field(250.0, gt=0, le=60000, description="longest a window may take; then the worker is killed")
+    deadline_ms: float = Field(250.0, gt=0, le=60000, description="longest a window may take; then the worker is "
+                               "killed (wasm3), or wasmtime stops the call and the worker goes on with a fresh "
+                               "instance; either way a `deadline` fault")
+    engine: Literal["wasm3", "wasmtime"] | None = Field(
+        None, description="wasm3 (interpreter) or wasmtime (compiled, near-native; docs/engines.md); none: "
+        "runtime.backend")
+    simd: bool = Field(True, description="wasmtime: run X.simd.wasm, the module's SIMD128 build, when it lies "
+                       "beside X.wasm; false: always X.wasm (wasm3 never runs a SIMD build)")
+    fuel: int | None = Field(None, ge=1, le=1 << 62, description="wasmtime: wasm instructions (roughly) a call "
+                             "may execute; beyond that it is stopped like a missed deadline. None: no fuel "
+                             "counted (it costs some speed)")
     queue: int = Field(4, ge=1, le=1024, description="windows that may wait; beyond that the oldest is dropped")
     overflow: Literal["drop_oldest", "block"] = Field(
         "drop_oldest", description="full queue: drop the oldest window, or (replay with realtime: false only) wait")
@@ -138,6 +150,13 @@ class ModuleSection(StrictModel):
                           "false: the module's own wasm code")
     enabled: bool = Field(True, description="false: configured but not run")
     restart: RestartPolicy | None = Field(None, description="overrides runtime.restart for this module")
+
+    @field_validator("fuel")
+    @classmethod
+    def _fuel_is_wasmtimes(cls, value: int | None, info) -> int | None:
+        if value is not None and info.data.get("engine") != "wasmtime":
+            raise ValueError("fuel is counted by wasmtime alone: set `engine: wasmtime` on this module")
+        return value
 
     @field_validator("params")
     @classmethod

@@ -28,6 +28,7 @@ from appliance.ops.metrics import Metrics, SourceCounters, WorkerResources
 from appliance.ops.system import in_test_rig
 from appliance.runtime import zygote
 from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState, severity_name
+from appliance.runtime.process import deadline_grace_s
 from appliance.core.windowing import FrameWindower, Window, Windower
 from hal.registry import open_source
 from hal.source import Health, Source
@@ -137,7 +138,8 @@ class Supervisor:
             windower = Windower(mcfg.window.size, mcfg.window.hop_frames, info.sample_rate, picked)
         host = ModuleHost(name, mcfg, cfg.runtime, window_bytes, self.metrics,
                           on_result=self._on_result, on_state=self._on_module_state,
-                          state_dir=cfg.gateway.data_dir / "state")
+                          state_dir=cfg.gateway.data_dir / "state",
+                          cache_dir=cfg.gateway.data_dir / "cache")
         pipe = Pipeline(host, windower, mcfg.source, names)
         host.pipeline = pipe   # results in flight after a reload retired it still find their source
         self.deployer.attach(name, host)
@@ -639,7 +641,8 @@ class Supervisor:
                 problems.append(f"maintenance thread silent for {age:.0f} s")
         for name, host in list(self.modules.items()):
             stuck = host.hung_for()
-            if stuck > HANG_AFTER_S + host.cfg.deadline_ms / 1000:
+            deadline = host.cfg.deadline_ms / 1000
+            if stuck > HANG_AFTER_S + deadline + deadline_grace_s(deadline):   # wasmtime's window may run past it
                 problems.append(f"module {name} dispatcher stuck for {stuck:.0f} s")
         return problems
 

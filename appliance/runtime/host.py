@@ -25,7 +25,8 @@ from appliance.core.windowing import Window
 from appliance.runtime.process import LEVELS, ModuleFault, WorkerProcess
 from appliance.runtime.validate import ModuleRejected, read_module
 from appliance.runtime.wire import FORMATS, HEADER, pack_header
-from appliance.runtime.modcheck import load_for
+from appliance.runtime.artifacts import ArtifactCache
+from appliance.runtime.modcheck import load_for, module_file
 
 log = logging.getLogger("appliance.module")
 
@@ -57,7 +58,7 @@ class ModuleHost:
     def __init__(self, name: str, cfg: ModuleSection, runtime: RuntimeSection, window_bytes: int,
                  metrics: Metrics, on_result: Callable[["ModuleHost", Window, ModuleResult], None],
                  on_state: Callable[["ModuleHost", ModuleState, str], None] | None = None,
-                 state_dir: Path = Path("state")) -> None:
+                 state_dir: Path = Path("state"), cache_dir: Path | None = None) -> None:
         self.name, self.cfg, self.runtime = name, cfg, runtime
         self.policy: RestartPolicy = cfg.restart or runtime.restart
         self.metrics = metrics
@@ -78,6 +79,7 @@ class ModuleHost:
         self.loaded_sha256: str | None = None
         self.pipeline = None   # set by the supervisor: the source and channels this module serves
         self.state_dir = state_dir
+        self._artifacts = ArtifactCache(cache_dir / "wasmtime") if cache_dir is not None else None
         self._state_changes: list[tuple[ModuleState, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"module-{name}", daemon=True)
@@ -103,7 +105,7 @@ class ModuleHost:
         if self.loaded_sha256 is None:
             return False
         try:
-            return hashlib.sha256(read_module(self.cfg.wasm)).hexdigest() != self.loaded_sha256
+            return hashlib.sha256(read_module(module_file(self.cfg, self.runtime))).hexdigest() != self.loaded_sha256
         except ModuleRejected:
             return True
 
@@ -295,8 +297,9 @@ class ModuleHost:
         try:
             # Read here, check in the worker: the file is read once, so what was checked is
             # what runs, and the checking cost falls under the worker's limits.
-            wasm = read_module(self.cfg.wasm)
-            worker = WorkerProcess(self.name, wasm, self._shm_bytes, load_for(self.cfg, self.runtime, self._saved_state()))
+            wasm = read_module(module_file(self.cfg, self.runtime))
+            worker = WorkerProcess(self.name, wasm, self._shm_bytes, load_for(self.cfg, self.runtime, self._saved_state()),
+                                   artifact_cache=self._artifacts)
         except ModuleRejected as exc:
             self._fault(ModuleFault("load", str(exc)))
             return
@@ -325,8 +328,9 @@ class ModuleHost:
         if missing and self._starts == 1:
             log.warning("module %s: its worker runs without the sandbox layers %s (see the worker's notes above)",
                         self.name, ", ".join(missing))
-        log.info("module %s: running in worker pid %d (sha256 %s; memory: %d MiB of libraries, capped at %d MiB)",
-                 self.name, worker.pid, self.loaded_sha256[:12], worker.footprint_bytes >> 20,
+        engine = worker.engine + (f", code {worker.artifact_note}" if worker.artifact_note else "")
+        log.info("module %s: running in worker pid %d on %s (sha256 %s; memory: %d MiB of libraries, capped at %d MiB)",
+                 self.name, worker.pid, engine, self.loaded_sha256[:12], worker.footprint_bytes >> 20,
                  worker.memory_cap_bytes >> 20)
 
     def _process(self, window: Window) -> None:
@@ -429,6 +433,9 @@ class ModuleHost:
 
     def _fault(self, fault: ModuleFault) -> None:
         now = time.monotonic()
+        survived = fault.alive and self._survived(fault, now)
+        if survived:
+            return
         with self._cond:
             worker, self._worker = self._worker, None
         if worker:
@@ -439,9 +446,10 @@ class ModuleHost:
             self.last_fault = f"{fault.kind}: {fault.reason}"
             if self._state in (ModuleState.DISABLED, ModuleState.STOPPED):
                 return   # an operator disabled it (or it is stopping) meanwhile: that decision stands
-            self._faults.append(now)
-            while self._faults and now - self._faults[0] > self.policy.fault_window_s:
-                self._faults.popleft()
+            if not fault.alive:
+                self._faults.append(now)
+                while self._faults and now - self._faults[0] > self.policy.fault_window_s:
+                    self._faults.popleft()
             self._consecutive += 1
             if len(self._faults) >= self.policy.max_faults:
                 dropped = len(self._queue)
@@ -461,6 +469,24 @@ class ModuleHost:
                           self.policy.fault_window_s)
                 self._set_state(ModuleState.BACKOFF, self.last_fault)
             self._cond.notify_all()
+
+
+    def _survived(self, fault: ModuleFault, now: float) -> bool:
+        """A fault the worker lived through (wasmtime stopped a window at its deadline): counted
+        like any other, and it counts towards quarantine, but the worker (same pid) carries on
+        with a fresh instance, no backoff. False: too many faults, quarantine (the caller goes on)."""
+        with self._cond:
+            self._faults.append(now)
+            while self._faults and now - self._faults[0] > self.policy.fault_window_s:
+                self._faults.popleft()
+            if len(self._faults) >= self.policy.max_faults:
+                return False   # _fault counts it, with the fault time already in _faults
+            self.last_fault = f"{fault.kind}: {fault.reason}"
+        self.metrics.faults.labels(self.name, fault.kind).inc()
+        log.error("module %s: %s fault: %s; the worker (pid %d) goes on with a fresh instance (%d of %d faults "
+                  "allowed in %.0f s)", self.name, fault.kind, fault.reason, self.worker_pid or -1,
+                  len(self._faults), self.policy.max_faults, self.policy.fault_window_s)
+        return True
 
 
 def severity_name(level: int) -> str:

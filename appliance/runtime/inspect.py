@@ -12,19 +12,25 @@ from appliance.runtime.wasm_binary import WasmFormatError, WasmInfo, check_abi_v
 DEFAULT_MAX_MEMORY_BYTES = 64 * 1024 * 1024   # the runtime's default runtime.max_memory_mb
 
 
-def validate(path: Path) -> tuple[bool, str]:
-    """(accepted, message) from wasm-validate, with the runtime's flags (one place owns them)."""
+def validate(path: Path, simd: bool = False) -> tuple[bool, str]:
+    """(accepted, message) from wasm-validate, with the runtime's flags (one place owns them);
+    simd: a module's SIMD build, which only wasmtime runs."""
     try:
-        complaint = wasm_validate(Path(path).read_bytes(), Path(path).name)
+        complaint = wasm_validate(Path(path).read_bytes(), Path(path).name, simd)
     except ModuleRejected as exc:
         return False, str(exc)
     return complaint is None, complaint or ""
 
 
-def check_file(data: bytes, path: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
+def is_simd_build(path: Path) -> bool:
+    """X.simd.wasm: a module's SIMD build, for wasmtime (docs/engines.md)."""
+    return path.name.endswith(".simd.wasm")
+
+
+def check_file(data: bytes, path: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES, simd: bool = False
                ) -> tuple[WasmInfo | None, bool, str, list[str]]:
     """(info, validate_ok, validate_message, abi_problems) for a built or shipped binary."""
-    ok, msg = validate(path)
+    ok, msg = validate(path, simd)
     try:
         info = parse(data)
     except WasmFormatError as e:
@@ -35,7 +41,7 @@ def check_file(data: bytes, path: Path, max_memory_bytes: int = DEFAULT_MAX_MEMO
 def check_module_file(path: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -> list[str]:
     """Every reason to refuse the binary at `path` (wasm-validate, format, ABI v1); [] = ok."""
     path = Path(path)
-    _, ok, msg, abi_problems = check_file(path.read_bytes(), path, max_memory_bytes)
+    _, ok, msg, abi_problems = check_file(path.read_bytes(), path, max_memory_bytes, is_simd_build(path))
     return all_problems(ok, msg, abi_problems)
 
 
@@ -51,7 +57,7 @@ def inspect_text(path: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -
     data = path.read_bytes()
     lines = [f"{path}", f"  size:      {len(data)} bytes",
              f"  sha256:    {hashlib.sha256(data).hexdigest()}"]
-    info, ok, msg, problems = check_file(data, path, max_memory_bytes)
+    info, ok, msg, problems = check_file(data, path, max_memory_bytes, is_simd_build(Path(path)))
     lines.append("  validate:  wasm-validate accepts it" if ok
                  else f"  validate:  wasm-validate rejects it: {msg or '(no message)'}")
     if problems:

@@ -16,8 +16,9 @@ import threading
 import numpy as np
 
 from appliance.runtime import zygote
+from appliance.runtime.artifacts import ArtifactCache
 from appliance.runtime.validate import ModuleRejected, wasm_validate_once
-from appliance.runtime.wire import REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
+from appliance.runtime.wire import ARTIFACT_SEALS, MAX_ARTIFACT_BYTES, REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
 
 log = logging.getLogger("appliance.module")
 
@@ -31,9 +32,19 @@ MODULE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fc
 
 
 class ModuleFault(Exception):
-    def __init__(self, kind: str, reason: str) -> None:
+    """alive: the worker survived it (a wasmtime deadline: the engine stopped the call) and
+    serves the next window with a fresh instance."""
+
+    def __init__(self, kind: str, reason: str, alive: bool = False) -> None:
         super().__init__(reason)
-        self.kind, self.reason = kind, reason
+        self.kind, self.reason, self.alive = kind, reason, alive
+
+
+def deadline_grace_s(deadline_s: float) -> float:
+    """How long past its deadline the supervisor waits for a wasmtime worker to say the engine
+    stopped the call (and to start a fresh instance) before it kills it: a host call that runs
+    on (numpy, OpenCV) is beyond the epoch's reach."""
+    return max(0.2, deadline_s)
 
 
 def _signal_name(returncode: int | None) -> str:
@@ -64,19 +75,42 @@ def sealed_memfd(name: str, data: bytes | None, size: int, seals: int) -> int:
     return fd
 
 
+def take_artifact(fd: int, length) -> tuple[bytes | None, str]:
+    """The artifact a worker compiled, from its memfd: (bytes, "") or (None, why not). Only from
+    a memfd the worker sealed before any guest code ran (ARTIFACT_SEALS), and of a length that
+    fits the memfd and MAX_ARTIFACT_BYTES: the length comes from the worker, which may be a
+    module's by then."""
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= MAX_ARTIFACT_BYTES:
+        return None, f"an artifact length of {str(length)[:40]!r}"
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        size = os.fstat(fd).st_size
+        if seals & ARTIFACT_SEALS != ARTIFACT_SEALS:
+            return None, "an artifact in a memfd the worker did not seal before running the module"
+        if length > size:
+            return None, f"an artifact length of {length} in a memfd of {size} bytes"
+        data = os.pread(fd, length, 0)
+    except OSError as exc:
+        return None, f"an artifact that cannot be read ({exc.strerror or exc})"
+    return (data, "") if len(data) == length else (None, "a short artifact")
+
+
 class WorkerProcess:
     """One running worker: fork (through the zygote), load, process windows, kill."""
 
     def __init__(self, name: str, wasm: bytes, shm_bytes: int, load: dict, *,
-                 spawner: zygote.Zygote | None = None) -> None:
+                 spawner: zygote.Zygote | None = None, artifact_cache: ArtifactCache | None = None) -> None:
         self.name = name
         self.shm_bytes = shm_bytes
+        self.engine = load.get("backend", "wasm3")
+        simd = self.engine == "wasmtime" and bool(load.get("simd"))
+        self.artifact_note = ""   # wasmtime: where the compiled code came from
         self._names: list[str] = []   # feature names of the last window reply that carried them
         if wasm[:8] != WASM_PREAMBLE:   # what no tool needs to be asked about
             raise ModuleFault("load", f"{load['label']} is not a valid wasm binary: it does not begin with the wasm "
                                       "magic number and version 1")
         try:
-            complaint = wasm_validate_once(wasm, load["label"])
+            complaint = wasm_validate_once(wasm, load["label"], simd)
         except ModuleRejected as exc:   # wasm-validate is missing
             raise ModuleFault("load", str(exc)) from None
         if complaint:
@@ -88,18 +122,32 @@ class WorkerProcess:
         self._sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for end in (self._sock, child_sock):   # the worker's end too: it may not set socket options
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-        shm_fd = wasm_fd = -1
+        shm_fd = wasm_fd = art_fd = -1
+        art_key = ""
         try:
             shm_fd = sealed_memfd(f"ap-window-{name}", None, shm_bytes, WINDOW_SEALS)
             self._shm = mmap.mmap(shm_fd, shm_bytes)
             wasm_fd = sealed_memfd(f"ap-wasm-{name}", wasm, 0, MODULE_SEALS)
+            fds = [child_sock.fileno(), shm_fd, wasm_fd]
+            if self.engine == "wasmtime":
+                # The compiled module from the cache, or nothing: the worker compiles (in its
+                # sandbox) and leaves the artifact in this memfd for the cache.
+                artifact = b""
+                if artifact_cache is not None:
+                    art_key = artifact_cache.key(wasm, simd=simd, fuel=load.get("fuel") is not None,
+                                                 stack_bytes=int(load["stack_bytes"]))
+                    artifact = artifact_cache.get(art_key)
+                art_fd = sealed_memfd(f"ap-artifact-{name}", artifact, 0, 0)
+                fds.append(art_fd)
+                self.artifact_note = "cached" if artifact else "compiled"
             request = {"name": name, "memory_budget_bytes": load["memory_budget_bytes"],
-                       "host_nn": load.get("host_nn", False), "module_dir": load.get("module_dir", "")}
+                       "host_nn": load.get("host_nn", False), "module_dir": load.get("module_dir", ""),
+                       "engine": self.engine}
             # Queued before the fork: the worker finds it as soon as it looks, instead of waiting
             # for the zygote's answer to reach this process first.
             self._sock.send(json.dumps(load).encode())
             try:
-                self.pid, self._pidfd = self._zygote.fork(request, (child_sock.fileno(), shm_fd, wasm_fd))
+                self.pid, self._pidfd = self._zygote.fork(request, tuple(fds))
             except zygote.ZygoteUnavailable as exc:
                 raise ModuleFault("load", f"no worker could be started: {exc}") from None
         except BaseException:
@@ -111,10 +159,23 @@ class WorkerProcess:
                 if fd >= 0:
                     os.close(fd)
         try:
-            reply = self._receive(LOAD_TIMEOUT_S, "load")
-        except BaseException:
-            self.kill()   # and close: its pidfd and socket must not outlive a failed load
-            raise
+            try:
+                reply = self._receive(LOAD_TIMEOUT_S, "load")
+            except BaseException:
+                self.kill()   # and close: its pidfd and socket must not outlive a failed load
+                raise
+            if reply.get("art_note"):
+                log.warning("module %s: wasmtime %s", name, reply["art_note"])
+                self.artifact_note = "compiled (cache entry refused)"
+            if "art" in reply and artifact_cache is not None and art_key:
+                artifact, refused = take_artifact(art_fd, reply["art"])
+                if artifact is None:
+                    log.warning("module %s: its worker handed over %s: not cached", name, refused)
+                else:
+                    artifact_cache.put(art_key, artifact)
+        finally:
+            if art_fd >= 0:
+                os.close(art_fd)
         self.load_logs = reply.get("l", [])
         self.state_note = reply.get("st", "")
         self.footprint_bytes, self.memory_cap_bytes = reply.get("mem", (0, 0))
@@ -145,6 +206,8 @@ class WorkerProcess:
         if "fault" in reply:
             for level, text in reply.get("l", []):
                 log.log(LEVELS.get(level, logging.INFO), "module %s: %s", self.name, text)
+            if reply.get("alive") is True and reply["fault"] == "deadline" and self.engine == "wasmtime":
+                raise ModuleFault("deadline", reply["error"], alive=True)
             self._reap()
             raise ModuleFault(reply["fault"], reply["error"])
         return reply
@@ -183,6 +246,8 @@ class WorkerProcess:
         except OSError:   # the worker is gone (killed from outside): a crash like any other
             rc = self._reap()
             raise ModuleFault("crash", f"worker died before the window ({_signal_name(rc)})") from None
+        if self.engine == "wasmtime":   # the engine ends the call at the deadline; SIGKILL is the backstop
+            deadline_s += deadline_grace_s(deadline_s)
         return self._receive(deadline_s, "window")
 
     def alive(self) -> bool:

@@ -15,6 +15,8 @@ from appliance.runtime.wasm_binary import WasmFormatError, WasmInfo, check_abi_v
 
 MAX_MODULE_BYTES = 16 << 20
 WASM_VALIDATE_FLAGS = ["--disable-reference-types", "--disable-simd"]
+# A wasmtime module's SIMD128 build (x.simd.wasm beside x.wasm; docs/engines.md): wasm3 never gets one.
+WASM_VALIDATE_FLAGS_SIMD = ["--disable-reference-types"]
 VALIDATE_MEMORY_BYTES = 1 << 30
 _validated: dict[str, str | None] = {}   # sha256 -> wasm-validate's verdict (a restart does not ask again)
 _validated_lock = threading.Lock()
@@ -32,15 +34,16 @@ class ValidatedModule:
     sha256: str
 
 
-def wasm_validate(wasm: bytes, label: str) -> str | None:
+def wasm_validate(wasm: bytes, label: str, simd: bool = False) -> str | None:
     """wasm-validate's complaint, or None when the binary is valid. The features wasm3 lacks
-    are disabled, so a module that uses them is rejected here, not crashed on later. It runs as
+    are disabled, so a module that uses them is rejected here, not crashed on later (simd: SIMD128
+    allowed, for wasmtime alone). It runs as
     its own process, capped (prlimit) when util-linux's prlimit is there: a crash or a blow-up in
     it is a rejection, never harm to the caller."""
-    return _run_wasm_validate(wasm, label)[0]
+    return _run_wasm_validate(wasm, label, simd)[0]
 
 
-def _run_wasm_validate(wasm: bytes, label: str) -> tuple[str | None, bool]:
+def _run_wasm_validate(wasm: bytes, label: str, simd: bool = False) -> tuple[str | None, bool]:
     """(complaint, whether the bytes alone decided it: not a timeout, not a limit that a busy
     machine may have hit)."""
     tool = shutil.which("wasm-validate")
@@ -50,7 +53,8 @@ def _run_wasm_validate(wasm: bytes, label: str) -> tuple[str | None, bool]:
     try:
         limit = shutil.which("prlimit")
         capped = [limit, f"--data={VALIDATE_MEMORY_BYTES}", "--cpu=60", "--"] if limit else []
-        proc = subprocess.run([*capped, tool, *WASM_VALIDATE_FLAGS, "-"], input=wasm, capture_output=True, timeout=60)
+        flags = WASM_VALIDATE_FLAGS_SIMD if simd else WASM_VALIDATE_FLAGS
+        proc = subprocess.run([*capped, tool, *flags, "-"], input=wasm, capture_output=True, timeout=60)
     except subprocess.TimeoutExpired:
         return "wasm-validate timed out", False
     if proc.returncode == 0:
@@ -64,12 +68,13 @@ def _run_wasm_validate(wasm: bytes, label: str) -> tuple[str | None, bool]:
     return first or f"exit status {proc.returncode}", True
 
 
-def wasm_validate_once(wasm: bytes, label: str) -> str | None:
-    """wasm_validate, remembered by the bytes' sha256 when the bytes alone decided it."""
-    digest = hashlib.sha256(wasm).hexdigest()
+def wasm_validate_once(wasm: bytes, label: str, simd: bool = False) -> str | None:
+    """wasm_validate, remembered by the bytes' sha256 (and the features allowed) when the bytes
+    alone decided it."""
+    digest = hashlib.sha256(wasm).hexdigest() + ("+simd" if simd else "")
     if digest in _validated:
         return _validated[digest]
-    verdict, definitive = _run_wasm_validate(wasm, label)
+    verdict, definitive = _run_wasm_validate(wasm, label, simd)
     if verdict is not None and verdict.startswith(f"{label}:"):
         verdict = verdict[len(label) + 1:].lstrip()   # the label is the caller's to add
     if definitive:
@@ -102,7 +107,8 @@ def read_module(path: Path) -> bytes:
     return wasm
 
 
-def check_module(wasm: bytes, label: str, max_memory_bytes: int, *, validated: bool = False) -> WasmInfo:
+def check_module(wasm: bytes, label: str, max_memory_bytes: int, *, validated: bool = False,
+                 simd: bool = False) -> WasmInfo:
     """Raise ModuleRejected unless the bytes are valid wasm following ABI v1. A worker runs it in
     its sandbox, under its memory cap and load deadline (parsing untrusted bytes can cost memory
     and time, and that cost must not land on the supervisor), with validated=True: the
@@ -111,7 +117,7 @@ def check_module(wasm: bytes, label: str, max_memory_bytes: int, *, validated: b
         info = parse(wasm)
     except WasmFormatError as exc:
         raise ModuleRejected(f"{label} is not a valid wasm binary: {exc}") from None
-    complaint = None if validated else wasm_validate(wasm, label)
+    complaint = None if validated else wasm_validate(wasm, label, simd)
     if complaint:
         raise ModuleRejected(f"{label} failed wasm-validate: {complaint}")
     problems = check_abi_v1(info, max_memory_bytes)

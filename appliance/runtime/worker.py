@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import fcntl
 import json
 import mmap
 import os
@@ -23,14 +24,14 @@ import struct
 import time
 
 from appliance.runtime import sandbox
-from appliance.runtime.engines import BACKENDS
+from appliance.runtime.engines import BACKENDS, EngineLoadError, EngineTrap, WasmtimeBackend
 from appliance.runtime.hostcalls.abi import MAX_LOG_BYTES, MAX_LOGS_PER_CALL, MAX_STATE_BYTES, AbiViolation
 from appliance.runtime.hostcalls import abi
 from appliance.runtime.hostcalls.core import Calls, CoreCalls
 from appliance.runtime.hostcalls.dsp import HostDsp
 from appliance.runtime.hostcalls.image import HostImage
 from appliance.runtime.validate import ModuleRejected, check_module
-from appliance.runtime.wire import REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
+from appliance.runtime.wire import ARTIFACT_SEALS, REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
 
 SANDBOX_EXIT = 159   # the worker's exit status after a system call outside its allow-list
 _SIGNAL_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
@@ -94,9 +95,13 @@ def report_sandbox_violations(sock_fd: int) -> None:
 
 def sandbox_policy(request: dict) -> sandbox.Policy:
     """The supervisor decides what a worker may have beyond nothing: executable mappings for a
-    host_nn module's verified native library (preloaded into a memfd, see preload())."""
+    host_nn module's verified native library (preloaded into a memfd, see preload()); for a
+    wasmtime module, code its JIT made (never writable and executable at once) and one thread
+    (the epoch ticker that ends an overrunning call)."""
     host_nn = bool(request.get("host_nn")) and bool(request.get("module_dir"))
-    return sandbox.Policy(executable_mappings=host_nn, skip=frozenset(request.get("skip_layers", ())))
+    jit = request.get("engine") == "wasmtime"
+    return sandbox.Policy(executable_mappings=host_nn, jit=jit, threads=2 if jit else 1,
+                          skip=frozenset(request.get("skip_layers", ())))
 
 
 def enter_sandbox(request: dict, fds: tuple[int, ...]) -> tuple[sandbox.Report, int, int]:
@@ -129,11 +134,58 @@ def run_forked(request: dict, fds: list[int]) -> int:
             os.close(fd)
         libraries = {}
     return serve(sock, fds[1], fds[2], budget=int(request["memory_budget_bytes"]), footprint=footprint, cap=cap,
-                 report=report, libraries=libraries)
+                 report=report, libraries=libraries, artifact_fd=fds[3] if len(fds) > 3 else -1)
+
+
+def read_all(fd: int) -> bytes:
+    """A memfd's whole content, from its start (without closing it)."""
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def seal_artifact(fd: int, data: bytes) -> None:
+    """Write the new artifact and seal the memfd (no write, no resize, no unsealing) before any
+    guest code runs: what the supervisor caches is what the compiler produced, not what a module
+    that took over its worker in ap_init could write there later (process.take_artifact checks
+    the seals)."""
+    write_all(fd, data)   # (a longer refused entry's tail may stay: the reply gives the length)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARTIFACT_SEALS)
+
+
+def make_backend(load: dict, wasm: bytes, artifact_fd: int):
+    """The module's engine, its code loaded: wasm3 parses at instantiation; wasmtime takes the
+    cached artifact the supervisor handed over (artifact_fd) or compiles, and then leaves the
+    new artifact in that memfd for the supervisor to keep (its length goes in the load reply)."""
+    if load.get("backend") != "wasmtime":
+        return BACKENDS["wasm3"](), {}
+    backend = WasmtimeBackend(simd=bool(load.get("simd")), fuel=load.get("fuel"),
+                              deadline_s=float(load.get("deadline_s", 0.25)),
+                              memory_bytes=int(load["max_memory_bytes"]), stack_bytes=int(load["stack_bytes"]))
+    artifact = read_all(artifact_fd) if artifact_fd >= 0 else b""
+    backend.load(wasm, artifact)
+    news: dict = {}
+    if backend.artifact_out is not None and artifact_fd >= 0:
+        seal_artifact(artifact_fd, backend.artifact_out)
+        news["art"] = len(backend.artifact_out)
+    if backend.artifact_note:
+        news["art_note"] = backend.artifact_note
+    return backend, news
 
 
 def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footprint: int, cap: int,
-          report: sandbox.Report, libraries: dict[str, int]) -> int:
+          report: sandbox.Report, libraries: dict[str, int], artifact_fd: int = -1) -> int:
     shm = mmap.mmap(shm_fd, 0)
     shm_view = memoryview(shm)   # windows are copied from it into linear memory without a bytes copy
     with os.fdopen(wasm_fd, "rb") as f:
@@ -181,14 +233,15 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
         return ptr
 
     try:
-        info = check_module(wasm, load["label"], int(load["max_memory_bytes"]), validated=True)
+        info = check_module(wasm, load["label"], int(load["max_memory_bytes"]), validated=True,
+                            simd=load.get("backend") == "wasmtime" and bool(load.get("simd")))
     except ModuleRejected as exc:
         return fault("load", str(exc))
     except MemoryError:
         return fault("memory", f"out of memory while checking the module ({capped()})")
 
     try:
-        backend = BACKENDS[load["backend"]]()
+        backend, artifact_news = make_backend(load, wasm, artifact_fd)
         imports = CoreCalls(lambda: inst.memory(), calls).imports()
         wanted = {(i.module, i.name) for i in info.imports}
         if wanted & {("ap", name) for name in HostDsp.IMPORTS}:
@@ -238,12 +291,17 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
         return fault("abi", str(exc))
     except MemoryError:
         return fault("memory", f"out of memory while loading ({capped()})")
+    except (EngineTrap, EngineLoadError) as exc:
+        return fault(exc.kind, f"{exc} ({capped()})" if exc.kind == "memory" else str(exc))
     except RuntimeError as exc:
         if "allocation failed" in str(exc):
             return fault("memory", f"{exc} ({capped()})")
         return fault("trap" if "[trap]" in str(exc) else "load", str(exc))
     sock.send(json.dumps({"ok": True, "l": calls.logs, "st": state_note, "mem": [footprint, cap],
-                          "sb": report.applied}).encode())
+                          "sb": report.applied, **artifact_news}).encode())
+    # The state a fresh instance resumes from after a deadline (wasmtime): the last one the
+    # supervisor was sent, which is what it would hand a new worker.
+    last_state = base64.b64decode(load["state"]) if load.get("state") and state_note == "accepted" else b""
 
     window_ptrs: dict[int, int] = {}
     sent_names: tuple[str, ...] = ()   # the feature names the supervisor holds
@@ -267,6 +325,25 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
             return fault("abi", str(exc))
         except MemoryError:
             return fault("memory", f"out of memory ({capped()})")
+        except EngineTrap as exc:
+            if exc.kind != "deadline":
+                return fault(exc.kind, str(exc))
+            # Stopped by the engine, not killed: the instance's memory may be half-way through
+            # an update, so a fresh one takes over (the compiled code is kept), from the last
+            # state the supervisor holds; the worker, its pid and its sandbox stay.
+            window_ptrs.clear()
+            calls.reset()
+            try:
+                problem = start_instance()
+                if problem:
+                    return fault(*problem)
+                if last_state and has_state:
+                    restore_state(last_state)
+            except (AbiViolation, EngineTrap, EngineLoadError, MemoryError, RuntimeError) as again:
+                return fault("deadline", f"{exc}; a fresh instance did not start: {again}")
+            sock.send(json.dumps({"fault": "deadline", "error": abi.text(str(exc).encode())[:1000],
+                                  "l": calls.logs, "alive": True}, ensure_ascii=False).encode())
+            continue
         except RuntimeError as exc:
             return fault("trap" if "[trap]" in str(exc) else "engine", str(exc))
         extra: dict = {}
@@ -276,9 +353,12 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
             extra["l"] = calls.logs
         if calls.state_changed and has_state:
             try:
-                extra["s"] = base64.b64encode(state_blob()).decode()
+                last_state = state_blob()
+                extra["s"] = base64.b64encode(last_state).decode()
             except AbiViolation as exc:
                 return fault("abi", str(exc))
+            except EngineTrap as exc:
+                return fault(exc.kind, str(exc))
         names = tuple(calls.features)
         packed_names = b""
         if names != sent_names:
@@ -295,17 +375,25 @@ def name_process(name: str) -> None:
     _prctl(PR_SET_NAME, f"ap:{name}".encode()[:15], 0, 0, 0)
 
 
-def run_spare(channel: socket.socket) -> int:
-    """A worker forked ahead of need: it enters the default sandbox at once, then waits for its
+SPARE_KINDS = ("wasm3", "wasmtime")
+
+
+def spare_policy(kind: str) -> sandbox.Policy:
+    """A spare's sandbox: the default, or a wasmtime worker's (sandbox_policy, for its engine)."""
+    return sandbox_policy({"engine": kind})
+
+
+def run_spare(channel: socket.socket, kind: str = "wasm3") -> int:
+    """A worker forked ahead of need: it enters its kind's sandbox at once, then waits for its
     request and file descriptors on `channel` (from the zygote). A module's start then costs no
     fork and no sandbox set-up, only the module's own load."""
     name_process("spare")
     footprint = private_memory_bytes()   # before the sandbox: /proc is shut afterwards
     report_sandbox_violations(channel.fileno())
-    report = sandbox.enter(sandbox.Policy(), (channel.fileno(),))
-    _warm_up()
+    report = sandbox.enter(spare_policy(kind), (channel.fileno(),))
+    _warm_up(kind)
     data, fds, _, _ = socket.recv_fds(channel, 65536, 4)
-    if not data or len(fds) != 3:
+    if not data or len(fds) != (4 if kind == "wasmtime" else 3):
         return 0   # the zygote is gone (or asked nothing): never used
     channel.close()
     request = json.loads(data)
@@ -314,12 +402,17 @@ def run_spare(channel: socket.socket) -> int:
     budget = int(request["memory_budget_bytes"])
     footprint, cap = cap_memory(budget, footprint=footprint)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])   # family given: no syscall to ask
-    return serve(sock, fds[1], fds[2], budget=budget, footprint=footprint, cap=cap, report=report, libraries={})
+    return serve(sock, fds[1], fds[2], budget=budget, footprint=footprint, cap=cap, report=report, libraries={},
+                 artifact_fd=fds[3] if len(fds) > 3 else -1)
 
 
-def spare_fits(request: dict) -> bool:
-    """A spare runs the default policy: no native library, every layer."""
-    return not request.get("host_nn") and not request.get("skip_layers")
+def spare_kind(request: dict) -> str | None:
+    """The spare that can serve a request (its engine's sandbox, every layer, no native library),
+    or None: fork one for it."""
+    if request.get("host_nn") or request.get("skip_layers"):
+        return None
+    engine = request.get("engine", "wasm3")
+    return engine if engine in SPARE_KINDS else None
 
 
 # A module with one exported function `f` returning 7 and a one-page memory: enough to take wasm3,
@@ -328,15 +421,26 @@ _WARM_UP_MODULE = bytes.fromhex("0061736d01000000010501600001 7f0302010005030100
                                 .replace(" ", ""))
 
 
-def _warm_up() -> None:
+def _warm_up(kind: str = "wasm3") -> None:
     """Run once, in a spare, what every module start runs: the pages this touches are copied from
-    the zygote now (copy-on-write) instead of during a module's start."""
+    the zygote now (copy-on-write) instead of during a module's start. A wasmtime spare makes an
+    engine and compiles the little module: wasmtime's one-time set-up (its signal handlers, CPU
+    features) is done before a module waits for it (no epoch thread: the module's engine has it)."""
     from appliance.runtime.wasm_binary import WasmFormatError, parse
     try:
         parse(_WARM_UP_MODULE)
-        instance = BACKENDS["wasm3"]().instantiate(_WARM_UP_MODULE, 64 << 10, {})
-        instance.call("f")
+        if kind == "wasmtime":
+            import wasmtime
+            from appliance.runtime.engines import wasmtime_config
+            engine = wasmtime.Engine(wasmtime_config(wasmtime, simd=True, fuel=False, stack_bytes=0))
+            module = wasmtime.Module(engine, _WARM_UP_MODULE)
+            wasmtime.Module.deserialize(engine, module.serialize())
+        else:
+            instance = BACKENDS["wasm3"]().instantiate(_WARM_UP_MODULE, 64 << 10, {})
+            instance.call("f")
     except (WasmFormatError, RuntimeError):
+        pass
+    except Exception:   # noqa: BLE001 (a warm-up: the module's own start reports what fails)
         pass
     CoreCalls(lambda: memoryview(b""), Calls()).imports()
     HostDsp(lambda: memoryview(b""), AbiViolation).imports()

@@ -5,13 +5,16 @@ instead of a Python start, and shares the libraries' pages instead of loading it
 The supervisor starts it (`python -m appliance.runtime.zygote`) with one SOCK_SEQPACKET socket.
 Requests and answers are JSON datagrams; file descriptors travel as SCM_RIGHTS:
 
-  zygote -> supervisor  {"spare": pid} + its channel and a pidfd: a worker forked ahead of need,
-                        already in its sandbox (worker.run_spare); the supervisor starts a module
-                        by sending {"op": "fork", ...} + the module's fds down that channel, then
-                        asks for the next spare with {"op": "spare"}
-  supervisor -> zygote  {"op": "fork", "name", "memory_budget_bytes", "host_nn", "module_dir"} + fds
-                        (worker socket, window memfd, module memfd): a worker forked for a request
-                        a spare cannot serve (a host_nn module's native library is read first)
+  zygote -> supervisor  {"spare": pid, "kind": k} + its channel and a pidfd: a worker forked ahead
+                        of need, already in its sandbox (worker.run_spare); the supervisor starts a
+                        module by sending {"op": "fork", ...} + the module's fds down that channel,
+                        then asks for the next spare with {"op": "spare", "kind": k}. Kinds
+                        (worker.SPARE_KINDS): "wasm3" (one from the start) and "wasmtime" (its JIT's
+                        sandbox; asked for once a wasmtime module has started)
+  supervisor -> zygote  {"op": "fork", "name", "memory_budget_bytes", "host_nn", "module_dir", "engine"}
+                        + fds (worker socket, window memfd, module memfd[, wasmtime's artifact memfd]):
+                        a worker forked for a request a spare cannot serve (a host_nn module's native
+                        library is read first; a wasmtime module's sandbox allows its JIT)
   zygote -> supervisor  {"pid": n} + a pidfd of the worker, or {"error": text}
                         {"exit": pid, "status": wait status}   when a worker ends (it reaps them)
 
@@ -60,6 +63,8 @@ def preload() -> list[str]:
     os.environ.update(ONE_THREAD)   # before numpy and OpenCV load, whatever the environment said
     import numpy as np
     import wasm3  # noqa: F401
+    import wasmtime  # noqa: F401  (its library and its ctypes callbacks; engines are made after the fork)
+    from appliance.runtime import wasmtime_c  # noqa: F401  (its host-call trampoline: a ctypes callback)
     from appliance.runtime import worker  # noqa: F401
     from appliance.runtime.hostcalls import dsp, nn  # noqa: F401
     from appliance.runtime.sandbox import seccomp
@@ -127,16 +132,18 @@ def serve(control: socket.socket) -> int:
 def _serve(control: socket.socket, wake_r: int, wake_w: int, children: set[int]) -> None:
     from appliance.runtime import worker
 
-    def hand_over_a_spare() -> None:
+    def hand_over_a_spare(kind: str = "wasm3") -> None:
         """Fork a spare and give the supervisor its channel and pidfd: the supervisor's next module
         start goes straight to it, without a round trip through here."""
+        if kind not in worker.SPARE_KINDS:
+            raise ValueError(f"no spare of kind {kind!r}")
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = _fork_child(lambda: worker.run_spare(theirs), [control, mine, wake_r, wake_w])
+        pid = _fork_child(lambda: worker.run_spare(theirs, kind), [control, mine, wake_r, wake_w])
         children.add(pid)
         theirs.close()
         pidfd = os.pidfd_open(pid)
         try:
-            socket.send_fds(control, [json.dumps({"spare": pid}).encode()], [mine.fileno(), pidfd])
+            socket.send_fds(control, [json.dumps({"spare": pid, "kind": kind}).encode()], [mine.fileno(), pidfd])
         finally:
             mine.close()
             os.close(pidfd)
@@ -160,9 +167,9 @@ def _serve(control: socket.socket, wake_r: int, wake_w: int, children: set[int])
         try:
             request = json.loads(data)
             if request.get("op") == "spare":
-                hand_over_a_spare()
+                hand_over_a_spare(str(request.get("kind", "wasm3")))
                 continue
-            if request.get("op") != "fork" or len(fds) != 3:
+            if request.get("op") != "fork" or len(fds) not in (3, 4):
                 raise ValueError(f"unexpected request {str(request)[:80]} with {len(fds)} fds")
             pid = _fork_child(lambda: worker.run_forked(request, fds), [control, wake_r, wake_w])
             children.add(pid)
@@ -265,7 +272,7 @@ class Zygote:
         self._proc: subprocess.Popen | None = None
         self._answers: list[tuple[dict, list[int]]] = []
         self._exits: dict[int, int] = {}
-        self._spare: tuple[int, socket.socket, int] | None = None   # pid, channel, pidfd
+        self._spares: dict[str, tuple[int, socket.socket, int]] = {}   # kind -> pid, channel, pidfd
         self._spare_failures = 0
         self._requests = 0
         self._unavailable_until = 0.0   # after a failed start: fail fast for a while
@@ -330,19 +337,22 @@ class Zygote:
                     self._exits[msg["exit"]] = msg["status"]
                     while len(self._exits) > MAX_EXITS_KEPT:
                         self._exits.pop(next(iter(self._exits)))
-                    if self._spare is not None and self._spare[0] == msg["exit"]:   # it died unused
-                        self._drop_spare()
-                        self._spare_died(sock, msg["status"])
+                    for kind, spare in list(self._spares.items()):
+                        if spare[0] == msg["exit"]:   # it died unused
+                            self._drop_spare(kind)
+                            self._spare_died(sock, msg["status"], kind)
                 elif "spare" in msg and len(fds) == 2:
-                    self._drop_spare()
-                    self._spare = (msg["spare"], socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0]),
-                                   fds[1])
+                    kind = str(msg.get("kind", "wasm3"))
+                    self._drop_spare(kind)
+                    self._spares[kind] = (msg["spare"], socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0,
+                                                                      fds[0]), fds[1])
                 else:
                     self._answers.append((msg, fds))
                 self._cond.notify_all()
         rc = proc.wait() if proc is not None else None
         with self._cond:
-            self._drop_spare()   # the zygote is gone: its spare ends too (its channel closed)
+            for kind in list(self._spares):
+                self._drop_spare(kind)   # the zygote is gone: its spares end too (their channels closed)
             if self._sock is sock:
                 self._sock = None
                 how = "connection closed" if rc is None else f"exit status {rc}" if rc >= 0 else f"signal {-rc}"
@@ -351,20 +361,20 @@ class Zygote:
             self._cond.notify_all()
         sock.close()
 
-    def _drop_spare(self) -> None:
+    def _drop_spare(self, kind: str) -> None:
         """Call with the condition held."""
-        if self._spare is not None:
-            self._spare[1].close()
-            os.close(self._spare[2])
-            self._spare = None
+        spare = self._spares.pop(kind, None)
+        if spare is not None:
+            spare[1].close()
+            os.close(spare[2])
 
-    def _ask_for_spare(self, sock: socket.socket) -> None:
+    def _ask_for_spare(self, sock: socket.socket, kind: str = "wasm3") -> None:
         try:
-            sock.send(json.dumps({"op": "spare"}).encode())
+            sock.send(json.dumps({"op": "spare", "kind": kind}).encode())
         except OSError:
             pass
 
-    def _spare_died(self, sock: socket.socket, status: int) -> None:
+    def _spare_died(self, sock: socket.socket, status: int, kind: str) -> None:
         """A spare died before it was used: something fails in every spare (a sandbox layer this
         machine refuses, say). Ask again later and later; after a few, stop asking (module starts
         then fork on request, and their faults say what is wrong). Call with the condition held."""
@@ -374,19 +384,23 @@ class Zygote:
                 log.error("zygote: %d spare workers in a row died before use (last: wait status %d); no more "
                           "spares (each module start forks its worker on request)", SPARE_RETRIES, status)
             return
-        timer = threading.Timer(0.1 * 2 ** self._spare_failures, self._ask_for_spare, (sock,))
+        timer = threading.Timer(0.1 * 2 ** self._spare_failures, self._ask_for_spare, (sock, kind))
         timer.daemon = True
         timer.start()
 
-    def _take_spare(self, request: dict, fds: tuple[int, int, int]) -> tuple[int, int] | None:
-        """Hand the request to the ready spare: (pid, pidfd), or None if there is none that fits."""
-        from appliance.runtime.worker import spare_fits
-        if not spare_fits(request):
+    def _take_spare(self, request: dict, fds: tuple[int, ...]) -> tuple[int, int] | None:
+        """Hand the request to the ready spare of its kind: (pid, pidfd), or None if there is none
+        that fits. A kind's first request finds none, and asks for one for the next."""
+        from appliance.runtime.worker import spare_kind
+        kind = spare_kind(request)
+        if kind is None:
             return None
         with self._cond:
-            spare, self._spare = self._spare, None
+            spare = self._spares.pop(kind, None)
             sock = self._sock
         if spare is None:
+            if kind != "wasm3" and sock is not None and self._spare_failures <= SPARE_RETRIES:
+                self._ask_for_spare(sock, kind)
             return None
         pid, channel, pidfd = spare
         self._spare_failures = 0
@@ -398,7 +412,7 @@ class Zygote:
         finally:
             channel.close()
             if sock is not None:
-                self._ask_for_spare(sock)
+                self._ask_for_spare(sock, kind)
         return pid, pidfd
 
     def ensure_started(self) -> None:

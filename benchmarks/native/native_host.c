@@ -53,15 +53,22 @@ static void put_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 static void put_f64(uint8_t *p, double v) { memcpy(p, &v, 8); }
 
 /* The 64-byte header of modules/ABI.md, as appliance/runtime/host.py packs it. */
+static uint32_t img_w, img_h;   /* image windows (camera frames, uint8) when given */
+
 static void write_header(uint8_t *w, uint32_t channels, uint32_t frames, double rate, uint64_t seq) {
     memset(w, 0, 64);
     put_u32(w, 0x31575041u);                 /* "APW1" */
     put_u16(w + 4, 64);
-    put_u16(w + 6, 1);                       /* float32 */
+    put_u16(w + 6, img_w ? 2 : 1);           /* uint8 image, or float32 */
     put_u32(w + 8, channels);
     put_u32(w + 12, frames);
     put_f64(w + 16, rate);
     put_u64(w + 24, seq);
+    if (img_w) {
+        put_u64(w + 32, (uint64_t)((double)seq * 1e9 / rate));   /* start time: frames at `rate` fps */
+        put_u32(w + 48, img_w);
+        put_u32(w + 52, img_h);
+    }
 }
 
 static double cpu_s(void) {
@@ -90,20 +97,23 @@ static long arg(char **argv, int i) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 8) {
-        fprintf(stderr, "usage: %s PARAMS_FILE WINDOWS_FILE CHANNELS FRAMES RATE WARMUP COUNT\n", argv[0]);
+    if (argc != 8 && argc != 10) {
+        fprintf(stderr, "usage: %s PARAMS_FILE WINDOWS_FILE CHANNELS FRAMES RATE WARMUP COUNT [WIDTH HEIGHT]\n",
+                argv[0]);
         return 2;
     }
+    if (argc == 10) { img_w = (uint32_t)arg(argv, 8); img_h = (uint32_t)arg(argv, 9); }
     long plen, wbytes;
     char *params = read_file(argv[1], &plen);
-    float *windows = read_file(argv[2], &wbytes);
+    uint8_t *windows = read_file(argv[2], &wbytes);
     uint32_t channels = (uint32_t)arg(argv, 3), frames = (uint32_t)arg(argv, 4);
     double rate = strtod(argv[5], NULL);
     long warmup = arg(argv, 6), count = arg(argv, 7);
-    size_t samples = (size_t)channels * frames;
-    long distinct = wbytes / (long)(samples * sizeof(float));
-    if (distinct < 1 || (size_t)wbytes != (size_t)distinct * samples * sizeof(float)) {
-        fprintf(stderr, "%s does not hold whole windows of %u x %u float32\n", argv[2], channels, frames);
+    size_t samples = (size_t)channels * frames, bytes = img_w ? 1 : sizeof(float);
+    long distinct = wbytes / (long)(samples * bytes);
+    if (distinct < 1 || (size_t)wbytes != (size_t)distinct * samples * bytes) {
+        fprintf(stderr, "%s does not hold whole windows of %u x %u %s\n", argv[2], channels, frames,
+                img_w ? "uint8" : "float32");
         return 2;
     }
 
@@ -113,7 +123,7 @@ int main(int argc, char **argv) {
     memcpy(pbuf, params, (size_t)plen);
     if (ap_init((const char *)pbuf, (int32_t)plen) != 0) { fprintf(stderr, "ap_init rejected the params\n"); return 1; }
 
-    int32_t wlen = (int32_t)(64 + samples * sizeof(float));
+    int32_t wlen = (int32_t)(64 + samples * bytes);
     uint8_t *wbuf = ap_buffer(1, wlen);
     if (!wbuf) { fprintf(stderr, "module refuses windows of %d bytes\n", (int)wlen); return 1; }
 
@@ -122,7 +132,7 @@ int main(int argc, char **argv) {
     for (long w = 0; w < warmup + count; w++) {
         if (w == warmup) t0 = cpu_s();
         write_header(wbuf, channels, frames, rate, (uint64_t)w);
-        memcpy(wbuf + 64, windows + (size_t)(w % distinct) * samples, samples * sizeof(float));
+        memcpy(wbuf + 64, windows + (size_t)(w % distinct) * samples * bytes, samples * bytes);
         if (ap_process(wbuf, wlen) < 0) rejected++;
     }
     double cpu = cpu_s() - t0;

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from appliance.config.params import SECTION as MANIFEST_SECTION
+from appliance.config.params import SECTION as MANIFEST_SECTION, SIMD_OF_SECTION, find_custom_section
 from appliance.config.params import Manifest as ParamsManifest
 
 from appliance.runtime.inspect import DEFAULT_MAX_MEMORY_BYTES, all_problems, check_file
@@ -178,16 +178,34 @@ def with_manifest(wasm: bytes, manifest: ParamsManifest) -> bytes:
     return wasm + custom_section(MANIFEST_SECTION, manifest.to_bytes())
 
 
-def compile_command(m: Manifest, out: Path, params_h: Path | None = None) -> list[str]:
+# The SIMD build (X.simd.wasm beside X.wasm, run by wasmtime only; docs/engines.md): the same
+# source for speed rather than size, with the features every wasmtime has and wasm3 lacks.
+SIMD_FEATURES = ("-msimd128", "-mnontrapping-fptoint", "-mbulk-memory", "-msign-ext")
+
+
+def bind_simd(simd_path: Path, plain: bytes) -> None:
+    """Tie a SIMD build to its plain twin: a custom section (SIMD_OF_SECTION) with the sha256 of
+    X.wasm's bytes. The runtime runs X.simd.wasm only when it names the X.wasm it sits beside
+    (modcheck.simd_file), so a stale or foreign SIMD build is never picked."""
+    data = Path(simd_path).read_bytes()
+    if find_custom_section(data, SIMD_OF_SECTION) is not None:
+        raise BuildError(f"{simd_path} is already bound to a plain build")
+    tmp = Path(simd_path).with_name(f".{Path(simd_path).name}.bind.tmp")
+    tmp.write_bytes(data + custom_section(SIMD_OF_SECTION, hashlib.sha256(plain).hexdigest().encode()))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, simd_path)
+
+
+def compile_command(m: Manifest, out: Path, params_h: Path | None = None, simd: bool = False) -> list[str]:
     mem = m.memory_kb * 1024
     extra = [f"-ffile-prefix-map={params_h.parent}=gen", "-include", str(params_h)] if params_h else []
     return [
         sys.executable, "-m", "ziglang", "cc",
-        "--target=wasm32-freestanding", "-Os", "-nostdlib",
+        "--target=wasm32-freestanding", "-O2" if simd else "-Os", "-nostdlib",
         # The MVP feature set: every wasm3 build runs it, and the bytes do not depend on
         # which CPU features a future zig enables by default (it enables bulk memory,
         # extended-const, ... today).
-        "-mcpu=mvp",
+        "-mcpu=mvp", *(SIMD_FEATURES if simd else ()),
         "-fvisibility=default", "-s",
         f"-I{SDK_DIR}",
         # Absolute paths (e.g. in __FILE__) must not make bytes depend on the checkout location.
@@ -212,8 +230,10 @@ def run_compiler(cmd: list[str], cwd: Path) -> tuple[int, str]:
     return p.returncode, output
 
 
-def build_module(src: Path, out: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -> BuildResult:
-    """Compiles a module directory (with module.yaml) or a single .c file to `out`."""
+def build_module(src: Path, out: Path, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+                 simd: bool = False) -> BuildResult:
+    """Compiles a module directory (with module.yaml) or a single .c file to `out`; simd: the
+    SIMD build for wasmtime (SIMD_FEATURES, -O2), conventionally X.simd.wasm beside X.wasm."""
     t0 = time.monotonic()
     m = load_manifest(Path(src))
     out = Path(out).resolve()
@@ -227,7 +247,7 @@ def build_module(src: Path, out: Path, max_memory_bytes: int = DEFAULT_MAX_MEMOR
             params_h = Path(tempfile.mkdtemp(prefix=".ap-gen-", dir=out.parent)) / "ap_params.h"
             params_h.write_text(params_header(m.params))
         try:
-            returncode, output = run_compiler(compile_command(m, tmp, params_h), m.src_dir)
+            returncode, output = run_compiler(compile_command(m, tmp, params_h, simd), m.src_dir)
         except subprocess.TimeoutExpired:
             raise BuildError(f"module {m.name}: compiler timed out after {COMPILE_TIMEOUT_S} s") from None
         if returncode != 0:
@@ -240,7 +260,7 @@ def build_module(src: Path, out: Path, max_memory_bytes: int = DEFAULT_MAX_MEMOR
         if m.params is not None:
             data = with_manifest(data, m.params)
             tmp.write_bytes(data)
-        info, ok, msg, abi_problems = check_file(data, tmp, max_memory_bytes)
+        info, ok, msg, abi_problems = check_file(data, tmp, max_memory_bytes, simd)
         problems = all_problems(ok, msg, abi_problems)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
@@ -257,11 +277,18 @@ def build_module(src: Path, out: Path, max_memory_bytes: int = DEFAULT_MAX_MEMOR
 
 
 def build_all(src_root: Path = DEFAULT_SRC_ROOT, out_dir: Path = DEFAULT_OUT_DIR,
-              max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -> list[BuildResult]:
-    """Builds every subdirectory of src_root that has a module.yaml into out_dir/<name>.wasm."""
+              max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES, simd: bool = False) -> list[BuildResult]:
+    """Builds every subdirectory of src_root that has a module.yaml into out_dir/<name>.wasm
+    (and, with simd, its SIMD build out_dir/<name>.simd.wasm too)."""
     results = []
     for d in sorted(Path(src_root).iterdir()):
         if (d / "module.yaml").is_file():
             name = load_manifest(d).name
-            results.append(build_module(d, Path(out_dir) / f"{name}.wasm", max_memory_bytes))
+            plain = Path(out_dir) / f"{name}.wasm"
+            sibling = Path(out_dir) / f"{name}.simd.wasm"
+            sibling.unlink(missing_ok=True)   # a failed SIMD build must not leave the previous one beside the new X.wasm
+            results.append(build_module(d, plain, max_memory_bytes))
+            if simd:
+                results.append(build_module(d, sibling, max_memory_bytes, simd=True))
+                bind_simd(sibling, plain.read_bytes())
     return results

@@ -37,6 +37,10 @@ class Policy:
     uid: int = 59999                 # the top of Debian's range for local accounts: unused on a gateway
     gid: int = 59999
     executable_mappings: bool = False
+    # wasmtime's JIT: pages that become executable once written (never both at once); and the
+    # threads the worker may run (RLIMIT_NPROC), 2 for its epoch ticker (docs/engines.md).
+    jit: bool = False
+    threads: int = 1
     # Layers to leave out: for the escape drill alone (it proves what the others hold by themselves).
     skip: frozenset[str] = frozenset()
 
@@ -114,7 +118,7 @@ def enter(policy: Policy, keep_fds: tuple[int, ...]) -> Report:
                 pass
     # (No RLIMIT_FSIZE: Landlock and seccomp leave no file to write, and a traceback to a stderr
     # that is a regular file must not end the worker with SIGXFSZ.)
-    for limit, value in ((resource.RLIMIT_NPROC, 1), (resource.RLIMIT_NOFILE, OPEN_FILES + len(keep)),
+    for limit, value in ((resource.RLIMIT_NPROC, policy.threads), (resource.RLIMIT_NOFILE, OPEN_FILES + len(keep)),
                          (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
     report.applied["limits"] = True
@@ -143,7 +147,7 @@ def enter(policy: Policy, keep_fds: tuple[int, ...]) -> Report:
     try:
         if "seccomp" in policy.skip:
             raise OSError("skipped")
-        seccomp.install(executable)
+        seccomp.install(executable, jit=policy.jit)
         report.applied["seccomp"] = True
     except OSError as exc:
         report.applied["seccomp"] = False

@@ -96,11 +96,14 @@ def syscall_name(number: int) -> str:
     return name
 
 
-def install(executable_mappings: bool = False) -> int:
+def install(executable_mappings: bool = False, jit: bool = False) -> int:
     """Load the filter into this process (no_new_privs must be set). Returns the rule count.
     executable_mappings: for a worker that loads a verified native library for ap.nn_run (its
     module's host_nn: true): PROT_EXEC mappings and opening /proc/self/fd/N (the library's memfd,
-    which Landlock allows as it allows no real file)."""
+    which Landlock allows as it allows no real file).
+    jit: for a wasmtime worker: mmap and mprotect may ask for PROT_EXEC without PROT_WRITE (the
+    JIT writes code into read-write pages, then turns them read-execute); W+X stays refused,
+    and nothing else opens (docs/engines.md, "Sandbox")."""
     lib = library()
     ctx = lib.seccomp_init(ACT_TRAP)
     if not ctx:
@@ -136,6 +139,13 @@ def install(executable_mappings: bool = False) -> int:
         else:
             add("mmap", ACT_ALLOW, (2, CMP_MASKED_EQ, mmap.PROT_EXEC, 0))
             add("mprotect", ACT_ALLOW, (2, CMP_MASKED_EQ, mmap.PROT_EXEC, 0))
+            if jit:
+                # Code only in anonymous memory: a file (a memfd the worker holds) mapped
+                # executable could be written through its descriptor meanwhile.
+                wx = mmap.PROT_WRITE | mmap.PROT_EXEC
+                add("mmap", ACT_ALLOW, (2, CMP_MASKED_EQ, wx, mmap.PROT_EXEC),
+                    (3, CMP_MASKED_EQ, mmap.MAP_ANONYMOUS, mmap.MAP_ANONYMOUS))
+                add("mprotect", ACT_ALLOW, (2, CMP_MASKED_EQ, wx, mmap.PROT_EXEC))
         pid = os.getpid()
         for name in ("kill", "tkill"):   # raise() and abort() signal only this process
             add(name, ACT_ALLOW, (0, CMP_EQ, pid, 0))
