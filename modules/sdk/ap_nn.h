@@ -119,6 +119,156 @@ static inline void ap_nn_copy(void *dst, const void *src, size_t n) {
     while (n--) *d++ = *s++;
 }
 
+/* ---- convolution and matrix products ---------------------------------------------------------
+ *
+ * The generated convolutions have two forms in the same C. AP_NN_SCALAR (the wasm module for
+ * wasm3, which has no SIMD) keeps the direct kernels written for an interpreter; every other
+ * build (the native twins, the SIMD128 module for wasmtime) lowers the convolution to im2col
+ * and the blocked matrix products below, in 4-lane vectors (GCC vector extensions: SSE2, NEON
+ * or SIMD128 as the target has them).
+ *
+ * Both forms compute each float output as the same sequence of IEEE operations: start from the
+ * bias, then add w*x for the taps in (channel, ky, kx) order, one multiply and one add per tap
+ * (-ffp-contract=off). Vectors and blocking only run independent outputs side by side; no sum is
+ * split or reassociated, so every build gives the same bits. Integer sums are exact anyway. */
+#if defined(__wasm__) && !defined(__wasm_simd128__)
+#define AP_NN_SCALAR 1
+#else
+#define AP_NN_SCALAR 0
+#endif
+
+typedef float ap_nn_f4 __attribute__((vector_size(16), aligned(4)));
+typedef int32_t ap_nn_i4 __attribute__((vector_size(16), aligned(4)));
+typedef int16_t ap_nn_s4 __attribute__((vector_size(8), aligned(2)));
+
+static inline ap_nn_f4 ap_nn_f4_load(const float *p) { return *(const ap_nn_f4 *)p; }
+static inline void ap_nn_f4_store(float *p, ap_nn_f4 v) { *(ap_nn_f4 *)p = v; }
+static inline ap_nn_f4 ap_nn_f4_splat(float v) { return (ap_nn_f4){v, v, v, v}; }
+static inline ap_nn_i4 ap_nn_i4_load16(const int16_t *p) {
+    return __builtin_convertvector(*(const ap_nn_s4 *)p, ap_nn_i4);
+}
+static inline void ap_nn_i4_store(int32_t *p, ap_nn_i4 v) { *(ap_nn_i4 *)p = v; }
+static inline ap_nn_i4 ap_nn_i4_splat(int32_t v) { return (ap_nn_i4){v, v, v, v}; }
+
+/* Y[m*N + n] = bias[m] + W[m*K + 0]*P[0*N + n] + W[m*K + 1]*P[1*N + n] + ..., left to right.
+ * Blocks of 4 rows x 8 columns (8 vector accumulators), then narrower blocks for the rest. */
+static inline void ap_nn_gemm_f32(const float *W, const float *bias, const float *P, float *Y,
+                                  int32_t M, int32_t N, int32_t K) {
+    int32_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        int32_t n = 0;
+        for (; n + 8 <= N; n += 8) {
+            ap_nn_f4 a0 = ap_nn_f4_splat(bias[m]), a1 = ap_nn_f4_splat(bias[m + 1]);
+            ap_nn_f4 a2 = ap_nn_f4_splat(bias[m + 2]), a3 = ap_nn_f4_splat(bias[m + 3]);
+            ap_nn_f4 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_f4 x0 = ap_nn_f4_load(p), x1 = ap_nn_f4_load(p + 4);
+                ap_nn_f4 s = ap_nn_f4_splat(w0[k]); a0 += s * x0; b0 += s * x1;
+                s = ap_nn_f4_splat(w1[k]); a1 += s * x0; b1 += s * x1;
+                s = ap_nn_f4_splat(w2[k]); a2 += s * x0; b2 += s * x1;
+                s = ap_nn_f4_splat(w3[k]); a3 += s * x0; b3 += s * x1;
+            }
+            float *y = Y + m * N + n;
+            ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, b0);
+            ap_nn_f4_store(y + N, a1); ap_nn_f4_store(y + N + 4, b1);
+            ap_nn_f4_store(y + 2 * N, a2); ap_nn_f4_store(y + 2 * N + 4, b2);
+            ap_nn_f4_store(y + 3 * N, a3); ap_nn_f4_store(y + 3 * N + 4, b3);
+        }
+        for (; n < N; n++) {
+            float a0 = bias[m], a1 = bias[m + 1], a2 = bias[m + 2], a3 = bias[m + 3];
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const float x = *p;
+                a0 += w0[k] * x; a1 += w1[k] * x; a2 += w2[k] * x; a3 += w3[k] * x;
+            }
+            Y[m * N + n] = a0; Y[(m + 1) * N + n] = a1; Y[(m + 2) * N + n] = a2; Y[(m + 3) * N + n] = a3;
+        }
+    }
+    for (; m < M; m++) {
+        const float *w0 = W + m * K;
+        int32_t n = 0;
+        for (; n + 16 <= N; n += 16) {
+            ap_nn_f4 a0 = ap_nn_f4_splat(bias[m]), a1 = a0, a2 = a0, a3 = a0;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_f4 s = ap_nn_f4_splat(w0[k]);
+                a0 += s * ap_nn_f4_load(p); a1 += s * ap_nn_f4_load(p + 4);
+                a2 += s * ap_nn_f4_load(p + 8); a3 += s * ap_nn_f4_load(p + 12);
+            }
+            float *y = Y + m * N + n;
+            ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, a1); ap_nn_f4_store(y + 8, a2); ap_nn_f4_store(y + 12, a3);
+        }
+        for (; n < N; n++) {
+            float a = bias[m];
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) a += w0[k] * *p;
+            Y[m * N + n] = a;
+        }
+    }
+}
+
+/* ACC[m*N + n] = init[m] + sum_k W[m*K + k] * P[k*N + n] in int32 (exact: any order). The
+ * operands are int16 (the int8 weights less their zero point, the uint8/int8 activations), so a
+ * product fits and the compilers widen them with the target's 16-bit multiplies. */
+static inline void ap_nn_gemm_i16(const int16_t *W, const int32_t *init, const int16_t *P, int32_t *ACC,
+                                  int32_t M, int32_t N, int32_t K) {
+    int32_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        const int16_t *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        int32_t n = 0;
+        for (; n + 8 <= N; n += 8) {
+            ap_nn_i4 a0 = ap_nn_i4_splat(init[m]), a1 = ap_nn_i4_splat(init[m + 1]);
+            ap_nn_i4 a2 = ap_nn_i4_splat(init[m + 2]), a3 = ap_nn_i4_splat(init[m + 3]);
+            ap_nn_i4 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+            const int16_t *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_i4 x0 = ap_nn_i4_load16(p), x1 = ap_nn_i4_load16(p + 4);
+                ap_nn_i4 s = ap_nn_i4_splat(w0[k]); a0 += s * x0; b0 += s * x1;
+                s = ap_nn_i4_splat(w1[k]); a1 += s * x0; b1 += s * x1;
+                s = ap_nn_i4_splat(w2[k]); a2 += s * x0; b2 += s * x1;
+                s = ap_nn_i4_splat(w3[k]); a3 += s * x0; b3 += s * x1;
+            }
+            int32_t *y = ACC + m * N + n;
+            ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, b0);
+            ap_nn_i4_store(y + N, a1); ap_nn_i4_store(y + N + 4, b1);
+            ap_nn_i4_store(y + 2 * N, a2); ap_nn_i4_store(y + 2 * N + 4, b2);
+            ap_nn_i4_store(y + 3 * N, a3); ap_nn_i4_store(y + 3 * N + 4, b3);
+        }
+        for (; n < N; n++) {
+            int32_t a0 = init[m], a1 = init[m + 1], a2 = init[m + 2], a3 = init[m + 3];
+            const int16_t *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const int32_t x = *p;
+                a0 += w0[k] * x; a1 += w1[k] * x; a2 += w2[k] * x; a3 += w3[k] * x;
+            }
+            ACC[m * N + n] = a0; ACC[(m + 1) * N + n] = a1; ACC[(m + 2) * N + n] = a2; ACC[(m + 3) * N + n] = a3;
+        }
+    }
+    for (; m < M; m++) {
+        const int16_t *w0 = W + m * K;
+        int32_t n = 0;
+        for (; n + 16 <= N; n += 16) {
+            ap_nn_i4 a0 = ap_nn_i4_splat(init[m]), a1 = a0, a2 = a0, a3 = a0;
+            const int16_t *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_i4 s = ap_nn_i4_splat(w0[k]);
+                a0 += s * ap_nn_i4_load16(p); a1 += s * ap_nn_i4_load16(p + 4);
+                a2 += s * ap_nn_i4_load16(p + 8); a3 += s * ap_nn_i4_load16(p + 12);
+            }
+            int32_t *y = ACC + m * N + n;
+            ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, a1); ap_nn_i4_store(y + 8, a2); ap_nn_i4_store(y + 12, a3);
+        }
+        for (; n < N; n++) {
+            int32_t a = init[m];
+            const int16_t *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) a += w0[k] * (int32_t)*p;
+            ACC[m * N + n] = a;
+        }
+    }
+}
+
 /* -nostdlib: the native libraries bring the memcpy and memset the compiler emits for copy and
  * fill loops. Their own loops are written out (not through the helpers above, whose loops the
  * compiler would turn back into calls to these), and no_builtin keeps them loops. */
@@ -364,7 +514,12 @@ static int32_t ap_nn_fill(const ap_nn_module *m, const uint8_t *win, int32_t len
             const float sc = s->scale[c], of = s->offset[c];
             float *dst = m->channels_last ? in + c : in + (size_t)c * F;
             const int32_t step = m->channels_last ? C : 1;
-            for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = (float)src[i] * sc + of;
+            if (step == 1) {    /* the usual layout: the loop an interpreter runs fastest */
+                const uint8_t *end = src + F;
+                while (src < end) *dst++ = (float)*src++ * sc + of;
+            } else {
+                for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = (float)src[i] * sc + of;
+            }
         }
     } else {
         h = ap_window_open(win, len);
@@ -375,7 +530,12 @@ static int32_t ap_nn_fill(const ap_nn_module *m, const uint8_t *win, int32_t len
             const float sc = s->scale[c], of = s->offset[c];
             float *dst = m->channels_last ? in + c : in + (size_t)c * F;
             const int32_t step = m->channels_last ? C : 1;
-            for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = src[i] * sc + of;
+            if (step == 1) {
+                const float *end = src + F;
+                while (src < end) *dst++ = *src++ * sc + of;
+            } else {
+                for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = src[i] * sc + of;
+            }
         }
     }
     return h->dropped ? 1 : 0;

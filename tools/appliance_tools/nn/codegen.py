@@ -133,6 +133,96 @@ class Emitter:
         return f"{t.dtype}[{'x'.join(map(str, t.shape))}]"
 
     def _conv(self, op: Op) -> str:
+        """Both forms (ap_nn.h, "convolution and matrix products"): direct kernels for wasm3,
+        im2col and blocked matrix products elsewhere; the same result bits."""
+        return "\n".join(["#if AP_NN_SCALAR", self._conv_direct(op), "#else", self._conv_gemm(op), "#endif"])
+
+    def _conv_gemm(self, op: Op) -> str:
+        a = op.attrs
+        q = a["quant"]
+        C, H, W, M, G, Cg = a["C"], a["H"], a["W"], a["M"], a["G"], a["Cg"]
+        KH, KW, OH, OW = a["KH"], a["KW"], a["OH"], a["OW"]
+        sh, sw, dh, dw = a["sh"], a["sw"], a["dh"], a["dw"]
+        pt, pl, pb, pr = a["pt"], a["pl"], a["pb"], a["pr"]
+        xt = C_TYPES[a["dtype"]]
+        x, y = self.ptr(op.inputs[0]), self.ptr(op.outputs[0])
+        MG, KC, N = M // G, Cg * KH * KW, OH * OW
+        pad = bool(pt or pl or pb or pr)
+        HP, WP = H + pt + pb, W + pl + pr
+        lines = [f"  const {xt} *x = {x};"]
+        if q is None:
+            lines.append(f"  float *y = {y};")
+            wname = self.const("w", a["w"].reshape(M, KC), "float32", op.where)
+            bias = a["b"] if a["b"] is not None else np.zeros(M, np.float32)
+            bname = self.const("b", bias, "float32", op.where)
+            pt_c = "float"
+        else:
+            yt = C_TYPES[q["ytype"]]
+            lines.append(f"  {yt} *y = {y};")
+            wz = q["wz"].astype(np.int64)
+            w16 = a["w"].reshape(M, KC).astype(np.int64) - wz[:, None]
+            wname = self.const("w16", w16, "int16", op.where)
+            bias = q["bias"].astype(np.int64) if q["bias"] is not None else np.zeros(M, np.int64)
+            init = bias - q["xz"] * w16.sum(axis=1)   # sum (x - xz)(w - wz) = sum x (w - wz) - xz sum (w - wz)
+            if np.abs(init).max(initial=0) >= 2 ** 31:
+                raise ModelError(f"{self.g.model}: {op.where}: bias and zero point overflow int32")
+            bname = self.const("init", init, "int32", op.where)
+            sname = self.const("scale", q["scales"], "float32", op.where)
+            pt_c = "int16_t"
+            acc = self.scratch_buf("int32_t", MG * N, "gacc")
+            lines.append(f"  int32_t *acc = {acc};")
+        if pad:
+            xp = self.scratch_buf(xt, C * HP * WP, "gpad")
+            fill = "0.0f" if q is None else str(q["xz"])
+            lines += [f"  {xt} *xp = {xp};",
+                      f"  for (int32_t i = 0; i < {C * HP * WP}; i++) xp[i] = ({xt}){fill};",
+                      f"  for (int32_t c = 0; c < {C}; c++)",
+                      f"    for (int32_t r = 0; r < {H}; r++) {{",
+                      f"      const {xt} *s = x + c * {H * W} + r * {W};",
+                      f"      {xt} *d = xp + c * {HP * WP} + (r + {pt}) * {WP} + {pl};",
+                      f"      for (int32_t i = 0; i < {W}; i++) d[i] = s[i];",
+                      "    }",
+                      f"  const {xt} *src0 = xp;"]
+        else:
+            lines.append(f"  const {xt} *src0 = x;")
+        # A 1x1, stride 1 float convolution reads its input as the matrix; the others gather it.
+        direct = q is None and KH == KW == 1 and sh == sw == 1 and not pad
+        if not direct:
+            pm = self.scratch_buf(pt_c, KC * N, "cols")
+            lines.append(f"  {pt_c} *cols = {pm};")
+        lines.append(f"  for (int32_t g = 0; g < {G}; g++) {{")
+        lines.append(f"    const {xt} *src = src0 + g * {Cg * HP * WP};")
+        if direct:
+            lines.append("    const float *cols = src;")
+        else:
+            lines += [f"    for (int32_t c = 0; c < {Cg}; c++)",
+                      f"      for (int32_t ky = 0; ky < {KH}; ky++)",
+                      f"        for (int32_t kx = 0; kx < {KW}; kx++) {{",
+                      f"          const {xt} *s = src + c * {HP * WP} + ky * {dh * WP} + kx * {dw};",
+                      f"          {pt_c} *d = cols + ((c * {KH} + ky) * {KW} + kx) * {N};",
+                      f"          for (int32_t oy = 0; oy < {OH}; oy++)",
+                      f"            for (int32_t ox = 0; ox < {OW}; ox++)",
+                      f"              d[oy * {OW} + ox] = ({pt_c})s[oy * {sh * WP} + ox * {sw}];",
+                      "        }"]
+        if q is None:
+            lines.append(f"    ap_nn_gemm_f32({wname} + g * {MG * KC}, {bname} + g * {MG}, cols, y + g * {MG * N}, "
+                         f"{MG}, {N}, {KC});")
+            lines += ["  }"] + self._act_lines(a.get("act"), "y", M * N, "  ")
+        else:
+            lo, hi = Q_RANGE[q["ytype"]]
+            yz = q["yz"]
+            lines += [f"    ap_nn_gemm_i16({wname} + g * {MG * KC}, {bname} + g * {MG}, cols, acc, {MG}, {N}, {KC});",
+                      f"    for (int32_t m = 0; m < {MG}; m++) {{",
+                      f"      const float sc = {sname}[g * {MG} + m];",
+                      f"      {yt} *d = y + (g * {MG} + m) * {N};",
+                      f"      const int32_t *o = acc + m * {N};",
+                      f"      for (int32_t i = 0; i < {N}; i++)",
+                      f"        d[i] = ({yt})(ap_nn_quant((float)o[i] * sc, {c_float(lo - yz)}, "
+                      f"{c_float(hi - yz)}) + {yz});",
+                      "    }", "  }"]
+        return "\n".join(lines)
+
+    def _conv_direct(self, op: Op) -> str:
         a = op.attrs
         q = a["quant"]
         C, H, W, M, G, Cg = a["C"], a["H"], a["W"], a["M"], a["G"], a["Cg"]
@@ -217,7 +307,7 @@ class Emitter:
             out += [f"      for (int32_t oy = 0; oy < {OH}; oy++) {{",
                     f"        const {xt} *p = s + oy * {sh * WP};",
                     f"        {acc_t} *r = o + oy * {OW};",
-                    f"        for (int32_t ox = 0; ox < {OW}; ox++, p += {sw}) r[ox] += {terms};",
+                    f"        for (int32_t ox = 0; ox < {OW}; ox++, p += {sw}) r[ox] = r[ox] + {terms};",
                     "      }"]
             return out
 

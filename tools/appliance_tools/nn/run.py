@@ -31,11 +31,13 @@ class Result:
 class ModelModule:
     def __init__(self, wasm, params: dict | str | None = None, *, host_nn: bool = False,
                  module_dir: Path | None = None, stack_bytes: int = 128 << 10,
-                 max_memory_bytes: int = 256 << 20) -> None:
+                 max_memory_bytes: int = 256 << 20, backend=None, validated: bool = False) -> None:
+        """backend: the engine (an appliance.runtime.engines.Backend; default wasm3). validated:
+        the caller ran wasm-validate with the features its engine has (the SIMD128 build)."""
         if isinstance(wasm, (str, Path)):
             module_dir = Path(wasm).parent if module_dir is None else module_dir
             wasm = Path(wasm).read_bytes()
-        info = check_module(wasm, "model", max_memory_bytes)
+        info = check_module(wasm, "model", max_memory_bytes, validated=validated)
         self.features: dict[str, float] = {}
         self.events: list[tuple[int, float, str]] = []
         self.logs: list[tuple[int, str]] = []
@@ -63,7 +65,7 @@ class ModelModule:
             self.host = HostNN(lambda: inst.memory(), ModuleCallError, str(module_dir) if module_dir else None,
                                host_nn, lambda level, text: self.logs.append((level, text)))
             imports.update(self.host.imports())
-        inst = Wasm3Backend().instantiate(wasm, stack_bytes, imports)
+        inst = (backend or Wasm3Backend()).instantiate(wasm, stack_bytes, imports)
         self.inst = inst
         if isinstance(params, dict) or params is None:
             params = dict(params or {})
