@@ -6,8 +6,8 @@ inferences per CPU-second on one core, four ways side by side:
   wasmtime         the SIMD128 build beside it (x.simd.wasm) in wasmtime, its own code (host_nn off)
   onnxruntime      the .onnx file itself, CPU provider, one thread
 
-wasmtime is instantiated here with wasmtime-py directly (the host imports of ABI v1 from
-appliance.runtime.engines.IMPORT_SIGNATURES), compiled once before the timing; its row says so
+wasmtime is instantiated here with wasmtime-py directly (appliance_tools.nn.run.WasmtimeBackend:
+the host imports of ABI v1 from appliance.runtime.engines.IMPORT_SIGNATURES), compiled once before the timing; its row says so
 when wasmtime is not installed. wasm3, wasm3 + nn_run and wasmtime run the module in this process (appliance_tools.nn.run.ModelModule: the same
 module and engine a worker runs, without the process boundary), so a call is what ap_process
 costs: the window copied in, the input scaling, the network, the features and the rule. CPU time
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from appliance_tools.evaluation import nn as evaluation_nn  # noqa: E402
-from appliance_tools.nn.run import ModelModule  # noqa: E402
+from appliance_tools.nn.run import ModelModule, WasmtimeBackend  # noqa: E402
 from common import self_cpu  # noqa: E402
 
 MODELS = REPO / "modules" / "models"
@@ -75,54 +75,6 @@ def measure(call, items) -> tuple[float, float, float]:
         lat.append(time.perf_counter() - t)
     cpu = self_cpu() - cpu0
     return float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), len(items) / cpu
-
-
-class WasmtimeBackend:
-    """wasmtime-py behind the engines' Backend interface (instantiate -> call, memory), for
-    measuring the SIMD128 build. The appliance's own wasmtime engine is issue 19's part 1."""
-    name = "wasmtime"
-
-    def __init__(self) -> None:
-        import wasmtime
-        self.wt = wasmtime
-        self.engine = wasmtime.Engine()
-
-    def instantiate(self, wasm: bytes, stack_bytes: int, imports):
-        import ctypes
-        from appliance.runtime.engines import IMPORT_SIGNATURES
-        wt = self.wt
-        kinds = {"i": wt.ValType.i32(), "I": wt.ValType.i64(), "f": wt.ValType.f32(), "F": wt.ValType.f64()}
-        store = wt.Store(self.engine)
-        module = wt.Module(self.engine, wasm)
-        externs = []
-        for imp in module.imports:
-            sig = IMPORT_SIGNATURES[(imp.module, imp.name)]          # e.g. "i(iiF)"
-            ret, params = sig[0], sig[2:-1]
-            ty = wt.FuncType([kinds[c] for c in params], [] if ret == "v" else [kinds[ret]])
-            externs.append(wt.Func(store, ty, imports[(imp.module, imp.name)]))
-        instance = wt.Instance(store, module, externs)
-        exports = instance.exports(store)
-        mem = exports["memory"]
-        size = mem.data_len(store)
-        raw = (ctypes.c_ubyte * size).from_address(ctypes.addressof(mem.data_ptr(store).contents))
-        view = memoryview(raw).cast("B")   # ABI v1 memory never grows: one view for the instance's life
-
-        class Instance:
-            def __init__(self):
-                self._functions = {}
-
-            def call(self, export: str, *args):
-                fn = self._functions.get(export)
-                if fn is None:
-                    fn = self._functions[export] = exports[export]
-                return fn(store, *args)
-
-            def memory(self):
-                return view
-
-        inst = Instance()
-        inst.keep = (store, module, instance, raw)
-        return inst
 
 
 def wasmtime_backend() -> tuple[object | None, str]:

@@ -32,12 +32,13 @@ class Buffer:
 @dataclass
 class Program:
     net_c: str                 # the network: self-contained C (includes ap_nn.h only)
-    arena_bytes: int
+    arena_bytes: int           # the wasm3 build's (direct kernels)
     const_bytes: int
     input_floats: int
     output_floats: int
     output_slices: list[tuple[str, int, int, tuple]]   # (tensor, offset, count, shape) in the output block
     op_summary: list[str]
+    arena_bytes_vector: int = 0   # the native and SIMD128 builds' (im2col scratch)
 
 
 def c_comment(text: str) -> str:
@@ -61,7 +62,8 @@ class Emitter:
         self.consts: list[str] = []
         self.const_bytes = 0
         self.funcs: list[str] = []
-        self.scratch: dict[int, list[tuple[str, int]]] = {}   # op index -> [(buffer name, bytes)]
+        self.scratch: dict[int, list[tuple[str, int, str | None]]] = {}   # op -> [(buffer, bytes, build)]
+        self.build: str | None = None     # "scalar" or "vector" while emitting one form of an operator
         self.names: dict[str, str] = {}
         self._n = 0
         self.current = 0
@@ -114,7 +116,8 @@ class Emitter:
     def scratch_buf(self, ctype: str, count: int, tag: str) -> str:
         name = f"S{self.current}_{tag}"
         self.scratch.setdefault(self.current, []).append((name, count * (4 if ctype in ("float", "int32_t") else
-                                                                          2 if ctype == "int16_t" else 1)))
+                                                                          2 if ctype == "int16_t" else 1),
+                                                          self.build))
         return f"(({ctype} *)(nn_arena + NN_OFF_{name}))"
 
     # ---- operators --------------------------------------------------------------------------
@@ -135,7 +138,12 @@ class Emitter:
     def _conv(self, op: Op) -> str:
         """Both forms (ap_nn.h, "convolution and matrix products"): direct kernels for wasm3,
         im2col and blocked matrix products elsewhere; the same result bits."""
-        return "\n".join(["#if AP_NN_SCALAR", self._conv_direct(op), "#else", self._conv_gemm(op), "#endif"])
+        self.build = "scalar"
+        direct = self._conv_direct(op)
+        self.build = "vector"
+        gemm = self._conv_gemm(op)
+        self.build = None
+        return "\n".join(["#if AP_NN_SCALAR", direct, "#else", gemm, "#endif"])
 
     def _conv_gemm(self, op: Op) -> str:
         a = op.attrs
@@ -824,15 +832,19 @@ def generate(graph: Graph, header_comment: str) -> Program:
             last[root] = max(last.get(root, i), i)
     for out in graph.outputs:
         last[graph.storage(out)] = nops
-    buffers = []
-    for root in first:
-        t = graph.tensors[root]
-        buffers.append(Buffer(f"{em.buffer_id(root)}", t.nbytes, first[root], last[root]))
-    for i, scratch in em.scratch.items():
-        for name, nbytes in scratch:
-            buffers.append(Buffer(name, nbytes, i, i))
-    arena = plan(buffers)
-    arena = max(ALIGN, -(-arena // ALIGN) * ALIGN)
+    # One arena layout per build: the wasm3 build's scratch (padding) is not the others' (im2col).
+    layouts = {}
+    for build in ("scalar", "vector"):
+        buffers = []
+        for root in first:
+            t = graph.tensors[root]
+            buffers.append(Buffer(f"{em.buffer_id(root)}", t.nbytes, first[root], last[root]))
+        for i, scratch in em.scratch.items():
+            for name, nbytes, only in scratch:
+                if only in (None, build):
+                    buffers.append(Buffer(name, nbytes, i, i))
+        arena = plan(buffers)
+        layouts[build] = (max(ALIGN, -(-arena // ALIGN) * ALIGN), buffers)
 
     in_t = graph.tensors[graph.input]
     slices, off = [], 0
@@ -844,12 +856,16 @@ def generate(graph: Graph, header_comment: str) -> Program:
                        f"for (int32_t i = 0; i < {t.size}; i++) out[{off} + i] = (float)y[i]; }}")
         off += t.size
 
-    defs = [f"#define NN_OFF_{b.name} {b.offset}" for b in sorted(buffers, key=lambda b: b.offset)]
+    defs = []
+    for build, cond in (("scalar", "#if AP_NN_SCALAR"), ("vector", "#else")):
+        arena, buffers = layouts[build]
+        defs += [cond, f"#define NN_ARENA_BYTES {arena}"]
+        defs += [f"#define NN_OFF_{b.name} {b.offset}" for b in sorted(buffers, key=lambda b: b.offset)]
+    defs.append("#endif")
     src = [
         header_comment,
         "#include \"ap_nn.h\"",
         "",
-        f"#define NN_ARENA_BYTES {arena}",
         f"#define NN_INPUT_FLOATS {in_t.size}",
         f"#define NN_OUTPUT_FLOATS {off}",
         *defs,
@@ -893,4 +909,5 @@ def generate(graph: Graph, header_comment: str) -> Program:
     ]
     summary = [f"{i:3d} {op.where}: {op.attrs.get('label', op.kind)} -> "
                f"{', '.join(em.shape_text(o) for o in op.outputs)}" for i, op in enumerate(graph.ops)]
-    return Program("\n".join(src), arena, em.const_bytes, in_t.size, off, slices, summary)
+    return Program("\n".join(src), layouts["scalar"][0], em.const_bytes, in_t.size, off, slices, summary,
+                   layouts["vector"][0])

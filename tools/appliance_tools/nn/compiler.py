@@ -46,7 +46,7 @@ class CompileResult:
     model_hash: str                       # names the native libraries; embedded in the module
     native: list[NativeLibrary]
     memory_kb: int
-    arena_bytes: int                      # activations and scratch, after reuse
+    arena_bytes: int                      # activations and scratch, after reuse (x.wasm)
     weight_bytes: int                     # constants
     input_name: str
     input_shape: tuple[int, ...]
@@ -351,9 +351,13 @@ def compile_model(model, output, *, input: str | None = None, input_shape=None, 
         wasm = with_manifest(wasm, manifest)
         seconds["wasm"] = time.monotonic() - t
         simd_bytes = None
-        if simd:
+        # The SIMD128 build's arena holds the im2col matrices too; a model whose vector build would
+        # not fit the memory budget gets none (engines then run x.wasm).
+        simd_memory = memory + -(-max(0, program.arena_bytes_vector - program.arena_bytes) // 65536) * 65536
+        if simd and simd_memory <= budget:
             t = time.monotonic()
-            simd_bytes = with_manifest(_compile_wasm(work, memory, budget, memory_mb, label, simd=True)[0], manifest)
+            simd_bytes = with_manifest(_compile_wasm(work, simd_memory, budget, memory_mb, label, simd=True)[0],
+                                       manifest)
             complaint = _validate_simd(simd_bytes, output.name)
             if complaint:
                 raise ModelError(f"{label}: the generated SIMD128 module fails wasm-validate: {complaint}")

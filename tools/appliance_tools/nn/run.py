@@ -114,3 +114,52 @@ class ModelModule:
         ptr, n = self.inst.call("ap_nn_output_ptr"), self.inst.call("ap_nn_output_len")
         mem = self.inst.memory()
         return np.array(struct.unpack_from(f"<{n}f", mem, ptr), np.float32)
+
+
+class WasmtimeBackend:
+    """wasmtime-py behind the engines' Backend interface (instantiate -> call, memory), for the
+    SIMD128 build (x.simd.wasm) in tests and benchmarks, in this process. The appliance's own
+    wasmtime engine (workers, deadlines, cached artifacts) is issue 19's part 1, not this."""
+    name = "wasmtime"
+
+    def __init__(self) -> None:
+        import wasmtime
+        self.wt = wasmtime
+        self.engine = wasmtime.Engine()
+
+    def instantiate(self, wasm: bytes, stack_bytes: int, imports):
+        import ctypes
+        from appliance.runtime.engines import IMPORT_SIGNATURES
+        wt = self.wt
+        kinds = {"i": wt.ValType.i32(), "I": wt.ValType.i64(), "f": wt.ValType.f32(), "F": wt.ValType.f64()}
+        store = wt.Store(self.engine)
+        module = wt.Module(self.engine, wasm)
+        externs = []
+        for imp in module.imports:
+            sig = IMPORT_SIGNATURES[(imp.module, imp.name)]          # e.g. "i(iiF)"
+            ret, params = sig[0], sig[2:-1]
+            ty = wt.FuncType([kinds[c] for c in params], [] if ret == "v" else [kinds[ret]])
+            externs.append(wt.Func(store, ty, imports[(imp.module, imp.name)]))
+        instance = wt.Instance(store, module, externs)
+        exports = instance.exports(store)
+        mem = exports["memory"]
+        size = mem.data_len(store)
+        raw = (ctypes.c_ubyte * size).from_address(ctypes.addressof(mem.data_ptr(store).contents))
+        view = memoryview(raw).cast("B")   # ABI v1 memory never grows: one view for the instance's life
+
+        class Instance:
+            def __init__(self):
+                self._functions = {}
+
+            def call(self, export: str, *args):
+                fn = self._functions.get(export)
+                if fn is None:
+                    fn = self._functions[export] = exports[export]
+                return fn(store, *args)
+
+            def memory(self):
+                return view
+
+        inst = Instance()
+        inst.keep = (store, module, instance, raw)
+        return inst
