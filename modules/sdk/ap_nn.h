@@ -150,10 +150,10 @@ static inline ap_nn_i4 ap_nn_i4_load16(const int16_t *p) {
 static inline void ap_nn_i4_store(int32_t *p, ap_nn_i4 v) { *(ap_nn_i4 *)p = v; }
 static inline ap_nn_i4 ap_nn_i4_splat(int32_t v) { return (ap_nn_i4){v, v, v, v}; }
 
-/* Y[m*N + n] = bias[m] + W[m*K + 0]*P[0*N + n] + W[m*K + 1]*P[1*N + n] + ..., left to right.
+/* Y[m*ld + n] = bias[m] + W[m*K + 0]*P[0*ld + n] + W[m*K + 1]*P[1*ld + n] + ..., left to right.
  * Blocks of 4 rows x 8 columns (8 vector accumulators), then narrower blocks for the rest. */
-static inline void ap_nn_gemm_f32(const float *W, const float *bias, const float *P, float *Y,
-                                  int32_t M, int32_t N, int32_t K) {
+static inline void ap_nn_gemm_f32_v4(const float *W, const float *bias, const float *P, float *Y,
+                                     int32_t M, int32_t N, int32_t K, int32_t ld) {
     int32_t m = 0;
     for (; m + 4 <= M; m += 4) {
         const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
@@ -163,27 +163,27 @@ static inline void ap_nn_gemm_f32(const float *W, const float *bias, const float
             ap_nn_f4 a2 = ap_nn_f4_splat(bias[m + 2]), a3 = ap_nn_f4_splat(bias[m + 3]);
             ap_nn_f4 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
             const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) {
+            for (int32_t k = 0; k < K; k++, p += ld) {
                 const ap_nn_f4 x0 = ap_nn_f4_load(p), x1 = ap_nn_f4_load(p + 4);
                 ap_nn_f4 s = ap_nn_f4_splat(w0[k]); a0 += s * x0; b0 += s * x1;
                 s = ap_nn_f4_splat(w1[k]); a1 += s * x0; b1 += s * x1;
                 s = ap_nn_f4_splat(w2[k]); a2 += s * x0; b2 += s * x1;
                 s = ap_nn_f4_splat(w3[k]); a3 += s * x0; b3 += s * x1;
             }
-            float *y = Y + m * N + n;
+            float *y = Y + m * ld + n;
             ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, b0);
-            ap_nn_f4_store(y + N, a1); ap_nn_f4_store(y + N + 4, b1);
-            ap_nn_f4_store(y + 2 * N, a2); ap_nn_f4_store(y + 2 * N + 4, b2);
-            ap_nn_f4_store(y + 3 * N, a3); ap_nn_f4_store(y + 3 * N + 4, b3);
+            ap_nn_f4_store(y + ld, a1); ap_nn_f4_store(y + ld + 4, b1);
+            ap_nn_f4_store(y + 2 * ld, a2); ap_nn_f4_store(y + 2 * ld + 4, b2);
+            ap_nn_f4_store(y + 3 * ld, a3); ap_nn_f4_store(y + 3 * ld + 4, b3);
         }
         for (; n < N; n++) {
             float a0 = bias[m], a1 = bias[m + 1], a2 = bias[m + 2], a3 = bias[m + 3];
             const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) {
+            for (int32_t k = 0; k < K; k++, p += ld) {
                 const float x = *p;
                 a0 += w0[k] * x; a1 += w1[k] * x; a2 += w2[k] * x; a3 += w3[k] * x;
             }
-            Y[m * N + n] = a0; Y[(m + 1) * N + n] = a1; Y[(m + 2) * N + n] = a2; Y[(m + 3) * N + n] = a3;
+            Y[m * ld + n] = a0; Y[(m + 1) * ld + n] = a1; Y[(m + 2) * ld + n] = a2; Y[(m + 3) * ld + n] = a3;
         }
     }
     for (; m < M; m++) {
@@ -192,21 +192,112 @@ static inline void ap_nn_gemm_f32(const float *W, const float *bias, const float
         for (; n + 16 <= N; n += 16) {
             ap_nn_f4 a0 = ap_nn_f4_splat(bias[m]), a1 = a0, a2 = a0, a3 = a0;
             const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) {
+            for (int32_t k = 0; k < K; k++, p += ld) {
                 const ap_nn_f4 s = ap_nn_f4_splat(w0[k]);
                 a0 += s * ap_nn_f4_load(p); a1 += s * ap_nn_f4_load(p + 4);
                 a2 += s * ap_nn_f4_load(p + 8); a3 += s * ap_nn_f4_load(p + 12);
             }
-            float *y = Y + m * N + n;
+            float *y = Y + m * ld + n;
             ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, a1); ap_nn_f4_store(y + 8, a2); ap_nn_f4_store(y + 12, a3);
         }
         for (; n < N; n++) {
             float a = bias[m];
             const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) a += w0[k] * *p;
-            Y[m * N + n] = a;
+            for (int32_t k = 0; k < K; k++, p += ld) a += w0[k] * *p;
+            Y[m * ld + n] = a;
         }
     }
+}
+
+#if defined(AP_NN_NATIVE) && defined(__x86_64__)
+/* x86-64 native twins: the same products in 8-lane AVX2 vectors where the CPU has them (asked
+ * once with CPUID). The library stays built for the baseline CPU; AVX2 lanes are the same IEEE
+ * single operations as SSE2's (no FMA: -ffp-contract=off, and AVX2 does not bring it). */
+typedef float ap_nn_f8 __attribute__((vector_size(32), aligned(4)));
+/* A real splat: 0 + v would turn a bias of -0.0 into +0.0. */
+__attribute__((target("avx2"))) static inline ap_nn_f8 ap_nn_f8_splat(float v) {
+    return (ap_nn_f8){v, v, v, v, v, v, v, v};
+}
+
+static int ap_nn_x86_avx2(void) {
+    static int known = -1;   /* a race between threads writes the same value */
+    if (known < 0) {
+        uint32_t a, b, c, d, lo, hi;
+        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+        int ok = a >= 7;
+        if (ok) {
+            __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+            ok = (c & (1u << 27)) && (c & (1u << 28));          /* OSXSAVE, AVX */
+        }
+        if (ok) {
+            __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+            ok = (lo & 6u) == 6u;                                  /* the OS saves XMM and YMM */
+        }
+        if (ok) {
+            __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+            ok = (b & (1u << 5)) != 0;                             /* AVX2 */
+        }
+        known = ok;
+    }
+    return known;
+}
+
+__attribute__((target("avx2"))) static void ap_nn_gemm_f32_avx2(const float *W, const float *bias, const float *P,
+                                                                 float *Y, int32_t M, int32_t N, int32_t K) {
+    int32_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        int32_t n = 0;
+        for (; n + 16 <= N; n += 16) {
+            ap_nn_f8 a0 = ap_nn_f8_splat(bias[m]), a1 = ap_nn_f8_splat(bias[m + 1]);
+            ap_nn_f8 a2 = ap_nn_f8_splat(bias[m + 2]), a3 = ap_nn_f8_splat(bias[m + 3]);
+            ap_nn_f8 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_f8 x0 = *(const ap_nn_f8 *)p, x1 = *(const ap_nn_f8 *)(p + 8);
+                ap_nn_f8 s = ap_nn_f8_splat(w0[k]); a0 += s * x0; b0 += s * x1;
+                s = ap_nn_f8_splat(w1[k]); a1 += s * x0; b1 += s * x1;
+                s = ap_nn_f8_splat(w2[k]); a2 += s * x0; b2 += s * x1;
+                s = ap_nn_f8_splat(w3[k]); a3 += s * x0; b3 += s * x1;
+            }
+            float *y = Y + m * N + n;
+            *(ap_nn_f8 *)y = a0; *(ap_nn_f8 *)(y + 8) = b0;
+            *(ap_nn_f8 *)(y + N) = a1; *(ap_nn_f8 *)(y + N + 8) = b1;
+            *(ap_nn_f8 *)(y + 2 * N) = a2; *(ap_nn_f8 *)(y + 2 * N + 8) = b2;
+            *(ap_nn_f8 *)(y + 3 * N) = a3; *(ap_nn_f8 *)(y + 3 * N + 8) = b3;
+        }
+        if (n < N)      /* the rest of these rows: the 4-lane kernel, the same sums */
+            for (int32_t r = 0; r < 4; r++)
+                ap_nn_gemm_f32_v4(W + (m + r) * K, bias + m + r, P + n, Y + (m + r) * N + n, 1, N - n, K, N);
+    }
+    for (; m < M; m++) {
+        const float *w0 = W + m * K;
+        int32_t n = 0;
+        for (; n + 32 <= N; n += 32) {
+            ap_nn_f8 a0 = ap_nn_f8_splat(bias[m]), a1 = a0, a2 = a0, a3 = a0;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_f8 s = ap_nn_f8_splat(w0[k]);
+                a0 += s * *(const ap_nn_f8 *)p; a1 += s * *(const ap_nn_f8 *)(p + 8);
+                a2 += s * *(const ap_nn_f8 *)(p + 16); a3 += s * *(const ap_nn_f8 *)(p + 24);
+            }
+            float *y = Y + m * N + n;
+            *(ap_nn_f8 *)y = a0; *(ap_nn_f8 *)(y + 8) = a1; *(ap_nn_f8 *)(y + 16) = a2; *(ap_nn_f8 *)(y + 24) = a3;
+        }
+        if (n < N) ap_nn_gemm_f32_v4(w0, bias + m, P + n, Y + m * N + n, 1, N - n, K, N);
+    }
+}
+#endif
+
+static void ap_nn_gemm_f32(const float *W, const float *bias, const float *P, float *Y,
+                           int32_t M, int32_t N, int32_t K) {
+#if defined(AP_NN_NATIVE) && defined(__x86_64__)
+    if (ap_nn_x86_avx2()) {
+        ap_nn_gemm_f32_avx2(W, bias, P, Y, M, N, K);
+        return;
+    }
+#endif
+    ap_nn_gemm_f32_v4(W, bias, P, Y, M, N, K, N);
 }
 
 /* ACC[m*N + n] = init[m] + sum_k W[m*K + k] * P[k*N + n] in int32 (exact: any order). The

@@ -356,14 +356,15 @@ class Emitter:
     def _act_lines(self, act, v: str, n: int, ind: str) -> list[str]:
         if not act:
             return []
+        # Selects, not conditional stores: the compilers vectorise these (NaN and -0.0 pass as before).
         if act[0] == "relu":
-            return [f"{ind}for (int32_t i = 0; i < {n}; i++) if ({v}[i] < 0.0f) {v}[i] = 0.0f;"]
+            return [f"{ind}for (int32_t i = 0; i < {n}; i++) {v}[i] = {v}[i] < 0.0f ? 0.0f : {v}[i];"]
         lo, hi = act[1], act[2]
         out = [f"{ind}for (int32_t i = 0; i < {n}; i++) {{"]
         if lo != -np.inf:
-            out.append(f"{ind}  if ({v}[i] < {c_float(lo)}) {v}[i] = {c_float(lo)};")
+            out.append(f"{ind}  {v}[i] = {v}[i] < {c_float(lo)} ? {c_float(lo)} : {v}[i];")
         if hi != np.inf:
-            out.append(f"{ind}  if ({v}[i] > {c_float(hi)}) {v}[i] = {c_float(hi)};")
+            out.append(f"{ind}  {v}[i] = {v}[i] > {c_float(hi)} ? {c_float(hi)} : {v}[i];")
         out.append(f"{ind}}}")
         return out
 
