@@ -210,8 +210,8 @@ static inline void ap_nn_gemm_f32_v4(const float *W, const float *bias, const fl
 }
 
 #if defined(AP_NN_NATIVE) && defined(__x86_64__)
-/* x86-64 native twins: the same products in 8-lane AVX2 vectors where the CPU has them (asked
- * once with CPUID). The library stays built for the baseline CPU; AVX2 lanes are the same IEEE
+/* x86-64 native twins: the same products in 8-lane AVX2 or 16-lane AVX-512 vectors where the CPU
+ * has them (asked once with CPUID). The library stays built for the baseline CPU; AVX2 lanes are the same IEEE
  * single operations as SSE2's (no FMA: -ffp-contract=off, and AVX2 does not bring it). */
 typedef float ap_nn_f8 __attribute__((vector_size(32), aligned(4)));
 /* A real splat: 0 + v would turn a bias of -0.0 into +0.0. */
@@ -219,7 +219,8 @@ __attribute__((target("avx2"))) static inline ap_nn_f8 ap_nn_f8_splat(float v) {
     return (ap_nn_f8){v, v, v, v, v, v, v, v};
 }
 
-static int ap_nn_x86_avx2(void) {
+/* 0: SSE2 only, 1: AVX2, 2: AVX2 and AVX-512F (each with the OS saving its registers). */
+static int ap_nn_x86_level(void) {
     static int known = -1;   /* a race between threads writes the same value */
     if (known < 0) {
         uint32_t a, b, c, d, lo, hi;
@@ -236,6 +237,8 @@ static int ap_nn_x86_avx2(void) {
         if (ok) {
             __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
             ok = (b & (1u << 5)) != 0;                             /* AVX2 */
+            if (ok && (b & (1u << 16)) && (lo & 0xe0u) == 0xe0u)  /* AVX-512F, opmask and ZMM state */
+                ok = 2;
         }
         known = ok;
     }
@@ -287,12 +290,68 @@ __attribute__((target("avx2"))) static void ap_nn_gemm_f32_avx2(const float *W, 
         if (n < N) ap_nn_gemm_f32_v4(w0, bias + m, P + n, Y + m * N + n, 1, N - n, K, N);
     }
 }
+/* AVX-512F: 16 lanes, the same per-lane operations again. */
+typedef float ap_nn_f16 __attribute__((vector_size(64), aligned(4)));
+__attribute__((target("avx512f"))) static inline ap_nn_f16 ap_nn_f16_splat(float v) {
+    return (ap_nn_f16){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v};
+}
+
+__attribute__((target("avx512f"))) static void ap_nn_gemm_f32_avx512(const float *W, const float *bias, const float *P,
+                                                                 float *Y, int32_t M, int32_t N, int32_t K) {
+    int32_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        int32_t n = 0;
+        for (; n + 32 <= N; n += 32) {
+            ap_nn_f16 a0 = ap_nn_f16_splat(bias[m]), a1 = ap_nn_f16_splat(bias[m + 1]);
+            ap_nn_f16 a2 = ap_nn_f16_splat(bias[m + 2]), a3 = ap_nn_f16_splat(bias[m + 3]);
+            ap_nn_f16 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_f16 x0 = *(const ap_nn_f16 *)p, x1 = *(const ap_nn_f16 *)(p + 16);
+                ap_nn_f16 s = ap_nn_f16_splat(w0[k]); a0 += s * x0; b0 += s * x1;
+                s = ap_nn_f16_splat(w1[k]); a1 += s * x0; b1 += s * x1;
+                s = ap_nn_f16_splat(w2[k]); a2 += s * x0; b2 += s * x1;
+                s = ap_nn_f16_splat(w3[k]); a3 += s * x0; b3 += s * x1;
+            }
+            float *y = Y + m * N + n;
+            *(ap_nn_f16 *)y = a0; *(ap_nn_f16 *)(y + 16) = b0;
+            *(ap_nn_f16 *)(y + N) = a1; *(ap_nn_f16 *)(y + N + 16) = b1;
+            *(ap_nn_f16 *)(y + 2 * N) = a2; *(ap_nn_f16 *)(y + 2 * N + 16) = b2;
+            *(ap_nn_f16 *)(y + 3 * N) = a3; *(ap_nn_f16 *)(y + 3 * N + 16) = b3;
+        }
+        if (n < N)      /* the rest of these rows: the 4-lane kernel, the same sums */
+            for (int32_t r = 0; r < 4; r++)
+                ap_nn_gemm_f32_v4(W + (m + r) * K, bias + m + r, P + n, Y + (m + r) * N + n, 1, N - n, K, N);
+    }
+    for (; m < M; m++) {
+        const float *w0 = W + m * K;
+        int32_t n = 0;
+        for (; n + 64 <= N; n += 64) {
+            ap_nn_f16 a0 = ap_nn_f16_splat(bias[m]), a1 = a0, a2 = a0, a3 = a0;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_f16 s = ap_nn_f16_splat(w0[k]);
+                a0 += s * *(const ap_nn_f16 *)p; a1 += s * *(const ap_nn_f16 *)(p + 16);
+                a2 += s * *(const ap_nn_f16 *)(p + 32); a3 += s * *(const ap_nn_f16 *)(p + 48);
+            }
+            float *y = Y + m * N + n;
+            *(ap_nn_f16 *)y = a0; *(ap_nn_f16 *)(y + 16) = a1; *(ap_nn_f16 *)(y + 32) = a2; *(ap_nn_f16 *)(y + 48) = a3;
+        }
+        if (n < N) ap_nn_gemm_f32_v4(w0, bias + m, P + n, Y + m * N + n, 1, N - n, K, N);
+    }
+}
 #endif
 
 static void ap_nn_gemm_f32(const float *W, const float *bias, const float *P, float *Y,
                            int32_t M, int32_t N, int32_t K) {
 #if defined(AP_NN_NATIVE) && defined(__x86_64__)
-    if (ap_nn_x86_avx2()) {
+    const int level = ap_nn_x86_level();
+    if (level == 2) {
+        ap_nn_gemm_f32_avx512(W, bias, P, Y, M, N, K);
+        return;
+    }
+    if (level == 1) {
         ap_nn_gemm_f32_avx2(W, bias, P, Y, M, N, K);
         return;
     }
@@ -363,14 +422,18 @@ static inline void ap_nn_gemm_i16(const int16_t *W, const int32_t *init, const i
 /* -nostdlib: the native libraries bring the memcpy and memset the compiler emits for copy and
  * fill loops. Their own loops are written out (not through the helpers above, whose loops the
  * compiler would turn back into calls to these), and no_builtin keeps them loops. */
+typedef uint64_t ap_nn_word __attribute__((may_alias, aligned(1)));
 #define AP_NN_NATIVE_LIBC \
     __attribute__((visibility("hidden"), no_builtin)) void *memcpy(void *dst, const void *src, size_t n) { \
         uint8_t *d = (uint8_t *)dst; const uint8_t *s = (const uint8_t *)src;                          \
+        for (; n >= 8; n -= 8, d += 8, s += 8) *(ap_nn_word *)d = *(const ap_nn_word *)s;              \
         while (n--) *d++ = *s++;                                                                        \
         return dst;                                                                                     \
     }                                                                                                   \
     __attribute__((visibility("hidden"), no_builtin)) void *memset(void *dst, int c, size_t n) {      \
         uint8_t *d = (uint8_t *)dst;                                                                    \
+        const uint64_t v = (uint64_t)(uint8_t)c * 0x0101010101010101ull;                                \
+        for (; n >= 8; n -= 8, d += 8) *(ap_nn_word *)d = v;   /* the pad fills: 8 bytes a step */    \
         while (n--) *d++ = (uint8_t)c;                                                                  \
         return dst;                                                                                     \
     }
@@ -605,8 +668,14 @@ static int32_t ap_nn_fill(const ap_nn_module *m, const uint8_t *win, int32_t len
             const float sc = s->scale[c], of = s->offset[c];
             float *dst = m->channels_last ? in + c : in + (size_t)c * F;
             const int32_t step = m->channels_last ? C : 1;
-            if (step == 1) {    /* the usual layout: the loop an interpreter runs fastest */
-                const uint8_t *end = src + F;
+            if (step == 1) {    /* the usual layout: 8 pixels a turn, constant offsets (fewest wasm3 ops) */
+                const uint8_t *end = src + F, *end8 = src + (F & ~7);
+                for (; src < end8; src += 8, dst += 8) {
+                    dst[0] = (float)src[0] * sc + of; dst[1] = (float)src[1] * sc + of;
+                    dst[2] = (float)src[2] * sc + of; dst[3] = (float)src[3] * sc + of;
+                    dst[4] = (float)src[4] * sc + of; dst[5] = (float)src[5] * sc + of;
+                    dst[6] = (float)src[6] * sc + of; dst[7] = (float)src[7] * sc + of;
+                }
                 while (src < end) *dst++ = (float)*src++ * sc + of;
             } else {
                 for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = (float)src[i] * sc + of;
@@ -622,7 +691,12 @@ static int32_t ap_nn_fill(const ap_nn_module *m, const uint8_t *win, int32_t len
             float *dst = m->channels_last ? in + c : in + (size_t)c * F;
             const int32_t step = m->channels_last ? C : 1;
             if (step == 1) {
-                const float *end = src + F;
+                const float *end = src + F, *end8 = src + (F & ~7);
+                for (; src < end8; src += 8, dst += 8) {
+                    dst[0] = src[0] * sc + of; dst[1] = src[1] * sc + of; dst[2] = src[2] * sc + of;
+                    dst[3] = src[3] * sc + of; dst[4] = src[4] * sc + of; dst[5] = src[5] * sc + of;
+                    dst[6] = src[6] * sc + of; dst[7] = src[7] * sc + of;
+                }
                 while (src < end) *dst++ = *src++ * sc + of;
             } else {
                 for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = src[i] * sc + of;
