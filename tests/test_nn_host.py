@@ -327,6 +327,20 @@ def test_every_edge_of_the_blocked_kernels_gives_the_same_bits(tmp_path, kind):
         ref = sess.run(None, {"x": w.reshape(1, 1, 13, 11)})[0]
         if kind == "float":
             assert float_mismatch(results[0].outputs, ref) == ""
+    if machine_arch() == "x86_64":
+        # Every vector width this CPU has (SSE2, AVX2, AVX-512F), called directly: the same bits.
+        import ctypes
+        lib = ctypes.CDLL(str(next(x.path for x in r.native if x.arch == "x86_64")))
+        lib.ap_nn_native_x86_level.restype = ctypes.c_int32
+        lib.ap_nn_native_run.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
+        have = lib.ap_nn_native_x86_level(-1)
+        w = rng.normal(size=143).astype(np.float32)
+        want = ModelModule(r.wasm).process(w[None]).outputs.tobytes()
+        for level in range(have + 1):
+            assert lib.ap_nn_native_x86_level(level) == level
+            out = np.zeros(len(want) // 4, np.float32)
+            assert lib.ap_nn_native_run(w.ctypes.data, 4 * 143, out.ctypes.data, out.nbytes) == 0
+            assert out.tobytes() == want, f"x86 level {level}"
 
 
 @pytest.mark.parametrize("kind", ["float", "int8"])
