@@ -83,7 +83,8 @@ class Emitter:
             info = np.iinfo(dtype)
             if arr.size and (arr.min() < info.min or arr.max() > info.max):
                 raise ModelError(f"{self.g.model}: {where}: constant {prefix} does not fit {dtype}")
-            body = ",".join(str(int(v)) for v in arr.astype(np.int64))
+            body = ",".join(f"{int(v)}ull" for v in arr) if dtype == "uint64" else \
+                ",".join(str(int(v)) for v in arr.astype(np.int64))
         n = max(arr.size, 1)
         if not arr.size:
             body = "0"
@@ -115,7 +116,8 @@ class Emitter:
 
     def scratch_buf(self, ctype: str, count: int, tag: str) -> str:
         name = f"S{self.current}_{tag}"
-        self.scratch.setdefault(self.current, []).append((name, count * (4 if ctype in ("float", "int32_t") else
+        self.scratch.setdefault(self.current, []).append((name, count * (8 if ctype == "uint64_t" else
+                                                                          4 if ctype in ("float", "int32_t") else
                                                                           2 if ctype == "int16_t" else 1),
                                                           self.build))
         return f"(({ctype} *)(nn_arena + NN_OFF_{name}))"
@@ -139,7 +141,7 @@ class Emitter:
         """Both forms (ap_nn.h, "convolution and matrix products"): direct kernels for wasm3,
         im2col and blocked matrix products elsewhere; the same result bits."""
         self.build = "scalar"
-        direct = self._conv_direct(op)
+        direct = self._conv_direct(op) if op.attrs["quant"] is None else self._qconv_pairs(op)
         self.build = "vector"
         gemm = self._conv_gemm(op)
         self.build = None
@@ -228,6 +230,111 @@ class Emitter:
                       f"        d[i] = ({yt})(ap_nn_quant((float)o[i] * sc, {c_float(lo - yz)}, "
                       f"{c_float(hi - yz)}) + {yz});",
                       "    }", "  }"]
+        return "\n".join(lines)
+
+    def _qconv_pairs(self, op: Op) -> str:
+        """The integer convolution for wasm3: two output channels per multiply. A uint64 weight holds
+        (w0 - wz0) + (w1 - wz1) * 2^32; summing weight * x over the taps gives S0 + S1 * 2^32 modulo
+        2^64, from which both int32 sums come back exactly (|S| < 2^31, as int32 needs anyway). One
+        i64.load8, i64.mul and i64.add per tap and pair: half the interpreted operations."""
+        a = op.attrs
+        q = a["quant"]
+        C, H, W, M, G, Cg = a["C"], a["H"], a["W"], a["M"], a["G"], a["Cg"]
+        KH, KW, OH, OW = a["KH"], a["KW"], a["OH"], a["OW"]
+        sh, sw, dh, dw = a["sh"], a["sw"], a["dh"], a["dw"]
+        pt, pl, pb, pr = a["pt"], a["pl"], a["pb"], a["pr"]
+        xt, yt = C_TYPES[a["dtype"]], C_TYPES[q["ytype"]]
+        x, y = self.ptr(op.inputs[0]), self.ptr(op.outputs[0])
+        K, MG, N = KH * KW, M // G, OH * OW
+        pad = bool(pt or pl or pb or pr)
+        HP, WP = H + pt + pb, W + pl + pr
+        wz = q["wz"].astype(np.int64)
+        w16 = a["w"].reshape(M, Cg * K).astype(np.int64) - wz[:, None]
+        bias = q["bias"].astype(np.int64) if q["bias"] is not None else np.zeros(M, np.int64)
+        init = bias - q["xz"] * w16.sum(axis=1)   # sum (x - xz)(w - wz) = sum x (w - wz) - xz sum (w - wz)
+        if np.abs(init).max(initial=0) >= 2 ** 31:
+            raise ModelError(f"{self.g.model}: {op.where}: bias and zero point overflow int32")
+        # Pairs of output channels within a group; an odd last channel pairs with nothing (zeros).
+        pairs = [(g * MG + i, g * MG + i + 1 if i + 1 < MG else -1) for g in range(G) for i in range(0, MG, 2)]
+        mask = (1 << 64) - 1
+
+        def pack(lo, hi) -> int:
+            return ((int(lo) & mask) + ((int(hi) & mask) << 32)) & mask
+        wp = np.array([[pack(w16[m0, t], w16[m1, t] if m1 >= 0 else 0) for t in range(Cg * K)] for m0, m1 in pairs],
+                      dtype=np.uint64)
+        ip = np.array([pack(init[m0], init[m1] if m1 >= 0 else 0) for m0, m1 in pairs], dtype=np.uint64)
+        wname = self.const("wpair", wp, "uint64", op.where)
+        iname = self.const("ipair", ip, "uint64", op.where)
+        m0name = self.const("m0", np.array([p[0] for p in pairs]), "int32", op.where)
+        m1name = self.const("m1", np.array([p[1] for p in pairs]), "int32", op.where)
+        sname = self.const("scale", q["scales"], "float32", op.where)
+        acc = self.scratch_buf("uint64_t", N, "acc64")
+        lines = [f"  const {xt} *x = {x};", f"  {yt} *y = {y};", f"  uint64_t *acc = {acc};"]
+        if pad:
+            xp = self.scratch_buf(xt, C * HP * WP, "pad")
+            lines += [f"  {xt} *xp = {xp};",
+                      f"  for (int32_t i = 0; i < {C * HP * WP}; i++) xp[i] = ({xt}){q['xz']};",
+                      f"  for (int32_t c = 0; c < {C}; c++)",
+                      f"    for (int32_t r = 0; r < {H}; r++) {{",
+                      f"      const {xt} *s = x + c * {H * W} + r * {W};",
+                      f"      {xt} *d = xp + c * {HP * WP} + (r + {pt}) * {WP} + {pl};",
+                      f"      for (int32_t i = 0; i < {W}; i++) d[i] = s[i];",
+                      "    }",
+                      f"  const {xt} *src0 = xp;"]
+        else:
+            lines.append(f"  const {xt} *src0 = x;")
+        lines += [f"  for (int32_t pi = 0; pi < {len(pairs)}; pi++) {{",
+                  f"    const int32_t m0 = {m0name}[pi], m1 = {m1name}[pi];",
+                  f"    const {xt} *src = src0 + (m0 / {MG}) * {Cg * HP * WP};",
+                  f"    const uint64_t *wm = {wname} + pi * {Cg * K};",
+                  "    uint64_t *o = acc;",
+                  f"    {{ const uint64_t b = {iname}[pi]; for (int32_t i = 0; i < {N}; i++) o[i] = b; }}"]
+
+        def body(nq: int, t0: int, t1: int) -> list[str]:
+            taps = [(qq, t // KW, t % KW) for qq in range(nq) for t in range(t0, t1)]
+            out = [f"      const uint64_t w{i} = w[{qq * K + ky * KW + kx}];" for i, (qq, ky, kx) in enumerate(taps)]
+            terms = " + ".join(f"w{i} * (uint64_t)(int64_t)p[{qq * HP * WP + ky * dh * WP + kx * dw}]"
+                               for i, (qq, ky, kx) in enumerate(taps))
+            out += [f"      for (int32_t oy = 0; oy < {OH}; oy++) {{",
+                    f"        const {xt} *p = s + oy * {sh * WP};",
+                    f"        uint64_t *r = o + oy * {OW};",
+                    f"        for (int32_t ox = 0; ox < {OW}; ox++, p += {sw}) r[ox] = r[ox] + {terms};",
+                    "      }"]
+            return out
+
+        if K <= MAX_TAPS:
+            step_c = max(1, min(Cg, MAX_TAPS // K))
+            full = Cg - Cg % step_c
+        else:
+            step_c, full = 1, Cg
+        lines += ["    int32_t c = 0;", f"    for (; c < {full}; c += {step_c}) {{",
+                  f"      const {xt} *s = src + c * {HP * WP};", f"      const uint64_t *w = wm + c * {K};"]
+        if K <= MAX_TAPS:
+            lines += body(step_c, 0, K)
+        else:
+            for t0 in range(0, K, MAX_TAPS):
+                lines.append("      {")
+                lines += ["  " + ln for ln in body(1, t0, min(K, t0 + MAX_TAPS))]
+                lines.append("      }")
+        lines.append("    }")
+        if K <= MAX_TAPS and Cg % step_c:
+            lines += ["    {", f"      const {xt} *s = src + c * {HP * WP};", f"      const uint64_t *w = wm + c * {K};"]
+            lines += body(Cg % step_c, 0, K)
+            lines.append("    }")
+        lo, hi = Q_RANGE[q["ytype"]]
+        yz = q["yz"]
+        lines += [f"    const float sc0 = {sname}[m0], sc1 = m1 >= 0 ? {sname}[m1] : 0.0f;",
+                  f"    {yt} *d0 = y + m0 * {N}, *d1 = y + (m1 >= 0 ? m1 : m0) * {N};",
+                  f"    for (int32_t i = 0; i < {N}; i++) {{",
+                  "      const uint64_t v = o[i];",
+                  "      const int32_t s0 = (int32_t)(uint32_t)v;",
+                  f"      d0[i] = ({yt})(ap_nn_quant((float)s0 * sc0, {c_float(lo - yz)}, {c_float(hi - yz)}) + {yz});",
+                  "      if (m1 >= 0) {",
+                  "        const int32_t s1 = (int32_t)(uint32_t)((v - (uint64_t)(int64_t)s0) >> 32);",
+                  f"        d1[i] = ({yt})(ap_nn_quant((float)s1 * sc1, {c_float(lo - yz)}, {c_float(hi - yz)}) + {yz});",
+                  "      }",
+                  "    }",
+                  "  }"]
         return "\n".join(lines)
 
     def _conv_direct(self, op: Op) -> str:
