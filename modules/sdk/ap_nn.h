@@ -371,8 +371,8 @@ static void ap_nn_gemm_f32(const float *W, const float *bias, const float *P, fl
 /* ACC[m*N + n] = init[m] + sum_k W[m*K + k] * P[k*N + n] in int32 (exact: any order). The
  * operands are int16 (the int8 weights less their zero point, the uint8/int8 activations), so a
  * product fits and the compilers widen them with the target's 16-bit multiplies. */
-static inline void ap_nn_gemm_i16(const int16_t *W, const int32_t *init, const int16_t *P, int32_t *ACC,
-                                  int32_t M, int32_t N, int32_t K) {
+static inline void ap_nn_gemm_i16_v4(const int16_t *W, const int32_t *init, const int16_t *P, int32_t *ACC,
+                                     int32_t M, int32_t N, int32_t K, int32_t ld) {
     int32_t m = 0;
     for (; m + 4 <= M; m += 4) {
         const int16_t *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
@@ -382,27 +382,27 @@ static inline void ap_nn_gemm_i16(const int16_t *W, const int32_t *init, const i
             ap_nn_i4 a2 = ap_nn_i4_splat(init[m + 2]), a3 = ap_nn_i4_splat(init[m + 3]);
             ap_nn_i4 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
             const int16_t *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) {
+            for (int32_t k = 0; k < K; k++, p += ld) {
                 const ap_nn_i4 x0 = ap_nn_i4_load16(p), x1 = ap_nn_i4_load16(p + 4);
                 ap_nn_i4 s = ap_nn_i4_splat(w0[k]); a0 += s * x0; b0 += s * x1;
                 s = ap_nn_i4_splat(w1[k]); a1 += s * x0; b1 += s * x1;
                 s = ap_nn_i4_splat(w2[k]); a2 += s * x0; b2 += s * x1;
                 s = ap_nn_i4_splat(w3[k]); a3 += s * x0; b3 += s * x1;
             }
-            int32_t *y = ACC + m * N + n;
+            int32_t *y = ACC + m * ld + n;
             ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, b0);
-            ap_nn_i4_store(y + N, a1); ap_nn_i4_store(y + N + 4, b1);
-            ap_nn_i4_store(y + 2 * N, a2); ap_nn_i4_store(y + 2 * N + 4, b2);
-            ap_nn_i4_store(y + 3 * N, a3); ap_nn_i4_store(y + 3 * N + 4, b3);
+            ap_nn_i4_store(y + ld, a1); ap_nn_i4_store(y + ld + 4, b1);
+            ap_nn_i4_store(y + 2 * ld, a2); ap_nn_i4_store(y + 2 * ld + 4, b2);
+            ap_nn_i4_store(y + 3 * ld, a3); ap_nn_i4_store(y + 3 * ld + 4, b3);
         }
         for (; n < N; n++) {
             int32_t a0 = init[m], a1 = init[m + 1], a2 = init[m + 2], a3 = init[m + 3];
             const int16_t *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) {
+            for (int32_t k = 0; k < K; k++, p += ld) {
                 const int32_t x = *p;
                 a0 += w0[k] * x; a1 += w1[k] * x; a2 += w2[k] * x; a3 += w3[k] * x;
             }
-            ACC[m * N + n] = a0; ACC[(m + 1) * N + n] = a1; ACC[(m + 2) * N + n] = a2; ACC[(m + 3) * N + n] = a3;
+            ACC[m * ld + n] = a0; ACC[(m + 1) * ld + n] = a1; ACC[(m + 2) * ld + n] = a2; ACC[(m + 3) * ld + n] = a3;
         }
     }
     for (; m < M; m++) {
@@ -411,21 +411,75 @@ static inline void ap_nn_gemm_i16(const int16_t *W, const int32_t *init, const i
         for (; n + 16 <= N; n += 16) {
             ap_nn_i4 a0 = ap_nn_i4_splat(init[m]), a1 = a0, a2 = a0, a3 = a0;
             const int16_t *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) {
+            for (int32_t k = 0; k < K; k++, p += ld) {
                 const ap_nn_i4 s = ap_nn_i4_splat(w0[k]);
                 a0 += s * ap_nn_i4_load16(p); a1 += s * ap_nn_i4_load16(p + 4);
                 a2 += s * ap_nn_i4_load16(p + 8); a3 += s * ap_nn_i4_load16(p + 12);
             }
-            int32_t *y = ACC + m * N + n;
+            int32_t *y = ACC + m * ld + n;
             ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, a1); ap_nn_i4_store(y + 8, a2); ap_nn_i4_store(y + 12, a3);
         }
         for (; n < N; n++) {
             int32_t a = init[m];
             const int16_t *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) a += w0[k] * (int32_t)*p;
-            ACC[m * N + n] = a;
+            for (int32_t k = 0; k < K; k++, p += ld) a += w0[k] * (int32_t)*p;
+            ACC[m * ld + n] = a;
         }
     }
+}
+
+#if defined(AP_NN_NATIVE) && defined(__x86_64__)
+/* The integer products in 8 (AVX2) or 16 (AVX-512F) int32 lanes: SSE2 has no 32-bit multiply. */
+#define AP_NN_GEMM_I16_WIDE(NAME, TARGET, L)                                                            \
+typedef int32_t NAME##_vi __attribute__((vector_size(4 * L), aligned(4)));                              \
+typedef int16_t NAME##_vs __attribute__((vector_size(2 * L), aligned(2)));                              \
+__attribute__((target(TARGET))) static void NAME(const int16_t *W, const int32_t *init, const int16_t *P,   \
+                                                 int32_t *ACC, int32_t M, int32_t N, int32_t K) {       \
+    int32_t m = 0;                                                                                      \
+    for (; m + 4 <= M; m += 4) {                                                                        \
+        const int16_t *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                        \
+        int32_t n = 0;                                                                                  \
+        for (; n + 2 * L <= N; n += 2 * L) {                                                            \
+            NAME##_vi a0 = (NAME##_vi){0} + init[m], a1 = (NAME##_vi){0} + init[m + 1];                 \
+            NAME##_vi a2 = (NAME##_vi){0} + init[m + 2], a3 = (NAME##_vi){0} + init[m + 3];             \
+            NAME##_vi b0 = a0, b1 = a1, b2 = a2, b3 = a3;                                               \
+            const int16_t *p = P + n;                                                                   \
+            for (int32_t k = 0; k < K; k++, p += N) {                                                   \
+                const NAME##_vi x0 = __builtin_convertvector(*(const NAME##_vs *)p, NAME##_vi);         \
+                const NAME##_vi x1 = __builtin_convertvector(*(const NAME##_vs *)(p + L), NAME##_vi);   \
+                NAME##_vi s = (NAME##_vi){0} + (int32_t)w0[k]; a0 += s * x0; b0 += s * x1;             \
+                s = (NAME##_vi){0} + (int32_t)w1[k]; a1 += s * x0; b1 += s * x1;                        \
+                s = (NAME##_vi){0} + (int32_t)w2[k]; a2 += s * x0; b2 += s * x1;                        \
+                s = (NAME##_vi){0} + (int32_t)w3[k]; a3 += s * x0; b3 += s * x1;                        \
+            }                                                                                           \
+            int32_t *y = ACC + m * N + n;                                                               \
+            *(NAME##_vi *)y = a0; *(NAME##_vi *)(y + L) = b0;                                           \
+            *(NAME##_vi *)(y + N) = a1; *(NAME##_vi *)(y + N + L) = b1;                                 \
+            *(NAME##_vi *)(y + 2 * N) = a2; *(NAME##_vi *)(y + 2 * N + L) = b2;                         \
+            *(NAME##_vi *)(y + 3 * N) = a3; *(NAME##_vi *)(y + 3 * N + L) = b3;                         \
+        }                                                                                               \
+        if (n < N) ap_nn_gemm_i16_v4(W + m * K, init + m, P + n, ACC + m * N + n, 4, N - n, K, N);      \
+    }                                                                                                   \
+    if (m < M) ap_nn_gemm_i16_v4(W + m * K, init + m, P, ACC + m * N, M - m, N, K, N);                  \
+}
+AP_NN_GEMM_I16_WIDE(ap_nn_gemm_i16_avx2, "avx2", 8)
+AP_NN_GEMM_I16_WIDE(ap_nn_gemm_i16_avx512, "avx512f", 16)
+#endif
+
+static void ap_nn_gemm_i16(const int16_t *W, const int32_t *init, const int16_t *P, int32_t *ACC,
+                           int32_t M, int32_t N, int32_t K) {
+#if defined(AP_NN_NATIVE) && defined(__x86_64__)
+    const int level = ap_nn_x86_level();
+    if (level == 2) {
+        ap_nn_gemm_i16_avx512(W, init, P, ACC, M, N, K);
+        return;
+    }
+    if (level == 1) {
+        ap_nn_gemm_i16_avx2(W, init, P, ACC, M, N, K);
+        return;
+    }
+#endif
+    ap_nn_gemm_i16_v4(W, init, P, ACC, M, N, K, N);
 }
 
 /* -nostdlib: the native libraries bring the memcpy and memset the compiler emits for copy and
