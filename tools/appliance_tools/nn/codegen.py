@@ -8,6 +8,7 @@ load with an immediate offset per tap), and nothing calls a function per element
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from math import prod
 
@@ -72,6 +73,10 @@ class Emitter:
 
     def const(self, prefix: str, arr: np.ndarray, dtype: str, where: str) -> str:
         arr = np.ascontiguousarray(np.asarray(arr).reshape(-1))
+        # The same values once (both forms of a float convolution read its weights in one layout).
+        key = f"const:{dtype}:{arr.dtype}:{arr.size}:" + hashlib.sha256(arr.tobytes()).hexdigest()
+        if key in self.names:
+            return self.names[key]
         name = f"K{self._n}_{prefix}"
         self._n += 1
         if dtype == "float32":
@@ -94,6 +99,7 @@ class Emitter:
         self.consts.append(f"static const {C_TYPES[dtype]} {name}[{n}] __attribute__((aligned(16))) = {{\n  "
                            + ",\n  ".join(lines) + "\n};")
         self.const_bytes += n * ITEM_BYTES[dtype]
+        self.names[key] = name
         return name
 
     # ---- tensors ----------------------------------------------------------------------------
