@@ -21,7 +21,7 @@
 #define NN_OFF_S0_pad 16384
 #define NN_OFF_0 20544
 #else
-#define NN_ARENA_BYTES 55360
+#define NN_ARENA_BYTES 51200
 #define NN_OFF_6 0
 #define NN_OFF_8 0
 #define NN_OFF_S0_cols 0
@@ -29,14 +29,11 @@
 #define NN_OFF_S4_cols 0
 #define NN_OFF_7 128
 #define NN_OFF_5 10240
-#define NN_OFF_S4_gpad 14336
-#define NN_OFF_4 16640
+#define NN_OFF_4 14336
 #define NN_OFF_1 30720
 #define NN_OFF_3 36864
-#define NN_OFF_S2_gpad 45056
-#define NN_OFF_S0_gpad 47104
-#define NN_OFF_2 49408
-#define NN_OFF_0 51264
+#define NN_OFF_0 47104
+#define NN_OFF_2 47104
 #endif
 
 static uint8_t nn_arena[NN_ARENA_BYTES] __attribute__((aligned(16)));
@@ -360,26 +357,28 @@ static void nn_op0(void) {
 #else
   const float *x = ((float *)(nn_arena + NN_OFF_0));
   float *y = ((float *)(nn_arena + NN_OFF_1));
-  float *xp = ((float *)(nn_arena + NN_OFF_S0_gpad));
-  for (int32_t i = 0; i < 1038; i++) xp[i] = (float)0.0f;
-  for (int32_t c = 0; c < 1; c++)
-    for (int32_t r = 0; r < 1; r++) {
-      const float *s = x + c * 1024 + r * 1024;
-      float *d = xp + c * 1038 + (r + 0) * 1038 + 7;
-      for (int32_t i = 0; i < 1024; i++) d[i] = s[i];
-    }
-  const float *src0 = xp;
   float *cols = ((float *)(nn_arena + NN_OFF_S0_cols));
   for (int32_t g = 0; g < 1; g++) {
-    const float *src = src0 + g * 1038;
+    const float *src = x + g * 1024;
     for (int32_t c = 0; c < 1; c++)
       for (int32_t ky = 0; ky < 1; ky++)
         for (int32_t kx = 0; kx < 15; kx++) {
-          const float *s = src + c * 1038 + ky * 1038 + kx * 1;
           float *d = cols + ((c * 1 + ky) * 15 + kx) * 512;
-          for (int32_t oy = 0; oy < 1; oy++)
-            for (int32_t ox = 0; ox < 512; ox++)
-              d[oy * 512 + ox] = (float)s[oy * 1038 + ox * 2];
+          const int32_t xlo = 7 - kx * 1, xhi = 1030 - kx * 1;
+          const int32_t ox0 = xlo <= 0 ? 0 : (xlo + 1) / 2 < 512 ? (xlo + 1) / 2 : 512;
+          const int32_t ox1 = xhi < 0 ? 0 : xhi / 2 + 1 < 512 ? xhi / 2 + 1 : 512;
+          for (int32_t oy = 0; oy < 1; oy++, d += 512) {
+            const int32_t iy = oy * 1 + ky * 1 - 0;
+            if (iy < 0 || iy >= 1) {
+              for (int32_t ox = 0; ox < 512; ox++) d[ox] = (float)0.0f;
+              continue;
+            }
+            const float *s = src + c * 1024 + iy * 1024;
+            int32_t ox = 0;
+            for (; ox < ox0; ox++) d[ox] = (float)0.0f;
+            for (; ox < ox1; ox++) d[ox] = (float)s[ox * 2 + kx * 1 - 7];
+            for (; ox < 512; ox++) d[ox] = (float)0.0f;
+          }
         }
     ap_nn_gemm_f32(K0_w + g * 120, K1_b + g * 8, cols, y + g * 4096, 8, 512, 15);
   }
@@ -463,26 +462,28 @@ static void nn_op2(void) {
 #else
   const float *x = ((float *)(nn_arena + NN_OFF_2));
   float *y = ((float *)(nn_arena + NN_OFF_3));
-  float *xp = ((float *)(nn_arena + NN_OFF_S2_gpad));
-  for (int32_t i = 0; i < 1088; i++) xp[i] = (float)0.0f;
-  for (int32_t c = 0; c < 8; c++)
-    for (int32_t r = 0; r < 1; r++) {
-      const float *s = x + c * 128 + r * 128;
-      float *d = xp + c * 136 + (r + 0) * 136 + 4;
-      for (int32_t i = 0; i < 128; i++) d[i] = s[i];
-    }
-  const float *src0 = xp;
   float *cols = ((float *)(nn_arena + NN_OFF_S2_cols));
   for (int32_t g = 0; g < 1; g++) {
-    const float *src = src0 + g * 1088;
+    const float *src = x + g * 1024;
     for (int32_t c = 0; c < 8; c++)
       for (int32_t ky = 0; ky < 1; ky++)
         for (int32_t kx = 0; kx < 9; kx++) {
-          const float *s = src + c * 136 + ky * 136 + kx * 1;
           float *d = cols + ((c * 1 + ky) * 9 + kx) * 128;
-          for (int32_t oy = 0; oy < 1; oy++)
-            for (int32_t ox = 0; ox < 128; ox++)
-              d[oy * 128 + ox] = (float)s[oy * 136 + ox * 1];
+          const int32_t xlo = 4 - kx * 1, xhi = 131 - kx * 1;
+          const int32_t ox0 = xlo <= 0 ? 0 : (xlo + 0) / 1 < 128 ? (xlo + 0) / 1 : 128;
+          const int32_t ox1 = xhi < 0 ? 0 : xhi / 1 + 1 < 128 ? xhi / 1 + 1 : 128;
+          for (int32_t oy = 0; oy < 1; oy++, d += 128) {
+            const int32_t iy = oy * 1 + ky * 1 - 0;
+            if (iy < 0 || iy >= 1) {
+              for (int32_t ox = 0; ox < 128; ox++) d[ox] = (float)0.0f;
+              continue;
+            }
+            const float *s = src + c * 128 + iy * 128;
+            int32_t ox = 0;
+            for (; ox < ox0; ox++) d[ox] = (float)0.0f;
+            for (; ox < ox1; ox++) d[ox] = (float)s[ox * 1 + kx * 1 - 4];
+            for (; ox < 128; ox++) d[ox] = (float)0.0f;
+          }
         }
     ap_nn_gemm_f32(K2_w + g * 1152, K3_b + g * 16, cols, y + g * 2048, 16, 128, 72);
   }
@@ -568,26 +569,28 @@ static void nn_op4(void) {
 #else
   const float *x = ((float *)(nn_arena + NN_OFF_4));
   float *y = ((float *)(nn_arena + NN_OFF_5));
-  float *xp = ((float *)(nn_arena + NN_OFF_S4_gpad));
-  for (int32_t i = 0; i < 576; i++) xp[i] = (float)0.0f;
-  for (int32_t c = 0; c < 16; c++)
-    for (int32_t r = 0; r < 1; r++) {
-      const float *s = x + c * 32 + r * 32;
-      float *d = xp + c * 36 + (r + 0) * 36 + 2;
-      for (int32_t i = 0; i < 32; i++) d[i] = s[i];
-    }
-  const float *src0 = xp;
   float *cols = ((float *)(nn_arena + NN_OFF_S4_cols));
   for (int32_t g = 0; g < 1; g++) {
-    const float *src = src0 + g * 576;
+    const float *src = x + g * 512;
     for (int32_t c = 0; c < 16; c++)
       for (int32_t ky = 0; ky < 1; ky++)
         for (int32_t kx = 0; kx < 5; kx++) {
-          const float *s = src + c * 36 + ky * 36 + kx * 1;
           float *d = cols + ((c * 1 + ky) * 5 + kx) * 32;
-          for (int32_t oy = 0; oy < 1; oy++)
-            for (int32_t ox = 0; ox < 32; ox++)
-              d[oy * 32 + ox] = (float)s[oy * 36 + ox * 1];
+          const int32_t xlo = 2 - kx * 1, xhi = 33 - kx * 1;
+          const int32_t ox0 = xlo <= 0 ? 0 : (xlo + 0) / 1 < 32 ? (xlo + 0) / 1 : 32;
+          const int32_t ox1 = xhi < 0 ? 0 : xhi / 1 + 1 < 32 ? xhi / 1 + 1 : 32;
+          for (int32_t oy = 0; oy < 1; oy++, d += 32) {
+            const int32_t iy = oy * 1 + ky * 1 - 0;
+            if (iy < 0 || iy >= 1) {
+              for (int32_t ox = 0; ox < 32; ox++) d[ox] = (float)0.0f;
+              continue;
+            }
+            const float *s = src + c * 32 + iy * 32;
+            int32_t ox = 0;
+            for (; ox < ox0; ox++) d[ox] = (float)0.0f;
+            for (; ox < ox1; ox++) d[ox] = (float)s[ox * 1 + kx * 1 - 2];
+            for (; ox < 32; ox++) d[ox] = (float)0.0f;
+          }
         }
     ap_nn_gemm_f32(K4_w + g * 2560, K5_b + g * 32, cols, y + g * 1024, 32, 32, 80);
   }

@@ -156,7 +156,7 @@ class Emitter:
     def _conv_gemm(self, op: Op) -> str:
         a = op.attrs
         q = a["quant"]
-        C, H, W, M, G, Cg = a["C"], a["H"], a["W"], a["M"], a["G"], a["Cg"]
+        H, W, M, G, Cg = a["H"], a["W"], a["M"], a["G"], a["Cg"]
         KH, KW, OH, OW = a["KH"], a["KW"], a["OH"], a["OW"]
         sh, sw, dh, dw = a["sh"], a["sw"], a["dh"], a["dw"]
         pt, pl, pb, pr = a["pt"], a["pl"], a["pb"], a["pr"]
@@ -164,7 +164,6 @@ class Emitter:
         x, y = self.ptr(op.inputs[0]), self.ptr(op.outputs[0])
         MG, KC, N = M // G, Cg * KH * KW, OH * OW
         pad = bool(pt or pl or pb or pr)
-        HP, WP = H + pt + pb, W + pl + pr
         lines = [f"  const {xt} *x = {x};"]
         if q is None:
             lines.append(f"  float *y = {y};")
@@ -187,38 +186,38 @@ class Emitter:
             pt_c = "int16_t"
             acc = self.scratch_buf("int32_t", MG * N, "gacc")
             lines.append(f"  int32_t *acc = {acc};")
-        if pad:
-            xp = self.scratch_buf(xt, C * HP * WP, "gpad")
-            fill = "0.0f" if q is None else str(q["xz"])
-            lines += [f"  {xt} *xp = {xp};",
-                      f"  for (int32_t i = 0; i < {C * HP * WP}; i++) xp[i] = ({xt}){fill};",
-                      f"  for (int32_t c = 0; c < {C}; c++)",
-                      f"    for (int32_t r = 0; r < {H}; r++) {{",
-                      f"      const {xt} *s = x + c * {H * W} + r * {W};",
-                      f"      {xt} *d = xp + c * {HP * WP} + (r + {pt}) * {WP} + {pl};",
-                      f"      for (int32_t i = 0; i < {W}; i++) d[i] = s[i];",
-                      "    }",
-                      f"  const {xt} *src0 = xp;"]
-        else:
-            lines.append(f"  const {xt} *src0 = x;")
+        fill = "0.0f" if q is None else str(q["xz"])   # the padding's value (the input's zero point)
         # A 1x1, stride 1 float convolution reads its input as the matrix; the others gather it.
         direct = q is None and KH == KW == 1 and sh == sw == 1 and not pad
         if not direct:
             pm = self.scratch_buf(pt_c, KC * N, "cols")
             lines.append(f"  {pt_c} *cols = {pm};")
         lines.append(f"  for (int32_t g = 0; g < {G}; g++) {{")
-        lines.append(f"    const {xt} *src = src0 + g * {Cg * HP * WP};")
+        lines.append(f"    const {xt} *src = x + g * {Cg * H * W};")
         if direct:
             lines.append("    const float *cols = src;")
         else:
+            # The taps gathered straight from the input, the padding written where a tap falls
+            # outside it: per (ky, kx) the rows and columns inside are a range, found once.
             lines += [f"    for (int32_t c = 0; c < {Cg}; c++)",
                       f"      for (int32_t ky = 0; ky < {KH}; ky++)",
                       f"        for (int32_t kx = 0; kx < {KW}; kx++) {{",
-                      f"          const {xt} *s = src + c * {HP * WP} + ky * {dh * WP} + kx * {dw};",
                       f"          {pt_c} *d = cols + ((c * {KH} + ky) * {KW} + kx) * {N};",
-                      f"          for (int32_t oy = 0; oy < {OH}; oy++)",
-                      f"            for (int32_t ox = 0; ox < {OW}; ox++)",
-                      f"              d[oy * {OW} + ox] = ({pt_c})s[oy * {sh * WP} + ox * {sw}];",
+                      f"          const int32_t xlo = {pl} - kx * {dw}, xhi = {W - 1 + pl} - kx * {dw};",
+                      f"          const int32_t ox0 = xlo <= 0 ? 0 : (xlo + {sw - 1}) / {sw} < {OW} ? (xlo + {sw - 1}) / {sw} : {OW};",
+                      f"          const int32_t ox1 = xhi < 0 ? 0 : xhi / {sw} + 1 < {OW} ? xhi / {sw} + 1 : {OW};",
+                      f"          for (int32_t oy = 0; oy < {OH}; oy++, d += {OW}) {{",
+                      f"            const int32_t iy = oy * {sh} + ky * {dh} - {pt};",
+                      f"            if (iy < 0 || iy >= {H}) {{",
+                      f"              for (int32_t ox = 0; ox < {OW}; ox++) d[ox] = ({pt_c}){fill};",
+                      "              continue;",
+                      "            }",
+                      f"            const {xt} *s = src + c * {H * W} + iy * {W};",
+                      "            int32_t ox = 0;",
+                      f"            for (; ox < ox0; ox++) d[ox] = ({pt_c}){fill};",
+                      f"            for (; ox < ox1; ox++) d[ox] = ({pt_c})s[ox * {sw} + kx * {dw} - {pl}];",
+                      f"            for (; ox < {OW}; ox++) d[ox] = ({pt_c}){fill};",
+                      "          }",
                       "        }"]
         if q is None:
             lines.append(f"    ap_nn_gemm_f32({wname} + g * {MG * KC}, {bname} + g * {MG}, cols, y + g * {MG * N}, "
