@@ -1,11 +1,14 @@
 """The two trained models (modules/models), float and int8: latency per inference (p50, p99) and
-inferences per CPU-second on one core, three ways side by side:
+inferences per CPU-second on one core, four ways side by side:
 
-  wasm3            the compiled module's own code in wasm3 (host_nn off)
+  wasm3            the compiled module's own code in wasm3 (host_nn off; x.wasm, no SIMD)
   wasm3 + nn_run   the same module, the network run by its native twin through ap.nn_run (host_nn on)
+  wasmtime         the SIMD128 build beside it (x.simd.wasm) in wasmtime, its own code (host_nn off)
   onnxruntime      the .onnx file itself, CPU provider, one thread
 
-wasm3 and wasm3 + nn_run run the module in this process (appliance_tools.nn.run.ModelModule: the same
+wasmtime is instantiated here with wasmtime-py directly (appliance_tools.nn.run.WasmtimeBackend:
+the host imports of ABI v1 from appliance.runtime.engines.IMPORT_SIGNATURES), compiled once before the timing; its row says so
+when wasmtime is not installed. wasm3, wasm3 + nn_run and wasmtime run the module in this process (appliance_tools.nn.run.ModelModule: the same
 module and engine a worker runs, without the process boundary), so a call is what ap_process
 costs: the window copied in, the input scaling, the network, the features and the rule. CPU time
 is this process's (user + system); onnxruntime's figure is for session.run alone. Inputs: the
@@ -25,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from appliance_tools.evaluation import nn as evaluation_nn  # noqa: E402
-from appliance_tools.nn.run import ModelModule  # noqa: E402
+from appliance_tools.nn.run import ModelModule, WasmtimeBackend  # noqa: E402
 from common import self_cpu  # noqa: E402
 
 MODELS = REPO / "modules" / "models"
@@ -74,10 +77,21 @@ def measure(call, items) -> tuple[float, float, float]:
     return float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), len(items) / cpu
 
 
+def wasmtime_backend() -> tuple[object | None, str]:
+    """(backend, '') or (None, why not)."""
+    try:
+        return WasmtimeBackend(), ""
+    except ImportError as exc:
+        return None, f"wasmtime is not installed ({exc})"
+
+
 def main() -> int:
     import onnxruntime as ort
     rows = []
     notes = []
+    wt_backend, wt_missing = wasmtime_backend()
+    if wt_missing:
+        notes.append(f"wasmtime: {wt_missing}: no figures in its column")
     with tempfile.TemporaryDirectory(prefix="bench-nn-") as tmp:
         built = evaluation_nn.build(Path(tmp))
         for model in ("bearing_cnn", "people_cnn"):
@@ -92,6 +106,15 @@ def main() -> int:
                     figures[path_name] = measure(m.process, module_in)
                     if host and m.process(module_in[0]).features.get("nn.host") != 1:
                         figures[path_name] = None        # the twin did not run here: no figure
+                figures["wasmtime"] = None
+                if wt_backend is not None:
+                    # The compiler ran wasm-validate on x.simd.wasm (SIMD allowed) when it built it.
+                    m = ModelModule(wasm.with_suffix(".simd.wasm"), host_nn=False, backend=wt_backend,
+                                    validated=True)
+                    ref = ModelModule(wasm, host_nn=False).process(module_in[0]).outputs
+                    if m.process(module_in[0]).outputs.tobytes() != ref.tobytes():
+                        raise SystemExit(f"{model} {kind}: the SIMD128 build in wasmtime differs from wasm3")
+                    figures["wasmtime"] = measure(m.process, module_in)
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = 1
                 opts.inter_op_num_threads = 1
@@ -102,19 +125,27 @@ def main() -> int:
                 rows.append((model, kind, figures, wasm.stat().st_size))
     unit = {"bearing_cnn": "windows", "people_cnn": "frames"}
     print("\nnn: the trained models, latency per inference and inferences per CPU-second on one core")
-    head = (f"{'model':<12} {'kind':<5} {'module':>8}  | {'wasm3 p50/p99 ms':>17} {'/s':>6} | "
-            f"{'+nn_run p50/p99 ms':>18} {'/s':>7} | {'onnxruntime p50/p99 ms':>22} {'/s':>7}")
+    cols = (("wasm3", "wasm3 p50/p99 ms", 17, 6), ("wasm3 + nn_run", "+nn_run p50/p99 ms", 18, 7),
+            ("wasmtime", "wasmtime p50/p99 ms", 19, 7), ("onnxruntime", "onnxruntime p50/p99 ms", 22, 7))
+    head = f"{'model':<12} {'kind':<5} {'module':>8}  | " + " | ".join(f"{t:>{w}} {'/s':>{n}}" for _, t, w, n in cols) \
+        + " | vs onnxruntime: nn_run, wasmtime"
     print(head)
     print("-" * len(head))
     for model, kind, f, size in rows:
         cells = []
-        for key, w in (("wasm3", 17), ("wasm3 + nn_run", 18), ("onnxruntime", 22)):
+        for key, _, w, n in cols:
             v = f[key]
-            cells.append(f"{'n/a':>{w}} {'':>6}" if v is None else
-                         f"{f'{v[0]:.3f}/{v[1]:.3f}':>{w}} {v[2]:>{6 if key == 'wasm3' else 7}.0f}")
-        print(f"{model:<12} {kind:<5} {size:>7}B  | " + " | ".join(cells))
+            if v is None:
+                why = "not installed" if key == "wasmtime" and wt_missing else "n/a"
+                cells.append(f"{why:>{w}} {'':>{n}}")
+            else:
+                cells.append(f"{f'{v[0]:.3f}/{v[1]:.3f}':>{w}} {v[2]:>{n}.0f}")
+        ratios = ", ".join("-" if f[k] is None else f"{f[k][2] / f['onnxruntime'][2]:.2f}x"
+                           for k in ("wasm3 + nn_run", "wasmtime"))
+        print(f"{model:<12} {kind:<5} {size:>7}B  | " + " | ".join(cells) + f" | {ratios}")
     for n in notes:
-        print(f"  {n}; /s = {unit[n.split(':')[0]]} per CPU-second")
+        what = n.split(":")[0]
+        print(f"  {n}; /s = {unit[what]} per CPU-second" if what in unit else f"  {n}")
     worst = min(f["wasm3"][2] for model, _, f, _ in rows if model == "people_cnn")
     print(f"target (issue 9): the 2-D CNN >= {TARGET_FPS:.0f} frames/s per core in pure wasm3: "
           f"{worst:.0f} frames/s (slower of float and int8): {'ok' if worst >= TARGET_FPS else 'BELOW'}")

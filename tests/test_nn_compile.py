@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: E402
 
 from appliance.runtime.inspect import check_module_file  # noqa: E402
+from appliance.runtime.validate import wasm_validate  # noqa: E402
 from appliance_tools.nn import ModelError, compile_model  # noqa: E402
 from appliance_tools.nn.parity import float_mismatch, ort_session, quant_mismatch  # noqa: E402
 from appliance_tools.nn.run import ModelModule, ModuleCallError  # noqa: E402
@@ -348,6 +349,9 @@ def test_reproducible_bytes_and_the_module_checks(tmp_path):
     a = compile_model(path, tmp_path / "one" / "m.wasm", labels=["ok", "x", "y", "z"])
     b = compile_model(path, tmp_path / "two" / "m.wasm", labels=["ok", "x", "y", "z"])
     assert a.sha256 == b.sha256 and a.model_hash == b.model_hash
+    # The SIMD128 sibling: reproducible too, and SIMD indeed (wasm3's validation refuses it).
+    assert a.simd_wasm.read_bytes() == b.simd_wasm.read_bytes()
+    assert wasm_validate(a.simd_wasm.read_bytes(), "m.simd.wasm")
     assert [(x.arch, x.sha256) for x in a.native] == [(x.arch, x.sha256) for x in b.native]
     assert {x.arch for x in a.native} == {"x86_64", "aarch64"}
     for lib in a.native:

@@ -264,6 +264,102 @@ void _start(void) {
 """
 
 
+def odd_conv_model(tmp_path):
+    """Convolutions whose shapes reach every edge of the blocked kernels: output channels that are
+    not a multiple of 4, output planes that are not a multiple of 8, dilation, groups (depthwise),
+    a 1x1 convolution that reads its input as the matrix, stride 2."""
+    rng = np.random.default_rng(8)
+    init = lambda n, a: numpy_helper.from_array(np.asarray(a, np.float32), n)  # noqa: E731
+    layers = [("w0", (6, 1, 3, 3), dict(pads=[1, 1, 1, 1])),
+              ("w1", (7, 6, 3, 3), dict(pads=[2, 2, 2, 2], dilations=[2, 2])),
+              ("w2", (7, 1, 3, 3), dict(pads=[1, 1, 1, 1], group=7)),
+              ("w3", (5, 7, 1, 1), {}),
+              ("w4", (3, 5, 3, 3), dict(pads=[1, 0, 1, 0], strides=[2, 2]))]
+    nodes, inits, x = [], [], "x"
+    for k, (w, shape, attrs) in enumerate(layers):
+        nodes += [helper.make_node("Conv", [x, w, f"b{k}"], [f"c{k}"], **attrs),
+                  helper.make_node("Relu", [f"c{k}"], [f"r{k}"])]
+        inits += [init(w, rng.normal(size=shape) * np.sqrt(2 / np.prod(shape[1:]))),
+                  init(f"b{k}", rng.normal(size=shape[0]) * .1)]
+        x = f"r{k}"
+    nodes.append(helper.make_node("Flatten", [x], ["y"]))
+    g = helper.make_graph(nodes, "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 13, 11])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3 * 7 * 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    path = tmp_path / "odd.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_every_edge_of_the_blocked_kernels_gives_the_same_bits(tmp_path, kind):
+    """The native twin's im2col and blocked kernels against wasm3's direct ones, bit for bit, on
+    shapes that leave remainders everywhere (and the SIMD128 build where wasmtime is installed)."""
+    path = odd_conv_model(tmp_path)
+    if kind == "int8":
+        rng = np.random.default_rng(9)
+
+        class Reader:
+            def __init__(self):
+                self.it = iter([{"x": rng.normal(size=(1, 1, 13, 11)).astype(np.float32)} for _ in range(4)])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        quantize_static(str(path), str(tmp_path / "odd_int8.onnx"), Reader(), quant_format=QuantFormat.QOperator,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        path = tmp_path / "odd_int8.onnx"
+    r = compile_model(path, tmp_path / kind / "odd.wasm", window=(1, 143), rule="none")
+    engines = [ModelModule(r.wasm), ModelModule(r.wasm, host_nn=True)]
+    try:
+        from appliance_tools.nn.run import WasmtimeBackend
+        engines.append(ModelModule(r.simd_wasm, backend=WasmtimeBackend(), validated=True))
+    except ImportError:
+        pass                    # the SIMD128 build's own test says it is skipped
+    sess = ort_session(path)
+    rng = np.random.default_rng(10)
+    for _ in range(6):
+        w = rng.normal(size=(1, 143)).astype(np.float32)
+        results = [e.process(w) for e in engines]
+        assert results[1].features["nn.host"] == 1.0
+        assert len({res.outputs.tobytes() for res in results}) == 1
+        ref = sess.run(None, {"x": w.reshape(1, 1, 13, 11)})[0]
+        if kind == "float":
+            assert float_mismatch(results[0].outputs, ref) == ""
+    if machine_arch() == "x86_64":
+        # Every vector width this CPU has (SSE2, AVX2, AVX-512F), called directly: the same bits.
+        import ctypes
+        lib = ctypes.CDLL(str(next(x.path for x in r.native if x.arch == "x86_64")))
+        lib.ap_nn_native_x86_level.restype = ctypes.c_int32
+        lib.ap_nn_native_run.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
+        have = lib.ap_nn_native_x86_level(-1)
+        w = rng.normal(size=143).astype(np.float32)
+        want = ModelModule(r.wasm).process(w[None]).outputs.tobytes()
+        for level in range(have + 1):
+            assert lib.ap_nn_native_x86_level(level) == level
+            out = np.zeros(len(want) // 4, np.float32)
+            assert lib.ap_nn_native_run(w.ctypes.data, 4 * 143, out.ctypes.data, out.nbytes) == 0
+            assert out.tobytes() == want, f"x86 level {level}"
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_the_simd128_build_gives_the_same_bits_as_wasm3_and_the_native_twin(models, kind):
+    """x.simd.wasm (the im2col and vector kernels, for wasmtime) against x.wasm in wasm3 (the
+    direct kernels) and the native twin (the vector kernels in SSE2 or NEON): one set of bits."""
+    pytest.importorskip("wasmtime", reason="wasmtime (issue 19) is not installed: the SIMD128 build cannot run")
+    from appliance_tools.nn.run import WasmtimeBackend
+    _, r = models[kind]
+    assert r.simd_wasm == r.wasm.with_suffix(".simd.wasm") and r.simd_wasm.exists()
+    simd = ModelModule(r.simd_wasm, backend=WasmtimeBackend(), validated=True)
+    scalar, host = ModelModule(r.wasm), ModelModule(r.wasm, host_nn=True)
+    for w in windows(8, seed=21):
+        a, b, c = scalar.process(w), simd.process(w), host.process(w)
+        assert c.features["nn.host"] == 1.0
+        assert a.outputs.tobytes() == b.outputs.tobytes() == c.outputs.tobytes()
+        assert a.events == b.events
+
+
 @pytest.mark.skipif(machine_arch() != "aarch64" and not __import__("os").path.exists(
     "/proc/sys/fs/binfmt_misc/qemu-aarch64"), reason="no aarch64 machine and no qemu-aarch64 binfmt to run one")
 @pytest.mark.parametrize("kind", ["float", "int8"])

@@ -21,6 +21,7 @@ import onnxruntime as ort  # noqa: E402,F401
 
 from appliance_tools.nn import compile_model  # noqa: E402
 from appliance_tools.nn.parity import GraphBuilder, float_mismatch, ort_session, quant_mismatch  # noqa: E402
+from appliance.runtime.hostcalls.nn import machine_arch  # noqa: E402
 from appliance_tools.nn.run import ModelModule  # noqa: E402
 
 RNG_SEED = 20261121
@@ -32,19 +33,37 @@ def _rng():
 
 
 def compile_and_compare(tmp_path, b: GraphBuilder, inputs: list[np.ndarray], name: str) -> dict[str, str]:
-    """Compile b's graph, run every input through onnxruntime and the module; {case: mismatch}."""
+    """Compile b's graph, run every input through onnxruntime and the module; {case: mismatch}.
+    The module's native twin for this machine and its SIMD128 build in wasmtime (the other form
+    of the convolutions: im2col and vector kernels) must give wasm3's bits for every input."""
     model = b.model()
     path = tmp_path / f"{name}.onnx"
     onnx.save(model, str(path))
+    arch = machine_arch()
+    try:        # the SIMD128 build too where wasmtime is installed (test_nn_host says when it is not)
+        from appliance_tools.nn.run import WasmtimeBackend
+        wasmtime = WasmtimeBackend()
+    except ImportError:
+        wasmtime = None
     result = compile_model(path, tmp_path / f"{name}.wasm", window=(1, b.size), rule="none", report_outputs=False,
-                           native=False)
+                           native=arch is not None, arches=[arch] if arch else [], simd=wasmtime is not None)
     sess = ort_session(path)
     module = ModelModule(result.wasm)
+    twin = ModelModule(result.wasm, host_nn=True) if arch else None
+    simd = ModelModule(result.simd_wasm, backend=wasmtime, validated=True) if wasmtime else None
     problems: dict[str, str] = {}
     for x in inputs:
         refs = sess.run(b.outputs, {"x": x.reshape(1, b.size)})
         res = module.process(x.reshape(1, b.size))
         assert res.rc == 0, res.logs
+        if twin is not None:
+            native = twin.process(x.reshape(1, b.size))
+            assert native.rc == 0 and twin.host.native_calls > 0, native.logs
+            assert native.outputs.tobytes() == res.outputs.tobytes(), \
+                f"{name}: the native twin's bits differ from wasm3's"
+        if simd is not None:
+            assert simd.process(x.reshape(1, b.size)).outputs.tobytes() == res.outputs.tobytes(), \
+                f"{name}: the SIMD128 build's bits differ from wasm3's"
         off = 0
         for case, ref in zip(b.cases, refs):
             n = ref.size

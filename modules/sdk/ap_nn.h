@@ -119,17 +119,384 @@ static inline void ap_nn_copy(void *dst, const void *src, size_t n) {
     while (n--) *d++ = *s++;
 }
 
+/* ---- convolution and matrix products ---------------------------------------------------------
+ *
+ * The generated convolutions have two forms in the same C. AP_NN_SCALAR (the wasm module for
+ * wasm3, which has no SIMD) keeps the direct kernels written for an interpreter; every other
+ * build (the native twins, the SIMD128 module for wasmtime) lowers the convolution to im2col
+ * and the blocked matrix products below, in 4-lane vectors (GCC vector extensions: SSE2, NEON
+ * or SIMD128 as the target has them).
+ *
+ * Both forms compute each float output as the same sequence of IEEE operations: start from the
+ * bias, then add w*x for the taps in (channel, ky, kx) order, one multiply and one add per tap
+ * (-ffp-contract=off). Vectors and blocking only run independent outputs side by side; no sum is
+ * split or reassociated, so every build gives the same bits. Integer sums are exact anyway. */
+#if defined(__wasm__) && !defined(__wasm_simd128__)
+#define AP_NN_SCALAR 1
+#else
+#define AP_NN_SCALAR 0
+#endif
+
+typedef float ap_nn_f4 __attribute__((vector_size(16), aligned(4)));
+typedef int32_t ap_nn_i4 __attribute__((vector_size(16), aligned(4)));
+typedef int16_t ap_nn_s4 __attribute__((vector_size(8), aligned(2)));
+
+static inline ap_nn_f4 ap_nn_f4_load(const float *p) { return *(const ap_nn_f4 *)p; }
+static inline void ap_nn_f4_store(float *p, ap_nn_f4 v) { *(ap_nn_f4 *)p = v; }
+static inline ap_nn_f4 ap_nn_f4_splat(float v) { return (ap_nn_f4){v, v, v, v}; }
+static inline ap_nn_i4 ap_nn_i4_load16(const int16_t *p) {
+    return __builtin_convertvector(*(const ap_nn_s4 *)p, ap_nn_i4);
+}
+static inline void ap_nn_i4_store(int32_t *p, ap_nn_i4 v) { *(ap_nn_i4 *)p = v; }
+static inline ap_nn_i4 ap_nn_i4_splat(int32_t v) { return (ap_nn_i4){v, v, v, v}; }
+
+/* Y[m*ld + n] = bias[m] + W[m*K + 0]*P[0*ld + n] + W[m*K + 1]*P[1*ld + n] + ..., left to right.
+ * Blocks of 4 rows x 8 columns (8 vector accumulators), then narrower blocks for the rest. */
+static inline void ap_nn_gemm_f32_v4(const float *W, const float *bias, const float *P, float *Y,
+                                     int32_t M, int32_t N, int32_t K, int32_t ld) {
+    int32_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        int32_t n = 0;
+        for (; n + 8 <= N; n += 8) {
+            ap_nn_f4 a0 = ap_nn_f4_splat(bias[m]), a1 = ap_nn_f4_splat(bias[m + 1]);
+            ap_nn_f4 a2 = ap_nn_f4_splat(bias[m + 2]), a3 = ap_nn_f4_splat(bias[m + 3]);
+            ap_nn_f4 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += ld) {
+                const ap_nn_f4 x0 = ap_nn_f4_load(p), x1 = ap_nn_f4_load(p + 4);
+                ap_nn_f4 s = ap_nn_f4_splat(w0[k]); a0 += s * x0; b0 += s * x1;
+                s = ap_nn_f4_splat(w1[k]); a1 += s * x0; b1 += s * x1;
+                s = ap_nn_f4_splat(w2[k]); a2 += s * x0; b2 += s * x1;
+                s = ap_nn_f4_splat(w3[k]); a3 += s * x0; b3 += s * x1;
+            }
+            float *y = Y + m * ld + n;
+            ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, b0);
+            ap_nn_f4_store(y + ld, a1); ap_nn_f4_store(y + ld + 4, b1);
+            ap_nn_f4_store(y + 2 * ld, a2); ap_nn_f4_store(y + 2 * ld + 4, b2);
+            ap_nn_f4_store(y + 3 * ld, a3); ap_nn_f4_store(y + 3 * ld + 4, b3);
+        }
+        for (; n < N; n++) {
+            float a0 = bias[m], a1 = bias[m + 1], a2 = bias[m + 2], a3 = bias[m + 3];
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += ld) {
+                const float x = *p;
+                a0 += w0[k] * x; a1 += w1[k] * x; a2 += w2[k] * x; a3 += w3[k] * x;
+            }
+            Y[m * ld + n] = a0; Y[(m + 1) * ld + n] = a1; Y[(m + 2) * ld + n] = a2; Y[(m + 3) * ld + n] = a3;
+        }
+    }
+    for (; m < M; m++) {
+        const float *w0 = W + m * K;
+        int32_t n = 0;
+        for (; n + 16 <= N; n += 16) {
+            ap_nn_f4 a0 = ap_nn_f4_splat(bias[m]), a1 = a0, a2 = a0, a3 = a0;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += ld) {
+                const ap_nn_f4 s = ap_nn_f4_splat(w0[k]);
+                a0 += s * ap_nn_f4_load(p); a1 += s * ap_nn_f4_load(p + 4);
+                a2 += s * ap_nn_f4_load(p + 8); a3 += s * ap_nn_f4_load(p + 12);
+            }
+            float *y = Y + m * ld + n;
+            ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, a1); ap_nn_f4_store(y + 8, a2); ap_nn_f4_store(y + 12, a3);
+        }
+        for (; n < N; n++) {
+            float a = bias[m];
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += ld) a += w0[k] * *p;
+            Y[m * ld + n] = a;
+        }
+    }
+}
+
+#if defined(AP_NN_NATIVE) && defined(__x86_64__)
+/* x86-64 native twins: the same products in 8-lane AVX2 or 16-lane AVX-512 vectors where the CPU
+ * has them (asked once with CPUID). The library stays built for the baseline CPU; AVX2 lanes are the same IEEE
+ * single operations as SSE2's (no FMA: -ffp-contract=off, and AVX2 does not bring it). */
+typedef float ap_nn_f8 __attribute__((vector_size(32), aligned(4)));
+/* A real splat: 0 + v would turn a bias of -0.0 into +0.0. */
+__attribute__((target("avx2"))) static inline ap_nn_f8 ap_nn_f8_splat(float v) {
+    return (ap_nn_f8){v, v, v, v, v, v, v, v};
+}
+
+/* 0: SSE2 only, 1: AVX2, 2: AVX2 and AVX-512F (each with the OS saving its registers). */
+static int ap_nn_x86_known = -1;   /* a race between threads writes the same value */
+static int ap_nn_x86_level(void) {
+    int known = ap_nn_x86_known;
+    if (known < 0) {
+        uint32_t a, b, c, d, lo, hi;
+        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+        int ok = a >= 7;
+        if (ok) {
+            __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+            ok = (c & (1u << 27)) && (c & (1u << 28));          /* OSXSAVE, AVX */
+        }
+        if (ok) {
+            __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+            ok = (lo & 6u) == 6u;                                  /* the OS saves XMM and YMM */
+        }
+        if (ok) {
+            __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+            ok = (b & (1u << 5)) != 0;                             /* AVX2 */
+            if (ok && (b & (1u << 16)) && (lo & 0xe0u) == 0xe0u)  /* AVX-512F, opmask and ZMM state */
+                ok = 2;
+        }
+        known = ap_nn_x86_known = ok;
+    }
+    return known;
+}
+
+/* For the tests: run the narrower kernels on a wider CPU (never wider than the CPU has). */
+static int32_t ap_nn_x86_limit(int32_t level) {
+    ap_nn_x86_known = -1;
+    const int32_t have = ap_nn_x86_level();
+    if (level >= 0 && level < have) ap_nn_x86_known = level;
+    return ap_nn_x86_level();
+}
+
+__attribute__((target("avx2"))) static void ap_nn_gemm_f32_avx2(const float *W, const float *bias, const float *P,
+                                                                 float *Y, int32_t M, int32_t N, int32_t K) {
+    int32_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        int32_t n = 0;
+        for (; n + 16 <= N; n += 16) {
+            ap_nn_f8 a0 = ap_nn_f8_splat(bias[m]), a1 = ap_nn_f8_splat(bias[m + 1]);
+            ap_nn_f8 a2 = ap_nn_f8_splat(bias[m + 2]), a3 = ap_nn_f8_splat(bias[m + 3]);
+            ap_nn_f8 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_f8 x0 = *(const ap_nn_f8 *)p, x1 = *(const ap_nn_f8 *)(p + 8);
+                ap_nn_f8 s = ap_nn_f8_splat(w0[k]); a0 += s * x0; b0 += s * x1;
+                s = ap_nn_f8_splat(w1[k]); a1 += s * x0; b1 += s * x1;
+                s = ap_nn_f8_splat(w2[k]); a2 += s * x0; b2 += s * x1;
+                s = ap_nn_f8_splat(w3[k]); a3 += s * x0; b3 += s * x1;
+            }
+            float *y = Y + m * N + n;
+            *(ap_nn_f8 *)y = a0; *(ap_nn_f8 *)(y + 8) = b0;
+            *(ap_nn_f8 *)(y + N) = a1; *(ap_nn_f8 *)(y + N + 8) = b1;
+            *(ap_nn_f8 *)(y + 2 * N) = a2; *(ap_nn_f8 *)(y + 2 * N + 8) = b2;
+            *(ap_nn_f8 *)(y + 3 * N) = a3; *(ap_nn_f8 *)(y + 3 * N + 8) = b3;
+        }
+        if (n < N)      /* the rest of these rows: the 4-lane kernel, the same sums */
+            for (int32_t r = 0; r < 4; r++)
+                ap_nn_gemm_f32_v4(W + (m + r) * K, bias + m + r, P + n, Y + (m + r) * N + n, 1, N - n, K, N);
+    }
+    for (; m < M; m++) {
+        const float *w0 = W + m * K;
+        int32_t n = 0;
+        for (; n + 32 <= N; n += 32) {
+            ap_nn_f8 a0 = ap_nn_f8_splat(bias[m]), a1 = a0, a2 = a0, a3 = a0;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_f8 s = ap_nn_f8_splat(w0[k]);
+                a0 += s * *(const ap_nn_f8 *)p; a1 += s * *(const ap_nn_f8 *)(p + 8);
+                a2 += s * *(const ap_nn_f8 *)(p + 16); a3 += s * *(const ap_nn_f8 *)(p + 24);
+            }
+            float *y = Y + m * N + n;
+            *(ap_nn_f8 *)y = a0; *(ap_nn_f8 *)(y + 8) = a1; *(ap_nn_f8 *)(y + 16) = a2; *(ap_nn_f8 *)(y + 24) = a3;
+        }
+        if (n < N) ap_nn_gemm_f32_v4(w0, bias + m, P + n, Y + m * N + n, 1, N - n, K, N);
+    }
+}
+/* AVX-512F: 16 lanes, the same per-lane operations again. */
+typedef float ap_nn_f16 __attribute__((vector_size(64), aligned(4)));
+__attribute__((target("avx512f"))) static inline ap_nn_f16 ap_nn_f16_splat(float v) {
+    return (ap_nn_f16){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v};
+}
+
+__attribute__((target("avx512f"))) static void ap_nn_gemm_f32_avx512(const float *W, const float *bias, const float *P,
+                                                                 float *Y, int32_t M, int32_t N, int32_t K) {
+    int32_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        int32_t n = 0;
+        for (; n + 32 <= N; n += 32) {
+            ap_nn_f16 a0 = ap_nn_f16_splat(bias[m]), a1 = ap_nn_f16_splat(bias[m + 1]);
+            ap_nn_f16 a2 = ap_nn_f16_splat(bias[m + 2]), a3 = ap_nn_f16_splat(bias[m + 3]);
+            ap_nn_f16 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_f16 x0 = *(const ap_nn_f16 *)p, x1 = *(const ap_nn_f16 *)(p + 16);
+                ap_nn_f16 s = ap_nn_f16_splat(w0[k]); a0 += s * x0; b0 += s * x1;
+                s = ap_nn_f16_splat(w1[k]); a1 += s * x0; b1 += s * x1;
+                s = ap_nn_f16_splat(w2[k]); a2 += s * x0; b2 += s * x1;
+                s = ap_nn_f16_splat(w3[k]); a3 += s * x0; b3 += s * x1;
+            }
+            float *y = Y + m * N + n;
+            *(ap_nn_f16 *)y = a0; *(ap_nn_f16 *)(y + 16) = b0;
+            *(ap_nn_f16 *)(y + N) = a1; *(ap_nn_f16 *)(y + N + 16) = b1;
+            *(ap_nn_f16 *)(y + 2 * N) = a2; *(ap_nn_f16 *)(y + 2 * N + 16) = b2;
+            *(ap_nn_f16 *)(y + 3 * N) = a3; *(ap_nn_f16 *)(y + 3 * N + 16) = b3;
+        }
+        if (n < N)      /* the rest of these rows: the 4-lane kernel, the same sums */
+            for (int32_t r = 0; r < 4; r++)
+                ap_nn_gemm_f32_v4(W + (m + r) * K, bias + m + r, P + n, Y + (m + r) * N + n, 1, N - n, K, N);
+    }
+    for (; m < M; m++) {
+        const float *w0 = W + m * K;
+        int32_t n = 0;
+        for (; n + 64 <= N; n += 64) {
+            ap_nn_f16 a0 = ap_nn_f16_splat(bias[m]), a1 = a0, a2 = a0, a3 = a0;
+            const float *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += N) {
+                const ap_nn_f16 s = ap_nn_f16_splat(w0[k]);
+                a0 += s * *(const ap_nn_f16 *)p; a1 += s * *(const ap_nn_f16 *)(p + 16);
+                a2 += s * *(const ap_nn_f16 *)(p + 32); a3 += s * *(const ap_nn_f16 *)(p + 48);
+            }
+            float *y = Y + m * N + n;
+            *(ap_nn_f16 *)y = a0; *(ap_nn_f16 *)(y + 16) = a1; *(ap_nn_f16 *)(y + 32) = a2; *(ap_nn_f16 *)(y + 48) = a3;
+        }
+        if (n < N) ap_nn_gemm_f32_v4(w0, bias + m, P + n, Y + m * N + n, 1, N - n, K, N);
+    }
+}
+#endif
+
+static void ap_nn_gemm_f32(const float *W, const float *bias, const float *P, float *Y,
+                           int32_t M, int32_t N, int32_t K) {
+#if defined(AP_NN_NATIVE) && defined(__x86_64__)
+    const int level = ap_nn_x86_level();
+    if (level == 2) {
+        ap_nn_gemm_f32_avx512(W, bias, P, Y, M, N, K);
+        return;
+    }
+    if (level == 1) {
+        ap_nn_gemm_f32_avx2(W, bias, P, Y, M, N, K);
+        return;
+    }
+#endif
+    ap_nn_gemm_f32_v4(W, bias, P, Y, M, N, K, N);
+}
+
+/* ACC[m*N + n] = init[m] + sum_k W[m*K + k] * P[k*N + n] in int32 (exact: any order). The
+ * operands are int16 (the int8 weights less their zero point, the uint8/int8 activations), so a
+ * product fits and the compilers widen them with the target's 16-bit multiplies. */
+static inline void ap_nn_gemm_i16_v4(const int16_t *W, const int32_t *init, const int16_t *P, int32_t *ACC,
+                                     int32_t M, int32_t N, int32_t K, int32_t ld) {
+    int32_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        const int16_t *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        int32_t n = 0;
+        for (; n + 8 <= N; n += 8) {
+            ap_nn_i4 a0 = ap_nn_i4_splat(init[m]), a1 = ap_nn_i4_splat(init[m + 1]);
+            ap_nn_i4 a2 = ap_nn_i4_splat(init[m + 2]), a3 = ap_nn_i4_splat(init[m + 3]);
+            ap_nn_i4 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+            const int16_t *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += ld) {
+                const ap_nn_i4 x0 = ap_nn_i4_load16(p), x1 = ap_nn_i4_load16(p + 4);
+                ap_nn_i4 s = ap_nn_i4_splat(w0[k]); a0 += s * x0; b0 += s * x1;
+                s = ap_nn_i4_splat(w1[k]); a1 += s * x0; b1 += s * x1;
+                s = ap_nn_i4_splat(w2[k]); a2 += s * x0; b2 += s * x1;
+                s = ap_nn_i4_splat(w3[k]); a3 += s * x0; b3 += s * x1;
+            }
+            int32_t *y = ACC + m * ld + n;
+            ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, b0);
+            ap_nn_i4_store(y + ld, a1); ap_nn_i4_store(y + ld + 4, b1);
+            ap_nn_i4_store(y + 2 * ld, a2); ap_nn_i4_store(y + 2 * ld + 4, b2);
+            ap_nn_i4_store(y + 3 * ld, a3); ap_nn_i4_store(y + 3 * ld + 4, b3);
+        }
+        for (; n < N; n++) {
+            int32_t a0 = init[m], a1 = init[m + 1], a2 = init[m + 2], a3 = init[m + 3];
+            const int16_t *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += ld) {
+                const int32_t x = *p;
+                a0 += w0[k] * x; a1 += w1[k] * x; a2 += w2[k] * x; a3 += w3[k] * x;
+            }
+            ACC[m * ld + n] = a0; ACC[(m + 1) * ld + n] = a1; ACC[(m + 2) * ld + n] = a2; ACC[(m + 3) * ld + n] = a3;
+        }
+    }
+    for (; m < M; m++) {
+        const int16_t *w0 = W + m * K;
+        int32_t n = 0;
+        for (; n + 16 <= N; n += 16) {
+            ap_nn_i4 a0 = ap_nn_i4_splat(init[m]), a1 = a0, a2 = a0, a3 = a0;
+            const int16_t *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += ld) {
+                const ap_nn_i4 s = ap_nn_i4_splat(w0[k]);
+                a0 += s * ap_nn_i4_load16(p); a1 += s * ap_nn_i4_load16(p + 4);
+                a2 += s * ap_nn_i4_load16(p + 8); a3 += s * ap_nn_i4_load16(p + 12);
+            }
+            int32_t *y = ACC + m * ld + n;
+            ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, a1); ap_nn_i4_store(y + 8, a2); ap_nn_i4_store(y + 12, a3);
+        }
+        for (; n < N; n++) {
+            int32_t a = init[m];
+            const int16_t *p = P + n;
+            for (int32_t k = 0; k < K; k++, p += ld) a += w0[k] * (int32_t)*p;
+            ACC[m * ld + n] = a;
+        }
+    }
+}
+
+#if defined(AP_NN_NATIVE) && defined(__x86_64__)
+/* The integer products in 8 (AVX2) or 16 (AVX-512F) int32 lanes: SSE2 has no 32-bit multiply. */
+#define AP_NN_GEMM_I16_WIDE(NAME, TARGET, L)                                                            \
+typedef int32_t NAME##_vi __attribute__((vector_size(4 * L), aligned(4)));                              \
+typedef int16_t NAME##_vs __attribute__((vector_size(2 * L), aligned(2)));                              \
+__attribute__((target(TARGET))) static void NAME(const int16_t *W, const int32_t *init, const int16_t *P,   \
+                                                 int32_t *ACC, int32_t M, int32_t N, int32_t K) {       \
+    int32_t m = 0;                                                                                      \
+    for (; m + 4 <= M; m += 4) {                                                                        \
+        const int16_t *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                        \
+        int32_t n = 0;                                                                                  \
+        for (; n + 2 * L <= N; n += 2 * L) {                                                            \
+            NAME##_vi a0 = (NAME##_vi){0} + init[m], a1 = (NAME##_vi){0} + init[m + 1];                 \
+            NAME##_vi a2 = (NAME##_vi){0} + init[m + 2], a3 = (NAME##_vi){0} + init[m + 3];             \
+            NAME##_vi b0 = a0, b1 = a1, b2 = a2, b3 = a3;                                               \
+            const int16_t *p = P + n;                                                                   \
+            for (int32_t k = 0; k < K; k++, p += N) {                                                   \
+                const NAME##_vi x0 = __builtin_convertvector(*(const NAME##_vs *)p, NAME##_vi);         \
+                const NAME##_vi x1 = __builtin_convertvector(*(const NAME##_vs *)(p + L), NAME##_vi);   \
+                NAME##_vi s = (NAME##_vi){0} + (int32_t)w0[k]; a0 += s * x0; b0 += s * x1;             \
+                s = (NAME##_vi){0} + (int32_t)w1[k]; a1 += s * x0; b1 += s * x1;                        \
+                s = (NAME##_vi){0} + (int32_t)w2[k]; a2 += s * x0; b2 += s * x1;                        \
+                s = (NAME##_vi){0} + (int32_t)w3[k]; a3 += s * x0; b3 += s * x1;                        \
+            }                                                                                           \
+            int32_t *y = ACC + m * N + n;                                                               \
+            *(NAME##_vi *)y = a0; *(NAME##_vi *)(y + L) = b0;                                           \
+            *(NAME##_vi *)(y + N) = a1; *(NAME##_vi *)(y + N + L) = b1;                                 \
+            *(NAME##_vi *)(y + 2 * N) = a2; *(NAME##_vi *)(y + 2 * N + L) = b2;                         \
+            *(NAME##_vi *)(y + 3 * N) = a3; *(NAME##_vi *)(y + 3 * N + L) = b3;                         \
+        }                                                                                               \
+        if (n < N) ap_nn_gemm_i16_v4(W + m * K, init + m, P + n, ACC + m * N + n, 4, N - n, K, N);      \
+    }                                                                                                   \
+    if (m < M) ap_nn_gemm_i16_v4(W + m * K, init + m, P, ACC + m * N, M - m, N, K, N);                  \
+}
+AP_NN_GEMM_I16_WIDE(ap_nn_gemm_i16_avx2, "avx2", 8)
+AP_NN_GEMM_I16_WIDE(ap_nn_gemm_i16_avx512, "avx512f", 16)
+#endif
+
+static void ap_nn_gemm_i16(const int16_t *W, const int32_t *init, const int16_t *P, int32_t *ACC,
+                           int32_t M, int32_t N, int32_t K) {
+#if defined(AP_NN_NATIVE) && defined(__x86_64__)
+    const int level = ap_nn_x86_level();
+    if (level == 2) {
+        ap_nn_gemm_i16_avx512(W, init, P, ACC, M, N, K);
+        return;
+    }
+    if (level == 1) {
+        ap_nn_gemm_i16_avx2(W, init, P, ACC, M, N, K);
+        return;
+    }
+#endif
+    ap_nn_gemm_i16_v4(W, init, P, ACC, M, N, K, N);
+}
+
 /* -nostdlib: the native libraries bring the memcpy and memset the compiler emits for copy and
  * fill loops. Their own loops are written out (not through the helpers above, whose loops the
  * compiler would turn back into calls to these), and no_builtin keeps them loops. */
+typedef uint64_t ap_nn_word __attribute__((may_alias, aligned(1)));
 #define AP_NN_NATIVE_LIBC \
     __attribute__((visibility("hidden"), no_builtin)) void *memcpy(void *dst, const void *src, size_t n) { \
         uint8_t *d = (uint8_t *)dst; const uint8_t *s = (const uint8_t *)src;                          \
+        for (; n >= 8; n -= 8, d += 8, s += 8) *(ap_nn_word *)d = *(const ap_nn_word *)s;              \
         while (n--) *d++ = *s++;                                                                        \
         return dst;                                                                                     \
     }                                                                                                   \
     __attribute__((visibility("hidden"), no_builtin)) void *memset(void *dst, int c, size_t n) {      \
         uint8_t *d = (uint8_t *)dst;                                                                    \
+        const uint64_t v = (uint64_t)(uint8_t)c * 0x0101010101010101ull;                                \
+        for (; n >= 8; n -= 8, d += 8) *(ap_nn_word *)d = v;   /* the pad fills: 8 bytes a step */    \
         while (n--) *d++ = (uint8_t)c;                                                                  \
         return dst;                                                                                     \
     }
@@ -364,7 +731,18 @@ static int32_t ap_nn_fill(const ap_nn_module *m, const uint8_t *win, int32_t len
             const float sc = s->scale[c], of = s->offset[c];
             float *dst = m->channels_last ? in + c : in + (size_t)c * F;
             const int32_t step = m->channels_last ? C : 1;
-            for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = (float)src[i] * sc + of;
+            if (step == 1) {    /* the usual layout: 8 pixels a turn, constant offsets (fewest wasm3 ops) */
+                const uint8_t *end = src + F, *end8 = src + (F & ~7);
+                for (; src < end8; src += 8, dst += 8) {
+                    dst[0] = (float)src[0] * sc + of; dst[1] = (float)src[1] * sc + of;
+                    dst[2] = (float)src[2] * sc + of; dst[3] = (float)src[3] * sc + of;
+                    dst[4] = (float)src[4] * sc + of; dst[5] = (float)src[5] * sc + of;
+                    dst[6] = (float)src[6] * sc + of; dst[7] = (float)src[7] * sc + of;
+                }
+                while (src < end) *dst++ = (float)*src++ * sc + of;
+            } else {
+                for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = (float)src[i] * sc + of;
+            }
         }
     } else {
         h = ap_window_open(win, len);
@@ -375,7 +753,17 @@ static int32_t ap_nn_fill(const ap_nn_module *m, const uint8_t *win, int32_t len
             const float sc = s->scale[c], of = s->offset[c];
             float *dst = m->channels_last ? in + c : in + (size_t)c * F;
             const int32_t step = m->channels_last ? C : 1;
-            for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = src[i] * sc + of;
+            if (step == 1) {
+                const float *end = src + F, *end8 = src + (F & ~7);
+                for (; src < end8; src += 8, dst += 8) {
+                    dst[0] = src[0] * sc + of; dst[1] = src[1] * sc + of; dst[2] = src[2] * sc + of;
+                    dst[3] = src[3] * sc + of; dst[4] = src[4] * sc + of; dst[5] = src[5] * sc + of;
+                    dst[6] = src[6] * sc + of; dst[7] = src[7] * sc + of;
+                }
+                while (src < end) *dst++ = *src++ * sc + of;
+            } else {
+                for (int32_t i = 0; i < F; i++) dst[(size_t)i * step] = src[i] * sc + of;
+            }
         }
     }
     return h->dropped ? 1 : 0;

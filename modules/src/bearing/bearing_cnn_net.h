@@ -4,9 +4,10 @@
  * 8 operators, input window 1x1x1024. */
 #include "ap_nn.h"
 
-#define NN_ARENA_BYTES 24640
 #define NN_INPUT_FLOATS 1024
 #define NN_OUTPUT_FLOATS 4
+#if AP_NN_SCALAR
+#define NN_ARENA_BYTES 24640
 #define NN_OFF_1 0
 #define NN_OFF_3 0
 #define NN_OFF_5 0
@@ -19,6 +20,21 @@
 #define NN_OFF_2 16384
 #define NN_OFF_S0_pad 16384
 #define NN_OFF_0 20544
+#else
+#define NN_ARENA_BYTES 51200
+#define NN_OFF_6 0
+#define NN_OFF_8 0
+#define NN_OFF_S0_cols 0
+#define NN_OFF_S2_cols 0
+#define NN_OFF_S4_cols 0
+#define NN_OFF_7 128
+#define NN_OFF_5 10240
+#define NN_OFF_4 14336
+#define NN_OFF_1 30720
+#define NN_OFF_3 36864
+#define NN_OFF_0 47104
+#define NN_OFF_2 47104
+#endif
 
 static uint8_t nn_arena[NN_ARENA_BYTES] __attribute__((aligned(16)));
 
@@ -294,6 +310,7 @@ static const float K7_c[4] __attribute__((aligned(16))) = {
 
 /* node 0 '/features/features.0/Conv' (Conv): Conv+Relu -> float32[1x8x512] */
 static void nn_op0(void) {
+#if AP_NN_SCALAR
   const float *x = ((float *)(nn_arena + NN_OFF_0));
   float *y = ((float *)(nn_arena + NN_OFF_1));
   float *xp = ((float *)(nn_arena + NN_OFF_S0_pad));
@@ -332,11 +349,41 @@ static void nn_op0(void) {
       for (int32_t oy = 0; oy < 1; oy++) {
         const float *p = s + oy * 1038;
         float *r = o + oy * 512;
-        for (int32_t ox = 0; ox < 512; ox++, p += 2) r[ox] += w0 * p[0] + w1 * p[1] + w2 * p[2] + w3 * p[3] + w4 * p[4] + w5 * p[5] + w6 * p[6] + w7 * p[7] + w8 * p[8] + w9 * p[9] + w10 * p[10] + w11 * p[11] + w12 * p[12] + w13 * p[13] + w14 * p[14];
+        for (int32_t ox = 0; ox < 512; ox++, p += 2) r[ox] = r[ox] + w0 * p[0] + w1 * p[1] + w2 * p[2] + w3 * p[3] + w4 * p[4] + w5 * p[5] + w6 * p[6] + w7 * p[7] + w8 * p[8] + w9 * p[9] + w10 * p[10] + w11 * p[11] + w12 * p[12] + w13 * p[13] + w14 * p[14];
       }
     }
-    for (int32_t i = 0; i < 512; i++) if (o[i] < 0.0f) o[i] = 0.0f;
+    for (int32_t i = 0; i < 512; i++) o[i] = o[i] < 0.0f ? 0.0f : o[i];
   }
+#else
+  const float *x = ((float *)(nn_arena + NN_OFF_0));
+  float *y = ((float *)(nn_arena + NN_OFF_1));
+  float *cols = ((float *)(nn_arena + NN_OFF_S0_cols));
+  for (int32_t g = 0; g < 1; g++) {
+    const float *src = x + g * 1024;
+    for (int32_t c = 0; c < 1; c++)
+      for (int32_t ky = 0; ky < 1; ky++)
+        for (int32_t kx = 0; kx < 15; kx++) {
+          float *d = cols + ((c * 1 + ky) * 15 + kx) * 512;
+          const int32_t xlo = 7 - kx * 1, xhi = 1030 - kx * 1;
+          const int32_t ox0 = xlo <= 0 ? 0 : (xlo + 1) / 2 < 512 ? (xlo + 1) / 2 : 512;
+          const int32_t ox1 = xhi < 0 ? 0 : xhi / 2 + 1 < 512 ? xhi / 2 + 1 : 512;
+          for (int32_t oy = 0; oy < 1; oy++, d += 512) {
+            const int32_t iy = oy * 1 + ky * 1 - 0;
+            if (iy < 0 || iy >= 1) {
+              for (int32_t ox = 0; ox < 512; ox++) d[ox] = (float)0.0f;
+              continue;
+            }
+            const float *s = src + c * 1024 + iy * 1024;
+            int32_t ox = 0;
+            for (; ox < ox0; ox++) d[ox] = (float)0.0f;
+            for (; ox < ox1; ox++) d[ox] = (float)s[ox * 2 + kx * 1 - 7];
+            for (; ox < 512; ox++) d[ox] = (float)0.0f;
+          }
+        }
+    ap_nn_gemm_f32(K0_w + g * 120, K1_b + g * 8, cols, y + g * 4096, 8, 512, 15);
+  }
+  for (int32_t i = 0; i < 4096; i++) y[i] = y[i] < 0.0f ? 0.0f : y[i];
+#endif
 }
 /* node 2 '/features/features.2/MaxPool' (MaxPool): MaxPool -> float32[1x8x128] */
 static void nn_op1(void) {
@@ -365,6 +412,7 @@ static void nn_op1(void) {
 }
 /* node 3 '/features/features.3/Conv' (Conv): Conv+Relu -> float32[1x16x128] */
 static void nn_op2(void) {
+#if AP_NN_SCALAR
   const float *x = ((float *)(nn_arena + NN_OFF_2));
   float *y = ((float *)(nn_arena + NN_OFF_3));
   float *xp = ((float *)(nn_arena + NN_OFF_S2_pad));
@@ -406,11 +454,41 @@ static void nn_op2(void) {
       for (int32_t oy = 0; oy < 1; oy++) {
         const float *p = s + oy * 136;
         float *r = o + oy * 128;
-        for (int32_t ox = 0; ox < 128; ox++, p += 1) r[ox] += w0 * p[0] + w1 * p[1] + w2 * p[2] + w3 * p[3] + w4 * p[4] + w5 * p[5] + w6 * p[6] + w7 * p[7] + w8 * p[8] + w9 * p[136] + w10 * p[137] + w11 * p[138] + w12 * p[139] + w13 * p[140] + w14 * p[141] + w15 * p[142] + w16 * p[143] + w17 * p[144];
+        for (int32_t ox = 0; ox < 128; ox++, p += 1) r[ox] = r[ox] + w0 * p[0] + w1 * p[1] + w2 * p[2] + w3 * p[3] + w4 * p[4] + w5 * p[5] + w6 * p[6] + w7 * p[7] + w8 * p[8] + w9 * p[136] + w10 * p[137] + w11 * p[138] + w12 * p[139] + w13 * p[140] + w14 * p[141] + w15 * p[142] + w16 * p[143] + w17 * p[144];
       }
     }
-    for (int32_t i = 0; i < 128; i++) if (o[i] < 0.0f) o[i] = 0.0f;
+    for (int32_t i = 0; i < 128; i++) o[i] = o[i] < 0.0f ? 0.0f : o[i];
   }
+#else
+  const float *x = ((float *)(nn_arena + NN_OFF_2));
+  float *y = ((float *)(nn_arena + NN_OFF_3));
+  float *cols = ((float *)(nn_arena + NN_OFF_S2_cols));
+  for (int32_t g = 0; g < 1; g++) {
+    const float *src = x + g * 1024;
+    for (int32_t c = 0; c < 8; c++)
+      for (int32_t ky = 0; ky < 1; ky++)
+        for (int32_t kx = 0; kx < 9; kx++) {
+          float *d = cols + ((c * 1 + ky) * 9 + kx) * 128;
+          const int32_t xlo = 4 - kx * 1, xhi = 131 - kx * 1;
+          const int32_t ox0 = xlo <= 0 ? 0 : (xlo + 0) / 1 < 128 ? (xlo + 0) / 1 : 128;
+          const int32_t ox1 = xhi < 0 ? 0 : xhi / 1 + 1 < 128 ? xhi / 1 + 1 : 128;
+          for (int32_t oy = 0; oy < 1; oy++, d += 128) {
+            const int32_t iy = oy * 1 + ky * 1 - 0;
+            if (iy < 0 || iy >= 1) {
+              for (int32_t ox = 0; ox < 128; ox++) d[ox] = (float)0.0f;
+              continue;
+            }
+            const float *s = src + c * 128 + iy * 128;
+            int32_t ox = 0;
+            for (; ox < ox0; ox++) d[ox] = (float)0.0f;
+            for (; ox < ox1; ox++) d[ox] = (float)s[ox * 1 + kx * 1 - 4];
+            for (; ox < 128; ox++) d[ox] = (float)0.0f;
+          }
+        }
+    ap_nn_gemm_f32(K2_w + g * 1152, K3_b + g * 16, cols, y + g * 2048, 16, 128, 72);
+  }
+  for (int32_t i = 0; i < 2048; i++) y[i] = y[i] < 0.0f ? 0.0f : y[i];
+#endif
 }
 /* node 5 '/features/features.5/MaxPool' (MaxPool): MaxPool -> float32[1x16x32] */
 static void nn_op3(void) {
@@ -439,6 +517,7 @@ static void nn_op3(void) {
 }
 /* node 6 '/features/features.6/Conv' (Conv): Conv+Relu -> float32[1x32x32] */
 static void nn_op4(void) {
+#if AP_NN_SCALAR
   const float *x = ((float *)(nn_arena + NN_OFF_4));
   float *y = ((float *)(nn_arena + NN_OFF_5));
   float *xp = ((float *)(nn_arena + NN_OFF_S4_pad));
@@ -482,11 +561,41 @@ static void nn_op4(void) {
       for (int32_t oy = 0; oy < 1; oy++) {
         const float *p = s + oy * 36;
         float *r = o + oy * 32;
-        for (int32_t ox = 0; ox < 32; ox++, p += 1) r[ox] += w0 * p[0] + w1 * p[1] + w2 * p[2] + w3 * p[3] + w4 * p[4] + w5 * p[36] + w6 * p[37] + w7 * p[38] + w8 * p[39] + w9 * p[40] + w10 * p[72] + w11 * p[73] + w12 * p[74] + w13 * p[75] + w14 * p[76] + w15 * p[108] + w16 * p[109] + w17 * p[110] + w18 * p[111] + w19 * p[112];
+        for (int32_t ox = 0; ox < 32; ox++, p += 1) r[ox] = r[ox] + w0 * p[0] + w1 * p[1] + w2 * p[2] + w3 * p[3] + w4 * p[4] + w5 * p[36] + w6 * p[37] + w7 * p[38] + w8 * p[39] + w9 * p[40] + w10 * p[72] + w11 * p[73] + w12 * p[74] + w13 * p[75] + w14 * p[76] + w15 * p[108] + w16 * p[109] + w17 * p[110] + w18 * p[111] + w19 * p[112];
       }
     }
-    for (int32_t i = 0; i < 32; i++) if (o[i] < 0.0f) o[i] = 0.0f;
+    for (int32_t i = 0; i < 32; i++) o[i] = o[i] < 0.0f ? 0.0f : o[i];
   }
+#else
+  const float *x = ((float *)(nn_arena + NN_OFF_4));
+  float *y = ((float *)(nn_arena + NN_OFF_5));
+  float *cols = ((float *)(nn_arena + NN_OFF_S4_cols));
+  for (int32_t g = 0; g < 1; g++) {
+    const float *src = x + g * 512;
+    for (int32_t c = 0; c < 16; c++)
+      for (int32_t ky = 0; ky < 1; ky++)
+        for (int32_t kx = 0; kx < 5; kx++) {
+          float *d = cols + ((c * 1 + ky) * 5 + kx) * 32;
+          const int32_t xlo = 2 - kx * 1, xhi = 33 - kx * 1;
+          const int32_t ox0 = xlo <= 0 ? 0 : (xlo + 0) / 1 < 32 ? (xlo + 0) / 1 : 32;
+          const int32_t ox1 = xhi < 0 ? 0 : xhi / 1 + 1 < 32 ? xhi / 1 + 1 : 32;
+          for (int32_t oy = 0; oy < 1; oy++, d += 32) {
+            const int32_t iy = oy * 1 + ky * 1 - 0;
+            if (iy < 0 || iy >= 1) {
+              for (int32_t ox = 0; ox < 32; ox++) d[ox] = (float)0.0f;
+              continue;
+            }
+            const float *s = src + c * 32 + iy * 32;
+            int32_t ox = 0;
+            for (; ox < ox0; ox++) d[ox] = (float)0.0f;
+            for (; ox < ox1; ox++) d[ox] = (float)s[ox * 1 + kx * 1 - 2];
+            for (; ox < 32; ox++) d[ox] = (float)0.0f;
+          }
+        }
+    ap_nn_gemm_f32(K4_w + g * 2560, K5_b + g * 32, cols, y + g * 1024, 32, 32, 80);
+  }
+  for (int32_t i = 0; i < 1024; i++) y[i] = y[i] < 0.0f ? 0.0f : y[i];
+#endif
 }
 /* node 8 '/features/features.8/GlobalAveragePool' (GlobalAveragePool): GlobalAveragePool -> float32[1x32x1] */
 static void nn_op5(void) {
@@ -571,6 +680,10 @@ AP_NN_API int32_t ap_nn_native_run(const void *in, int32_t in_len, float *out, i
   nn_collect(out);
   return 0;
 }
+#if defined(__x86_64__)
+/* Tests: cap the vector width (0 SSE2, 1 AVX2, 2 AVX-512F) to check every kernel's bits. */
+AP_NN_API int32_t ap_nn_native_x86_level(int32_t level) { return ap_nn_x86_limit(level); }
+#endif
 AP_NN_NATIVE_LIBC
 #endif
 

@@ -8,6 +8,7 @@ load with an immediate offset per tap), and nothing calls a function per element
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from math import prod
 
@@ -32,12 +33,13 @@ class Buffer:
 @dataclass
 class Program:
     net_c: str                 # the network: self-contained C (includes ap_nn.h only)
-    arena_bytes: int
+    arena_bytes: int           # the wasm3 build's (direct kernels)
     const_bytes: int
     input_floats: int
     output_floats: int
     output_slices: list[tuple[str, int, int, tuple]]   # (tensor, offset, count, shape) in the output block
     op_summary: list[str]
+    arena_bytes_vector: int = 0   # the native and SIMD128 builds' (im2col scratch)
 
 
 def c_comment(text: str) -> str:
@@ -61,7 +63,8 @@ class Emitter:
         self.consts: list[str] = []
         self.const_bytes = 0
         self.funcs: list[str] = []
-        self.scratch: dict[int, list[tuple[str, int]]] = {}   # op index -> [(buffer name, bytes)]
+        self.scratch: dict[int, list[tuple[str, int, str | None]]] = {}   # op -> [(buffer, bytes, build)]
+        self.build: str | None = None     # "scalar" or "vector" while emitting one form of an operator
         self.names: dict[str, str] = {}
         self._n = 0
         self.current = 0
@@ -70,6 +73,10 @@ class Emitter:
 
     def const(self, prefix: str, arr: np.ndarray, dtype: str, where: str) -> str:
         arr = np.ascontiguousarray(np.asarray(arr).reshape(-1))
+        # The same values once (both forms of a float convolution read its weights in one layout).
+        key = f"const:{dtype}:{arr.dtype}:{arr.size}:" + hashlib.sha256(arr.tobytes()).hexdigest()
+        if key in self.names:
+            return self.names[key]
         name = f"K{self._n}_{prefix}"
         self._n += 1
         if dtype == "float32":
@@ -81,7 +88,8 @@ class Emitter:
             info = np.iinfo(dtype)
             if arr.size and (arr.min() < info.min or arr.max() > info.max):
                 raise ModelError(f"{self.g.model}: {where}: constant {prefix} does not fit {dtype}")
-            body = ",".join(str(int(v)) for v in arr.astype(np.int64))
+            body = ",".join(f"{int(v)}ull" for v in arr) if dtype == "uint64" else \
+                ",".join(str(int(v)) for v in arr.astype(np.int64))
         n = max(arr.size, 1)
         if not arr.size:
             body = "0"
@@ -91,6 +99,7 @@ class Emitter:
         self.consts.append(f"static const {C_TYPES[dtype]} {name}[{n}] __attribute__((aligned(16))) = {{\n  "
                            + ",\n  ".join(lines) + "\n};")
         self.const_bytes += n * ITEM_BYTES[dtype]
+        self.names[key] = name
         return name
 
     # ---- tensors ----------------------------------------------------------------------------
@@ -113,8 +122,10 @@ class Emitter:
 
     def scratch_buf(self, ctype: str, count: int, tag: str) -> str:
         name = f"S{self.current}_{tag}"
-        self.scratch.setdefault(self.current, []).append((name, count * (4 if ctype in ("float", "int32_t") else
-                                                                          2 if ctype == "int16_t" else 1)))
+        self.scratch.setdefault(self.current, []).append((name, count * (8 if ctype == "uint64_t" else
+                                                                          4 if ctype in ("float", "int32_t") else
+                                                                          2 if ctype == "int16_t" else 1),
+                                                          self.build))
         return f"(({ctype} *)(nn_arena + NN_OFF_{name}))"
 
     # ---- operators --------------------------------------------------------------------------
@@ -133,6 +144,205 @@ class Emitter:
         return f"{t.dtype}[{'x'.join(map(str, t.shape))}]"
 
     def _conv(self, op: Op) -> str:
+        """Both forms (ap_nn.h, "convolution and matrix products"): direct kernels for wasm3,
+        im2col and blocked matrix products elsewhere; the same result bits."""
+        self.build = "scalar"
+        direct = self._conv_direct(op) if op.attrs["quant"] is None else self._qconv_pairs(op)
+        self.build = "vector"
+        gemm = self._conv_gemm(op)
+        self.build = None
+        return "\n".join(["#if AP_NN_SCALAR", direct, "#else", gemm, "#endif"])
+
+    def _conv_gemm(self, op: Op) -> str:
+        a = op.attrs
+        q = a["quant"]
+        H, W, M, G, Cg = a["H"], a["W"], a["M"], a["G"], a["Cg"]
+        KH, KW, OH, OW = a["KH"], a["KW"], a["OH"], a["OW"]
+        sh, sw, dh, dw = a["sh"], a["sw"], a["dh"], a["dw"]
+        pt, pl, pb, pr = a["pt"], a["pl"], a["pb"], a["pr"]
+        xt = C_TYPES[a["dtype"]]
+        x, y = self.ptr(op.inputs[0]), self.ptr(op.outputs[0])
+        MG, KC, N = M // G, Cg * KH * KW, OH * OW
+        pad = bool(pt or pl or pb or pr)
+        lines = [f"  const {xt} *x = {x};"]
+        if q is None:
+            lines.append(f"  float *y = {y};")
+            wname = self.const("w", a["w"].reshape(M, KC), "float32", op.where)
+            bias = a["b"] if a["b"] is not None else np.zeros(M, np.float32)
+            bname = self.const("b", bias, "float32", op.where)
+            pt_c = "float"
+        else:
+            yt = C_TYPES[q["ytype"]]
+            lines.append(f"  {yt} *y = {y};")
+            wz = q["wz"].astype(np.int64)
+            w16 = a["w"].reshape(M, KC).astype(np.int64) - wz[:, None]
+            wname = self.const("w16", w16, "int16", op.where)
+            bias = q["bias"].astype(np.int64) if q["bias"] is not None else np.zeros(M, np.int64)
+            init = bias - q["xz"] * w16.sum(axis=1)   # sum (x - xz)(w - wz) = sum x (w - wz) - xz sum (w - wz)
+            if np.abs(init).max(initial=0) >= 2 ** 31:
+                raise ModelError(f"{self.g.model}: {op.where}: bias and zero point overflow int32")
+            bname = self.const("init", init, "int32", op.where)
+            sname = self.const("scale", q["scales"], "float32", op.where)
+            pt_c = "int16_t"
+            acc = self.scratch_buf("int32_t", MG * N, "gacc")
+            lines.append(f"  int32_t *acc = {acc};")
+        fill = "0.0f" if q is None else str(q["xz"])   # the padding's value (the input's zero point)
+        # A 1x1, stride 1 float convolution reads its input as the matrix; the others gather it.
+        direct = q is None and KH == KW == 1 and sh == sw == 1 and not pad
+        if not direct:
+            pm = self.scratch_buf(pt_c, KC * N, "cols")
+            lines.append(f"  {pt_c} *cols = {pm};")
+        lines.append(f"  for (int32_t g = 0; g < {G}; g++) {{")
+        lines.append(f"    const {xt} *src = x + g * {Cg * H * W};")
+        if direct:
+            lines.append("    const float *cols = src;")
+        else:
+            # The taps gathered straight from the input, the padding written where a tap falls
+            # outside it: per (ky, kx) the rows and columns inside are a range, found once.
+            lines += [f"    for (int32_t c = 0; c < {Cg}; c++)",
+                      f"      for (int32_t ky = 0; ky < {KH}; ky++)",
+                      f"        for (int32_t kx = 0; kx < {KW}; kx++) {{",
+                      f"          {pt_c} *d = cols + ((c * {KH} + ky) * {KW} + kx) * {N};",
+                      f"          const int32_t xlo = {pl} - kx * {dw}, xhi = {W - 1 + pl} - kx * {dw};",
+                      f"          const int32_t ox0 = xlo <= 0 ? 0 : (xlo + {sw - 1}) / {sw} < {OW} ? (xlo + {sw - 1}) / {sw} : {OW};",
+                      f"          const int32_t ox1 = xhi < 0 ? 0 : xhi / {sw} + 1 < {OW} ? xhi / {sw} + 1 : {OW};",
+                      f"          for (int32_t oy = 0; oy < {OH}; oy++, d += {OW}) {{",
+                      f"            const int32_t iy = oy * {sh} + ky * {dh} - {pt};",
+                      f"            if (iy < 0 || iy >= {H}) {{",
+                      f"              for (int32_t ox = 0; ox < {OW}; ox++) d[ox] = ({pt_c}){fill};",
+                      "              continue;",
+                      "            }",
+                      f"            const {xt} *s = src + c * {H * W} + iy * {W};",
+                      "            int32_t ox = 0;",
+                      f"            for (; ox < ox0; ox++) d[ox] = ({pt_c}){fill};",
+                      f"            for (; ox < ox1; ox++) d[ox] = ({pt_c})s[ox * {sw} + kx * {dw} - {pl}];",
+                      f"            for (; ox < {OW}; ox++) d[ox] = ({pt_c}){fill};",
+                      "          }",
+                      "        }"]
+        if q is None:
+            lines.append(f"    ap_nn_gemm_f32({wname} + g * {MG * KC}, {bname} + g * {MG}, cols, y + g * {MG * N}, "
+                         f"{MG}, {N}, {KC});")
+            lines += ["  }"] + self._act_lines(a.get("act"), "y", M * N, "  ")
+        else:
+            lo, hi = Q_RANGE[q["ytype"]]
+            yz = q["yz"]
+            lines += [f"    ap_nn_gemm_i16({wname} + g * {MG * KC}, {bname} + g * {MG}, cols, acc, {MG}, {N}, {KC});",
+                      f"    for (int32_t m = 0; m < {MG}; m++) {{",
+                      f"      const float sc = {sname}[g * {MG} + m];",
+                      f"      {yt} *d = y + (g * {MG} + m) * {N};",
+                      f"      const int32_t *o = acc + m * {N};",
+                      f"      for (int32_t i = 0; i < {N}; i++)",
+                      f"        d[i] = ({yt})(ap_nn_quant((float)o[i] * sc, {c_float(lo - yz)}, "
+                      f"{c_float(hi - yz)}) + {yz});",
+                      "    }", "  }"]
+        return "\n".join(lines)
+
+    def _qconv_pairs(self, op: Op) -> str:
+        """The integer convolution for wasm3: two output channels per multiply. A uint64 weight holds
+        (w0 - wz0) + (w1 - wz1) * 2^32; summing weight * x over the taps gives S0 + S1 * 2^32 modulo
+        2^64, from which both int32 sums come back exactly (|S| < 2^31, as int32 needs anyway). One
+        i64.load8, i64.mul and i64.add per tap and pair: half the interpreted operations."""
+        a = op.attrs
+        q = a["quant"]
+        C, H, W, M, G, Cg = a["C"], a["H"], a["W"], a["M"], a["G"], a["Cg"]
+        KH, KW, OH, OW = a["KH"], a["KW"], a["OH"], a["OW"]
+        sh, sw, dh, dw = a["sh"], a["sw"], a["dh"], a["dw"]
+        pt, pl, pb, pr = a["pt"], a["pl"], a["pb"], a["pr"]
+        xt, yt = C_TYPES[a["dtype"]], C_TYPES[q["ytype"]]
+        x, y = self.ptr(op.inputs[0]), self.ptr(op.outputs[0])
+        K, MG, N = KH * KW, M // G, OH * OW
+        pad = bool(pt or pl or pb or pr)
+        HP, WP = H + pt + pb, W + pl + pr
+        wz = q["wz"].astype(np.int64)
+        w16 = a["w"].reshape(M, Cg * K).astype(np.int64) - wz[:, None]
+        bias = q["bias"].astype(np.int64) if q["bias"] is not None else np.zeros(M, np.int64)
+        init = bias - q["xz"] * w16.sum(axis=1)   # sum (x - xz)(w - wz) = sum x (w - wz) - xz sum (w - wz)
+        if np.abs(init).max(initial=0) >= 2 ** 31:
+            raise ModelError(f"{self.g.model}: {op.where}: bias and zero point overflow int32")
+        # Pairs of output channels within a group; an odd last channel pairs with nothing (zeros).
+        pairs = [(g * MG + i, g * MG + i + 1 if i + 1 < MG else -1) for g in range(G) for i in range(0, MG, 2)]
+        mask = (1 << 64) - 1
+
+        def pack(lo, hi) -> int:
+            return ((int(lo) & mask) + ((int(hi) & mask) << 32)) & mask
+        wp = np.array([[pack(w16[m0, t], w16[m1, t] if m1 >= 0 else 0) for t in range(Cg * K)] for m0, m1 in pairs],
+                      dtype=np.uint64)
+        ip = np.array([pack(init[m0], init[m1] if m1 >= 0 else 0) for m0, m1 in pairs], dtype=np.uint64)
+        wname = self.const("wpair", wp, "uint64", op.where)
+        iname = self.const("ipair", ip, "uint64", op.where)
+        m0name = self.const("m0", np.array([p[0] for p in pairs]), "int32", op.where)
+        m1name = self.const("m1", np.array([p[1] for p in pairs]), "int32", op.where)
+        sname = self.const("scale", q["scales"], "float32", op.where)
+        acc = self.scratch_buf("uint64_t", N, "acc64")
+        lines = [f"  const {xt} *x = {x};", f"  {yt} *y = {y};", f"  uint64_t *acc = {acc};"]
+        if pad:
+            xp = self.scratch_buf(xt, C * HP * WP, "pad")
+            lines += [f"  {xt} *xp = {xp};",
+                      f"  for (int32_t i = 0; i < {C * HP * WP}; i++) xp[i] = ({xt}){q['xz']};",
+                      f"  for (int32_t c = 0; c < {C}; c++)",
+                      f"    for (int32_t r = 0; r < {H}; r++) {{",
+                      f"      const {xt} *s = x + c * {H * W} + r * {W};",
+                      f"      {xt} *d = xp + c * {HP * WP} + (r + {pt}) * {WP} + {pl};",
+                      f"      for (int32_t i = 0; i < {W}; i++) d[i] = s[i];",
+                      "    }",
+                      f"  const {xt} *src0 = xp;"]
+        else:
+            lines.append(f"  const {xt} *src0 = x;")
+        lines += [f"  for (int32_t pi = 0; pi < {len(pairs)}; pi++) {{",
+                  f"    const int32_t m0 = {m0name}[pi], m1 = {m1name}[pi];",
+                  f"    const {xt} *src = src0 + (m0 / {MG}) * {Cg * HP * WP};",
+                  f"    const uint64_t *wm = {wname} + pi * {Cg * K};",
+                  "    uint64_t *o = acc;",
+                  f"    {{ const uint64_t b = {iname}[pi]; for (int32_t i = 0; i < {N}; i++) o[i] = b; }}"]
+
+        def body(nq: int, t0: int, t1: int) -> list[str]:
+            taps = [(qq, t // KW, t % KW) for qq in range(nq) for t in range(t0, t1)]
+            out = [f"      const uint64_t w{i} = w[{qq * K + ky * KW + kx}];" for i, (qq, ky, kx) in enumerate(taps)]
+            terms = " + ".join(f"w{i} * (uint64_t)(int64_t)p[{qq * HP * WP + ky * dh * WP + kx * dw}]"
+                               for i, (qq, ky, kx) in enumerate(taps))
+            out += [f"      for (int32_t oy = 0; oy < {OH}; oy++) {{",
+                    f"        const {xt} *p = s + oy * {sh * WP};",
+                    f"        uint64_t *r = o + oy * {OW};",
+                    f"        for (int32_t ox = 0; ox < {OW}; ox++, p += {sw}) r[ox] = r[ox] + {terms};",
+                    "      }"]
+            return out
+
+        if K <= MAX_TAPS:
+            step_c = max(1, min(Cg, MAX_TAPS // K))
+            full = Cg - Cg % step_c
+        else:
+            step_c, full = 1, Cg
+        lines += ["    int32_t c = 0;", f"    for (; c < {full}; c += {step_c}) {{",
+                  f"      const {xt} *s = src + c * {HP * WP};", f"      const uint64_t *w = wm + c * {K};"]
+        if K <= MAX_TAPS:
+            lines += body(step_c, 0, K)
+        else:
+            for t0 in range(0, K, MAX_TAPS):
+                lines.append("      {")
+                lines += ["  " + ln for ln in body(1, t0, min(K, t0 + MAX_TAPS))]
+                lines.append("      }")
+        lines.append("    }")
+        if K <= MAX_TAPS and Cg % step_c:
+            lines += ["    {", f"      const {xt} *s = src + c * {HP * WP};", f"      const uint64_t *w = wm + c * {K};"]
+            lines += body(Cg % step_c, 0, K)
+            lines.append("    }")
+        lo, hi = Q_RANGE[q["ytype"]]
+        yz = q["yz"]
+        lines += [f"    const float sc0 = {sname}[m0], sc1 = m1 >= 0 ? {sname}[m1] : 0.0f;",
+                  f"    {yt} *d0 = y + m0 * {N}, *d1 = y + (m1 >= 0 ? m1 : m0) * {N};",
+                  f"    for (int32_t i = 0; i < {N}; i++) {{",
+                  "      const uint64_t v = o[i];",
+                  "      const int32_t s0 = (int32_t)(uint32_t)v;",
+                  f"      d0[i] = ({yt})(ap_nn_quant((float)s0 * sc0, {c_float(lo - yz)}, {c_float(hi - yz)}) + {yz});",
+                  "      if (m1 >= 0) {",
+                  "        const int32_t s1 = (int32_t)(uint32_t)((v - (uint64_t)(int64_t)s0) >> 32);",
+                  f"        d1[i] = ({yt})(ap_nn_quant((float)s1 * sc1, {c_float(lo - yz)}, {c_float(hi - yz)}) + {yz});",
+                  "      }",
+                  "    }",
+                  "  }"]
+        return "\n".join(lines)
+
+    def _conv_direct(self, op: Op) -> str:
         a = op.attrs
         q = a["quant"]
         C, H, W, M, G, Cg = a["C"], a["H"], a["W"], a["M"], a["G"], a["Cg"]
@@ -217,7 +427,7 @@ class Emitter:
             out += [f"      for (int32_t oy = 0; oy < {OH}; oy++) {{",
                     f"        const {xt} *p = s + oy * {sh * WP};",
                     f"        {acc_t} *r = o + oy * {OW};",
-                    f"        for (int32_t ox = 0; ox < {OW}; ox++, p += {sw}) r[ox] += {terms};",
+                    f"        for (int32_t ox = 0; ox < {OW}; ox++, p += {sw}) r[ox] = r[ox] + {terms};",
                     "      }"]
             return out
 
@@ -258,14 +468,15 @@ class Emitter:
     def _act_lines(self, act, v: str, n: int, ind: str) -> list[str]:
         if not act:
             return []
+        # Selects, not conditional stores: the compilers vectorise these (NaN and -0.0 pass as before).
         if act[0] == "relu":
-            return [f"{ind}for (int32_t i = 0; i < {n}; i++) if ({v}[i] < 0.0f) {v}[i] = 0.0f;"]
+            return [f"{ind}for (int32_t i = 0; i < {n}; i++) {v}[i] = {v}[i] < 0.0f ? 0.0f : {v}[i];"]
         lo, hi = act[1], act[2]
         out = [f"{ind}for (int32_t i = 0; i < {n}; i++) {{"]
         if lo != -np.inf:
-            out.append(f"{ind}  if ({v}[i] < {c_float(lo)}) {v}[i] = {c_float(lo)};")
+            out.append(f"{ind}  {v}[i] = {v}[i] < {c_float(lo)} ? {c_float(lo)} : {v}[i];")
         if hi != np.inf:
-            out.append(f"{ind}  if ({v}[i] > {c_float(hi)}) {v}[i] = {c_float(hi)};")
+            out.append(f"{ind}  {v}[i] = {v}[i] > {c_float(hi)} ? {c_float(hi)} : {v}[i];")
         out.append(f"{ind}}}")
         return out
 
@@ -734,15 +945,19 @@ def generate(graph: Graph, header_comment: str) -> Program:
             last[root] = max(last.get(root, i), i)
     for out in graph.outputs:
         last[graph.storage(out)] = nops
-    buffers = []
-    for root in first:
-        t = graph.tensors[root]
-        buffers.append(Buffer(f"{em.buffer_id(root)}", t.nbytes, first[root], last[root]))
-    for i, scratch in em.scratch.items():
-        for name, nbytes in scratch:
-            buffers.append(Buffer(name, nbytes, i, i))
-    arena = plan(buffers)
-    arena = max(ALIGN, -(-arena // ALIGN) * ALIGN)
+    # One arena layout per build: the wasm3 build's scratch (padding) is not the others' (im2col).
+    layouts = {}
+    for build in ("scalar", "vector"):
+        buffers = []
+        for root in first:
+            t = graph.tensors[root]
+            buffers.append(Buffer(f"{em.buffer_id(root)}", t.nbytes, first[root], last[root]))
+        for i, scratch in em.scratch.items():
+            for name, nbytes, only in scratch:
+                if only in (None, build):
+                    buffers.append(Buffer(name, nbytes, i, i))
+        arena = plan(buffers)
+        layouts[build] = (max(ALIGN, -(-arena // ALIGN) * ALIGN), buffers)
 
     in_t = graph.tensors[graph.input]
     slices, off = [], 0
@@ -754,12 +969,16 @@ def generate(graph: Graph, header_comment: str) -> Program:
                        f"for (int32_t i = 0; i < {t.size}; i++) out[{off} + i] = (float)y[i]; }}")
         off += t.size
 
-    defs = [f"#define NN_OFF_{b.name} {b.offset}" for b in sorted(buffers, key=lambda b: b.offset)]
+    defs = []
+    for build, cond in (("scalar", "#if AP_NN_SCALAR"), ("vector", "#else")):
+        arena, buffers = layouts[build]
+        defs += [cond, f"#define NN_ARENA_BYTES {arena}"]
+        defs += [f"#define NN_OFF_{b.name} {b.offset}" for b in sorted(buffers, key=lambda b: b.offset)]
+    defs.append("#endif")
     src = [
         header_comment,
         "#include \"ap_nn.h\"",
         "",
-        f"#define NN_ARENA_BYTES {arena}",
         f"#define NN_INPUT_FLOATS {in_t.size}",
         f"#define NN_OUTPUT_FLOATS {off}",
         *defs,
@@ -797,10 +1016,15 @@ def generate(graph: Graph, header_comment: str) -> Program:
         "  nn_collect(out);",
         "  return 0;",
         "}",
+        "#if defined(__x86_64__)",
+        "/* Tests: cap the vector width (0 SSE2, 1 AVX2, 2 AVX-512F) to check every kernel's bits. */",
+        "AP_NN_API int32_t ap_nn_native_x86_level(int32_t level) { return ap_nn_x86_limit(level); }",
+        "#endif",
         "AP_NN_NATIVE_LIBC",
         "#endif",
         "",
     ]
     summary = [f"{i:3d} {op.where}: {op.attrs.get('label', op.kind)} -> "
                f"{', '.join(em.shape_text(o) for o in op.outputs)}" for i, op in enumerate(graph.ops)]
-    return Program("\n".join(src), arena, em.const_bytes, in_t.size, off, slices, summary)
+    return Program("\n".join(src), layouts["scalar"][0], em.const_bytes, in_t.size, off, slices, summary,
+                   layouts["vector"][0])

@@ -46,7 +46,7 @@ class CompileResult:
     model_hash: str                       # names the native libraries; embedded in the module
     native: list[NativeLibrary]
     memory_kb: int
-    arena_bytes: int                      # activations and scratch, after reuse
+    arena_bytes: int                      # activations and scratch, after reuse (x.wasm)
     weight_bytes: int                     # constants
     input_name: str
     input_shape: tuple[int, ...]
@@ -56,9 +56,11 @@ class CompileResult:
     labels: list[str]
     operators: list[str]                  # one line per generated operator
     seconds: dict[str, float] = field(default_factory=dict)
+    simd_wasm: Path | None = None         # x.simd.wasm beside x.wasm: the SIMD128 build (wasmtime)
 
     def summary(self) -> str:
-        lines = [f"{self.wasm}  {self.size} bytes  sha256 {self.sha256[:16]}",
+        lines = [f"{self.wasm}  {self.size} bytes  sha256 {self.sha256[:16]}"
+                 + (f"  (and {self.simd_wasm.name} for SIMD128)" if self.simd_wasm else ""),
                  f"  model hash {self.model_hash[:16]}; input {self.input_name} "
                  f"{'x'.join(map(str, self.input_shape))} from a {self.source}",
                  f"  memory {self.memory_kb} KiB (weights {self.weight_bytes} B, activations {self.arena_bytes} B)",
@@ -175,7 +177,7 @@ def compile_model(model, output, *, input: str | None = None, input_shape=None, 
                   softmax: str = "auto", normal: list[str] | None = None, threshold: float | None = None,
                   clear_threshold: float | None = None, consecutive: int = 3, clear: int = 3, severity: int = 2,
                   memory_mb: float = DEFAULT_MEMORY_MB, native: bool = True, arches=DEFAULT_ARCHES,
-                  report_outputs: bool = True, keep_c: Path | None = None) -> CompileResult:
+                  report_outputs: bool = True, keep_c: Path | None = None, simd: bool = True) -> CompileResult:
     """Compile `model` (.onnx) into the ABI v1 module `output` (.wasm); see docs/models.md.
 
     input / input_shape: which graph input the window fills, and its shape when the model leaves
@@ -187,6 +189,8 @@ def compile_model(model, output, *, input: str | None = None, input_shape=None, 
     clear_threshold, ...), none, or auto. native: also build ap.nn_run libraries for `arches`.
     report_outputs: one feature per output value (False: only what the rule reports; the outputs
     stay readable through the module's ap_nn_output_ptr export). keep_c: write the C there.
+    simd: also write the SIMD128 build beside the module (x.simd.wasm, for engines that have it;
+    the same outputs to the bit).
     Raises ModelError with the model file (and node) in the message.
     """
     t0 = time.monotonic()
@@ -341,20 +345,23 @@ def compile_model(model, output, *, input: str | None = None, input_shape=None, 
                 f"window {window_bytes / 1048576:.2f} MiB, stack and buffers {rest / 1048576:.2f} MiB); "
                 f"the budget is {memory_mb} MiB (--memory-mb, and the runtime's max_memory_mb)")
         t = time.monotonic()
-        for _ in range(3):
-            try:
-                wasm = toolchain.compile_wasm(work, "module.c", memory, label)
-                break
-            except toolchain.MemoryShort as short:
-                if short.need > budget:
-                    raise ModelError(f"{label}: the module needs {short.need / 1048576:.1f} MiB of memory; the budget "
-                                     f"is {memory_mb} MiB (--memory-mb)") from None
-                memory = short.need
-        else:
-            raise ModelError(f"{label}: the linker kept asking for more memory")
+        manifest = params_manifest(output.stem, label, rule, labels or [], threshold, clear_threshold,
+                                   consecutive, clear, int(severity))
+        wasm, memory = _compile_wasm(work, memory, budget, memory_mb, label, simd=False)
+        wasm = with_manifest(wasm, manifest)
         seconds["wasm"] = time.monotonic() - t
-        wasm = with_manifest(wasm, params_manifest(output.stem, label, rule, labels or [], threshold, clear_threshold,
-                                                   consecutive, clear, int(severity)))
+        simd_bytes = None
+        # The SIMD128 build's arena holds the im2col matrices too; a model whose vector build would
+        # not fit the memory budget gets none (engines then run x.wasm).
+        simd_memory = memory + -(-max(0, program.arena_bytes_vector - program.arena_bytes) // 65536) * 65536
+        if simd and simd_memory <= budget:
+            t = time.monotonic()
+            simd_bytes = with_manifest(_compile_wasm(work, simd_memory, budget, memory_mb, label, simd=True)[0],
+                                       manifest)
+            complaint = _validate_simd(simd_bytes, output.name)
+            if complaint:
+                raise ModelError(f"{label}: the generated SIMD128 module fails wasm-validate: {complaint}")
+            seconds["wasm simd"] = time.monotonic() - t
 
         from appliance.runtime.validate import ModuleRejected, check_module
         try:
@@ -366,6 +373,11 @@ def compile_model(model, output, *, input: str | None = None, input_shape=None, 
             path = output.parent / library_name(mh, arch)
             _write_atomic(path, data, 0o644)
             libs.append(NativeLibrary(arch, path, hashlib.sha256(data).hexdigest(), len(data)))
+        simd_path = output.with_suffix(".simd.wasm")
+        if simd_bytes is not None:
+            _write_atomic(simd_path, simd_bytes, 0o644)
+        elif simd_path.exists():
+            simd_path.unlink()      # a stale SIMD build must not stand beside a new module
         _write_atomic(output, wasm, 0o644)
     seconds["total"] = time.monotonic() - t0
     return CompileResult(
@@ -373,7 +385,37 @@ def compile_model(model, output, *, input: str | None = None, input_shape=None, 
         memory_kb=memory // 1024, arena_bytes=program.arena_bytes, weight_bytes=program.const_bytes,
         input_name=graph.input, input_shape=in_shape, source=src["text"], features=names if report_outputs else [],
         rule=rule,
-        labels=list(labels or []), operators=program.op_summary, seconds=seconds)
+        labels=list(labels or []), operators=program.op_summary, seconds=seconds,
+        simd_wasm=simd_path if simd_bytes is not None else None)
+
+
+def _compile_wasm(work: Path, memory: int, budget: int, memory_mb: float, label: str, simd: bool) -> tuple[bytes, int]:
+    """(wasm bytes, linear memory): grown to what the linker says it needs when the estimate was short."""
+    for _ in range(3):
+        try:
+            return toolchain.compile_wasm(work, "module.c", memory, label, simd=simd), memory
+        except toolchain.MemoryShort as short:
+            if short.need > budget:
+                raise ModelError(f"{label}: the module needs {short.need / 1048576:.1f} MiB of memory; the budget "
+                                 f"is {memory_mb} MiB (--memory-mb)") from None
+            memory = short.need
+    raise ModelError(f"{label}: the linker kept asking for more memory")
+
+
+def _validate_simd(wasm: bytes, label: str) -> str | None:
+    """wasm-validate's complaint about the SIMD128 build (SIMD allowed, nothing else wasm3 lacks)."""
+    import shutil
+    import subprocess
+    from appliance.runtime.validate import WASM_VALIDATE_FLAGS
+    tool = shutil.which("wasm-validate")
+    if tool is None:
+        return "wasm-validate (Debian package 'wabt') is not installed"
+    flags = [f for f in WASM_VALIDATE_FLAGS if f != "--disable-simd"]
+    proc = subprocess.run([tool, *flags, "-"], input=wasm, capture_output=True, timeout=60)
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr or proc.stdout).decode("utf-8", "replace").strip().replace("-:", f"{label}:", 1) or \
+        f"exit status {proc.returncode}"
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

@@ -16,8 +16,8 @@ from appliance_tools.nn.errors import ModelError
 __all__ = ["ModelError", "Tensor", "Op", "Graph", "QuantSource"]
 
 
-C_TYPES = {"float32": "float", "uint8": "uint8_t", "int8": "int8_t", "int32": "int32_t"}
-ITEM_BYTES = {"float32": 4, "uint8": 1, "int8": 1, "int32": 4}
+C_TYPES = {"float32": "float", "uint8": "uint8_t", "int8": "int8_t", "int16": "int16_t", "int32": "int32_t", "uint64": "uint64_t"}
+ITEM_BYTES = {"float32": 4, "uint8": 1, "int8": 1, "int16": 2, "int32": 4, "uint64": 8}
 Q_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 
 

@@ -41,8 +41,14 @@ def _paths(work: Path) -> list[str]:
     return [f"-I{SDK_DIR}", f"-ffile-prefix-map={work}=.", f"-ffile-prefix-map={SDK_DIR}=sdk"]
 
 
-def wasm_flags(memory_bytes: int) -> list[str]:
-    return ["--target=wasm32-freestanding", "-mcpu=mvp", *COMMON_FLAGS, "-fvisibility=default",
+# The sibling module x.simd.wasm for engines with SIMD128 (wasmtime): the same C with the vector
+# kernels (ap_nn.h); x.wasm stays MVP for wasm3. Both give the same bits.
+SIMD_FLAGS = ["-msimd128"]
+
+
+def wasm_flags(memory_bytes: int, simd: bool = False) -> list[str]:
+    return ["--target=wasm32-freestanding", "-mcpu=mvp", *(SIMD_FLAGS if simd else []), *COMMON_FLAGS,
+            "-fvisibility=default",
             "-Wl,--no-entry", "-Wl,--export-dynamic", f"-Wl,--initial-memory={memory_bytes}",
             f"-Wl,--max-memory={memory_bytes}", f"-Wl,-z,stack-size={STACK_BYTES}"]
 
@@ -60,12 +66,13 @@ class MemoryShort(Exception):
         self.need = need
 
 
-def compile_wasm(work: Path, source: str, memory_bytes: int, label: str) -> bytes:
-    """module.c in `work` -> wasm bytes. Grows the memory to what the linker says it needs when
-    the estimate was short (the layout of data and stack is the linker's)."""
-    out = work / "module.wasm"
+def compile_wasm(work: Path, source: str, memory_bytes: int, label: str, simd: bool = False) -> bytes:
+    """module.c in `work` -> wasm bytes (simd: the SIMD128 build). Raises MemoryShort when the
+    estimate was short, with what the linker says it needs (the layout of data and stack is its)."""
+    out = work / ("module.simd.wasm" if simd else "module.wasm")
     try:
-        _zig([*wasm_flags(memory_bytes), *_paths(work), source, "-o", out.name], work, label)
+        _zig([*wasm_flags(memory_bytes, simd), *_paths(work), source, "-o", out.name], work,
+             f"{label} (SIMD128 module)" if simd else label)
     except ModelError as exc:
         m = re.search(r"initial memory too small, (\d+) bytes needed", str(exc))
         if not m:
