@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
-from appliance.config.params import Manifest as ParamsManifest
+from appliance.config.params import SIMD_OF_SECTION, Manifest as ParamsManifest
+from appliance.runtime.wasm_binary import custom_section
 from appliance_tools.modbuild import SDK_DIR, with_manifest
 from appliance_tools.nn import codegen, passes, toolchain
 from appliance.runtime.hostcalls.nn import pack_descriptor, library_name
@@ -375,7 +376,10 @@ def compile_model(model, output, *, input: str | None = None, input_shape=None, 
             libs.append(NativeLibrary(arch, path, hashlib.sha256(data).hexdigest(), len(data)))
         simd_path = output.with_suffix(".simd.wasm")
         if simd_bytes is not None:
-            _write_atomic(simd_path, simd_bytes, 0o644)
+            # Bound to this x.wasm (as make modules binds every SIMD build): the runtime runs a
+            # SIMD build only beside the plain module it names.
+            _write_atomic(simd_path, simd_bytes + custom_section(SIMD_OF_SECTION, hashlib.sha256(wasm).hexdigest()
+                                                                 .encode()), 0o644)
         elif simd_path.exists():
             simd_path.unlink()      # a stale SIMD build must not stand beside a new module
         _write_atomic(output, wasm, 0o644)
