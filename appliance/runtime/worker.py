@@ -333,6 +333,10 @@ def _warm_up() -> None:
     the zygote now (copy-on-write) instead of during a module's start."""
     from appliance.runtime.wasm_binary import WasmFormatError, parse
     try:
+        check_module(_WARM_UP_MODULE, "warm-up", 1 << 20, validated=True)
+    except ModuleRejected:
+        pass   # it follows no ABI: what counts is that the checks ran once (0.57 -> 0.45 ms a start)
+    try:
         parse(_WARM_UP_MODULE)
         instance = BACKENDS["wasm3"]().instantiate(_WARM_UP_MODULE, 64 << 10, {})
         instance.call("f")
