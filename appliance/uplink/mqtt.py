@@ -52,7 +52,6 @@ SUBSCRIBE_RETRY_MAX_S = 5.0
 # without the broker holding sessions of gateways taken out of service forever.
 SESSION_EXPIRY_S = 7 * 24 * 3600
 UNSUPPORTED_PROTOCOL_VERSION = 132   # CONNACK: MQTT 5's 0x84 (3.1.1's return code 1, as paho reports it)
-PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 
 @dataclass(frozen=True)
