@@ -308,15 +308,14 @@ class FleetChannel:
             return self._refuse("command", "cannot be read (it needs an id and an op)")
         if request is not None and not self._answerable(request.response_topic):
             # Anyone who may send commands must not make the gateway publish into other topics
-            # (another gateway's desired state, an event stream) under its own name.
+            # (another gateway's desired state, an event stream) under its own name: not run, and
+            # the refusal goes to the plain reply topic.
             self._refuse("command", f"{ident}: response topic {request.response_topic!r} is not under "
                                     f"{self.response_space}")
             request = None
             reply = {"ok": False, "id": ident, "error": f"response topic not under {self.response_space}"}
-            with contextlib.suppress(Exception):
-                self.transport.publish_retained(self.reply_topic, json.dumps(reply, sort_keys=True).encode())
-            return
-        reply = self.replies.get(ident)
+        else:
+            reply = self.replies.get(ident)
         if reply is None:   # a command runs once, whatever number of times it arrives
             reply = self._run_command(op, doc)
             reply["id"] = ident

@@ -8,7 +8,6 @@ clock jump cannot expire unsent events (events/clock.py).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import json
 import logging
@@ -45,7 +44,8 @@ def sqlite_memory_used() -> int | None:
 def _sqlite_library() -> ctypes.CDLL:
     # dlopen of the soname the sqlite3 module is linked to returns that same loaded library, so
     # its counters are this process's; one handle (a CDLL per call leaves garbage for the GC).
-    lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+    # The soname, no search (find_library starts ldconfig or gcc, in the supervisor).
+    lib = ctypes.CDLL("libsqlite3.so.0")
     lib.sqlite3_memory_used.restype = ctypes.c_int64
     return lib
 

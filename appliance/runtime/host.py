@@ -80,6 +80,11 @@ class ModuleHost:
         self.pipeline = None   # set by the supervisor: the source and channels this module serves
         self.state_dir = state_dir
         self._artifacts = ArtifactCache(cache_dir / "wasmtime") if cache_dir is not None else None
+        # Made once: a Path built every second interned its file name anew each time (pathlib
+        # interns parts; the string died with the Path), and that churn grew CPython's table of
+        # interned strings by one ~1 MiB step after half an hour (found with tracemalloc).
+        self._state_file = state_dir / f"{name}.state"
+        self._reset_file = state_dir / f"{name}.reset"
         self._state_changes: list[tuple[ModuleState, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"module-{name}", daemon=True)
@@ -380,14 +385,6 @@ class ModuleHost:
             self._save_state(base64.b64decode(reply["s"]))
 
     # ---- persistent state (ABI.md, "Persistent state") -----------------------------------------
-
-    @property
-    def _state_file(self) -> Path:
-        return self.state_dir / f"{self.name}.state"
-
-    @property
-    def _reset_file(self) -> Path:
-        return self.state_dir / f"{self.name}.reset"
 
     def _saved_state(self) -> bytes | None:
         if self._reset_file.exists():

@@ -52,7 +52,6 @@ SUBSCRIBE_RETRY_MAX_S = 5.0
 # without the broker holding sessions of gateways taken out of service forever.
 SESSION_EXPIRY_S = 7 * 24 * 3600
 UNSUPPORTED_PROTOCOL_VERSION = 132   # CONNACK: MQTT 5's 0x84 (3.1.1's return code 1, as paho reports it)
-PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 
 @dataclass(frozen=True)
@@ -141,6 +140,28 @@ class MqttConfig(StrictModel):
             raise ValueError(f"topic_prefix {self.topic_prefix!r}: no wildcards (+ #) and no leading or "
                              "trailing /")
         return self
+
+
+def session_client(client_id: str, protocol: str) -> mqtt.Client:
+    """A paho client whose session the broker keeps: MQTT 3.1.1 clean_session=False; MQTT 5 has
+    no clean_session (connect it with session_connect, which asks for clean_start=False and a
+    session expiry). Shared by the gateway's transport and the operator's tool."""
+    if protocol == "5":
+        return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                           reconnect_on_failure=False)
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+                       protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+
+
+def session_connect(client: mqtt.Client, protocol: str, host: str, port: int, keepalive: int,
+                    expiry_s: int) -> None:
+    """client.connect for a session_client: on MQTT 5 the session outlives the connection by expiry_s."""
+    if protocol == "5":
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = expiry_s
+        client.connect(host, port, keepalive=keepalive, clean_start=False, properties=props)
+    else:
+        client.connect(host, port, keepalive=keepalive)
 
 
 def refused_filters(filters, reason_codes) -> list[str]:
@@ -391,12 +412,7 @@ class MqttTransport(Transport):
     def _connect_as(self, host: str, port: int, protocol: str) -> None:
         cfg = self.config
         v5 = protocol == "5"
-        if v5:   # MQTT 5 has no clean_session: clean_start=False and a session expiry instead
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
-                                 reconnect_on_failure=False)
-        else:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
-                                 protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+        client = session_client(self.client_id, protocol)
         conn = _Connection(client, protocol)
         client.connect_timeout = cfg.connect_timeout_s
         if cfg.username is not None:
@@ -415,12 +431,7 @@ class MqttTransport(Transport):
             client.on_subscribe = lambda c, u, mid, codes, props: self._on_subscribe(conn, mid, codes)
         try:
             try:
-                if v5:
-                    props = Properties(PacketTypes.CONNECT)
-                    props.SessionExpiryInterval = SESSION_EXPIRY_S
-                    client.connect(host, port, keepalive=cfg.keepalive_s, clean_start=False, properties=props)
-                else:
-                    client.connect(host, port, keepalive=cfg.keepalive_s)
+                session_connect(client, protocol, host, port, cfg.keepalive_s, SESSION_EXPIRY_S)
             except BaseException:
                 if ctx is not None and ctx.wrapped is not None:   # a failed handshake leaves it open
                     ctx.wrapped.close()

@@ -21,11 +21,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from appliance.deploy.bundle import open_bundle
-from appliance.uplink.mqtt import UNSUPPORTED_PROTOCOL_VERSION, refused_filters, topic_level
+from appliance.uplink.mqtt import (SUBSCRIBE_RETRY_MAX_S, SUBSCRIBE_RETRY_S, UNSUPPORTED_PROTOCOL_VERSION,
+                                   refused_filters, session_client, session_connect, topic_level)
 
-
-SUBSCRIBE_RETRY_S = 1.0   # a subscription the broker refused is tried again after this (doubling, at most 5 s)
-SUBSCRIBE_RETRY_MAX_S = 5.0
 # MQTT 5: the broker drops this tool's session this long after its connection ends, also when the
 # tool was killed before close() could end it (MQTT 3.1.1 has no such bound: close() ends it).
 SESSION_EXPIRY_S = 300
@@ -78,12 +76,7 @@ class FleetOperator:
             raise ConnectionError(f"no broker answered at {', '.join(endpoints)}")
 
     def _client(self, protocol: str) -> mqtt.Client:
-        if protocol == "5":
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
-                                 reconnect_on_failure=False)
-        else:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
-                                 protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+        client = session_client(self.client_id, protocol)
         if self.credentials is not None:
             client.username_pw_set(*self.credentials)
         client.on_connect = self._on_connect
@@ -102,12 +95,7 @@ class FleetOperator:
                 self.client = self._client(protocol)
             self._refused_v5 = False
             try:
-                if protocol == "5":
-                    props = Properties(PacketTypes.CONNECT)
-                    props.SessionExpiryInterval = SESSION_EXPIRY_S
-                    self.client.connect(host, port, keepalive=10, clean_start=False, properties=props)
-                else:
-                    self.client.connect(host, port, keepalive=10)
+                session_connect(self.client, protocol, host, port, 10, SESSION_EXPIRY_S)
                 self.client.loop_forever()
             except OSError:
                 pass
