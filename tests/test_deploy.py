@@ -2,6 +2,7 @@
 rollback on a fault, and a kill at any moment of a swap leaving the old or the new version."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -17,12 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance.config.schema import ConfigError, load_config
+from appliance.config.schema import ConfigError, ModuleSection, RuntimeSection, load_config
 from appliance.core.supervisor import Supervisor
 from appliance.deploy.bundle import BundleRejected, make_bundle, open_bundle, sign_bundle
 from appliance.deploy.deployer import DeployRefused
 from appliance.deploy.keys import load_private, new_pair, parse_public
 from appliance.deploy.store import ModuleStore
+from appliance.runtime.modcheck import simd_file
 from appliance_tools.fleet.rig import build_version
 
 from conftest import REPO
@@ -157,6 +159,38 @@ def test_bundles_are_reproducible_and_carry_a_compiled_models_native_twins(tmp_p
     assert a.read_bytes() == b.read_bytes()
     files = open_bundle(a, trusted=(), allow_unsigned=True).files
     assert sorted(n.rsplit("-", 1)[1] for n in files if n.startswith("nn-")) == ["aarch64.so", "x86_64.so"]
+    # Its SIMD build travels with it and lands beside module.wasm, where a wasmtime module finds it.
+    assert files["module.simd.wasm"] == built.with_name("people_cnn.simd.wasm").read_bytes()
+    installed = ModuleStore(tmp_path / "store").install(open_bundle(a, trusted=(), allow_unsigned=True))
+    mod = ModuleSection.model_validate({"wasm": str(installed.wasm), "source": "cam", "engine": "wasmtime"})
+    assert simd_file(mod, RuntimeSection()) == installed.folder / "module.simd.wasm"
+
+
+def test_a_simd_build_of_another_version_is_never_bundled_or_accepted(tmp_path, kit):
+    """module.simd.wasm runs in module.wasm's place: one built beside another version must not."""
+    folder = tmp_path / "mod"
+    folder.mkdir()
+    wasm = folder / "versioned.wasm"
+    shutil.copy(kit["wasm"]["1.1.0"], wasm)
+    foreign = (REPO / "modules" / "build" / "vibstats.simd.wasm").read_bytes()
+    (folder / "versioned.simd.wasm").write_bytes(foreign)
+    with pytest.raises(BundleRejected, match="is not the SIMD build of"):
+        make_bundle(wasm, tmp_path / "x.apb")
+    # Slipped into a bundle by hand (its index and signature made to match): refused on opening.
+    plain = wasm.read_bytes()
+    members = {"module.wasm": plain, "module.simd.wasm": foreign}
+    index = json.dumps({"format": 1, "module": "versioned", "version": "1.1.0", "files": {
+        n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for n, b in members.items()}}).encode()
+    path = tmp_path / "forged.apb"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in [("bundle.json", index), *members.items()]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(BundleRejected, match="module.simd.wasm is not the SIMD build of this module.wasm"):
+        sign_bundle(path, kit["key"])   # signing checks the files first
+    with pytest.raises(BundleRejected, match="module.simd.wasm is not the SIMD build"):
+        open_bundle(path, trusted=(), allow_unsigned=True)
 
 
 def test_trusted_keys_in_the_yaml_are_checked_with_their_line(tmp_path):

@@ -4,6 +4,8 @@ A bundle is an uncompressed POSIX tar (reproducible: mtime 0, owner 0, mode 0644
 
     bundle.json    {"format": 1, "module": NAME, "version": V, "files": {FILE: {"sha256", "size"}}}
     module.wasm    the module (its manifest, issue 11, is embedded in it)
+    module.simd.wasm  its SIMD build for wasmtime (docs/engines.md), where it has one: bound to
+                   module.wasm by its ap.simd_of section, so it lands beside it and runs in its place
     nn-*-ARCH.so   the native twins of a compiled model, where the module has them
     bundle.sig     {"key_id": ID, "signature": base64}: Ed25519 over bundle.json's bytes
 
@@ -28,12 +30,12 @@ from pathlib import Path
 from appliance.deploy.keys import PrivateKey, PublicKey
 
 FORMAT = 1
-INDEX, SIGNATURE, MODULE = "bundle.json", "bundle.sig", "module.wasm"
+INDEX, SIGNATURE, MODULE, SIMD_MODULE = "bundle.json", "bundle.sig", "module.wasm", "module.simd.wasm"
 SUFFIX = ".apb"
 MAX_MEMBERS = 16
 MAX_MEMBER_BYTES = 64 << 20
 MAX_BUNDLE_BYTES = 160 << 20
-_FILE_NAME = re.compile(r"^(module\.wasm|nn-[0-9a-f]{16}-[a-z0-9_]{1,16}\.so)$")
+_FILE_NAME = re.compile(r"^(module\.wasm|module\.simd\.wasm|nn-[0-9a-f]{16}-[a-z0-9_]{1,16}\.so)$")
 _VERSION = re.compile(r"^[0-9][0-9A-Za-z.+_-]{0,63}$")   # a digit first: never "current" or "previous"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
@@ -90,6 +92,27 @@ def native_twins(wasm_path: Path, wasm: bytes) -> dict[str, bytes]:
     return found
 
 
+def simd_build(wasm_path: Path, wasm: bytes) -> dict[str, bytes]:
+    """X.simd.wasm beside X.wasm when it is X.wasm's own SIMD build (names its sha256)."""
+    sibling = wasm_path.with_name(wasm_path.name[:-len(".wasm")] + ".simd.wasm")
+    if not wasm_path.name.endswith(".wasm") or not sibling.is_file():
+        return {}
+    simd = sibling.read_bytes()
+    if _simd_bound_to(simd) != hashlib.sha256(wasm).hexdigest():
+        raise BundleRejected(f"{sibling} is not the SIMD build of {wasm_path} (built beside another version?): "
+                             "build both again with `make modules`, or remove it")
+    return {SIMD_MODULE: simd}
+
+
+def _simd_bound_to(simd: bytes) -> str | None:
+    from appliance.config.params import SIMD_OF_SECTION, ManifestError, find_custom_section
+    try:
+        bound = find_custom_section(simd, SIMD_OF_SECTION)
+    except ManifestError:
+        return None
+    return bound.decode("ascii", "replace") if bound is not None else None
+
+
 def make_bundle(wasm_path: Path, out: Path | None = None, *, natives: bool = True) -> Path:
     """A bundle of a built module (name and version from its embedded manifest), unsigned."""
     from appliance.config.params import ManifestError, manifest_of
@@ -102,7 +125,7 @@ def make_bundle(wasm_path: Path, out: Path | None = None, *, natives: bool = Tru
         raise BundleRejected(f"{wasm_path} carries no manifest (name, version): build it with `appliance module "
                              "build`, which embeds module.yaml")
     check_names(manifest.name, manifest.version)
-    files = {MODULE: wasm, **(native_twins(wasm_path, wasm) if natives else {})}
+    files = {MODULE: wasm, **simd_build(wasm_path, wasm), **(native_twins(wasm_path, wasm) if natives else {})}
     out = out or wasm_path.with_name(f"{manifest.name}-{manifest.version}{SUFFIX}")
     index = _index(manifest.name, manifest.version, files)
     _write(out, [(INDEX, index), *sorted(files.items())])
@@ -145,7 +168,8 @@ def read_members(data: bytes) -> dict[str, bytes]:
                 if total > len(data):
                     raise BundleRejected(f"{info.name!r}: its files claim more bytes than the bundle has")
                 if info.name not in (INDEX, SIGNATURE) and not _FILE_NAME.match(info.name):
-                    raise BundleRejected(f"unexpected file {info.name!r} (module.wasm, nn-<hash>-<arch>.so, "
+                    raise BundleRejected(f"unexpected file {info.name!r} (module.wasm, module.simd.wasm, "
+                                         "nn-<hash>-<arch>.so, "
                                          f"{INDEX} and {SIGNATURE} only)")
                 if info.name in members:
                     raise BundleRejected(f"{info.name!r} appears twice")
@@ -203,6 +227,8 @@ def open_bundle(source: Path | bytes, *, trusted: tuple[PublicKey, ...] | list[P
     if MODULE not in members:
         raise BundleRejected(f"no {MODULE}")
     _check_manifest(members[MODULE], module, version)
+    if SIMD_MODULE in members and _simd_bound_to(members[SIMD_MODULE]) != hashlib.sha256(members[MODULE]).hexdigest():
+        raise BundleRejected(f"{SIMD_MODULE} is not the SIMD build of this {MODULE} (it names another build)")
     signer = None if ignore_signature else check_signature(sig, index, trusted, allow_unsigned)
     return Bundle(module, version, members, index, signer, sig)
 
