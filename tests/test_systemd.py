@@ -91,6 +91,18 @@ def test_supervisor_reports_a_stuck_dispatcher_and_a_silent_maintenance_tick(tmp
         sup.stop()
 
 
+def test_only_a_wasmtime_module_gets_the_grace_past_its_deadline_before_it_counts_as_hung(tmp_path, vibstats_wasm):
+    """wasm3 cannot stop a window: the worker is killed at its deadline. wasmtime's worker may
+    take the grace past it to say its engine stopped the call; only there is waiting longer right."""
+    from appliance.core.supervisor import HANG_AFTER_S
+    cfg = write_config(tmp_path, {"s": sim_source()}, {
+        engine: {"wasm": str(vibstats_wasm), "source": "s", "window": {"size": 1024}, "engine": engine,
+                 "deadline_ms": 500} for engine in ("wasm3", "wasmtime")})
+    sup = Supervisor(cfg)
+    assert sup.hang_limit_s(sup.modules["wasm3"]) == HANG_AFTER_S + 0.5
+    assert sup.hang_limit_s(sup.modules["wasmtime"]) == HANG_AFTER_S + 0.5 + 0.5
+
+
 def test_appliance_run_speaks_the_notify_protocol(tmp_path, notify_socket, vibstats_wasm):
     path, sock = notify_socket
     cfg_path = tmp_path / "appliance.yaml"

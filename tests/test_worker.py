@@ -199,3 +199,17 @@ def test_failed_loads_leave_no_descriptor_behind(vibstats_wasm, engine):
         with pytest.raises(ModuleFault):
             attempt()
     assert open_fds() <= before + 2   # a spare handed over meanwhile holds two
+
+
+def test_spares_that_keep_dying_end_only_their_own_kind():
+    """A zygote whose wasmtime spares all die (a JIT the service forbids) stops asking for those,
+    and still asks again for a wasm3 spare that died once."""
+    from appliance.runtime.zygote import SPARE_RETRIES, SpareRetries
+    retries = SpareRetries()
+    delays = [retries.died("wasmtime") for _ in range(SPARE_RETRIES + 2)]
+    assert all(d is not None for d in delays[:SPARE_RETRIES]) and delays[SPARE_RETRIES:] == [None, None]
+    assert delays[:SPARE_RETRIES] == sorted(delays[:SPARE_RETRIES])   # later and later
+    assert not retries.may_ask("wasmtime")
+    assert retries.may_ask("wasm3") and retries.died("wasm3") is not None
+    retries.used("wasmtime")   # one served a module after all: the kind works
+    assert retries.may_ask("wasmtime")

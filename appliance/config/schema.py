@@ -151,13 +151,6 @@ class ModuleSection(StrictModel):
     enabled: bool = Field(True, description="false: configured but not run")
     restart: RestartPolicy | None = Field(None, description="overrides runtime.restart for this module")
 
-    @field_validator("fuel")
-    @classmethod
-    def _fuel_is_wasmtimes(cls, value: int | None, info) -> int | None:
-        if value is not None and info.data.get("engine") != "wasmtime":
-            raise ValueError("fuel is counted by wasmtime alone: set `engine: wasmtime` on this module")
-        return value
-
     @field_validator("params")
     @classmethod
     def _params_are_plain(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -473,6 +466,12 @@ def _cross_checks(doc: YamlDocument, cfg: AppConfig) -> list[ConfigIssue]:
     issues = []
     for name, mod in cfg.modules.items():
         here = ("modules", name)
+        if mod.fuel is not None and (mod.engine or cfg.runtime.backend) != "wasmtime":
+            engine = f"engine: {mod.engine}" if mod.engine else f"runtime.backend: {cfg.runtime.backend}"
+            issues.append(ConfigIssue(doc.path, doc.mark_for(here + ("fuel",)), here + ("fuel",),
+                                      f"fuel is counted by wasmtime alone, and this module runs on "
+                                      f"{mod.engine or cfg.runtime.backend} ({engine}): set `engine: wasmtime` on "
+                                      "it, or remove fuel"))
         if mod.source not in cfg.sources:
             near = difflib.get_close_matches(mod.source, list(cfg.sources), n=1, cutoff=0.5)
             hint = f" Did you mean {near[0]!r}?" if near else f" Defined sources: {', '.join(cfg.sources)}"

@@ -28,6 +28,7 @@ from appliance.ops.metrics import Metrics, SourceCounters, WorkerResources
 from appliance.ops.system import in_test_rig
 from appliance.runtime import zygote
 from appliance.runtime.host import ModuleHost, ModuleResult, ModuleState, severity_name
+from appliance.runtime.modcheck import engine_of
 from appliance.runtime.process import deadline_grace_s
 from appliance.core.windowing import FrameWindower, Window, Windower
 from hal.registry import open_source
@@ -641,10 +642,17 @@ class Supervisor:
                 problems.append(f"maintenance thread silent for {age:.0f} s")
         for name, host in list(self.modules.items()):
             stuck = host.hung_for()
-            deadline = host.cfg.deadline_ms / 1000
-            if stuck > HANG_AFTER_S + deadline + deadline_grace_s(deadline):   # wasmtime's window may run past it
+            if stuck > self.hang_limit_s(host):
                 problems.append(f"module {name} dispatcher stuck for {stuck:.0f} s")
         return problems
+
+    def hang_limit_s(self, host: ModuleHost) -> float:
+        """How long a module's dispatcher may go without a turn before the supervisor counts as
+        hung: beyond its window deadline, and on wasmtime beyond the grace the worker has past it
+        to say the engine stopped the call."""
+        deadline = host.cfg.deadline_ms / 1000
+        grace = deadline_grace_s(deadline) if engine_of(host.cfg, self.cfg.runtime) == "wasmtime" else 0.0
+        return HANG_AFTER_S + deadline + grace
 
     def _data_reduction(self) -> float:
         sample_bytes = sum(self.metrics.registry.get_sample_value("appliance_source_bytes_total", {"source": n}) or 0

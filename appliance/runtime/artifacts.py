@@ -28,7 +28,7 @@ from pathlib import Path
 log = logging.getLogger("appliance.module")
 
 MAGIC = b"AP-WASMTIME-ARTIFACT 1\n"
-KEPT = 64   # entries beyond this, oldest first, go (old builds of modules)
+KEPT = 64   # entries beyond this, least recently used first, go (old builds of modules)
 
 
 @functools.cache
@@ -78,6 +78,10 @@ class ArtifactCache:
                     self.discard(key)
                     return b""
                 data = f.read()
+                # Used now: pruning goes by modification time, oldest first, so an entry in use
+                # must not look old (one metadata write a module start).
+                with contextlib.suppress(OSError):
+                    os.utime(f.fileno())
         except FileNotFoundError:
             return b""
         except OSError as exc:

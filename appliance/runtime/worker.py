@@ -338,7 +338,12 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
                 if problem:
                     return fault(*problem)
                 if last_state and has_state:
-                    restore_state(last_state)
+                    note = restore_state(last_state)
+                    if note != "accepted":   # as at load: the refused blob is in memory, so a clean instance
+                        problem = start_instance()
+                        if problem:
+                            return fault(*problem)
+                        calls.logs.append([2, f"state after the deadline {note}; the module starts over clean"])
             except (AbiViolation, EngineTrap, EngineLoadError, MemoryError, RuntimeError) as again:
                 return fault("deadline", f"{exc}; a fresh instance did not start: {again}")
             sock.send(json.dumps({"fault": "deadline", "error": abi.text(str(exc).encode())[:1000],

@@ -260,6 +260,30 @@ class ZygoteUnavailable(Exception):
     pass
 
 
+class SpareRetries:
+    """When to ask again for a spare that died unused: later and later, and after SPARE_RETRIES
+    in a row no more. Counted per kind: wasmtime's spares failing (a JIT the service's settings
+    forbid) must not end wasm3's."""
+
+    def __init__(self) -> None:
+        self.failures: dict[str, int] = {}
+
+    def died(self, kind: str) -> float | None:
+        """One more died: seconds to wait before asking again, or None: ask no more."""
+        n = self.failures[kind] = self.failures.get(kind, 0) + 1
+        return 0.1 * 2 ** n if n <= SPARE_RETRIES else None
+
+    def just_gave_up(self, kind: str) -> bool:
+        return self.failures.get(kind, 0) == SPARE_RETRIES + 1
+
+    def may_ask(self, kind: str) -> bool:
+        return self.failures.get(kind, 0) <= SPARE_RETRIES
+
+    def used(self, kind: str) -> None:
+        """A spare of this kind served a module: the kind works."""
+        self.failures[kind] = 0
+
+
 class Zygote:
     """The supervisor's handle: starts the zygote on first use and again after it died, forks
     workers through it, and keeps the exit status of each worker it reaped."""
@@ -273,7 +297,7 @@ class Zygote:
         self._answers: list[tuple[dict, list[int]]] = []
         self._exits: dict[int, int] = {}
         self._spares: dict[str, tuple[int, socket.socket, int]] = {}   # kind -> pid, channel, pidfd
-        self._spare_failures = 0
+        self._spare_retries = SpareRetries()
         self._requests = 0
         self._unavailable_until = 0.0   # after a failed start: fail fast for a while
         self.starts = 0
@@ -378,13 +402,14 @@ class Zygote:
         """A spare died before it was used: something fails in every spare (a sandbox layer this
         machine refuses, say). Ask again later and later; after a few, stop asking (module starts
         then fork on request, and their faults say what is wrong). Call with the condition held."""
-        self._spare_failures += 1
-        if self._spare_failures > SPARE_RETRIES:
-            if self._spare_failures == SPARE_RETRIES + 1:
-                log.error("zygote: %d spare workers in a row died before use (last: wait status %d); no more "
-                          "spares (each module start forks its worker on request)", SPARE_RETRIES, status)
+        delay = self._spare_retries.died(kind)
+        if delay is None:
+            if self._spare_retries.just_gave_up(kind):
+                log.error("zygote: %d %s spare workers in a row died before use (last: wait status %d); no more "
+                          "such spares (each such module start forks its worker on request)", SPARE_RETRIES, kind,
+                          status)
             return
-        timer = threading.Timer(0.1 * 2 ** self._spare_failures, self._ask_for_spare, (sock, kind))
+        timer = threading.Timer(delay, self._ask_for_spare, (sock, kind))
         timer.daemon = True
         timer.start()
 
@@ -399,11 +424,11 @@ class Zygote:
             spare = self._spares.pop(kind, None)
             sock = self._sock
         if spare is None:
-            if kind != "wasm3" and sock is not None and self._spare_failures <= SPARE_RETRIES:
+            if kind != "wasm3" and sock is not None and self._spare_retries.may_ask(kind):
                 self._ask_for_spare(sock, kind)
             return None
         pid, channel, pidfd = spare
-        self._spare_failures = 0
+        self._spare_retries.used(kind)
         try:
             socket.send_fds(channel, [json.dumps({"op": "fork", **request}).encode()], list(fds))
         except OSError:   # it died meanwhile: fork one the slow way
