@@ -6,9 +6,8 @@ inferences per CPU-second on one core, four ways side by side:
   wasmtime         the SIMD128 build beside it (x.simd.wasm) in wasmtime, its own code (host_nn off)
   onnxruntime      the .onnx file itself, CPU provider, one thread
 
-wasmtime is instantiated here with wasmtime-py directly (appliance_tools.nn.run.WasmtimeBackend:
-the host imports of ABI v1 from appliance.runtime.engines.IMPORT_SIGNATURES), compiled once before the timing; its row says so
-when wasmtime is not installed. wasm3, wasm3 + nn_run and wasmtime run the module in this process (appliance_tools.nn.run.ModelModule: the same
+wasmtime is the appliance's engine (appliance.runtime.engines.WasmtimeBackend, without a
+deadline), compiled once before the timing; its row says so when wasmtime is not installed. wasm3, wasm3 + nn_run and wasmtime run the module in this process (appliance_tools.nn.run.ModelModule: the same
 module and engine a worker runs, without the process boundary), so a call is what ap_process
 costs: the window copied in, the input scaling, the network, the features and the rule. CPU time
 is this process's (user + system); onnxruntime's figure is for session.run alone. Inputs: the
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from appliance_tools.evaluation import nn as evaluation_nn  # noqa: E402
-from appliance_tools.nn.run import ModelModule, WasmtimeBackend  # noqa: E402
+from appliance_tools.nn.run import ModelModule  # noqa: E402
 from common import self_cpu  # noqa: E402
 
 MODELS = REPO / "modules" / "models"
@@ -77,19 +76,20 @@ def measure(call, items) -> tuple[float, float, float]:
     return float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), len(items) / cpu
 
 
-def wasmtime_backend() -> tuple[object | None, str]:
-    """(backend, '') or (None, why not)."""
+def wasmtime_missing() -> str:
+    """Why wasmtime cannot run here ('' when it can)."""
     try:
-        return WasmtimeBackend(), ""
+        import wasmtime  # noqa: F401
     except ImportError as exc:
-        return None, f"wasmtime is not installed ({exc})"
+        return f"wasmtime is not installed ({exc})"
+    return ""
 
 
 def main() -> int:
     import onnxruntime as ort
     rows = []
     notes = []
-    wt_backend, wt_missing = wasmtime_backend()
+    wt_missing = wasmtime_missing()
     if wt_missing:
         notes.append(f"wasmtime: {wt_missing}: no figures in its column")
     with tempfile.TemporaryDirectory(prefix="bench-nn-") as tmp:
@@ -107,9 +107,9 @@ def main() -> int:
                     if host and m.process(module_in[0]).features.get("nn.host") != 1:
                         figures[path_name] = None        # the twin did not run here: no figure
                 figures["wasmtime"] = None
-                if wt_backend is not None:
+                if not wt_missing:
                     # The compiler ran wasm-validate on x.simd.wasm (SIMD allowed) when it built it.
-                    m = ModelModule(wasm.with_suffix(".simd.wasm"), host_nn=False, backend=wt_backend,
+                    m = ModelModule(wasm.with_suffix(".simd.wasm"), host_nn=False, engine="wasmtime",
                                     validated=True)
                     ref = ModelModule(wasm, host_nn=False).process(module_in[0]).outputs
                     if m.process(module_in[0]).outputs.tobytes() != ref.tobytes():

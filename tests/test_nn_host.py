@@ -313,8 +313,7 @@ def test_every_edge_of_the_blocked_kernels_gives_the_same_bits(tmp_path, kind):
     r = compile_model(path, tmp_path / kind / "odd.wasm", window=(1, 143), rule="none")
     engines = [ModelModule(r.wasm), ModelModule(r.wasm, host_nn=True)]
     try:
-        from appliance_tools.nn.run import WasmtimeBackend
-        engines.append(ModelModule(r.simd_wasm, backend=WasmtimeBackend(), validated=True))
+        engines.append(ModelModule(r.simd_wasm, engine="wasmtime", validated=True))
     except ImportError:
         pass                    # the SIMD128 build's own test says it is skipped
     sess = ort_session(path)
@@ -348,10 +347,9 @@ def test_the_simd128_build_gives_the_same_bits_as_wasm3_and_the_native_twin(mode
     """x.simd.wasm (the im2col and vector kernels, for wasmtime) against x.wasm in wasm3 (the
     direct kernels) and the native twin (the vector kernels in SSE2 or NEON): one set of bits."""
     pytest.importorskip("wasmtime", reason="wasmtime (issue 19) is not installed: the SIMD128 build cannot run")
-    from appliance_tools.nn.run import WasmtimeBackend
     _, r = models[kind]
     assert r.simd_wasm == r.wasm.with_suffix(".simd.wasm") and r.simd_wasm.exists()
-    simd = ModelModule(r.simd_wasm, backend=WasmtimeBackend(), validated=True)
+    simd = ModelModule(r.simd_wasm, engine="wasmtime", validated=True)
     scalar, host = ModelModule(r.wasm), ModelModule(r.wasm, host_nn=True)
     for w in windows(8, seed=21):
         a, b, c = scalar.process(w), simd.process(w), host.process(w)

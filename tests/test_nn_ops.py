@@ -41,8 +41,7 @@ def compile_and_compare(tmp_path, b: GraphBuilder, inputs: list[np.ndarray], nam
     onnx.save(model, str(path))
     arch = machine_arch()
     try:        # the SIMD128 build too where wasmtime is installed (test_nn_host says when it is not)
-        from appliance_tools.nn.run import WasmtimeBackend
-        wasmtime = WasmtimeBackend()
+        import wasmtime
     except ImportError:
         wasmtime = None
     result = compile_model(path, tmp_path / f"{name}.wasm", window=(1, b.size), rule="none", report_outputs=False,
@@ -50,7 +49,7 @@ def compile_and_compare(tmp_path, b: GraphBuilder, inputs: list[np.ndarray], nam
     sess = ort_session(path)
     module = ModelModule(result.wasm)
     twin = ModelModule(result.wasm, host_nn=True) if arch else None
-    simd = ModelModule(result.simd_wasm, backend=wasmtime, validated=True) if wasmtime else None
+    simd = ModelModule(result.simd_wasm, engine="wasmtime", validated=True) if wasmtime else None
     problems: dict[str, str] = {}
     for x in inputs:
         refs = sess.run(b.outputs, {"x": x.reshape(1, b.size)})

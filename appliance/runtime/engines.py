@@ -183,14 +183,20 @@ class WasmtimeInstance(Instance):
                 self._context, self._instance, export), params, results)
         if backend.fuel is not None:
             self._store.set_fuel(backend.fuel)
+        ticker = backend.ticker
+        if ticker is None:   # no deadline (a tool's in-process run)
+            try:
+                return fn(*args)
+            except backend.c.CallError as exc:
+                raise backend.trap(exc, export) from None
         backend.c.set_epoch_deadline(self._context, 1)
-        backend.ticker.arm(backend.deadline_s if export == "ap_process" else INIT_DEADLINE_S)
+        ticker.arm(backend.deadline_s if export == "ap_process" else INIT_DEADLINE_S)
         try:
             return fn(*args)
         except backend.c.CallError as exc:
             raise backend.trap(exc, export) from None
         finally:
-            backend.ticker.disarm()
+            ticker.disarm()
 
     def memory(self) -> memoryview:
         return self._memory
@@ -210,7 +216,7 @@ class WasmtimeBackend(Backend):
 
     name = "wasmtime"
 
-    def __init__(self, *, simd: bool = False, fuel: int | None = None, deadline_s: float = 0.25,
+    def __init__(self, *, simd: bool = False, fuel: int | None = None, deadline_s: float | None = 0.25,
                  memory_bytes: int = 64 << 20, stack_bytes: int = 512 << 10) -> None:
         import wasmtime   # imported by the zygote; the engine itself is made here, after the fork
         from appliance.runtime import wasmtime_c
@@ -218,9 +224,9 @@ class WasmtimeBackend(Backend):
         self.fuel, self.deadline_s, self.memory_bytes = fuel, deadline_s, memory_bytes
         self.engine = wasmtime.Engine(wasmtime_config(wasmtime, simd=simd, fuel=fuel is not None,
                                                       stack_bytes=stack_bytes))
-        self.ticker = EpochTicker(self.engine)
+        # deadline_s None: no deadline (tools running a model in their own process), no ticker thread.
+        self.ticker = EpochTicker(self.engine) if deadline_s is not None else None
         self.host = wasmtime_c.HostTable()
-        wasmtime_c.install_table(self.host)
         self.export_types: dict[str, tuple[str, str]] = {}
         self._module = None
         self.artifact_out: bytes | None = None
@@ -262,7 +268,8 @@ class WasmtimeBackend(Backend):
         if self.fuel is not None:
             store.set_fuel(self.fuel)
         store.set_epoch_deadline(1)
-        self.ticker.arm(INIT_DEADLINE_S)   # a start function runs during instantiation
+        if self.ticker is not None:
+            self.ticker.arm(INIT_DEADLINE_S)   # a start function runs during instantiation
         try:
             context, instance = self.c.link_and_instantiate(self.engine, store, self._module, linked, self.host)
         except self.c.CallError as exc:
@@ -273,7 +280,8 @@ class WasmtimeBackend(Backend):
             kind = "memory" if any(w in text for w in ("limit", "exceed", "os error 12")) and "memory" in text else "load"
             raise EngineLoadError(kind, f"wasmtime could not instantiate the module: {text}") from None
         finally:
-            self.ticker.disarm()
+            if self.ticker is not None:
+                self.ticker.disarm()
         return WasmtimeInstance(self, store, context, instance)
 
     def trap(self, exc, export: str) -> Exception:

@@ -13,9 +13,11 @@ a ctypes callback needs executable memory, which a worker's sandbox does not giv
 from __future__ import annotations
 
 import ctypes
+import itertools
 import platform
 import struct
 import sys
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -113,13 +115,19 @@ def raise_trap(trap: int) -> None:
 # ---- host functions -------------------------------------------------------------------------------
 
 class HostTable:
-    """The host functions of one worker, by index (the callback's env): fn, param kinds, result kind.
-    A Python exception in one is kept here and raised again once the wasm call has unwound.
-    One table a process (install_table): a worker has one engine, and one instance at a time."""
+    """The host functions of one engine's instance, by index: fn, param kinds, result kind. A
+    Python exception in one is kept here and raised again once the wasm call has unwound.
+    A worker has one table; a tool may run several modules side by side in one process, so a
+    function's env names its table too (its id in the high bits). The registry holds a table
+    weakly: it goes with its engine."""
+
+    _ids = itertools.count(1)
 
     def __init__(self) -> None:
         self.entries: list[tuple[Callable, struct.Struct, struct.Struct | None]] = []
         self.pending: BaseException | None = None
+        self.id = next(HostTable._ids)
+        _TABLES[self.id] = weakref.ref(self, lambda _, table_id=self.id: _TABLES.pop(table_id, None))
 
     def clear(self) -> None:
         """A new instance replaces the old one (after a deadline): its functions replace the old ones."""
@@ -127,18 +135,18 @@ class HostTable:
         self.pending = None
 
     def add(self, fn: Callable, signature: str) -> int:
-        """signature: pywasm3's "r(pp)" (engines.IMPORT_SIGNATURES)."""
+        """signature: pywasm3's "r(pp)" (engines.IMPORT_SIGNATURES). Returns the function's env."""
+        if len(self.entries) >= _INDEX_MASK:
+            raise CallError("too many host functions in one table", None)
         params = struct.Struct("<" + "".join(_PACKED[c] for c in signature[2:-1]))
         result = None if signature[0] == "v" else struct.Struct("<" + signature[0].replace("I", "q").replace("F", "d"))
         self.entries.append((fn, params, result))
-        return len(self.entries)   # env 0 would read as NULL
+        return self.id << _INDEX_BITS | len(self.entries)   # index from 1: env 0 would read as NULL
 
 
-_TABLE: list[HostTable] = []   # the worker's one table (a list: set once, read by the trampoline)
-
-
-def install_table(table: HostTable) -> None:
-    _TABLE[:] = [table]
+_INDEX_BITS = 20
+_INDEX_MASK = (1 << _INDEX_BITS) - 1
+_TABLES: dict[int, weakref.ref] = {}   # table id -> table (read by the trampoline)
 
 
 _TRAP_MESSAGE = b"host call raised"
@@ -146,9 +154,9 @@ _TRAP_MESSAGE = b"host call raised"
 
 @HOST_CALLBACK
 def HOST_TRAMPOLINE(env, caller, values, count):   # noqa: N802 (a constant: made once, in the zygote)
-    table = _TABLE[0]
+    table = _TABLES[env >> _INDEX_BITS]()
     try:
-        fn, params, result = table.entries[env - 1]
+        fn, params, result = table.entries[(env & _INDEX_MASK) - 1]
         value = fn(*params.unpack(ctypes.string_at(values, params.size)) if params.size else ())
         if result is not None:
             ctypes.memmove(values, result.pack(value), result.size)

@@ -1,6 +1,7 @@
-"""A compiled model module in this process (wasm3 through appliance.runtime.engines), for tests,
-tools and benchmarks: feed it arrays, get its outputs, features and events. The appliance itself
-runs modules in worker processes; this is the same module and engine without the isolation."""
+"""A compiled model module in this process (wasm3 or wasmtime, the engines of
+appliance.runtime.engines), for tests, tools and benchmarks: feed it arrays, get its outputs,
+features and events. The appliance itself runs modules in worker processes; this is the same
+module and engine without the isolation (and, on wasmtime, without a deadline)."""
 from __future__ import annotations
 
 import struct
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.config.schema import params_text
-from appliance.runtime.engines import Wasm3Backend
+from appliance.runtime.engines import Wasm3Backend, WasmtimeBackend
 from appliance.runtime.wire import pack_header
 from appliance.runtime.validate import check_module
 
@@ -31,9 +32,10 @@ class Result:
 class ModelModule:
     def __init__(self, wasm, params: dict | str | None = None, *, host_nn: bool = False,
                  module_dir: Path | None = None, stack_bytes: int = 128 << 10,
-                 max_memory_bytes: int = 256 << 20, backend=None, validated: bool = False) -> None:
-        """backend: the engine (an appliance.runtime.engines.Backend; default wasm3). validated:
-        the caller ran wasm-validate with the features its engine has (the SIMD128 build)."""
+                 max_memory_bytes: int = 256 << 20, engine: str = "wasm3", validated: bool = False) -> None:
+        """engine: "wasm3", or "wasmtime" for the SIMD128 build (x.simd.wasm; ImportError where
+        wasmtime is not installed). validated: the caller ran wasm-validate with the features its
+        engine has (the SIMD128 build)."""
         if isinstance(wasm, (str, Path)):
             module_dir = Path(wasm).parent if module_dir is None else module_dir
             wasm = Path(wasm).read_bytes()
@@ -65,7 +67,10 @@ class ModelModule:
             self.host = HostNN(lambda: inst.memory(), ModuleCallError, str(module_dir) if module_dir else None,
                                host_nn, lambda level, text: self.logs.append((level, text)))
             imports.update(self.host.imports())
-        inst = (backend or Wasm3Backend()).instantiate(wasm, stack_bytes, imports)
+        # One wasmtime backend a module: it keeps the module it compiled.
+        backend = WasmtimeBackend(simd=True, deadline_s=None, memory_bytes=max_memory_bytes) \
+            if engine == "wasmtime" else Wasm3Backend()
+        inst = backend.instantiate(wasm, stack_bytes, imports)
         self.inst = inst
         if isinstance(params, dict) or params is None:
             params = dict(params or {})
@@ -115,51 +120,3 @@ class ModelModule:
         mem = self.inst.memory()
         return np.array(struct.unpack_from(f"<{n}f", mem, ptr), np.float32)
 
-
-class WasmtimeBackend:
-    """wasmtime-py behind the engines' Backend interface (instantiate -> call, memory), for the
-    SIMD128 build (x.simd.wasm) in tests and benchmarks, in this process. The appliance's own
-    wasmtime engine (workers, deadlines, cached artifacts) is issue 19's part 1, not this."""
-    name = "wasmtime"
-
-    def __init__(self) -> None:
-        import wasmtime
-        self.wt = wasmtime
-        self.engine = wasmtime.Engine()
-
-    def instantiate(self, wasm: bytes, stack_bytes: int, imports):
-        import ctypes
-        from appliance.runtime.engines import IMPORT_SIGNATURES
-        wt = self.wt
-        kinds = {"i": wt.ValType.i32(), "I": wt.ValType.i64(), "f": wt.ValType.f32(), "F": wt.ValType.f64()}
-        store = wt.Store(self.engine)
-        module = wt.Module(self.engine, wasm)
-        externs = []
-        for imp in module.imports:
-            sig = IMPORT_SIGNATURES[(imp.module, imp.name)]          # e.g. "i(iiF)"
-            ret, params = sig[0], sig[2:-1]
-            ty = wt.FuncType([kinds[c] for c in params], [] if ret == "v" else [kinds[ret]])
-            externs.append(wt.Func(store, ty, imports[(imp.module, imp.name)]))
-        instance = wt.Instance(store, module, externs)
-        exports = instance.exports(store)
-        mem = exports["memory"]
-        size = mem.data_len(store)
-        raw = (ctypes.c_ubyte * size).from_address(ctypes.addressof(mem.data_ptr(store).contents))
-        view = memoryview(raw).cast("B")   # ABI v1 memory never grows: one view for the instance's life
-
-        class Instance:
-            def __init__(self):
-                self._functions = {}
-
-            def call(self, export: str, *args):
-                fn = self._functions.get(export)
-                if fn is None:
-                    fn = self._functions[export] = exports[export]
-                return fn(store, *args)
-
-            def memory(self):
-                return view
-
-        inst = Instance()
-        inst.keep = (store, module, instance, raw)
-        return inst
