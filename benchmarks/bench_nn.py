@@ -5,6 +5,9 @@ inferences per CPU-second on one core, four ways side by side:
   wasm3 + nn_run   the same module, the network run by its native twin through ap.nn_run (host_nn on)
   wasmtime         the SIMD128 build beside it (x.simd.wasm) in wasmtime, its own code (host_nn off)
   onnxruntime      the .onnx file itself, CPU provider, one thread
+  native alone     the native twin's forward pass called directly on the input onnxruntime gets,
+                   measured as onnxruntime is (the network alone): the twin against onnxruntime
+                   like for like (the two module columns include the module's own per-call work)
 
 wasmtime is the appliance's engine (appliance.runtime.engines.WasmtimeBackend, without a
 deadline), compiled once before the timing; its row says so when wasmtime is not installed. wasm3, wasm3 + nn_run and wasmtime run the module in this process (appliance_tools.nn.run.ModelModule: the same
@@ -60,6 +63,25 @@ def inputs(model: str, count: int) -> tuple[list[np.ndarray], list[np.ndarray], 
     frames = [frames[i % len(frames)] for i in range(count)]
     scale, offset = np.float32(report["input"]["scale"]), np.float32(report["input"]["offset"])
     return frames, [(f.astype(np.float32) * scale + offset)[None, None] for f in frames], where
+
+
+def native_alone(wasm: Path, ort_in: list[np.ndarray]) -> tuple[float, float, float] | None:
+    """The native twin for this machine beside `wasm`, its forward pass alone (None: no twin here)."""
+    import ctypes
+    from appliance.deploy.bundle import native_twins
+    from appliance.runtime.hostcalls.nn import bind_native, machine_arch
+    names = [n for n in native_twins(wasm, wasm.read_bytes()) if n.endswith(f"-{machine_arch()}.so")]
+    if not names:
+        return None
+    twin = bind_native(ctypes.CDLL(str(wasm.with_name(names[0]))), names[0])
+    out = np.empty(twin.out_bytes // 4, np.float32)
+    inputs = [np.ascontiguousarray(x, np.float32) for x in ort_in]
+    assert inputs[0].nbytes == twin.in_bytes, (inputs[0].nbytes, twin.in_bytes)
+
+    def run(x: np.ndarray) -> None:
+        if twin.run(x.ctypes.data, x.nbytes, out.ctypes.data, out.nbytes) != 0:
+            raise SystemExit(f"{names[0]}: the native twin refused its input")
+    return measure(run, inputs)
 
 
 def measure(call, items) -> tuple[float, float, float]:
@@ -122,13 +144,15 @@ def main() -> int:
                                             providers=["CPUExecutionProvider"])
                 name = sess.get_inputs()[0].name
                 figures["onnxruntime"] = measure(lambda x, s=sess, n=name: s.run(None, {n: x}), ort_in)
+                figures["native alone"] = native_alone(wasm, ort_in)
                 rows.append((model, kind, figures, wasm.stat().st_size))
     unit = {"bearing_cnn": "windows", "people_cnn": "frames"}
     print("\nnn: the trained models, latency per inference and inferences per CPU-second on one core")
     cols = (("wasm3", "wasm3 p50/p99 ms", 17, 6), ("wasm3 + nn_run", "+nn_run p50/p99 ms", 18, 7),
-            ("wasmtime", "wasmtime p50/p99 ms", 19, 7), ("onnxruntime", "onnxruntime p50/p99 ms", 22, 7))
+            ("wasmtime", "wasmtime p50/p99 ms", 19, 7), ("onnxruntime", "onnxruntime p50/p99 ms", 22, 7),
+            ("native alone", "native alone p50/p99", 20, 7))
     head = f"{'model':<12} {'kind':<5} {'module':>8}  | " + " | ".join(f"{t:>{w}} {'/s':>{n}}" for _, t, w, n in cols) \
-        + " | vs onnxruntime: nn_run, wasmtime"
+        + " | vs onnxruntime: nn_run, wasmtime, native alone"
     print(head)
     print("-" * len(head))
     for model, kind, f, size in rows:
@@ -141,7 +165,7 @@ def main() -> int:
             else:
                 cells.append(f"{f'{v[0]:.3f}/{v[1]:.3f}':>{w}} {v[2]:>{n}.0f}")
         ratios = ", ".join("-" if f[k] is None else f"{f[k][2] / f['onnxruntime'][2]:.2f}x"
-                           for k in ("wasm3 + nn_run", "wasmtime"))
+                           for k in ("wasm3 + nn_run", "wasmtime", "native alone"))
         print(f"{model:<12} {kind:<5} {size:>7}B  | " + " | ".join(cells) + f" | {ratios}")
     for n in notes:
         what = n.split(":")[0]

@@ -82,9 +82,24 @@ def preload_libraries(module_dir: str) -> dict[str, int]:
     return found
 
 
-class _Native:
+class NativeTwin:
+    """A loaded native twin: run(in_ptr, in_bytes, out_ptr, out_bytes) -> 0 on success."""
+
     def __init__(self, lib, run, in_bytes: int, out_bytes: int, name: str) -> None:
         self.lib, self.run, self.in_bytes, self.out_bytes, self.name = lib, run, in_bytes, out_bytes, name
+
+
+def bind_native(lib, name: str) -> NativeTwin:
+    """A native twin's entry points in a loaded library (ctypes.CDLL), after its ABI check."""
+    if lib.ap_nn_native_abi() != 1:
+        raise ValueError("it speaks another native ABI")
+    sizes = (ctypes.c_int32 * 2)()
+    lib.ap_nn_native_sizes.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.ap_nn_native_sizes(ctypes.addressof(sizes), ctypes.addressof(sizes) + 4)
+    run = lib.ap_nn_native_run
+    run.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
+    run.restype = ctypes.c_int32
+    return NativeTwin(lib, run, sizes[0], sizes[1], name)
 
 
 class HostNN:
@@ -104,7 +119,7 @@ class HostNN:
         self.preloaded = preloaded   # name -> sealed memfd (a sandboxed worker: preload_libraries)
         self.enabled = enabled
         self._decided: dict[bytes, object] = {}
-        self._loaded: dict[bytes, _Native] = {}   # sha256 -> the library loaded with those bytes
+        self._loaded: dict[bytes, NativeTwin] = {}   # sha256 -> the library loaded with those bytes
         self._fds: list[int] = []
         self.native_calls = 0
         self.last_code = None
@@ -217,7 +232,7 @@ class HostNN:
         if digest in self._loaded:
             return self._loaded[digest]
         try:
-            native = self._loaded[digest] = self._bind(ctypes.CDLL(f"/proc/self/fd/{fd}",
+            native = self._loaded[digest] = bind_native(ctypes.CDLL(f"/proc/self/fd/{fd}",
                                                                   mode=os.RTLD_LOCAL | os.RTLD_NOW), name)
         except (OSError, AttributeError, ValueError) as exc:
             self.log(2, f"host nn: {name} could not be loaded ({exc}); running the module's wasm code")
@@ -226,7 +241,7 @@ class HostNN:
         self.log(1, f"host nn: {name} (sha256 verified) runs the model natively")
         return native
 
-    def _load(self, data: bytes, name: str) -> _Native:
+    def _load(self, data: bytes, name: str) -> NativeTwin:
         # Load the bytes that were checked, not the path: a memfd cannot be swapped underneath. The
         # fd stays open while the library is loaded: dlopen knows a library by its path name, and a
         # reused /proc/self/fd/N would hand back the library loaded under that name before.
@@ -240,19 +255,8 @@ class HostNN:
             os.close(fd)
             raise
         self._fds.append(fd)
-        return self._bind(lib, name)
+        return bind_native(lib, name)
 
-    @staticmethod
-    def _bind(lib, name: str) -> _Native:
-        if lib.ap_nn_native_abi() != 1:
-            raise ValueError("it speaks another native ABI")
-        sizes = (ctypes.c_int32 * 2)()
-        lib.ap_nn_native_sizes.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        lib.ap_nn_native_sizes(ctypes.addressof(sizes), ctypes.addressof(sizes) + 4)
-        run = lib.ap_nn_native_run
-        run.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
-        run.restype = ctypes.c_int32
-        return _Native(lib, run, sizes[0], sizes[1], name)
 
     def imports(self) -> dict:
         return {("ap", "nn_run"): self.nn_run}
