@@ -8,6 +8,7 @@ threshold (large blocks always mmap'd, returned on free) made it flat and 8 MB s
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 
@@ -44,6 +45,18 @@ def trim() -> bool:
         return True
     except (OSError, AttributeError):
         return False
+
+
+@contextlib.contextmanager
+def large_blocks_mapped_fresh(threshold: int, *, then_mmap: int, then_trim: int):
+    """Within: blocks of `threshold` bytes or more are mmap'd (fresh zero pages, faulted in only
+    where touched: calloc zeroes nothing), whatever the process keeps in its heap otherwise;
+    after: the given thresholds."""
+    tune(mmap_threshold=threshold, trim_threshold=then_trim)
+    try:
+        yield
+    finally:
+        tune(mmap_threshold=then_mmap, trim_threshold=then_trim)
 
 
 def tune_for_a_long_running_service() -> bool:

@@ -97,13 +97,17 @@ def read_module(path: Path) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise ModuleRejected(f"{path} is not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            wasm = f.read(MAX_MODULE_BYTES + 1)
+            # As many bytes as the file has, and one more to see it growing: no buffer of the
+            # limit's size allocated for every start.
+            wasm = f.read(min(st.st_size, MAX_MODULE_BYTES) + 1)
     except OSError as exc:
         raise ModuleRejected(f"cannot read {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
     if len(wasm) > MAX_MODULE_BYTES:
         raise ModuleRejected(f"{path} is larger than {MAX_MODULE_BYTES >> 20} MiB, the limit for a module")
+    if len(wasm) > st.st_size:
+        raise ModuleRejected(f"{path} changed while it was read (being written?)")
     return wasm
 
 

@@ -23,15 +23,18 @@ import socket
 import struct
 import time
 
+from appliance.core import malloc
 from appliance.runtime import sandbox
 from appliance.runtime.engines import BACKENDS, EngineLoadError, EngineTrap, WasmtimeBackend
 from appliance.runtime.hostcalls.abi import MAX_LOG_BYTES, MAX_LOGS_PER_CALL, MAX_STATE_BYTES, AbiViolation
 from appliance.runtime.hostcalls import abi
 from appliance.runtime.hostcalls.core import Calls, CoreCalls
-from appliance.runtime.hostcalls.dsp import HostDsp
+from appliance.runtime.hostcalls.dsp import KEEP_MMAP_THRESHOLD, KEEP_TRIM_THRESHOLD, HostDsp
 from appliance.runtime.hostcalls.image import HostImage
 from appliance.runtime.validate import ModuleRejected, check_module
 from appliance.runtime.wire import ARTIFACT_SEALS, REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
+
+LINEAR_MEMORY_MAPPED_FROM = 256 << 10   # memories this large (most are 1 MiB or more) are mapped fresh
 
 SANDBOX_EXIT = 159   # the worker's exit status after a system call outside its allow-list
 _SIGNAL_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
@@ -186,6 +189,10 @@ def make_backend(load: dict, wasm: bytes, artifact_fd: int):
 
 def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footprint: int, cap: int,
           report: sandbox.Report, libraries: dict[str, int], artifact_fd: int = -1) -> int:
+    # Until the module's instance is up, large blocks are mapped fresh (start_instance): the load
+    # message's receive buffer (1 MiB) carved from the heap would leave a top that calloc then
+    # hands the linear memory from, zeroing it page by page.
+    malloc.tune(mmap_threshold=LINEAR_MEMORY_MAPPED_FROM, trim_threshold=KEEP_TRIM_THRESHOLD)
     shm = mmap.mmap(shm_fd, 0)
     shm_view = memoryview(shm)   # windows are copied from it into linear memory without a bytes copy
     with os.fdopen(wasm_fd, "rb") as f:
@@ -262,7 +269,12 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
         def start_instance() -> tuple[str, str] | None:
             """Instantiate and ap_init; a (fault kind, reason) if the module cannot start."""
             nonlocal inst
-            inst = backend.instantiate(wasm, int(load["stack_bytes"]), imports)
+            # The linear memory mapped fresh, not carved from the heap the kernels keep: calloc
+            # would zero all of it (1 MiB for vibstats: ~260 page faults, ~0.4 ms a start), and
+            # pages the module never touches would be resident.
+            with malloc.large_blocks_mapped_fresh(LINEAR_MEMORY_MAPPED_FROM, then_mmap=KEEP_MMAP_THRESHOLD,
+                                                  then_trim=KEEP_TRIM_THRESHOLD):
+                inst = backend.instantiate(wasm, int(load["stack_bytes"]), imports)
             version = inst.call("ap_abi_version")
             if version != 1:
                 return "load", f"module speaks ABI version {version}; this host implements version 1"
@@ -397,6 +409,9 @@ def run_spare(channel: socket.socket, kind: str = "wasm3") -> int:
     report_sandbox_violations(channel.fileno())
     report = sandbox.enter(spare_policy(kind), (channel.fileno(),))
     _warm_up(kind)
+    # The warm-up's freed blocks would be the next large request's: a linear memory then calloc'd
+    # out of them (zeroed, page by page). Given back now, off the path of a module's start.
+    malloc.trim()
     data, fds, _, _ = socket.recv_fds(channel, 65536, 4)
     if not data or len(fds) != (4 if kind == "wasmtime" else 3):
         return 0   # the zygote is gone (or asked nothing): never used

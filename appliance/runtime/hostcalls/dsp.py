@@ -23,12 +23,16 @@ def one_thread_libraries() -> None:
         os.environ.setdefault(var, value)
 
 
+KEEP_MMAP_THRESHOLD, KEEP_TRIM_THRESHOLD = 16 << 20, 64 << 20
+
+
 def keep_heap() -> None:
     """Keep freed memory in the heap. The kernels' numpy temporaries are hundreds of KB; glibc
     would hand them back to the kernel after each call and fault them in again on the next
     (measured: a dozen brk calls and ~0.6 ms of system time per 4-channel window). The process
-    stays under its memory cap whatever is kept, and a worker has one thread (one arena)."""
-    malloc.tune(mmap_threshold=16 << 20, trim_threshold=64 << 20)
+    stays under its memory cap whatever is kept, and a worker has one thread (one arena).
+    A module's linear memory is the exception (worker.py maps it fresh)."""
+    malloc.tune(mmap_threshold=KEEP_MMAP_THRESHOLD, trim_threshold=KEEP_TRIM_THRESHOLD)
 
 
 class HostDsp:
