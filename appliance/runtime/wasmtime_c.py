@@ -121,12 +121,10 @@ class HostTable:
     function's env names its table too (its id in the high bits). The registry holds a table
     weakly: it goes with its engine."""
 
-    _ids = itertools.count(1)
-
     def __init__(self) -> None:
         self.entries: list[tuple[Callable, struct.Struct, struct.Struct | None]] = []
         self.pending: BaseException | None = None
-        self.id = next(HostTable._ids)
+        self.id = next(_table_ids)
         _TABLES[self.id] = weakref.ref(self, lambda _, table_id=self.id: _TABLES.pop(table_id, None))
 
     def clear(self) -> None:
@@ -144,6 +142,7 @@ class HostTable:
         return self.id << _INDEX_BITS | len(self.entries)   # index from 1: env 0 would read as NULL
 
 
+_table_ids = itertools.count(1)
 _INDEX_BITS = 20
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
 _TABLES: dict[int, weakref.ref] = {}   # table id -> table (read by the trampoline)
