@@ -146,7 +146,7 @@ def bench_numpy(wins: list[np.ndarray]) -> dict:
 
 
 def bench_cold_start(path: Path, repeats: int = 31, params: str = PARAMS, engine: str = "wasm3",
-                     cache: str = "") -> dict:
+                     cache: str = "", window: tuple[bytes, np.ndarray] | None = None) -> dict:
     """Request -> first result for a fresh worker: the zygote forks it, it enters its sandbox,
     checks and instantiates the module, and answers its first window. The first start of a
     module also runs wasm-validate (a process); later ones (restarts, reloads) find its verdict.
@@ -154,7 +154,7 @@ def bench_cold_start(path: Path, repeats: int = 31, params: str = PARAMS, engine
     (every start compiles in its worker)."""
     from appliance.runtime import zygote
     zygote.shared().ensure_started()   # the supervisor's zygote is up before any module starts
-    w = windows(1)[0]
+    head, w = window or (header(0), windows(1)[0])
     totals, loads = [], []
     simd = path.name.endswith(".simd.wasm")
     tmp = tempfile.TemporaryDirectory()
@@ -166,7 +166,7 @@ def bench_cold_start(path: Path, repeats: int = 31, params: str = PARAMS, engine
                                                                                    simd=simd),
                                artifact_cache=artifacts)
         t1 = time.perf_counter()
-        assert worker.process(header(0), w, 5.0)["rc"] == 0
+        assert worker.process(head, w, 5.0)["rc"] == 0
         t2 = time.perf_counter()
         worker.stop()
         loads.append(t1 - t0)
@@ -246,10 +246,19 @@ def main() -> None:
         print(f"worker PSS, vibstats running: wasm3 {worker_pss(wasm, 'wasm3'):.1f} MB, "
               f"wasmtime {worker_pss(simd, 'wasmtime', True):.1f} MB")
         from bench_bearing import params_text as bearing_params
-        bearing = REPO / "modules" / "build" / "bearing.wasm"
-        cold = bench_cold_start(bearing, params=bearing_params(True))
-        print(f"cold start, the same for bearing ({bearing.stat().st_size // 1024} KB): {cold['worker_ms']:.1f} ms "
-              f"median, p90 {cold['p90_ms']:.1f} ms")
+        # Modules either side of issue 15's 30 KB: motion (a 320x240 frame) and process (PLC rules).
+        frame = np.random.default_rng(3).integers(0, 256, (1, 320 * 240), dtype=np.uint8)
+        others = [
+            ("motion", "", (pack_header(1, 320 * 240, 10.0, 0, sample_format=2, width=320, height=240), frame)),
+            ("process", "signal.0.name=temp\nsignal.0.min=0\nsignal.0.max=10\n",
+             (pack_header(1, 64, 10.0, 0), np.full((1, 64), 5.0, np.float32))),
+            ("bearing", bearing_params(True), None),
+        ]
+        for name, params, window in others:
+            path = REPO / "modules" / "build" / f"{name}.wasm"
+            cold = bench_cold_start(path, params=params, window=window)
+            print(f"cold start, the same for {name} ({path.stat().st_size // 1024} KB): {cold['worker_ms']:.1f} ms "
+                  f"median, p90 {cold['p90_ms']:.1f} ms")
         from footprint import measure
         mem = measure(REPO, 20.0)
         print(f"memory, default config after 20 s: {mem['processes']} processes (supervisor, zygote, its spare "
