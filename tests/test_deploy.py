@@ -176,7 +176,8 @@ def test_a_simd_build_of_another_version_is_never_bundled_or_accepted(tmp_path, 
     (folder / "versioned.simd.wasm").write_bytes(foreign)
     with pytest.raises(BundleRejected, match="is not the SIMD build of"):
         make_bundle(wasm, tmp_path / "x.apb")
-    # Slipped into a bundle by hand (its index and signature made to match): refused on opening.
+    # Slipped into a bundle by hand (its index made to match, unsigned): refused on opening, and
+    # signing refuses it too, so no trusted key vouches for it.
     plain = wasm.read_bytes()
     members = {"module.wasm": plain, "module.simd.wasm": foreign}
     index = json.dumps({"format": 1, "module": "versioned", "version": "1.1.0", "files": {
@@ -189,7 +190,18 @@ def test_a_simd_build_of_another_version_is_never_bundled_or_accepted(tmp_path, 
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(BundleRejected, match="module.simd.wasm is not the SIMD build of this module.wasm"):
         sign_bundle(path, kit["key"])   # signing checks the files first
-    with pytest.raises(BundleRejected, match="module.simd.wasm is not the SIMD build"):
+    with pytest.raises(BundleRejected, match="module.simd.wasm is not the SIMD build.*names another build"):
+        open_bundle(path, trusted=(), allow_unsigned=True)
+    # A name with a trailing newline is another name: not listed among the files a bundle may hold.
+    index = json.dumps({"format": 1, "module": "versioned", "version": "1.1.0", "files": {
+        n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for n, b in
+        (("module.wasm", plain), ("module.simd.wasm\n", foreign))}}).encode()
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in (("bundle.json", index), ("module.wasm", plain), ("module.simd.wasm\n", foreign)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(BundleRejected, match="unexpected file"):
         open_bundle(path, trusted=(), allow_unsigned=True)
 
 

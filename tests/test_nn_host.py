@@ -5,7 +5,10 @@ path ran: in this process, through the real worker, and through the supervisor."
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ from appliance_tools.nn.parity import float_mismatch, ort_session, quant_mismatc
 from appliance_tools.nn.run import ModelModule  # noqa: E402
 from appliance.runtime.wire import HEADER, load_message, pack_header  # noqa: E402
 from appliance.runtime.process import WorkerProcess  # noqa: E402
+from conftest import REPO  # noqa: E402
 
 pytestmark = pytest.mark.skipif(machine_arch() is None, reason="no native libraries for this machine")
 
@@ -408,3 +412,32 @@ def test_a_module_cycling_through_descriptors_cannot_exhaust_the_worker(models):
             codes.append(m.host.nn_run(at, len(desc), 0, 4 * 512, 4096, 16))
     assert codes == [0] * MAX_DESCRIPTORS              # every one of them verified and ran natively
     assert m.host.libraries_loaded == 1 and len(os.listdir("/proc/self/fd")) <= fds + 1
+
+
+CTRL_C = """
+import os, signal, sys, threading
+import numpy as np
+from appliance_tools.nn.run import ModelModule
+m = ModelModule(sys.argv[1], engine="wasmtime", validated=True)
+x = np.random.default_rng(0).normal(size=(1, 1024)).astype(np.float32)
+for k in range(20):   # Ctrl-C at 20 moments of the calls (host calls among them)
+    threading.Timer(0.01 + 0.007 * k, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    try:
+        while True:
+            m.process(x)
+    except KeyboardInterrupt:
+        pass
+print("clean")
+"""
+
+
+def test_ctrl_c_during_an_in_process_wasmtime_call_is_a_keyboard_interrupt_not_a_crash(tmp_path):
+    """A tool running a model on wasmtime in its own process (bench_nn, the parity tests): Ctrl-C
+    raised inside the host-call trampoline, a ctypes callback, crashed the process (SIGSEGV: ctypes
+    returned junk that wasmtime took for a trap). It is held back until the call returns."""
+    pytest.importorskip("wasmtime", reason="wasmtime (issue 19) is not installed")
+    simd = REPO / "modules" / "build" / "bearing_cnn.simd.wasm"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tools'}"}
+    run = subprocess.run([sys.executable, "-c", CTRL_C, str(simd)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "clean", (run.returncode, run.stderr[-2000:])

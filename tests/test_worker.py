@@ -215,7 +215,7 @@ def test_spares_that_keep_dying_end_only_their_own_kind():
     assert retries.may_ask("wasmtime")
 
 
-def test_a_module_file_beyond_the_limit_or_not_a_file_is_refused_before_it_is_read(tmp_path):
+def test_a_module_file_beyond_the_limit_or_not_a_file_is_refused(tmp_path):
     from appliance.runtime.validate import MAX_MODULE_BYTES, ModuleRejected, read_module
     big = tmp_path / "big.wasm"
     with open(big, "wb") as f:

@@ -15,6 +15,7 @@ A module without a manifest keeps working: its params go unchecked, with a warni
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import math
@@ -167,6 +168,20 @@ def find_custom_section(wasm: bytes, name: str) -> bytes | None:
                 return wasm[pos + n:body + size]
         pos = body + size
     return None
+
+
+def simd_binding_problem(simd: bytes, plain: bytes) -> str:
+    """Why `simd` is not the SIMD build of `plain` ('' when it is: its ap.simd_of section names
+    plain's sha256)."""
+    try:
+        bound = find_custom_section(simd, SIMD_OF_SECTION)
+    except ManifestError as exc:
+        return f"it cannot be read as wasm ({exc})"
+    if bound is None:
+        return f"it names no plain build (no {SIMD_OF_SECTION} section: not built by `make modules`)"
+    if bound != hashlib.sha256(plain).hexdigest().encode():
+        return "it names another build (built beside another version?)"
+    return ""
 
 
 def read_manifest(path: Path) -> Manifest | None:

@@ -49,9 +49,11 @@ def trim() -> bool:
 
 @contextlib.contextmanager
 def large_blocks_mapped_fresh(threshold: int, *, then_mmap: int, then_trim: int):
-    """Within: blocks of `threshold` bytes or more are mmap'd (fresh zero pages, faulted in only
-    where touched: calloc zeroes nothing), whatever the process keeps in its heap otherwise;
-    after: the given thresholds."""
+    """Within: blocks of `threshold` bytes or more that the heap cannot serve from a free block
+    are mmap'd (fresh zero pages, faulted in only where touched: calloc zeroes nothing); after:
+    the given thresholds. A free block that large already in the heap is still handed out (and
+    zeroed by calloc), so the caller sets the threshold before its first large allocation too
+    (worker.serve does)."""
     tune(mmap_threshold=threshold, trim_threshold=then_trim)
     try:
         yield

@@ -27,6 +27,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.config.params import simd_binding_problem
 from appliance.deploy.keys import PrivateKey, PublicKey
 
 FORMAT = 1
@@ -87,7 +88,7 @@ def native_twins(wasm_path: Path, wasm: bytes) -> dict[str, bytes]:
     """The nn-<model hash>-<arch>.so files next to the module whose model hash the module carries."""
     found = {}
     for lib in sorted(wasm_path.parent.glob("nn-*-*.so")):
-        if _FILE_NAME.match(lib.name) and bytes.fromhex(lib.name[3:19]) in wasm:
+        if _FILE_NAME.fullmatch(lib.name) and bytes.fromhex(lib.name[3:19]) in wasm:
             found[lib.name] = lib.read_bytes()
     return found
 
@@ -98,19 +99,12 @@ def simd_build(wasm_path: Path, wasm: bytes) -> dict[str, bytes]:
     if not wasm_path.name.endswith(".wasm") or not sibling.is_file():
         return {}
     simd = sibling.read_bytes()
-    if _simd_bound_to(simd) != hashlib.sha256(wasm).hexdigest():
-        raise BundleRejected(f"{sibling} is not the SIMD build of {wasm_path} (built beside another version?): "
-                             "build both again with `make modules`, or remove it")
+    why = simd_binding_problem(simd, wasm)
+    if why:
+        raise BundleRejected(f"{sibling} is not the SIMD build of {wasm_path}: {why}; build both again with "
+                             "`make modules`, or remove it")
     return {SIMD_MODULE: simd}
 
-
-def _simd_bound_to(simd: bytes) -> str | None:
-    from appliance.config.params import SIMD_OF_SECTION, ManifestError, find_custom_section
-    try:
-        bound = find_custom_section(simd, SIMD_OF_SECTION)
-    except ManifestError:
-        return None
-    return bound.decode("ascii", "replace") if bound is not None else None
 
 
 def make_bundle(wasm_path: Path, out: Path | None = None, *, natives: bool = True) -> Path:
@@ -143,9 +137,9 @@ def sign_bundle(path: Path, key: PrivateKey) -> Bundle:
 
 
 def check_names(module: str, version: str) -> None:
-    if not isinstance(module, str) or not _NAME.match(module):
+    if not isinstance(module, str) or not _NAME.fullmatch(module):
         raise BundleRejected(f"module name {module!r}: lower-case letters, digits and '_', starting with a letter")
-    if not isinstance(version, str) or not _VERSION.match(version):
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
         raise BundleRejected(f"version {version!r}: letters, digits and .+_- (as in 1.2.0)")
 
 
@@ -167,7 +161,7 @@ def read_members(data: bytes) -> dict[str, bytes]:
                 total += info.size
                 if total > len(data):
                     raise BundleRejected(f"{info.name!r}: its files claim more bytes than the bundle has")
-                if info.name not in (INDEX, SIGNATURE) and not _FILE_NAME.match(info.name):
+                if info.name not in (INDEX, SIGNATURE) and not _FILE_NAME.fullmatch(info.name):
                     raise BundleRejected(f"unexpected file {info.name!r} (module.wasm, module.simd.wasm, "
                                          "nn-<hash>-<arch>.so, "
                                          f"{INDEX} and {SIGNATURE} only)")
@@ -227,8 +221,9 @@ def open_bundle(source: Path | bytes, *, trusted: tuple[PublicKey, ...] | list[P
     if MODULE not in members:
         raise BundleRejected(f"no {MODULE}")
     _check_manifest(members[MODULE], module, version)
-    if SIMD_MODULE in members and _simd_bound_to(members[SIMD_MODULE]) != hashlib.sha256(members[MODULE]).hexdigest():
-        raise BundleRejected(f"{SIMD_MODULE} is not the SIMD build of this {MODULE} (it names another build)")
+    why = simd_binding_problem(members[SIMD_MODULE], members[MODULE]) if SIMD_MODULE in members else ""
+    if why:
+        raise BundleRejected(f"{SIMD_MODULE} is not the SIMD build of this {MODULE}: {why}")
     signer = None if ignore_signature else check_signature(sig, index, trusted, allow_unsigned)
     return Bundle(module, version, members, index, signer, sig)
 

@@ -6,6 +6,9 @@ only inside a worker process: a crash, a hang or a leak in it takes down that wo
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -160,6 +163,29 @@ class EpochTicker:
                 self._engine.increment_epoch()
 
 
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C while JIT code runs would raise KeyboardInterrupt inside the host trampoline (a
+    ctypes callback) before its try, crashing the process; its handler only takes note here, and
+    the interrupt comes once the call returned. For calls in a tool's own process: a worker
+    ignores SIGINT, and only the main thread may set a handler (another thread needs none: the
+    interrupt is raised in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, caught[0])
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
 class WasmtimeInstance(Instance):
     def __init__(self, backend: "WasmtimeBackend", store, context: int, instance) -> None:
         c = backend.c
@@ -185,10 +211,11 @@ class WasmtimeInstance(Instance):
             self._store.set_fuel(backend.fuel)
         ticker = backend.ticker
         if ticker is None:   # no deadline (a tool's in-process run)
-            try:
-                return fn(*args)
-            except backend.c.CallError as exc:
-                raise backend.trap(exc, export) from None
+            with sigint_deferred():
+                try:
+                    return fn(*args)
+                except backend.c.CallError as exc:
+                    raise backend.trap(exc, export) from None
         backend.c.set_epoch_deadline(self._context, 1)
         ticker.arm(backend.deadline_s if export == "ap_process" else INIT_DEADLINE_S)
         try:
@@ -271,7 +298,8 @@ class WasmtimeBackend(Backend):
         if self.ticker is not None:
             self.ticker.arm(INIT_DEADLINE_S)   # a start function runs during instantiation
         try:
-            context, instance = self.c.link_and_instantiate(self.engine, store, self._module, linked, self.host)
+            with sigint_deferred() if self.ticker is None else contextlib.nullcontext():
+                context, instance = self.c.link_and_instantiate(self.engine, store, self._module, linked, self.host)
         except self.c.CallError as exc:
             if exc.code is not None or self.host.pending is not None:   # a trap, or a host call's exception
                 raise self.trap(exc, "start") from None

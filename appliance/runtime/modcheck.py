@@ -6,10 +6,9 @@ its ap_init, and turn a refusal into a config error at the line of its params.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 
-from appliance.config.params import SIMD_OF_SECTION, ManifestError, find_custom_section
+from appliance.config.params import simd_binding_problem
 from appliance.config.schema import AppConfig, ConfigIssue, ModuleSection, RuntimeSection, module_params_text
 from appliance.runtime.wire import HEADER, load_message
 from appliance.runtime.process import ModuleFault, WorkerProcess
@@ -38,13 +37,10 @@ def simd_file(mod: ModuleSection, rt: RuntimeSection) -> Path | None:
     if not sibling.is_file():
         return None
     try:
-        bound = find_custom_section(read_module(sibling), SIMD_OF_SECTION)
-        plain = hashlib.sha256(read_module(mod.wasm)).hexdigest().encode()
-    except (ModuleRejected, ManifestError) as exc:
-        bound, plain, why = None, b"", str(exc)
-    else:
-        why = "it names no plain build" if bound is None else "it was built beside another " + mod.wasm.name
-    if bound is not None and bound == plain:
+        why = simd_binding_problem(read_module(sibling), read_module(mod.wasm))
+    except ModuleRejected as exc:
+        why = str(exc)
+    if not why:
         return sibling
     if (str(sibling), why) not in _refused_siblings:
         _refused_siblings.add((str(sibling), why))

@@ -153,15 +153,23 @@ _TRAP_MESSAGE = b"host call raised"
 
 @HOST_CALLBACK
 def HOST_TRAMPOLINE(env, caller, values, count):   # noqa: N802 (a constant: made once, in the zygote)
-    table = _TABLES[env >> _INDEX_BITS]()
+    # Nothing may leave a ctypes callback raising: ctypes would return junk, which wasmtime takes
+    # for a trap pointer. Every step is inside the try; a KeyboardInterrupt at the very first
+    # bytecode is kept out by the callers (engines.py holds SIGINT back around in-process calls).
+    table = None
     try:
+        ref = _TABLES.get(env >> _INDEX_BITS)
+        table = ref() if ref is not None else None
+        if table is None:
+            raise LookupError(f"host function {env:#x}: its table is gone")
         fn, params, result = table.entries[(env & _INDEX_MASK) - 1]
         value = fn(*params.unpack(ctypes.string_at(values, params.size)) if params.size else ())
         if result is not None:
             ctypes.memmove(values, result.pack(value), result.size)
         return 0
     except BaseException as exc:   # noqa: BLE001 (it is raised again after the call unwinds)
-        table.pending = exc
+        if table is not None:
+            table.pending = exc
         return trap_new(_TRAP_MESSAGE, len(_TRAP_MESSAGE)) or 0
 
 

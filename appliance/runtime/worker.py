@@ -352,6 +352,7 @@ def serve(sock: socket.socket, shm_fd: int, wasm_fd: int, *, budget: int, footpr
                 if last_state and has_state:
                     note = restore_state(last_state)
                     if note != "accepted":   # as at load: the refused blob is in memory, so a clean instance
+                        last_state = b""     # and not offered again at the next deadline
                         problem = start_instance()
                         if problem:
                             return fault(*problem)

@@ -39,7 +39,9 @@ class ModelModule:
         if isinstance(wasm, (str, Path)):
             module_dir = Path(wasm).parent if module_dir is None else module_dir
             wasm = Path(wasm).read_bytes()
-        info = check_module(wasm, "model", max_memory_bytes, validated=validated)
+        if engine not in ("wasm3", "wasmtime"):
+            raise ValueError(f"engine {engine!r}: wasm3 or wasmtime")
+        info = check_module(wasm, "model", max_memory_bytes, validated=validated, simd=engine == "wasmtime")
         self.features: dict[str, float] = {}
         self.events: list[tuple[int, float, str]] = []
         self.logs: list[tuple[int, str]] = []
