@@ -153,6 +153,22 @@ class Emitter:
         self.build = None
         return "\n".join(["#if AP_NN_SCALAR", direct, "#else", gemm, "#endif"])
 
+    def _padded_source(self, xt: str, fill, C: int, H: int, W: int, HP: int, WP: int, pt: int, pl: int) -> list[str]:
+        """C lines that set src0: the input x itself, or (fill not None) a copy of it in a scratch
+        buffer of HP x WP per channel, padded with `fill` (0 or the input's zero point)."""
+        if fill is None:
+            return [f"  const {xt} *src0 = x;"]
+        xp = self.scratch_buf(xt, C * HP * WP, "pad")
+        return [f"  {xt} *xp = {xp};",
+                f"  for (int32_t i = 0; i < {C * HP * WP}; i++) xp[i] = ({xt}){fill};",
+                f"  for (int32_t c = 0; c < {C}; c++)",
+                f"    for (int32_t r = 0; r < {H}; r++) {{",
+                f"      const {xt} *s = x + c * {H * W} + r * {W};",
+                f"      {xt} *d = xp + c * {HP * WP} + (r + {pt}) * {WP} + {pl};",
+                f"      for (int32_t i = 0; i < {W}; i++) d[i] = s[i];",
+                "    }",
+                f"  const {xt} *src0 = xp;"]
+
     def _conv_gemm(self, op: Op) -> str:
         a = op.attrs
         q = a["quant"]
@@ -275,19 +291,7 @@ class Emitter:
         sname = self.const("scale", q["scales"], "float32", op.where)
         acc = self.scratch_buf("uint64_t", N, "acc64")
         lines = [f"  const {xt} *x = {x};", f"  {yt} *y = {y};", f"  uint64_t *acc = {acc};"]
-        if pad:
-            xp = self.scratch_buf(xt, C * HP * WP, "pad")
-            lines += [f"  {xt} *xp = {xp};",
-                      f"  for (int32_t i = 0; i < {C * HP * WP}; i++) xp[i] = ({xt}){q['xz']};",
-                      f"  for (int32_t c = 0; c < {C}; c++)",
-                      f"    for (int32_t r = 0; r < {H}; r++) {{",
-                      f"      const {xt} *s = x + c * {H * W} + r * {W};",
-                      f"      {xt} *d = xp + c * {HP * WP} + (r + {pt}) * {WP} + {pl};",
-                      f"      for (int32_t i = 0; i < {W}; i++) d[i] = s[i];",
-                      "    }",
-                      f"  const {xt} *src0 = xp;"]
-        else:
-            lines.append(f"  const {xt} *src0 = x;")
+        lines += self._padded_source(xt, q["xz"] if pad else None, C, H, W, HP, WP, pt, pl)
         lines += [f"  for (int32_t pi = 0; pi < {len(pairs)}; pi++) {{",
                   f"    const int32_t m0 = {m0name}[pi], m1 = {m1name}[pi];",
                   f"    const {xt} *src = src0 + (m0 / {MG}) * {Cg * HP * WP};",
@@ -376,20 +380,7 @@ class Emitter:
             acc_t = "int32_t"
             acc = self.scratch_buf("int32_t", OH * OW, "acc")
             lines.append(f"  int32_t *acc = {acc};")
-        if pad:
-            xp = self.scratch_buf(xt, C * HP * WP, "pad")
-            fill = "0.0f" if q is None else str(q["xz"])
-            lines += [f"  {xt} *xp = {xp};",
-                      f"  for (int32_t i = 0; i < {C * HP * WP}; i++) xp[i] = ({xt}){fill};",
-                      f"  for (int32_t c = 0; c < {C}; c++)",
-                      f"    for (int32_t r = 0; r < {H}; r++) {{",
-                      f"      const {xt} *s = x + c * {H * W} + r * {W};",
-                      f"      {xt} *d = xp + c * {HP * WP} + (r + {pt}) * {WP} + {pl};",
-                      f"      for (int32_t i = 0; i < {W}; i++) d[i] = s[i];",
-                      "    }",
-                      f"  const {xt} *src0 = xp;"]
-        else:
-            lines.append(f"  const {xt} *src0 = x;")
+        lines += self._padded_source(xt, ("0.0f" if q is None else q["xz"]) if pad else None, C, H, W, HP, WP, pt, pl)
         MG = M // G
         lines += [f"  for (int32_t m = 0; m < {M}; m++) {{",
                   f"    const {xt} *src = src0 + (m / {MG}) * {Cg * HP * WP};",
