@@ -254,102 +254,64 @@ static int32_t ap_nn_x86_limit(int32_t level) {
     return ap_nn_x86_level();
 }
 
-__attribute__((target("avx2"))) static void ap_nn_gemm_f32_avx2(const float *W, const float *bias, const float *P,
-                                                                 float *Y, int32_t M, int32_t N, int32_t K) {
-    int32_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        int32_t n = 0;
-        for (; n + 16 <= N; n += 16) {
-            ap_nn_f8 a0 = ap_nn_f8_splat(bias[m]), a1 = ap_nn_f8_splat(bias[m + 1]);
-            ap_nn_f8 a2 = ap_nn_f8_splat(bias[m + 2]), a3 = ap_nn_f8_splat(bias[m + 3]);
-            ap_nn_f8 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
-            const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) {
-                const ap_nn_f8 x0 = *(const ap_nn_f8 *)p, x1 = *(const ap_nn_f8 *)(p + 8);
-                ap_nn_f8 s = ap_nn_f8_splat(w0[k]); a0 += s * x0; b0 += s * x1;
-                s = ap_nn_f8_splat(w1[k]); a1 += s * x0; b1 += s * x1;
-                s = ap_nn_f8_splat(w2[k]); a2 += s * x0; b2 += s * x1;
-                s = ap_nn_f8_splat(w3[k]); a3 += s * x0; b3 += s * x1;
-            }
-            float *y = Y + m * N + n;
-            *(ap_nn_f8 *)y = a0; *(ap_nn_f8 *)(y + 8) = b0;
-            *(ap_nn_f8 *)(y + N) = a1; *(ap_nn_f8 *)(y + N + 8) = b1;
-            *(ap_nn_f8 *)(y + 2 * N) = a2; *(ap_nn_f8 *)(y + 2 * N + 8) = b2;
-            *(ap_nn_f8 *)(y + 3 * N) = a3; *(ap_nn_f8 *)(y + 3 * N + 8) = b3;
-        }
-        if (n < N)      /* the rest of these rows: the 4-lane kernel, the same sums */
-            for (int32_t r = 0; r < 4; r++)
-                ap_nn_gemm_f32_v4(W + (m + r) * K, bias + m + r, P + n, Y + (m + r) * N + n, 1, N - n, K, N);
-    }
-    for (; m < M; m++) {
-        const float *w0 = W + m * K;
-        int32_t n = 0;
-        for (; n + 32 <= N; n += 32) {
-            ap_nn_f8 a0 = ap_nn_f8_splat(bias[m]), a1 = a0, a2 = a0, a3 = a0;
-            const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) {
-                const ap_nn_f8 s = ap_nn_f8_splat(w0[k]);
-                a0 += s * *(const ap_nn_f8 *)p; a1 += s * *(const ap_nn_f8 *)(p + 8);
-                a2 += s * *(const ap_nn_f8 *)(p + 16); a3 += s * *(const ap_nn_f8 *)(p + 24);
-            }
-            float *y = Y + m * N + n;
-            *(ap_nn_f8 *)y = a0; *(ap_nn_f8 *)(y + 8) = a1; *(ap_nn_f8 *)(y + 16) = a2; *(ap_nn_f8 *)(y + 24) = a3;
-        }
-        if (n < N) ap_nn_gemm_f32_v4(w0, bias + m, P + n, Y + m * N + n, 1, N - n, K, N);
-    }
+/* The wide products, one body for AVX2 (8 lanes) and AVX-512F (16): blocks of 4 rows x 2 vectors
+ * and 1 row x 4 vectors, the rest by the 4-lane kernel; the same per-lane operations as it. */
+#define AP_NN_GEMM_F32_WIDE(NAME, TARGET, VT, SPLAT, L)                                                        \
+__attribute__((target(TARGET))) static void NAME(const float *W, const float *bias, const float *P,            \
+                                                 float *Y, int32_t M, int32_t N, int32_t K) {                  \
+    int32_t m = 0;                                                                                             \
+    for (; m + 4 <= M; m += 4) {                                                                               \
+        const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                                 \
+        int32_t n = 0;                                                                                         \
+        for (; n + 2 * (L) <= N; n += 2 * (L)) {                                                               \
+            VT a0 = SPLAT(bias[m]), a1 = SPLAT(bias[m + 1]);                                                   \
+            VT a2 = SPLAT(bias[m + 2]), a3 = SPLAT(bias[m + 3]);                                               \
+            VT b0 = a0, b1 = a1, b2 = a2, b3 = a3;                                                             \
+            const float *p = P + n;                                                                            \
+            for (int32_t k = 0; k < K; k++, p += N) {                                                          \
+                const VT x0 = *(const VT *)p, x1 = *(const VT *)(p + (L));                                     \
+                VT s = SPLAT(w0[k]); a0 += s * x0; b0 += s * x1;                                               \
+                s = SPLAT(w1[k]); a1 += s * x0; b1 += s * x1;                                                  \
+                s = SPLAT(w2[k]); a2 += s * x0; b2 += s * x1;                                                  \
+                s = SPLAT(w3[k]); a3 += s * x0; b3 += s * x1;                                                  \
+            }                                                                                                  \
+            float *y = Y + m * N + n;                                                                          \
+            *(VT *)y = a0; *(VT *)(y + (L)) = b0;                                                              \
+            *(VT *)(y + N) = a1; *(VT *)(y + N + (L)) = b1;                                                    \
+            *(VT *)(y + 2 * N) = a2; *(VT *)(y + 2 * N + (L)) = b2;                                            \
+            *(VT *)(y + 3 * N) = a3; *(VT *)(y + 3 * N + (L)) = b3;                                            \
+        }                                                                                                      \
+        if (n < N) /* the rest of these rows: the 4-lane kernel, the same sums */                              \
+            for (int32_t r = 0; r < 4; r++)                                                                    \
+                ap_nn_gemm_f32_v4(W + (m + r) * K, bias + m + r, P + n, Y + (m + r) * N + n, 1, N - n, K, N);  \
+    }                                                                                                          \
+    for (; m < M; m++) {                                                                                       \
+        const float *w0 = W + m * K;                                                                           \
+        int32_t n = 0;                                                                                         \
+        for (; n + 4 * (L) <= N; n += 4 * (L)) {                                                               \
+            VT a0 = SPLAT(bias[m]), a1 = a0, a2 = a0, a3 = a0;                                                 \
+            const float *p = P + n;                                                                            \
+            for (int32_t k = 0; k < K; k++, p += N) {                                                          \
+                const VT s = SPLAT(w0[k]);                                                                     \
+                a0 += s * *(const VT *)p; a1 += s * *(const VT *)(p + (L));                                    \
+                a2 += s * *(const VT *)(p + 2 * (L)); a3 += s * *(const VT *)(p + 3 * (L));                    \
+            }                                                                                                  \
+            float *y = Y + m * N + n;                                                                          \
+            *(VT *)y = a0; *(VT *)(y + (L)) = a1; *(VT *)(y + 2 * (L)) = a2; *(VT *)(y + 3 * (L)) = a3;        \
+        }                                                                                                      \
+        if (n < N) ap_nn_gemm_f32_v4(w0, bias + m, P + n, Y + m * N + n, 1, N - n, K, N);                      \
+    }                                                                                                          \
 }
+
+AP_NN_GEMM_F32_WIDE(ap_nn_gemm_f32_avx2, "avx2", ap_nn_f8, ap_nn_f8_splat, 8)
+
 /* AVX-512F: 16 lanes, the same per-lane operations again. */
 typedef float ap_nn_f16 __attribute__((vector_size(64), aligned(4)));
 __attribute__((target("avx512f"))) static inline ap_nn_f16 ap_nn_f16_splat(float v) {
     return (ap_nn_f16){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v};
 }
 
-__attribute__((target("avx512f"))) static void ap_nn_gemm_f32_avx512(const float *W, const float *bias, const float *P,
-                                                                 float *Y, int32_t M, int32_t N, int32_t K) {
-    int32_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        int32_t n = 0;
-        for (; n + 32 <= N; n += 32) {
-            ap_nn_f16 a0 = ap_nn_f16_splat(bias[m]), a1 = ap_nn_f16_splat(bias[m + 1]);
-            ap_nn_f16 a2 = ap_nn_f16_splat(bias[m + 2]), a3 = ap_nn_f16_splat(bias[m + 3]);
-            ap_nn_f16 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
-            const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) {
-                const ap_nn_f16 x0 = *(const ap_nn_f16 *)p, x1 = *(const ap_nn_f16 *)(p + 16);
-                ap_nn_f16 s = ap_nn_f16_splat(w0[k]); a0 += s * x0; b0 += s * x1;
-                s = ap_nn_f16_splat(w1[k]); a1 += s * x0; b1 += s * x1;
-                s = ap_nn_f16_splat(w2[k]); a2 += s * x0; b2 += s * x1;
-                s = ap_nn_f16_splat(w3[k]); a3 += s * x0; b3 += s * x1;
-            }
-            float *y = Y + m * N + n;
-            *(ap_nn_f16 *)y = a0; *(ap_nn_f16 *)(y + 16) = b0;
-            *(ap_nn_f16 *)(y + N) = a1; *(ap_nn_f16 *)(y + N + 16) = b1;
-            *(ap_nn_f16 *)(y + 2 * N) = a2; *(ap_nn_f16 *)(y + 2 * N + 16) = b2;
-            *(ap_nn_f16 *)(y + 3 * N) = a3; *(ap_nn_f16 *)(y + 3 * N + 16) = b3;
-        }
-        if (n < N)      /* the rest of these rows: the 4-lane kernel, the same sums */
-            for (int32_t r = 0; r < 4; r++)
-                ap_nn_gemm_f32_v4(W + (m + r) * K, bias + m + r, P + n, Y + (m + r) * N + n, 1, N - n, K, N);
-    }
-    for (; m < M; m++) {
-        const float *w0 = W + m * K;
-        int32_t n = 0;
-        for (; n + 64 <= N; n += 64) {
-            ap_nn_f16 a0 = ap_nn_f16_splat(bias[m]), a1 = a0, a2 = a0, a3 = a0;
-            const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += N) {
-                const ap_nn_f16 s = ap_nn_f16_splat(w0[k]);
-                a0 += s * *(const ap_nn_f16 *)p; a1 += s * *(const ap_nn_f16 *)(p + 16);
-                a2 += s * *(const ap_nn_f16 *)(p + 32); a3 += s * *(const ap_nn_f16 *)(p + 48);
-            }
-            float *y = Y + m * N + n;
-            *(ap_nn_f16 *)y = a0; *(ap_nn_f16 *)(y + 16) = a1; *(ap_nn_f16 *)(y + 32) = a2; *(ap_nn_f16 *)(y + 48) = a3;
-        }
-        if (n < N) ap_nn_gemm_f32_v4(w0, bias + m, P + n, Y + m * N + n, 1, N - n, K, N);
-    }
-}
+AP_NN_GEMM_F32_WIDE(ap_nn_gemm_f32_avx512, "avx512f", ap_nn_f16, ap_nn_f16_splat, 16)
 #endif
 
 static void ap_nn_gemm_f32(const float *W, const float *bias, const float *P, float *Y,
