@@ -341,3 +341,59 @@ def test_a_damaged_copy_is_never_pruned_before_it_is_read(tmp_path):
     kept = [p for p in tmp_path.glob("spool.db.damaged-*") if not p.name.endswith(("-wal", "-shm"))]
     assert len(kept) == salvage.KEEP_DAMAGED and spool.recovery.moved_to in kept
     spool.close()
+
+
+# ---- a power cut inside a rollback-journal transaction ------------------------------------------
+
+def cut_mid_transaction(path, committed: int = 0) -> None:
+    """A process dies inside a rollback-journal transaction after SQLite spilled pages into the
+    file: a hot journal stays beside it, as a power cut in the spool's first transaction left one
+    in the CI's power-cut drill (image/powercut.py)."""
+    code = f"""
+import os, sqlite3
+db = sqlite3.connect({str(path)!r}, isolation_level=None)
+db.execute("CREATE TABLE IF NOT EXISTS t (x BLOB)")
+for _ in range({committed}):
+    db.execute("INSERT INTO t VALUES (?)", (os.urandom(3000),))
+db.execute("PRAGMA cache_size=2")            # so the transaction spills into the file
+db.execute("BEGIN")
+for _ in range(200):
+    db.execute("INSERT INTO t VALUES (?)", (os.urandom(3000),))
+os._exit(0)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert path.with_name(path.name + "-journal").exists()
+
+
+def test_a_transaction_a_power_cut_interrupted_is_rolled_back_not_refused(tmp_path):
+    """A read-only connection cannot read past a hot journal (SQLITE_READONLY_ROLLBACK): the
+    gateway refused to start on every restart. SQLite's own rollback is the recovery."""
+    path = tmp_path / "spool.db"
+    cut_mid_transaction(path)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        salvage.check_read_only(path)
+    spool = Spool(path, 1 << 26, recover=True)
+    assert spool.recovery is None and spool.depth() == 0
+    assert not path.with_name("spool.db-journal").exists()
+    assert not list(tmp_path.glob("spool-salvage-*")), "the scratch copy was left behind"
+    spool.append(event(1))
+    spool.close()
+    assert Spool(path, 1 << 26, recover=True).depth() == 1
+
+
+def test_a_damaged_file_under_a_hot_journal_is_salvaged_with_its_journal(tmp_path):
+    """Damage the rollback does not mend: judged on the rolled-back copy, and the journal moves
+    aside with the file (left beside the new spool, SQLite would roll it back into that)."""
+    path = tmp_path / "spool.db"
+    cut_mid_transaction(path, committed=40)
+    data = bytearray(path.read_bytes())
+    data[4 * PAGE:5 * PAGE] = bytes(PAGE)            # a leaf of the committed rows
+    path.write_bytes(bytes(data))
+    spool = Spool(path, 1 << 26, recover=True)
+    r = spool.recovery
+    assert r is not None, "the damage went unnoticed"
+    assert r.moved_to.with_name(r.moved_to.name + "-journal").exists()
+    assert not path.with_name("spool.db-journal").exists()
+    spool.append(event(1))
+    spool.close()
+    assert Spool(path, 1 << 26, recover=True).recovery is None

@@ -39,6 +39,10 @@ KEEP_DAMAGED = 3                     # damaged copies kept on the data partition
 BARREN_BLOCKS = 16                   # with the end unknown: blocks in a row without a readable row, then stop
 QUERY_BUDGET = 200_000               # queries one reading may make (a few seconds on a Pi)
 DAMAGED_CODES = (11, 26)             # SQLITE_CORRUPT ("disk image is malformed"), SQLITE_NOTADB ("not a database")
+# SQLITE_READONLY_RECOVERY, _ROLLBACK, _CANTINIT: a cut left work only a writer may finish (a hot
+# journal to roll back, a WAL index to rebuild), which a read-only connection refuses to read past.
+NEEDS_A_WRITER = (264, 776, 1288)
+SIDE_FILES = ("-journal", "-wal", "-shm")
 EVENT_COLUMNS = ("seq", "id", "priority", "created_ns", "body", "size", "parked", "run_ns", "wall_synced")
 
 
@@ -138,6 +142,46 @@ def check_read_only(path: Path) -> str | None:
         db.close()
 
 
+def judge(path: Path) -> str | None:
+    """Why the spool must be salvaged, or None: foreign_wal, then check_read_only.
+
+    A power cut inside a rollback-journal transaction (the spool's first one switches it to WAL)
+    leaves a hot journal; SQLite rolls it back at the next write-open, but a read-only connection
+    refuses to read past it. Then the same checks run on a scratch copy a writer has settled, which
+    is the state the real open will reach."""
+    try:
+        return foreign_wal(path) or check_read_only(path)
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) not in NEEDS_A_WRITER:
+            raise
+        log.warning("spool %s: an interrupted transaction is left (%s); judging it rolled back",
+                    path, getattr(exc, "sqlite_errorname", exc))
+    scratch = Path(tempfile.mkdtemp(prefix="spool-salvage-", dir=path.parent))
+    try:
+        copy = scratch / path.name
+        shutil.copyfile(path, copy)
+        journal = path.with_name(path.name + "-journal")
+        if journal.exists():
+            shutil.copyfile(journal, copy.with_name(copy.name + "-journal"))
+        db = sqlite3.connect(copy)
+        try:
+            db.execute("PRAGMA schema_version").fetchone()    # a writer's first read rolls it back
+        except sqlite3.DatabaseError as exc:
+            if is_damage(exc):
+                return str(exc)
+            raise
+        finally:
+            db.close()
+        # The WAL goes in after the rollback, beside no index of the scratch connection's.
+        copy.with_name(copy.name + "-shm").unlink(missing_ok=True)
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists():
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        return foreign_wal(copy) or check_read_only(copy)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def remove_scratch(folder: Path) -> None:
     """Scratch copies a salvage interrupted (a power cut, a full disk) left behind."""
     for stale in folder.glob("spool-salvage-*"):
@@ -145,13 +189,14 @@ def remove_scratch(folder: Path) -> None:
 
 
 def move_aside(path: Path) -> Path:
-    """Rename the database and its WAL/shm as spool.db.damaged-<n>-<UTC time>: n counts up, so
-    the order holds even when a Pi without a real-time clock stamps them out of order."""
+    """Rename the database and its journal/WAL/shm as spool.db.damaged-<n>-<UTC time>: n counts
+    up, so the order holds even when a Pi without a real-time clock stamps them out of order. A
+    hot journal left beside the new spool would be rolled back into it."""
     numbers = [int(m.group(1)) for p in path.parent.glob(f"{path.name}.damaged-*")
                if (m := re.match(rf"{re.escape(path.name)}\.damaged-(\d+)-", p.name))]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = path.with_name(f"{path.name}.damaged-{max(numbers, default=0) + 1}-{stamp}")
-    for suffix in ("-wal", "-shm"):
+    for suffix in SIDE_FILES:
         side = path.with_name(path.name + suffix)
         if side.exists():
             side.rename(target.with_name(target.name + suffix))
@@ -167,7 +212,7 @@ def prune_damaged(path: Path, keep: int = KEEP_DAMAGED) -> None:
         if m:
             copies.append((int(m.group(1)), p))
     for _, old in sorted(copies)[:-keep]:
-        for f in (old, old.with_name(old.name + "-wal"), old.with_name(old.name + "-shm")):
+        for f in (old, *(old.with_name(old.name + suffix) for suffix in SIDE_FILES)):
             f.unlink(missing_ok=True)
 
 
@@ -220,6 +265,9 @@ class _View:
     def _copy(self, db_file: Path, wal: Path | None) -> None:
         self.file = self.dir / "copy.db"
         shutil.copyfile(db_file, self.file)
+        journal = db_file.with_name(db_file.name + "-journal")
+        if journal.exists():     # an interrupted transaction's: SQLite rolls the copy back
+            shutil.copyfile(journal, self.dir / "copy.db-journal")
         if wal is not None:
             shutil.copyfile(wal, self.dir / "copy.db-wal")
         self.header_rebuilt = False

@@ -76,10 +76,10 @@ class Spool:
         self._stats_at = -1.0
         problem = None
         if recover:
-            # Judged before anything opens it for writing (salvage.check_read_only says why);
+            # Judged before anything opens it for writing (salvage.judge says why);
             # errors that are not damage (a full, read-only or missing disk) go to the caller.
             salvage.remove_scratch(self.path.parent)
-            problem = salvage.foreign_wal(self.path) or salvage.check_read_only(self.path)
+            problem = salvage.judge(self.path)
         if problem is not None:
             self._recover(problem)
         else:
