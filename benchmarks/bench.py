@@ -171,7 +171,9 @@ def bench_cold_start(path: Path, repeats: int = 31, params: str = PARAMS, engine
         worker.stop()
         loads.append(t1 - t0)
         totals.append(t2 - t0)
-        time.sleep(0.01)   # the zygote has its next spare ready (a restart follows a backoff of 0.5 s or more)
+        # The zygote has its next spare forked, sandboxed and warmed up, as for a restart (it
+        # follows a backoff of 0.5 s or more).
+        time.sleep(0.05)
     tmp.cleanup()
     inproc = []
     wasm = path.read_bytes()

@@ -215,6 +215,37 @@ def test_spares_that_keep_dying_end_only_their_own_kind():
     assert retries.may_ask("wasmtime")
 
 
+def test_the_next_spare_is_prepared_once_the_module_in_the_one_taken_has_started(vibstats_wasm):
+    """The next spare's fork, sandbox and warm-up wait until the module in the spare just taken has
+    answered its first window (on 2 cores they took the CPU from that start), or failed to load."""
+    import time
+    from appliance.runtime.zygote import Zygote
+    from support import wait_for
+    z = Zygote()
+    z.ensure_started()
+    try:
+        for params, starts in (("", True), ("threshold=0\n", False)):
+            wait_for(lambda: "wasm3" in z.spares(), 20, "a spare")
+            taken = z.spares()["wasm3"]
+            if not starts:
+                with pytest.raises(ModuleFault, match="threshold must be positive"):
+                    WorkerProcess("t", vibstats_wasm.read_bytes(), 4096, load_msg(params), spawner=z)
+            else:
+                worker = WorkerProcess("t", vibstats_wasm.read_bytes(), HEADER.size + 4 * 3 * 1024, load_msg(params),
+                                       spawner=z)
+                assert worker.pid == taken
+                time.sleep(0.5)
+                assert "wasm3" not in z.spares(), "a spare was prepared while the module was starting"
+                worker.process(*window(0), deadline_s=5)
+            try:
+                wait_for(lambda: z.spares().get("wasm3", taken) != taken, 10, "the next spare")
+            finally:
+                if starts:
+                    worker.stop()
+    finally:
+        z.stop()
+
+
 def test_a_module_file_beyond_the_limit_or_not_a_file_is_refused(tmp_path):
     from appliance.runtime.validate import MAX_MODULE_BYTES, ModuleRejected, read_module
     big = tmp_path / "big.wasm"

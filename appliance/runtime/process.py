@@ -120,6 +120,7 @@ class WorkerProcess:
         if complaint:
             raise ModuleFault("load", f"{load['label']} failed wasm-validate: {complaint}")
         self._zygote = spawner or zygote.shared()
+        self._first_window = True
         self.returncode: int | None = None
         self._pidfd = -1
         self._pidfd_lock = threading.Lock()
@@ -255,7 +256,16 @@ class WorkerProcess:
             raise ModuleFault("crash", f"worker died before the window ({_signal_name(rc)})") from None
         if self.engine == "wasmtime":   # the engine ends the call at the deadline; SIGKILL is the backstop
             deadline_s += deadline_grace_s(deadline_s)
-        return self._receive(deadline_s, "window")
+        try:
+            return self._receive(deadline_s, "window")
+        finally:
+            self._start_is_over()
+
+    def _start_is_over(self) -> None:
+        """The first window answered (or the worker ends): the zygote may prepare the next spare."""
+        if self._first_window:
+            self._first_window = False
+            self._zygote.refill(self.engine)
 
     def alive(self) -> bool:
         return self.returncode is None and self._pidfd >= 0 and not select.select([self._pidfd], [], [], 0)[0]
@@ -297,6 +307,7 @@ class WorkerProcess:
         self.kill()
 
     def close(self) -> None:
+        self._start_is_over()
         with self._pidfd_lock:
             if self._pidfd >= 0:
                 os.close(self._pidfd)

@@ -298,6 +298,7 @@ class Zygote:
         self._exits: dict[int, int] = {}
         self._spares: dict[str, tuple[int, socket.socket, int]] = {}   # kind -> pid, channel, pidfd
         self._spare_retries = SpareRetries()
+        self._owed: dict[str, socket.socket] = {}   # kind -> the zygote to ask for its next spare
         self._requests = 0
         self._unavailable_until = 0.0   # after a failed start: fail fast for a while
         self.starts = 0
@@ -424,7 +425,9 @@ class Zygote:
             spare = self._spares.pop(kind, None)
             sock = self._sock
         if spare is None:
-            if kind != "wasm3" and sock is not None and self._spare_retries.may_ask(kind):
+            if kind in self._owed:
+                self.refill(kind)    # for the next start: this one forks on request
+            elif kind != "wasm3" and sock is not None and self._spare_retries.may_ask(kind):
                 self._ask_for_spare(sock, kind)
             return None
         pid, channel, pidfd = spare
@@ -437,8 +440,25 @@ class Zygote:
         finally:
             channel.close()
             if sock is not None:
-                self._ask_for_spare(sock, kind)
+                # Asked for when the module just handed over has started (refill): the next
+                # spare's fork, sandbox and warm-up would take the CPU from that start.
+                with self._cond:
+                    self._owed[kind] = sock
         return pid, pidfd
+
+    def refill(self, kind: str = "wasm3") -> None:
+        """Ask for the next spare of `kind`, if one is owed since a spare was taken: the worker
+        made of it calls this once its module answered its first window, or failed to start, or
+        stopped; a start that finds no spare asks too."""
+        with self._cond:
+            sock = self._owed.pop(kind, None)
+        if sock is not None:
+            self._ask_for_spare(sock, kind)
+
+    def spares(self) -> dict[str, int]:
+        """The spares ready to take: kind -> pid."""
+        with self._cond:
+            return {kind: spare[0] for kind, spare in self._spares.items()}
 
     def ensure_started(self) -> None:
         with self._lock:
