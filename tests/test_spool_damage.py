@@ -347,16 +347,18 @@ def test_a_damaged_copy_is_never_pruned_before_it_is_read(tmp_path):
 
 def cut_mid_transaction(path, committed: int = 0) -> None:
     """A process dies inside a rollback-journal transaction after SQLite spilled pages into the
-    file: a hot journal stays beside it, as a power cut in the spool's first transaction left one
-    in the CI's power-cut drill (image/powercut.py)."""
+    file: a hot journal stays beside it, as a power cut in the spool's first transaction (over an
+    empty file, committed=0) left one in the CI's power-cut drill (image/powercut.py)."""
     code = f"""
 import os, sqlite3
 db = sqlite3.connect({str(path)!r}, isolation_level=None)
-db.execute("CREATE TABLE IF NOT EXISTS t (x BLOB)")
+if {committed}:
+    db.execute("CREATE TABLE t (x BLOB)")
 for _ in range({committed}):
     db.execute("INSERT INTO t VALUES (?)", (os.urandom(3000),))
 db.execute("PRAGMA cache_size=2")            # so the transaction spills into the file
 db.execute("BEGIN")
+db.execute("CREATE TABLE IF NOT EXISTS t (x BLOB)")
 for _ in range(200):
     db.execute("INSERT INTO t VALUES (?)", (os.urandom(3000),))
 os._exit(0)
@@ -381,19 +383,37 @@ def test_a_transaction_a_power_cut_interrupted_is_rolled_back_not_refused(tmp_pa
     assert Spool(path, 1 << 26, recover=True).depth() == 1
 
 
-def test_a_damaged_file_under_a_hot_journal_is_salvaged_with_its_journal(tmp_path):
-    """Damage the rollback does not mend: judged on the rolled-back copy, and the journal moves
-    aside with the file (left beside the new spool, SQLite would roll it back into that)."""
+def test_a_journal_that_would_restore_pages_is_not_the_spools(tmp_path):
+    """The spool writes a rollback journal only in its first transaction, over an empty file.
+    SQLite rolls back any hot journal beside the file: one from another database replaced a
+    spool's 30 events with its own, silently. Such a journal is refused: the file is salvaged as
+    it is, and the journal moves aside with it (left beside the new spool, SQLite would roll it
+    into that)."""
     path = tmp_path / "spool.db"
-    cut_mid_transaction(path, committed=40)
-    data = bytearray(path.read_bytes())
-    data[4 * PAGE:5 * PAGE] = bytes(PAGE)            # a leaf of the committed rows
-    path.write_bytes(bytes(data))
+    fill(path, 0, 30)
+    other = tmp_path / "other" / "other.db"
+    other.parent.mkdir()
+    cut_mid_transaction(other, committed=40)
+    shutil.copyfile(other.with_name("other.db-journal"), tmp_path / "spool.db-journal")
     spool = Spool(path, 1 << 26, recover=True)
     r = spool.recovery
-    assert r is not None, "the damage went unnoticed"
+    assert r is not None and "journal" in r.reason, "another database's journal was rolled in"
+    assert numbers(spool.tail(100)) == list(range(30)) and r.lost == 0
     assert r.moved_to.with_name(r.moved_to.name + "-journal").exists()
     assert not path.with_name("spool.db-journal").exists()
-    spool.append(event(1))
+    spool.append(event(31))
     spool.close()
     assert Spool(path, 1 << 26, recover=True).recovery is None
+
+
+def test_a_full_disk_while_judging_a_hot_journal_opens_it_rolled_back_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "spool.db"
+    cut_mid_transaction(path)
+
+    def no_space(*_a, **_k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(salvage.shutil, "copyfile", no_space)
+    spool = Spool(path, 1 << 26, recover=True)
+    assert spool.recovery is None and spool.depth() == 0
+    assert not list(tmp_path.glob("spool-salvage-*"))
+    spool.close()

@@ -33,6 +33,7 @@ from typing import Any
 log = logging.getLogger("appliance.events")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")   # a rollback journal's header, once written
 HEADER_BYTES = 100
 BLOCK = 256                          # sequence numbers read per query before bisecting
 KEEP_DAMAGED = 3                     # damaged copies kept on the data partition (the newest)
@@ -142,13 +143,28 @@ def check_read_only(path: Path) -> str | None:
         db.close()
 
 
+def journal_pages_before(journal: Path) -> int | None:
+    """The database size in pages a rollback journal restores (its header's), or None if it is
+    no journal SQLite would roll back (absent, short, or its header not written)."""
+    try:
+        with open(journal, "rb") as f:
+            head = f.read(28)
+    except FileNotFoundError:
+        return None
+    if len(head) < 28 or head[:8] != JOURNAL_MAGIC:
+        return None
+    return struct.unpack(">I", head[16:20])[0]
+
+
 def judge(path: Path) -> str | None:
     """Why the spool must be salvaged, or None: foreign_wal, then check_read_only.
 
     A power cut inside a rollback-journal transaction (the spool's first one switches it to WAL)
     leaves a hot journal; SQLite rolls it back at the next write-open, but a read-only connection
     refuses to read past it. Then the same checks run on a scratch copy a writer has settled, which
-    is the state the real open will reach."""
+    is the state the real open will reach. The spool writes a journal only in that first
+    transaction, over an empty file: one that would restore pages came from elsewhere (SQLite
+    applies any journal beside the file), so the file is salvaged as it is instead."""
     try:
         return foreign_wal(path) or check_read_only(path)
     except sqlite3.OperationalError as exc:
@@ -156,7 +172,14 @@ def judge(path: Path) -> str | None:
             raise
         log.warning("spool %s: an interrupted transaction is left (%s); judging it rolled back",
                     path, getattr(exc, "sqlite_errorname", exc))
-    scratch = Path(tempfile.mkdtemp(prefix="spool-salvage-", dir=path.parent))
+    pages = journal_pages_before(path.with_name(path.name + "-journal"))
+    if pages:
+        return f"a rollback journal beside it that this spool never writes (it would restore {pages} pages)"
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix="spool-salvage-", dir=path.parent))
+    except OSError as exc:   # a full disk: the open rolls it back in place, needing no room
+        log.warning("spool %s: no room to judge a copy (%s); opening it as SQLite leaves it", path, exc)
+        return None
     try:
         copy = scratch / path.name
         shutil.copyfile(path, copy)
@@ -178,6 +201,9 @@ def judge(path: Path) -> str | None:
         if wal.exists():
             shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
         return foreign_wal(copy) or check_read_only(copy)
+    except OSError as exc:
+        log.warning("spool %s: no room to judge a copy (%s); opening it as SQLite leaves it", path, exc)
+        return None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -265,9 +291,6 @@ class _View:
     def _copy(self, db_file: Path, wal: Path | None) -> None:
         self.file = self.dir / "copy.db"
         shutil.copyfile(db_file, self.file)
-        journal = db_file.with_name(db_file.name + "-journal")
-        if journal.exists():     # an interrupted transaction's: SQLite rolls the copy back
-            shutil.copyfile(journal, self.dir / "copy.db-journal")
         if wal is not None:
             shutil.copyfile(wal, self.dir / "copy.db-wal")
         self.header_rebuilt = False
