@@ -234,6 +234,11 @@ def test_the_next_spare_is_prepared_once_the_module_in_the_one_taken_has_started
                 worker = WorkerProcess("t", vibstats_wasm.read_bytes(), HEADER.size + 4 * 3 * 1024, load_msg(params),
                                        spawner=z)
                 assert worker.pid == taken
+                # Another module's first window meanwhile (its worker forked on request) asks for none.
+                other = WorkerProcess("o", vibstats_wasm.read_bytes(), HEADER.size + 4 * 3 * 1024,
+                                      load_message("o.wasm", "", host_nn=True), spawner=z)
+                other.process(*window(0), deadline_s=5)
+                other.stop()
                 time.sleep(0.5)
                 assert "wasm3" not in z.spares(), "a spare was prepared while the module was starting"
                 worker.process(*window(0), deadline_s=5)
@@ -243,6 +248,35 @@ def test_the_next_spare_is_prepared_once_the_module_in_the_one_taken_has_started
                 if starts:
                     worker.stop()
     finally:
+        z.stop()
+
+
+def test_a_spare_owed_by_a_zygote_that_died_is_asked_of_the_next_one(vibstats_wasm):
+    """A wasmtime spare was taken, then the zygote died: the next wasmtime start (a new zygote, no
+    spare of that kind) asks the new zygote for one, not the dead one's socket."""
+    import signal as signals
+    from appliance.runtime.zygote import Zygote
+    from support import wait_for
+    z = Zygote()
+    z.ensure_started()
+    workers = []
+
+    def start():
+        workers.append(WorkerProcess("t", vibstats_wasm.read_bytes(), HEADER.size + 4 * 3 * 1024,
+                                     load_msg(engine="wasmtime"), spawner=z))
+    try:
+        start()                                       # forked on request; asks for a wasmtime spare
+        wait_for(lambda: "wasmtime" in z.spares(), 20, "a wasmtime spare")
+        start()                                       # takes it: the next is owed to this zygote
+        first = z.pid
+        os.kill(first, signals.SIGKILL)
+        wait_for(lambda: not z.spares(), 10, "the dead zygote's spares dropped")
+        start()                                       # a new zygote; no wasmtime spare in it yet
+        assert z.pid != first
+        wait_for(lambda: "wasmtime" in z.spares(), 20, "a wasmtime spare from the new zygote")
+    finally:
+        for worker in workers:
+            worker.stop()
         z.stop()
 
 

@@ -121,6 +121,7 @@ class WorkerProcess:
             raise ModuleFault("load", f"{load['label']} failed wasm-validate: {complaint}")
         self._zygote = spawner or zygote.shared()
         self._first_window = True
+        self.pid = -1
         self.returncode: int | None = None
         self._pidfd = -1
         self._pidfd_lock = threading.Lock()
@@ -265,7 +266,7 @@ class WorkerProcess:
         """The first window answered (or the worker ends): the zygote may prepare the next spare."""
         if self._first_window:
             self._first_window = False
-            self._zygote.refill(self.engine)
+            self._zygote.refill(self.pid)
 
     def alive(self) -> bool:
         return self.returncode is None and self._pidfd >= 0 and not select.select([self._pidfd], [], [], 0)[0]

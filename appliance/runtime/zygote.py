@@ -8,7 +8,8 @@ Requests and answers are JSON datagrams; file descriptors travel as SCM_RIGHTS:
   zygote -> supervisor  {"spare": pid, "kind": k} + its channel and a pidfd: a worker forked ahead
                         of need, already in its sandbox (worker.run_spare); the supervisor starts a
                         module by sending {"op": "fork", ...} + the module's fds down that channel,
-                        then asks for the next spare with {"op": "spare", "kind": k}. Kinds
+                        and once that module has answered its first window (or failed, or
+                        stopped) asks for the next spare with {"op": "spare", "kind": k}. Kinds
                         (worker.SPARE_KINDS): "wasm3" (one from the start) and "wasmtime" (its JIT's
                         sandbox; asked for once a wasmtime module has started)
   supervisor -> zygote  {"op": "fork", "name", "memory_budget_bytes", "host_nn", "module_dir", "engine"}
@@ -298,7 +299,7 @@ class Zygote:
         self._exits: dict[int, int] = {}
         self._spares: dict[str, tuple[int, socket.socket, int]] = {}   # kind -> pid, channel, pidfd
         self._spare_retries = SpareRetries()
-        self._owed: dict[str, socket.socket] = {}   # kind -> the zygote to ask for its next spare
+        self._owed: dict[str, tuple[int, socket.socket]] = {}   # kind -> the spare taken (pid), its zygote
         self._requests = 0
         self._unavailable_until = 0.0   # after a failed start: fail fast for a while
         self.starts = 0
@@ -378,6 +379,7 @@ class Zygote:
         with self._cond:
             for kind in list(self._spares):
                 self._drop_spare(kind)   # the zygote is gone: its spares end too (their channels closed)
+            self._owed = {kind: owed for kind, owed in self._owed.items() if owed[1] is not sock}
             if self._sock is sock:
                 self._sock = None
                 how = "connection closed" if rc is None else f"exit status {rc}" if rc >= 0 else f"signal {-rc}"
@@ -424,10 +426,10 @@ class Zygote:
         with self._cond:
             spare = self._spares.pop(kind, None)
             sock = self._sock
-        if spare is None:
-            if kind in self._owed:
-                self.refill(kind)    # for the next start: this one forks on request
-            elif kind != "wasm3" and sock is not None and self._spare_retries.may_ask(kind):
+        if spare is None:   # this start forks on request; the next one should find a spare
+            with self._cond:
+                owed = self._owed.pop(kind, None)
+            if sock is not None and (owed is not None or kind != "wasm3" and self._spare_retries.may_ask(kind)):
                 self._ask_for_spare(sock, kind)
             return None
         pid, channel, pidfd = spare
@@ -443,16 +445,18 @@ class Zygote:
                 # Asked for when the module just handed over has started (refill): the next
                 # spare's fork, sandbox and warm-up would take the CPU from that start.
                 with self._cond:
-                    self._owed[kind] = sock
+                    self._owed[kind] = (pid, sock)
         return pid, pidfd
 
-    def refill(self, kind: str = "wasm3") -> None:
-        """Ask for the next spare of `kind`, if one is owed since a spare was taken: the worker
-        made of it calls this once its module answered its first window, or failed to start, or
-        stopped; a start that finds no spare asks too."""
+    def refill(self, pid: int) -> None:
+        """Worker `pid` has answered its first window, or failed to start, or stopped: if it was
+        the spare last taken of its kind, ask for the next one (from the zygote that runs now; a
+        start that finds no spare asks too)."""
         with self._cond:
-            sock = self._owed.pop(kind, None)
-        if sock is not None:
+            kind = next((k for k, (taken, _) in self._owed.items() if taken == pid), None)
+            owed = self._owed.pop(kind) if kind is not None else None
+            sock = self._sock
+        if owed is not None and owed[1] is sock:
             self._ask_for_spare(sock, kind)
 
     def spares(self) -> dict[str, int]:
