@@ -280,6 +280,32 @@ def test_a_spare_owed_by_a_zygote_that_died_is_asked_of_the_next_one(vibstats_wa
         z.stop()
 
 
+def test_a_supervisor_holding_descriptors_past_1023_starts_feeds_and_stops_workers(vibstats_wasm):
+    """select() refuses descriptors past 1023 (FD_SETSIZE): make bench's real-time trial with 256
+    accelerometers died of it in WorkerProcess. A process holding 1,100 open files runs one."""
+    import subprocess
+    import sys
+    script = f"""
+import os, resource
+import numpy as np
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+assert hard >= 1200, f"RLIMIT_NOFILE hard limit {{hard}}: no descriptor past 1023 can be had here"
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+from appliance.runtime.process import WorkerProcess
+from appliance.runtime.wire import HEADER, load_message, pack_header
+w = WorkerProcess("t", open({str(vibstats_wasm)!r}, "rb").read(), HEADER.size + 4 * 3 * 1024,
+                  load_message("v.wasm", ""))
+reply = w.process(pack_header(3, 1024, 12800.0, 0), np.zeros((3, 1024), np.float32), 5.0)
+w.stop()
+print(reply["rc"], len(reply["f"]), w.alive())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rc, features, alive = out.stdout.split()
+    assert rc == "0" and int(features) > 0 and alive == "False"
+
+
 def test_a_module_file_beyond_the_limit_or_not_a_file_is_refused(tmp_path):
     from appliance.runtime.validate import MAX_MODULE_BYTES, ModuleRejected, read_module
     big = tmp_path / "big.wasm"

@@ -7,7 +7,6 @@ import json
 import logging
 import mmap
 import os
-import select
 import signal
 import socket
 import struct
@@ -18,6 +17,7 @@ import numpy as np
 from appliance.runtime import zygote
 from appliance.runtime.artifacts import ArtifactCache
 from appliance.runtime.validate import ModuleRejected, wasm_validate_once
+from appliance.runtime.fdwait import readable
 from appliance.runtime.wire import ARTIFACT_SEALS, MAX_ARTIFACT_BYTES, REPLY, SANDBOX_VIOLATION, SOCKET_BUFFER
 
 log = logging.getLogger("appliance.module")
@@ -188,8 +188,7 @@ class WorkerProcess:
         self.sandbox_layers: dict[str, bool] = reply.get("sb", {})
 
     def _receive(self, timeout_s: float, what: str) -> dict:
-        ready, _, _ = select.select([self._sock], [], [], timeout_s)
-        if not ready:
+        if not readable(self._sock, timeout_s):
             self.kill()
             kind = "deadline" if what == "window" else "load"
             raise ModuleFault(kind, f"no answer to {what} within {timeout_s * 1000:.0f} ms; worker killed")
@@ -269,14 +268,14 @@ class WorkerProcess:
             self._zygote.refill(self.pid)
 
     def alive(self) -> bool:
-        return self.returncode is None and self._pidfd >= 0 and not select.select([self._pidfd], [], [], 0)[0]
+        return self.returncode is None and self._pidfd >= 0 and not readable(self._pidfd, 0)
 
     def _reap(self) -> int | None:
         """Wait (bounded) for the worker to end; its exit code as Popen gives it (-signal)."""
         if self.returncode is None and self._pidfd >= 0:
-            if not select.select([self._pidfd], [], [], 2.0)[0]:
+            if not readable(self._pidfd, 2.0):
                 self.signal_kill()
-                select.select([self._pidfd], [], [], 5.0)
+                readable(self._pidfd, 5.0)
             status = self._zygote.exit_status(self.pid, 2.0)
             self.returncode = os.waitstatus_to_exitcode(status) if status is not None else None
         return self.returncode
@@ -293,7 +292,7 @@ class WorkerProcess:
     def kill(self) -> None:
         if self.returncode is None and self.alive():
             self.signal_kill()
-            if not select.select([self._pidfd], [], [], 5.0)[0]:
+            if not readable(self._pidfd, 5.0):
                 log.error("module %s: worker %d did not die after SIGKILL", self.name, self.pid)
         self.close()
 
@@ -302,7 +301,7 @@ class WorkerProcess:
         if self.alive():
             try:
                 self._sock.send(b"Q")
-                select.select([self._pidfd], [], [], timeout_s)
+                readable(self._pidfd, timeout_s)
             except OSError:
                 pass
         self.kill()

@@ -42,6 +42,8 @@ import time
 import traceback
 from pathlib import Path
 
+from appliance.runtime.fdwait import readable
+
 log = logging.getLogger("appliance.module")
 
 START_TIMEOUT_S = 60.0
@@ -150,8 +152,11 @@ def _serve(control: socket.socket, wake_r: int, wake_w: int, children: set[int])
             os.close(pidfd)
 
     hand_over_a_spare()
+    poller = select.poll()   # not select(): the control socket's number is the supervisor's, maybe past 1023
+    poller.register(control, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     while True:
-        ready, _, _ = select.select([control, wake_r], [], [])
+        ready = {fd for fd, _ in poller.poll()}
         if wake_r in ready:
             while True:
                 try:
@@ -159,7 +164,7 @@ def _serve(control: socket.socket, wake_r: int, wake_w: int, children: set[int])
                 except BlockingIOError:
                     break
             _reap(control, children)
-        if control not in ready:
+        if control.fileno() not in ready:
             continue
         data, fds, _, _ = socket.recv_fds(control, 65536, 4)
         if not data:
@@ -333,8 +338,7 @@ class Zygote:
 
     def _start(self) -> None:
         mine, proc = self._connect() if self.path else self._spawn()
-        ready, _, _ = select.select([mine], [], [], START_TIMEOUT_S)
-        hello = json.loads(mine.recv(65536) or b"{}") if ready else {}
+        hello = json.loads(mine.recv(65536) or b"{}") if readable(mine, START_TIMEOUT_S) else {}
         if "ready" not in hello:
             if proc is not None:
                 proc.kill()
@@ -490,6 +494,8 @@ class Zygote:
     def _fork_on_request(self, request: dict, fds: tuple[int, int, int]) -> tuple[int, int]:
         """Call with _lock held."""
         sock = self._sock
+        if sock is None:   # it ended since this request began (its reader saw it go)
+            raise ZygoteUnavailable("the zygote is gone")
         self._requests += 1
         ident = self._requests
         try:

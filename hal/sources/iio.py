@@ -231,8 +231,9 @@ class IioSource(Source):
                     break
                 raise OSError(f"{self._dir.name}: no data for {self.config.timeout_s:g} s (trigger stopped? "
                               f"device gone?)")
-            ready, _, _ = select.select([self._fd], [], [], left)
-            if not ready:
+            poller = select.poll()   # not select(): it refuses descriptors past 1023
+            poller.register(self._fd, select.POLLIN)
+            if not poller.poll(left * 1000.0):
                 continue
             try:
                 chunk = os.read(self._fd, want - len(self._pending))

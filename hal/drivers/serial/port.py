@@ -149,8 +149,11 @@ class NullModem:
     def _relay(self) -> None:
         a, b = self.a.master, self.b.master
         try:
+            poller = select.poll()   # not select(): it refuses descriptors past 1023
+            for fd in (a, b, self._wake_r):
+                poller.register(fd, select.POLLIN)
             while True:
-                ready, _, _ = select.select([a, b, self._wake_r], [], [])
+                ready = [fd for fd, _ in poller.poll()]
                 if self._wake_r in ready:
                     return
                 for src in ready:
