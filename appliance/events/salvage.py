@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("appliance.events")
 
@@ -127,20 +127,22 @@ def check_read_only(path: Path) -> str | None:
     absent; raises for errors that are not damage."""
     if not path.exists() or path.stat().st_size == 0:
         return None
+    return _damage_reading(f"file:{path}?mode=ro", health, uri=True)
+
+
+def _damage_reading(target: str | Path, read: Callable[[sqlite3.Connection], str | None], **connect: Any) -> str | None:
+    """read(db) on a new connection to target: its answer, or the error if opening or reading
+    says the file is damaged (is_damage); other errors are raised."""
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(target, **connect)
+        try:
+            return read(db)
+        finally:
+            db.close()
     except sqlite3.DatabaseError as exc:
         if is_damage(exc):
             return str(exc)
         raise
-    try:
-        return health(db)
-    except sqlite3.DatabaseError as exc:
-        if is_damage(exc):
-            return str(exc)
-        raise
-    finally:
-        db.close()
 
 
 def journal_pages_before(journal: Path) -> int | None:
@@ -172,7 +174,8 @@ def judge(path: Path) -> str | None:
             raise
         log.warning("spool %s: an interrupted transaction is left (%s); judging it rolled back",
                     path, getattr(exc, "sqlite_errorname", exc))
-    pages = journal_pages_before(path.with_name(path.name + "-journal"))
+    journal = path.with_name(path.name + "-journal")
+    pages = journal_pages_before(journal)
     if pages:
         return f"a rollback journal beside it that this spool never writes (it would restore {pages} pages)"
     try:
@@ -183,18 +186,12 @@ def judge(path: Path) -> str | None:
     try:
         copy = scratch / path.name
         shutil.copyfile(path, copy)
-        journal = path.with_name(path.name + "-journal")
         if journal.exists():
             shutil.copyfile(journal, copy.with_name(copy.name + "-journal"))
-        db = sqlite3.connect(copy)
-        try:
-            db.execute("PRAGMA schema_version").fetchone()    # a writer's first read rolls it back
-        except sqlite3.DatabaseError as exc:
-            if is_damage(exc):
-                return str(exc)
-            raise
-        finally:
-            db.close()
+        # A writer's first read rolls it back.
+        damage = _damage_reading(copy, lambda db: db.execute("PRAGMA schema_version").fetchone() and None)
+        if damage:
+            return damage
         # The WAL goes in after the rollback, beside no index of the scratch connection's.
         copy.with_name(copy.name + "-shm").unlink(missing_ok=True)
         wal = path.with_name(path.name + "-wal")
