@@ -383,7 +383,6 @@ class Zygote:
         with self._cond:
             for kind in list(self._spares):
                 self._drop_spare(kind)   # the zygote is gone: its spares end too (their channels closed)
-            self._owed = {kind: owed for kind, owed in self._owed.items() if owed[1] is not sock}
             if self._sock is sock:
                 self._sock = None
                 how = "connection closed" if rc is None else f"exit status {rc}" if rc >= 0 else f"signal {-rc}"
@@ -430,9 +429,8 @@ class Zygote:
         with self._cond:
             spare = self._spares.pop(kind, None)
             sock = self._sock
+            owed = self._owed.pop(kind, None) if spare is None else None
         if spare is None:   # this start forks on request; the next one should find a spare
-            with self._cond:
-                owed = self._owed.pop(kind, None)
             if sock is not None and (owed is not None or kind != "wasm3" and self._spare_retries.may_ask(kind)):
                 self._ask_for_spare(sock, kind)
             return None
