@@ -130,6 +130,7 @@ class IioSource(Source):
     def __init__(self, name: str, config: IioConfig) -> None:
         super().__init__(name, config)
         self._fd: int | None = None
+        self._poller = select.poll()   # not select(): it refuses descriptors past 1023
         self._dir: Path | None = None
         self._elements: list[ScanElement] = []
         self._clock: SampleClock | None = None
@@ -216,6 +217,7 @@ class IioSource(Source):
         _write(buffer / "enable", "1")
         node = cfg.dev_root / d.name
         self._fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK)
+        self._poller.register(self._fd, select.POLLIN)
         self._clock = SampleClock(self._rate)
         self._index = 0
         self._pending = b""
@@ -231,9 +233,7 @@ class IioSource(Source):
                     break
                 raise OSError(f"{self._dir.name}: no data for {self.config.timeout_s:g} s (trigger stopped? "
                               f"device gone?)")
-            poller = select.poll()   # not select(): it refuses descriptors past 1023
-            poller.register(self._fd, select.POLLIN)
-            if not poller.poll(left * 1000.0):
+            if not self._poller.poll(left * 1000.0):
                 continue
             try:
                 chunk = os.read(self._fd, want - len(self._pending))
@@ -251,6 +251,7 @@ class IioSource(Source):
 
     def close(self) -> None:
         if self._fd is not None:
+            self._poller.unregister(self._fd)
             os.close(self._fd)
             self._fd = None
         if self._dir is not None:
