@@ -271,14 +271,16 @@ void _start(void) {
 def odd_conv_model(tmp_path):
     """Convolutions whose shapes reach every edge of the blocked kernels: output channels that are
     not a multiple of 4, output planes that are not a multiple of 8, dilation, groups (depthwise),
-    a 1x1 convolution that reads its input as the matrix, stride 2."""
+    a 1x1 convolution that reads its input as the matrix, stride 2, and taps per output (K) that
+    leave every remainder of the kernels' passes of four taps (9, 54, 7, 45) and fewer than four (3)."""
     rng = np.random.default_rng(8)
     init = lambda n, a: numpy_helper.from_array(np.asarray(a, np.float32), n)  # noqa: E731
     layers = [("w0", (6, 1, 3, 3), dict(pads=[1, 1, 1, 1])),
               ("w1", (7, 6, 3, 3), dict(pads=[2, 2, 2, 2], dilations=[2, 2])),
               ("w2", (7, 1, 3, 3), dict(pads=[1, 1, 1, 1], group=7)),
               ("w3", (5, 7, 1, 1), {}),
-              ("w4", (3, 5, 3, 3), dict(pads=[1, 0, 1, 0], strides=[2, 2]))]
+              ("w4", (3, 5, 3, 3), dict(pads=[1, 0, 1, 0], strides=[2, 2])),
+              ("w5", (4, 3, 1, 1), {})]
     nodes, inits, x = [], [], "x"
     for k, (w, shape, attrs) in enumerate(layers):
         nodes += [helper.make_node("Conv", [x, w, f"b{k}"], [f"c{k}"], **attrs),
@@ -288,7 +290,7 @@ def odd_conv_model(tmp_path):
         x = f"r{k}"
     nodes.append(helper.make_node("Flatten", [x], ["y"]))
     g = helper.make_graph(nodes, "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 13, 11])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3 * 7 * 5])], inits)
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4 * 7 * 5])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     path = tmp_path / "odd.onnx"

@@ -147,36 +147,88 @@ static inline ap_nn_f4 ap_nn_f4_splat(float v) { return (ap_nn_f4){v, v, v, v}; 
 static inline ap_nn_i4 ap_nn_i4_load16(const int16_t *p) {
     return __builtin_convertvector(*(const ap_nn_s4 *)p, ap_nn_i4);
 }
+static inline ap_nn_i4 ap_nn_i4_load(const int32_t *p) { return *(const ap_nn_i4 *)p; }
 static inline void ap_nn_i4_store(int32_t *p, ap_nn_i4 v) { *(ap_nn_i4 *)p = v; }
 static inline ap_nn_i4 ap_nn_i4_splat(int32_t v) { return (ap_nn_i4){v, v, v, v}; }
 
 /* Y[m*ld + n] = bias[m] + W[m*K + 0]*P[0*ld + n] + W[m*K + 1]*P[1*ld + n] + ..., left to right.
- * Blocks of 4 rows x 8 columns (8 vector accumulators), then narrower blocks for the rest. */
+ *
+ * Blocks of 4 rows x 8 columns (8 vector accumulators) or 1 row x 16 columns, taken four taps a
+ * pass: a pass splats its 16 (or 4) weights once, then sweeps the row block's columns, each
+ * block's sums loaded from Y (the bias on the first pass), four taps added, stored back. The sums
+ * are the same operations in the same order as one sweep of all K taps (a float32 stored and
+ * reloaded is the same float). Why passes: wasmtime checks its epoch at every loop head and may
+ * call out there, so Cranelift keeps whatever a loop carries in stack slots; a loop over K taps
+ * paid a store and a reload of all 8 accumulators per tap (1.7x the time of the same loop without
+ * epoch interruption). Here no vector crosses a loop head but the splatted weights. */
+#define AP_NN_PASS_TAPS 4
+
+static inline __attribute__((always_inline)) void ap_nn_gemm_f32_pass4x8(
+        const float *w0, const float *w1, const float *w2, const float *w3, const float *bias, const float *P,
+        float *Y, int32_t N, int32_t ld, int32_t k0, int32_t taps) {
+    ap_nn_f4 s0[AP_NN_PASS_TAPS], s1[AP_NN_PASS_TAPS], s2[AP_NN_PASS_TAPS], s3[AP_NN_PASS_TAPS];
+    for (int32_t j = 0; j < taps; j++) {
+        s0[j] = ap_nn_f4_splat(w0[k0 + j]); s1[j] = ap_nn_f4_splat(w1[k0 + j]);
+        s2[j] = ap_nn_f4_splat(w2[k0 + j]); s3[j] = ap_nn_f4_splat(w3[k0 + j]);
+    }
+    for (int32_t n = 0; n + 8 <= N; n += 8) {
+        float *y = Y + n;
+        ap_nn_f4 a0, a1, a2, a3, b0, b1, b2, b3;
+        if (k0 == 0) {
+            a0 = b0 = ap_nn_f4_splat(bias[0]); a1 = b1 = ap_nn_f4_splat(bias[1]);
+            a2 = b2 = ap_nn_f4_splat(bias[2]); a3 = b3 = ap_nn_f4_splat(bias[3]);
+        } else {
+            a0 = ap_nn_f4_load(y); b0 = ap_nn_f4_load(y + 4);
+            a1 = ap_nn_f4_load(y + ld); b1 = ap_nn_f4_load(y + ld + 4);
+            a2 = ap_nn_f4_load(y + 2 * ld); b2 = ap_nn_f4_load(y + 2 * ld + 4);
+            a3 = ap_nn_f4_load(y + 3 * ld); b3 = ap_nn_f4_load(y + 3 * ld + 4);
+        }
+        const float *p = P + k0 * ld + n;
+        for (int32_t j = 0; j < taps; j++, p += ld) {
+            const ap_nn_f4 x0 = ap_nn_f4_load(p), x1 = ap_nn_f4_load(p + 4);
+            a0 += s0[j] * x0; b0 += s0[j] * x1; a1 += s1[j] * x0; b1 += s1[j] * x1;
+            a2 += s2[j] * x0; b2 += s2[j] * x1; a3 += s3[j] * x0; b3 += s3[j] * x1;
+        }
+        ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, b0);
+        ap_nn_f4_store(y + ld, a1); ap_nn_f4_store(y + ld + 4, b1);
+        ap_nn_f4_store(y + 2 * ld, a2); ap_nn_f4_store(y + 2 * ld + 4, b2);
+        ap_nn_f4_store(y + 3 * ld, a3); ap_nn_f4_store(y + 3 * ld + 4, b3);
+    }
+}
+
+static inline __attribute__((always_inline)) void ap_nn_gemm_f32_pass1x16(
+        const float *w0, const float *bias, const float *P, float *Y, int32_t N, int32_t ld, int32_t k0,
+        int32_t taps) {
+    ap_nn_f4 s[AP_NN_PASS_TAPS];
+    for (int32_t j = 0; j < taps; j++) s[j] = ap_nn_f4_splat(w0[k0 + j]);
+    for (int32_t n = 0; n + 16 <= N; n += 16) {
+        float *y = Y + n;
+        ap_nn_f4 a0, a1, a2, a3;
+        if (k0 == 0) {
+            a0 = a1 = a2 = a3 = ap_nn_f4_splat(bias[0]);
+        } else {
+            a0 = ap_nn_f4_load(y); a1 = ap_nn_f4_load(y + 4); a2 = ap_nn_f4_load(y + 8); a3 = ap_nn_f4_load(y + 12);
+        }
+        const float *p = P + k0 * ld + n;
+        for (int32_t j = 0; j < taps; j++, p += ld) {
+            a0 += s[j] * ap_nn_f4_load(p); a1 += s[j] * ap_nn_f4_load(p + 4);
+            a2 += s[j] * ap_nn_f4_load(p + 8); a3 += s[j] * ap_nn_f4_load(p + 12);
+        }
+        ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, a1); ap_nn_f4_store(y + 8, a2); ap_nn_f4_store(y + 12, a3);
+    }
+}
+
 static inline void ap_nn_gemm_f32_v4(const float *W, const float *bias, const float *P, float *Y,
                                      int32_t M, int32_t N, int32_t K, int32_t ld) {
+    const int32_t whole = K - K % AP_NN_PASS_TAPS;   /* the taps of whole passes; then a pass of the rest */
     int32_t m = 0;
     for (; m + 4 <= M; m += 4) {
         const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        int32_t n = 0;
-        for (; n + 8 <= N; n += 8) {
-            ap_nn_f4 a0 = ap_nn_f4_splat(bias[m]), a1 = ap_nn_f4_splat(bias[m + 1]);
-            ap_nn_f4 a2 = ap_nn_f4_splat(bias[m + 2]), a3 = ap_nn_f4_splat(bias[m + 3]);
-            ap_nn_f4 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
-            const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += ld) {
-                const ap_nn_f4 x0 = ap_nn_f4_load(p), x1 = ap_nn_f4_load(p + 4);
-                ap_nn_f4 s = ap_nn_f4_splat(w0[k]); a0 += s * x0; b0 += s * x1;
-                s = ap_nn_f4_splat(w1[k]); a1 += s * x0; b1 += s * x1;
-                s = ap_nn_f4_splat(w2[k]); a2 += s * x0; b2 += s * x1;
-                s = ap_nn_f4_splat(w3[k]); a3 += s * x0; b3 += s * x1;
-            }
-            float *y = Y + m * ld + n;
-            ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, b0);
-            ap_nn_f4_store(y + ld, a1); ap_nn_f4_store(y + ld + 4, b1);
-            ap_nn_f4_store(y + 2 * ld, a2); ap_nn_f4_store(y + 2 * ld + 4, b2);
-            ap_nn_f4_store(y + 3 * ld, a3); ap_nn_f4_store(y + 3 * ld + 4, b3);
-        }
-        for (; n < N; n++) {
+        float *y = Y + m * ld;
+        for (int32_t k0 = 0; k0 < whole; k0 += AP_NN_PASS_TAPS)
+            ap_nn_gemm_f32_pass4x8(w0, w1, w2, w3, bias + m, P, y, N, ld, k0, AP_NN_PASS_TAPS);
+        if (whole < K || K == 0) ap_nn_gemm_f32_pass4x8(w0, w1, w2, w3, bias + m, P, y, N, ld, whole, K - whole);
+        for (int32_t n = N - N % 8; n < N; n++) {
             float a0 = bias[m], a1 = bias[m + 1], a2 = bias[m + 2], a3 = bias[m + 3];
             const float *p = P + n;
             for (int32_t k = 0; k < K; k++, p += ld) {
@@ -188,19 +240,11 @@ static inline void ap_nn_gemm_f32_v4(const float *W, const float *bias, const fl
     }
     for (; m < M; m++) {
         const float *w0 = W + m * K;
-        int32_t n = 0;
-        for (; n + 16 <= N; n += 16) {
-            ap_nn_f4 a0 = ap_nn_f4_splat(bias[m]), a1 = a0, a2 = a0, a3 = a0;
-            const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += ld) {
-                const ap_nn_f4 s = ap_nn_f4_splat(w0[k]);
-                a0 += s * ap_nn_f4_load(p); a1 += s * ap_nn_f4_load(p + 4);
-                a2 += s * ap_nn_f4_load(p + 8); a3 += s * ap_nn_f4_load(p + 12);
-            }
-            float *y = Y + m * ld + n;
-            ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, a1); ap_nn_f4_store(y + 8, a2); ap_nn_f4_store(y + 12, a3);
-        }
-        for (; n < N; n++) {
+        float *y = Y + m * ld;
+        for (int32_t k0 = 0; k0 < whole; k0 += AP_NN_PASS_TAPS)
+            ap_nn_gemm_f32_pass1x16(w0, bias + m, P, y, N, ld, k0, AP_NN_PASS_TAPS);
+        if (whole < K || K == 0) ap_nn_gemm_f32_pass1x16(w0, bias + m, P, y, N, ld, whole, K - whole);
+        for (int32_t n = N - N % 16; n < N; n++) {
             float a = bias[m];
             const float *p = P + n;
             for (int32_t k = 0; k < K; k++, p += ld) a += w0[k] * *p;
@@ -333,31 +377,73 @@ static void ap_nn_gemm_f32(const float *W, const float *bias, const float *P, fl
 /* ACC[m*N + n] = init[m] + sum_k W[m*K + k] * P[k*N + n] in int32 (exact: any order). The
  * operands are int16 (the int8 weights less their zero point, the uint8/int8 activations), so a
  * product fits and the compilers widen them with the target's 16-bit multiplies. */
+/* In passes of four taps, as ap_nn_gemm_f32_v4 (why: there); the int32 sums are exact anyway. */
+static inline __attribute__((always_inline)) void ap_nn_gemm_i16_pass4x8(
+        const int16_t *w0, const int16_t *w1, const int16_t *w2, const int16_t *w3, const int32_t *init,
+        const int16_t *P, int32_t *ACC, int32_t N, int32_t ld, int32_t k0, int32_t taps) {
+    ap_nn_i4 s0[AP_NN_PASS_TAPS], s1[AP_NN_PASS_TAPS], s2[AP_NN_PASS_TAPS], s3[AP_NN_PASS_TAPS];
+    for (int32_t j = 0; j < taps; j++) {
+        s0[j] = ap_nn_i4_splat(w0[k0 + j]); s1[j] = ap_nn_i4_splat(w1[k0 + j]);
+        s2[j] = ap_nn_i4_splat(w2[k0 + j]); s3[j] = ap_nn_i4_splat(w3[k0 + j]);
+    }
+    for (int32_t n = 0; n + 8 <= N; n += 8) {
+        int32_t *y = ACC + n;
+        ap_nn_i4 a0, a1, a2, a3, b0, b1, b2, b3;
+        if (k0 == 0) {
+            a0 = b0 = ap_nn_i4_splat(init[0]); a1 = b1 = ap_nn_i4_splat(init[1]);
+            a2 = b2 = ap_nn_i4_splat(init[2]); a3 = b3 = ap_nn_i4_splat(init[3]);
+        } else {
+            a0 = ap_nn_i4_load(y); b0 = ap_nn_i4_load(y + 4);
+            a1 = ap_nn_i4_load(y + ld); b1 = ap_nn_i4_load(y + ld + 4);
+            a2 = ap_nn_i4_load(y + 2 * ld); b2 = ap_nn_i4_load(y + 2 * ld + 4);
+            a3 = ap_nn_i4_load(y + 3 * ld); b3 = ap_nn_i4_load(y + 3 * ld + 4);
+        }
+        const int16_t *p = P + k0 * ld + n;
+        for (int32_t j = 0; j < taps; j++, p += ld) {
+            const ap_nn_i4 x0 = ap_nn_i4_load16(p), x1 = ap_nn_i4_load16(p + 4);
+            a0 += s0[j] * x0; b0 += s0[j] * x1; a1 += s1[j] * x0; b1 += s1[j] * x1;
+            a2 += s2[j] * x0; b2 += s2[j] * x1; a3 += s3[j] * x0; b3 += s3[j] * x1;
+        }
+        ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, b0);
+        ap_nn_i4_store(y + ld, a1); ap_nn_i4_store(y + ld + 4, b1);
+        ap_nn_i4_store(y + 2 * ld, a2); ap_nn_i4_store(y + 2 * ld + 4, b2);
+        ap_nn_i4_store(y + 3 * ld, a3); ap_nn_i4_store(y + 3 * ld + 4, b3);
+    }
+}
+
+static inline __attribute__((always_inline)) void ap_nn_gemm_i16_pass1x16(
+        const int16_t *w0, const int32_t *init, const int16_t *P, int32_t *ACC, int32_t N, int32_t ld, int32_t k0,
+        int32_t taps) {
+    ap_nn_i4 s[AP_NN_PASS_TAPS];
+    for (int32_t j = 0; j < taps; j++) s[j] = ap_nn_i4_splat(w0[k0 + j]);
+    for (int32_t n = 0; n + 16 <= N; n += 16) {
+        int32_t *y = ACC + n;
+        ap_nn_i4 a0, a1, a2, a3;
+        if (k0 == 0) {
+            a0 = a1 = a2 = a3 = ap_nn_i4_splat(init[0]);
+        } else {
+            a0 = ap_nn_i4_load(y); a1 = ap_nn_i4_load(y + 4); a2 = ap_nn_i4_load(y + 8); a3 = ap_nn_i4_load(y + 12);
+        }
+        const int16_t *p = P + k0 * ld + n;
+        for (int32_t j = 0; j < taps; j++, p += ld) {
+            a0 += s[j] * ap_nn_i4_load16(p); a1 += s[j] * ap_nn_i4_load16(p + 4);
+            a2 += s[j] * ap_nn_i4_load16(p + 8); a3 += s[j] * ap_nn_i4_load16(p + 12);
+        }
+        ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, a1); ap_nn_i4_store(y + 8, a2); ap_nn_i4_store(y + 12, a3);
+    }
+}
+
 static inline void ap_nn_gemm_i16_v4(const int16_t *W, const int32_t *init, const int16_t *P, int32_t *ACC,
                                      int32_t M, int32_t N, int32_t K, int32_t ld) {
+    const int32_t whole = K - K % AP_NN_PASS_TAPS;
     int32_t m = 0;
     for (; m + 4 <= M; m += 4) {
         const int16_t *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        int32_t n = 0;
-        for (; n + 8 <= N; n += 8) {
-            ap_nn_i4 a0 = ap_nn_i4_splat(init[m]), a1 = ap_nn_i4_splat(init[m + 1]);
-            ap_nn_i4 a2 = ap_nn_i4_splat(init[m + 2]), a3 = ap_nn_i4_splat(init[m + 3]);
-            ap_nn_i4 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
-            const int16_t *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += ld) {
-                const ap_nn_i4 x0 = ap_nn_i4_load16(p), x1 = ap_nn_i4_load16(p + 4);
-                ap_nn_i4 s = ap_nn_i4_splat(w0[k]); a0 += s * x0; b0 += s * x1;
-                s = ap_nn_i4_splat(w1[k]); a1 += s * x0; b1 += s * x1;
-                s = ap_nn_i4_splat(w2[k]); a2 += s * x0; b2 += s * x1;
-                s = ap_nn_i4_splat(w3[k]); a3 += s * x0; b3 += s * x1;
-            }
-            int32_t *y = ACC + m * ld + n;
-            ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, b0);
-            ap_nn_i4_store(y + ld, a1); ap_nn_i4_store(y + ld + 4, b1);
-            ap_nn_i4_store(y + 2 * ld, a2); ap_nn_i4_store(y + 2 * ld + 4, b2);
-            ap_nn_i4_store(y + 3 * ld, a3); ap_nn_i4_store(y + 3 * ld + 4, b3);
-        }
-        for (; n < N; n++) {
+        int32_t *y = ACC + m * ld;
+        for (int32_t k0 = 0; k0 < whole; k0 += AP_NN_PASS_TAPS)
+            ap_nn_gemm_i16_pass4x8(w0, w1, w2, w3, init + m, P, y, N, ld, k0, AP_NN_PASS_TAPS);
+        if (whole < K || K == 0) ap_nn_gemm_i16_pass4x8(w0, w1, w2, w3, init + m, P, y, N, ld, whole, K - whole);
+        for (int32_t n = N - N % 8; n < N; n++) {
             int32_t a0 = init[m], a1 = init[m + 1], a2 = init[m + 2], a3 = init[m + 3];
             const int16_t *p = P + n;
             for (int32_t k = 0; k < K; k++, p += ld) {
@@ -369,19 +455,11 @@ static inline void ap_nn_gemm_i16_v4(const int16_t *W, const int32_t *init, cons
     }
     for (; m < M; m++) {
         const int16_t *w0 = W + m * K;
-        int32_t n = 0;
-        for (; n + 16 <= N; n += 16) {
-            ap_nn_i4 a0 = ap_nn_i4_splat(init[m]), a1 = a0, a2 = a0, a3 = a0;
-            const int16_t *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += ld) {
-                const ap_nn_i4 s = ap_nn_i4_splat(w0[k]);
-                a0 += s * ap_nn_i4_load16(p); a1 += s * ap_nn_i4_load16(p + 4);
-                a2 += s * ap_nn_i4_load16(p + 8); a3 += s * ap_nn_i4_load16(p + 12);
-            }
-            int32_t *y = ACC + m * ld + n;
-            ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, a1); ap_nn_i4_store(y + 8, a2); ap_nn_i4_store(y + 12, a3);
-        }
-        for (; n < N; n++) {
+        int32_t *y = ACC + m * ld;
+        for (int32_t k0 = 0; k0 < whole; k0 += AP_NN_PASS_TAPS)
+            ap_nn_gemm_i16_pass1x16(w0, init + m, P, y, N, ld, k0, AP_NN_PASS_TAPS);
+        if (whole < K || K == 0) ap_nn_gemm_i16_pass1x16(w0, init + m, P, y, N, ld, whole, K - whole);
+        for (int32_t n = N - N % 16; n < N; n++) {
             int32_t a = init[m];
             const int16_t *p = P + n;
             for (int32_t k = 0; k < K; k++, p += ld) a += w0[k] * (int32_t)*p;
