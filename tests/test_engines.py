@@ -116,6 +116,28 @@ def test_shipped_modules_agree_on_both_engines(shipped, module, host_dsp):
         assert_same(module, a, b)
 
 
+def test_vibstats_statistics_are_the_sums_left_to_right_bit_for_bit(shipped):
+    """vibstats adds its samples in runs of eight (for wasmtime's register allocation), one after
+    another as before: rms, peak and kurtosis equal a left-to-right float64 reference exactly, on
+    both engines and both builds, with a window length that leaves a remainder (1,003 frames)."""
+    frames = 1003
+    windows = [vibration(seq, frames=frames) for seq in range(2)]
+    plain, simd = shipped["vibstats"]
+    params = "baseline.windows=4\nthreshold=6\nhost.dsp=0\n"
+    shm = HEADER.size + 3 * 4 * frames
+    replies = [run(plain, "wasm3", params, windows, shm), run(plain, "wasmtime", params, windows, shm),
+               run(simd, "wasmtime", params, windows, shm, simd=True)]
+    for seq, (_, x) in enumerate(windows):
+        for c, samples in enumerate(x.astype(np.float64)):
+            mean = np.cumsum(samples)[-1] / frames          # cumsum: strictly left to right
+            d = samples - mean
+            m2, m4 = np.cumsum(d * d)[-1] / frames, np.cumsum((d * d) * (d * d))[-1] / frames
+            want = {"rms": np.sqrt(m2), "peak": np.abs(d).max(), "kurtosis": m4 / (m2 * m2)}
+            for engine, reply in zip(("wasm3", "wasmtime", "wasmtime SIMD"), replies):
+                got = {k: reply[seq]["f"][f"ch{c}.{k}"] for k in want}
+                assert got == {k: float(v) for k, v in want.items()}, (engine, seq, c)
+
+
 def assert_same(module: str, a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for seq, (x, y) in enumerate(zip(a, b)):
