@@ -143,9 +143,45 @@ static void ap_dsp_twiddles(int32_t n) {
     ap_dsp_tw_n = n;
 }
 
-/* In-place complex FFT of m points (m a power of two); inverse if inv (unnormalised).
- * Twiddles come from the table for tw_n = the largest size in use (step tw_n/m). */
+/* The twiddles again, each stage's side by side: stage len's e^{-2 pi i k / len}, k < len/2, at
+ * 2 (len/2 - 1), copied from ap_dsp_tw (the same floats). A stage then reads its twiddles in order
+ * (vector loads), not every step-th pair (a gather per butterfly). */
+static float ap_dsp_stage_tw[2 * AP_DSP_MAX_N];
+static int32_t ap_dsp_stage_tw_n;
+
+static void ap_dsp_stage_twiddles(int32_t tw_n) {
+    if (ap_dsp_stage_tw_n == tw_n) return;
+    for (int32_t len = 2; len <= tw_n; len <<= 1) {
+        float *t = ap_dsp_stage_tw + 2 * (len / 2 - 1);
+        for (int32_t k = 0; k < len / 2; k++) {
+            t[2 * k] = ap_dsp_tw[2 * k * (tw_n / len)];
+            t[2 * k + 1] = ap_dsp_tw[2 * k * (tw_n / len) + 1];
+        }
+    }
+    ap_dsp_stage_tw_n = tw_n;
+}
+
+/* One butterfly: a, b <- a + w b, a - w b (w = wr + i wi). */
+static inline void ap_butterfly(float *a, float *b, float wr, float wi) {
+    float xr = b[0] * wr - b[1] * wi, xi = b[0] * wi + b[1] * wr;
+    b[0] = a[0] - xr; b[1] = a[1] - xi;
+    a[0] += xr; a[1] += xi;
+}
+
+/* The butterflies of one group of a stage: a and b are its two halves (restrict: they do not
+ * overlap, which lets the compilers run several butterflies in one vector). */
+static inline void ap_fft_group(float *restrict a, float *restrict b, const float *restrict tw, int32_t half,
+                                int inv) {
+    if (inv)
+        for (int32_t k = 0; k < half; k++) ap_butterfly(a + 2 * k, b + 2 * k, tw[2 * k], -tw[2 * k + 1]);
+    else
+        for (int32_t k = 0; k < half; k++) ap_butterfly(a + 2 * k, b + 2 * k, tw[2 * k], tw[2 * k + 1]);
+}
+
+/* In-place complex FFT of m points (m a power of two, at most tw_n); inverse if inv
+ * (unnormalised). Twiddles come from the tables for tw_n (ap_dsp_twiddles(tw_n) first). */
 static void ap_cfft(float *z, int32_t m, int inv, int32_t tw_n) {
+    ap_dsp_stage_twiddles(tw_n);
     for (int32_t i = 1, j = 0; i < m; i++) {
         int32_t bit = m >> 1;
         for (; j & bit; bit >>= 1) j ^= bit;
@@ -157,17 +193,16 @@ static void ap_cfft(float *z, int32_t m, int inv, int32_t tw_n) {
         }
     }
     for (int32_t len = 2; len <= m; len <<= 1) {
-        int32_t half = len >> 1, step = tw_n / len;
-        for (int32_t i = 0; i < m; i += len) {
+        const int32_t half = len >> 1;
+        const float *tw = ap_dsp_stage_tw + 2 * (half - 1);
+        if (half < 4) {   /* short stages: one twiddle at a time across the groups (fewer loop turns) */
             for (int32_t k = 0; k < half; k++) {
-                float wr = ap_dsp_tw[2 * k * step], wi = ap_dsp_tw[2 * k * step + 1];
-                if (inv) wi = -wi;
-                float *a = z + 2 * (i + k), *b = z + 2 * (i + k + half);
-                float xr = b[0] * wr - b[1] * wi, xi = b[0] * wi + b[1] * wr;
-                b[0] = a[0] - xr; b[1] = a[1] - xi;
-                a[0] += xr; a[1] += xi;
+                const float wr = tw[2 * k], wi = inv ? -tw[2 * k + 1] : tw[2 * k + 1];
+                for (int32_t i = k; i < m; i += len) ap_butterfly(z + 2 * i, z + 2 * (i + half), wr, wi);
             }
+            continue;
         }
+        for (int32_t i = 0; i < m; i += len) ap_fft_group(z + 2 * i, z + 2 * (i + half), tw, half, inv);
     }
 }
 
