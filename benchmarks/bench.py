@@ -41,7 +41,9 @@ from appliance.runtime.process import WorkerProcess  # noqa: E402
 from appliance.runtime.validate import read_module  # noqa: E402
 
 CHANNELS, FRAMES = 3, 4096
-PARAMS = "baseline.windows=10\nthreshold=6\n"
+# host.dsp=1 as the appliance sets it by default: vibstats then reports a window's statistics in
+# one ap.features call (every row provides it: the worker, the in-process rows, native_host.c).
+PARAMS = "baseline.windows=10\nthreshold=6\nhost.dsp=1\n"
 
 
 

@@ -253,8 +253,10 @@ def _qweights(rng, shape, dtype, per_channel: bool, axis: int = 0):
     """Weights quantized to 7 bits (onnxruntime's reduce_range): on an x86-64 CPU without VNNI
     (AVX2 alone: Zen 3, say) onnxruntime's u8 x s8 kernel adds pairs of products in saturating
     16-bit lanes (vpmaddubsw), so full-range int8 weights make the reference itself wrong there
-    (measured: 10 to 39 LSB off on 4 of 500 outputs); with |w - zp| <= 64 no pair can saturate.
-    Our kernels sum exactly whatever the range (int32; test_nn_host's edge test uses full range)."""
+    (measured: 10 to 39 LSB off on 4 of 500 outputs); int8 weights within -64..63 cannot saturate
+    a pair (255 * 64 * 2 < 32768). uint8 weights go through its u8 x u8 kernel, which widens to
+    16 bits first and does not saturate; they are narrowed the same way for symmetry. Our kernels
+    sum exactly whatever the range (int32; test_nn_host's edge test uses full-range weights)."""
     w = rng.normal(size=shape).astype(np.float32)
     n = shape[axis]
     if per_channel:

@@ -6,8 +6,8 @@ only inside a worker process: a crash, a hang or a leak in it takes down that wo
 """
 from __future__ import annotations
 
+import _signal   # getsignal without signal.py's enum conversion (see _SigintDeferral)
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -168,40 +168,36 @@ class _SigintDeferral:
     ctypes callback) before its try, crashing the process; during a call the handler only takes
     note, and the interrupt comes once the call returned. For calls in a tool's own process: a
     worker ignores SIGINT, and only the main thread may set a handler (another thread needs none:
-    the interrupt is raised in the main thread).
+    the interrupt is raised in the main thread). Only a Python handler can raise there: with
+    SIGINT ignored, left to the default action (the process ends at once) or handled in C, nothing
+    is installed.
 
-    The handler is installed once, at the first call, in front of the one that was there (which
-    it calls outside calls): swapping handlers around every call cost ~18 us a call, as much as
-    a small module's window on wasmtime (two sigaction calls and a generator, measured here; even
-    signal.getsignal costs ~4.7 us on this VM), now under 1 us."""
+    The handler stays installed in front of the one it found (which it calls outside calls):
+    swapping handlers around every call cost ~18 us a call on this VM (two sigaction calls and a
+    generator), as much as a small module's window on wasmtime. Each outermost call checks that it
+    is still the installed one (a tool or a notebook may set its own later) and puts it back in
+    front of that one if not. It asks _signal, the C module under signal: signal.getsignal turns
+    a handler into an enum member by trying and catching a ValueError, ~3 us a call."""
 
     def __init__(self) -> None:
         self.depth = 0
         self.caught = None          # the frame of a SIGINT that came during a call
         self.previous = None
-        self.installed = False
 
     def _handler(self, signum, frame) -> None:
         if self.depth:
             self.caught = frame
-        else:
-            self._deliver(frame)
-
-    def _deliver(self, frame) -> None:
-        previous = self.previous
-        if callable(previous):
-            previous(signal.SIGINT, frame)
-        elif previous == signal.SIG_DFL:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            self.installed = False
-            os.kill(os.getpid(), signal.SIGINT)
+        elif callable(self.previous):
+            self.previous(signum, frame)
 
     def __enter__(self) -> None:
         if threading.get_ident() != threading.main_thread().ident:
             return
-        if not self.installed:   # (a handler a tool sets after this replaces it: then Ctrl-C is the tool's)
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-            self.installed = True
+        if not self.depth:
+            current = _signal.getsignal(signal.SIGINT)
+            if current != self._handler and callable(current):
+                self.previous = current
+                signal.signal(signal.SIGINT, self._handler)
         self.depth += 1
 
     def __exit__(self, *exc) -> None:
@@ -210,7 +206,8 @@ class _SigintDeferral:
         self.depth -= 1
         if not self.depth and self.caught is not None:
             frame, self.caught = self.caught, None
-            self._deliver(frame)
+            if callable(self.previous):
+                self.previous(signal.SIGINT, frame)
 
 
 _SIGINT_DEFERRAL = _SigintDeferral()

@@ -150,6 +150,7 @@ static float ap_dsp_stage_tw[2 * AP_DSP_MAX_N];
 static int32_t ap_dsp_stage_tw_n;
 
 static void ap_dsp_stage_twiddles(int32_t tw_n) {
+    ap_dsp_twiddles(tw_n);   /* the table this one is copied from, for this tw_n (a no-op when it is) */
     if (ap_dsp_stage_tw_n == tw_n) return;
     for (int32_t len = 2; len <= tw_n; len <<= 1) {
         float *t = ap_dsp_stage_tw + 2 * (len / 2 - 1);
@@ -179,7 +180,7 @@ static inline void ap_fft_group(float *restrict a, float *restrict b, const floa
 }
 
 /* In-place complex FFT of m points (m a power of two, at most tw_n); inverse if inv
- * (unnormalised). Twiddles come from the tables for tw_n (ap_dsp_twiddles(tw_n) first). */
+ * (unnormalised). Twiddles come from the tables for tw_n. */
 static void ap_cfft(float *z, int32_t m, int inv, int32_t tw_n) {
     ap_dsp_stage_twiddles(tw_n);
     for (int32_t i = 1, j = 0; i < m; i++) {

@@ -21,6 +21,7 @@
 #define AP_MAX_FRAMES 16384
 #define AP_WINDOW_BYTES (64 + 4 * AP_MAX_CHANNELS * AP_MAX_FRAMES)
 #include "ap_module.h"
+#include "ap_dsp.h"     /* ap_features: a window's statistics in one host call */
 
 enum { F_RMS, F_PEAK, F_CREST, F_KURTOSIS, N_FEATURES };
 static const char *const feature_names[N_FEATURES] = {"rms", "peak", "crest", "kurtosis"};
@@ -45,6 +46,7 @@ static int param_error(const char *what) {
 
 int32_t ap_init(const char *params, int32_t len) {
     if (ap_params_check(params, len)) return 1;   /* a key not in module.yaml's params */
+    ap_dsp_init(params, len);
     int bad = 0;
     cfg.baseline_windows = (int32_t)ap_param_f64(params, len, "baseline.windows", 40, &bad);
     cfg.threshold = ap_param_f64(params, len, "threshold", 6.0, &bad);
@@ -96,10 +98,10 @@ static void channel_features(const float *x, uint32_t n, double out[N_FEATURES])
     out[F_KURTOSIS] = m2 > 0 ? m4 / (m2 * m2) : 0;
 }
 
-/* A window's statistics go to the host in one ap.features call, not one ap.feature call each
- * (twelve for three channels): a host call costs more than the statistics of a channel on
- * wasmtime (measured: ~2 us each through the worker's bindings). The names are made once. */
-AP_IMPORT(features) void ap_host_features(const char *names, int32_t names_len, const double *values, int32_t count);
+/* A window's statistics go to the host in one ap.features call where the host offers it
+ * (host.dsp=1, ap_dsp.h's ap_features), not one ap.feature call each (twelve for three
+ * channels): a host call costs more than the statistics of a channel on wasmtime. The names are
+ * made once. */
 
 static char batch_names[AP_MAX_CHANNELS * N_FEATURES * 16];   /* "ch0.rms\0ch0.peak\0..." */
 static int32_t batch_names_len;
@@ -119,7 +121,7 @@ static void report_features(uint32_t channels, const double feat[][N_FEATURES]) 
         batch_names_len = t.len;
         batch_channels = channels;
     }
-    ap_host_features(batch_names, batch_names_len, &feat[0][0], (int32_t)(channels * N_FEATURES));
+    ap_features(batch_names, batch_names_len, &feat[0][0], (int32_t)(channels * N_FEATURES));
 }
 
 static int32_t severity_for(double score) {
