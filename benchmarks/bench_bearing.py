@@ -39,7 +39,7 @@ PARAMS = {"bearing.balls": 9, "bearing.ball_diameter": 0.3126, "bearing.pitch_di
 
 
 def params_text(host_dsp: bool) -> str:
-    items = dict(PARAMS, **{"host.dsp": int(host_dsp)})
+    items = dict(PARAMS, **{"host.dsp": int(host_dsp), "host.features": 1})   # as the appliance sets them
     return "".join(f"{k}={v}\n" for k, v in sorted(items.items()))
 
 

@@ -94,7 +94,8 @@ def worker_rate(wasm: bytes, frames: list[np.ndarray], host_dsp: bool, n: int, e
                 simd: bool = False) -> tuple[float, float]:
     """Frames per CPU-second (both processes) and the share of that CPU spent in the worker."""
     worker = WorkerProcess("bench", wasm, HEADER.size + W * H,
-                           load_message("motion.wasm", f"host.dsp={int(host_dsp)}\n", backend=engine, simd=simd))
+                           load_message("motion.wasm", f"host.dsp={int(host_dsp)}\nhost.features=1\n",
+                                                     backend=engine, simd=simd))
     try:
         def run(count, first):
             for seq in range(first, first + count):
@@ -192,7 +193,7 @@ def main() -> None:
         host, host_share = worker_rate(wasm, frames, True, 1500)
         wt_c, _ = worker_rate(simd, frames, False, 1500, engine="wasmtime", simd=True)
         wt_host, _ = worker_rate(simd, frames, True, 1500, engine="wasmtime", simd=True)
-        native = native_rate([src / "motion.c"], "host.dsp=0\n", [f.reshape(1, -1) for f in frames], 10.0,
+        native = native_rate([src / "motion.c"], "host.dsp=0\nhost.features=1\n", [f.reshape(1, -1) for f in frames], 10.0,
                              warmup=10, count=1500, image=(W, H)).get("samples_per_cpu_s")
         native = native / (W * H) if native else None
         profile = kernel_profile(frames, Path(tmp))

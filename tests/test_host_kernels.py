@@ -44,7 +44,11 @@ static float buf[(1 << 20) / 4];          /* the test's scratch: 1 MiB at t_buf(
 static float median_scratch[16384];
 
 AP_EXPORT(t_buf) float *t_buf(void) { return buf; }
-AP_EXPORT(t_host) void t_host(int32_t on) { ap_dsp_use_host = on; }
+AP_EXPORT(t_host) void t_host(int32_t on) { ap_dsp_use_host = on; ap_dsp_host_features = on; }
+AP_EXPORT(t_dsp_init) int32_t t_dsp_init(const char *params, int32_t len) {
+    ap_dsp_init(params, len);
+    return ap_dsp_use_host | ap_dsp_host_features << 1;
+}
 AP_EXPORT(t_rfft) int32_t t_rfft(const float *in, float *out, int32_t n) { return ap_rfft(in, out, n); }
 AP_EXPORT(t_irfft) int32_t t_irfft(const float *in, float *out, int32_t n) { return ap_irfft(in, out, n); }
 AP_EXPORT(t_rfft_batch) int32_t t_rfft_batch(const float *in, float *out, int32_t n, int32_t count) {
@@ -537,6 +541,22 @@ def test_feature_batch_equals_single_features(k):
         assert k.batches == host
     assert got[0] == got[1] == [("shaft_hz", 29.95), ("ch0.rms", 0.125), ("ch0.env.outer.ratio", -3.5e-300),
                                 ("x", float("inf"))]
+
+
+@pytest.mark.parametrize("params, dsp, batch", [("host.dsp=1\nhost.features=1\n", 1, 1),
+                                                ("host.dsp=0\nhost.features=1\n", 0, 1),   # host_dsp: false
+                                                ("host.dsp=1\n", 1, 1),      # host.dsp announces ap.features too
+                                                ("host.dsp=0\n", 0, 0), ("", 0, 0)])
+def test_features_go_in_one_call_whenever_the_host_announces_them(k, params, dsp, batch):
+    """The appliance always sets host.features=1 (ABI.md, Host DSP): a module whose host DSP is
+    off still reports a window's features in one ap.features call; a host that says nothing gets
+    one ap.feature call each."""
+    p = k.put(IN, np.frombuffer(params.encode() or b"\0", np.uint8))
+    assert k.call("t_dsp_init", p, len(params)) == dsp | batch << 1
+    names, values = b"a\0b\0", np.array([1.0, 2.0])
+    k.features, k.batches = [], 0
+    k.call("t_features", k.put(AUX, np.frombuffer(names, np.uint8)), len(names), k.put(AUX + 64, values), 2)
+    assert k.batches == batch and k.features == [("a", 1.0), ("b", 2.0)]
 
 
 # ---- bounds checks: every bad pointer or length is an AbiViolation -----------------------------

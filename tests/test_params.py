@@ -173,7 +173,7 @@ def test_params_text_is_what_the_manifest_judged(built):
     keys = {k for k, _ in schema.leaves(cfg_params)}
     sent = {line.split("=")[0] for line in module_params_text(
         type("M", (), {"params": cfg_params, "host_dsp": True, "host_nn": False})()).splitlines()}
-    assert {".".join(k) for k in keys} == sent - {"host.dsp", "host.nn"}
+    assert {".".join(k) for k in keys} == sent - {"host.dsp", "host.features", "host.nn"}
 
 
 @pytest.mark.parametrize("params, problem", [

@@ -292,8 +292,10 @@ def params_text(params: dict[str, Any]) -> str:
 
 
 def module_params_text(module: "ModuleSection") -> str:
-    """What ap_init receives: the YAML params plus the host.* params the appliance sets."""
+    """What ap_init receives: the YAML params plus the host.* params the appliance sets
+    (host.features: ap.features is always there, whatever host_dsp says; ABI.md)."""
     return params_text({**module.params, "host": {"dsp": 1 if module.host_dsp else 0,
+                                                  "features": 1,
                                                   "nn": 1 if module.host_nn else 0}})
 
 

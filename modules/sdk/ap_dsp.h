@@ -8,8 +8,8 @@
  * ap_band_kurtosis, ap_median_rows and ap_features has a host-accelerated twin behind an optional
  * import (`ap.dsp_*`,
  * `ap.features`; see modules/ABI.md, "Host DSP"): it uses the host when the host said so in the
- * params (`host.dsp=1`), and the C code here otherwise. Both paths agree within the tolerances
- * documented in ABI.md.
+ * params (`host.dsp=1`; for ap_features also `host.features=1`, which the appliance always sets),
+ * and the C code here otherwise. Both paths agree within the tolerances documented in ABI.md.
  *
  * Batches: the kernels with a `count` take count signals (or spectra) one after another, signal i
  * at in + i*n floats, spectrum i at spec + i*(n+2) floats, its results likewise one after another.
@@ -89,6 +89,7 @@ __attribute__((weak)) void ap_host_features(const char *names, int32_t names_len
 #endif
 
 static int ap_dsp_use_host;   /* set by ap_dsp_init from the params */
+static int ap_dsp_host_features;   /* ap.features is there: host.features=1 (or host.dsp=1, which announces it too) */
 
 /* ---- sine and cosine ------------------------------------------------------------------------- */
 
@@ -265,6 +266,7 @@ static int32_t ap_irfft_c(const float *in, float *out, int32_t n) {
 /* Call from ap_init: the host sets host.dsp=1 in the params when it provides ap.dsp_*. */
 static inline void ap_dsp_init(const char *params, int32_t len) {
     ap_dsp_use_host = ap_param_f64(params, len, "host.dsp", 0, 0) != 0;
+    ap_dsp_host_features = ap_dsp_use_host || ap_param_f64(params, len, "host.features", 0, 0) != 0;
 }
 
 /* out needs room for n + 2 floats. */
@@ -632,7 +634,7 @@ static inline int32_t ap_median_rows(const float *in, int32_t n, int32_t count, 
  * (names_len bytes in all), values their count doubles. The same as count ap.feature calls in
  * that order. */
 static inline void ap_features(const char *names, int32_t names_len, const double *values, int32_t count) {
-    if (ap_dsp_use_host) {
+    if (ap_dsp_host_features) {
         ap_host_features(names, names_len, values, count);
         return;
     }
