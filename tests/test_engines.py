@@ -158,7 +158,7 @@ HOSTILE = {
     "invalid": ({"load"}, {"load"}),
     "memhog": ({"load"}, {"load"}),
     "crash": ({"crash", "trap"}, {"trap"}),
-    "crash_compile": ({"crash", "deadline"}, {"crash", "deadline", "trap", "load"}),
+    "crash_compile": ({"crash", "deadline", "engine"}, {"crash", "deadline", "trap", "load"}),
 }
 
 

@@ -23,9 +23,11 @@ EXPECTED_FAULTS = {
     # Recursion inside deep loop nesting: SIGSEGV with an 8 MiB native stack, a clean
     # "stack overflow" trap under `ulimit -s unlimited`; either way it is contained.
     "crash": {"crash", "trap"},
-    # 50 000 nested blocks: wasm3's compiler segfaults whatever the stack sizes; on a loaded
-    # machine the compile may outlast the 200 ms deadline first. Contained either way.
-    "crash_compile": {"crash", "deadline"},
+    # 100 000 nested blocks: wasm3's compiler segfaults whatever the stack sizes; on a loaded
+    # machine the compile may outlast the 200 ms deadline first; and now and then (once in the
+    # five runs of the suite on an AMD Zen 3 machine) it stops with "compiling function underran the stack",
+    # an engine fault after which the worker ends (hostile_modules/README.md). Contained each way.
+    "crash_compile": {"crash", "deadline", "engine"},
 }
 # On wasmtime (docs/engines.md): deep recursion is a clean stack-overflow trap; compiling 100 000
 # nested blocks exhausts the worker's memory cap (the compiler aborts: a crash) or its load time.
