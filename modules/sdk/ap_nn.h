@@ -163,95 +163,106 @@ static inline ap_nn_i4 ap_nn_i4_splat(int32_t v) { return (ap_nn_i4){v, v, v, v}
  * epoch interruption). Here no vector crosses a loop head but the splatted weights. */
 #define AP_NN_PASS_TAPS 4
 
-static inline __attribute__((always_inline)) void ap_nn_gemm_f32_pass4x8(
-        const float *w0, const float *w1, const float *w2, const float *w3, const float *bias, const float *P,
-        float *Y, int32_t N, int32_t ld, int32_t k0, int32_t taps) {
-    ap_nn_f4 s0[AP_NN_PASS_TAPS], s1[AP_NN_PASS_TAPS], s2[AP_NN_PASS_TAPS], s3[AP_NN_PASS_TAPS];
-    for (int32_t j = 0; j < taps; j++) {
-        s0[j] = ap_nn_f4_splat(w0[k0 + j]); s1[j] = ap_nn_f4_splat(w1[k0 + j]);
-        s2[j] = ap_nn_f4_splat(w2[k0 + j]); s3[j] = ap_nn_f4_splat(w3[k0 + j]);
-    }
-    for (int32_t n = 0; n + 8 <= N; n += 8) {
-        float *y = Y + n;
-        ap_nn_f4 a0, a1, a2, a3, b0, b1, b2, b3;
-        if (k0 == 0) {
-            a0 = b0 = ap_nn_f4_splat(bias[0]); a1 = b1 = ap_nn_f4_splat(bias[1]);
-            a2 = b2 = ap_nn_f4_splat(bias[2]); a3 = b3 = ap_nn_f4_splat(bias[3]);
-        } else {
-            a0 = ap_nn_f4_load(y); b0 = ap_nn_f4_load(y + 4);
-            a1 = ap_nn_f4_load(y + ld); b1 = ap_nn_f4_load(y + ld + 4);
-            a2 = ap_nn_f4_load(y + 2 * ld); b2 = ap_nn_f4_load(y + 2 * ld + 4);
-            a3 = ap_nn_f4_load(y + 3 * ld); b3 = ap_nn_f4_load(y + 3 * ld + 4);
-        }
-        const float *p = P + k0 * ld + n;
-        for (int32_t j = 0; j < taps; j++, p += ld) {
-            const ap_nn_f4 x0 = ap_nn_f4_load(p), x1 = ap_nn_f4_load(p + 4);
-            a0 += s0[j] * x0; b0 += s0[j] * x1; a1 += s1[j] * x0; b1 += s1[j] * x1;
-            a2 += s2[j] * x0; b2 += s2[j] * x1; a3 += s3[j] * x0; b3 += s3[j] * x1;
-        }
-        ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, b0);
-        ap_nn_f4_store(y + ld, a1); ap_nn_f4_store(y + ld + 4, b1);
-        ap_nn_f4_store(y + 2 * ld, a2); ap_nn_f4_store(y + 2 * ld + 4, b2);
-        ap_nn_f4_store(y + 3 * ld, a3); ap_nn_f4_store(y + 3 * ld + 4, b3);
-    }
+/* One body for both kinds of products (the float sums of the models and the int32 sums of the
+ * quantized ones): NAME##_v4(W, bias, P, Y, M, N, K, ld), W and P of type WT, Y and bias of type
+ * YT, in vectors VT: SPLAT a value, LOADX four of P's, LOADY / STOREY four of Y's. */
+#define AP_NN_GEMM_V4(NAME, WT, YT, VT, SPLAT, LOADX, LOADY, STOREY)                                            \
+static inline __attribute__((always_inline)) void NAME##_pass4x8(                                               \
+        const WT *w0, const WT *w1, const WT *w2, const WT *w3, const YT *bias, const WT *P, YT *Y,             \
+        int32_t N, int32_t ld, int32_t k0, int32_t taps) {                                                      \
+    VT s0[AP_NN_PASS_TAPS], s1[AP_NN_PASS_TAPS], s2[AP_NN_PASS_TAPS], s3[AP_NN_PASS_TAPS];                      \
+    for (int32_t j = 0; j < taps; j++) {                                                                        \
+        s0[j] = SPLAT(w0[k0 + j]); s1[j] = SPLAT(w1[k0 + j]);                                                   \
+        s2[j] = SPLAT(w2[k0 + j]); s3[j] = SPLAT(w3[k0 + j]);                                                   \
+    }                                                                                                           \
+    for (int32_t n = 0; n + 8 <= N; n += 8) {                                                                   \
+        YT *y = Y + n;                                                                                          \
+        VT a0, a1, a2, a3, b0, b1, b2, b3;                                                                      \
+        if (k0 == 0) {                                                                                          \
+            a0 = b0 = SPLAT(bias[0]); a1 = b1 = SPLAT(bias[1]);                                                 \
+            a2 = b2 = SPLAT(bias[2]); a3 = b3 = SPLAT(bias[3]);                                                 \
+        } else {                                                                                                \
+            a0 = LOADY(y); b0 = LOADY(y + 4);                                                                   \
+            a1 = LOADY(y + ld); b1 = LOADY(y + ld + 4);                                                         \
+            a2 = LOADY(y + 2 * ld); b2 = LOADY(y + 2 * ld + 4);                                                 \
+            a3 = LOADY(y + 3 * ld); b3 = LOADY(y + 3 * ld + 4);                                                 \
+        }                                                                                                       \
+        const WT *p = P + k0 * ld + n;                                                                          \
+        for (int32_t j = 0; j < taps; j++, p += ld) {                                                           \
+            const VT x0 = LOADX(p), x1 = LOADX(p + 4);                                                          \
+            a0 += s0[j] * x0; b0 += s0[j] * x1; a1 += s1[j] * x0; b1 += s1[j] * x1;                             \
+            a2 += s2[j] * x0; b2 += s2[j] * x1; a3 += s3[j] * x0; b3 += s3[j] * x1;                             \
+        }                                                                                                       \
+        STOREY(y, a0); STOREY(y + 4, b0);                                                                       \
+        STOREY(y + ld, a1); STOREY(y + ld + 4, b1);                                                             \
+        STOREY(y + 2 * ld, a2); STOREY(y + 2 * ld + 4, b2);                                                     \
+        STOREY(y + 3 * ld, a3); STOREY(y + 3 * ld + 4, b3);                                                     \
+    }                                                                                                           \
+}                                                                                                               \
+                                                                                                                \
+static inline __attribute__((always_inline)) void NAME##_pass1x16(                                              \
+        const WT *w0, const YT *bias, const WT *P, YT *Y, int32_t N, int32_t ld, int32_t k0, int32_t taps) {    \
+    VT s[AP_NN_PASS_TAPS];                                                                                      \
+    for (int32_t j = 0; j < taps; j++) s[j] = SPLAT(w0[k0 + j]);                                                \
+    for (int32_t n = 0; n + 16 <= N; n += 16) {                                                                 \
+        YT *y = Y + n;                                                                                          \
+        VT a0, a1, a2, a3;                                                                                      \
+        if (k0 == 0) {                                                                                          \
+            a0 = a1 = a2 = a3 = SPLAT(bias[0]);                                                                 \
+        } else {                                                                                                \
+            a0 = LOADY(y); a1 = LOADY(y + 4); a2 = LOADY(y + 8); a3 = LOADY(y + 12);                            \
+        }                                                                                                       \
+        const WT *p = P + k0 * ld + n;                                                                          \
+        for (int32_t j = 0; j < taps; j++, p += ld) {                                                           \
+            a0 += s[j] * LOADX(p); a1 += s[j] * LOADX(p + 4);                                                   \
+            a2 += s[j] * LOADX(p + 8); a3 += s[j] * LOADX(p + 12);                                              \
+        }                                                                                                       \
+        STOREY(y, a0); STOREY(y + 4, a1); STOREY(y + 8, a2); STOREY(y + 12, a3);                                \
+    }                                                                                                           \
+}                                                                                                               \
+                                                                                                                \
+static inline void NAME##_v4(const WT *W, const YT *bias, const WT *P, YT *Y, int32_t M, int32_t N, int32_t K,  \
+                             int32_t ld) {                                                                      \
+    const int32_t whole = K - K % AP_NN_PASS_TAPS;   /* the taps of whole passes; then a pass of the rest */    \
+    int32_t m = 0;                                                                                              \
+    for (; m + 4 <= M; m += 4) {                                                                                \
+        const WT *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                                     \
+        YT *y = Y + m * ld;                                                                                     \
+        for (int32_t k0 = 0; k0 < whole; k0 += AP_NN_PASS_TAPS)                                                 \
+            NAME##_pass4x8(w0, w1, w2, w3, bias + m, P, y, N, ld, k0, AP_NN_PASS_TAPS);                         \
+        if (whole < K || K == 0) NAME##_pass4x8(w0, w1, w2, w3, bias + m, P, y, N, ld, whole, K - whole);       \
+        for (int32_t n = N - N % 8; n < N; n++) {                                                               \
+            YT a0 = bias[m], a1 = bias[m + 1], a2 = bias[m + 2], a3 = bias[m + 3];                              \
+            const WT *p = P + n;                                                                                \
+            for (int32_t k = 0; k < K; k++, p += ld) {                                                          \
+                const YT x = *p;                                                                                \
+                a0 += w0[k] * x; a1 += w1[k] * x; a2 += w2[k] * x; a3 += w3[k] * x;                             \
+            }                                                                                                   \
+            Y[m * ld + n] = a0; Y[(m + 1) * ld + n] = a1; Y[(m + 2) * ld + n] = a2; Y[(m + 3) * ld + n] = a3;   \
+        }                                                                                                       \
+    }                                                                                                           \
+    for (; m < M; m++) {                                                                                        \
+        const WT *w0 = W + m * K;                                                                               \
+        YT *y = Y + m * ld;                                                                                     \
+        for (int32_t k0 = 0; k0 < whole; k0 += AP_NN_PASS_TAPS)                                                 \
+            NAME##_pass1x16(w0, bias + m, P, y, N, ld, k0, AP_NN_PASS_TAPS);                                    \
+        if (whole < K || K == 0) NAME##_pass1x16(w0, bias + m, P, y, N, ld, whole, K - whole);                  \
+        for (int32_t n = N - N % 16; n < N; n++) {                                                              \
+            YT a = bias[m];                                                                                     \
+            const WT *p = P + n;                                                                                \
+            for (int32_t k = 0; k < K; k++, p += ld) a += w0[k] * (YT)*p;                                       \
+            Y[m * ld + n] = a;                                                                                  \
+        }                                                                                                       \
+    }                                                                                                           \
 }
 
-static inline __attribute__((always_inline)) void ap_nn_gemm_f32_pass1x16(
-        const float *w0, const float *bias, const float *P, float *Y, int32_t N, int32_t ld, int32_t k0,
-        int32_t taps) {
-    ap_nn_f4 s[AP_NN_PASS_TAPS];
-    for (int32_t j = 0; j < taps; j++) s[j] = ap_nn_f4_splat(w0[k0 + j]);
-    for (int32_t n = 0; n + 16 <= N; n += 16) {
-        float *y = Y + n;
-        ap_nn_f4 a0, a1, a2, a3;
-        if (k0 == 0) {
-            a0 = a1 = a2 = a3 = ap_nn_f4_splat(bias[0]);
-        } else {
-            a0 = ap_nn_f4_load(y); a1 = ap_nn_f4_load(y + 4); a2 = ap_nn_f4_load(y + 8); a3 = ap_nn_f4_load(y + 12);
-        }
-        const float *p = P + k0 * ld + n;
-        for (int32_t j = 0; j < taps; j++, p += ld) {
-            a0 += s[j] * ap_nn_f4_load(p); a1 += s[j] * ap_nn_f4_load(p + 4);
-            a2 += s[j] * ap_nn_f4_load(p + 8); a3 += s[j] * ap_nn_f4_load(p + 12);
-        }
-        ap_nn_f4_store(y, a0); ap_nn_f4_store(y + 4, a1); ap_nn_f4_store(y + 8, a2); ap_nn_f4_store(y + 12, a3);
-    }
-}
+AP_NN_GEMM_V4(ap_nn_gemm_f32, float, float, ap_nn_f4, ap_nn_f4_splat, ap_nn_f4_load, ap_nn_f4_load, ap_nn_f4_store)
 
-static inline void ap_nn_gemm_f32_v4(const float *W, const float *bias, const float *P, float *Y,
-                                     int32_t M, int32_t N, int32_t K, int32_t ld) {
-    const int32_t whole = K - K % AP_NN_PASS_TAPS;   /* the taps of whole passes; then a pass of the rest */
-    int32_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        const float *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        float *y = Y + m * ld;
-        for (int32_t k0 = 0; k0 < whole; k0 += AP_NN_PASS_TAPS)
-            ap_nn_gemm_f32_pass4x8(w0, w1, w2, w3, bias + m, P, y, N, ld, k0, AP_NN_PASS_TAPS);
-        if (whole < K || K == 0) ap_nn_gemm_f32_pass4x8(w0, w1, w2, w3, bias + m, P, y, N, ld, whole, K - whole);
-        for (int32_t n = N - N % 8; n < N; n++) {
-            float a0 = bias[m], a1 = bias[m + 1], a2 = bias[m + 2], a3 = bias[m + 3];
-            const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += ld) {
-                const float x = *p;
-                a0 += w0[k] * x; a1 += w1[k] * x; a2 += w2[k] * x; a3 += w3[k] * x;
-            }
-            Y[m * ld + n] = a0; Y[(m + 1) * ld + n] = a1; Y[(m + 2) * ld + n] = a2; Y[(m + 3) * ld + n] = a3;
-        }
-    }
-    for (; m < M; m++) {
-        const float *w0 = W + m * K;
-        float *y = Y + m * ld;
-        for (int32_t k0 = 0; k0 < whole; k0 += AP_NN_PASS_TAPS)
-            ap_nn_gemm_f32_pass1x16(w0, bias + m, P, y, N, ld, k0, AP_NN_PASS_TAPS);
-        if (whole < K || K == 0) ap_nn_gemm_f32_pass1x16(w0, bias + m, P, y, N, ld, whole, K - whole);
-        for (int32_t n = N - N % 16; n < N; n++) {
-            float a = bias[m];
-            const float *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += ld) a += w0[k] * *p;
-            Y[m * ld + n] = a;
-        }
-    }
-}
+/* ACC[m*N + n] = init[m] + sum_k W[m*K + k] * P[k*N + n] in int32 (exact: any order). The
+ * operands are int16 (the int8 weights less their zero point, the uint8/int8 activations), so a
+ * product fits and the compilers widen them with the target's 16-bit multiplies. */
+AP_NN_GEMM_V4(ap_nn_gemm_i16, int16_t, int32_t, ap_nn_i4, ap_nn_i4_splat, ap_nn_i4_load16, ap_nn_i4_load,
+              ap_nn_i4_store)
 
 #if defined(AP_NN_NATIVE) && defined(__x86_64__)
 /* x86-64 native twins: the same products in 8-lane AVX2 or 16-lane AVX-512 vectors where the CPU
@@ -372,100 +383,6 @@ static void ap_nn_gemm_f32(const float *W, const float *bias, const float *P, fl
     }
 #endif
     ap_nn_gemm_f32_v4(W, bias, P, Y, M, N, K, N);
-}
-
-/* ACC[m*N + n] = init[m] + sum_k W[m*K + k] * P[k*N + n] in int32 (exact: any order). The
- * operands are int16 (the int8 weights less their zero point, the uint8/int8 activations), so a
- * product fits and the compilers widen them with the target's 16-bit multiplies. */
-/* In passes of four taps, as ap_nn_gemm_f32_v4 (why: there); the int32 sums are exact anyway. */
-static inline __attribute__((always_inline)) void ap_nn_gemm_i16_pass4x8(
-        const int16_t *w0, const int16_t *w1, const int16_t *w2, const int16_t *w3, const int32_t *init,
-        const int16_t *P, int32_t *ACC, int32_t N, int32_t ld, int32_t k0, int32_t taps) {
-    ap_nn_i4 s0[AP_NN_PASS_TAPS], s1[AP_NN_PASS_TAPS], s2[AP_NN_PASS_TAPS], s3[AP_NN_PASS_TAPS];
-    for (int32_t j = 0; j < taps; j++) {
-        s0[j] = ap_nn_i4_splat(w0[k0 + j]); s1[j] = ap_nn_i4_splat(w1[k0 + j]);
-        s2[j] = ap_nn_i4_splat(w2[k0 + j]); s3[j] = ap_nn_i4_splat(w3[k0 + j]);
-    }
-    for (int32_t n = 0; n + 8 <= N; n += 8) {
-        int32_t *y = ACC + n;
-        ap_nn_i4 a0, a1, a2, a3, b0, b1, b2, b3;
-        if (k0 == 0) {
-            a0 = b0 = ap_nn_i4_splat(init[0]); a1 = b1 = ap_nn_i4_splat(init[1]);
-            a2 = b2 = ap_nn_i4_splat(init[2]); a3 = b3 = ap_nn_i4_splat(init[3]);
-        } else {
-            a0 = ap_nn_i4_load(y); b0 = ap_nn_i4_load(y + 4);
-            a1 = ap_nn_i4_load(y + ld); b1 = ap_nn_i4_load(y + ld + 4);
-            a2 = ap_nn_i4_load(y + 2 * ld); b2 = ap_nn_i4_load(y + 2 * ld + 4);
-            a3 = ap_nn_i4_load(y + 3 * ld); b3 = ap_nn_i4_load(y + 3 * ld + 4);
-        }
-        const int16_t *p = P + k0 * ld + n;
-        for (int32_t j = 0; j < taps; j++, p += ld) {
-            const ap_nn_i4 x0 = ap_nn_i4_load16(p), x1 = ap_nn_i4_load16(p + 4);
-            a0 += s0[j] * x0; b0 += s0[j] * x1; a1 += s1[j] * x0; b1 += s1[j] * x1;
-            a2 += s2[j] * x0; b2 += s2[j] * x1; a3 += s3[j] * x0; b3 += s3[j] * x1;
-        }
-        ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, b0);
-        ap_nn_i4_store(y + ld, a1); ap_nn_i4_store(y + ld + 4, b1);
-        ap_nn_i4_store(y + 2 * ld, a2); ap_nn_i4_store(y + 2 * ld + 4, b2);
-        ap_nn_i4_store(y + 3 * ld, a3); ap_nn_i4_store(y + 3 * ld + 4, b3);
-    }
-}
-
-static inline __attribute__((always_inline)) void ap_nn_gemm_i16_pass1x16(
-        const int16_t *w0, const int32_t *init, const int16_t *P, int32_t *ACC, int32_t N, int32_t ld, int32_t k0,
-        int32_t taps) {
-    ap_nn_i4 s[AP_NN_PASS_TAPS];
-    for (int32_t j = 0; j < taps; j++) s[j] = ap_nn_i4_splat(w0[k0 + j]);
-    for (int32_t n = 0; n + 16 <= N; n += 16) {
-        int32_t *y = ACC + n;
-        ap_nn_i4 a0, a1, a2, a3;
-        if (k0 == 0) {
-            a0 = a1 = a2 = a3 = ap_nn_i4_splat(init[0]);
-        } else {
-            a0 = ap_nn_i4_load(y); a1 = ap_nn_i4_load(y + 4); a2 = ap_nn_i4_load(y + 8); a3 = ap_nn_i4_load(y + 12);
-        }
-        const int16_t *p = P + k0 * ld + n;
-        for (int32_t j = 0; j < taps; j++, p += ld) {
-            a0 += s[j] * ap_nn_i4_load16(p); a1 += s[j] * ap_nn_i4_load16(p + 4);
-            a2 += s[j] * ap_nn_i4_load16(p + 8); a3 += s[j] * ap_nn_i4_load16(p + 12);
-        }
-        ap_nn_i4_store(y, a0); ap_nn_i4_store(y + 4, a1); ap_nn_i4_store(y + 8, a2); ap_nn_i4_store(y + 12, a3);
-    }
-}
-
-static inline void ap_nn_gemm_i16_v4(const int16_t *W, const int32_t *init, const int16_t *P, int32_t *ACC,
-                                     int32_t M, int32_t N, int32_t K, int32_t ld) {
-    const int32_t whole = K - K % AP_NN_PASS_TAPS;
-    int32_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-        const int16_t *w0 = W + m * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        int32_t *y = ACC + m * ld;
-        for (int32_t k0 = 0; k0 < whole; k0 += AP_NN_PASS_TAPS)
-            ap_nn_gemm_i16_pass4x8(w0, w1, w2, w3, init + m, P, y, N, ld, k0, AP_NN_PASS_TAPS);
-        if (whole < K || K == 0) ap_nn_gemm_i16_pass4x8(w0, w1, w2, w3, init + m, P, y, N, ld, whole, K - whole);
-        for (int32_t n = N - N % 8; n < N; n++) {
-            int32_t a0 = init[m], a1 = init[m + 1], a2 = init[m + 2], a3 = init[m + 3];
-            const int16_t *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += ld) {
-                const int32_t x = *p;
-                a0 += w0[k] * x; a1 += w1[k] * x; a2 += w2[k] * x; a3 += w3[k] * x;
-            }
-            ACC[m * ld + n] = a0; ACC[(m + 1) * ld + n] = a1; ACC[(m + 2) * ld + n] = a2; ACC[(m + 3) * ld + n] = a3;
-        }
-    }
-    for (; m < M; m++) {
-        const int16_t *w0 = W + m * K;
-        int32_t *y = ACC + m * ld;
-        for (int32_t k0 = 0; k0 < whole; k0 += AP_NN_PASS_TAPS)
-            ap_nn_gemm_i16_pass1x16(w0, init + m, P, y, N, ld, k0, AP_NN_PASS_TAPS);
-        if (whole < K || K == 0) ap_nn_gemm_i16_pass1x16(w0, init + m, P, y, N, ld, whole, K - whole);
-        for (int32_t n = N - N % 16; n < N; n++) {
-            int32_t a = init[m];
-            const int16_t *p = P + n;
-            for (int32_t k = 0; k < K; k++, p += ld) a += w0[k] * (int32_t)*p;
-            ACC[m * ld + n] = a;
-        }
-    }
 }
 
 #if defined(AP_NN_NATIVE) && defined(__x86_64__)
